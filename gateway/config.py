@@ -1,0 +1,200 @@
+"""Gateway configuration: one TOML file, every key documented, demo defaults built in.
+
+    from gateway.config import load_config
+    config = load_config("gateway.toml")   # or load_config(None) for the demo defaults
+
+Each concern owns its settings dataclass (``ServerSettings`` here, ``AuditSettings`` in
+:mod:`gateway.audit`, ...); this module only reads the file, rejects unknown keys and wrong
+types by name, and resolves relative paths against the file's directory (or the working
+directory for the built-in defaults), so a config behaves the same from wherever it is run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The listener and request limits."""
+
+    #: host:port of the mTLS gRPC listener. There is no plaintext listener.
+    listen: str = "127.0.0.1:8443"
+    #: Worker threads serving RPCs (each in-flight call holds one).
+    workers: int = 16
+    #: Largest request or response message, in bytes (RESOURCE_EXHAUSTED beyond).
+    max_message_bytes: int = 64 * 1024 * 1024
+    #: Largest number of elements in one input tensor (INVALID_ARGUMENT beyond).
+    max_tensor_elements: int = 16 * 1024 * 1024
+    #: Name of this gateway instance in audit records; empty means host name and port.
+    instance_id: str = ""
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Server certificate and the client-certificate trust rules (re-read on change)."""
+
+    cert: Path = Path("certs/dev/server.pem")
+    key: Path = Path("certs/dev/server.key")
+    #: CA bundle client certificates must chain to.
+    ca: Path = Path("certs/dev/ca.pem")
+    #: SPIFFE trust domains whose identities are accepted (lower case).
+    trust_domains: tuple[str, ...] = ("demo.local",)
+    #: Issuer distinguished names (RFC 4514) whose CN-only certificates map to ``cn:<name>``.
+    cn_issuers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The model repository: ``<repository>/<name>/<version>/model.onnx``."""
+
+    repository: Path = Path("models")
+    #: ONNX Runtime threads per session; bounded so one model cannot take every core.
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """Where the Casbin model and policy live, and whether file changes reload them."""
+
+    directory: Path = Path("policies")
+    watch: bool = True
+    #: Seconds between checks of the policy files for changes.
+    watch_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The whole configuration; ``source`` is the file it came from (None: defaults)."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    audit: Any = None
+    monitor: Any = None
+    signing: Any = None
+    source: Path | None = None
+
+
+def _sections() -> dict[str, type]:
+    # Imported here so that `gateway.config` stays importable by every package it configures.
+    from gateway.audit import AuditSettings
+    from gateway.models.signing import SigningSettings
+    from gateway.monitor import MonitorSettings
+
+    return {
+        "server": ServerSettings,
+        "tls": TlsSettings,
+        "models": ModelSettings,
+        "policy": PolicySettings,
+        "audit": AuditSettings,
+        "monitor": MonitorSettings,
+        "signing": SigningSettings,
+    }
+
+
+def load_config(path: str | Path | None = None) -> GatewayConfig:
+    """Read ``path`` (TOML) or, with None, return the demo defaults rooted at the working dir."""
+    if path is None:
+        table: dict[str, Any] = {}
+        base = Path.cwd()
+        source = None
+    else:
+        source = Path(path).resolve()
+        try:
+            table = tomllib.loads(source.read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise ConfigError(f"{path}: no such configuration file") from err
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from err
+        base = source.parent
+    sections = _sections()
+    unknown = sorted(set(table) - set(sections))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sections)}")
+    built = {name: parse_section(cls, table.get(name, {}), base, f"{path}: [{name}]")
+             for name, cls in sections.items()}
+    return GatewayConfig(**built, source=source)
+
+
+def parse_section(cls: type, table: dict[str, Any], base: Path, where: str) -> Any:
+    """Build settings dataclass ``cls`` from a TOML table, checking names and types.
+
+    Relative ``Path`` fields, including defaults, are resolved against ``base``.
+    """
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(fields)}")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in table:
+            value = _coerce(hints[name], table[name], f"{where} {name}")
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            raise ConfigError(f"{where}: missing required key {name}")
+        values[name] = _resolve_paths(value, base)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(option, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not a valid {hint}")
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(hint)[:1]
+        return tuple(_coerce(item, v, where) for v in value)
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: expected a path string")
+        return Path(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if type(value) is not hint:
+            raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return parse_section(hint, value, Path("."), where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table")
+        return value
+    raise ConfigError(f"{where}: unsupported setting type {hint}")
+
+
+def _resolve_paths(value: Any, base: Path) -> Any:
+    if isinstance(value, Path):
+        return value if value.is_absolute() else (base / value)
+    if isinstance(value, tuple):
+        return tuple(_resolve_paths(v, base) for v in value)
+    return value
