@@ -1,13 +1,73 @@
-"""Tamper-evident audit log (stub: being built, see issue 5)."""
+"""Tamper-evident audit log: canonical records, hash chain, RFC 6962 Merkle tree, C2SP checkpoints.
+
+    from gateway.audit import AuditLog, AuditSettings
+    log = AuditLog.open(AuditSettings(), instance_id="gw-1")
+    receipt = log.append("decision", {"rpc": "ModelInfer", "decision": "allow", ...})
+    log.close()
+
+``append`` returns once the record is durable (group commit: concurrent calls share one
+fdatasync). Checkpoints are signed every ``checkpoint_records`` records or ``checkpoint_ms``
+milliseconds and at close. Auditors check the log offline with ``gateway audit verify`` and
+single records with inclusion proofs; see ``gateway/audit/README.md`` for the record schema and
+formats. The API defined here is what the server uses; everything else is private.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gateway.audit._log import AuditLog, AuditLogDamaged, Receipt
+
+if TYPE_CHECKING:
+    from gateway.audit._service import AuditServicer
+
+__all__ = ["AuditLog", "AuditLogDamaged", "AuditServicer", "AuditSettings", "Receipt",
+           "ensure_keys"]
 
 
 @dataclass(frozen=True)
 class AuditSettings:
-    """Where the audit log lives and how it commits."""
+    """Where the audit log and its keys live, how it commits, signs and rotates."""
 
-    directory: Path = Path("var/audit")
+    #: Log directory: ``segments/``, ``checkpoint`` and ``checkpoints.jsonl``.
+    directory: Path = Path("var/audit/log")
+    #: Ed25519 checkpoint signing key (note ``PRIVATE+KEY+...`` format, mode 0600). The verifier
+    #: key is written beside it with the suffix ``.vkey``.
+    signing_key: Path = Path("var/audit/keys/log.skey")
+    #: HMAC-SHA256 key for request payload digests (base64, mode 0600).
+    payload_key: Path = Path("var/audit/keys/payload.key")
+    #: Log name: the checkpoint origin and the signing key's name (used by keygen).
+    name: str = "gateway.local/audit"
+    #: Publish a signed checkpoint after this many new records ...
+    checkpoint_records: int = 4096
+    #: ... or this many milliseconds after the first unsigned record, whichever comes first.
+    checkpoint_ms: int = 1000
+    #: Start a new segment when the current one would exceed this many bytes.
+    segment_bytes: int = 64 * 1024 * 1024
+    #: Also start a new segment after this many seconds (0: by size only).
+    segment_seconds: int = 0
+    #: Preallocate segments (posix_fallocate) so commits do not grow the file: about 2x faster.
+    preallocate: bool = True
+
+
+def ensure_keys(settings: AuditSettings) -> None:
+    """Create the log signing key and the payload HMAC key where ``settings`` say, if absent."""
+    from gateway.audit import _keys
+
+    if not settings.signing_key.exists() or not settings.payload_key.exists():
+        if settings.signing_key.exists() or settings.payload_key.exists():
+            # One key without the other: keep the one that exists (it may sign a live log).
+            from gateway.errors import ConfigError
+            raise ConfigError(f"only one of {settings.signing_key} and {settings.payload_key} "
+                              "exists; restore the other or run `gateway audit keygen --force`")
+        _keys.generate(settings.signing_key, settings.payload_key, settings.name)
+
+
+def __getattr__(name: str) -> object:
+    # The servicer pulls in the generated gRPC code; load it only when the server asks.
+    if name == "AuditServicer":
+        from gateway.audit._service import AuditServicer
+        return AuditServicer
+    raise AttributeError(name)

@@ -1,0 +1,193 @@
+"""The gateway server: wires identity, policy, models, inference and audit onto one mTLS port.
+
+    from gateway.config import load_config
+    from gateway.server import Gateway
+    gateway = Gateway.start(load_config(None))   # listening; returns once ready
+    gateway.wait()                               # until SIGTERM/SIGINT (or gateway.stop())
+
+Start-up fails closed: without a valid policy or a writable, intact audit log the gateway
+does not start. While running, health turns NOT_SERVING whenever the audit log cannot make
+records durable, and back to SERVING when it recovers.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway._proto.gateway.v1 import admin_pb2, audit_pb2, explain_pb2
+from gateway._proto.inference import grpc_service_pb2
+from gateway.audit import AuditLog, AuditServicer
+from gateway.config import GatewayConfig
+from gateway.identity import IdentityVerifier, server_credentials
+from gateway.inference.service import InferenceServicer
+from gateway.inference.service import add_to_server as add_inference
+from gateway.models import ModelRepository
+from gateway.policy import PolicyStore, ReloadResult
+from gateway.server._admin import AdminServicer
+from gateway.server._guard import RECEIPT_INDEX, RECEIPT_LEAF, Guard
+from gateway.server._wiring import model_pipeline
+
+__all__ = ["RECEIPT_INDEX", "RECEIPT_LEAF", "Gateway", "Guard"]
+
+log = logging.getLogger(__name__)
+
+_OIP_SERVICE = "inference.GRPCInferenceService"
+#: Seconds between health re-evaluations (state changes are also pushed immediately).
+_HEALTH_INTERVAL = 0.5
+
+
+class Gateway:
+    """A running gateway; build it with :meth:`start`."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.instance_id = config.server.instance_id or f"{socket.gethostname()}:" \
+            f"{config.server.listen.rsplit(':', 1)[-1]}"
+        self._stopped = threading.Event()
+        self._done = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._server: grpc.Server | None = None
+        self.port = 0
+
+    @classmethod
+    def start(cls, config: GatewayConfig) -> Gateway:
+        gateway = cls(config)
+        gateway._start()
+        return gateway
+
+    def _start(self) -> None:
+        config = self.config
+        # Audit first: nothing may be served, or even refused, unrecorded.
+        self.audit = AuditLog.open(config.audit, instance_id=self.instance_id)
+        self.policy = PolicyStore.load(config.policy.directory, on_reload=self._audit_reload)
+        self.verifier = IdentityVerifier(config.tls.trust_domains, config.tls.cn_issuers)
+        self.monitor = _monitor(config)
+        options, verify, scan, decrypt = model_pipeline(config)
+        self.models = ModelRepository(
+            config.models.repository, session_options=options, verify=verify, scan=scan,
+            decrypt=decrypt, on_event=self.audit.append)
+        for entry in self.models.load_all():
+            log.info("model %s/%s: %s %s", entry.name, entry.version, entry.state, entry.reason)
+        self.guard = Guard(verifier=self.verifier, policy=self.policy, models=self.models,
+                           audit=self.audit, monitor=self.monitor)
+
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.server.workers,
+                                       thread_name_prefix="rpc"),
+            options=[
+                ("grpc.max_receive_message_length", config.server.max_message_bytes),
+                ("grpc.max_send_message_length", config.server.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=config.server.workers * 8,
+        )
+        add_inference(InferenceServicer(self.guard,
+                                        max_tensor_elements=config.server.max_tensor_elements,
+                                        ready=self.ready), server)
+        AdminServicer(self.guard).add_to_server(server)
+        AuditServicer(self.audit, self.guard).add_to_server(server)
+        self._add_explainer(server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((
+            grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            admin_pb2.DESCRIPTOR.services_by_name["ModelAdmin"].full_name,
+            admin_pb2.DESCRIPTOR.services_by_name["PolicyAdmin"].full_name,
+            audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+            explain_pb2.DESCRIPTOR.services_by_name["Explainer"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ), server)
+        credentials = server_credentials(config.tls.cert, config.tls.key, config.tls.ca)
+        self.port = server.add_secure_port(config.server.listen, credentials)
+        if not self.port:
+            raise OSError(f"cannot listen on {config.server.listen}")
+        self._server = server
+        server.start()
+        self._update_health()
+        if config.policy.watch:
+            self.policy.start_watching(config.policy.watch_interval)
+        if self.monitor is not None:
+            self.monitor.start_http()
+        threading.Thread(target=self._health_loop, name="health", daemon=True).start()
+
+    def _add_explainer(self, server: grpc.Server) -> None:
+        from gateway.explain import ExplainServicer
+
+        ExplainServicer(self.guard, self.models, None).add_to_server(server)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Serving requires a live policy and an audit log that can make records durable."""
+        return bool(self.audit.healthy) and not self._stopped.is_set()
+
+    def _update_health(self) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if self.ready()
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.set("", status)
+        self.health.set(_OIP_SERVICE, status)
+
+    def _health_loop(self) -> None:
+        while not self._stopped.wait(_HEALTH_INTERVAL):
+            self._update_health()
+
+    def _audit_reload(self, result: ReloadResult) -> None:
+        self.audit.append("policy_reload", {
+            "accepted": result.accepted, "old_digest": result.old_digest,
+            "new_digest": result.new_digest, "error": result.error or None})
+        if self.monitor is not None:
+            self.monitor.set_policy(self.policy.digest, result.accepted)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop gracefully; SIGHUP reloads the policy (off the request path)."""
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(
+            target=self.policy.reload, args=("SIGHUP",), daemon=True).start())
+
+    def wait(self) -> None:
+        """Block until the gateway has stopped and its audit log is closed."""
+        self._done.wait()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting calls, finish those in flight, then close the audit log."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+        try:
+            self.health.enter_graceful_shutdown()
+            if self._server is not None:
+                self._server.stop(grace).wait()
+            self.policy.stop_watching()
+            if self.monitor is not None:
+                self.monitor.stop_http()
+            self.audit.close()
+            log.info("gateway stopped")
+        finally:
+            self._done.set()
+
+
+def _monitor(config: GatewayConfig):
+    from gateway.monitor import Monitor
+
+    return Monitor(config.monitor)
+
+
+def client_hint(config: GatewayConfig, port: int) -> str:
+    """The ready-to-paste command that calls the demo model as the demo scorer."""
+    certs = Path(config.tls.ca).parent
+    return (f".venv/bin/gateway demo call --target 127.0.0.1:{port} "
+            f"--certs {certs} --as scorer --model demo-mlp")

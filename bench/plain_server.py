@@ -1,0 +1,58 @@
+"""Baseline for `make bench`: a plain, insecure OIP server doing the same ModelInfer work.
+
+Same gRPC framework, thread pool, codec and ONNX Runtime session options as the gateway,
+but no TLS, no identity, no policy and no audit: the ratio gateway/plain is the price of
+the security the gateway adds. Never use this outside the benchmark.
+
+    python -m bench.plain_server MODEL.onnx   # prints "listening on 127.0.0.1:PORT"
+"""
+
+from __future__ import annotations
+
+import sys
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import onnxruntime as ort
+
+from gateway._proto.inference import grpc_service_pb2 as pb
+from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from gateway.inference._codec import decode_inputs, encode_outputs, requested_outputs
+from gateway.models import ModelRepository
+
+
+class PlainServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: ModelRepository) -> None:
+        self._models = repository
+
+    def ModelInfer(self, request, context):
+        model = self._models.get(request.model_name, request.model_version)
+        feeds = decode_inputs(request, model, max_elements=16 * 1024 * 1024)
+        outputs = requested_outputs(request, model)
+        response = pb.ModelInferResponse(model_name=model.name, model_version=model.version,
+                                         id=request.id)
+        encode_outputs(response, model.run(feeds, outputs), outputs)
+        return response
+
+
+def _options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return options
+
+
+def main(repository: str, workers: int = 16) -> None:
+    models = ModelRepository(Path(repository), session_options=_options, verify=None)
+    models.load_all()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(PlainServicer(models), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

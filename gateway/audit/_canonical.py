@@ -1,0 +1,83 @@
+"""Canonical record encoding: RFC 8785 (JSON Canonicalization Scheme) for the value types we allow.
+
+Records hold only objects, arrays, strings, booleans, null and integers in the I-JSON safe range
+(|n| <= 2**53 - 1), with ASCII object keys. For exactly these values RFC 8785 reduces to "sorted
+keys, no whitespace, minimal string escaping, integers in decimal", which ``orjson`` with
+``OPT_SORT_KEYS`` produces byte for byte (tests prove it against the ``rfc8785`` reference
+package). orjson is about 15x faster than both ``json.dumps`` and ``rfc8785``, which keeps the
+append path and ``verify`` cheap. Floats are refused because their RFC 8785 form (ES6 number
+serialisation) is not what orjson writes; ASCII keys keep the RFC's UTF-16 key order equal to
+orjson's code point order.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+_OPTS = orjson.OPT_SORT_KEYS
+_MAX_INT = 2**53 - 1
+_MAX_DEPTH = 16
+# A number token that may be a float or an over-long integer; only then is the slow walk needed.
+_SUSPECT_NUMBER = re.compile(rb"[:,\[]-?\d+[.eE]|\d{16}")
+
+
+class EncodingError(ValueError):
+    """A value cannot be part of a canonical record (float, huge int, non-ASCII key, ...)."""
+
+
+def encode(record: Mapping[str, Any]) -> bytes:
+    """The RFC 8785 canonical bytes of ``record`` (already checked with :func:`check`)."""
+    return orjson.dumps(record, option=_OPTS)
+
+
+def check(value: Any, where: str = "record", depth: int = 0) -> None:
+    """Raise :class:`EncodingError` unless ``value`` holds only record-safe JSON values."""
+    t = type(value)
+    if t is str or t is bool or value is None:
+        return
+    if t is int:
+        if -_MAX_INT <= value <= _MAX_INT:
+            return
+        raise EncodingError(f"{where}: integer {value} is outside the I-JSON range ±(2**53-1)")
+    if depth >= _MAX_DEPTH:
+        raise EncodingError(f"{where}: nested deeper than {_MAX_DEPTH} levels")
+    if t is dict:
+        for k, v in value.items():
+            if type(k) is not str or not k.isascii():
+                raise EncodingError(f"{where}: key {k!r} is not an ASCII string")
+            tv = type(v)
+            if tv is str or tv is bool or v is None:
+                continue
+            check(v, f"{where}.{k}", depth + 1)
+        return
+    if t is list or t is tuple:
+        for i, v in enumerate(value):
+            check(v, f"{where}[{i}]", depth + 1)
+        return
+    if t is float:
+        raise EncodingError(f"{where}: floats are not allowed in audit records (use integers)")
+    raise EncodingError(f"{where}: {t.__name__} is not a JSON string, integer, bool, null, "
+                        "object or array")
+
+
+def decode_canonical(data: bytes) -> dict[str, Any]:
+    """Parse record bytes and insist they are exactly the canonical encoding of what they hold.
+
+    Raises :class:`EncodingError` naming what is wrong. The float/huge-integer/non-ASCII walk runs
+    only when a cheap scan of the bytes says it could matter.
+    """
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as err:
+        raise EncodingError(f"not valid JSON ({err})") from None
+    if type(obj) is not dict:
+        raise EncodingError("not a JSON object")
+    if orjson.dumps(obj, option=_OPTS) != data:
+        raise EncodingError("not in RFC 8785 canonical form")
+    if not data.isascii() or _SUSPECT_NUMBER.search(data):
+        check(obj)
+    return obj

@@ -1,0 +1,344 @@
+"""The audit log writer: canonical records, hash chain, Merkle tree, group commit, checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.audit import _canonical, _keys
+from gateway.audit._merkle import Tree
+from gateway.audit._note import Checkpoint, NoteError, open_checkpoint, parse_vkey
+from gateway.audit._store import FileStore, StoreDamaged
+from gateway.errors import AuditUnavailable
+
+log = logging.getLogger("gateway.audit")
+
+SCHEMA_VERSION = 1
+GENESIS_PREV = "0" * 64
+#: Keys the log writes itself; a caller's fields may not use them.
+RESERVED = frozenset({"v", "seq", "time_ms", "kind", "instance", "prev"})
+_sha256 = hashlib.sha256
+
+
+class AuditLogDamaged(AuditUnavailable):
+    """The log on disk is damaged beyond a torn final record: the gateway must not serve."""
+
+    def diagnostics(self) -> str:
+        return (f"{self}\nThe audit log is left untouched for investigation. Run "
+                "`gateway audit verify` on it; restore from a backup made with "
+                "`gateway audit export` to resume serving.")
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Where a record landed: its index in the log and its RFC 6962 leaf hash."""
+
+    index: int
+    leaf_hash: bytes
+
+
+class _Batch:
+    """Records committed together; ``done`` is set once they are durable (or failed)."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class AuditLog:
+    """An append-only, tamper-evident log of gateway decisions.
+
+        log = AuditLog.open(settings, instance_id="gw-1")
+        receipt = log.append("decision", {"rpc": "ModelInfer", "decision": "allow", ...})
+        log.close()
+
+    ``append`` returns only once the record is on disk; concurrent appends share one write and
+    one fdatasync (group commit) done by a writer thread.
+    """
+
+    def __init__(self, settings, store: FileStore, signer, payload_key: bytes,
+                 instance_id: str) -> None:
+        self._settings = settings
+        self._store = store
+        self._signer = signer
+        self._origin = signer.name
+        self._payload_key = payload_key
+        self._instance = instance_id
+        self._tree = Tree()
+        self._tree_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pending: list[bytes] = []
+        self._pending_hashes: list[bytes] = []
+        self._batch = _Batch()
+        self._size = 0               # next index to assign (includes pending records)
+        self._prev = GENESIS_PREV    # hex leaf hash of the last assigned record
+        self._durable = 0
+        self._durable_prev = GENESIS_PREV
+        self._healthy = True
+        self._closing = False
+        self._closed = False
+        self._cp_size = -1
+        self._cp_note: str | None = None
+        self._cp_time = time.monotonic()
+        self._writer = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+
+    # -- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, settings, *, instance_id: str) -> AuditLog:
+        """Open (or create) the log in ``settings.directory``; fail closed on damage.
+
+        A torn final record (the gateway died mid-write) is cut off and an ``anomaly`` record
+        says so; anything else wrong raises :class:`AuditLogDamaged` naming what and where.
+        """
+        signer = _keys.load_signer(settings.signing_key)
+        payload_key = _keys.load_payload_key(settings.payload_key)
+        store = FileStore(settings.directory, settings.segment_bytes, settings.segment_seconds,
+                          settings.preallocate)
+        try:
+            records, torn = store.open()
+        except StoreDamaged as err:
+            store.close()
+            raise AuditLogDamaged(f"audit log {settings.directory} is damaged: {err}") from None
+        except OSError as err:
+            store.close()
+            raise AuditUnavailable(f"cannot open audit log {settings.directory}: {err}") from None
+        self = cls(settings, store, signer, payload_key, instance_id)
+        try:
+            self._recover(records)
+        except AuditLogDamaged:
+            store.close()
+            raise
+        self._writer.start()
+        if torn:
+            self.append("anomaly", {"event": "torn-tail-truncated", "segment": torn.segment,
+                                    "offset": torn.offset, "bytes": torn.length})
+        self.append("log_open", {"records": len(records), "origin": self._origin})
+        return self
+
+    def _recover(self, records: list[bytes]) -> None:
+        """Rebuild the tree and check the records against the latest signed checkpoint.
+
+        Records up to the checkpoint are pinned by its signed root (one hash each); records
+        after it are parsed and their chain links checked one by one.
+        """
+        where = self._settings.directory
+        tree = self._tree
+        for r in records:
+            tree.append(_sha256(b"\x00" + r).digest())
+        note = self._store.latest_checkpoint()
+        covered = 0
+        if note is not None:
+            try:
+                cp, _ = open_checkpoint(note, parse_vkey(self._signer.vkey), self._origin)
+            except NoteError as err:
+                raise AuditLogDamaged(f"{where}/checkpoint: {err}") from None
+            if cp.size > tree.size:
+                raise AuditLogDamaged(
+                    f"audit log {where} is truncated: the signed checkpoint covers {cp.size} "
+                    f"records but only {tree.size} are left (first missing index {tree.size})")
+            if tree.root(cp.size) != cp.root:
+                raise AuditLogDamaged(
+                    f"audit log {where}: records before index {cp.size} no longer match the "
+                    "signed checkpoint (edited, reordered or replaced)")
+            covered = cp.size
+            self._cp_size, self._cp_note = cp.size, note
+        start = max(covered - 1, 0)
+        prev = GENESIS_PREV if start == 0 else tree.leaf(start - 1).hex()
+        for i in range(start, len(records)):
+            try:
+                rec = _canonical.decode_canonical(records[i])
+            except _canonical.EncodingError as err:
+                raise AuditLogDamaged(f"audit log {where}: record {i}: {err}") from None
+            if rec.get("v") != SCHEMA_VERSION or rec.get("seq") != i or rec.get("prev") != prev:
+                raise AuditLogDamaged(
+                    f"audit log {where}: record {i} does not follow record {i - 1} "
+                    f"(seq {rec.get('seq')!r}, prev link {'ok' if rec.get('prev') == prev else 'broken'})")
+            prev = tree.leaf(i).hex()
+        self._size = self._durable = len(records)
+        self._prev = self._durable_prev = prev
+
+    # -- appending ----------------------------------------------------------------------------
+
+    def append(self, kind: str, fields: Mapping[str, object]) -> Receipt:
+        """Add a record and block until it is durable; raise ``AuditUnavailable`` if it cannot be."""
+        if type(fields) is not dict:
+            fields = dict(fields)
+        if RESERVED.isdisjoint(fields):
+            _canonical.check(fields, kind)
+        else:
+            raise ValueError(f"audit fields may not use the reserved keys "
+                             f"{sorted(RESERVED.intersection(fields))}")
+        if type(kind) is not str or not kind:
+            raise ValueError("audit record kind must be a non-empty string")
+        with self._lock:
+            if self._closing:
+                raise AuditUnavailable("audit log is closed")
+            seq = self._size
+            record = {**fields, "v": SCHEMA_VERSION, "seq": seq,
+                      "time_ms": time.time_ns() // 1_000_000, "kind": kind,
+                      "instance": self._instance, "prev": self._prev}
+            data = _canonical.encode(record)
+            leaf = _sha256(b"\x00" + data).digest()
+            self._prev = leaf.hex()
+            self._size = seq + 1
+            self._pending.append(data)
+            self._pending_hashes.append(leaf)
+            batch = self._batch
+            if len(self._pending) == 1:
+                self._wake.notify()
+        batch.done.wait()
+        if batch.error is not None:
+            raise AuditUnavailable(f"audit record could not be made durable: {batch.error}")
+        return Receipt(seq, leaf)
+
+    def payload_digest(self, *chunks: bytes) -> str:
+        """Keyed HMAC-SHA256 of the request payload, hex: records show equality, never content."""
+        mac = hmac.new(self._payload_key, digestmod=_sha256)
+        for c in chunks:
+            mac.update(c)
+        return mac.hexdigest()
+
+    @property
+    def healthy(self) -> bool:
+        """False after a write or fsync failure, until a later commit succeeds."""
+        return self._healthy and not self._closed
+
+    # -- the writer thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        every = self._settings.checkpoint_records
+        interval = self._settings.checkpoint_ms / 1000
+        while True:
+            with self._lock:
+                while not self._pending and not self._closing:
+                    due = self._cp_time + interval - time.monotonic()
+                    if self._durable > self._cp_size and due <= 0:
+                        break
+                    self._wake.wait(timeout=max(due, 0.001) if self._durable > self._cp_size
+                                    else None)
+                records, hashes, batch = self._pending, self._pending_hashes, self._batch
+                self._pending, self._pending_hashes, self._batch = [], [], _Batch()
+                closing = self._closing
+            if records:
+                self._commit(records, hashes, batch)
+            if self._durable > self._cp_size and (
+                    self._durable - self._cp_size >= every
+                    or time.monotonic() - self._cp_time >= interval or closing):
+                self._checkpoint()
+            if closing and not records:
+                with self._lock:
+                    if not self._pending:
+                        return
+
+    def _commit(self, records: list[bytes], hashes: list[bytes], batch: _Batch) -> None:
+        try:
+            self._store.append(records)
+        except OSError as err:
+            log.error("audit log write failed: %s", err)
+            with self._lock:
+                # Records queued after this batch chained onto it: fail them too, and roll
+                # the chain back to the last durable record.
+                later, self._batch = self._batch, _Batch()
+                self._pending, self._pending_hashes = [], []
+                self._size, self._prev = self._durable, self._durable_prev
+                self._healthy = False
+            for b in (batch, later):
+                b.error = err
+                b.done.set()
+            return
+        with self._tree_lock:
+            for h in hashes:
+                self._tree.append(h)
+        self._durable += len(records)
+        self._durable_prev = hashes[-1].hex()
+        self._healthy = True
+        batch.done.set()
+
+    def _checkpoint(self) -> None:
+        size = self._durable
+        with self._tree_lock:
+            root = self._tree.root(size)
+        note = self._signer.sign(Checkpoint(self._origin, size, root).text())
+        try:
+            self._store.publish(note)
+        except OSError as err:
+            log.error("audit checkpoint could not be published: %s", err)
+            self._healthy = False
+            self._cp_time = time.monotonic()
+            return
+        self._cp_size, self._cp_note, self._cp_time = size, note, time.monotonic()
+
+    # -- reading (for the AuditService) -------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Number of durable records."""
+        return self._durable
+
+    def checkpoint(self) -> str | None:
+        """The latest signed checkpoint note, or None before the first one."""
+        return self._cp_note
+
+    def entries(self, start: int, end: int) -> list[bytes]:
+        """Canonical bytes of records ``[start, end)`` (clamped to the durable size)."""
+        end = min(end, self._durable)
+        return self._store.read(start, end) if start < end else []
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        with self._tree_lock:
+            return self._tree.inclusion_proof(index, size)
+
+    def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        with self._tree_lock:
+            return self._tree.consistency_proof(first, second)
+
+    def root(self, size: int) -> bytes:
+        with self._tree_lock:
+            return self._tree.root(size)
+
+    def checkpoint_note(self, size: int) -> str | None:
+        """The signed checkpoint of exactly ``size`` records, if the log published one."""
+        if size == self._cp_size:
+            return self._cp_note
+        from gateway.audit._store import read_checkpoints
+        for note in reversed(read_checkpoints(self._settings.directory)):
+            if note.split("\n", 2)[1] == str(size):
+                return note
+        return None
+
+    # -- closing ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Write a ``log_close`` record, publish a final checkpoint and stop the writer."""
+        if self._closed:
+            return
+        try:
+            self.append("log_close", {"records": self._size + 1})
+        except AuditUnavailable as err:
+            log.error("audit log_close record not written: %s", err)
+        with self._lock:
+            self._closing = True
+            self._wake.notify()
+        self._writer.join()
+        self._closed = True
+        self._store.close()
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def instance_default() -> str:
+    return f"{os.uname().nodename}:{os.getpid()}"

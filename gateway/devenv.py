@@ -1,0 +1,134 @@
+"""Throwaway gateway deployments for tests and benchmarks.
+
+    env = make_demo_env(tmp / "gw", server={"max_tensor_elements": 4096})
+    gw = start_gateway(env)          # a `gateway serve` subprocess, ready when this returns
+    ...                              # connect to gw.target with env's client certificates
+    gw.stop()
+
+Everything is real: a fresh PKI, signed demo models, a copy of the shipped policy, its own
+audit log, and the gateway running as a separate process reached over mutual TLS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class DemoEnv:
+    """A self-contained gateway deployment in a temporary directory."""
+
+    root: Path
+    config: Path
+    certs: Path
+    models: Path
+    policies: Path
+    audit: Path
+
+    def client_files(self, name: str) -> tuple[Path, Path]:
+        return self.certs / "clients" / f"{name}.pem", self.certs / "clients" / f"{name}.key"
+
+
+def make_demo_env(root: Path, **overrides: dict[str, object]) -> DemoEnv:
+    """Create certs, signed demo models, a copy of the shipped policy and a config file.
+
+    Keyword arguments override config keys by section, e.g. ``server={"workers": 4}``.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    env = DemoEnv(root=root, config=root / "gateway.toml", certs=root / "certs",
+                  models=root / "models", policies=root / "policies", audit=root / "audit")
+    shutil.copytree(REPO / "policies", env.policies)
+    sections: dict[str, dict[str, object]] = {
+        "server": {"listen": "127.0.0.1:0"},
+        "tls": {"cert": "certs/server.pem", "key": "certs/server.key", "ca": "certs/ca.pem"},
+        "models": {"repository": "models"},
+        "policy": {"directory": "policies"},
+        "audit": {"directory": "audit"},
+        "monitor": {"metrics_listen": "127.0.0.1:0"},
+    }
+    for name, values in overrides.items():
+        sections.setdefault(name, {}).update(values)
+    env.config.write_text("".join(
+        f"[{name}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
+        for name, table in sections.items()))
+    run_cli("demo", "init", "--config", str(env.config))
+    return env
+
+
+def run_cli(*args: str, check: bool = True, cwd: Path | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the ``gateway`` command as a user would (a separate process)."""
+    proc = subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
+                          text=True, cwd=cwd or REPO, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gateway {' '.join(args)} exited {proc.returncode}:\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@dataclass
+class GatewayProcess:
+    """A gateway subprocess; ``target`` is its host:port."""
+
+    env: DemoEnv
+    proc: subprocess.Popen
+    port: int
+    metrics_url: str = ""
+    stderr_lines: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_gateway(env: DemoEnv, *, timeout: float = 60) -> GatewayProcess:
+    """Start ``gateway serve`` and return once it prints where it listens (it is then ready)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(env.config),
+         "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=env.root,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    stderr_lines: list[str] = []
+    threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True).start()
+    port, metrics = 0, ""
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith("gateway listening on "):
+                port = int(line.split()[3].rsplit(":", 1)[1])
+            elif line.startswith("metrics on "):
+                metrics = line.split()[2]
+            elif line.startswith("try:"):
+                break
+    finally:
+        timer.cancel()
+    if not port:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("gateway did not start:\n" + "".join(stderr_lines))
+    # Keep draining stdout so the process never blocks on a full pipe.
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+    return GatewayProcess(env=env, proc=proc, port=port, metrics_url=metrics,
+                          stderr_lines=stderr_lines)
+
+

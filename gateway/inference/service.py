@@ -1,0 +1,116 @@
+"""The Open Inference Protocol servicer (``inference.GRPCInferenceService``).
+
+Read one request top to bottom in :meth:`InferenceServicer.ModelInfer`: the guard
+authenticates the caller and asks policy (before any tensor is decoded), then the model is
+looked up, the inputs decoded and checked, the session run, the outputs encoded, and the
+guard makes the audit record durable before the response leaves, returning its receipt
+(index and leaf hash) in trailing metadata.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from gateway import __version__
+from gateway._proto.inference import grpc_service_pb2 as pb
+from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from gateway.errors import InvalidRequest
+from gateway.inference._codec import (
+    decode_inputs,
+    encode_outputs,
+    request_size,
+    requested_outputs,
+)
+from gateway.server._guard import Guard
+
+#: The only platform the gateway serves.
+PLATFORM = "onnxruntime_onnx"
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """OIP v2 over verified ONNX Runtime sessions; Triton's extension RPCs are absent."""
+
+    def __init__(self, guard: Guard, *, max_tensor_elements: int, ready=lambda: True) -> None:
+        self._guard = guard
+        self._models = guard.models
+        self._max_elements = max_tensor_elements
+        self._ready = ready
+
+    # -- server-level: a valid certificate is enough -------------------------------------
+
+    def ServerLive(self, request, context):
+        with self._guard.call(context, rpc="ServerLive", action=None):
+            return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context):
+        with self._guard.call(context, rpc="ServerReady", action=None):
+            return pb.ServerReadyResponse(ready=self._ready())
+
+    def ServerMetadata(self, request, context):
+        with self._guard.call(context, rpc="ServerMetadata", action=None):
+            # No Triton extensions are offered, so none are advertised.
+            return pb.ServerMetadataResponse(name="gateway", version=__version__)
+
+    # -- model-level: policy decides -----------------------------------------------------
+
+    def ModelReady(self, request, context):
+        with self._guard.call(context, rpc="ModelReady", action="ready",
+                              model=request.name, version=request.version) as call:
+            entry = call.entry
+            return pb.ModelReadyResponse(ready=entry is not None and entry.model is not None)
+
+    def ModelMetadata(self, request, context):
+        with self._guard.call(context, rpc="ModelMetadata", action="metadata",
+                              model=request.name, version=request.version) as call:
+            model = call.model()
+            response = pb.ModelMetadataResponse(
+                name=model.name, versions=self._models.versions(model.name), platform=PLATFORM)
+            for specs, target in ((model.inputs, response.inputs),
+                                  (model.outputs, response.outputs)):
+                for spec in specs:
+                    target.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+            return response
+
+    def ModelInfer(self, request, context):
+        batch, raw_bytes = request_size(request)
+        with self._guard.call(
+            context, rpc="ModelInfer", action="infer",
+            model=request.model_name, version=request.model_version, request_id=request.id,
+            request_attributes={"request.batch_size": batch, "request.input_bytes": raw_bytes},
+        ) as call:
+            call.fields["payload"] = self._payload(request)
+            model = call.model()
+            feeds = decode_inputs(request, model, max_elements=self._max_elements)
+            outputs = requested_outputs(request, model)
+            t0 = time.perf_counter_ns()
+            results = _run(model, feeds, outputs)
+            call.timings["inference"] = (time.perf_counter_ns() - t0) // 1000
+            response = pb.ModelInferResponse(model_name=model.name, model_version=model.version,
+                                             id=call.request_id)
+            encode_outputs(response, results, outputs)
+            return response
+
+    def _payload(self, request) -> dict[str, object]:
+        """Keyed digest and size of the input bytes as sent (never the tensors themselves)."""
+        if request.raw_input_contents:
+            chunks = list(request.raw_input_contents)
+        else:
+            chunks = [t.contents.SerializeToString(deterministic=True) for t in request.inputs]
+        return {"hmac": self._guard.audit.payload_digest(*chunks),
+                "size": sum(len(c) for c in chunks)}
+
+
+def _run(model, feeds, outputs):
+    try:
+        return model.run(feeds, outputs)
+    except Exception as err:  # ORT reports shape/type problems the codec could not foresee
+        text = str(err).strip().splitlines()
+        raise InvalidRequest(f"model {model.name} rejected the input: "
+                             f"{text[0][:300] if text else type(err).__name__}") from err
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.Server) -> None:
+    """Register the OIP service on ``server``."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)

@@ -1,0 +1,453 @@
+"""The reference profile of a model's inputs (and outputs), and the per-request input score.
+
+    profile = InputProfile.fit(reference_rows, fprs=(0.01, 0.001), seed=0, outputs=model_outputs)
+    profile.save(version_dir / "profile.json")     # deterministic JSON: covered by the signature
+    scores = profile.score(rows)                      # Mahalanobis distance per row
+
+What is stored, and why:
+
+* per-feature mean, standard deviation and quantiles, and hard bounds (the reference range
+  widened by ``bound_margin`` of itself): schema-level checks that need no statistics;
+* a shrunk inverse covariance of the standardised features, kept as its Cholesky factor so a
+  row's distance is one matrix product. Shrinkage is Ledoit & Wolf (2004), "A well-conditioned
+  estimator for large-dimensional covariance matrices", J. Multivariate Analysis 88:365-411,
+  Lemmas 3.2-3.4 (target ``mu * I``, intensity ``min(b^2, d^2) / d^2``);
+* thresholds of that distance at the configured false-positive rates, **calibrated on a held-out
+  split** the covariance never saw (an empirical quantile, not a chi-square folklore value);
+* for the usage detector: the PRADA threshold on Shapiro-Wilk W, calibrated by simulating benign
+  callers drawing held-out rows, and how often two reference rows differ in a single feature;
+* for output drift: the reference distribution of predictions (classes, or deciles of a value)
+  and PSI thresholds calibrated on bootstrapped held-out windows of the configured size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+import rfc8785
+
+from gateway.errors import GatewayError
+
+from ._shapiro import shapiro_w
+
+FORMAT = "gateway.monitor.profile/v1"
+#: FPRs always calibrated besides the requested ones, so settings can pick among them.
+STANDARD_FPRS = (0.05, 0.01, 0.005, 0.001)
+#: Beyond this many features the covariance is taken diagonal (JSON size and per-row cost).
+MAX_FULL_COVARIANCE = 512
+#: PRADA distances are computed in at most this many (randomly projected) dimensions.
+PROJECTION_DIM = 32
+_QUANTILE_LEVELS = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
+_PSI_SIMULATIONS = 4000
+_PRADA_SIMULATIONS = 300
+
+
+class ProfileError(GatewayError):
+    """A reference profile cannot be built, read or applied."""
+
+
+def _round(values: Any) -> Any:
+    """10 significant digits: compact, deterministic JSON that round-trips exactly."""
+    arr = np.asarray(values, dtype=np.float64)
+    return [float(f"{v:.10g}") for v in arr.ravel()] if arr.ndim else float(f"{float(arr):.10g}")
+
+
+def _matrix(values: np.ndarray) -> list[list[float]]:
+    return [_round(row) for row in np.asarray(values, dtype=np.float64)]
+
+
+def ledoit_wolf(z: np.ndarray) -> tuple[np.ndarray, float]:
+    """Shrunk covariance of centred rows ``z`` (n, p) and the shrinkage intensity in [0, 1]."""
+    n, p = z.shape
+    s = z.T @ z / n
+    mu = float(np.trace(s)) / p
+    d2 = float(((s - mu * np.eye(p)) ** 2).sum()) / p
+    # b̄² = (1/n²) Σ_k ||z_k z_kᵀ - S||²_F / p  =  (Σ_k ||z_k||⁴ - n ||S||²_F) / (n² p)
+    row_sq = (z**2).sum(axis=1)
+    b2_bar = float((row_sq**2).sum() - n * (s**2).sum()) / (n * n * p)
+    b2 = min(max(b2_bar, 0.0), d2)
+    shrinkage = b2 / d2 if d2 > 0 else 1.0
+    return shrinkage * mu * np.eye(p) + (1 - shrinkage) * s, shrinkage
+
+
+def _quantile(values: np.ndarray, q: float) -> float:
+    return float(np.quantile(values, q, method="linear"))
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    """(batch, features) view of a request or reference tensor."""
+    x = np.asarray(x)
+    if x.ndim == 0:
+        return x.reshape(1, 1)
+    if x.ndim == 1:
+        return x.reshape(1, -1)
+    return x.reshape(x.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class OutputProfile:
+    """Reference distribution of one prediction summary per row, and PSI thresholds."""
+
+    kind: str  # "class": argmax over outputs; "value": the single output value
+    classes: int  # number of bins
+    edges: tuple[float, ...]  # interior bin edges for "value"
+    reference: np.ndarray  # bin proportions on the fitting split
+    window: int
+    psi_thresholds: tuple[tuple[float, float], ...]
+
+    def bins(self, y: np.ndarray) -> np.ndarray:
+        """Bin index of each row's prediction (rows whose shape does not fit are dropped)."""
+        rows = _rows(y)
+        if self.kind == "class":
+            if rows.shape[1] != self.classes:
+                return np.empty(0, dtype=np.int64)
+            return np.argmax(rows, axis=1)
+        if rows.shape[1] != 1:
+            return np.empty(0, dtype=np.int64)
+        values = rows[:, 0].astype(np.float64)
+        values = values[np.isfinite(values)]
+        return np.searchsorted(np.asarray(self.edges), values, side="right")
+
+    def psi(self, counts: np.ndarray) -> np.ndarray:
+        """Population stability index of window bin counts (..., classes) vs the reference."""
+        return _psi(counts, self.reference)
+
+    def threshold(self, fpr: float) -> float:
+        return _pick(self.psi_thresholds, fpr)
+
+
+def _psi(counts: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    counts = np.asarray(counts, dtype=np.float64)
+    k = counts.shape[-1]
+    # Half-count smoothing so that an empty bin is a large but finite contribution.
+    p = (counts + 0.5) / (counts.sum(axis=-1, keepdims=True) + 0.5 * k)
+    return ((p - reference) * np.log(p / reference)).sum(axis=-1)
+
+
+def _pick(table: tuple[tuple[float, float], ...], fpr: float) -> float:
+    """Threshold at ``fpr``: exact, else the nearest stricter (lower FPR), else the strictest."""
+    exact = [t for f, t in table if math.isclose(f, fpr)]
+    if exact:
+        return exact[0]
+    stricter = [(f, t) for f, t in table if f < fpr]
+    if stricter:
+        return max(stricter)[1]
+    return min(table)[1]
+
+
+@dataclass(frozen=True)
+class InputProfile:
+    """A model's reference profile; immutable, so it is shared freely across threads."""
+
+    features: int
+    mean: np.ndarray
+    std: np.ndarray
+    low: np.ndarray  # hard bounds
+    high: np.ndarray
+    whitening: np.ndarray  # (features, features) Cholesky factor of the precision, or (features,)
+    thresholds: tuple[tuple[float, float], ...]  # (fpr, distance threshold)
+    prada_thresholds: tuple[tuple[float, float], ...]  # (fpr, W threshold: alarm below)
+    usage_window: int
+    usage_memory: int
+    projection: np.ndarray | None  # (features, PROJECTION_DIM) or None: whitened space as is
+    single_change_rate: float
+    output: OutputProfile | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ fitting
+
+    @classmethod
+    def fit(
+        cls,
+        ref: np.ndarray,
+        *,
+        fprs: tuple[float, ...] = (0.01, 0.001),
+        seed: int = 0,
+        holdout: float = 0.3,
+        bound_margin: float = 0.25,
+        outputs: np.ndarray | None = None,
+        drift_window: int = 256,
+        usage_window: int = 64,
+        usage_memory: int = 128,
+    ) -> InputProfile:
+        """Fit on a random ``1 - holdout`` of ``ref``'s rows; calibrate thresholds on the rest.
+
+        ``outputs`` (the model's predictions on ``ref``, same row order) adds the output-drift
+        reference. The result is exactly what :meth:`load` returns for the saved file.
+        """
+        rows = _rows(ref).astype(np.float64)
+        n, d = rows.shape
+        if not all(0 < f < 0.5 for f in fprs):
+            raise ProfileError(f"false-positive rates must be in (0, 0.5): {fprs}")
+        if not 0.05 <= holdout <= 0.9:
+            raise ProfileError(f"holdout fraction must be in [0.05, 0.9], got {holdout}")
+        if not np.isfinite(rows).all():
+            bad = int((~np.isfinite(rows)).any(axis=1).sum())
+            raise ProfileError(f"reference data has {bad} row(s) with NaN or infinite values")
+        n_hold = round(n * holdout)
+        if n_hold < usage_memory + usage_window or n - n_hold < max(2 * d, 50):
+            raise ProfileError(
+                f"reference data too small: {n} rows of {d} features; need at least "
+                f"{max(2 * d, 50)} fitting rows and {usage_memory + usage_window} held-out rows")
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(n)
+        fit_idx, hold_idx = np.sort(order[n_hold:]), np.sort(order[:n_hold])
+        a, b = rows[fit_idx], rows[hold_idx]
+        warnings: list[str] = []
+
+        mean = a.mean(axis=0)
+        std = a.std(axis=0)
+        constant = std <= 1e-12 * np.maximum(1.0, np.abs(mean))
+        if constant.any():
+            warnings.append(f"{int(constant.sum())} constant feature(s): any change is anomalous")
+        std = np.where(constant, np.maximum(1e-9, 1e-9 * np.abs(mean)), std)
+        z = (a - mean) / std
+        if d <= MAX_FULL_COVARIANCE:
+            cov, shrinkage = ledoit_wolf(z)
+            precision = np.linalg.inv(cov)
+            whitening = np.linalg.cholesky((precision + precision.T) / 2)
+        else:
+            shrinkage = 1.0
+            whitening = np.ones(d)
+            warnings.append(f"{d} features > {MAX_FULL_COVARIANCE}: diagonal covariance used")
+        span = rows.max(axis=0) - rows.min(axis=0)
+        low = rows.min(axis=0) - bound_margin * span
+        high = rows.max(axis=0) + bound_margin * span
+        projection = None
+        if d > PROJECTION_DIM:
+            projection = rng.standard_normal((d, PROJECTION_DIM)) / math.sqrt(PROJECTION_DIM)
+
+        draft = cls(features=d, mean=mean, std=std, low=low, high=high, whitening=whitening,
+                    thresholds=(), prada_thresholds=(), usage_window=usage_window,
+                    usage_memory=usage_memory, projection=projection, single_change_rate=0.0)
+        draft = cls.from_dict(draft.to_dict())  # score with exactly the stored (rounded) values
+
+        all_fprs = tuple(sorted(set(STANDARD_FPRS) | {float(f) for f in fprs}))
+        scores_b = draft.score(b)
+        thresholds = tuple((f, _quantile(scores_b, 1 - f)) for f in all_fprs)
+        for f in all_fprs:
+            if n_hold * f < 5:
+                warnings.append(f"only {n_hold * f:.1f} held-out rows expected beyond the "
+                                f"{f} threshold: it is a rough estimate; give more data")
+        prada = _calibrate_prada(draft, b, all_fprs, rng)
+        pair = rng.integers(0, n_hold, size=(min(20000, n_hold * 4), 2))
+        changed = (np.abs(b[pair[:, 0]] - b[pair[:, 1]]) > 0).sum(axis=1)
+        single_change_rate = float((changed == 1).mean())
+
+        output = None
+        if outputs is not None:
+            out_rows = _rows(outputs)
+            if out_rows.shape[0] != n:
+                raise ProfileError(f"outputs have {out_rows.shape[0]} rows, inputs {n}")
+            output = _fit_output(out_rows[fit_idx], out_rows[hold_idx], drift_window,
+                                 all_fprs, rng)
+        quantiles = np.quantile(a, _QUANTILE_LEVELS, axis=0)
+        meta = {
+            "n_fit": int(n - n_hold), "n_holdout": int(n_hold), "seed": int(seed),
+            "shrinkage": float(shrinkage), "bound_margin": float(bound_margin),
+            "quantile_levels": list(_QUANTILE_LEVELS), "quantiles": _matrix(quantiles),
+        }
+        final = cls(features=d, mean=draft.mean, std=draft.std, low=draft.low, high=draft.high,
+                    whitening=draft.whitening, thresholds=thresholds, prada_thresholds=prada,
+                    usage_window=usage_window, usage_memory=usage_memory,
+                    projection=draft.projection, single_change_rate=single_change_rate,
+                    output=output, meta=meta)
+        loaded = cls.from_dict(final.to_dict())
+        return InputProfile(**{**loaded.__dict__, "warnings": tuple(warnings)})
+
+    # ------------------------------------------------------------------ scoring
+
+    def standardise(self, rows: np.ndarray) -> np.ndarray:
+        """Rows mapped to the whitened space, where in-distribution data is about N(0, I)."""
+        z = (rows - self.mean) / self.std
+        if self.whitening.ndim == 1:
+            return z
+        return z @ self.whitening
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each row to the reference (float64, one per row)."""
+        rows = _rows(x).astype(np.float64, copy=False)
+        if rows.shape[1] != self.features:
+            raise ProfileError(f"input has {rows.shape[1]} features per row, "
+                               f"the profile {self.features}")
+        u = self.standardise(rows)
+        return np.sqrt(np.einsum("ij,ij->i", u, u))
+
+    def out_of_bounds(self, x: np.ndarray) -> np.ndarray:
+        """Per row: any NaN, infinity, or value outside the hard bounds."""
+        rows = _rows(x)
+        with np.errstate(invalid="ignore"):
+            ok = (rows >= self.low) & (rows <= self.high)
+        return ~ok.all(axis=1)
+
+    def threshold(self, fpr: float) -> float:
+        """Distance threshold at ``fpr`` (exact if calibrated, else the nearest stricter)."""
+        return _pick(self.thresholds, fpr)
+
+    def prada_threshold(self, fpr: float) -> float:
+        return _pick(self.prada_thresholds, fpr)
+
+    def usage_space(self, rows: np.ndarray) -> np.ndarray:
+        """Whitened (and, for wide inputs, projected) rows for PRADA distances, float32."""
+        u = self.standardise(rows)
+        if self.projection is not None:
+            u = u @ self.projection
+        return u.astype(np.float32)
+
+    # ------------------------------------------------------------------ storage
+
+    def to_dict(self) -> dict[str, Any]:
+        out = None
+        if self.output is not None:
+            o = self.output
+            out = {"kind": o.kind, "classes": o.classes, "edges": _round(o.edges),
+                   "reference": _round(o.reference), "window": o.window,
+                   "psi_thresholds": [_round(p) for p in o.psi_thresholds]}
+        return {
+            "format": FORMAT,
+            "features": self.features,
+            "mean": _round(self.mean), "std": _round(self.std),
+            "bounds": {"low": _round(self.low), "high": _round(self.high)},
+            "whitening": (_matrix(self.whitening) if self.whitening.ndim == 2
+                          else _round(self.whitening)),
+            "input_thresholds": [_round(p) for p in self.thresholds],
+            "usage": {"window": self.usage_window, "memory": self.usage_memory,
+                      "prada_thresholds": [_round(p) for p in self.prada_thresholds],
+                      "single_change_rate": _round(self.single_change_rate),
+                      "projection": (None if self.projection is None
+                                     else _matrix(self.projection))},
+            "output": out,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputProfile:
+        try:
+            if data.get("format") != FORMAT:
+                raise ProfileError(f"not a {FORMAT} profile (format {data.get('format')!r})")
+            d = int(data["features"])
+            vec = lambda v: np.asarray(v, dtype=np.float64).reshape(d)  # noqa: E731
+            whitening = np.asarray(data["whitening"], dtype=np.float64)
+            if whitening.shape not in ((d, d), (d,)):
+                raise ProfileError(f"whitening has shape {whitening.shape}, expected ({d}, {d})")
+            usage = data["usage"]
+            projection = usage.get("projection")
+            out = data.get("output")
+            output = None
+            if out is not None:
+                output = OutputProfile(
+                    kind=str(out["kind"]), classes=int(out["classes"]),
+                    edges=tuple(float(e) for e in out["edges"]),
+                    reference=np.asarray(out["reference"], dtype=np.float64),
+                    window=int(out["window"]),
+                    psi_thresholds=tuple((float(f), float(t)) for f, t in out["psi_thresholds"]))
+                if output.kind not in ("class", "value") or len(output.reference) != output.classes:
+                    raise ProfileError("output section is inconsistent")
+            std = vec(data["std"])
+            if not (std > 0).all():
+                raise ProfileError("std must be positive")
+            return cls(
+                features=d, mean=vec(data["mean"]), std=std,
+                low=vec(data["bounds"]["low"]), high=vec(data["bounds"]["high"]),
+                whitening=whitening,
+                thresholds=tuple((float(f), float(t)) for f, t in data["input_thresholds"]),
+                prada_thresholds=tuple((float(f), float(t))
+                                       for f, t in usage["prada_thresholds"]),
+                usage_window=int(usage["window"]), usage_memory=int(usage["memory"]),
+                projection=(None if projection is None
+                            else np.asarray(projection, dtype=np.float64).reshape(d, -1)),
+                single_change_rate=float(usage["single_change_rate"]),
+                output=output, meta=dict(data.get("meta") or {}))
+        except ProfileError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise ProfileError(f"malformed profile: {type(err).__name__}: {err}") from err
+
+    def to_json(self) -> bytes:
+        """RFC 8785 canonical JSON: the same profile always gives the same bytes (signable)."""
+        return rfc8785.dumps(self.to_dict()) + b"\n"
+
+    def save(self, path: Path) -> None:
+        """Write ``path`` atomically (temp file, fsync, rename)."""
+        import os
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(self.to_json())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> InputProfile:
+        """Read a profile; :class:`ProfileError` names the file and what is wrong."""
+        import json
+
+        path = Path(path)
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError as err:
+            raise ProfileError(f"{path}: no such profile") from err
+        except (OSError, ValueError) as err:
+            raise ProfileError(f"{path}: unreadable profile: {err}") from err
+        try:
+            return cls.from_dict(data)
+        except ProfileError as err:
+            raise ProfileError(f"{path}: {err}") from err
+
+
+def _min_prior_distances(u: np.ndarray, memory: int) -> np.ndarray:
+    """For each query i >= 1 of a stream, its distance to the nearest of the ``memory`` before."""
+    sq = (u**2).sum(axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * u @ u.T, 0.0)
+    i, j = np.indices(d2.shape)
+    d2[(j >= i) | (i - j > memory)] = np.inf
+    return np.sqrt(d2[1:].min(axis=1))
+
+
+def _calibrate_prada(profile: InputProfile, held: np.ndarray, fprs: tuple[float, ...],
+                     rng: np.random.Generator) -> tuple[tuple[float, float], ...]:
+    """W thresholds from simulated benign callers, each sending held-out rows in random order.
+
+    log(1 - W) is close to normal (Royston's normalising transform), so a normal fit to the
+    simulated values gives a tail quantile at small FPRs that 300 simulations alone cannot.
+    """
+    length = profile.usage_memory + profile.usage_window
+    u_all = profile.usage_space(held).astype(np.float64)
+    stats = []
+    for _ in range(_PRADA_SIMULATIONS):
+        pick = rng.choice(len(held), size=length + 1, replace=False)
+        dist = _min_prior_distances(u_all[pick], profile.usage_memory)
+        stats.append(dist[-profile.usage_window:])
+    w = shapiro_w(np.array(stats))
+    t = np.log(np.maximum(1 - w, 1e-12))
+    mu, sd = float(t.mean()), float(t.std(ddof=1))
+    return tuple((f, 1 - math.exp(mu + NormalDist().inv_cdf(1 - f) * sd)) for f in fprs)
+
+
+def _fit_output(fit_rows: np.ndarray, hold_rows: np.ndarray, window: int,
+                fprs: tuple[float, ...], rng: np.random.Generator) -> OutputProfile:
+    if fit_rows.shape[1] > 1:
+        kind, classes, edges = "class", fit_rows.shape[1], ()
+    else:
+        kind = "value"
+        qs = np.quantile(fit_rows[:, 0].astype(np.float64), np.linspace(0.1, 0.9, 9))
+        edges = tuple(float(e) for e in np.unique(_round(qs)))
+        classes = len(edges) + 1
+    draft = OutputProfile(kind, classes, edges, np.ones(classes) / classes, window, ())
+    ref_counts = np.bincount(draft.bins(fit_rows), minlength=classes).astype(np.float64)
+    reference = (ref_counts + 0.5) / (ref_counts.sum() + 0.5 * classes)
+    reference = np.asarray(_round(reference))
+    hold_bins = draft.bins(hold_rows)
+    p_hold = np.bincount(hold_bins, minlength=classes) / len(hold_bins)
+    windows = rng.multinomial(window, p_hold, size=_PSI_SIMULATIONS)
+    psi = _psi(windows, reference)
+    thresholds = tuple((f, _quantile(psi, 1 - f)) for f in fprs)
+    return OutputProfile(kind, classes, edges, reference, window, thresholds)

@@ -1,0 +1,241 @@
+"""Usage anomalies per caller: rate against the caller's own baseline, and extraction patterns.
+
+Three extraction detectors run per (caller, model) on a bounded sample of each request's rows:
+
+* **PRADA** (Juuti et al. 2019, EuroS&P, section IV): each query's distance to the nearest of
+  the caller's previous ``memory`` queries (in the profile's whitened space) joins a window of
+  ``window`` distances; when a window fills, Shapiro-Wilk W is computed on it and the alarm is
+  raised when W falls below the profile's calibrated threshold. Synthetic queries made by
+  small steps from seeds give distances clustered at the step sizes (low W); natural queries
+  give a smooth, nearly normal distribution. Exact repeats are skipped: a client resending the
+  same input is not exploring the model. Windows do not overlap, so each test has the
+  calibrated false-positive rate.
+* **Uniform probing**: PRADA misses random probes (their distances look natural), but nearly
+  every probe is out of distribution: alarm when at least ``k`` of the last ``probe_window``
+  rows raised the input alarm, ``k`` being the binomial tail at the input FPR.
+* **Single-feature sweeps**: consecutive rows that differ in exactly one feature; alarm when
+  their count in the last ``sweep_window`` rows is improbable given how often held-out rows do.
+
+The rate ratio compares two exponentially decayed request counts (short and long time
+constants), each bias-corrected for the caller's age so a new caller starts at ratio ~1.
+All state is in LRUs of ``max_callers`` entries, so memory is bounded whatever callers do.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._profile import InputProfile
+from ._shapiro import shapiro_w
+
+#: Whitened distance below which a query counts as a repeat (float32 memory rounding).
+_REPEAT = 1e-4
+
+
+def binomial_alarm_count(trials: int, p: float, alpha: float) -> int:
+    """Smallest k with P(Binomial(trials, p) >= k) <= alpha (at least 1)."""
+    p = min(max(p, 0.0), 1.0)
+    tail = 1.0
+    for k in range(trials + 1):
+        if tail <= alpha and k >= 1:
+            return k
+        tail -= math.comb(trials, k) * p**k * (1 - p) ** (trials - k)
+    return trials + 1
+
+
+class _Rate:
+    __slots__ = ("first", "last", "long", "short")
+
+    def __init__(self, now: float) -> None:
+        self.first = self.last = now
+        self.short = self.long = 0.0
+
+
+@dataclass
+class _Stream:
+    """State of one caller on one model (fixed-size arrays: bounded memory)."""
+
+    profile: InputProfile
+    memory: np.ndarray
+    distances: np.ndarray
+    probes: np.ndarray
+    sweeps: np.ndarray
+    mem_n: int = 0
+    mem_pos: int = 0
+    dist_n: int = 0  # distances in the current window
+    probe_pos: int = 0
+    sweep_pos: int = 0
+    prev: np.ndarray | None = None
+    alarms: dict[str, bool] = field(default_factory=dict)
+    last_w: float = 1.0
+
+
+@dataclass(frozen=True)
+class UsageResult:
+    rate_ratio: float
+    extraction_alarm: bool
+    raised: tuple[tuple[str, dict[str, int | str]], ...]  # detectors that just turned on
+    rate_raised: bool
+
+
+class UsageTracker:
+    """Thread-safe per-caller usage state; ``on_evict(caller)`` lets metrics drop its series."""
+
+    def __init__(self, *, input_fpr: float, extraction_fpr: float, probe_window: int,
+                 sweep_window: int, rows_per_request: int, rate_short_s: float,
+                 rate_long_s: float, rate_floor: float, rate_ratio_alarm: float,
+                 max_callers: int, clock: Callable[[], float],
+                 on_evict: Callable[[str], None] = lambda caller: None) -> None:
+        self._extraction_fpr = extraction_fpr
+        self._probe_window = probe_window
+        self._sweep_window = sweep_window
+        self._rows = rows_per_request
+        self._short, self._long = rate_short_s, rate_long_s
+        self._floor = rate_floor
+        self._rate_alarm = rate_ratio_alarm
+        self._max = max_callers
+        self._clock = clock
+        self._on_evict = on_evict
+        self._probe_k = binomial_alarm_count(probe_window, input_fpr, extraction_fpr)
+        self._sweep_k: dict[float, int] = {}
+        self._lock = threading.Lock()
+        self._rates: OrderedDict[str, _Rate] = OrderedDict()
+        self._streams: OrderedDict[tuple[str, str], _Stream] = OrderedDict()
+        self._rng = np.random.default_rng()
+
+    # --------------------------------------------------------------- rate
+
+    def rate(self, caller: str) -> tuple[float, bool]:
+        """Record one request; return (rate ratio, whether it just crossed the alarm ratio)."""
+        now = self._clock()
+        with self._lock:
+            r = self._rates.get(caller)
+            if r is None:
+                r = self._rates[caller] = _Rate(now)
+                if len(self._rates) > self._max:
+                    evicted, _ = self._rates.popitem(last=False)
+                    self._on_evict(evicted)
+            else:
+                self._rates.move_to_end(caller)
+            dt = max(0.0, now - r.last)
+            before = self._ratio(r, now) if r.short > 0 else 0.0
+            r.short = r.short * math.exp(-dt / self._short) + 1.0
+            r.long = r.long * math.exp(-dt / self._long) + 1.0
+            r.last = now
+            ratio = self._ratio(r, now)
+        return ratio, ratio >= self._rate_alarm > before
+
+    def _ratio(self, r: _Rate, now: float) -> float:
+        age = max(now - r.first, 1e-3)
+        short = r.short / (self._short * (1 - math.exp(-age / self._short)))
+        long = r.long / (self._long * (1 - math.exp(-age / self._long)))
+        # Until the caller has been seen for a short window, both rates are noise.
+        if age < self._short:
+            return 1.0
+        return short / max(long, self._floor)
+
+    # --------------------------------------------------------------- extraction
+
+    def observe(self, caller: str, model: str, profile: InputProfile, rows: np.ndarray,
+                row_alarms: np.ndarray) -> tuple[bool, list[tuple[str, dict[str, int | str]]]]:
+        """Update ``caller``'s detectors on ``model``; return (alarm, detectors just raised)."""
+        if len(rows) > self._rows:
+            keep = np.sort(self._rng.choice(len(rows), size=self._rows, replace=False))
+            rows, row_alarms = rows[keep], row_alarms[keep]
+        u = profile.usage_space(rows)
+        key = (caller, model)
+        with self._lock:
+            st = self._streams.get(key)
+            if st is None or st.profile is not profile:
+                st = self._new_stream(profile)
+                self._streams[key] = st
+                if len(self._streams) > self._max:
+                    self._streams.popitem(last=False)
+            self._streams.move_to_end(key)
+            before = dict(st.alarms)
+            self._prada(st, u)
+            self._ring(st, "probes", "probe_pos", row_alarms)
+            self._sweep(st, rows)
+            st.alarms["probe"] = int(st.probes.sum()) >= self._probe_k
+            st.alarms["sweep"] = int(st.sweeps.sum()) >= self._sweep_threshold(profile)
+            raised = []
+            for name, on in st.alarms.items():
+                if on and not before.get(name, False):
+                    raised.append((name, self._detail(st, name)))
+            return any(st.alarms.values()), raised
+
+    def _new_stream(self, profile: InputProfile) -> _Stream:
+        dim = profile.projection.shape[1] if profile.projection is not None else profile.features
+        return _Stream(profile=profile,
+                       memory=np.zeros((profile.usage_memory, dim), dtype=np.float32),
+                       distances=np.zeros(profile.usage_window),
+                       probes=np.zeros(self._probe_window, dtype=bool),
+                       sweeps=np.zeros(self._sweep_window, dtype=bool))
+
+    def _prada(self, st: _Stream, u: np.ndarray) -> None:
+        mem = st.memory[: st.mem_n]
+        d_mem = _pairwise(u, mem) if st.mem_n else np.full((len(u), 0), np.inf)
+        d_in = _pairwise(u, u)
+        d_in[np.triu_indices(len(u))] = np.inf  # only earlier rows of this request
+        nearest = np.concatenate([d_mem, d_in], axis=1).min(axis=1, initial=np.inf)
+        profile = st.profile
+        for dist in nearest.tolist():
+            if not math.isfinite(dist) or dist < _REPEAT:
+                continue  # first query ever, or an exact repeat
+            st.distances[st.dist_n] = dist
+            st.dist_n += 1
+            if st.dist_n == profile.usage_window:
+                st.last_w = float(shapiro_w(st.distances))
+                st.alarms["prada"] = st.last_w < profile.prada_threshold(self._extraction_fpr)
+                st.dist_n = 0
+        for row in u:
+            st.memory[st.mem_pos] = row
+            st.mem_pos = (st.mem_pos + 1) % len(st.memory)
+            st.mem_n = min(st.mem_n + 1, len(st.memory))
+
+    @staticmethod
+    def _ring(st: _Stream, name: str, pos: str, values: np.ndarray) -> None:
+        ring = getattr(st, name)
+        p = getattr(st, pos)
+        for v in values[-len(ring):].tolist():
+            ring[p] = v
+            p = (p + 1) % len(ring)
+        setattr(st, pos, p)
+
+    def _sweep(self, st: _Stream, rows: np.ndarray) -> None:
+        seq = rows if st.prev is None else np.concatenate([st.prev[None, :], rows])
+        if len(seq) >= 2:
+            with np.errstate(invalid="ignore"):
+                changed = (seq[1:] != seq[:-1]).sum(axis=1)
+            self._ring(st, "sweeps", "sweep_pos", changed == 1)
+        st.prev = rows[-1].copy()
+
+    def _sweep_threshold(self, profile: InputProfile) -> int:
+        p = max(profile.single_change_rate, 1e-3)
+        if p not in self._sweep_k:
+            self._sweep_k[p] = binomial_alarm_count(self._sweep_window, p, self._extraction_fpr)
+        return self._sweep_k[p]
+
+    def _detail(self, st: _Stream, name: str) -> dict[str, int | str]:
+        if name == "prada":
+            return {"detector": "prada", "shapiro_w": f"{st.last_w:.6f}",
+                    "w_threshold": f"{st.profile.prada_threshold(self._extraction_fpr):.6f}",
+                    "window": st.profile.usage_window}
+        if name == "probe":
+            return {"detector": "probe", "alarmed_rows": int(st.probes.sum()),
+                    "window": self._probe_window, "k": self._probe_k}
+        return {"detector": "sweep", "single_feature_steps": int(st.sweeps.sum()),
+                "window": self._sweep_window, "k": self._sweep_threshold(st.profile)}
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.maximum(d2, 0.0))

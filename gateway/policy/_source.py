@@ -1,0 +1,537 @@
+"""Reading a policy directory: ``model.conf`` and ``policy.csv`` in casbin's formats, strictly.
+
+Every problem is collected with its file and line (not only the first), so ``gateway policy
+check`` can list them all. The model file must be one of the forms the compiled engine
+implements exactly (see policies/README.md); anything else is rejected rather than
+half-supported, because a silently ignored matcher clause is an authorization bug.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.errors import ConfigError
+from gateway.policy._condition import Condition, ConditionError, parse_condition
+from gateway.policy._glob import Pattern, compile_pattern
+
+MODEL_FILE = "model.conf"
+POLICY_FILE = "policy.csv"
+CASES_DIR = "tests"
+
+#: Actions a rule may name; see policies/README.md for what each one guards.
+ACTIONS: tuple[str, ...] = (
+    "ready",          # ModelReady
+    "metadata",       # ModelMetadata
+    "infer",          # ModelInfer
+    "explain",        # explanation RPCs on a model
+    "model.load",     # admin: load or reload a model version
+    "model.unload",   # admin: unload a model version
+    "policy.load",    # admin: reload the policy
+    "policy.read",    # admin: read the live policy and its digest
+    "audit.read",     # audit log checkpoints, entries and proofs
+)
+
+#: The object server-level actions are decided on (requests with model "" or "*").
+GATEWAY_OBJECT = "@gateway"
+
+_EFFECTS = {
+    "some(where(p.eft==allow))": "allow",
+    "some(where(p.eft==allow))&&!some(where(p.eft==deny))": "allow-and-deny",
+    "!some(where(p.eft==deny))": "deny-override",
+}
+_SUBJECT_CLAUSES = {"g(r.sub,p.sub)": "g", "r.sub==p.sub": "eq"}
+_OBJECT_CLAUSES = {"r.obj==p.obj": "eq", "keyMatch(r.obj,p.obj)": "key",
+                   "globMatch(r.obj,p.obj)": "glob"}
+_ACTION_CLAUSES = {"r.act==p.act": "eq", "keyMatch(r.act,p.act)": "key",
+                   "globMatch(r.act,p.act)": "glob"}
+_COND_CLAUSE = "eval(p.cond)"
+_SPIFFE = re.compile(r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._~!$&'()*+=:@%-]+)+\Z")
+_NAME = re.compile(r"[^\s,#\"']+\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a policy, located by file and line (0: the file as a whole)."""
+
+    file: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}" if self.line else \
+            f"{self.file}: {self.message}"
+
+
+class PolicyError(ConfigError):
+    """A policy directory is invalid; ``problems`` lists every problem found, located."""
+
+    def __init__(self, problems: list[Problem] | str) -> None:
+        if isinstance(problems, str):
+            problems = [Problem("policy", 0, problems)]
+        self.problems = list(problems)
+        head = str(self.problems[0]) if self.problems else "invalid policy"
+        more = len(self.problems) - 1
+        super().__init__(head + (f" (and {more} more problem(s))" if more > 0 else ""))
+
+    def diagnostics(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """The supported shape of a model.conf, reduced to the choices that matter."""
+
+    p_fields: tuple[str, ...]
+    subject: str          # "g" (roles) or "eq"
+    obj: str              # "eq", "key" or "glob"
+    act: str              # "eq", "key" or "glob"
+    effect: str           # "allow", "allow-and-deny" or "deny-override"
+    conditions: bool      # p has a cond field and the matcher evaluates it
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSpec:
+    """A parsed ``p`` line."""
+
+    index: int
+    line: int
+    sub: str
+    obj: str
+    act: str
+    deny: bool
+    cond: Condition | None
+    name: Pattern
+    version: Pattern | None
+    actions: tuple[str, ...]
+
+    @property
+    def where(self) -> str:
+        return f"{POLICY_FILE}:{self.line}"
+
+    def text(self, model: ModelSpec) -> str:
+        """The rule as canonical policy.csv text."""
+        fields = ["p", self.sub, self.obj, self.act]
+        if "eft" in model.p_fields:
+            fields.append("deny" if self.deny else "allow")
+        if self.cond is not None:
+            fields.append(self.cond.text)
+        return ", ".join(fields)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSpec:
+    """A parsed ``g`` line: ``member`` has role ``role``."""
+
+    line: int
+    member: str
+    role: str
+
+    @property
+    def where(self) -> str:
+        return f"{POLICY_FILE}:{self.line}"
+
+
+@dataclass(slots=True)
+class PolicySource:
+    """Everything read from a policy directory, before compilation."""
+
+    model: ModelSpec
+    rules: list[RuleSpec]
+    links: list[LinkSpec]
+    digest: str
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def digest_files(files: dict[str, bytes]) -> str:
+    """SHA-256 over the named files, framed (name, length, bytes) so no two sets collide."""
+    h = hashlib.sha256(b"gateway-policy-digest-v1\n")
+    for name in sorted(files):
+        data = files[name]
+        h.update(f"{name}\n{len(data)}\n".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def read_directory(directory: Path) -> dict[str, bytes]:
+    """The bytes of model.conf and policy.csv; PolicyError naming what is missing."""
+    files: dict[str, bytes] = {}
+    problems = []
+    for name in (MODEL_FILE, POLICY_FILE):
+        try:
+            files[name] = (directory / name).read_bytes()
+        except FileNotFoundError:
+            problems.append(Problem(name, 0, f"missing from {directory}"))
+        except OSError as err:
+            problems.append(Problem(name, 0, f"cannot read: {err.strerror}"))
+    if problems:
+        raise PolicyError(problems)
+    return files
+
+
+def parse_files(files: dict[str, bytes]) -> PolicySource:
+    """Parse and validate both files; raise PolicyError listing every problem."""
+    problems: list[Problem] = []
+    texts = {}
+    for name in (MODEL_FILE, POLICY_FILE):
+        try:
+            texts[name] = files[name].decode("utf-8")
+        except UnicodeDecodeError as err:
+            problems.append(Problem(name, 0, f"not UTF-8 text ({err.reason} at byte {err.start})"))
+    if problems:
+        raise PolicyError(problems)
+    model = parse_model(texts[MODEL_FILE], problems)
+    if model is None:
+        raise PolicyError(problems)
+    rules, links = parse_policy(texts[POLICY_FILE], model, problems)
+    if problems:
+        raise PolicyError(problems)
+    return PolicySource(model, rules, links, digest_files(files), dict(files))
+
+
+# --- model.conf -------------------------------------------------------------------------
+
+
+def parse_model(text: str, problems: list[Problem]) -> ModelSpec | None:
+    """Parse model.conf (casbin's INI dialect) into a :class:`ModelSpec`."""
+    sections: dict[str, dict[str, tuple[int, str]]] = {}
+    known = {"request_definition": "r", "policy_definition": "p", "role_definition": "g",
+             "policy_effect": "e", "matchers": "m"}
+    current = None
+    pending: tuple[int, str, str] | None = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if pending is not None:  # continuation of a value ending in '\'
+            start, key, value = pending
+            value += " " + line.rstrip("\\").strip()
+            pending = (start, key, value) if line.endswith("\\") else None
+            if pending is None and current is not None:
+                sections[current][key] = (start, value)
+            continue
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            if not line.endswith("]"):
+                problems.append(Problem(MODEL_FILE, number, f"malformed section header {line!r}"))
+                current = None
+                continue
+            current = line[1:-1].strip()
+            if current not in known:
+                problems.append(Problem(MODEL_FILE, number, f"unsupported section [{current}]; "
+                                        f"supported: {', '.join(known)}"))
+                current = None
+            elif current in sections:
+                problems.append(Problem(MODEL_FILE, number, f"duplicate section [{current}]"))
+            else:
+                sections[current] = {}
+            continue
+        if current is None:
+            if not problems or problems[-1].line != number:
+                problems.append(Problem(MODEL_FILE, number, "line outside a known section"))
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(Problem(MODEL_FILE, number, f"expected 'key = value', got {line!r}"))
+            continue
+        if key != known[current]:
+            problems.append(Problem(MODEL_FILE, number, f"unsupported key {key!r} in [{current}]"
+                                    f" (only {known[current]!r}: one policy type, one role "
+                                    "type, one matcher)"))
+            continue
+        if key in sections[current]:
+            problems.append(Problem(MODEL_FILE, number, f"duplicate key {key!r}"))
+            continue
+        value = value.strip()
+        if value.endswith("\\"):
+            pending = (number, key, value[:-1].strip())
+            continue
+        sections[current][key] = (number, value)
+    before = len(problems)
+    for name in ("request_definition", "policy_definition", "policy_effect", "matchers"):
+        if not sections.get(name):
+            problems.append(Problem(MODEL_FILE, 0, f"missing [{name}] with "
+                                    f"'{known[name]} = ...'"))
+    if len(problems) > before or problems:
+        return None
+
+    def fields(section: str) -> tuple[int, tuple[str, ...]]:
+        line, value = sections[section][known[section]]
+        return line, tuple(f.strip() for f in value.split(","))
+
+    line, r_fields = fields("request_definition")
+    if r_fields != ("sub", "obj", "act"):
+        problems.append(Problem(MODEL_FILE, line, "request_definition must be "
+                                "'r = sub, obj, act'"))
+    line, p_fields = fields("policy_definition")
+    if p_fields not in (("sub", "obj", "act"), ("sub", "obj", "act", "eft"),
+                        ("sub", "obj", "act", "eft", "cond")):
+        problems.append(Problem(MODEL_FILE, line, "policy_definition must be 'p = sub, obj, act'"
+                                ", 'p = sub, obj, act, eft' or 'p = sub, obj, act, eft, cond'"))
+    has_g = bool(sections.get("role_definition"))
+    if has_g:
+        g_line, g_fields = fields("role_definition")
+        if g_fields != ("_", "_"):
+            problems.append(Problem(MODEL_FILE, g_line, "role_definition must be 'g = _, _' "
+                                    "(domains and other role types are not supported)"))
+    e_line, e_value = sections["policy_effect"]["e"]
+    effect = _EFFECTS.get(re.sub(r"\s+", "", e_value))
+    if effect is None:
+        problems.append(Problem(MODEL_FILE, e_line, f"unsupported policy_effect {e_value!r}; "
+                                "supported: " + "; ".join(
+                                    ("some(where (p.eft == allow))",
+                                     "some(where (p.eft == allow)) && !some(where (p.eft == deny))",
+                                     "!some(where (p.eft == deny))"))))
+    elif effect != "allow" and "eft" not in p_fields:
+        problems.append(Problem(MODEL_FILE, e_line, "a deny effect needs 'eft' in "
+                                "policy_definition"))
+    m_line, m_value = sections["matchers"]["m"]
+    clauses = _split_and(re.sub(r"\s+", "", m_value))
+    kinds: dict[str, str] = {}
+    for clause in clauses:
+        for role, table in (("subject", _SUBJECT_CLAUSES), ("object", _OBJECT_CLAUSES),
+                            ("action", _ACTION_CLAUSES), ("cond", {_COND_CLAUSE: "eval"})):
+            if clause in table:
+                if role in kinds:
+                    problems.append(Problem(MODEL_FILE, m_line, f"matcher tests the {role} "
+                                            "twice"))
+                kinds[role] = table[clause]
+                break
+        else:
+            problems.append(Problem(MODEL_FILE, m_line, f"unsupported matcher clause {clause!r};"
+                                    " the matcher must be a conjunction of one subject clause "
+                                    "(g(r.sub, p.sub) or r.sub == p.sub), one object clause "
+                                    "(r.obj == p.obj, keyMatch or globMatch), one action clause"
+                                    " and, with a cond field, eval(p.cond)"))
+    for role in ("subject", "object", "action"):
+        if role not in kinds:
+            problems.append(Problem(MODEL_FILE, m_line, f"matcher does not test the {role}"))
+    if kinds.get("subject") == "g" and not has_g:
+        problems.append(Problem(MODEL_FILE, m_line, "matcher uses g() but there is no "
+                                "[role_definition]"))
+    if "cond" in p_fields and "cond" not in kinds:
+        problems.append(Problem(MODEL_FILE, m_line, "policy_definition has 'cond' but the "
+                                "matcher does not evaluate it: add '&& eval(p.cond)'"))
+    if "cond" in kinds and "cond" not in p_fields:
+        problems.append(Problem(MODEL_FILE, m_line, "eval(p.cond) needs 'cond' in "
+                                "policy_definition"))
+    if problems:
+        return None
+    return ModelSpec(p_fields, kinds["subject"], kinds["object"], kinds["action"],
+                     effect or "allow", "cond" in kinds)
+
+
+def _split_and(text: str) -> list[str]:
+    """Split a whitespace-free matcher on top-level ``&&``, dropping enclosing parentheses."""
+    while text.startswith("(") and text.endswith(")") and _balanced(text[1:-1]):
+        text = text[1:-1]
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(text):
+        c = text[i]
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif depth == 0 and text.startswith("&&", i):
+            parts.append(text[start:i])
+            start = i + 2
+            i += 1
+        i += 1
+    parts.append(text[start:])
+    out = []
+    for part in parts:
+        while part.startswith("(") and part.endswith(")") and _balanced(part[1:-1]):
+            part = part[1:-1]
+        out.append(part)
+    return out
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for c in text:
+        depth += c == "("
+        depth -= c == ")"
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+# --- policy.csv -------------------------------------------------------------------------
+
+
+def split_fields(line: str) -> list[str] | str:
+    """casbin's policy-line split (commas inside () or [] do not separate), also honouring
+    quotes; returns the stripped fields or a message saying what is unbalanced."""
+    fields: list[str] = [""]
+    depth = 0
+    quote = ""
+    escaped = False
+    for c in line:
+        if quote:
+            fields[-1] += c
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == quote:
+                quote = ""
+            continue
+        if c in "'\"":
+            quote = c
+        elif c in "([":
+            depth += 1
+        elif c in ")]":
+            depth -= 1
+            if depth < 0:
+                return f"unbalanced {c!r}"
+        elif c == "," and depth == 0:
+            fields.append("")
+            continue
+        fields[-1] += c
+    if quote:
+        return "unterminated string"
+    if depth:
+        return "unbalanced '(' or '['"
+    return [f.strip() for f in fields]
+
+
+def parse_policy(text: str, model: ModelSpec,
+                 problems: list[Problem]) -> tuple[list[RuleSpec], list[LinkSpec]]:
+    """Parse policy.csv lines into rules and role links, validating every field."""
+    rules: list[RuleSpec] = []
+    links: list[LinkSpec] = []
+    n_p = len(model.p_fields)
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+
+        def bad(message: str, number: int = number) -> None:
+            problems.append(Problem(POLICY_FILE, number, message))
+
+        fields = split_fields(line)
+        if isinstance(fields, str):
+            bad(fields)
+            continue
+        kind, values = fields[0], fields[1:]
+        if kind == "g":
+            if model.subject != "g":
+                bad("g rule, but the model has no role definition used by the matcher")
+                continue
+            if len(values) != 2:
+                bad(f"g rule needs 2 fields (member, role), found {len(values)}")
+                continue
+            member, role = values
+            message = _check_subject(member) or _check_subject(role)
+            if message:
+                bad(message)
+            elif member == role:
+                bad(f"{member!r} is given itself as a role")
+            else:
+                links.append(LinkSpec(number, member, role))
+            continue
+        if kind != "p":
+            bad(f"unknown rule type {kind!r}: only 'p' (permission) and 'g' (role) lines are "
+                "supported")
+            continue
+        if model.conditions and len(values) == n_p - 1:
+            values = [*values, ""]  # the condition is optional
+        if len(values) != n_p:
+            bad(f"p rule needs {n_p} fields ({', '.join(model.p_fields)}), found {len(values)}")
+            continue
+        rule = _parse_rule(values, model, len(rules), number, bad)
+        if rule is not None:
+            rules.append(rule)
+    _check_cycles(links, problems)
+    return rules, links
+
+
+def _check_subject(name: str) -> str | None:
+    if not name:
+        return "empty subject or role"
+    if not _NAME.match(name):
+        return f"bad subject or role name {name!r} (no spaces, commas, quotes or '#')"
+    if name.startswith("spiffe://") and not _SPIFFE.match(name):
+        return (f"malformed SPIFFE ID {name!r} (lower-case trust domain, non-empty path "
+                "segments)")
+    if name.startswith("spiffe://") and any(s in (".", "..") for s in name[9:].split("/")):
+        return f"malformed SPIFFE ID {name!r} ('.' or '..' segment)"
+    return None
+
+
+def _parse_rule(values: list[str], model: ModelSpec, index: int, number: int,
+                bad) -> RuleSpec | None:
+    named = dict(zip(model.p_fields, values, strict=True))
+    sub, obj, act = named["sub"], named["obj"], named["act"]
+    ok = True
+    message = _check_subject(sub)
+    if message:
+        bad(message)
+        ok = False
+    name_part, _, version_part = obj.partition(":")
+    if not name_part or (":" in obj and not version_part) or any(c.isspace() for c in obj):
+        bad(f"bad object {obj!r}: a model name or pattern, optionally ':version'")
+        ok = False
+        name = version = None
+    else:
+        try:
+            name = compile_pattern(model.obj, name_part)
+            version = compile_pattern(model.obj, version_part) if version_part else None
+        except ValueError as err:
+            bad(f"bad object pattern {obj!r}: {err}")
+            ok = False
+    actions: tuple[str, ...] = ()
+    try:
+        act_pattern = compile_pattern(model.act, act)
+        actions = tuple(a for a in ACTIONS if act_pattern.match(a))
+    except ValueError as err:
+        bad(f"bad action pattern {act!r}: {err}")
+        ok = False
+    else:
+        if not actions:
+            bad(f"unknown action {act!r}; actions: {', '.join(ACTIONS)}")
+            ok = False
+    deny = False
+    if "eft" in named:
+        eft = named["eft"]
+        if eft not in ("allow", "deny"):
+            bad(f"effect must be 'allow' or 'deny', not {eft!r}")
+            ok = False
+        elif eft == "deny" and model.effect == "allow":
+            bad("deny rule, but the policy_effect only counts allows (it would be ignored)")
+            ok = False
+        deny = eft == "deny"
+    cond = None
+    if named.get("cond"):
+        try:
+            cond = parse_condition(named["cond"])
+        except ConditionError as err:
+            bad(f"bad condition: {err}")
+            ok = False
+    if not ok:
+        return None
+    return RuleSpec(index, number, sub, obj, act, deny, cond, name, version,  # type: ignore[arg-type]
+                    actions)
+
+
+def _check_cycles(links: list[LinkSpec], problems: list[Problem]) -> None:
+    edges: dict[str, list[LinkSpec]] = {}
+    for link in links:
+        edges.setdefault(link.member, []).append(link)
+    state: dict[str, int] = {}  # 1: on the DFS stack, 2: done
+
+    def visit(node: str, via: LinkSpec | None) -> None:
+        state[node] = 1
+        for link in edges.get(node, ()):
+            if state.get(link.role) == 1:
+                problems.append(Problem(POLICY_FILE, link.line, f"role cycle: {link.role!r} "
+                                        f"reaches itself through {link.member!r}"))
+            elif link.role not in state:
+                visit(link.role, link)
+        state[node] = 2
+
+    for node in list(edges):
+        if node not in state:
+            visit(node, None)

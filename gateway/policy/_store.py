@@ -1,0 +1,269 @@
+"""The live policy: load, decide, hot reload by atomic swap, shadow evaluation.
+
+Concurrency design (read-copy-update): the live policy is one immutable :class:`Snapshot`
+held in ``self._live``. ``decide`` reads that reference once and never locks; ``reload``
+builds, validates and tests a complete new snapshot on the reloading thread and installs it
+with a single reference assignment (atomic under the GIL). A reader therefore sees either the
+old policy or the new one, never a mixture, and never waits for a reload. Reloads are
+serialized among themselves by ``_reload_lock``, which the request path never touches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.policy._cases import load_cases, run_cases
+from gateway.policy._condition import Attributes
+from gateway.policy._engine import Decision, Snapshot
+from gateway.policy._source import (
+    CASES_DIR,
+    MODEL_FILE,
+    POLICY_FILE,
+    PolicyError,
+    Problem,
+    digest_files,
+    parse_files,
+    read_directory,
+)
+
+log = logging.getLogger("gateway.policy")
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    """One reload attempt, accepted or rejected (the audit record of a policy change)."""
+
+    accepted: bool
+    old_digest: str
+    new_digest: str
+    error: str = ""
+    reason: str = ""
+    duration_s: float = 0.0
+
+
+def case_files(directory: Path) -> list[Path]:
+    """The test-case files shipped beside a policy (``tests/*.yaml``), in name order."""
+    folder = directory / CASES_DIR
+    return sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]) if folder.is_dir() else []
+
+
+def compile_directory(directory: Path, *, run_tests: bool = True) -> Snapshot:
+    """Read, parse, validate and compile a policy directory, then run its own test cases.
+
+    Raises :class:`PolicyError` listing every problem; nothing is installed anywhere.
+    """
+    source = parse_files(read_directory(directory))
+    snapshot = Snapshot(source)
+    if run_tests:
+        cases = load_cases(case_files(directory))
+        report = run_cases(snapshot, cases)
+        if report.failures:
+            raise PolicyError([Problem(f.case.where, 0, f"test case failed: {f}")
+                               for f in report.failures])
+    return snapshot
+
+
+class _Shadow:
+    """A candidate policy decided beside the live one; disagreements counted and logged."""
+
+    def __init__(self, snapshot: Snapshot, directory: Path) -> None:
+        self.snapshot = snapshot
+        self.directory = directory
+        # itertools.count: next() is atomic under the GIL, so counting needs no lock.
+        self._decisions = itertools.count()
+        self._grants = itertools.count()   # live denies, shadow allows
+        self._revokes = itertools.count()  # live allows, shadow denies
+        self.samples: deque[dict[str, object]] = deque(maxlen=100)
+        self._logged: set[tuple[str, str, str]] = set()
+
+    def observe(self, live: Decision, subject: str, model: str, action: str,
+                attributes: Attributes | None) -> None:
+        next(self._decisions)
+        other = self.snapshot.decide(subject, model, action, attributes)
+        if other.allowed == live.allowed:
+            return
+        next(self._grants if other.allowed else self._revokes)
+        sample = {"subject": subject, "model": model, "action": action,
+                  "live": live.rule, "shadow": other.rule, "shadow_allows": other.allowed}
+        self.samples.append(sample)
+        key = (subject, model, action)
+        if key not in self._logged and len(self._logged) < 10_000:
+            self._logged.add(key)  # log each (subject, model, action) once
+            log.warning("shadow policy %s disagrees: %s %s %s: live %s by %s, shadow %s by %s",
+                        self.snapshot.digest[:12], subject, action, model or "(gateway)",
+                        "allow" if live.allowed else "deny", live.rule,
+                        "allow" if other.allowed else "deny", other.rule)
+
+    def stats(self) -> dict[str, object]:
+        grants, revokes = _peek(self._grants), _peek(self._revokes)
+        return {"shadow_digest": self.snapshot.digest, "directory": str(self.directory),
+                "decisions": _peek(self._decisions), "disagreements": grants + revokes,
+                "shadow_allows_live_denies": grants, "shadow_denies_live_allows": revokes,
+                "samples": list(self.samples)}
+
+
+def _peek(counter: itertools.count) -> int:
+    return counter.__reduce__()[1][0]  # the next value, without advancing
+
+
+class PolicyStore:
+    """The live policy of one gateway (see the package docstring for the API)."""
+
+    def __init__(self, directory: Path, snapshot: Snapshot,
+                 on_reload: Callable[[ReloadResult], None] | None = None) -> None:
+        self.directory = Path(directory)
+        self._live = snapshot
+        self._shadow: _Shadow | None = None
+        self._on_reload = on_reload
+        self._reload_lock = threading.Lock()
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._signature = self._stat_signature()
+
+    @classmethod
+    def load(cls, directory: Path, *,
+             on_reload: Callable[[ReloadResult], None] | None = None) -> PolicyStore:
+        """Load and test the policy in ``directory``; PolicyError if it is not valid."""
+        return cls(Path(directory), compile_directory(Path(directory)), on_reload)
+
+    # --- request path -------------------------------------------------------------------
+
+    def decide(self, subject: str, model: str, action: str,
+               attributes: Attributes | None = None) -> Decision:
+        """Decide a request under the live policy (lock-free; safe during reloads)."""
+        decision = self._live.decide(subject, model, action, attributes)
+        shadow = self._shadow
+        if shadow is not None:
+            shadow.observe(decision, subject, model, action, attributes)
+        return decision
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 (hex) of the live policy files."""
+        return self._live.digest
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The live compiled policy (immutable)."""
+        return self._live
+
+    def references(self, prefix: str) -> bool:
+        """Whether the live (or shadow) policy reads any attribute starting with ``prefix``."""
+        shadow = self._shadow
+        names = self._live.attributes | (shadow.snapshot.attributes if shadow else frozenset())
+        return any(name.startswith(prefix) for name in names)
+
+    # --- reload -------------------------------------------------------------------------
+
+    def reload(self, reason: str = "") -> ReloadResult:
+        """Parse, validate, compile and test the directory; install it only if all pass.
+
+        Never raises for a bad policy: the result says why it was rejected, the last good
+        policy stays live, and ``on_reload`` hears about every attempt.
+        """
+        with self._reload_lock:
+            started = time.perf_counter()
+            old = self._live
+            self._signature = self._stat_signature()
+            try:
+                snapshot = compile_directory(self.directory)
+            except PolicyError as err:
+                result = ReloadResult(False, old.digest, self._digest_on_disk(), err.diagnostics(),
+                                      reason, time.perf_counter() - started)
+            except Exception as err:  # never let a reload take the watcher or server down
+                log.exception("policy reload failed unexpectedly")
+                result = ReloadResult(False, old.digest, self._digest_on_disk(),
+                                      f"internal error: {type(err).__name__}: {err}", reason,
+                                      time.perf_counter() - started)
+            else:
+                self._live = snapshot  # the one atomic swap
+                result = ReloadResult(True, old.digest, snapshot.digest, "", reason,
+                                      time.perf_counter() - started)
+            del old
+            if result.accepted:
+                log.info("policy %s installed (was %s; %s)", result.new_digest[:12],
+                         result.old_digest[:12], reason or "reload")
+            else:
+                log.error("policy reload rejected (%s); %s stays live:\n%s", reason or "reload",
+                          result.old_digest[:12], result.error)
+            if self._on_reload is not None:
+                try:
+                    self._on_reload(result)
+                except Exception:
+                    log.exception("on_reload callback failed")
+            return result
+
+    def _digest_on_disk(self) -> str:
+        try:
+            return digest_files(read_directory(self.directory))
+        except PolicyError:
+            return ""
+
+    def _stat_signature(self) -> tuple:
+        paths = [self.directory / MODEL_FILE, self.directory / POLICY_FILE,
+                 *case_files(self.directory)]
+        out = []
+        for path in paths:
+            try:
+                st = path.stat()
+                out.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                out.append((str(path), None))
+        return tuple(out)
+
+    def start_watching(self, interval: float = 1.0) -> None:
+        """Poll the policy files every ``interval`` seconds and reload when they change."""
+        if self._watcher is not None:
+            return
+        self._watch_stop.clear()
+
+        def watch() -> None:
+            while not self._watch_stop.wait(interval):
+                if self._stat_signature() != self._signature:
+                    self.reload("file change")
+
+        self._watcher = threading.Thread(target=watch, name="policy-watch", daemon=True)
+        self._watcher.start()
+
+    def stop_watching(self) -> None:
+        """Stop the polling thread (waits for a reload in progress to finish)."""
+        watcher = self._watcher
+        if watcher is None:
+            return
+        self._watch_stop.set()
+        watcher.join()
+        self._watcher = None
+
+    # --- shadow mode --------------------------------------------------------------------
+
+    def load_shadow(self, directory: Path) -> str:
+        """Decide every request also under the candidate policy in ``directory``.
+
+        Responses still follow the live policy; disagreements are counted and logged. Returns
+        the candidate's digest; PolicyError if it is not valid (its own tests must pass too).
+        """
+        snapshot = compile_directory(Path(directory))
+        self._shadow = _Shadow(snapshot, Path(directory))
+        log.info("shadow policy %s loaded beside live %s", snapshot.digest[:12],
+                 self._live.digest[:12])
+        return snapshot.digest
+
+    def clear_shadow(self) -> None:
+        """Stop shadow evaluation."""
+        self._shadow = None
+
+    def shadow_stats(self) -> dict[str, object] | None:
+        """Counts of decisions and disagreements with the shadow policy (None: no shadow)."""
+        shadow = self._shadow
+        if shadow is None:
+            return None
+        stats = shadow.stats()
+        stats["live_digest"] = self._live.digest
+        return stats

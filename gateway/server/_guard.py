@@ -1,0 +1,236 @@
+"""The guard every RPC passes through: identity, then policy, then (after the work) audit.
+
+    with guard.call(context, rpc="ModelInfer", action="infer", model=name, version=v) as call:
+        model = call.model()             # the loaded model, or the reason it cannot serve
+        ...                              # decode, run, encode
+        return response                  # leaves only after the audit record is durable
+
+On enter the caller is authenticated (UNAUTHENTICATED) and policy decides (PERMISSION_DENIED);
+an unknown model is denied exactly like a forbidden one, so model names cannot be probed.
+On exit one audit record is written and made durable before the response leaves; if that
+fails the call fails with UNAVAILABLE instead of being served unaudited (fail closed). A
+:class:`~gateway.errors.GatewayError` raised inside the block ends the call with its status;
+anything else is logged and answered INTERNAL without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+
+import grpc
+
+from gateway.errors import (
+    AuditUnavailable,
+    GatewayError,
+    ModelUnavailable,
+    PermissionDenied,
+    Unauthenticated,
+)
+from gateway.models import LOADED, LoadedModel, ModelEntry
+
+log = logging.getLogger(__name__)
+
+#: Trailing-metadata keys of the per-call audit receipt.
+RECEIPT_INDEX = "gateway-audit-index"
+RECEIPT_LEAF = "gateway-audit-leaf-hash"
+#: Longest request id accepted from a caller; longer ones are replaced, not truncated silently.
+_MAX_REQUEST_ID = 128
+
+
+class Guard:
+    """Identity, policy and audit for every handler, wired once at server start."""
+
+    def __init__(self, *, verifier, policy, models, audit, monitor=None) -> None:
+        self.verifier = verifier
+        self.policy = policy
+        self.models = models
+        self.audit = audit
+        self.monitor = monitor
+
+    def call(self, context: grpc.ServicerContext, *, rpc: str, action: str | None,
+             model: str = "", version: str = "", request_id: str = "",
+             request_attributes: Mapping[str, object] | None = None,
+             must_exist: bool = True) -> Call:
+        """A guarded call; ``action=None`` means a server-level RPC (certificate only).
+
+        ``must_exist=False`` lets an allowed call name a model the repository does not know
+        yet (loading a new version); otherwise unknown models are denied like forbidden ones.
+        """
+        return Call(self, context, rpc, action, model, version, request_id,
+                    request_attributes or {}, must_exist)
+
+
+def _denied_message(action: str, model: str) -> str:
+    # One message for "forbidden" and "no such model": callers cannot tell them apart.
+    target = f" on model '{model}'" if model else ""
+    return f"permission denied: {action}{target}"
+
+
+class Call:
+    """One guarded RPC; see the module docstring."""
+
+    __slots__ = ("_context", "_guard", "_must_exist", "_request_attributes", "_t0", "action",
+                 "decision", "entry", "fields", "identity", "model_name", "request_id", "rpc",
+                 "timings", "version")
+
+    def __init__(self, guard: Guard, context: grpc.ServicerContext, rpc: str,
+                 action: str | None, model: str, version: str, request_id: str,
+                 request_attributes: Mapping[str, object], must_exist: bool) -> None:
+        self._guard = guard
+        self._context = context
+        self._t0 = time.perf_counter_ns()
+        self.rpc = rpc
+        self.action = action
+        self.model_name = model
+        self.version = version
+        self.request_id = (request_id if request_id and len(request_id) <= _MAX_REQUEST_ID
+                           else uuid.uuid4().hex)
+        self.identity = None
+        self.decision = None
+        self.entry: ModelEntry | None = None
+        self.timings: dict[str, int] = {}
+        #: Extra audit fields a handler adds (payload digest, cost, ...).
+        self.fields: dict[str, object] = {}
+        self._request_attributes = request_attributes
+        self._must_exist = must_exist
+
+    # -- enter: identity, then policy ------------------------------------------------------
+
+    def __enter__(self) -> Call:
+        guard = self._guard
+        try:
+            self.identity = guard.verifier.authenticate(self._context)
+        except Unauthenticated as err:
+            self._finish(err, "deny", "unauthenticated")
+        if self.action is None:
+            self.timings["decision"] = _us_since(self._t0)
+            return self
+        if self.model_name:
+            self.entry = guard.models.entry(self.model_name, self.version)
+        attributes = self._attributes()
+        decision = guard.policy.decide(self.identity.id, self.model_name, self.action,
+                                       attributes)
+        self.decision = decision
+        self.timings["decision"] = _us_since(self._t0)
+        if not decision.allowed:
+            self._finish(PermissionDenied(_denied_message(self.action, self.model_name)),
+                         "deny", "policy")
+        if self.model_name and self.entry is None and self._must_exist:
+            self._finish(PermissionDenied(_denied_message(self.action, self.model_name)),
+                         "deny", "unknown-model")
+        return self
+
+    def _attributes(self) -> dict[str, object]:
+        attributes = dict(self.identity.attributes())
+        entry = self.entry
+        if entry is not None and entry.model is not None:
+            attributes.update(entry.model.attributes)
+        elif self.model_name:
+            attributes["model.name"] = self.model_name
+            attributes["model.version"] = self.version
+        now = time.time()
+        attributes["request.time"] = int(now)
+        attributes["request.hour"] = time.gmtime(now).tm_hour
+        attributes.update(self._request_attributes)
+        return attributes
+
+    # -- the handler's view -----------------------------------------------------------------
+
+    def model(self) -> LoadedModel:
+        """The model the call is for; FAILED_PRECONDITION naming why if it cannot serve."""
+        entry = self.entry
+        if entry is None or entry.state != LOADED or entry.model is None:
+            reason = entry.reason if entry is not None else "not loaded"
+            raise ModelUnavailable(f"model '{self.model_name}' version "
+                                   f"{entry.version if entry else self.version or '(latest)'} "
+                                   f"is not being served: {reason}")
+        return entry.model
+
+    # -- exit: audit, then the response ----------------------------------------------------
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            self._finish(None, "allow", "policy" if self.action else "certificate")
+            return False
+        if isinstance(exc, _Finished):
+            return False  # already audited and aborted on enter
+        if isinstance(exc, GatewayError):
+            self._finish(exc, "allow", "policy" if self.action else "certificate")
+        else:
+            log.exception("internal error in %s", self.rpc)
+            self._finish(GatewayError("internal error; the gateway logged the details"),
+                         "allow", "policy")
+        return False
+
+    def _finish(self, error: GatewayError | None, decision: str, reason: str) -> None:
+        """Write the audit record; then abort with ``error`` or let the response leave."""
+        status = grpc.StatusCode.OK if error is None else error.status
+        self.timings["total"] = _us_since(self._t0)
+        record = self._record(decision, reason, status)
+        try:
+            receipt = self._guard.audit.append("decision", record)
+        except AuditUnavailable as err:
+            log.error("audit record for %s not durable: %s", self.rpc, err)
+            self._abort(grpc.StatusCode.UNAVAILABLE,
+                        "the audit log cannot record this call; it was not served")
+        except Exception:
+            log.exception("audit append failed for %s", self.rpc)
+            self._abort(grpc.StatusCode.UNAVAILABLE,
+                        "the audit log cannot record this call; it was not served")
+        self._context.set_trailing_metadata((
+            (RECEIPT_INDEX, str(receipt.index)),
+            (RECEIPT_LEAF, receipt.leaf_hash.hex()),
+        ))
+        monitor = self._guard.monitor
+        if monitor is not None:
+            monitor.observe_request(self.model_name, self.version, self.action or "server",
+                                    decision, status.name,
+                                    {k: v / 1e6 for k, v in self.timings.items()})
+        if error is not None:
+            self._abort(status, str(error))
+
+    def _abort(self, status: grpc.StatusCode, message: str) -> None:
+        try:
+            self._context.abort(status, message)
+        except Exception as aborted:  # grpc signals abort by raising; keep it recognisable
+            raise _Finished() from aborted
+
+    def _record(self, decision: str, reason: str, status: grpc.StatusCode) -> dict:
+        identity = self.identity
+        entry = self.entry
+        model = entry.model if entry is not None else None
+        policy = self.decision
+        record = {
+            "caller": None if identity is None else {
+                "id": identity.id, "cert_sha256": identity.cert_sha256,
+                "issuer": identity.issuer, "serial": identity.serial,
+            },
+            "rpc": self.rpc,
+            "action": self.action,
+            "model": None if not self.model_name else {
+                "name": self.model_name,
+                "version": entry.version if entry is not None else self.version,
+                "digest": model.digest if model is not None else None,
+            },
+            "decision": decision,
+            "reason": reason,
+            "policy": None if policy is None else {
+                "digest": policy.policy_digest, "rule": policy.rule,
+            },
+            "request_id": self.request_id,
+            "status": status.name,
+            "latency_us": dict(self.timings),
+        }
+        record.update(self.fields)
+        return record
+
+
+class _Finished(Exception):
+    """Raised through the handler after the call was audited and aborted."""
+
+
+def _us_since(t0: int) -> int:
+    return (time.perf_counter_ns() - t0) // 1000

@@ -1,0 +1,53 @@
+"""How a model version becomes servable: the verify/scan/decrypt steps the repository runs.
+
+Kept apart from the repository so that :mod:`gateway.models` stays free of configuration:
+this is the one place that turns ``[models]``/``[signing]`` settings into the pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import onnxruntime as ort
+
+from gateway.config import GatewayConfig
+from gateway.errors import ModelUnavailable
+
+
+def model_pipeline(config: GatewayConfig) -> tuple[Callable[[], ort.SessionOptions], ...]:
+    """``(session_options, verify, scan, decrypt)`` for :class:`~gateway.models.ModelRepository`."""
+    from gateway.models.encryption import decrypt_bytes, load_kek
+    from gateway.models.scan import ScanSettings, scan_model, session_options
+    from gateway.models.signing import verify_files
+
+    models, signing = config.models, config.signing
+    scan_settings = ScanSettings()
+
+    def options() -> ort.SessionOptions:
+        return session_options(memory_limit_bytes=scan_settings.memory_limit_bytes,
+                               intra_op_threads=models.intra_op_threads,
+                               inter_op_threads=models.inter_op_threads)
+
+    def verify(name: str, files: dict[str, bytes], bundle: bytes | None) -> tuple[str, str]:
+        if bundle is None:
+            raise ModelUnavailable(f"model '{name}' is unsigned (no model.sig); refused")
+        verified = verify_files(name, files, bundle, signing)
+        return verified.digest, verified.signer
+
+    def scan(directory: Path, files: dict[str, bytes]) -> None:
+        report = scan_model(directory, scan_settings, files=files)
+        if report.refused:
+            worst = [f for f in report.findings if f.severity == "high"]
+            raise ModelUnavailable("admission scan refused the model: " + "; ".join(
+                f"{f.code}: {f.message}" for f in worst))
+
+    kek = load_kek(signing)
+
+    def decrypt(blob: bytes) -> bytes:
+        if kek is None:
+            raise ModelUnavailable("model file is encrypted and no key-encryption key is "
+                                   "configured ([signing] kek_file or kek_env)")
+        return decrypt_bytes(blob, kek)
+
+    return options, verify, scan, decrypt

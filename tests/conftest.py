@@ -1,0 +1,54 @@
+"""Shared fixtures: a demo environment on disk and a real gateway process serving it.
+
+The gateway always runs in a subprocess: it is exercised through real mTLS connections,
+exactly as clients see it. (This also keeps the OIP descriptors of ``tritonclient`` and of
+the gateway out of one process: both define the ``inference`` proto package.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.devenv import DemoEnv, GatewayProcess, make_demo_env, start_gateway
+
+#: Small limits so that the limit tests need only small messages.
+TEST_MAX_ELEMENTS = 4096
+TEST_MAX_MESSAGE_BYTES = 1 << 20
+
+
+@pytest.fixture(scope="session")
+def demo_env(tmp_path_factory) -> DemoEnv:
+    return make_demo_env(tmp_path_factory.mktemp("demo"), server={
+        "max_tensor_elements": TEST_MAX_ELEMENTS, "max_message_bytes": TEST_MAX_MESSAGE_BYTES})
+
+
+@pytest.fixture(scope="session")
+def gateway(demo_env) -> GatewayProcess:
+    gw = start_gateway(demo_env)
+    yield gw
+    gw.stop()
+
+
+def triton_client(gw: GatewayProcess, identity: str):
+    """An unchanged ``tritonclient.grpc`` client presenting the demo identity's certificate."""
+    import tritonclient.grpc as tc
+
+    cert, key = gw.env.client_files(identity)
+    return tc.InferenceServerClient(
+        url=gw.target, ssl=True, root_certificates=str(gw.env.certs / "ca.pem"),
+        private_key=str(key), certificate_chain=str(cert))
+
+
+def channel_credentials(env: DemoEnv, identity: str | None = None, *,
+                        cert: Path | None = None, key: Path | None = None):
+    """gRPC channel credentials trusting the demo CA, with a client certificate if given."""
+    import grpc
+
+    if identity is not None:
+        cert, key = env.client_files(identity)
+    return grpc.ssl_channel_credentials(
+        root_certificates=(env.certs / "ca.pem").read_bytes(),
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=cert.read_bytes() if cert else None)
