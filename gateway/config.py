@@ -60,6 +60,9 @@ class ModelSettings:
     #: ONNX Runtime threads per session; bounded so one model cannot take every core.
     intra_op_threads: int = 1
     inter_op_threads: int = 1
+    #: Seconds between re-verifications of every loaded model's files (0 disables);
+    #: a model that no longer verifies is taken out of service.
+    reverify_interval: float = 60.0
 
 
 @dataclass(frozen=True)

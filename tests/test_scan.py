@@ -34,7 +34,7 @@ def _linear(weights: np.ndarray | None = None) -> onnx.ModelProto:
 
 def _save_external(model: onnx.ModelProto, d: Path, location: str = "weights.bin") -> None:
     """Save with every initializer in ``location`` (as `onnx.save_model` would)."""
-    d.mkdir(parents=True, exist_ok=True)
+    (d / location).parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, d / "model.onnx", save_as_external_data=True,
                     all_tensors_to_one_file=True, location=location, size_threshold=0)
 
@@ -352,7 +352,7 @@ def test_data_dependent_shape_is_medium(tmp_path: Path) -> None:
     graph = helper.make_graph(
         [helper.make_node("ConstantOfShape", ["s"], ["y"])], "g",
         [helper.make_tensor_value_info("s", TensorProto.INT64, [2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])])
     d = _save(helper.make_model(graph, opset_imports=OPSET), tmp_path / "m")
     report = scan_model(d)
     assert not report.refused
@@ -366,7 +366,7 @@ def test_analysis_child_is_contained(tmp_path: Path) -> None:
     assert "analysis-failed" in report.codes() and report.refused
     # the same analysis in-process agrees with the isolated one on a clean model
     assert scan_model(d, ScanSettings(isolate=False)).findings == scan_model(d).findings
-    d2, _ = corpus(tmp_path / "c")["gigabytes"]
+    d2 = _save(_bomb(), tmp_path / "bomb")
     assert "huge-allocation" in scan_model(d2, ScanSettings(isolate=False)).codes()
 
 

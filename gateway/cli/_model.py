@@ -16,7 +16,8 @@ _FAMILIES = ("_model_signing", "_model_encryption", "_model_scan", "_model_profi
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `model` verb group and every family's verbs under it."""
-    parser = subparsers.add_parser("model", help="sign, verify, encrypt, scan, test, profile models")
+    parser = subparsers.add_parser("model",
+                                   help="sign, verify, encrypt, scan, test, profile models")
     verbs = parser.add_subparsers(dest="model_command", metavar="VERB", required=True)
     for name in _FAMILIES:
         importlib.import_module(f"gateway.cli.{name}").register(verbs)

@@ -254,29 +254,29 @@ class Monitor:
             self._alert("bounds", caller_id, model_key, math.inf, threshold, {"reason": reason})
             return attrs
         rows = rows.astype(np.float64, copy=False)
-        finite = np.isfinite(rows).all(axis=1)
-        oob = profile.out_of_bounds(rows)
-        scores = np.full(len(rows), math.inf)
-        if finite.any():
-            scores[finite] = profile.score(rows[finite])
+        scores, u, in_bounds = profile.assess(rows)
         row_alarms = scores > threshold
         top = float(scores.max()) if len(scores) else 0.0
+        alarm = bool(row_alarms.any())
+        oob = not in_bounds.all()
         attrs["anomaly.input_score"] = top
-        attrs["anomaly.input_alarm"] = bool(row_alarms.any())
-        attrs["anomaly.bounds_violation"] = bool(oob.any())
+        attrs["anomaly.input_alarm"] = alarm
+        attrs["anomaly.bounds_violation"] = oob
         self.metrics.input_ratio.labels(model_key).observe(top / threshold)
-        if oob.any():
+        if oob:
             self._alert("bounds", caller_id, model_key, top, threshold,
-                        {"rows": int(oob.sum()), "nonfinite_rows": int((~finite).sum())})
-        elif row_alarms.any():
+                        {"rows": int((~in_bounds).sum()), "batch": len(rows)})
+        elif alarm:
             self.metrics.caller_input_alarms.labels(caller_id).inc()
             self._alert("input", caller_id, model_key, top, threshold,
                         {"rows": int(row_alarms.sum()), "batch": len(rows)})
-        if finite.any():
-            alarm, raised = self._usage.observe(caller_id, model_key, profile, rows[finite],
-                                                row_alarms[finite])
-            attrs["anomaly.extraction_alarm"] = alarm
-            self.metrics.caller_extraction.labels(caller_id).set(1 if alarm else 0)
+        if oob:
+            rows, u, row_alarms = rows[in_bounds], u[in_bounds], row_alarms[in_bounds]
+        if len(rows):
+            extraction, raised = self._usage.observe(caller_id, model_key, profile, rows, u,
+                                                     row_alarms)
+            attrs["anomaly.extraction_alarm"] = extraction
+            self.metrics.caller_extraction.labels(caller_id).set(1 if extraction else 0)
             for _name, detail in raised:
                 self._alert("extraction", caller_id, model_key, 1.0, 0.0, detail)
         return attrs

@@ -44,7 +44,7 @@ MAX_FULL_COVARIANCE = 512
 PROJECTION_DIM = 32
 _QUANTILE_LEVELS = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
 _PSI_SIMULATIONS = 4000
-_PRADA_SIMULATIONS = 300
+_PRADA_SIMULATIONS = 1000
 
 
 class ProfileError(GatewayError):
@@ -293,12 +293,22 @@ class InputProfile:
     def prada_threshold(self, fpr: float) -> float:
         return _pick(self.prada_thresholds, fpr)
 
-    def usage_space(self, rows: np.ndarray) -> np.ndarray:
-        """Whitened (and, for wide inputs, projected) rows for PRADA distances, float32."""
-        u = self.standardise(rows)
-        if self.projection is not None:
-            u = u @ self.projection
-        return u.astype(np.float32)
+    def assess(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One pass for the request path: (distance, whitened row, within hard bounds) per row.
+
+        Rows with NaN or infinity are out of bounds and score ``inf``.
+        """
+        with np.errstate(invalid="ignore", over="ignore"):
+            in_bounds = ((rows >= self.low) & (rows <= self.high)).all(axis=1)
+            u = self.standardise(rows)
+            scores = np.sqrt(np.einsum("ij,ij->i", u, u))
+        if not in_bounds.all():
+            scores[~np.isfinite(scores)] = np.inf
+        return scores, u, in_bounds
+
+    def usage_space(self, u: np.ndarray) -> np.ndarray:
+        """Whitened rows as PRADA sees them (randomly projected for wide inputs)."""
+        return u if self.projection is None else u @ self.projection
 
     # ------------------------------------------------------------------ storage
 
@@ -404,7 +414,11 @@ class InputProfile:
 
 
 def _min_prior_distances(u: np.ndarray, memory: int) -> np.ndarray:
-    """For each query i >= 1 of a stream, its distance to the nearest of the ``memory`` before."""
+    """For each query i >= 1 of a stream, its distance to the nearest of the ``memory`` before.
+
+    The monitor records distances only once a caller's memory is full, which is what the
+    calibration stream's last ``window`` distances see too.
+    """
     sq = (u**2).sum(axis=1)
     d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * u @ u.T, 0.0)
     i, j = np.indices(d2.shape)
@@ -420,7 +434,7 @@ def _calibrate_prada(profile: InputProfile, held: np.ndarray, fprs: tuple[float,
     simulated values gives a tail quantile at small FPRs that 300 simulations alone cannot.
     """
     length = profile.usage_memory + profile.usage_window
-    u_all = profile.usage_space(held).astype(np.float64)
+    u_all = profile.usage_space(profile.standardise(held))
     stats = []
     for _ in range(_PRADA_SIMULATIONS):
         pick = rng.choice(len(held), size=length + 1, replace=False)
@@ -429,7 +443,13 @@ def _calibrate_prada(profile: InputProfile, held: np.ndarray, fprs: tuple[float,
     w = shapiro_w(np.array(stats))
     t = np.log(np.maximum(1 - w, 1e-12))
     mu, sd = float(t.mean()), float(t.std(ddof=1))
-    return tuple((f, 1 - math.exp(mu + NormalDist().inv_cdf(1 - f) * sd)) for f in fprs)
+    out = []
+    for f in fprs:
+        if len(w) * f >= 10:  # enough simulated windows in the tail: empirical quantile
+            out.append((f, _quantile(w, f)))
+        else:
+            out.append((f, 1 - math.exp(mu + NormalDist().inv_cdf(1 - f) * sd)))
+    return tuple(out)
 
 
 def _fit_output(fit_rows: np.ndarray, hold_rows: np.ndarray, window: int,

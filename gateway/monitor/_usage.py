@@ -27,7 +27,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,23 +57,27 @@ class _Rate:
         self.short = self.long = 0.0
 
 
-@dataclass
 class _Stream:
     """State of one caller on one model (fixed-size arrays: bounded memory)."""
 
-    profile: InputProfile
-    memory: np.ndarray
-    distances: np.ndarray
-    probes: np.ndarray
-    sweeps: np.ndarray
-    mem_n: int = 0
-    mem_pos: int = 0
-    dist_n: int = 0  # distances in the current window
-    probe_pos: int = 0
-    sweep_pos: int = 0
-    prev: np.ndarray | None = None
-    alarms: dict[str, bool] = field(default_factory=dict)
-    last_w: float = 1.0
+    __slots__ = ("alarms", "dist_n", "distances", "last_w", "mem_n", "mem_pos", "memory",
+                 "prev", "probe_n", "probe_pos", "probes", "profile", "sweep_n", "sweep_pos",
+                 "sweeps")
+
+    def __init__(self, profile: InputProfile, probe_window: int, sweep_window: int) -> None:
+        dim = profile.projection.shape[1] if profile.projection is not None else profile.features
+        self.profile = profile
+        self.memory = np.zeros((profile.usage_memory, dim))
+        self.mem_n = self.mem_pos = 0
+        self.distances = np.zeros(profile.usage_window)
+        self.dist_n = 0  # distances in the current window
+        self.probes = [False] * probe_window
+        self.probe_pos = self.probe_n = 0  # ring position, True count
+        self.sweeps = [False] * sweep_window
+        self.sweep_pos = self.sweep_n = 0
+        self.prev: np.ndarray | None = None
+        self.alarms: dict[str, bool] = {"prada": False, "probe": False, "sweep": False}
+        self.last_w = 1.0
 
 
 @dataclass(frozen=True)
@@ -143,78 +147,78 @@ class UsageTracker:
     # --------------------------------------------------------------- extraction
 
     def observe(self, caller: str, model: str, profile: InputProfile, rows: np.ndarray,
-                row_alarms: np.ndarray) -> tuple[bool, list[tuple[str, dict[str, int | str]]]]:
-        """Update ``caller``'s detectors on ``model``; return (alarm, detectors just raised)."""
+                u: np.ndarray, row_alarms: np.ndarray
+                ) -> tuple[bool, list[tuple[str, dict[str, int | str]]]]:
+        """Update ``caller``'s detectors on ``model`` with in-bounds ``rows`` (``u``: whitened).
+
+        Returns (any detector raised, detectors that just turned on, with details).
+        """
         if len(rows) > self._rows:
             keep = np.sort(self._rng.choice(len(rows), size=self._rows, replace=False))
-            rows, row_alarms = rows[keep], row_alarms[keep]
-        u = profile.usage_space(rows)
+            rows, u, row_alarms = rows[keep], u[keep], row_alarms[keep]
+        v = profile.usage_space(u)
         key = (caller, model)
         with self._lock:
             st = self._streams.get(key)
             if st is None or st.profile is not profile:
-                st = self._new_stream(profile)
+                st = _Stream(profile, self._probe_window, self._sweep_window)
                 self._streams[key] = st
                 if len(self._streams) > self._max:
                     self._streams.popitem(last=False)
-            self._streams.move_to_end(key)
+            else:
+                self._streams.move_to_end(key)
             before = dict(st.alarms)
-            self._prada(st, u)
-            self._ring(st, "probes", "probe_pos", row_alarms)
+            self._prada(st, v)
+            self._probe(st, row_alarms)
             self._sweep(st, rows)
-            st.alarms["probe"] = int(st.probes.sum()) >= self._probe_k
-            st.alarms["sweep"] = int(st.sweeps.sum()) >= self._sweep_threshold(profile)
-            raised = []
-            for name, on in st.alarms.items():
-                if on and not before.get(name, False):
-                    raised.append((name, self._detail(st, name)))
+            raised = [(name, self._detail(st, name)) for name, on in st.alarms.items()
+                      if on and not before[name]]
             return any(st.alarms.values()), raised
 
-    def _new_stream(self, profile: InputProfile) -> _Stream:
-        dim = profile.projection.shape[1] if profile.projection is not None else profile.features
-        return _Stream(profile=profile,
-                       memory=np.zeros((profile.usage_memory, dim), dtype=np.float32),
-                       distances=np.zeros(profile.usage_window),
-                       probes=np.zeros(self._probe_window, dtype=bool),
-                       sweeps=np.zeros(self._sweep_window, dtype=bool))
-
-    def _prada(self, st: _Stream, u: np.ndarray) -> None:
-        mem = st.memory[: st.mem_n]
-        d_mem = _pairwise(u, mem) if st.mem_n else np.full((len(u), 0), np.inf)
-        d_in = _pairwise(u, u)
-        d_in[np.triu_indices(len(u))] = np.inf  # only earlier rows of this request
-        nearest = np.concatenate([d_mem, d_in], axis=1).min(axis=1, initial=np.inf)
+    def _prada(self, st: _Stream, v: np.ndarray) -> None:
         profile = st.profile
-        for dist in nearest.tolist():
-            if not math.isfinite(dist) or dist < _REPEAT:
-                continue  # first query ever, or an exact repeat
-            st.distances[st.dist_n] = dist
-            st.dist_n += 1
-            if st.dist_n == profile.usage_window:
-                st.last_w = float(shapiro_w(st.distances))
-                st.alarms["prada"] = st.last_w < profile.prada_threshold(self._extraction_fpr)
-                st.dist_n = 0
-        for row in u:
+        full = len(st.memory)
+        for row in v:
+            # Distances count only once the memory is full, as in the calibration.
+            if st.mem_n == full:
+                diff = st.memory - row
+                dist = math.sqrt(float(np.einsum("ij,ij->i", diff, diff).min()))
+                if dist >= _REPEAT:  # an exact repeat is not exploration
+                    st.distances[st.dist_n] = dist
+                    st.dist_n += 1
+                    if st.dist_n == profile.usage_window:
+                        st.last_w = float(shapiro_w(st.distances))
+                        threshold = profile.prada_threshold(self._extraction_fpr)
+                        st.alarms["prada"] = st.last_w < threshold
+                        st.dist_n = 0
             st.memory[st.mem_pos] = row
-            st.mem_pos = (st.mem_pos + 1) % len(st.memory)
-            st.mem_n = min(st.mem_n + 1, len(st.memory))
+            st.mem_pos = (st.mem_pos + 1) % full
+            st.mem_n = min(st.mem_n + 1, full)
 
-    @staticmethod
-    def _ring(st: _Stream, name: str, pos: str, values: np.ndarray) -> None:
-        ring = getattr(st, name)
-        p = getattr(st, pos)
-        for v in values[-len(ring):].tolist():
-            ring[p] = v
-            p = (p + 1) % len(ring)
-        setattr(st, pos, p)
+    def _probe(self, st: _Stream, row_alarms: np.ndarray) -> None:
+        ring = st.probes
+        for alarm in row_alarms.tolist():
+            st.probe_n += alarm - ring[st.probe_pos]
+            ring[st.probe_pos] = alarm
+            st.probe_pos = (st.probe_pos + 1) % len(ring)
+        st.alarms["probe"] = st.probe_n >= self._probe_k
 
     def _sweep(self, st: _Stream, rows: np.ndarray) -> None:
-        seq = rows if st.prev is None else np.concatenate([st.prev[None, :], rows])
-        if len(seq) >= 2:
-            with np.errstate(invalid="ignore"):
-                changed = (seq[1:] != seq[:-1]).sum(axis=1)
-            self._ring(st, "sweeps", "sweep_pos", changed == 1)
+        if st.prev is None:
+            changed = (rows[1:] != rows[:-1]).sum(axis=1)
+        elif len(rows) == 1:
+            changed = [int(np.count_nonzero(rows[0] != st.prev))]
+        else:
+            seq = np.concatenate([st.prev[None, :], rows])
+            changed = (seq[1:] != seq[:-1]).sum(axis=1)
+        ring = st.sweeps
+        for c in list(changed):
+            single = bool(c == 1)
+            st.sweep_n += single - ring[st.sweep_pos]
+            ring[st.sweep_pos] = single
+            st.sweep_pos = (st.sweep_pos + 1) % len(ring)
         st.prev = rows[-1].copy()
+        st.alarms["sweep"] = st.sweep_n >= self._sweep_threshold(st.profile)
 
     def _sweep_threshold(self, profile: InputProfile) -> int:
         p = max(profile.single_change_rate, 1e-3)
@@ -228,14 +232,7 @@ class UsageTracker:
                     "w_threshold": f"{st.profile.prada_threshold(self._extraction_fpr):.6f}",
                     "window": st.profile.usage_window}
         if name == "probe":
-            return {"detector": "probe", "alarmed_rows": int(st.probes.sum()),
+            return {"detector": "probe", "alarmed_rows": st.probe_n,
                     "window": self._probe_window, "k": self._probe_k}
-        return {"detector": "sweep", "single_feature_steps": int(st.sweeps.sum()),
+        return {"detector": "sweep", "single_feature_steps": st.sweep_n,
                 "window": self._sweep_window, "k": self._sweep_threshold(st.profile)}
-
-
-def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
-    return np.sqrt(np.maximum(d2, 0.0))

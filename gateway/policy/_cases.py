@@ -21,7 +21,7 @@ import yaml
 
 from gateway.policy._condition import ATTRIBUTE_PREFIXES
 from gateway.policy._engine import Decision, Snapshot
-from gateway.policy._source import Problem, PolicyError
+from gateway.policy._source import PolicyError, Problem
 
 _KEYS = {"name", "caller", "model", "version", "action", "attributes", "expect", "rule"}
 

@@ -94,7 +94,7 @@ def parse_condition(text: str) -> Condition:
     parser = _Parser(_tokenize(text))
     node = parser.expr(0)
     if parser.peek() is not None:
-        kind, value, col = parser.peek()
+        _, value, col = parser.peek()
         raise ConditionError(f"unexpected {value!r} at column {col}"
                              + (" (unbalanced ')')" if value == ")" else ""))
     names = tuple(sorted(parser.names))

@@ -42,7 +42,7 @@ class Decision:
 class _Rule:
     """A rule as the hot path sees it (plain slots: attribute reads are the cost that counts)."""
 
-    __slots__ = ("decision", "deny", "extra", "index", "match", "spec")
+    __slots__ = ("decision", "deny", "guard", "index", "match", "spec")
 
     def __init__(self, spec: RuleSpec, digest: str) -> None:
         self.spec = spec
@@ -51,9 +51,9 @@ class _Rule:
         self.decision = Decision(not spec.deny, spec.where, digest)
         self.match = spec.name.match
         version, cond = spec.version, spec.cond
-        self.extra: Callable[[Attributes], bool] | None
+        self.guard: Callable[[Attributes], bool] | None
         if version is None:
-            self.extra = cond
+            self.guard = cond
         else:
             vmatch = version.match
 
@@ -61,7 +61,7 @@ class _Rule:
                 v = attrs.get("model.version")
                 return isinstance(v, str) and vmatch(v) and (cond is None or cond(attrs))
 
-            self.extra = extra
+            self.guard = extra
 
 
 class _Bucket:
@@ -137,7 +137,7 @@ class Snapshot:
             found = bucket.exact.get(model)
             if found is not None:
                 for rule in found:
-                    if rule.extra is not None and not rule.extra(attrs):
+                    if rule.guard is not None and not rule.guard(attrs):
                         continue
                     if rule.deny:
                         if deny is None or rule.index < deny.index:
@@ -153,7 +153,7 @@ class Snapshot:
                 for rule in found:
                     if not rule.match(model):
                         continue
-                    if rule.extra is not None and not rule.extra(attrs):
+                    if rule.guard is not None and not rule.guard(attrs):
                         continue
                     if rule.deny:
                         if deny is None or rule.index < deny.index:

@@ -119,6 +119,8 @@ class Gateway:
         if self.monitor is not None:
             self.monitor.start_http()
         threading.Thread(target=self._health_loop, name="health", daemon=True).start()
+        if config.models.reverify_interval > 0:
+            threading.Thread(target=self._reverify_loop, name="reverify", daemon=True).start()
 
     def _add_explainer(self, server: grpc.Server) -> None:
         from gateway.explain import ExplainServicer
@@ -140,6 +142,13 @@ class Gateway:
     def _health_loop(self) -> None:
         while not self._stopped.wait(_HEALTH_INTERVAL):
             self._update_health()
+
+    def _reverify_loop(self) -> None:
+        while not self._stopped.wait(self.config.models.reverify_interval):
+            try:
+                self.models.reverify()
+            except Exception:  # keep re-verifying; one failed pass must not end the loop
+                log.exception("model re-verification pass failed")
 
     def _audit_reload(self, result: ReloadResult) -> None:
         self.audit.append("policy_reload", {
