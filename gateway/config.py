@@ -200,4 +200,7 @@ def _resolve_paths(value: Any, base: Path) -> Any:
         return value if value.is_absolute() else (base / value)
     if isinstance(value, tuple):
         return tuple(_resolve_paths(v, base) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _resolve_paths(getattr(value, f.name), base)
+                                             for f in dataclasses.fields(value) if f.init})
     return value

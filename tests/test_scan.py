@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +82,7 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
 
 
 def _outside_file(tmp_path: Path) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     outside = tmp_path / "outside.bin"
     outside.write_bytes(np.arange(12, dtype=np.float32).tobytes())
     return outside
@@ -379,3 +382,22 @@ def test_refusal_error_names_the_findings(tmp_path: Path) -> None:
     assert err.status.name == "FAILED_PRECONDITION"
     assert "external-data-outside" in str(err) and "'..'" in err.diagnostics()
     scan_model(_save(_linear(), tmp_path / "ok")).raise_if_refused()  # no error
+
+
+def test_console_script_refuses_the_corpus_and_keeps_the_demo_models(tmp_path: Path) -> None:
+    """The installed `gateway model scan` over a repository: each hostile model refused."""
+    from gateway.models.demo import build_demo_repository
+
+    made = corpus(tmp_path / "repo")
+    demo = build_demo_repository(tmp_path / "repo")
+    script = Path(sys.executable).parent / "gateway"
+    proc = subprocess.run([str(script), "model", "scan", str(tmp_path / "repo"), "--json"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    by_path = {m["path"]: m for m in doc["models"]}
+    for name, (d, code) in made.items():
+        high = {f["code"] for f in by_path[str(d)]["findings"] if f["severity"] == "high"}
+        assert code in high, (name, high)
+    for d in demo:
+        assert by_path[str(d)]["refused"] is False, by_path[str(d)]

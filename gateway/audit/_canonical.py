@@ -21,8 +21,9 @@ import orjson
 _OPTS = orjson.OPT_SORT_KEYS
 _MAX_INT = 2**53 - 1
 _MAX_DEPTH = 16
-# A number token that may be a float or an over-long integer; only then is the slow walk needed.
-_SUSPECT_NUMBER = re.compile(rb"[:,\[]-?\d+[.eE]|\d{16}")
+# A member value that is a float: '":' then digits then a fraction or exponent. Floats can also
+# sit in arrays; records with '[' take the exact walk. Strings holding '\":1.' only cost the walk.
+_FLOAT_MEMBER = re.compile(rb'":-?\d+[.eE]')
 
 
 class EncodingError(ValueError):
@@ -67,8 +68,9 @@ def check(value: Any, where: str = "record", depth: int = 0) -> None:
 def decode_canonical(data: bytes) -> dict[str, Any]:
     """Parse record bytes and insist they are exactly the canonical encoding of what they hold.
 
-    Raises :class:`EncodingError` naming what is wrong. The float/huge-integer/non-ASCII walk runs
-    only when a cheap scan of the bytes says it could matter.
+    Raises :class:`EncodingError` naming what is wrong. orjson itself refuses integers beyond
+    53 bits; the walk for floats and non-ASCII keys runs only when a cheap scan of the bytes
+    says it could matter (``verify`` does this for every record, so it must be fast).
     """
     try:
         obj = orjson.loads(data)
@@ -76,8 +78,12 @@ def decode_canonical(data: bytes) -> dict[str, Any]:
         raise EncodingError(f"not valid JSON ({err})") from None
     if type(obj) is not dict:
         raise EncodingError("not a JSON object")
-    if orjson.dumps(obj, option=_OPTS) != data:
+    try:
+        again = orjson.dumps(obj, option=_OPTS | orjson.OPT_STRICT_INTEGER)
+    except orjson.JSONEncodeError:
+        raise EncodingError("an integer is outside the I-JSON range ±(2**53-1)") from None
+    if again != data:
         raise EncodingError("not in RFC 8785 canonical form")
-    if not data.isascii() or _SUSPECT_NUMBER.search(data):
+    if not data.isascii() or b"[" in data or _FLOAT_MEMBER.search(data):
         check(obj)
     return obj

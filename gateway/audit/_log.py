@@ -162,7 +162,8 @@ class AuditLog:
             if rec.get("v") != SCHEMA_VERSION or rec.get("seq") != i or rec.get("prev") != prev:
                 raise AuditLogDamaged(
                     f"audit log {where}: record {i} does not follow record {i - 1} "
-                    f"(seq {rec.get('seq')!r}, prev link {'ok' if rec.get('prev') == prev else 'broken'})")
+                    f"(seq {rec.get('seq')!r}, prev link "
+                    f"{'ok' if rec.get('prev') == prev else 'broken'})")
             prev = tree.leaf(i).hex()
         self._size = self._durable = len(records)
         self._prev = self._durable_prev = prev
@@ -170,7 +171,7 @@ class AuditLog:
     # -- appending ----------------------------------------------------------------------------
 
     def append(self, kind: str, fields: Mapping[str, object]) -> Receipt:
-        """Add a record and block until it is durable; raise ``AuditUnavailable`` if it cannot be."""
+        """Add a record; block until it is durable (``AuditUnavailable`` if it cannot be)."""
         if type(fields) is not dict:
             fields = dict(fields)
         if RESERVED.isdisjoint(fields):

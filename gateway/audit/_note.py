@@ -92,7 +92,8 @@ def parse_vkey(vkey: str) -> Verifier:
         raise NoteError("verifier key is not an Ed25519 (type 0x01 or 0x04) key")
     if key_id(name, key) != bytes.fromhex(hex_id):
         raise NoteError("verifier key id does not match its name and key")
-    return Verifier(name, bytes.fromhex(hex_id), key[0], Ed25519PublicKey.from_public_bytes(key[1:]))
+    public = Ed25519PublicKey.from_public_bytes(key[1:])
+    return Verifier(name, bytes.fromhex(hex_id), key[0], public)
 
 
 @dataclass(frozen=True)

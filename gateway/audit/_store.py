@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import time
 from array import array
@@ -75,6 +76,21 @@ def list_segments(directory: Path) -> list[tuple[int, Path]]:
     return out
 
 
+def read_data(path: Path) -> bytes:
+    """The bytes of a segment up to its zero-filled tail, without reading the tail.
+
+    Readers use this on the open segment, which is mostly preallocated zeros; recovery reads
+    the whole file instead, to notice data after a zero gap.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return b""
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            end = m.find(b"\x00")
+            return m[:size if end < 0 else end]
+
+
 def split_records(data: bytes) -> tuple[list[bytes], bytes]:
     """Split segment bytes into complete records and the trailing partial bytes (if any)."""
     data = data.rstrip(b"\x00")
@@ -87,7 +103,7 @@ def split_records(data: bytes) -> tuple[list[bytes], bytes]:
 def read_records(directory: Path) -> Iterator[tuple[int, str, list[bytes], bytes]]:
     """Yield (first index, segment name, records, trailing partial bytes) per segment."""
     for first, path in list_segments(directory):
-        records, tail = split_records(path.read_bytes())
+        records, tail = split_records(read_data(path))
         yield first, path.name, records, tail
 
 
@@ -182,7 +198,7 @@ class FileStore:
             self._capacity = os.fstat(self._fd).st_size
             self._opened_at = time.monotonic()
             if torn:
-                self._dirty = self._capacity - self._offset
+                self._dirty = torn.length
                 self._zero_dirty()
                 os.fsync(self._fd)
         return records, torn
@@ -213,9 +229,14 @@ class FileStore:
         self._fd = -1
 
     def _zero_dirty(self) -> None:
+        """Erase what a failed write may have left past the durable end."""
         if self._dirty:
-            end = min(self._offset + self._dirty, max(self._capacity, self._offset))
-            os.pwrite(self._fd, bytes(end - self._offset), self._offset)
+            capacity = max(self._capacity, self._offset)
+            if os.fstat(self._fd).st_size > capacity:
+                os.ftruncate(self._fd, capacity)
+            end = min(self._offset + self._dirty, capacity)
+            if end > self._offset:
+                os.pwrite(self._fd, bytes(end - self._offset), self._offset)
             self._dirty = 0
 
     # -- appending ----------------------------------------------------------------------------

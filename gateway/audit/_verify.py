@@ -12,16 +12,25 @@ log extends an archived checkpoint.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
 from gateway.audit._canonical import EncodingError, decode_canonical
 from gateway.audit._log import GENESIS_PREV, SCHEMA_VERSION
-from gateway.audit._merkle import CompactRange
+from gateway.audit._merkle import EMPTY_ROOT, CompactRange, node_hash
 from gateway.audit._note import NoteError, Verifier, open_checkpoint
-from gateway.audit._store import CHECKPOINT, StoreDamaged, list_segments, read_checkpoints
+from gateway.audit._store import (
+    CHECKPOINT,
+    StoreDamaged,
+    list_segments,
+    read_checkpoints,
+    read_data,
+)
 
 _MAX_FINDINGS = 100
 
@@ -135,10 +144,133 @@ def _load_checkpoints(directory: Path, verifier: Verifier, since: str | None,
     return {s: r for s, (r, _) in roots.items()}, since_size
 
 
+#: Records per verification chunk: a power of two, so a full chunk is one perfect subtree.
+CHUNK = 1 << 15
+
+
+@dataclass
+class _Chunk:
+    """What one chunk scan found; the first record's seq/link are checked by the caller."""
+
+    findings: list[tuple[str, int, str]]
+    count: int
+    first_seq: object
+    first_link: object
+    next_expect: object
+    last_prev: str
+    snapshots: dict[int, list[bytes]]   # absolute size -> compact range of the chunk's prefix
+    stack: list[bytes]
+
+
+def _scan(pieces: list[tuple[str, int, int]], start: int, cuts: tuple[int, ...]) -> _Chunk:
+    """Check records ``start..`` read from byte ranges of segment files (runs in a worker)."""
+    data = bytearray()
+    for path, a, b in pieces:
+        with open(path, "rb") as f:
+            f.seek(a)
+            data += f.read(b - a)
+    records = bytes(data).split(b"\n")
+    records.pop()
+    findings: list[tuple[str, int, str]] = []
+    cr = CompactRange()
+    sha = hashlib.sha256
+    cutset = set(cuts)
+    snapshots: dict[int, list[bytes]] = {}
+    first_seq = first_link = expect = None
+    prev = None
+    i = start
+    for data in records:
+        try:
+            rec = decode_canonical(data)
+            seq = rec.get("seq")
+            link = rec.get("prev")
+            if rec.get("v") != SCHEMA_VERSION:
+                raise EncodingError(f"schema version {rec.get('v')!r}, expected "
+                                    f"{SCHEMA_VERSION}")
+        except EncodingError as err:
+            findings.append(("edited", i, f"record {i} is damaged: {err}"))
+            seq, link = expect, None
+        if i == start:
+            first_seq, first_link = seq, link
+        elif seq != expect:
+            if type(seq) is not int:
+                findings.append(("edited", i, f"record {i} has no integer seq"))
+            elif expect is not None and seq > expect:
+                findings.append(("deleted", i, f"record {i} holds seq {seq}: {seq - expect} "
+                                 "record(s) before it were deleted or moved"))
+            else:
+                findings.append(("reordered", i, f"record {i} holds seq {seq}: records are "
+                                 "reordered or duplicated"))
+        elif link is not None and link != prev:
+            findings.append(("edited", i - 1, f"record {i - 1} was altered: record {i}'s prev "
+                             "link does not match its hash (or record {i}'s link was changed)"))
+        expect = seq + 1 if type(seq) is int else (None if expect is None else expect + 1)
+        leaf = sha(b"\x00" + data).digest()
+        prev = leaf.hex()
+        cr.append(leaf)
+        i += 1
+        if i in cutset:
+            snapshots[i] = list(cr._stack)
+    return _Chunk(findings, len(records), first_seq, first_link, expect, prev or "",
+                  snapshots, list(cr._stack))
+
+
+def _fold(stack: list[bytes]) -> bytes:
+    if not stack:
+        return EMPTY_ROOT
+    r = stack[-1]
+    for h in reversed(stack[:-1]):
+        r = node_hash(h, r)
+    return r
+
+
+def _plan(directory: Path, found: _Findings) -> tuple[list[tuple[list, int]], int]:
+    """Cut the log into aligned chunks of byte ranges; check segment names and partial tails."""
+    segments = list_segments(directory)
+    found.report.segments = len(segments)
+    chunks: list[tuple[list, int]] = []
+    pieces: list[tuple[str, int, int]] = []
+    chunk_start = 0
+    i = 0
+    for n, (first, path) in enumerate(segments):
+        last = n == len(segments) - 1
+        body = read_data(path) if last else path.read_bytes().rstrip(b"\x00")
+        if first != i:
+            found.add("deleted" if first > i else "damaged", i,
+                      f"segment {path.name} starts at index {first} but {i} records precede it")
+        if body and not body.endswith(b"\n"):
+            if not last:
+                found.add("damaged", i + body.count(b"\n"),
+                          f"segment {path.name} ends in a partial record")
+            body = body[:body.rfind(b"\n") + 1]  # last segment: a record being written now
+        lines = body.split(b"\n")
+        lines.pop()
+        pos = 0
+        k = 0
+        while k < len(lines):
+            take = min(CHUNK - (i - chunk_start), len(lines) - k)
+            size = sum(map(len, lines[k:k + take])) + take
+            pieces.append((str(path), pos, pos + size))
+            pos += size
+            k += take
+            i += take
+            if i - chunk_start == CHUNK:
+                chunks.append((pieces, chunk_start))
+                pieces, chunk_start = [], i
+    if pieces:
+        chunks.append((pieces, chunk_start))
+    return chunks, i
+
+
 def verify_log(directory: Path, verifier: Verifier, *, since: str | None = None,
-               allow_unsigned_tail: bool = False,
+               allow_unsigned_tail: bool = False, jobs: int | None = None,
                progress: Callable[[int], None] | None = None) -> Report:
-    """Verify the log in ``directory`` against the log key ``verifier``; see the module doc."""
+    """Verify the log in ``directory`` against the log key ``verifier``; see the module doc.
+
+    Large logs are checked in aligned chunks of :data:`CHUNK` records by ``jobs`` worker
+    processes (default: one per CPU); the chunk results are stitched together exactly, since a
+    full aligned chunk is one perfect subtree of the RFC 6962 tree.
+    """
     started = time.perf_counter()
     report = Report(str(directory), verifier.name)
     found = _Findings(report)
@@ -148,91 +280,66 @@ def verify_log(directory: Path, verifier: Verifier, *, since: str | None = None,
     if sizes:
         report.latest_checkpoint = sizes[-1]
         report.latest_root = roots[sizes[-1]].hex()
-    pending = iter(sizes)
-    next_cp = next(pending, None)
-    while next_cp == 0:
-        next_cp = next(pending, None)
-    cr = CompactRange()
-    prev = GENESIS_PREV
-    expect = 0  # the seq the next record should hold
-    i = 0
-    sha = hashlib.sha256
-    try:
-        segments = list_segments(directory)
-    except StoreDamaged as err:
-        found.add("damaged", None, str(err))
-        segments = []
     if not (directory / "segments").is_dir():
         found.add("damaged", None, f"{directory} holds no segments/ directory: not an audit log")
-    report.segments = len(segments)
-    for n, (first, path) in enumerate(segments):
-        data = path.read_bytes()
-        body = data.rstrip(b"\x00")
-        if first != i:
-            found.add("deleted" if first > i else "damaged", i,
-                      f"segment {path.name} starts at index {first} but {i} records precede it")
-        if body and not body.endswith(b"\n"):
-            cut = body.rfind(b"\n") + 1
-            if n == len(segments) - 1:
-                body = body[:cut]  # a record being written right now (or a torn tail)
-            else:
-                found.add("damaged", i + body.count(b"\n"),
-                          f"segment {path.name} ends in a partial record")
-                body = body[:cut]
-        records = body.split(b"\n")
-        records.pop()
-        for data in records:
-            try:
-                rec = decode_canonical(data)
-                seq = rec.get("seq")
-                link = rec.get("prev")
-                if rec.get("v") != SCHEMA_VERSION:
-                    raise EncodingError(f"schema version {rec.get('v')!r}, expected "
-                                        f"{SCHEMA_VERSION}")
-            except EncodingError as err:
-                found.add("edited", i, f"record {i} is damaged: {err}")
-                seq, link = expect, None
-            leaf = sha(b"\x00" + data).digest()
-            if seq != expect:
-                if type(seq) is not int:
-                    found.add("edited", i, f"record {i} has no integer seq")
-                elif seq > expect:
-                    found.add("deleted", i, f"record {i} holds seq {seq}: "
-                              f"{seq - expect} record(s) before it were deleted or moved")
-                else:
-                    found.add("reordered", i, f"record {i} holds seq {seq}: records are "
-                              "reordered or duplicated")
-                expect = seq if type(seq) is int else expect
-            elif link is not None and link != prev:
-                j = max(i - 1, 0)
-                found.add("edited", j, f"record {j} was altered: record {i}'s prev link does "
-                          f"not match its hash (or record {i}'s link itself was changed)")
-            prev = leaf.hex()
-            expect += 1
-            cr.append(leaf)
-            i += 1
-            if i == next_cp:
-                if cr.root() != roots[i]:
-                    kind = "fork" if i == since_size else "edited"
-                    found.add(kind, None if found.indexes else i - 1,
-                              f"the signed checkpoint of size {i} does not match records "
-                              f"0..{i - 1}: they were changed, or this log is a fork of the "
+    try:
+        chunks, total = _plan(directory, found)
+    except StoreDamaged as err:
+        found.add("damaged", None, str(err))
+        chunks, total = [], 0
+    jobs = jobs or os.cpu_count() or 1
+    tasks = [(pieces, start, tuple(s for s in sizes if start < s <= start + CHUNK))
+             for pieces, start in chunks]
+    pool = None
+    if jobs > 1 and len(tasks) > 1:
+        pool = ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=get_context("fork"))
+        results = pool.map(_scan, *zip(*tasks, strict=True))
+    else:
+        results = (_scan(*t) for t in tasks)
+    expect, prev = 0, GENESIS_PREV
+    upper = CompactRange()  # over full chunks' roots
+    try:
+        for (_pieces, start, cuts), res in zip(tasks, results, strict=True):
+            for kind, index, message in res.findings:
+                found.add(kind, index, message)
+            if res.count:
+                if res.first_seq != expect and type(res.first_seq) is int:
+                    kind = "deleted" if res.first_seq > expect else "reordered"
+                    found.add(kind, start, f"record {start} holds seq {res.first_seq}: records "
+                              "deleted, moved or reordered")
+                elif res.first_link is not None and res.first_link != prev:
+                    j = max(start - 1, 0)
+                    found.add("edited", j, f"record {j} was altered: record {start}'s prev link "
+                              f"does not match its hash (or record {start}'s link was changed)")
+            expect = res.next_expect if res.next_expect is not None else start + res.count
+            prev = res.last_prev or prev
+            for size in cuts:
+                if size not in res.snapshots:
+                    continue  # the log ends before it: reported as a truncation below
+                root = _fold(upper._stack + res.snapshots[size])
+                if root != roots[size]:
+                    kind = "fork" if size == since_size else "edited"
+                    found.add(kind, None if found.indexes else size - 1,
+                              f"the signed checkpoint of size {size} does not match records "
+                              f"0..{size - 1}: they were changed, or this log is a fork of the "
                               "one that signed it")
-                next_cp = next(pending, None)
-            if progress is not None and not i & 0x3FFF:
-                progress(0x4000)
-        if progress is not None:
-            progress(i & 0x3FFF)
-    report.records = i
-    if sizes and sizes[-1] > i:
-        found.add("truncated", i, f"the log was truncated: a signed checkpoint covers "
-                  f"{sizes[-1]} records but the log ends at index {i - 1}; records "
-                  f"{i}..{sizes[-1] - 1} are missing")
+            if res.count == CHUNK:
+                upper.append(res.stack[0])
+            if progress is not None:
+                progress(res.count)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    report.records = total
+    if sizes and sizes[-1] > total:
+        found.add("truncated", total, f"the log was truncated: a signed checkpoint covers "
+                  f"{sizes[-1]} records but the log ends at index {total - 1}; records "
+                  f"{total}..{sizes[-1] - 1} are missing")
     covered = sizes[-1] if sizes else 0
-    if i > covered and not allow_unsigned_tail:
-        found.add("forged", covered, f"records {covered}..{i - 1} are not covered by any signed "
-                  "checkpoint: appended after the last checkpoint (forged, or written since; "
-                  "rerun, or pass --allow-unsigned-tail for a live log)")
+    if total > covered and not allow_unsigned_tail:
+        found.add("forged", covered, f"records {covered}..{total - 1} are not covered by any "
+                  "signed checkpoint: appended after the last checkpoint (forged, or written "
+                  "since; rerun, or pass --allow-unsigned-tail for a live log)")
     report.seconds = time.perf_counter() - started
     report.findings.sort(key=lambda f: (f.index is None, f.index or 0))
     return report

@@ -89,13 +89,13 @@ def _scan(args: argparse.Namespace) -> int:
 
 
 def _test(args: argparse.Namespace) -> int:
-    from gateway.models.robustness import RobustnessSettings, test_model
+    from gateway.models.robustness import RobustnessSettings, run_model_tests
     from gateway.models.scan import ScanSettings
 
     scan_settings = _table(args.config, "scan", ScanSettings)
     settings = _table(args.config, "robustness", RobustnessSettings)
     dirs = _version_dirs(args.model_dir)
-    reports = [test_model(d, settings, scan_settings=scan_settings) for d in dirs]
+    reports = [run_model_tests(d, settings, scan_settings=scan_settings) for d in dirs]
     failed = any(not r["passed"] for r in reports)
     document = reports[0] if len(reports) == 1 else {"passed": not failed, "models": reports}
     if args.report is not None:

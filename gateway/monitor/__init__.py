@@ -24,11 +24,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gateway.errors import ConfigError, GatewayError, QuotaExceeded
+from gateway.errors import ConfigError, QuotaExceeded
 
 from ._drift import LatencyWatch, OutputDrift
 from ._metrics import STAGES, Metrics, MetricsServer, parse_listen
@@ -36,8 +37,8 @@ from ._profile import InputProfile, OutputProfile, ProfileError
 from ._quota import QuotaRule, Quotas
 from ._usage import UsageTracker
 
-__all__ = ["Alert", "InputProfile", "Monitor", "MonitorSettings", "OutputProfile",
-           "ProfileError"]
+__all__ = ["PROFILE_FILE", "Alert", "InputProfile", "Monitor", "MonitorSettings",
+           "OutputProfile", "ProfileError", "load_profile"]
 
 PROFILE_FILE = "profile.json"
 
@@ -66,7 +67,7 @@ class MonitorSettings:
     #: Quotas per identity or role: ``"spiffe://d/x" = {rate = 5.0, burst = 10}`` or
     #: ``"role:batch" = {...}``. An identity entry wins over its roles (the most generous
     #: role wins among several) and over the default. Each caller has its own bucket.
-    quotas: dict[str, Any] = field(default_factory=dict)
+    quotas: dict[str, Any] = field(default_factory=dict, hash=False)
     #: Time constants (s) of the short and long request-rate averages per caller.
     rate_short_s: float = 10.0
     rate_long_s: float = 600.0
@@ -86,8 +87,8 @@ class MonitorSettings:
     max_callers: int = 1024
     #: Pending alerts kept for the server to drain (oldest dropped and counted beyond).
     max_alerts: int = 1000
-    #: Minimum seconds between two alerts of one kind for one caller and model (the
-    #: ``suppressed`` count of the next alert says how many were folded in).
+    #: Minimum seconds between two alerts of one kind (and detector) for one caller and
+    #: model (the ``suppressed`` count of the next alert says how many were folded in).
     alert_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -168,7 +169,7 @@ class Monitor:
     def __init__(self, settings: MonitorSettings | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = s = settings or MonitorSettings()
-        self.metrics = Metrics()
+        self.metrics = Metrics(s.max_callers)
         self._clock = clock
         rules, default = s.quota_rules()
         self._quotas = Quotas(rules, default, s.max_callers, clock)
@@ -177,13 +178,13 @@ class Monitor:
             probe_window=s.probe_window, sweep_window=s.sweep_window,
             rows_per_request=s.usage_rows, rate_short_s=s.rate_short_s,
             rate_long_s=s.rate_long_s, rate_floor=s.rate_floor,
-            rate_ratio_alarm=s.rate_ratio_alarm, max_callers=s.max_callers, clock=clock,
-            on_evict=self.metrics.forget_caller)
+            rate_ratio_alarm=s.rate_ratio_alarm, max_callers=s.max_callers, clock=clock)
         self._drift = OutputDrift(s.drift_fpr, s.max_callers)
         self._latency = LatencyWatch(s.latency_window, s.latency_ratio_alarm, s.max_callers)
         self._profiles: dict[str, OutputProfile] = {}
+        self._thresholds: dict[int, tuple[InputProfile, float]] = {}
         self._alerts: deque[Alert] = deque()
-        self._last_alert: dict[tuple[str, str, str], tuple[float, int]] = {}
+        self._last_alert: dict[tuple[str, str, str, str], tuple[float, int]] = {}
         self._lock = threading.Lock()
         self._server: MetricsServer | None = None
         # Stage histograms resolved once: labels() on the hot path costs a lock and a dict.
@@ -200,6 +201,7 @@ class Monitor:
         return self._server.address
 
     def stop_http(self) -> None:
+        """Stop the listener (idempotent)."""
         if self._server is not None:
             self._server.stop()
             self._server = None
@@ -212,13 +214,15 @@ class Monitor:
 
     def admit(self, caller_id: str, roles: Iterable[str] = ()) -> None:
         """Charge one request to ``caller_id``'s bucket; :class:`QuotaExceeded` if it is empty."""
+        mx = self.metrics
+        mx.caller(caller_id)
         try:
             self._quotas.admit(caller_id, roles)
         except QuotaExceeded as err:
-            self.metrics.caller_requests.labels(caller_id, "rejected").inc()
+            mx.child(mx.caller_requests, caller_id, "rejected").inc()
             self._alert("quota", caller_id, "", 0.0, 0.0, {"message": str(err)})
             raise
-        self.metrics.caller_requests.labels(caller_id, "admitted").inc()
+        mx.child(mx.caller_requests, caller_id, "admitted").inc()
 
     # ------------------------------------------------------------------ scores
 
@@ -228,9 +232,11 @@ class Monitor:
         if not self.settings.scoring:
             return dict(_NEUTRAL)
         attrs = dict(_NEUTRAL)
+        mx = self.metrics
+        mx.caller(caller_id)
         ratio, rate_raised = self._usage.rate(caller_id)
         attrs["anomaly.rate_ratio"] = ratio
-        self.metrics.caller_rate_ratio.labels(caller_id).set(ratio)
+        mx.child(mx.caller_rate_ratio, caller_id).set(ratio)
         if rate_raised:
             self._alert("rate", caller_id, model_key, ratio, self.settings.rate_ratio_alarm, {})
         x = np.asarray(x)
@@ -243,7 +249,13 @@ class Monitor:
             return attrs
         if profile.output is not None:
             self._profiles[model_key] = profile.output
-        threshold = profile.threshold(self.settings.input_fpr)
+        cached = self._thresholds.get(id(profile))
+        if cached is None or cached[0] is not profile:
+            cached = (profile, profile.threshold(self.settings.input_fpr))
+            if len(self._thresholds) > 256:
+                self._thresholds.clear()
+            self._thresholds[id(profile)] = cached
+        threshold = cached[1]
         attrs["anomaly.input_threshold"] = threshold
         rows = x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)
         if not numeric or rows.shape[1] != profile.features:
@@ -262,12 +274,12 @@ class Monitor:
         attrs["anomaly.input_score"] = top
         attrs["anomaly.input_alarm"] = alarm
         attrs["anomaly.bounds_violation"] = oob
-        self.metrics.input_ratio.labels(model_key).observe(top / threshold)
+        mx.child(mx.input_ratio, model_key).observe(top / threshold)
         if oob:
             self._alert("bounds", caller_id, model_key, top, threshold,
                         {"rows": int((~in_bounds).sum()), "batch": len(rows)})
         elif alarm:
-            self.metrics.caller_input_alarms.labels(caller_id).inc()
+            mx.child(mx.caller_input_alarms, caller_id).inc()
             self._alert("input", caller_id, model_key, top, threshold,
                         {"rows": int(row_alarms.sum()), "batch": len(rows)})
         if oob:
@@ -276,7 +288,7 @@ class Monitor:
             extraction, raised = self._usage.observe(caller_id, model_key, profile, rows, u,
                                                      row_alarms)
             attrs["anomaly.extraction_alarm"] = extraction
-            self.metrics.caller_extraction.labels(caller_id).set(1 if extraction else 0)
+            mx.child(mx.caller_extraction, caller_id).set(1 if extraction else 0)
             for _name, detail in raised:
                 self._alert("extraction", caller_id, model_key, 1.0, 0.0, detail)
         return attrs
@@ -301,7 +313,8 @@ class Monitor:
     def observe_request(self, model: str, version: str, action: str, decision: str,
                         status: str, latency_s: dict[str, float]) -> None:
         """Count one finished request and its stage latencies (keys of ``STAGES``)."""
-        self.metrics.requests.labels(model, version, action, decision, status).inc()
+        mx = self.metrics
+        mx.child(mx.requests, model, version, action, decision, status).inc()
         for stage, seconds in latency_s.items():
             hist = self._stage.get(stage)
             if hist is not None:
@@ -317,14 +330,17 @@ class Monitor:
                                 {"window": self.settings.latency_window})
 
     def set_policy(self, digest: str, reload_ok: bool) -> None:
+        """Record a policy (re)load: the digest in force (only if it loaded) and the outcome."""
         self.metrics.set_policy(digest, reload_ok)
 
     def set_audit(self, size: int, fsync_seconds: float, checkpoint_age_s: float) -> None:
+        """Record the audit log's size (entries), one fsync's latency and the checkpoint age."""
         self.metrics.audit_entries.set(size)
         self.metrics.audit_fsync.observe(fsync_seconds)
         self.metrics.audit_checkpoint_age.set(checkpoint_age_s)
 
     def set_model_state(self, name: str, version: str, loaded: bool, signature_ok: bool) -> None:
+        """Record whether a model version is loaded and whether its signature verified."""
         self.metrics.model_loaded.labels(name, version).set(1 if loaded else 0)
         self.metrics.model_signature.labels(name, version).set(1 if signature_ok else 0)
 
@@ -341,7 +357,7 @@ class Monitor:
                detail: dict[str, int | str]) -> None:
         self.metrics.detections.labels(kind, model).inc()
         now = self._clock()
-        key = (kind, caller, model)
+        key = (kind, caller, model, str(detail.get("detector", "")))
         with self._lock:
             last, suppressed = self._last_alert.get(key, (-math.inf, 0))
             if now - last < self.settings.alert_interval_s:
@@ -351,6 +367,8 @@ class Monitor:
             if len(self._last_alert) > 4 * self.settings.max_callers:
                 self._last_alert = {k: v for k, v in self._last_alert.items()
                                     if now - v[0] < self.settings.alert_interval_s}
+                if len(self._last_alert) > 4 * self.settings.max_callers:
+                    self._last_alert.clear()  # bounded memory beats perfect de-duplication
             if len(self._alerts) >= self.settings.max_alerts:
                 self._alerts.popleft()
                 self.metrics.alerts_dropped.inc()
@@ -359,12 +377,12 @@ class Monitor:
         self.metrics.alerts.labels(kind, model).inc()
 
 
-def load_profile(version_dir: Any) -> InputProfile | None:
-    """The model version's ``profile.json`` if present (None: the model is not profiled)."""
-    from pathlib import Path
+def load_profile(version_dir: str | Path) -> InputProfile | None:
+    """The model version's ``profile.json`` if present (None: the model is not profiled).
 
+    Load it only after the version's signature verified, as for the model itself: the
+    profile sets the thresholds policy decides on. Raises :class:`ProfileError` if malformed.
+    """
     path = Path(version_dir) / PROFILE_FILE
     return InputProfile.load(path) if path.exists() else None
 
-
-__all__ += ["PROFILE_FILE", "GatewayError", "load_profile"]

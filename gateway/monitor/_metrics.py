@@ -9,6 +9,7 @@ prefix, base units (seconds), ``_total`` counters, ``_info`` for labels-as-value
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -26,7 +27,7 @@ STAGES = ("decision", "inference", "audit", "total")
 class Metrics:
     """Every metric the gateway exports; methods are thread-safe (prometheus-client locks)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_callers: int = 1024) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "gateway_requests", "Requests by model, version, action, decision and gRPC status.",
@@ -88,6 +89,31 @@ class Metrics:
                                            ("caller",), registry=r)
         self._policy_digest: str | None = None
         self._lock = threading.Lock()
+        self._max_callers = max_callers
+        self._callers: OrderedDict[str, None] = OrderedDict()
+        # labels() costs a lock and a tuple hash; resolved children are cached here.
+        self._children: dict[tuple[int, tuple[str, ...]], object] = {}
+
+    def child(self, metric, *labels: str):  # type: ignore[no-untyped-def]
+        """``metric.labels(*labels)``, cached."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def caller(self, caller: str) -> None:
+        """Note activity of ``caller``; the least recent beyond ``max_callers`` loses its
+        series, so per-caller cardinality stays bounded whatever identities call."""
+        with self._lock:
+            if caller in self._callers:
+                self._callers.move_to_end(caller)
+                return
+            self._callers[caller] = None
+            if len(self._callers) <= self._max_callers:
+                return
+            evicted, _ = self._callers.popitem(last=False)
+        self.forget_caller(evicted)
 
     def set_policy(self, digest: str, reload_ok: bool) -> None:
         with self._lock:
@@ -100,11 +126,12 @@ class Metrics:
         self.policy_ok.set(1 if reload_ok else 0)
 
     def forget_caller(self, caller: str) -> None:
-        """Drop a caller's series (called on LRU eviction, so cardinality stays bounded)."""
+        """Drop a caller's series."""
         for metric, extra in ((self.caller_rate_ratio, ()), (self.caller_extraction, ()),
                               (self.caller_input_alarms, ()),
                               (self.caller_requests, ("admitted",)),
                               (self.caller_requests, ("rejected",))):
+            self._children.pop((id(metric), (caller, *extra)), None)
             try:
                 metric.remove(caller, *extra)
             except KeyError:
@@ -144,7 +171,8 @@ class MetricsServer:
             self._httpd = make_server(host, port, app, _Server, handler_class=_QuietHandler)
         except OSError as err:
             raise ConfigError(f"[monitor] metrics_listen {listen}: cannot listen: {err}") from err
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
+        # A short poll interval makes stop() prompt (shutdown waits for the next poll).
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
                                         name="gateway-metrics", daemon=True)
         self._thread.start()
 

@@ -8,12 +8,18 @@ What is stored, and why:
 
 * per-feature mean, standard deviation and quantiles, and hard bounds (the reference range
   widened by ``bound_margin`` of itself): schema-level checks that need no statistics;
-* a shrunk inverse covariance of the standardised features, kept as its Cholesky factor so a
-  row's distance is one matrix product. Shrinkage is Ledoit & Wolf (2004), "A well-conditioned
+* each feature is mapped to a normal score through its reference quantiles (piecewise linear
+  between quantiles at evenly spaced normal scores, extended linearly beyond them), so skewed
+  and heavy-tailed features do not dominate the distance (a Gaussian-copula view; a feature
+  with tied quantiles, e.g. discrete, is standardised by mean and deviation instead);
+* a shrunk inverse covariance of those scores, kept as its Cholesky factor so a row's
+  distance is one matrix product. Shrinkage is Ledoit & Wolf (2004), "A well-conditioned
   estimator for large-dimensional covariance matrices", J. Multivariate Analysis 88:365-411,
   Lemmas 3.2-3.4 (target ``mu * I``, intensity ``min(b^2, d^2) / d^2``);
 * thresholds of that distance at the configured false-positive rates, **calibrated on a held-out
-  split** the covariance never saw (an empirical quantile, not a chi-square folklore value);
+  split** the covariance never saw: the empirical quantile where at least 10 held-out rows lie
+  beyond it, a peaks-over-threshold extrapolation further out (not a chi-square folklore
+  value, which skewed or heavy-tailed data would not obey);
 * for the usage detector: the PRADA threshold on Shapiro-Wilk W, calibrated by simulating benign
   callers drawing held-out rows, and how often two reference rows differ in a single feature;
 * for output drift: the reference distribution of predictions (classes, or deciles of a value)
@@ -31,7 +37,7 @@ from typing import Any
 import numpy as np
 import rfc8785
 
-from gateway.errors import GatewayError
+from gateway.errors import ModelUnavailable
 
 from ._shapiro import shapiro_w
 
@@ -42,13 +48,18 @@ STANDARD_FPRS = (0.05, 0.01, 0.005, 0.001)
 MAX_FULL_COVARIANCE = 512
 #: PRADA distances are computed in at most this many (randomly projected) dimensions.
 PROJECTION_DIM = 32
-_QUANTILE_LEVELS = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
+#: Normal scores of the per-feature quantile knots (levels Phi(s): 0.00135 ... 0.99865).
+NORMAL_KNOTS = np.linspace(-3.0, 3.0, 25)
+_NORMAL_CDF = NormalDist().cdf
+#: Largest (rows x features x knots) block compared at once while scoring.
+_BLOCK = 1 << 22
 _PSI_SIMULATIONS = 4000
 _PRADA_SIMULATIONS = 1000
 
 
-class ProfileError(GatewayError):
-    """A reference profile cannot be built, read or applied."""
+class ProfileError(ModelUnavailable):
+    """A reference profile cannot be built, read or applied (a model whose profile is
+    malformed is not served: its thresholds are part of what policy decides on)."""
 
 
 def _round(values: Any) -> Any:
@@ -147,6 +158,7 @@ class InputProfile:
     features: int
     mean: np.ndarray
     std: np.ndarray
+    knots: np.ndarray  # (features, len(NORMAL_KNOTS)) quantiles at the normal-score levels
     low: np.ndarray  # hard bounds
     high: np.ndarray
     whitening: np.ndarray  # (features, features) Cholesky factor of the precision, or (features,)
@@ -169,7 +181,7 @@ class InputProfile:
         *,
         fprs: tuple[float, ...] = (0.01, 0.001),
         seed: int = 0,
-        holdout: float = 0.3,
+        holdout: float = 0.5,
         bound_margin: float = 0.25,
         outputs: np.ndarray | None = None,
         drift_window: int = 256,
@@ -207,7 +219,13 @@ class InputProfile:
         if constant.any():
             warnings.append(f"{int(constant.sum())} constant feature(s): any change is anomalous")
         std = np.where(constant, np.maximum(1e-9, 1e-9 * np.abs(mean)), std)
-        z = (a - mean) / std
+        levels = [_NORMAL_CDF(v) for v in NORMAL_KNOTS]
+        knots = np.quantile(a, levels, axis=0).T
+        tied = ~(np.diff(knots, axis=1) > 0).all(axis=1)
+        # Tied quantiles (discrete or constant features): the linear map (x - mean) / std.
+        knots[tied] = mean[tied, None] + std[tied, None] * NORMAL_KNOTS[None, :]
+        knots = np.asarray(_matrix(knots))
+        z = _gaussianise(a, knots)
         if d <= MAX_FULL_COVARIANCE:
             cov, shrinkage = ledoit_wolf(z)
             precision = np.linalg.inv(cov)
@@ -223,18 +241,18 @@ class InputProfile:
         if d > PROJECTION_DIM:
             projection = rng.standard_normal((d, PROJECTION_DIM)) / math.sqrt(PROJECTION_DIM)
 
-        draft = cls(features=d, mean=mean, std=std, low=low, high=high, whitening=whitening,
-                    thresholds=(), prada_thresholds=(), usage_window=usage_window,
+        draft = cls(features=d, mean=mean, std=std, knots=knots, low=low, high=high,
+                    whitening=whitening, thresholds=(), prada_thresholds=(),
+                    usage_window=usage_window,
                     usage_memory=usage_memory, projection=projection, single_change_rate=0.0)
         draft = cls.from_dict(draft.to_dict())  # score with exactly the stored (rounded) values
 
         all_fprs = tuple(sorted(set(STANDARD_FPRS) | {float(f) for f in fprs}))
-        scores_b = draft.score(b)
-        thresholds = tuple((f, _quantile(scores_b, 1 - f)) for f in all_fprs)
+        thresholds = _calibrate_distance(draft.score(b), all_fprs)
         for f in all_fprs:
-            if n_hold * f < 5:
-                warnings.append(f"only {n_hold * f:.1f} held-out rows expected beyond the "
-                                f"{f} threshold: it is a rough estimate; give more data")
+            if n_hold * f < 1:
+                warnings.append(f"fewer than one held-out row expected beyond the {f} "
+                                "threshold: it is extrapolated; give more data")
         prada = _calibrate_prada(draft, b, all_fprs, rng)
         pair = rng.integers(0, n_hold, size=(min(20000, n_hold * 4), 2))
         changed = (np.abs(b[pair[:, 0]] - b[pair[:, 1]]) > 0).sum(axis=1)
@@ -247,13 +265,13 @@ class InputProfile:
                 raise ProfileError(f"outputs have {out_rows.shape[0]} rows, inputs {n}")
             output = _fit_output(out_rows[fit_idx], out_rows[hold_idx], drift_window,
                                  all_fprs, rng)
-        quantiles = np.quantile(a, _QUANTILE_LEVELS, axis=0)
         meta = {
             "n_fit": int(n - n_hold), "n_holdout": int(n_hold), "seed": int(seed),
             "shrinkage": float(shrinkage), "bound_margin": float(bound_margin),
-            "quantile_levels": list(_QUANTILE_LEVELS), "quantiles": _matrix(quantiles),
+            "discrete_features": int(tied.sum()),
         }
-        final = cls(features=d, mean=draft.mean, std=draft.std, low=draft.low, high=draft.high,
+        final = cls(features=d, mean=draft.mean, std=draft.std, knots=draft.knots,
+                    low=draft.low, high=draft.high,
                     whitening=draft.whitening, thresholds=thresholds, prada_thresholds=prada,
                     usage_window=usage_window, usage_memory=usage_memory,
                     projection=draft.projection, single_change_rate=single_change_rate,
@@ -265,7 +283,7 @@ class InputProfile:
 
     def standardise(self, rows: np.ndarray) -> np.ndarray:
         """Rows mapped to the whitened space, where in-distribution data is about N(0, I)."""
-        z = (rows - self.mean) / self.std
+        z = _gaussianise(rows, self.knots)
         if self.whitening.ndim == 1:
             return z
         return z @ self.whitening
@@ -294,20 +312,26 @@ class InputProfile:
         return _pick(self.prada_thresholds, fpr)
 
     def assess(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One pass for the request path: (distance, whitened row, within hard bounds) per row.
+        """One pass for the request path: (distance, whitened row, within bounds) per row.
 
         Rows with NaN or infinity are out of bounds and score ``inf``.
         """
+        in_bounds = ((rows >= self.low) & (rows <= self.high)).all(axis=1)
+        if in_bounds.all():  # the common case: finite, so no floating-point warnings
+            u = self.standardise(rows)
+            return np.sqrt(np.einsum("ij,ij->i", u, u)), u, in_bounds
         with np.errstate(invalid="ignore", over="ignore"):
-            in_bounds = ((rows >= self.low) & (rows <= self.high)).all(axis=1)
             u = self.standardise(rows)
             scores = np.sqrt(np.einsum("ij,ij->i", u, u))
-        if not in_bounds.all():
-            scores[~np.isfinite(scores)] = np.inf
+        scores[~np.isfinite(scores)] = np.inf
         return scores, u, in_bounds
 
     def usage_space(self, u: np.ndarray) -> np.ndarray:
-        """Whitened rows as PRADA sees them (randomly projected for wide inputs)."""
+        """Whitened rows ``u`` as PRADA sees them (randomly projected for wide inputs).
+
+        Raw or per-feature standardised distances would let a few heavy-tailed features make
+        benign callers' distances far from normal too.
+        """
         return u if self.projection is None else u @ self.projection
 
     # ------------------------------------------------------------------ storage
@@ -323,6 +347,7 @@ class InputProfile:
             "format": FORMAT,
             "features": self.features,
             "mean": _round(self.mean), "std": _round(self.std),
+            "quantiles": {"normal_scores": _round(NORMAL_KNOTS), "values": _matrix(self.knots)},
             "bounds": {"low": _round(self.low), "high": _round(self.high)},
             "whitening": (_matrix(self.whitening) if self.whitening.ndim == 2
                           else _round(self.whitening)),
@@ -362,8 +387,14 @@ class InputProfile:
             std = vec(data["std"])
             if not (std > 0).all():
                 raise ProfileError("std must be positive")
+            quantiles = data["quantiles"]
+            if not np.allclose(quantiles["normal_scores"], NORMAL_KNOTS):
+                raise ProfileError("quantile levels differ from this gateway's")
+            knots = np.asarray(quantiles["values"], dtype=np.float64).reshape(d, -1)
+            if not (np.diff(knots, axis=1) > 0).all():
+                raise ProfileError("quantiles must be strictly increasing")
             return cls(
-                features=d, mean=vec(data["mean"]), std=std,
+                features=d, mean=vec(data["mean"]), std=std, knots=knots,
                 low=vec(data["bounds"]["low"]), high=vec(data["bounds"]["high"]),
                 whitening=whitening,
                 thresholds=tuple((float(f), float(t)) for f, t in data["input_thresholds"]),
@@ -411,6 +442,81 @@ class InputProfile:
             return cls.from_dict(data)
         except ProfileError as err:
             raise ProfileError(f"{path}: {err}") from err
+
+
+#: Fewest held-out rows beyond a threshold for its empirical quantile to be used as is.
+_MIN_TAIL = 10
+
+
+def _calibrate_distance(scores: np.ndarray, fprs: tuple[float, ...]
+                        ) -> tuple[tuple[float, float], ...]:
+    """Distance thresholds at ``fprs`` from held-out scores.
+
+    Where at least ``_MIN_TAIL`` held-out rows lie beyond it, the threshold is the empirical
+    quantile. Further out it is extrapolated by peaks over threshold (Pickands-Balkema-de
+    Haan): excesses of the squared distance over a high quantile ``u`` are exponential (a
+    generalised Pareto with shape 0, the chi-square-like tail of a squared Mahalanobis
+    distance), so ``t^2 = u^2 + beta * ln(p_u / fpr)`` with ``beta`` the mean excess.
+    """
+    n = len(scores)
+    p_u = min(0.05, 3 * _MIN_TAIL / n)
+    sq = np.sort(scores) ** 2
+    u2 = _quantile(sq, 1 - p_u)
+    beta = float(sq[sq > u2].mean() - u2) if (sq > u2).any() else 0.0
+    out = []
+    for f in fprs:
+        if n * f >= _MIN_TAIL:
+            out.append((f, _quantile(scores, 1 - f)))
+        else:
+            out.append((f, math.sqrt(u2 + beta * math.log(p_u / f))))
+    return tuple(out)
+
+
+def _gaussianise(rows: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """Normal score of each value: piecewise-linear through (knot, NORMAL_KNOTS) per feature.
+
+    Values beyond the outer knots follow the outer segments' lines, so far-out values get
+    far-out scores; NaN stays NaN.
+    """
+    return _Segments.of(knots)(rows)
+
+
+class _Segments:
+    """``z = a[j, i] + b[j, i] * x`` where ``i`` counts the knots of feature ``j`` below x.
+
+    Index 0 and K repeat the outer segments (linear extrapolation), so no clipping is needed:
+    seven numpy operations per call, which matters on the request path.
+    """
+
+    _cache: dict[int, _Segments] = {}
+
+    def __init__(self, knots: np.ndarray) -> None:
+        d, k = knots.shape
+        slope = np.diff(NORMAL_KNOTS)[None, :] / np.diff(knots, axis=1)  # (d, k-1)
+        a = NORMAL_KNOTS[None, :-1] - knots[:, :-1] * slope
+        self.a = np.concatenate([a[:, :1], a, a[:, -1:]], axis=1).ravel()
+        self.b = np.concatenate([slope[:, :1], slope, slope[:, -1:]], axis=1).ravel()
+        self.knots = knots
+        self.offsets = np.arange(d) * (k + 1)
+        self.k = k
+
+    @classmethod
+    def of(cls, knots: np.ndarray) -> _Segments:
+        seg = cls._cache.get(id(knots))
+        if seg is None or seg.knots is not knots:
+            seg = cls(knots)
+            if len(cls._cache) > 256:
+                cls._cache.clear()
+            cls._cache[id(knots)] = seg
+        return seg
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        n, d = rows.shape
+        step = max(1, _BLOCK // max(1, d * self.k))
+        if n > step:
+            return np.concatenate([self(rows[i:i + step]) for i in range(0, n, step)])
+        i = (rows[:, :, None] > self.knots).sum(axis=2) + self.offsets
+        return np.take(self.a, i) + np.take(self.b, i) * rows
 
 
 def _min_prior_distances(u: np.ndarray, memory: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 Three extraction detectors run per (caller, model) on a bounded sample of each request's rows:
 
 * **PRADA** (Juuti et al. 2019, EuroS&P, section IV): each query's distance to the nearest of
-  the caller's previous ``memory`` queries (in the profile's whitened space) joins a window of
+  the caller's previous ``memory`` queries (in whitened space of the input score) joins a window of
   ``window`` distances; when a window fills, Shapiro-Wilk W is computed on it and the alarm is
   raised when W falls below the profile's calibrated threshold. Synthetic queries made by
   small steps from seeds give distances clustered at the step sizes (low W); natural queries
@@ -60,13 +60,15 @@ class _Rate:
 class _Stream:
     """State of one caller on one model (fixed-size arrays: bounded memory)."""
 
-    __slots__ = ("alarms", "dist_n", "distances", "last_w", "mem_n", "mem_pos", "memory",
-                 "prev", "probe_n", "probe_pos", "probes", "profile", "sweep_n", "sweep_pos",
-                 "sweeps")
+    __slots__ = ("alarms", "dist_n", "distances", "last_w", "lock", "mem_n", "mem_pos",
+                 "memory", "prev", "probe_n", "probe_pos", "probes", "profile", "sweep_n",
+                 "sweep_pos", "sweeps")
 
     def __init__(self, profile: InputProfile, probe_window: int, sweep_window: int) -> None:
         dim = profile.projection.shape[1] if profile.projection is not None else profile.features
         self.profile = profile
+        # One lock per stream: callers never wait for each other, only for themselves.
+        self.lock = threading.Lock()
         self.memory = np.zeros((profile.usage_memory, dim))
         self.mem_n = self.mem_pos = 0
         self.distances = np.zeros(profile.usage_window)
@@ -89,13 +91,12 @@ class UsageResult:
 
 
 class UsageTracker:
-    """Thread-safe per-caller usage state; ``on_evict(caller)`` lets metrics drop its series."""
+    """Thread-safe per-caller usage state, in LRUs of ``max_callers`` entries."""
 
     def __init__(self, *, input_fpr: float, extraction_fpr: float, probe_window: int,
                  sweep_window: int, rows_per_request: int, rate_short_s: float,
                  rate_long_s: float, rate_floor: float, rate_ratio_alarm: float,
-                 max_callers: int, clock: Callable[[], float],
-                 on_evict: Callable[[str], None] = lambda caller: None) -> None:
+                 max_callers: int, clock: Callable[[], float]) -> None:
         self._extraction_fpr = extraction_fpr
         self._probe_window = probe_window
         self._sweep_window = sweep_window
@@ -105,7 +106,6 @@ class UsageTracker:
         self._rate_alarm = rate_ratio_alarm
         self._max = max_callers
         self._clock = clock
-        self._on_evict = on_evict
         self._probe_k = binomial_alarm_count(probe_window, input_fpr, extraction_fpr)
         self._sweep_k: dict[float, int] = {}
         self._lock = threading.Lock()
@@ -123,8 +123,7 @@ class UsageTracker:
             if r is None:
                 r = self._rates[caller] = _Rate(now)
                 if len(self._rates) > self._max:
-                    evicted, _ = self._rates.popitem(last=False)
-                    self._on_evict(evicted)
+                    self._rates.popitem(last=False)
             else:
                 self._rates.move_to_end(caller)
             dt = max(0.0, now - r.last)
@@ -167,6 +166,7 @@ class UsageTracker:
                     self._streams.popitem(last=False)
             else:
                 self._streams.move_to_end(key)
+        with st.lock:
             before = dict(st.alarms)
             self._prada(st, v)
             self._probe(st, row_alarms)
@@ -187,7 +187,10 @@ class UsageTracker:
                     st.distances[st.dist_n] = dist
                     st.dist_n += 1
                     if st.dist_n == profile.usage_window:
-                        st.last_w = float(shapiro_w(st.distances))
+                        d = st.distances
+                        # Identical distances (one fixed step) are as non-normal as it gets.
+                        degenerate = d.std() <= 1e-9 * d.mean()
+                        st.last_w = 0.0 if degenerate else float(shapiro_w(d))
                         threshold = profile.prada_threshold(self._extraction_fpr)
                         st.alarms["prada"] = st.last_w < threshold
                         st.dist_n = 0

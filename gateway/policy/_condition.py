@@ -28,7 +28,7 @@ true when its value is the boolean ``true``. Semantics chosen to fail closed:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from gateway.policy._glob import compile_glob
@@ -106,8 +106,8 @@ def parse_condition(text: str) -> Condition:
 _Token = tuple[str, object, int]  # kind, value, column (1-based)
 
 
-def _tokenize(text: str) -> list[_Token]:
-    tokens: list[_Token] = []
+def _tokenize(text: str) -> Iterator[_Token]:
+    """Tokens, lazily: the parser reports the first problem in reading order."""
     i = 0
     n = len(text)
     while i < n:
@@ -128,28 +128,27 @@ def _tokenize(text: str) -> list[_Token]:
                 j += 1
             if j >= n:
                 raise ConditionError(f"unterminated string starting at column {col}")
-            tokens.append(("str", "".join(out), col))
+            yield ("str", "".join(out), col)
             i = j + 1
             continue
         m = _NUMBER.match(text, i)
         if m and (c != "-" or m.end() > i + 1):
             raw = m.group()
-            tokens.append(("num", float(raw) if "." in raw else int(raw), col))
+            yield ("num", float(raw) if "." in raw else int(raw), col)
             i = m.end()
             continue
         m = _NAME.match(text, i)
         if m:
-            tokens.append(("name", m.group(), col))
+            yield ("name", m.group(), col)
             i = m.end()
             continue
         for op in _OPERATORS:
             if text.startswith(op, i):
-                tokens.append(("op", op, col))
+                yield ("op", op, col)
                 i += len(op)
                 break
         else:
             raise ConditionError(f"unexpected character {c!r} at column {col}")
-    return tokens
 
 
 # --- parser -----------------------------------------------------------------------------
@@ -171,11 +170,11 @@ class _Value:
 
 def _kind(value: object) -> str:
     if isinstance(value, bool):
-        return "bool"
+        return "boolean"
     if isinstance(value, int | float):
-        return "num"
+        return "number"
     if isinstance(value, str):
-        return "str"
+        return "string"
     return "other"
 
 
@@ -195,7 +194,7 @@ def _compare(op: str, a: object, b: object) -> bool:
         return a == b
     if op == "!=":
         return a != b
-    if ka == "bool":
+    if ka == "boolean":
         return False
     if op == "<":
         return a < b  # type: ignore[operator]
@@ -207,13 +206,19 @@ def _compare(op: str, a: object, b: object) -> bool:
 
 
 class _Parser:
-    def __init__(self, tokens: list[_Token]) -> None:
-        self.tokens = tokens
+    def __init__(self, tokens: Iterator[_Token]) -> None:
+        self.source = tokens
+        self.tokens: list[_Token] = []
         self.pos = 0
         self.names: set[str] = set()
 
     def peek(self) -> _Token | None:
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+        while self.pos >= len(self.tokens):
+            tok = next(self.source, None)
+            if tok is None:
+                return None
+            self.tokens.append(tok)
+        return self.tokens[self.pos]
 
     def take(self) -> _Token:
         tok = self.peek()
@@ -311,7 +316,7 @@ class _Parser:
         except ValueError as err:
             raise ConditionError(f"globMatch pattern {pattern!r}: {err}") from None
         name = subject.attribute
-        self.check_type(name, "str")
+        self.check_type(name, "string")
 
         def fn(attrs: Attributes) -> bool:
             value = attrs.get(name)

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-_SPECIAL = "*?[\\"
+_SPECIAL = re.compile(r"[*?\[\\]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +56,14 @@ def compile_key(pattern: str) -> Pattern:
 
 def compile_glob(pattern: str) -> Pattern:
     """Shell-style glob (see module docstring); raises ValueError on a malformed class."""
+    special = _SPECIAL.search(pattern)
+    if special is None:
+        return Pattern(pattern, pattern, pattern, pattern.__eq__)
+    if special.start() == len(pattern) - 1 and pattern[-1] == "*":  # "prefix*": no regex
+        prefix = pattern[:-1]
+        start = len(prefix)
+        return Pattern(pattern, prefix, None,
+                       lambda s: s.startswith(prefix) and s.find("/", start) == -1)
     regex: list[str] = []
     literal: list[str] = []  # literal prefix, while no wildcard has been seen
     wild = False

@@ -12,6 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from gateway.errors import ConfigError
 from gateway.policy._condition import Condition, ConditionError, parse_condition
@@ -92,9 +93,8 @@ class ModelSpec:
     conditions: bool      # p has a cond field and the matcher evaluates it
 
 
-@dataclass(frozen=True, slots=True)
-class RuleSpec:
-    """A parsed ``p`` line."""
+class RuleSpec(NamedTuple):
+    """A parsed ``p`` line (a NamedTuple: 100k of them are built per reload)."""
 
     index: int
     line: int
@@ -121,8 +121,7 @@ class RuleSpec:
         return ", ".join(fields)
 
 
-@dataclass(frozen=True, slots=True)
-class LinkSpec:
+class LinkSpec(NamedTuple):
     """A parsed ``g`` line: ``member`` has role ``role``."""
 
     line: int
@@ -361,9 +360,15 @@ def _balanced(text: str) -> bool:
 # --- policy.csv -------------------------------------------------------------------------
 
 
+_PLAIN = re.compile(r"[^'\"()\[\]]*\Z")
+_SPACE = re.compile(r"\s")
+
+
 def split_fields(line: str) -> list[str] | str:
     """casbin's policy-line split (commas inside () or [] do not separate), also honouring
     quotes; returns the stripped fields or a message saying what is unbalanced."""
+    if _PLAIN.match(line):  # the common case: no quotes or brackets
+        return [f.strip() for f in line.split(",")]
     fields: list[str] = [""]
     depth = 0
     quote = ""
@@ -397,53 +402,167 @@ def split_fields(line: str) -> list[str] | str:
     return [f.strip() for f in fields]
 
 
+class _Parser:
+    """Parses policy.csv lines, memoizing what repeats across 100k rules (patterns, action
+    sets, checked names): compile time is reload time."""
+
+    def __init__(self, model: ModelSpec, problems: list[Problem]) -> None:
+        self.model = model
+        self.problems = problems
+        self.patterns: dict[str, Pattern | str] = {}       # pattern -> compiled or error
+        self.actions: dict[str, tuple[str, ...] | str] = {}  # act -> actions or error
+        self.names: dict[str, str | None] = {}              # subject -> error or None
+        self.conditions: dict[str, Condition | str] = {}
+        self.objects: dict[str, tuple[Pattern, Pattern | None]] = {}  # valid objects only
+
+    def subject_problem(self, name: str) -> str | None:
+        if name not in self.names:
+            self.names[name] = _check_subject(name)
+        return self.names[name]
+
+    def pattern(self, text: str) -> Pattern | str:
+        found = self.patterns.get(text)
+        if found is None:
+            try:
+                found = compile_pattern(self.model.obj, text)
+            except ValueError as err:
+                found = str(err)
+            self.patterns[text] = found
+        return found
+
+    def action_set(self, act: str) -> tuple[str, ...] | str:
+        found = self.actions.get(act)
+        if found is None:
+            try:
+                match = compile_pattern(self.model.act, act).match
+            except ValueError as err:
+                found = f"bad action pattern {act!r}: {err}"
+            else:
+                found = tuple(a for a in ACTIONS if match(a)) or \
+                    f"unknown action {act!r}; actions: {', '.join(ACTIONS)}"
+            self.actions[act] = found
+        return found
+
+    def condition(self, text: str) -> Condition | str:
+        found = self.conditions.get(text)
+        if found is None:
+            try:
+                found = parse_condition(text)
+            except ConditionError as err:
+                found = f"bad condition: {err}"
+            self.conditions[text] = found
+        return found
+
+    def rule(self, values: list[str], index: int, number: int) -> RuleSpec | None:
+        """A validated rule; the fast path serves fields already seen valid (the common
+        case at 100k rules), the slow path below names every problem."""
+        sub, obj, act = values[0], values[1], values[2]
+        objects = self.objects.get(obj)
+        actions = self.actions.get(act)
+        if (objects is not None and actions is not None and type(actions) is tuple
+                and self.names.get(sub, "?") is None):
+            extra = values[3:]
+            if not extra:
+                return RuleSpec(index, number, sub, obj, act, False, None, objects[0],
+                                objects[1], actions)
+            eft = extra[0]
+            if (eft == "allow" or (eft == "deny" and self.model.effect != "allow")) and \
+                    (len(extra) == 1 or not extra[1]):
+                return RuleSpec(index, number, sub, obj, act, eft == "deny", None, objects[0],
+                                objects[1], actions)
+        return self.slow_rule(values, index, number)
+
+    def slow_rule(self, values: list[str], index: int, number: int) -> RuleSpec | None:
+        model = self.model
+        problems = self.problems
+        before = len(problems)
+        sub, obj, act = values[0], values[1], values[2]
+
+        def bad(message: str) -> None:
+            problems.append(Problem(POLICY_FILE, number, message))
+
+        message = self.subject_problem(sub)
+        if message:
+            bad(message)
+        name: Pattern | str | None = None
+        version: Pattern | str | None = None
+        name_part, colon, version_part = obj.partition(":")
+        if not name_part or (colon and not version_part) or _SPACE.search(obj):
+            bad(f"bad object {obj!r}: a model name or pattern, optionally ':version'")
+        else:
+            name = self.pattern(name_part)
+            version = self.pattern(version_part) if colon else None
+            for part in (name, version):
+                if isinstance(part, str):
+                    bad(f"bad object pattern {obj!r}: {part}")
+        actions = self.action_set(act)
+        if isinstance(actions, str):
+            bad(actions)
+        deny = False
+        if len(model.p_fields) > 3:
+            eft = values[3]
+            if eft not in ("allow", "deny"):
+                bad(f"effect must be 'allow' or 'deny', not {eft!r}")
+            elif eft == "deny" and model.effect == "allow":
+                bad("deny rule, but the policy_effect only counts allows (it would be ignored)")
+            deny = eft == "deny"
+        cond = None
+        if len(model.p_fields) > 4 and values[4]:
+            cond = self.condition(values[4])
+            if isinstance(cond, str):
+                bad(cond)
+        if len(problems) > before:
+            return None
+        self.objects[obj] = (name, version)  # type: ignore[assignment]
+        return RuleSpec(index, number, sub, obj, act, deny, cond, name, version,  # type: ignore[arg-type]
+                        actions)  # type: ignore[arg-type]
+
+
 def parse_policy(text: str, model: ModelSpec,
                  problems: list[Problem]) -> tuple[list[RuleSpec], list[LinkSpec]]:
     """Parse policy.csv lines into rules and role links, validating every field."""
     rules: list[RuleSpec] = []
     links: list[LinkSpec] = []
+    parser = _Parser(model, problems)
     n_p = len(model.p_fields)
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
-        if not line or line.startswith("#"):
+        if not line or line[0] == "#":
             continue
-
-        def bad(message: str, number: int = number) -> None:
-            problems.append(Problem(POLICY_FILE, number, message))
-
         fields = split_fields(line)
         if isinstance(fields, str):
-            bad(fields)
+            problems.append(Problem(POLICY_FILE, number, fields))
             continue
-        kind, values = fields[0], fields[1:]
-        if kind == "g":
-            if model.subject != "g":
-                bad("g rule, but the model has no role definition used by the matcher")
+        kind = fields[0]
+        values = fields[1:]
+        if kind == "p":
+            if model.conditions and len(values) == n_p - 1:
+                values.append("")  # the condition is optional
+            if len(values) != n_p:
+                problems.append(Problem(POLICY_FILE, number, f"p rule needs {n_p} fields "
+                                        f"({', '.join(model.p_fields)}), found {len(values)}"))
                 continue
-            if len(values) != 2:
-                bad(f"g rule needs 2 fields (member, role), found {len(values)}")
-                continue
+            rule = parser.rule(values, len(rules), number)
+            if rule is not None:
+                rules.append(rule)
+            continue
+        if kind != "g":
+            problems.append(Problem(POLICY_FILE, number, f"unknown rule type {kind!r}: only 'p' "
+                                    "(permission) and 'g' (role) lines are supported"))
+            continue
+        if model.subject != "g":
+            message = "g rule, but the model has no role definition used by the matcher"
+        elif len(values) != 2:
+            message = f"g rule needs 2 fields (member, role), found {len(values)}"
+        else:
             member, role = values
-            message = _check_subject(member) or _check_subject(role)
-            if message:
-                bad(message)
-            elif member == role:
-                bad(f"{member!r} is given itself as a role")
-            else:
-                links.append(LinkSpec(number, member, role))
-            continue
-        if kind != "p":
-            bad(f"unknown rule type {kind!r}: only 'p' (permission) and 'g' (role) lines are "
-                "supported")
-            continue
-        if model.conditions and len(values) == n_p - 1:
-            values = [*values, ""]  # the condition is optional
-        if len(values) != n_p:
-            bad(f"p rule needs {n_p} fields ({', '.join(model.p_fields)}), found {len(values)}")
-            continue
-        rule = _parse_rule(values, model, len(rules), number, bad)
-        if rule is not None:
-            rules.append(rule)
+            message = parser.subject_problem(member) or parser.subject_problem(role)
+            if not message and member == role:
+                message = f"{member!r} is given itself as a role"
+        if message:
+            problems.append(Problem(POLICY_FILE, number, message))
+        else:
+            links.append(LinkSpec(number, member, role))
     _check_cycles(links, problems)
     return rules, links
 
@@ -459,61 +578,6 @@ def _check_subject(name: str) -> str | None:
     if name.startswith("spiffe://") and any(s in (".", "..") for s in name[9:].split("/")):
         return f"malformed SPIFFE ID {name!r} ('.' or '..' segment)"
     return None
-
-
-def _parse_rule(values: list[str], model: ModelSpec, index: int, number: int,
-                bad) -> RuleSpec | None:
-    named = dict(zip(model.p_fields, values, strict=True))
-    sub, obj, act = named["sub"], named["obj"], named["act"]
-    ok = True
-    message = _check_subject(sub)
-    if message:
-        bad(message)
-        ok = False
-    name_part, _, version_part = obj.partition(":")
-    if not name_part or (":" in obj and not version_part) or any(c.isspace() for c in obj):
-        bad(f"bad object {obj!r}: a model name or pattern, optionally ':version'")
-        ok = False
-        name = version = None
-    else:
-        try:
-            name = compile_pattern(model.obj, name_part)
-            version = compile_pattern(model.obj, version_part) if version_part else None
-        except ValueError as err:
-            bad(f"bad object pattern {obj!r}: {err}")
-            ok = False
-    actions: tuple[str, ...] = ()
-    try:
-        act_pattern = compile_pattern(model.act, act)
-        actions = tuple(a for a in ACTIONS if act_pattern.match(a))
-    except ValueError as err:
-        bad(f"bad action pattern {act!r}: {err}")
-        ok = False
-    else:
-        if not actions:
-            bad(f"unknown action {act!r}; actions: {', '.join(ACTIONS)}")
-            ok = False
-    deny = False
-    if "eft" in named:
-        eft = named["eft"]
-        if eft not in ("allow", "deny"):
-            bad(f"effect must be 'allow' or 'deny', not {eft!r}")
-            ok = False
-        elif eft == "deny" and model.effect == "allow":
-            bad("deny rule, but the policy_effect only counts allows (it would be ignored)")
-            ok = False
-        deny = eft == "deny"
-    cond = None
-    if named.get("cond"):
-        try:
-            cond = parse_condition(named["cond"])
-        except ConditionError as err:
-            bad(f"bad condition: {err}")
-            ok = False
-    if not ok:
-        return None
-    return RuleSpec(index, number, sub, obj, act, deny, cond, name, version,  # type: ignore[arg-type]
-                    actions)
 
 
 def _check_cycles(links: list[LinkSpec], problems: list[Problem]) -> None:

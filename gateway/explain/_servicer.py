@@ -1,0 +1,181 @@
+"""The gateway.v1.Explainer gRPC service: thin glue from a request to :func:`explain`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+
+from gateway._proto.gateway.v1 import explain_pb2, explain_pb2_grpc
+from gateway.errors import InvalidRequest, PermissionDenied
+from gateway.explain._budget import ExplainBudgets
+from gateway.explain._methods import planned_evaluations
+from gateway.explain._settings import ExplainSettings
+
+# OIP datatype names (KServe v2 protocol, "Tensor Data Types") -> numpy.
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+}
+
+Baselines = Callable[[Any], "np.ndarray | None"]
+
+
+def profile_baseline(model: Any) -> np.ndarray | None:
+    """The per-feature mean of the model's reference profile, if it has one.
+
+    The profile is the verified ``profile.json`` beside the model (written by
+    ``gateway model profile``; its ``mean`` is per feature, flattened), so the default
+    baseline is "an average input" rather than zeros, which may be far from any real input.
+    """
+    raw = (getattr(model, "extras", None) or {}).get("profile.json")
+    profile: Any = getattr(model, "profile", None)
+    if raw is not None:
+        try:
+            profile = json.loads(raw)
+        except ValueError:
+            return None
+    if profile is None:
+        return None
+    mean = profile.get("mean") if isinstance(profile, dict) else getattr(profile, "mean", None)
+    try:
+        return None if mean is None else np.asarray(mean, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        return None
+
+
+def caller_key(identity: Any) -> str:
+    """The budget key of a caller: its SPIFFE ID (or its printed identity)."""
+    for attr in ("spiffe_id", "id", "name"):
+        value = getattr(identity, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return str(identity)
+
+
+class ExplainServicer(explain_pb2_grpc.ExplainerServicer):
+    """Explain RPCs: policy action ``explain``, a budget of model evaluations per caller."""
+
+    def __init__(self, guard: Any, models: Any, budgets: ExplainBudgets | None = None,
+                 settings: ExplainSettings | None = None, *,
+                 baselines: Baselines = profile_baseline) -> None:
+        self._guard = guard
+        self._models = models
+        self._settings = settings or ExplainSettings()
+        self._budgets = budgets or ExplainBudgets(self._settings.budget_evaluations,
+                                                  self._settings.budget_window_seconds)
+        self._baselines = baselines
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        explain_pb2_grpc.add_ExplainerServicer_to_server(self, server)
+
+    def Explain(self, request: explain_pb2.ExplainRequest,
+                context: grpc.ServicerContext) -> explain_pb2.ExplainResponse:
+        with self._guard.call(context, rpc="Explain", action="explain",
+                              model=request.model_name, version=request.model_version) as call:
+            call.fields["cost"] = {"evaluations": 0}
+            return self._explain(request, call)
+
+    def _explain(self, request: explain_pb2.ExplainRequest,
+                 call: Any) -> explain_pb2.ExplainResponse:
+        from gateway.explain import explain
+
+        # The guard resolved the model the policy decided on; use that one when it offers it.
+        model = call.model() if callable(getattr(call, "model", None)) else \
+            self._models.get(request.model_name, request.model_version)
+        if model is None:
+            raise PermissionDenied(f"permission denied: explain on model '{request.model_name}'")
+        method = request.method or "kernel_shap"
+        if len(model.inputs) != 1:
+            raise InvalidRequest(f"explain needs a model with one input; "
+                                 f"{request.model_name} has {len(model.inputs)}")
+        spec = model.inputs[0]
+        dtype = DATATYPES.get(spec.datatype)
+        if dtype is None:
+            raise InvalidRequest(f"explain does not support input datatype {spec.datatype}")
+        row_shape = self._row_shape(spec, request.input)
+        x = _decode(request.input, dtype, row_shape, "input")
+        source = "request"
+        if request.HasField("baseline"):
+            baseline = _decode(request.baseline, dtype, row_shape, "baseline")
+        else:
+            found = self._baselines(model)
+            if found is not None and found.size == x.size:
+                baseline, source = found.astype(dtype), "profile"
+            else:
+                baseline, source = np.zeros_like(x), "zeros"
+        output_name, index = self._output(model, request)
+        m = x.size
+        if m > self._settings.max_features:
+            raise InvalidRequest(f"the input has {m} features; explain allows at most "
+                                 f"{self._settings.max_features}")
+        if request.samples > self._settings.max_samples:
+            raise InvalidRequest(f"samples {request.samples} is over the limit of "
+                                 f"{self._settings.max_samples}")
+        planned = planned_evaluations(method, m, request.samples)
+        call.fields["explain"] = {"method": method, "features": m, "baseline": source,
+                                  "output": output_name, "index": index}
+        caller = caller_key(call.identity)
+        self._budgets.reserve(caller, planned)
+
+        def run(rows: np.ndarray) -> np.ndarray:
+            feeds = {spec.name: rows.reshape(len(rows), *row_shape).astype(dtype, copy=False)}
+            out = np.asarray(model.run(feeds, [output_name])[output_name])
+            return out.reshape(len(rows), -1)[:, index]
+
+        batch = 1 if spec.shape and spec.shape[0] == 1 else self._settings.batch_size
+        result = explain(run, x, baseline, method=method, samples=request.samples,
+                         seed=request.seed, budget=planned, batch_size=batch)
+        self._budgets.refund(caller, planned - result.evaluations)
+        call.fields["cost"] = {"evaluations": result.evaluations}
+        return explain_pb2.ExplainResponse(
+            model_name=model.name, model_version=str(model.version), method=method,
+            attributions=result.attributions.tolist(), prediction=result.prediction,
+            baseline_prediction=result.baseline_prediction, evaluations=result.evaluations)
+
+    @staticmethod
+    def _row_shape(spec: Any, tensor: explain_pb2.Tensor) -> tuple[int, ...]:
+        """The shape of one row: the model's input shape without its batch dimension."""
+        dims = list(spec.shape)[1:]
+        given = list(tensor.shape)
+        if given and given[0] == 1 and len(given) == len(dims) + 1:
+            given = given[1:]
+        if len(given) != len(dims) or any(d not in (-1, g) for d, g in zip(dims, given,
+                                                                          strict=True)):
+            raise InvalidRequest(f"input shape {list(tensor.shape)} does not match the model's "
+                                 f"{list(spec.shape)} (one row, batch 1)")
+        return tuple(given)
+
+    @staticmethod
+    def _output(model: Any, request: explain_pb2.ExplainRequest) -> tuple[str, int]:
+        names = [o.name for o in model.outputs]
+        name = request.output_name or names[0]
+        if name not in names:
+            raise InvalidRequest(f"model has no output {name!r}; outputs: {', '.join(names)}")
+        spec = model.outputs[names.index(name)]
+        per_row = 1
+        for d in list(spec.shape)[1:]:
+            per_row *= d if d > 0 else 1
+        known = all(d > 0 for d in list(spec.shape)[1:])
+        if known and request.output_index >= per_row:
+            raise InvalidRequest(f"output_index {request.output_index} is out of range for "
+                                 f"output {name!r} with {per_row} values per row")
+        return name, int(request.output_index)
+
+
+def _decode(tensor: explain_pb2.Tensor, dtype: np.dtype, row_shape: tuple[int, ...],
+            what: str) -> np.ndarray:
+    count = int(np.prod(row_shape, dtype=np.int64))
+    expected = count * dtype.itemsize
+    if len(tensor.raw) != expected:
+        raise InvalidRequest(f"{what}: {len(tensor.raw)} bytes of raw data, expected {expected} "
+                             f"({count} x {dtype.name})")
+    x = np.frombuffer(tensor.raw, dtype=dtype.newbyteorder("<")).astype(dtype)
+    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+        raise InvalidRequest(f"{what}: contains NaN or infinity")
+    return x

@@ -1,0 +1,372 @@
+"""Model signatures in the OpenSSF Model Signing (OMS) format, checked against a trust policy.
+
+    from gateway.models.signing import sign_model, verify_files
+    sign_model(Path("models/iris/1"), key=Path("signer.key"))   # writes models/iris/1/model.sig
+    verified = verify_files("iris", files, sig_bytes, config.signing)  # files: name -> bytes
+
+``model.sig`` is a Sigstore bundle holding a DSSE-signed in-toto statement whose predicate
+lists every file of the model version directory with its SHA-256 (``model.sig`` excluded), as
+``model_signing`` 1.x writes and reads it: ours verifies with ``model_signing verify
+key|certificate`` and theirs with ours. Verification works on bytes already in memory, so the
+caller loads exactly the bytes that were verified (no re-reading of paths afterwards).
+
+Verification is stricter than ``model_signing`` (see ``_bundle`` and ``_manifest``): unknown
+fields, predicate types and algorithms are refused, unsafe names (absolute, ``..``) in a
+signed manifest are refused, and every file present must be signed: nothing is ignored.
+Encrypted files (``X.enc``) are signed and verified as their plaintext ``X``
+(see :mod:`gateway.models.encryption`).
+
+The trust policy (:class:`SigningSettings`, the ``[signing]`` table) says which keys or
+certificate identities may sign which model names::
+
+    [signing]
+    require_signature = true
+    kek_file = "keys/kek.hex"                       # for encrypted models (or kek_env)
+
+    [[signing.trust]]
+    name = "release-2026"                           # named in refusals and audit records
+    models = ["fraud-*", "iris"]                    # model-name globs
+    pubkey = "certs/signing/release-2026.pub"       # ECDSA P-256/384/521 PEM
+
+    [[signing.trust]]
+    name = "release-2025"                           # a second key, valid during rotation...
+    pubkey = "certs/signing/release-2025.pub"
+    revoked_at = "2026-12-01T00:00:00Z"             # ...until it is revoked
+
+    [[signing.trust]]
+    name = "org-ca"
+    ca = "certs/org-ca.pem"                         # signing certificates chaining to this CA
+    identities = ["release@example.com", "spiffe://example.org/ci/*"]
+
+The built-in default trusts the demo key made by :func:`ensure_demo_signing_key`
+(``certs/dev/signing/demo-signer.pub``) for every model, as rule ``demo``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gateway.errors import ConfigError, ModelUnavailable
+from gateway.models.signing import _bundle, _manifest, _trust
+
+__all__ = [
+    "SIGNATURE_NAME",
+    "SignatureError",
+    "SigningSettings",
+    "TrustRule",
+    "VerifiedModel",
+    "ensure_demo_signing_key",
+    "read_model_files",
+    "sign_model",
+    "verify_files",
+    "verify_model",
+]
+
+SIGNATURE_NAME = _manifest.SIGNATURE_NAME
+#: Where `gateway demo init` puts the demo signing key pair (relative to the working dir).
+DEMO_SIGNING_DIR = Path("certs/dev/signing")
+
+
+@dataclass(frozen=True)
+class TrustRule:
+    """One ``[[signing.trust]]`` entry: a signer (a key, or a CA plus identities) and the
+    models it may sign."""
+
+    #: Unique name, reported in refusals and in :attr:`VerifiedModel.rule`.
+    name: str
+    #: Model-name globs (fnmatch, case-sensitive) this rule admits.
+    models: tuple[str, ...] = ("*",)
+    #: PEM public key (ECDSA P-256/P-384/P-521) of a key signer. Set this or ``ca``.
+    pubkey: Path | None = None
+    #: PEM CA bundle that certificate signers' chains must validate to. Set this or ``pubkey``.
+    ca: Path | None = None
+    #: Globs over the signing certificate's SAN URIs / e-mails / DNS names / subject CN.
+    identities: tuple[str, ...] = ("*",)
+    #: ISO 8601 time with zone from which this rule admits nothing ("" = never revoked).
+    revoked_at: str = ""
+
+    def __post_init__(self) -> None:
+        where = f"[[signing.trust]] {self.name!r}"
+        if not self.name:
+            raise ConfigError("[[signing.trust]]: every rule needs a non-empty name")
+        if (self.pubkey is None) == (self.ca is None):
+            raise ConfigError(f"{where}: set exactly one of pubkey and ca")
+        if not self.models:
+            raise ConfigError(f"{where}: models must list at least one glob")
+        if self.revoked_at:
+            try:
+                when = datetime.fromisoformat(self.revoked_at)
+            except ValueError as err:
+                raise ConfigError(f"{where}: revoked_at {self.revoked_at!r} is not an ISO 8601 "
+                                  f"time") from err
+            if when.tzinfo is None:
+                raise ConfigError(f"{where}: revoked_at needs a time zone (e.g. ...Z)")
+
+
+def _demo_rules() -> tuple[TrustRule, ...]:
+    return (TrustRule(name="demo", models=("*",), pubkey=DEMO_SIGNING_DIR / "demo-signer.pub"),)
+
+
+@dataclass(frozen=True)
+class SigningSettings:
+    """The ``[signing]`` table: the trust policy for model signatures and the KEK source."""
+
+    #: Refuse models without ``model.sig``. When false an unsigned model may be served, but a
+    #: present signature must still verify.
+    require_signature: bool = True
+    #: Trust rules, tried in order; the default trusts the demo key for every model.
+    trust: tuple[TrustRule, ...] = field(default_factory=_demo_rules)
+    #: File holding the key-encryption key (64 hex chars) for encrypted (``*.enc``) files.
+    kek_file: Path | None = None
+    #: Environment variable holding the KEK, used when ``kek_file`` is unset.
+    kek_env: str = ""
+
+    def __post_init__(self) -> None:
+        names = [rule.name for rule in self.trust]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"[signing]: duplicate trust rule name(s) {', '.join(dupes)}")
+
+
+class SignatureError(ModelUnavailable):
+    """The model may not be served: unsigned, tampered, malformed or untrusted signature.
+
+    The message lists the files that are extra, missing or changed by name, or names the
+    trust rule that refused (also in ``rule``, '' when no rule applied).
+    """
+
+    def __init__(self, message: str, rule: str = "") -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
+@dataclass(frozen=True)
+class VerifiedModel:
+    """What a successful verification proves."""
+
+    #: Hex SHA-256 over the manifest (the OMS subject digest), naming this exact model.
+    digest: str
+    #: ``sha256:<key hint>`` for a key signer, the certificate identity for a certificate.
+    signer: str
+    #: Name of the trust rule that admitted the signer.
+    rule: str
+    #: Every signed file name, in manifest order.
+    files: tuple[str, ...] = ()
+
+
+def verify_files(model_name: str, files: Mapping[str, bytes], bundle: bytes,
+                 settings: SigningSettings, *, now: datetime | None = None) -> VerifiedModel:
+    """Verify ``bundle`` (model.sig bytes) over ``files`` (relative POSIX name -> plaintext).
+
+    ``files`` must hold every file of the version directory except ``model.sig``; one not in
+    the signed manifest is refused, never ignored. Raises :class:`SignatureError`.
+    """
+    try:
+        digests = _manifest.digests_of_bytes(files)
+    except _manifest.ManifestError as err:
+        raise SignatureError(f"model {model_name!r}: {err}") from err
+    return _verify(model_name, digests, bundle, settings, now)
+
+
+def verify_model(model_dir: Path, settings: SigningSettings, *, model_name: str | None = None,
+                 kek: bytes | None = None, now: datetime | None = None,
+                 progress: bool = False) -> VerifiedModel:
+    """Verify ``model_dir/model.sig`` over the files on disk (streamed; for the CLI).
+
+    The model name for the trust policy defaults to the repository layout's
+    ``models/<name>/<version>``: the parent directory's name.
+    """
+    name = model_name or model_dir.resolve().parent.name
+    try:
+        bundle = (model_dir / SIGNATURE_NAME).read_bytes()
+    except OSError as err:
+        raise SignatureError(f"model {name!r}: no readable {SIGNATURE_NAME} in {model_dir}: "
+                             f"{err.strerror}") from err
+    digests = _digest_dir(model_dir, kek, progress, "verify")
+    return _verify(name, digests, bundle, settings, now)
+
+
+def _verify(model_name: str, digests: dict[str, str], blob: bytes, settings: SigningSettings,
+            now: datetime | None) -> VerifiedModel:
+    now = now or datetime.now(UTC)
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    where = f"model {model_name!r}"
+    try:
+        bundle = _bundle.parse_bundle(blob)
+    except _bundle.BundleError as err:
+        raise SignatureError(f"{where}: malformed {SIGNATURE_NAME}: {err}") from err
+    try:
+        admitted = _trust.admit(model_name, bundle, settings.trust, now)
+    except _trust.TrustError as err:
+        raise SignatureError(f"{where}: untrusted signature: {err}", err.rule) from err
+    try:
+        statement = _bundle.parse_statement(bundle.payload)
+    except _bundle.BundleError as err:
+        raise SignatureError(f"{where}: signed manifest refused: {err}", admitted.rule) from err
+    problems = _manifest.differences(statement.resources, digests, statement.ignore_paths)
+    if problems:
+        raise SignatureError(f"{where} does not match its signature: " + "; ".join(problems),
+                             admitted.rule)
+    return VerifiedModel(digest=statement.root, signer=admitted.signer, rule=admitted.rule,
+                         files=tuple(statement.resources))
+
+
+def read_model_files(model_dir: Path, *, kek: bytes | None = None) -> dict[str, bytes]:
+    """Every file of ``model_dir`` except ``model.sig``, in memory, ``X.enc`` decrypted as ``X``.
+
+    A ready-made reader for :func:`verify_files`: opens every path component relative to its
+    parent directory's descriptor without following symlinks (a symlink, even one swapped in
+    while reading, is refused), refuses special files, and decrypts in memory only. Raises
+    :class:`SignatureError` (or ``EncryptionError``) naming the offending file.
+    """
+    try:
+        tree = _manifest.read_tree(model_dir)
+    except _manifest.ManifestError as err:
+        raise SignatureError(f"{model_dir}: {err}") from err
+    out: dict[str, bytes] = {}
+    for name, (data, encrypted) in tree.items():
+        if not encrypted:
+            out[name] = data
+        elif kek is None:
+            raise SignatureError(f"{model_dir}: {name}{_manifest.ENCRYPTED_SUFFIX}: encrypted; "
+                                 f"a key-encryption key is needed")
+        else:
+            from gateway.models.encryption import decrypt_bytes
+
+            out[name] = decrypt_bytes(data, kek)
+    return out
+
+
+def sign_model(model_dir: Path, *, key: Path, cert: Path | None = None,
+               chain: Sequence[Path] = (), progress: bool = False,
+               kek: bytes | None = None) -> Path:
+    """Sign every file of ``model_dir`` (``model.sig`` excluded) and write ``model_dir/model.sig``.
+
+    ``key`` is an unencrypted PEM ECDSA private key (P-256/P-384/P-521). With ``cert`` (its
+    X.509 certificate) and ``chain`` (intermediate/CA PEMs) the bundle carries the certificate
+    chain; otherwise the key's hint. Output is deterministic (canonical JSON, RFC 6979
+    ECDSA). ``kek`` decrypts ``*.enc`` files so their plaintext is what gets signed.
+    """
+    private_key = _load_private_key(key)
+    public_key = private_key.public_key()
+    certs: tuple[x509.Certificate, ...] = ()
+    if cert is not None:
+        leaf = _load_certs(cert)[0]
+        if leaf.public_key() != public_key:
+            raise SignatureError(f"{cert}: certificate does not belong to the key {key}")
+        certs = (leaf, *(c for path in chain for c in _load_certs(path)))
+    elif chain:
+        raise SignatureError("--chain needs --cert (the signing certificate)")
+    digests = _digest_dir(model_dir, kek, progress, "sign")
+    payload = _bundle.build_statement(model_dir.resolve().name, digests)
+    try:
+        algorithm = ec.ECDSA(_trust.ecdsa_hash(public_key), deterministic_signing=True)
+    except _trust.TrustError as err:
+        raise SignatureError(f"{key}: {err}") from err
+    signature = private_key.sign(_bundle.pae(_bundle.DSSE_PAYLOAD_TYPE, payload), algorithm)
+    blob = _bundle.build_bundle(payload, signature, key_hint=_trust.key_hint(public_key),
+                                chain=certs)
+    target = model_dir / SIGNATURE_NAME
+    _write_atomically(target, blob, 0o644)
+    return target
+
+
+def _digest_dir(model_dir: Path, kek: bytes | None, progress: bool, label: str
+                ) -> dict[str, str]:
+    try:
+        files = _manifest.walk(model_dir)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            total = sum(path.stat().st_size for _, path in files)
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=f"{label} {model_dir}", leave=False)
+        try:
+            return _manifest.digests_of_tree(files, kek, bar.update if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+    except _manifest.ManifestError as err:
+        raise SignatureError(f"{model_dir}: {err}") from err
+    except OSError as err:
+        raise SignatureError(f"{model_dir}: cannot read {err.filename}: {err.strerror}") from err
+
+
+def _load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as err:
+        raise SignatureError(f"cannot read signing key {path}: {err.strerror}") from err
+    except TypeError as err:
+        raise SignatureError(f"{path}: password-protected keys are not supported") from err
+    except (ValueError, UnsupportedAlgorithm) as err:
+        raise SignatureError(f"{path} is not a PEM private key") from err
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise SignatureError(f"{path}: OMS signing needs an ECDSA key (P-256/P-384/P-521)")
+    try:
+        _trust.ecdsa_hash(key.public_key())
+    except _trust.TrustError as err:
+        raise SignatureError(f"{path}: {err}") from err
+    return key
+
+
+def _load_certs(path: Path) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as err:
+        raise SignatureError(f"cannot read certificate {path}: {err.strerror}") from err
+    except ValueError as err:
+        raise SignatureError(f"{path} holds no PEM certificate") from err
+
+
+def _write_atomically(target: Path, data: bytes, mode: int) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    dfd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def ensure_demo_signing_key(directory: Path = DEMO_SIGNING_DIR) -> tuple[Path, Path]:
+    """Create (if absent) the demo ECDSA P-256 signing key pair in ``directory``.
+
+    Returns (``demo-signer.key``, mode 0600; ``demo-signer.pub``). The default
+    :class:`SigningSettings` trusts ``certs/dev/signing/demo-signer.pub`` for every model.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    private, public = directory / "demo-signer.key", directory / "demo-signer.pub"
+    if not private.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        _write_atomically(private, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()), 0o600)
+    if not public.exists():
+        key = _load_private_key(private)
+        _write_atomically(public, key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644)
+    return private, public

@@ -1,0 +1,327 @@
+"""The audit log writer: canonical records, group commit, chain, recovery, failures, segments."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import random
+import resource
+import signal
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import rfc8785
+
+from gateway.audit import AuditLog, AuditLogDamaged, AuditSettings, ensure_keys
+from gateway.audit._canonical import EncodingError, check, decode_canonical, encode
+from gateway.audit._export import export_log
+from gateway.audit._keys import load_signer
+from gateway.audit._note import parse_vkey
+from gateway.audit._store import list_segments, split_records
+from gateway.audit._verify import verify_log
+from gateway.errors import AuditUnavailable, GatewayError
+
+DECISION = {
+    "caller": {"id": "spiffe://demo.local/svc/scorer", "cert_sha256": "ab" * 32,
+               "issuer": "CN=Demo CA", "serial": "0a1b2c"},
+    "rpc": "ModelInfer", "action": "infer",
+    "model": {"name": "demo-mlp", "version": "1", "digest": "sha256:" + "cd" * 32},
+    "decision": "allow", "reason": "policy",
+    "policy": {"digest": "ef" * 32, "rule": "p, spiffe://demo.local/svc/scorer, demo-mlp, infer"},
+    "request_id": "req-1", "payload": {"hmac": "01" * 32, "size": 123},
+    "status": "OK", "latency_us": {"decision": 3, "inference": 40, "total": 120},
+}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> AuditSettings:
+    s = AuditSettings(directory=tmp_path / "log", signing_key=tmp_path / "keys" / "log.skey",
+                      payload_key=tmp_path / "keys" / "payload.key", name="test.local/audit",
+                      segment_bytes=1 << 20)
+    ensure_keys(s)
+    return s
+
+
+def _verifier(s: AuditSettings):
+    return parse_vkey(load_signer(s.signing_key).vkey)
+
+
+def _records(s: AuditSettings) -> list[bytes]:
+    out = []
+    for _first, path in list_segments(s.directory):
+        out.extend(split_records(path.read_bytes())[0])
+    return out
+
+
+def _last_segment(s: AuditSettings) -> Path:
+    return list_segments(s.directory)[-1][1]
+
+
+# -- canonical encoding ---------------------------------------------------------------------
+
+def _random_value(rng: random.Random, depth: int = 0):
+    kind = rng.randrange(7 if depth < 3 else 4)
+    if kind == 0:
+        return rng.choice([None, True, False])
+    if kind == 1:
+        return rng.choice([0, -1, 1, 2**53 - 1, -(2**53 - 1), rng.randrange(-10**9, 10**9)])
+    if kind in (2, 3):
+        alphabet = "aZ09 \"\\/\b\f\n\r\t\x00\x1f\x7f\u00e9\u2028\u2029\ufeff\U0001f600\ue000"
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+    if kind == 4:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    keys = ["a", "B", "_", "z9", "~", "", "caller", "Caller", "a b", "\x7f", "é"[:0] + "id"]
+    return {rng.choice(keys): _random_value(rng, depth + 1) for _ in range(rng.randrange(5))}
+
+
+def test_encoding_is_rfc8785_and_json_dumps():
+    rng = random.Random(8785)
+    values = [DECISION, {}, {"": ""}, {"n": [1, [2, {"x": None}]]}]
+    values += [{"r": _random_value(rng)} for _ in range(2000)]
+    for v in values:
+        check(v)
+        ours = encode(v)
+        assert ours == rfc8785.dumps(v)
+        assert ours == json.dumps(v, sort_keys=True, separators=(",", ":"),
+                                  ensure_ascii=False).encode()
+        assert decode_canonical(ours) == json.loads(ours)
+
+
+@pytest.mark.parametrize("bad", [{"x": 1.5}, {"x": 2**53}, {"é": 1}, {"x": b"raw"},
+                                 {"x": {1: 2}}, {"x": {"y": float("nan")}}])
+def test_values_outside_the_schema_are_refused(bad):
+    with pytest.raises(EncodingError):
+        check(bad)
+
+
+@pytest.mark.parametrize("data", [b'{"b":1,"a":2}', b'{"a": 1}', b'{"a":1.0}', b'{"a":1e3}',
+                                  b'{"a":"\\u0041"}', b'{"a":9007199254740992}', b'[1]',
+                                  b'{"a":1}\n', b'{"a":"\xff"}'])
+def test_non_canonical_bytes_are_rejected(data):
+    with pytest.raises(EncodingError):
+        decode_canonical(data)
+
+
+# -- appending ------------------------------------------------------------------------------
+
+def test_append_is_on_disk_chained_and_receipted(settings):
+    log = AuditLog.open(settings, instance_id="gw-test")
+    receipts = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        for i in range(50):
+            r = log.append("decision", {**DECISION, "request_id": f"{n}-{i}"})
+            # Durable before append returns: the bytes are in the segment file now.
+            rec = log.entries(r.index, r.index + 1)[0]
+            assert hashlib.sha256(b"\x00" + rec).digest() == r.leaf_hash
+            with lock:
+                receipts.append(r)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert log.healthy
+    log.close()
+    assert not log.healthy
+    records = _records(settings)
+    assert len(records) == 1 + 400 + 1  # log_open, decisions, log_close
+    prev = "0" * 64
+    for i, rec in enumerate(records):
+        obj = json.loads(rec)
+        assert (obj["v"], obj["seq"], obj["prev"], obj["instance"]) == (1, i, prev, "gw-test")
+        prev = hashlib.sha256(b"\x00" + rec).hexdigest()
+    for r in receipts:
+        assert hashlib.sha256(b"\x00" + records[r.index]).digest() == r.leaf_hash
+    assert sorted(json.loads(records[r.index])["request_id"] for r in receipts) == sorted(
+        f"{n}-{i}" for n in range(8) for i in range(50))
+    assert [json.loads(records[i])["kind"] for i in (0, -1)] == ["log_open", "log_close"]
+    report = verify_log(settings.directory, _verifier(settings))
+    assert report.ok, report.summary()
+    assert report.records == len(records) == report.latest_checkpoint
+
+
+def test_reserved_keys_and_bad_values_are_refused(settings):
+    with AuditLog.open(settings, instance_id="t") as log:
+        with pytest.raises(ValueError, match="reserved"):
+            log.append("decision", {"seq": 5})
+        with pytest.raises(ValueError, match="float"):
+            log.append("decision", {"latency": 1.5})
+        log.append("decision", {"ok": True})
+    assert verify_log(settings.directory, _verifier(settings)).ok
+
+
+def test_payload_digest_is_keyed_hmac(settings):
+    with AuditLog.open(settings, instance_id="t") as log:
+        key = settings.payload_key.read_text().strip()
+        import base64
+        expect = hmac.new(base64.b64decode(key), b"abcdef", hashlib.sha256).hexdigest()
+        assert log.payload_digest(b"abc", b"def") == expect
+        assert log.payload_digest(b"abcdef") == expect
+        assert log.payload_digest(b"abcdeg") != expect
+        assert hashlib.sha256(b"abcdef").hexdigest() != expect
+
+
+def test_keys_are_private_and_not_overwritten(settings):
+    assert settings.signing_key.stat().st_mode & 0o777 == 0o600
+    assert settings.payload_key.stat().st_mode & 0o777 == 0o600
+    before = settings.signing_key.read_bytes()
+    ensure_keys(settings)
+    assert settings.signing_key.read_bytes() == before
+
+
+def test_open_without_keys_says_how_to_make_them(tmp_path):
+    s = AuditSettings(directory=tmp_path / "log", signing_key=tmp_path / "none.skey",
+                      payload_key=tmp_path / "none.key")
+    with pytest.raises(GatewayError, match="audit keygen"):
+        AuditLog.open(s, instance_id="t")
+
+
+# -- recovery -------------------------------------------------------------------------------
+
+def _closed_log(settings: AuditSettings, n: int = 20) -> list[bytes]:
+    with AuditLog.open(settings, instance_id="t") as log:
+        for i in range(n):
+            log.append("decision", {**DECISION, "request_id": str(i)})
+    return _records(settings)
+
+
+def _append_bytes(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _data_end(path: Path) -> int:
+    return len(path.read_bytes().rstrip(b"\x00"))
+
+
+@pytest.mark.parametrize("torn", [
+    b'{"kind":"decision","seq":22,"ti',            # a record cut mid-write
+    bytes([0x8f, 0x01, 0xfe, 0x7b, 0x22]) * 7,      # garbage bytes, no newline
+])
+def test_torn_tail_is_truncated_and_recorded(settings, torn):
+    before = _closed_log(settings)
+    seg = _last_segment(settings)
+    _append_bytes(seg, _data_end(seg), torn)
+    with AuditLog.open(settings, instance_id="t") as log:
+        assert log.healthy
+    after = _records(settings)
+    assert after[:len(before)] == before
+    anomaly = json.loads(after[len(before)])
+    assert anomaly["kind"] == "anomaly" and anomaly["event"] == "torn-tail-truncated"
+    assert anomaly["bytes"] == len(torn) and anomaly["offset"] == _offset_of(before)
+    assert torn not in seg.read_bytes()
+    assert verify_log(settings.directory, _verifier(settings)).ok
+
+
+def _offset_of(records: list[bytes]) -> int:
+    return sum(len(r) + 1 for r in records)
+
+
+def test_torn_tail_of_growing_file_is_recovered(settings):
+    settings = replace(settings, preallocate=False)
+    before = _closed_log(settings)
+    seg = _last_segment(settings)
+    with open(seg, "ab") as f:
+        f.write(b'{"kind":"dec')
+    with AuditLog.open(settings, instance_id="t"):
+        pass
+    assert _records(settings)[:len(before)] == before
+    assert verify_log(settings.directory, _verifier(settings)).ok
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["edit-middle", "truncate-checkpointed", "complete-garbage-line",
+                                    "gap-then-data", "segment-renamed"])
+def test_other_damage_refuses_to_open(settings, damage):
+    records = _closed_log(settings)
+    seg = _last_segment(settings)
+    end = _offset_of(records)
+    if damage == "edit-middle":
+        # change a digit of record 5's request id: still canonical JSON, different hash
+        off = _offset_of(records[:5]) + records[5].index(b'"request_id":"') + 14
+        _flip(seg, off)
+        match = "no longer match the signed checkpoint"
+    elif damage == "truncate-checkpointed":
+        os.truncate(seg, _offset_of(records[:-2]))
+        match = "truncated"
+    elif damage == "complete-garbage-line":
+        _append_bytes(seg, end, b"not json\n")
+        match = f"record {len(records)}"
+    elif damage == "gap-then-data":
+        _append_bytes(seg, end + 64, b'{"a":1}\n')
+        match = f"record {len(records)}"
+    else:
+        seg.rename(seg.with_name("00000000000000000007.log"))
+        match = "starts at index 7"
+    with pytest.raises(AuditLogDamaged, match=match) as info:
+        AuditLog.open(settings, instance_id="t")
+    assert info.value.status.name == "UNAVAILABLE"
+    assert "gateway audit verify" in info.value.diagnostics()
+
+
+# -- write failures -------------------------------------------------------------------------
+
+def test_write_failure_is_unavailable_then_recovers(settings):
+    settings = replace(settings, preallocate=False, checkpoint_ms=60_000)
+    log = AuditLog.open(settings, instance_id="t")
+    acked = [log.append("decision", {"i": i}) for i in range(5)]
+    seg = _last_segment(settings)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (seg.stat().st_size + 40, hard))
+    try:
+        with pytest.raises(AuditUnavailable, match="durable"):
+            log.append("decision", {**DECISION, "note": "x" * 200})
+        assert not log.healthy
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    acked.append(log.append("decision", {"i": "after"}))
+    assert log.healthy
+    log.close()
+    records = _records(settings)
+    for r in acked:
+        assert hashlib.sha256(b"\x00" + records[r.index]).digest() == r.leaf_hash
+    assert not any(b'"note":"xxx' in r for r in records)
+    assert verify_log(settings.directory, _verifier(settings)).ok
+    AuditLog.open(settings, instance_id="t").close()
+
+
+# -- segments, export, restore --------------------------------------------------------------
+
+def test_segments_rotate_verify_export_and_restore(settings, tmp_path):
+    settings = replace(settings, segment_bytes=8192, checkpoint_records=64)
+    with AuditLog.open(settings, instance_id="t") as log:
+        for i in range(300):
+            log.append("decision", {**DECISION, "request_id": str(i)})
+        assert len(log.entries(0, 400)) == log.size
+    segs = list_segments(settings.directory)
+    assert len(segs) > 5
+    for _first, path in segs[:-1]:  # sealed segments hold no zero tail
+        assert not path.read_bytes().endswith(b"\x00")
+    report = verify_log(settings.directory, _verifier(settings))
+    assert report.ok and report.segments == len(segs) and report.checkpoints > 3
+    original = _records(settings)
+
+    backup = tmp_path / "backup"
+    assert export_log(settings.directory, backup) == len(original)
+    assert verify_log(backup, _verifier(settings)).ok
+    restored = replace(settings, directory=tmp_path / "restored")
+    backup.rename(restored.directory)
+    with AuditLog.open(restored, instance_id="t2") as log:
+        log.append("decision", {"after": "restore"})
+    assert _records(restored)[:len(original)] == original
+    assert verify_log(restored.directory, _verifier(settings)).ok
