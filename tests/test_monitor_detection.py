@@ -130,6 +130,7 @@ def test_profile_json_is_deterministic_and_round_trips(profile, tmp_path):
     profile.save(path)
     loaded = InputProfile.load(path)
     assert loaded.to_json() == path.read_bytes()
+    assert InputProfile.from_json(path.read_bytes()).to_json() == loaded.to_json()
     x = tabular(50, seed=9)
     assert np.array_equal(loaded.score(x), profile.score(x))
     data = json.loads(path.read_bytes())
@@ -150,6 +151,12 @@ def test_bad_profiles_and_reference_data_are_rejected(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ProfileError, match="unreadable"):
         InputProfile.load(path)
+    with pytest.raises(ProfileError, match="JSON object"):
+        InputProfile.from_json(b"[1, 2]")
+    good = InputProfile.fit(tabular(1000, seed=1)).to_dict()
+    good["whitening"] = good["whitening"][:-1]  # truncated matrix
+    with pytest.raises(ProfileError, match="whitening"):
+        InputProfile.from_json(json.dumps(good).encode())
 
 
 def test_bounds_and_attributes(profile):

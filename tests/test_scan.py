@@ -401,3 +401,39 @@ def test_console_script_refuses_the_corpus_and_keeps_the_demo_models(tmp_path: P
         assert code in high, (name, high)
     for d in demo:
         assert by_path[str(d)]["refused"] is False, by_path[str(d)]
+
+
+def test_external_data_inside_attributes_and_subgraphs_is_checked(tmp_path: Path) -> None:
+    """A Constant node's tensor and a Loop-body initializer can name external files too."""
+    value = numpy_helper.from_array(np.ones(4, np.float32), "value")
+    value.ClearField("raw_data")
+    value.data_location = TensorProto.EXTERNAL
+    for key, val in (("location", "../../../etc/passwd"), ("offset", "0"), ("length", "16")):
+        value.external_data.add(key=key, value=val)
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=value),
+         helper.make_node("Add", ["x", "c"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    d = _save(helper.make_model(graph, opset_imports=OPSET), tmp_path / "attr")
+    assert "external-data-outside" in _high_codes(d)
+
+    big = TensorProto(name="huge", data_type=TensorProto.FLOAT, dims=[1 << 20, 1 << 12])
+    big.data_location = TensorProto.EXTERNAL
+    big.external_data.add(key="location", value="nowhere.bin")
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c"], ["co"]), helper.make_node("Identity", ["v"],
+                                                                       ["v2"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("co", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v2", TensorProto.FLOAT, [1])], [big])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)], "g",
+        [helper.make_tensor_value_info("n", TensorProto.INT64, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    d = _save(helper.make_model(graph, opset_imports=OPSET), tmp_path / "loop")
+    codes = _high_codes(d)
+    assert {"external-data-missing", "huge-allocation"} <= codes, codes

@@ -134,11 +134,13 @@ def summarise(text: str) -> str:
     lines.append("")
     lines.append(f"{'CALLER':<48}{'ADMITTED':>9}{'REJECTED':>9}{'RATEx':>8}{'INPUT!':>8}"
                  f"{'EXTRACTION':>11}")
-    ranked = sorted(callers, key=lambda c: (-callers[c]["extraction"], -callers[c]["rate"], c))
+    ranked = sorted(callers, key=lambda c: (-callers[c].get("extraction", 0),
+                                            -callers[c].get("rate", 0), c))
     for name in ranked:
         c = callers[name]
+        rate = f"{c['rate']:.2f}" if "rate" in c else "-"
         lines.append(f"{name[-47:]:<48}{int(c['admitted']):>9}{int(c['rejected']):>9}"
-                     f"{c['rate']:>8.2f}{int(c['input']):>8}"
+                     f"{rate:>8}{int(c['input']):>8}"
                      f"{'ALARM' if c['extraction'] else '-':>11}")
     return "\n".join(lines)
 

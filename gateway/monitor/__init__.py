@@ -84,6 +84,7 @@ class MonitorSettings:
     latency_window: int = 256
     latency_ratio_alarm: float = 3.0
     #: LRU cap on tracked callers (and caller x model streams, and per-caller metric series).
+    #: A stream holds about 128 x min(features, 32) x 8 bytes (32 KiB at most).
     max_callers: int = 1024
     #: Pending alerts kept for the server to drain (oldest dropped and counted beyond).
     max_alerts: int = 1000

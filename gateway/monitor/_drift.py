@@ -46,9 +46,12 @@ class OutputDrift:
                     self._state.popitem(last=False)
             self._state.move_to_end(model)
             counts = entry[1]  # counts[-1] is the number of predictions in the window
-            for b in bins.tolist():
-                counts[b] += 1
-                counts[-1] += 1
+            pos = 0
+            while pos < len(bins):
+                chunk = bins[pos:pos + profile.window - int(counts[-1])]
+                counts[:-1] += np.bincount(chunk, minlength=profile.classes)
+                counts[-1] += len(chunk)
+                pos += len(chunk)
                 if counts[-1] >= profile.window:
                     psi = float(profile.psi(counts[:-1]))
                     closed.append((psi, profile.threshold(self._fpr)))

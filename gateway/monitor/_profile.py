@@ -427,21 +427,33 @@ class InputProfile:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path) -> InputProfile:
-        """Read a profile; :class:`ProfileError` names the file and what is wrong."""
+    def from_json(cls, raw: bytes, source: str = "profile.json") -> InputProfile:
+        """Parse profile bytes, e.g. the very bytes whose signature was verified (no re-read,
+        so no window between verification and use)."""
         import json
 
-        path = Path(path)
         try:
-            data = json.loads(path.read_bytes())
-        except FileNotFoundError as err:
-            raise ProfileError(f"{path}: no such profile") from err
-        except (OSError, ValueError) as err:
-            raise ProfileError(f"{path}: unreadable profile: {err}") from err
+            data = json.loads(raw)
+        except ValueError as err:
+            raise ProfileError(f"{source}: unreadable profile: {err}") from err
+        if not isinstance(data, dict):
+            raise ProfileError(f"{source}: a profile is a JSON object")
         try:
             return cls.from_dict(data)
         except ProfileError as err:
-            raise ProfileError(f"{path}: {err}") from err
+            raise ProfileError(f"{source}: {err}") from err
+
+    @classmethod
+    def load(cls, path: Path) -> InputProfile:
+        """Read a profile; :class:`ProfileError` names the file and what is wrong."""
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError as err:
+            raise ProfileError(f"{path}: no such profile") from err
+        except OSError as err:
+            raise ProfileError(f"{path}: unreadable profile: {err}") from err
+        return cls.from_json(raw, str(path))
 
 
 #: Fewest held-out rows beyond a threshold for its empirical quantile to be used as is.

@@ -2,14 +2,15 @@
 
 Three extraction detectors run per (caller, model) on a bounded sample of each request's rows:
 
-* **PRADA** (Juuti et al. 2019, EuroS&P, section IV): each query's distance to the nearest of
-  the caller's previous ``memory`` queries (in whitened space of the input score) joins a window of
-  ``window`` distances; when a window fills, Shapiro-Wilk W is computed on it and the alarm is
-  raised when W falls below the profile's calibrated threshold. Synthetic queries made by
-  small steps from seeds give distances clustered at the step sizes (low W); natural queries
-  give a smooth, nearly normal distribution. Exact repeats are skipped: a client resending the
-  same input is not exploring the model. Windows do not overlap, so each test has the
-  calibrated false-positive rate.
+* **PRADA** (Juuti et al. 2019, EuroS&P, section IV): once the caller's memory of its last
+  ``memory`` queries is full, each query's distance to the nearest of them (in the whitened
+  space of the input score) joins a window of ``window`` distances; when a window fills,
+  Shapiro-Wilk W is computed on it and the alarm is raised when W falls below the profile's
+  calibrated threshold (calibrated on simulated benign streams seen the same way).
+  Synthetic queries made by small steps from seeds give distances clustered at the step
+  sizes (low W); natural queries give a smooth, nearly normal distribution. Exact repeats
+  are skipped: a client resending the same input is not exploring the model. Windows do not
+  overlap, so each test has the calibrated false-positive rate.
 * **Uniform probing**: PRADA misses random probes (their distances look natural), but nearly
   every probe is out of distribution: alarm when at least ``k`` of the last ``probe_window``
   rows raised the input alarm, ``k`` being the binomial tail at the input FPR.
@@ -27,14 +28,13 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
 from ._profile import InputProfile
 from ._shapiro import shapiro_w
 
-#: Whitened distance below which a query counts as a repeat (float32 memory rounding).
+#: Whitened distance below which a query counts as a repeat (floating-point rounding).
 _REPEAT = 1e-4
 
 
@@ -80,14 +80,6 @@ class _Stream:
         self.prev: np.ndarray | None = None
         self.alarms: dict[str, bool] = {"prada": False, "probe": False, "sweep": False}
         self.last_w = 1.0
-
-
-@dataclass(frozen=True)
-class UsageResult:
-    rate_ratio: float
-    extraction_alarm: bool
-    raised: tuple[tuple[str, dict[str, int | str]], ...]  # detectors that just turned on
-    rate_raised: bool
 
 
 class UsageTracker:

@@ -6,6 +6,7 @@ the request path never calls them.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -238,7 +239,8 @@ def _format_policy(text: str, source) -> str:
     by_line = {spec.line: spec for spec in source.rules}
     links = {link.line: link for link in source.links}
     out: list[str] = []
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(io.BytesIO(text.encode()), 1):  # numbered as parse_policy
+        raw = raw.decode()
         line = raw.strip()
         if not line:
             if out and out[-1] != "":

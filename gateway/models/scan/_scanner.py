@@ -46,7 +46,8 @@ def scan(version_dir: Path, settings: ScanSettings,
         _check_opsets(model, settings, report)
         _check_operators(model, settings, report)
         prepared = _check_tensors(model, source, settings, report)
-        _analyse(prepared, settings, report)
+        if prepared is not None:
+            _analyse(prepared, settings, report)
         return report
     finally:
         source.close()
@@ -104,12 +105,17 @@ def _check_operators(model: ModelProto, settings: ScanSettings, report: ScanRepo
 
 
 def _check_tensors(model: ModelProto, source: Source, settings: ScanSettings,
-                   report: ScanReport) -> ModelProto:
-    """Check declared sizes and external data; return the model prepared for analysis."""
+                   report: ScanReport) -> ModelProto | None:
+    """Check declared sizes and external data; return the model prepared for analysis.
+
+    None: a tensor's data is unusable and too big to stand in for (the model is refused
+    already, so the checker and shape inference are skipped).
+    """
     prepared = ModelProto()
     prepared.CopyFrom(model)
     initializer_bytes = 0
     largest = ("", 0)
+    complete = True
     # Tensors are visited in the same order in both copies, so they can be zipped.
     for (where, t, main), (_, pt, _) in zip(_graph.tensors(model), _graph.tensors(prepared),
                                              strict=True):
@@ -127,9 +133,15 @@ def _check_tensors(model: ModelProto, source: Source, settings: ScanSettings,
                        f"{helper.tensor_dtype_to_string(t.data_type)} = {size} bytes, over the "
                        f"memory limit of {settings.memory_limit_bytes}")
         if _graph.data_location_external(t):
-            data = _external_data(t, size, source, report)
+            # Main-graph tensors above the fill limit become graph inputs (no data needed);
+            # the others are filled in with their bytes for the checker and shape inference.
+            wanted = (size <= _FILL_LIMIT or not main) and size <= settings.memory_limit_bytes
+            data = _external_data(t, size, source, report, wanted)
             if size <= _FILL_LIMIT or not main:
-                _inline(pt, data if data is not None else b"\0" * min(size, _FILL_LIMIT), size)
+                if data is None and size > _FILL_LIMIT:
+                    complete = False  # already refused; do not invent gigabytes of zeros
+                else:
+                    _inline(pt, data if data is not None else b"\0" * size)
         else:
             inline = _graph.inline_bytes(t)
             if inline is not None and inline != size:
@@ -143,11 +155,11 @@ def _check_tensors(model: ModelProto, source: Source, settings: ScanSettings,
                    f"initializers and constants declare {initializer_bytes} bytes together, over "
                    f"the memory limit of {settings.memory_limit_bytes}")
     _initializers_to_inputs(prepared)
-    return prepared
+    return prepared if complete else None
 
 
-def _external_data(t: TensorProto, size: int, source: Source,
-                   report: ScanReport) -> bytes | None:
+def _external_data(t: TensorProto, size: int, source: Source, report: ScanReport,
+                   wanted: bool) -> bytes | None:
     info = _graph.external_info(t)
     location = info.get("location")
     if location is None:
@@ -174,13 +186,13 @@ def _external_data(t: TensorProto, size: int, source: Source,
                    f"tensor {t.name!r}: declares {size} bytes but its external data is "
                    f"{length} bytes", ext.rel)
         return None
-    return ext.read(offset, length) if size <= _FILL_LIMIT else None
+    return ext.read(offset, length) if wanted else None
 
 
-def _inline(t: TensorProto, data: bytes, size: int) -> None:
+def _inline(t: TensorProto, data: bytes) -> None:
     del t.external_data[:]
     t.data_location = TensorProto.DEFAULT
-    t.raw_data = data if len(data) == size else b"\0" * size
+    t.raw_data = data
 
 
 def _initializers_to_inputs(model: ModelProto) -> None:
@@ -276,6 +288,6 @@ def _check_values(values: list[list[Any]], settings: ScanSettings, report: ScanR
 
 
 def _first_line(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else text
+    """The message on one line (the checker spreads node dumps over several), capped."""
+    line = " ".join(text.split())
     return line if len(line) <= 400 else line[:400] + "..."
-

@@ -1,0 +1,145 @@
+"""End to end on a real gateway process: Explain under its own policy action, audited with its
+cost; hostile models (signed, so only the scanner stands in their way) refused at load while
+the demo models keep serving."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from gateway._proto.gateway.v1 import explain_pb2, explain_pb2_grpc
+from gateway.devenv import GatewayProcess, make_demo_env, start_gateway
+from gateway.models.signing import sign_model
+
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def _bomb() -> onnx.ModelProto:
+    shape = numpy_helper.from_array(np.array([1024, 1024, 1024], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["shape"], ["big"]),
+         helper.make_node("ReduceSum", ["big"], ["y"], keepdims=0)], "bomb", [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], [shape])
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def _custom() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Evil", ["x"], ["y"], domain="com.evil")], "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    return helper.make_model(graph, opset_imports=[*OPSET, helper.make_opsetid("com.evil", 1)])
+
+
+def _linear_external(d: Path, location: str) -> None:
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [w])
+    onnx.save_model(helper.make_model(graph, opset_imports=OPSET), d / "model.onnx",
+                    save_as_external_data=True, location="weights.bin", size_threshold=0)
+    model = onnx.load_model(d / "model.onnx", load_external_data=False)
+    model.graph.initializer[0].external_data[0].value = location
+    (d / "model.onnx").write_bytes(model.SerializeToString())
+
+
+#: hostile model name -> the finding code its refusal must name
+HOSTILE = {"bomb": "huge-allocation", "custom": "custom-op-domain",
+           "dotdot": "external-data-outside", "hardlink": "external-data-hardlink"}
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory) -> GatewayProcess:
+    env = make_demo_env(tmp_path_factory.mktemp("explain-e2e"))
+    with (env.policies / "policy.csv").open("a") as fh:
+        fh.write("\n# Explanations are their own permission (issue 7).\n"
+                 "p, role:admins, demo-mlp, explain, allow\n")
+    key = env.certs / "signing" / "demo-signer.key"
+    outside = env.root / "outside.bin"
+    outside.write_bytes(np.ones(12, np.float32).tobytes())
+    for name in HOSTILE:
+        d = env.models / name / "1"
+        d.mkdir(parents=True)
+        if name == "bomb":
+            onnx.save(_bomb(), d / "model.onnx")
+        elif name == "custom":
+            onnx.save(_custom(), d / "model.onnx")
+        elif name == "dotdot":
+            _linear_external(d, "../../../outside.bin")
+            (d / "weights.bin").unlink()
+        else:
+            _linear_external(d, "weights.bin")
+            (d / "weights.bin").unlink()
+            os.link(outside, d / "weights.bin")
+        sign_model(d, key=key)  # validly signed: only the admission scanner refuses them
+    # The default trust rule reads certs/dev/signing below the config's directory, while
+    # `demo init` keeps the key beside the env's CA: make the demo key trusted there too.
+    trusted = env.root / "certs" / "dev" / "signing"
+    if not (trusted / "demo-signer.pub").exists():
+        trusted.mkdir(parents=True, exist_ok=True)
+        (trusted / "demo-signer.pub").write_bytes(
+            (env.certs / "signing" / "demo-signer.pub").read_bytes())
+    gateway = start_gateway(env)
+    yield gateway
+    gateway.stop()
+
+
+def _stub(gw: GatewayProcess, identity: str) -> explain_pb2_grpc.ExplainerStub:
+    cert, key = gw.env.client_files(identity)
+    creds = grpc.ssl_channel_credentials((gw.env.certs / "ca.pem").read_bytes(),
+                                         key.read_bytes(), cert.read_bytes())
+    channel = grpc.secure_channel(gw.target, creds)
+    return explain_pb2_grpc.ExplainerStub(channel)
+
+
+def _audit_records(gw: GatewayProcess) -> list[dict]:
+    records = []
+    for path in sorted(gw.env.audit.rglob("*")):
+        if not path.is_file():
+            continue
+        for line in path.read_bytes().rstrip(b"\0").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def _request(method: str = "kernel_shap") -> explain_pb2.ExplainRequest:
+    x = np.array([0.5, -1.0, 2.0, 0.25], dtype="<f4")
+    return explain_pb2.ExplainRequest(
+        model_name="demo-mlp", method=method, output_index=1,
+        input=explain_pb2.Tensor(name="input", datatype="FP32", shape=[1, 4], raw=x.tobytes()))
+
+
+def test_infer_permission_is_not_explain_permission(gw) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        _stub(gw, "scorer").Explain(_request(), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_explain_is_served_and_audited_with_its_cost(gw) -> None:
+    res = _stub(gw, "admin").Explain(_request(), timeout=30)
+    assert len(res.attributions) == 4 and res.evaluations == 16
+    assert sum(res.attributions) == pytest.approx(res.prediction - res.baseline_prediction,
+                                                  abs=1e-6)
+    text = json.dumps(_audit_records(gw))
+    assert '"evaluations": 16' in text.replace('"evaluations":16', '"evaluations": 16')
+
+
+def test_hostile_models_are_refused_at_load_and_demo_models_serve(gw) -> None:
+    text = json.dumps(_audit_records(gw))
+    for name, code in HOSTILE.items():
+        assert code in text, (name, code)
+    res = _stub(gw, "admin").Explain(_request("occlusion"), timeout=30)
+    assert res.evaluations == 6  # demo-mlp keeps serving next to the refused models
