@@ -86,12 +86,18 @@ class GatewayConfig:
     audit: Any = None
     monitor: Any = None
     signing: Any = None
+    scan: Any = None
+    explain: Any = None
+    robustness: Any = None
     source: Path | None = None
 
 
 def _sections() -> dict[str, type]:
     # Imported here so that `gateway.config` stays importable by every package it configures.
     from gateway.audit import AuditSettings
+    from gateway.explain import ExplainSettings
+    from gateway.models.robustness import RobustnessSettings
+    from gateway.models.scan import ScanSettings
     from gateway.models.signing import SigningSettings
     from gateway.monitor import MonitorSettings
 
@@ -103,6 +109,9 @@ def _sections() -> dict[str, type]:
         "audit": AuditSettings,
         "monitor": MonitorSettings,
         "signing": SigningSettings,
+        "scan": ScanSettings,
+        "explain": ExplainSettings,
+        "robustness": RobustnessSettings,
     }
 
 

@@ -44,12 +44,14 @@ def make_demo_env(root: Path, **overrides: dict[str, object]) -> DemoEnv:
     Keyword arguments override config keys by section, e.g. ``server={"workers": 4}``.
     """
     root.mkdir(parents=True, exist_ok=True)
-    env = DemoEnv(root=root, config=root / "gateway.toml", certs=root / "certs",
+    env = DemoEnv(root=root, config=root / "gateway.toml", certs=root / "certs" / "dev",
                   models=root / "models", policies=root / "policies", audit=root / "audit")
     shutil.copytree(REPO / "policies", env.policies)
     sections: dict[str, dict[str, object]] = {
         "server": {"listen": "127.0.0.1:0"},
-        "tls": {"cert": "certs/server.pem", "key": "certs/server.key", "ca": "certs/ca.pem"},
+        # certs/dev, as in the demo defaults, so the default signing trust rule applies.
+        "tls": {"cert": "certs/dev/server.pem", "key": "certs/dev/server.key",
+                "ca": "certs/dev/ca.pem"},
         "models": {"repository": "models"},
         "policy": {"directory": "policies"},
         "audit": {"directory": "audit"},

@@ -134,7 +134,7 @@ def test_diff_lists_exactly_the_changed_access(tmp_path, capsys):
     assert code == 0 and "no change in effective access" in out
 
 
-def test_diff_includes_repository_models_and_git_revisions(tmp_path, capsys):
+def test_diff_includes_repository_models_and_git_revisions(tmp_path, capsys, monkeypatch):
     if shutil.which("git") is None:
         pytest.skip("git not installed")
     repo = tmp_path / "repo"
@@ -145,13 +145,8 @@ def test_diff_includes_repository_models_and_git_revisions(tmp_path, capsys):
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "old"], check=True)
     (repo / "policies" / "policy.csv").write_text(NEW)
-    import os
-    cwd = os.getcwd()
-    os.chdir(repo)
-    try:
-        code, out, _ = run(capsys, "diff", "HEAD", "policies")
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(repo)
+    code, out, _ = run(capsys, "diff", "HEAD", "policies")
     assert code == 0
     assert "+ bob infer demo-new" in out  # a repository model no rule names exactly
     code, _, err = run(capsys, "diff", "no-such-rev", str(repo / "policies"))

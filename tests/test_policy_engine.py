@@ -196,6 +196,16 @@ def test_globs_versions_and_the_gateway_object(tmp_path):
     assert not store.decide("alice", "", "policy.read").allowed
 
 
+def test_cn_names_with_spaces_and_policy_files(tmp_path):
+    store = PolicyStore.load(write_policy(tmp_path, "g, cn:Jane Doe, role:ops\n"
+                                          "p, role:ops, m, ready, allow\n"))
+    assert store.decide("cn:Jane Doe", "m", "ready").allowed
+    assert not store.decide("cn:Jane", "m", "ready").allowed
+    files = store.files()
+    assert files["policy.csv"] == (tmp_path / "policy.csv").read_text()
+    assert sorted(files) == ["model.conf", "policy.csv"]
+
+
 def test_unknown_action_is_denied(demo):
     assert not demo.decide(ADMIN, "demo-mlp", "delete-everything").allowed
     assert "infer" in ACTIONS and "audit.read" in ACTIONS

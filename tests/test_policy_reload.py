@@ -107,10 +107,14 @@ def test_reload_under_concurrent_decisions(tmp_path):
             (live / "policy.csv").write_text(BROKEN)
             result = store.reload("test: broken")
             assert not result.accepted and store.digest == digest_a
-        (live / "policy.csv").write_text(POLICY_B)
-        (live / "tests" / "cases.yaml").write_text(CASES_B)
-        result = store.reload("test: good")
-        assert result.accepted and store.digest == digest_b
+        # Then good policies, back and forth: each swap retires (dismantles) the old one
+        # while workers may still be deciding on it.
+        for policy, cases, digest in ((POLICY_B, CASES_B, digest_b), (POLICY_A, CASES_A, digest_a),
+                                      (POLICY_B, CASES_B, digest_b)):
+            (live / "policy.csv").write_text(policy)
+            (live / "tests" / "cases.yaml").write_text(cases)
+            result = store.reload("test: good")
+            assert result.accepted and store.digest == digest
         assert all(e.wait(30) for e in seen_b)  # every worker decided under B afterwards
     finally:
         stop.set()
@@ -120,11 +124,12 @@ def test_reload_under_concurrent_decisions(tmp_path):
     assert wrong == []
     assert sum(counts) > 8000
 
-    assert [r.accepted for r in attempts] == [False, False, False, True]
+    assert [r.accepted for r in attempts] == [False, False, False, True, True, True]
     rejected = attempts[0]
     assert rejected.old_digest == digest_a and rejected.new_digest not in ("", digest_a)
     assert "policy.csv:8" in rejected.error and rejected.reason == "test: broken"
-    assert (attempts[-1].old_digest, attempts[-1].new_digest) == (digest_a, digest_b)
+    assert [(r.old_digest, r.new_digest) for r in attempts[3:]] == \
+        [(digest_a, digest_b), (digest_b, digest_a), (digest_a, digest_b)]
 
 
 def test_reload_rejected_when_the_policys_own_test_cases_fail(tmp_path):
@@ -218,3 +223,26 @@ def test_references_include_the_shadow_policy(tmp_path):
     store.load_shadow(write_policy(tmp_path / "cand", POLICY_A + "p, alice, m1, infer, deny, "
                                    "anomaly.extraction_alarm\n"))
     assert store.references("anomaly.")
+
+
+def test_a_decision_overtaken_by_a_reload_is_decided_again(tmp_path):
+    """A reader still inside the old snapshot when it is swapped out and dismantled must not
+    return what it read there: the store sees ``retired`` and decides on the new policy."""
+    live = write_policy(tmp_path, POLICY_A)
+    store = PolicyStore.load(live)
+    old = store.snapshot
+    original = old.decide
+    calls = []
+
+    def overtaken(*args):
+        calls.append(args)
+        if len(calls) == 1:  # the reload lands while this decision is in progress
+            (live / "policy.csv").write_text(POLICY_B)
+            assert store.reload("race").accepted
+        return original(*args)
+
+    old.decide = overtaken
+    d = store.decide("bob", "m3", "infer")  # denied under A, allowed under B
+    assert len(calls) == 1 and old.retired
+    assert old.decide("alice", "m2", "infer").allowed is False  # dismantled: would be wrong
+    assert d.allowed and d.policy_digest == store.digest != old.digest

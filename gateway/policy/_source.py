@@ -51,7 +51,8 @@ _ACTION_CLAUSES = {"r.act==p.act": "eq", "keyMatch(r.act,p.act)": "key",
                    "globMatch(r.act,p.act)": "glob"}
 _COND_CLAUSE = "eval(p.cond)"
 _SPIFFE = re.compile(r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._~!$&'()*+=:@%-]+)+\Z")
-_NAME = re.compile(r"[^\s,#\"']+\Z")
+# Names may hold inner spaces (certificate CNs do) but no commas, quotes, '#' or controls.
+_NAME = re.compile(r"[^\x00-\x1f\x7f,#\"'()\[\]]+\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,7 +577,8 @@ def _check_subject(name: str) -> str | None:
     if not name:
         return "empty subject or role"
     if not _NAME.match(name):
-        return f"bad subject or role name {name!r} (no spaces, commas, quotes or '#')"
+        return (f"bad subject or role name {name!r} (no commas, quotes, brackets, '#' or "
+                "control characters)")
     if name.startswith("spiffe://") and not _SPIFFE.match(name):
         return (f"malformed SPIFFE ID {name!r} (lower-case trust domain, non-empty path "
                 "segments)")
@@ -586,21 +588,25 @@ def _check_subject(name: str) -> str | None:
 
 
 def _check_cycles(links: list[LinkSpec], problems: list[Problem]) -> None:
+    """Report each g link that closes a cycle (iterative DFS: hierarchies may be deep)."""
     edges: dict[str, list[LinkSpec]] = {}
     for link in links:
         edges.setdefault(link.member, []).append(link)
     state: dict[str, int] = {}  # 1: on the DFS stack, 2: done
-
-    def visit(node: str, via: LinkSpec | None) -> None:
-        state[node] = 1
-        for link in edges.get(node, ()):
-            if state.get(link.role) == 1:
+    for root in list(edges):
+        if root in state:
+            continue
+        state[root] = 1
+        stack = [(root, iter(edges.get(root, ())))]
+        while stack:
+            node, children = stack[-1]
+            link = next(children, None)
+            if link is None:
+                state[node] = 2
+                stack.pop()
+            elif state.get(link.role) == 1:
                 problems.append(Problem(POLICY_FILE, link.line, f"role cycle: {link.role!r} "
                                         f"reaches itself through {link.member!r}"))
             elif link.role not in state:
-                visit(link.role, link)
-        state[node] = 2
-
-    for node in list(edges):
-        if node not in state:
-            visit(node, None)
+                state[link.role] = 1
+                stack.append((link.role, iter(edges.get(link.role, ()))))

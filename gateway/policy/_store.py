@@ -205,8 +205,14 @@ class PolicyStore:
 
     @property
     def snapshot(self) -> Snapshot:
-        """The live compiled policy (immutable)."""
+        """The live compiled policy, for tools and tests. Valid until the next accepted
+        reload, which dismantles it (see :meth:`Snapshot.retire`): do not keep it."""
         return self._live
+
+    def files(self) -> dict[str, str]:
+        """The text of the live policy files, by name (``model.conf``, ``policy.csv``), e.g.
+        for a ``policy.read`` RPC. The digest covers exactly their UTF-8 bytes."""
+        return {name: data.decode("utf-8") for name, data in self._live.source.files.items()}
 
     def references(self, prefix: str) -> bool:
         """Whether the live (or shadow) policy reads any attribute starting with ``prefix``."""

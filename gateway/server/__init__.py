@@ -27,6 +27,7 @@ from gateway._proto.gateway.v1 import admin_pb2, audit_pb2, explain_pb2
 from gateway._proto.inference import grpc_service_pb2
 from gateway.audit import AuditLog, AuditServicer
 from gateway.config import GatewayConfig
+from gateway.explain import ExplainBudgets, ExplainServicer
 from gateway.identity import IdentityVerifier, server_credentials
 from gateway.inference.service import InferenceServicer
 from gateway.inference.service import add_to_server as add_inference
@@ -123,9 +124,9 @@ class Gateway:
             threading.Thread(target=self._reverify_loop, name="reverify", daemon=True).start()
 
     def _add_explainer(self, server: grpc.Server) -> None:
-        from gateway.explain import ExplainServicer
-
-        ExplainServicer(self.guard, self.models, None).add_to_server(server)
+        settings = self.config.explain
+        budgets = ExplainBudgets(settings.budget_evaluations, settings.budget_window_seconds)
+        ExplainServicer(self.guard, self.models, budgets, settings).add_to_server(server)
 
     # -- state ------------------------------------------------------------------------------
 

@@ -18,14 +18,14 @@ from gateway.errors import ModelUnavailable
 def model_pipeline(config: GatewayConfig) -> tuple[Callable[[], ort.SessionOptions], ...]:
     """``(session_options, verify, scan, decrypt)`` for :class:`~gateway.models.ModelRepository`."""
     from gateway.models.encryption import decrypt_bytes, load_kek
-    from gateway.models.scan import ScanSettings, scan_model, session_options
+    from gateway.models.scan import scan_model, session_options
     from gateway.models.signing import verify_files
 
-    models, signing = config.models, config.signing
-    scan_settings = ScanSettings()
+    models, signing, scan_settings = config.models, config.signing, config.scan
 
     def options() -> ort.SessionOptions:
-        return session_options(memory_limit_bytes=scan_settings.memory_limit_bytes,
+        # The arena cap is process-wide: one hostile model cannot take the whole process.
+        return session_options(memory_limit_bytes=scan_settings.session_memory_bytes,
                                intra_op_threads=models.intra_op_threads,
                                inter_op_threads=models.inter_op_threads)
 

@@ -130,7 +130,7 @@ def _check_tensors(model: ModelProto, source: Source, settings: ScanSettings,
         if size > settings.memory_limit_bytes:
             report.add("high", "huge-allocation",
                        f"tensor {t.name!r} ({where}) declares {list(t.dims)} "
-                       f"{helper.tensor_dtype_to_string(t.data_type)} = {size} bytes, over the "
+                       f"{_dtype_name(t.data_type)} = {size} bytes, over the "
                        f"memory limit of {settings.memory_limit_bytes}")
         if _graph.data_location_external(t):
             # Main-graph tensors above the fill limit become graph inputs (no data needed);
@@ -291,3 +291,10 @@ def _first_line(text: str) -> str:
     """The message on one line (the checker spreads node dumps over several), capped."""
     line = " ".join(text.split())
     return line if len(line) <= 400 else line[:400] + "..."
+
+
+def _dtype_name(elem_type: int) -> str:
+    try:
+        return helper.tensor_dtype_to_string(elem_type).removeprefix("TensorProto.")
+    except (KeyError, ValueError):
+        return f"type {elem_type}"
