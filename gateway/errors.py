@@ -34,9 +34,17 @@ class Unauthenticated(GatewayError):
 
 
 class PermissionDenied(GatewayError):
-    """Policy denied the action (also used for unknown models, so names cannot be probed)."""
+    """Policy denied the action (also used for unknown models, so names cannot be probed).
+
+    ``reason`` is the audit reason code (``policy``, ``unknown-model``, ``anomaly``); it is
+    recorded, never sent to the caller, who sees the same message whatever the reason.
+    """
 
     status = grpc.StatusCode.PERMISSION_DENIED
+
+    def __init__(self, message: str, reason: str = "policy") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class InvalidRequest(GatewayError):

@@ -139,16 +139,24 @@ def test_diff_includes_repository_models_and_git_revisions(tmp_path, capsys, mon
         pytest.skip("git not installed")
     repo = tmp_path / "repo"
     write_policy(repo / "policies", OLD)
-    (repo / "models" / "demo-new").mkdir(parents=True)
+    for name, stage in (("demo-new", "production"), ("demo-old", "retired")):
+        (repo / "models" / name / "1").mkdir(parents=True)
+        (repo / "models" / name / "1" / "metadata.toml").write_text(
+            f'owner = "team"\n[labels]\nstage = "{stage}"\n')
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "old"], check=True)
-    (repo / "policies" / "policy.csv").write_text(NEW)
+    (repo / "policies" / "policy.csv").write_text(
+        NEW + "p, role:scorers, *, infer, deny, model.labels.stage == 'retired'\n")
     monkeypatch.chdir(repo)
     code, out, _ = run(capsys, "diff", "HEAD", "policies")
     assert code == 0
-    assert "+ bob infer demo-new" in out  # a repository model no rule names exactly
+    changes = [line.split("  (")[0] for line in out.splitlines() if line.startswith(("+ ", "- "))]
+    assert "+ bob infer demo-new:1" in changes  # a repository model no rule names exactly
+    assert "- alice infer demo-old:1" in changes  # through its label: stage = retired
+    assert not any("bob infer demo-old" in line for line in changes)  # retired: no gain
+    assert "  + p, role:scorers, *, infer, deny, model.labels.stage == 'retired'" in out
     code, _, err = run(capsys, "diff", "no-such-rev", str(repo / "policies"))
     assert code == 2 and "neither a directory nor a git revision" in err
 

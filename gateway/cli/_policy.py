@@ -33,6 +33,7 @@ from gateway.policy._tools import (
     explain,
     format_directory,
     load_revision,
+    repository_models,
     write_atomically,
 )
 
@@ -74,7 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--path", default="policies",
                    help="policy directory inside the git tree, for revisions (default policies)")
     p.add_argument("--models", type=Path, default=Path("models"),
-                   help="model repository whose model names join the comparison")
+                   help="model repository whose models (and their metadata labels) join "
+                   "the comparison")
     p.add_argument("--as", dest="subjects", action="append", default=[], metavar="ID",
                    help="extra identity to compare, repeatable")
     p.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE",
@@ -151,12 +153,9 @@ def _explain(args: argparse.Namespace) -> int:
 def _diff(args: argparse.Namespace) -> int:
     old = compile_files(load_revision(args.old, args.path))
     new = compile_files(load_revision(args.new, args.path))
-    models = set()
-    if args.models.is_dir():
-        models = {p.name for p in args.models.iterdir() if p.is_dir() and
-                  not p.name.startswith(".")}
-    changes = access_diff(old, new, models=models, subjects=set(args.subjects),
-                          attributes=_attributes(args.attr))
+    instances = repository_models(args.models)
+    changes = access_diff(old, new, subjects=set(args.subjects),
+                          attributes=_attributes(args.attr), instances=instances)
     print(f"--- {args.old} ({old.digest[:16]})\n+++ {args.new} ({new.digest[:16]})")
     for change in changes:
         print(change)

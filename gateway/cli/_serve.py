@@ -31,7 +31,9 @@ def _serve(args: argparse.Namespace) -> int:
     host = config.server.listen.rsplit(":", 1)[0]
     print(f"gateway listening on {host}:{gateway.port} (mutual TLS; clients need a "
           f"certificate from {config.tls.ca})", flush=True)
-    print(f"metrics on http://{config.monitor.metrics_listen}/metrics", flush=True)
+    if gateway.metrics_address:
+        host, port = gateway.metrics_address
+        print(f"metrics on http://{host}:{port}/metrics", flush=True)
     print("try:  " + client_hint(config, gateway.port), flush=True)
     gateway.wait()
     return 0

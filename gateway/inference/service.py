@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import grpc
+import numpy as np
 
 from gateway import __version__
 from gateway._proto.inference import grpc_service_pb2 as pb
@@ -23,6 +24,8 @@ from gateway.inference._codec import (
     request_size,
     requested_outputs,
 )
+from gateway.models import LoadedModel
+from gateway.monitor import PROFILE_FILE, InputProfile
 from gateway.server._guard import Guard
 
 #: The only platform the gateway serves.
@@ -37,6 +40,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._models = guard.models
         self._max_elements = max_tensor_elements
         self._ready = ready
+        self._profiles: dict[tuple[str, str, str], InputProfile | None] = {}
 
     # -- server-level: a valid certificate is enough -------------------------------------
 
@@ -84,13 +88,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model = call.model()
             feeds = decode_inputs(request, model, max_elements=self._max_elements)
             outputs = requested_outputs(request, model)
+            scored = self._score(call, model, feeds)
             t0 = time.perf_counter_ns()
             results = _run(model, feeds, outputs)
             call.timings["inference"] = (time.perf_counter_ns() - t0) // 1000
+            if scored:
+                self._guard.monitor.observe_output(_key(model), results[outputs[0]])
             response = pb.ModelInferResponse(model_name=model.name, model_version=model.version,
                                              id=call.request_id)
             encode_outputs(response, results, outputs)
             return response
+
+    def _score(self, call, model: LoadedModel, feeds: dict[str, np.ndarray]) -> bool:
+        """Anomaly scores of the input, then policy again if it decides on them.
+
+        Scored only for single-input numeric models (the reference profile describes one
+        feature matrix); returns whether the input was scored.
+        """
+        monitor = self._guard.monitor
+        if monitor is None or len(model.inputs) != 1:
+            return False
+        x = feeds[model.inputs[0].name]
+        if x.dtype.kind not in "iuf" or x.ndim == 0:
+            return False
+        rows = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
+        attributes = monitor.score(_key(model), self._profile(model), call.identity.id, rows)
+        if self._guard.policy.references("anomaly."):
+            call.authorize_with(attributes)
+        return True
+
+    def _profile(self, model: LoadedModel) -> InputProfile | None:
+        """The model's reference profile, parsed once from its verified bytes."""
+        key = (model.name, model.version, model.digest)
+        if key not in self._profiles:
+            raw = model.extras.get(PROFILE_FILE)
+            self._profiles[key] = InputProfile.from_json(raw) if raw is not None else None
+        return self._profiles[key]
 
     def _payload(self, request) -> dict[str, object]:
         """Keyed digest and size of the input bytes as sent (never the tensors themselves)."""
@@ -100,6 +133,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             chunks = [t.contents.SerializeToString(deterministic=True) for t in request.inputs]
         return {"hmac": self._guard.audit.payload_digest(*chunks),
                 "size": sum(len(c) for c in chunks)}
+
+
+def _key(model: LoadedModel) -> str:
+    # The monitor's model key; `gateway monitor` joins request and anomaly metrics on it.
+    return f"{model.name}/{model.version}"
 
 
 def _run(model, feeds, outputs):

@@ -10,6 +10,7 @@ import io
 import os
 import re
 import subprocess
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,24 +142,52 @@ def compile_files(files: dict[str, bytes]) -> Snapshot:
     return Snapshot(parse_files(files))
 
 
+def repository_models(root: Path) -> list[tuple[str, str, dict[str, object]]]:
+    """(name, version, attributes) of each model version under a repository root
+    (``<root>/<name>/<version>/metadata.toml``: owner and labels), so diff evaluates
+    conditions on model labels as the server would."""
+    out: list[tuple[str, str, dict[str, object]]] = []
+    if not root.is_dir():
+        return out
+    for model in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for version in sorted(p for p in model.iterdir() if p.is_dir()):
+            attrs: dict[str, object] = {"model.name": model.name, "model.version": version.name}
+            try:
+                table = tomllib.loads((version / "metadata.toml").read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+                table = {}
+            if isinstance(table.get("owner"), str):
+                attrs["model.owner"] = table["owner"]
+            labels = table.get("labels")
+            if isinstance(labels, dict):
+                attrs.update({f"model.labels.{k}": v for k, v in labels.items()
+                              if isinstance(k, str) and isinstance(v, str)})
+            out.append((model.name, version.name, attrs))
+    return out
+
+
 def access_diff(old: Snapshot, new: Snapshot, *, models: set[str] = frozenset(),
                 subjects: set[str] = frozenset(),
-                attributes: Attributes | None = None) -> list[Change]:
+                attributes: Attributes | None = None,
+                instances: list[tuple[str, str, dict[str, object]]] = ()) -> list[Change]:
     """Every (subject or role, model, action) whose decision differs between the policies.
 
     The universe: every subject and role either policy names (plus ``subjects``), every model
-    name either names exactly (plus ``models``, e.g. the repository's), each wildcard pattern
-    as a stand-in name for "a model matching it", the gateway object, each version either
-    names, and every action.
+    name either names exactly (plus ``models``), each wildcard pattern as a stand-in name for
+    "a model matching it", the gateway object, each version either names, and every action.
+    A model in ``instances`` (the repository) is compared per version instead, with its own
+    attributes (owner, labels), as the server would decide it.
     """
     names = old.subjects() | new.subjects() | set(subjects)
     objects = {GATEWAY_OBJECT, *models}
+    in_repository = {model for model, _, _ in instances}
     versions: set[str | None] = {None}
     for snap in (old, new):
         for spec in snap.source.rules:
             objects.add(spec.name.exact if spec.name.exact is not None else spec.name.source)
             if spec.version is not None:
                 versions.add(spec.version.source)
+    objects -= in_repository  # those are compared per version, with their own labels, below
     base = dict(attributes or {})
     changes = []
     for subject in sorted(names):
@@ -172,6 +201,17 @@ def access_diff(old: Snapshot, new: Snapshot, *, models: set[str] = frozenset(),
                     b = new.decide(subject, model, action, attrs)
                     if a.allowed != b.allowed:
                         changes.append(Change(subject, model, version, action, a, b))
+    seen = {(c.subject, c.model, c.version, c.action) for c in changes}
+    for subject in sorted(names):
+        for model, version, own in instances:
+            attrs = {**base, **own}
+            for action in ACTIONS:
+                if (subject, model, version, action) in seen:
+                    continue
+                a = old.decide(subject, model, action, attrs)
+                b = new.decide(subject, model, action, attrs)
+                if a.allowed != b.allowed:
+                    changes.append(Change(subject, model, version, action, a, b))
     return _drop_version_echoes(changes)
 
 

@@ -27,6 +27,7 @@ from gateway._proto.gateway.v1 import admin_pb2, audit_pb2, explain_pb2
 from gateway._proto.inference import grpc_service_pb2
 from gateway.audit import AuditLog, AuditServicer
 from gateway.config import GatewayConfig
+from gateway.errors import GatewayError
 from gateway.explain import ExplainBudgets, ExplainServicer
 from gateway.identity import IdentityVerifier, server_credentials
 from gateway.inference.service import InferenceServicer
@@ -75,7 +76,7 @@ class Gateway:
         options, verify, scan, decrypt = model_pipeline(config)
         self.models = ModelRepository(
             config.models.repository, session_options=options, verify=verify, scan=scan,
-            decrypt=decrypt, on_event=self.audit.append)
+            decrypt=decrypt, on_event=self._model_event)
         for entry in self.models.load_all():
             log.info("model %s/%s: %s %s", entry.name, entry.version, entry.state, entry.reason)
         self.guard = Guard(verifier=self.verifier, policy=self.policy, models=self.models,
@@ -117,8 +118,7 @@ class Gateway:
         self._update_health()
         if config.policy.watch:
             self.policy.start_watching(config.policy.watch_interval)
-        if self.monitor is not None:
-            self.monitor.start_http()
+        self.metrics_address = self.monitor.start_http() if self.monitor is not None else None
         threading.Thread(target=self._health_loop, name="health", daemon=True).start()
         if config.models.reverify_interval > 0:
             threading.Thread(target=self._reverify_loop, name="reverify", daemon=True).start()
@@ -143,6 +143,25 @@ class Gateway:
     def _health_loop(self) -> None:
         while not self._stopped.wait(_HEALTH_INTERVAL):
             self._update_health()
+            self._record_alerts()
+
+    def _record_alerts(self) -> None:
+        """Anomaly alerts become audit records (off the request path, in batches)."""
+        if self.monitor is None:
+            return
+        for alert in self.monitor.alerts():
+            try:
+                self.audit.append("anomaly", alert.as_fields())
+            except GatewayError as err:
+                log.error("anomaly alert not recorded: %s", err)
+
+    def _model_event(self, kind: str, fields: dict) -> None:
+        """Model loads, refusals and unloads: an audit record and the model-state metrics."""
+        self.audit.append(kind, fields)
+        if self.monitor is not None:
+            model = fields["model"]
+            self.monitor.set_model_state(model["name"], model["version"], kind == "model_load",
+                                         kind != "model_refused")
 
     def _reverify_loop(self) -> None:
         while not self._stopped.wait(self.config.models.reverify_interval):

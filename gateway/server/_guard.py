@@ -27,6 +27,7 @@ from gateway.errors import (
     GatewayError,
     ModelUnavailable,
     PermissionDenied,
+    QuotaExceeded,
     Unauthenticated,
 )
 from gateway.models import LOADED, LoadedModel, ModelEntry
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 #: Trailing-metadata keys of the per-call audit receipt.
 RECEIPT_INDEX = "gateway-audit-index"
 RECEIPT_LEAF = "gateway-audit-leaf-hash"
+#: Actions that consume the caller's quota (token bucket) in the monitor.
+METERED_ACTIONS = frozenset({"infer", "explain"})
 #: Longest request id accepted from a caller; longer ones are replaced, not truncated silently.
 _MAX_REQUEST_ID = 128
 
@@ -63,16 +66,11 @@ class Guard:
                     request_attributes or {}, must_exist)
 
 
-def _denied_message(action: str, model: str) -> str:
-    # One message for "forbidden" and "no such model": callers cannot tell them apart.
-    target = f" on model '{model}'" if model else ""
-    return f"permission denied: {action}{target}"
-
-
 class Call:
     """One guarded RPC; see the module docstring."""
 
-    __slots__ = ("_context", "_guard", "_must_exist", "_request_attributes", "_t0", "action",
+    __slots__ = ("_attributes", "_context", "_guard", "_must_exist", "_request_attributes", "_t0",
+                 "action",
                  "decision", "entry", "fields", "identity", "model_name", "request_id", "rpc",
                  "timings", "version")
 
@@ -108,22 +106,44 @@ class Call:
         if self.action is None:
             self.timings["decision"] = _us_since(self._t0)
             return self
+        monitor = guard.monitor
+        if monitor is not None and self.action in METERED_ACTIONS:
+            try:
+                monitor.admit(self.identity.id, guard.policy.snapshot.roles_of(self.identity.id))
+            except QuotaExceeded as err:
+                self._finish(err, "deny", "quota")
         if self.model_name:
             self.entry = guard.models.entry(self.model_name, self.version)
-        attributes = self._attributes()
+        self._attributes = self._base_attributes()
         decision = guard.policy.decide(self.identity.id, self.model_name, self.action,
-                                       attributes)
+                                       self._attributes)
         self.decision = decision
         self.timings["decision"] = _us_since(self._t0)
         if not decision.allowed:
-            self._finish(PermissionDenied(_denied_message(self.action, self.model_name)),
-                         "deny", "policy")
+            self._finish(PermissionDenied(self.denied_message()), "deny", "policy")
         if self.model_name and self.entry is None and self._must_exist:
-            self._finish(PermissionDenied(_denied_message(self.action, self.model_name)),
-                         "deny", "unknown-model")
+            self._finish(PermissionDenied(self.denied_message()), "deny", "unknown-model")
         return self
 
-    def _attributes(self) -> dict[str, object]:
+    def authorize_with(self, attributes: Mapping[str, object]) -> None:
+        """Ask policy again with attributes known only after decoding (anomaly scores).
+
+        The first decision, before any tensor was decoded, stands for everything else; this
+        one can only turn an allow into a deny (PERMISSION_DENIED, audited as ``anomaly``).
+        """
+        self._attributes.update(attributes)
+        decision = self._guard.policy.decide(self.identity.id, self.model_name, self.action,
+                                             self._attributes)
+        self.decision = decision
+        if not decision.allowed:
+            raise PermissionDenied(self.denied_message(), reason="anomaly")
+
+    def denied_message(self) -> str:
+        # One message for "forbidden" and "no such model": callers cannot tell them apart.
+        target = f" on model '{self.model_name}'" if self.model_name else ""
+        return f"permission denied: {self.action}{target}"
+
+    def _base_attributes(self) -> dict[str, object]:
         attributes = dict(self.identity.attributes())
         entry = self.entry
         if entry is not None and entry.model is not None:
@@ -157,7 +177,11 @@ class Call:
             return False
         if isinstance(exc, _Finished):
             return False  # already audited and aborted on enter
-        if isinstance(exc, GatewayError):
+        if isinstance(exc, PermissionDenied):
+            self._finish(exc, "deny", exc.reason)
+        elif isinstance(exc, QuotaExceeded):
+            self._finish(exc, "deny", "quota")
+        elif isinstance(exc, GatewayError):
             self._finish(exc, "allow", "policy" if self.action else "certificate")
         else:
             log.exception("internal error in %s", self.rpc)
