@@ -325,3 +325,23 @@ def test_segments_rotate_verify_export_and_restore(settings, tmp_path):
         log.append("decision", {"after": "restore"})
     assert _records(restored)[:len(original)] == original
     assert verify_log(restored.directory, _verifier(settings)).ok
+
+
+def test_checkpoint_is_published_by_time_and_torn_history_is_repaired(settings):
+    import time
+    settings = replace(settings, checkpoint_ms=30, checkpoint_records=10_000)
+    with AuditLog.open(settings, instance_id="t") as log:
+        log.append("decision", {"i": 1})
+        deadline = time.monotonic() + 10
+        while log.checkpoint() is None or "\n2\n" not in log.checkpoint():
+            assert time.monotonic() < deadline, "no checkpoint within 10 s"
+            time.sleep(0.01)  # readiness poll of the writer's timer, not synchronisation
+        assert (settings.directory / "checkpoint").read_text() == log.checkpoint()
+    hist = settings.directory / "checkpoints.jsonl"
+    with open(hist, "ab") as f:
+        f.write(b'"torn checkpoint li')  # the gateway died while appending a checkpoint
+    with AuditLog.open(settings, instance_id="t") as log:
+        log.append("decision", {"i": 2})
+    assert all(line.startswith(b'"') and line.endswith(b'"')
+               for line in hist.read_bytes().splitlines())
+    assert verify_log(settings.directory, _verifier(settings)).ok

@@ -194,6 +194,7 @@ def test_globs_versions_and_the_gateway_object(tmp_path):
     assert store.decide("alice", "", "audit.read").allowed
     assert store.decide("alice", "*", "audit.read").allowed
     assert not store.decide("alice", "", "policy.read").allowed
+    assert store.references("model.version") and not store.references("model.labels.")
 
 
 def test_cn_names_with_spaces_and_policy_files(tmp_path):
@@ -412,3 +413,26 @@ def test_conditions_with_commas_and_quotes_split_like_casbin(tmp_path):
     assert snap.decide("alice", "m", "infer", {"caller.path": "/a,b"}).allowed
     assert snap.decide("alice", "m", "infer", {"caller.path": '/c"d'}).allowed
     assert not snap.decide("alice", "m", "infer", {"caller.path": "/a"}).allowed
+
+
+def test_condition_parser_fails_only_with_condition_errors_on_random_input():
+    """Fuzz: token soup must give a clean ConditionError (a load error), never a crash."""
+    import random
+
+    from gateway.policy._condition import ConditionError, parse_condition
+
+    rng = random.Random(7)
+    atoms = ["model.labels.stage", "request.hour", "anomaly.x", "'a'", '"b"', "1", "-2.5",
+             "true", "false", "(", ")", "!", "&&", "||", "==", "!=", "<", ">=", "in", ",",
+             "globMatch", "x", "__class__", ".", "'", "\\", ";", "caller.id.upper", "(("]
+    parsed = 0
+    for _ in range(3000):
+        text = " ".join(rng.choice(atoms) for _ in range(rng.randint(1, 12)))
+        try:
+            cond = parse_condition(text)
+        except ConditionError:
+            continue
+        parsed += 1
+        assert parse_condition(cond.text).text == cond.text  # canonical text is a fixpoint
+        cond({"model.labels.stage": "a", "request.hour": 3, "anomaly.x": True})
+    assert parsed > 20

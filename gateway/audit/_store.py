@@ -24,7 +24,7 @@ import mmap
 import os
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,23 +151,25 @@ class FileStore:
 
     # -- open and recovery ------------------------------------------------------------------
 
-    def open(self) -> tuple[list[bytes], TornTail | None]:
-        """Open (creating if needed) and return every record plus what was cut as a torn tail.
+    def open(self, on_segment: Callable[[int, list[bytes]], None]) -> TornTail | None:
+        """Open (creating if needed); hand each segment's records to ``on_segment``.
 
-        Raises :class:`StoreDamaged` for anything that is not a torn final record.
+        Returns what was cut as a torn tail. Raises :class:`StoreDamaged` for anything that is
+        not a torn final record. Records are passed a segment at a time, never all at once.
         """
         seg_dir = self.directory / SEGMENTS
         created = not seg_dir.exists()
         seg_dir.mkdir(parents=True, exist_ok=True)
         if created:
             fsync_dir(self.directory)
+        self._repair_history()
         segs = list_segments(self.directory)
-        records: list[bytes] = []
+        count = 0
         torn = None
         for n, (first, path) in enumerate(segs):
-            if first != len(records):
+            if first != count:
                 raise StoreDamaged(f"segment {path.name} starts at index {first} but the "
-                                   f"segments before it hold {len(records)} records")
+                                   f"segments before it hold {count} records")
             data = path.read_bytes()
             recs, tail = split_records(data)
             last = n == len(segs) - 1
@@ -186,8 +188,9 @@ class FileStore:
                 pos += len(r) + 1
                 offs.append(pos)
             self._segments.append((first, path, offs))
-            records.extend(recs)
-        self.size = len(records)
+            on_segment(first, recs)
+            count += len(recs)
+        self.size = count
         if not self._segments:
             self._new_segment(0)
         else:
@@ -197,11 +200,28 @@ class FileStore:
             self._offset = offs[-1] if offs else 0
             self._capacity = os.fstat(self._fd).st_size
             self._opened_at = time.monotonic()
-            if torn:
-                self._dirty = torn.length
-                self._zero_dirty()
-                os.fsync(self._fd)
-        return records, torn
+        return torn
+
+    def cut(self, torn: TornTail) -> None:
+        """Zero a torn final record (after the caller checked that the rest is sound)."""
+        self._dirty = torn.length
+        self._zero_dirty()
+        os.fsync(self._fd)
+
+    def _repair_history(self) -> None:
+        """Cut a checkpoint line torn by a crash, so the next one is not appended to it."""
+        hist = self.directory / CHECKPOINTS
+        try:
+            data = hist.read_bytes()
+        except FileNotFoundError:
+            return
+        if data and not data.endswith(b"\n"):
+            os.truncate(hist, data.rfind(b"\n") + 1)
+            fd = os.open(hist, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _new_segment(self, first: int) -> None:
         path = self.directory / SEGMENTS / segment_name(first)

@@ -4,7 +4,7 @@
     store = PolicyStore.load(Path("policies"), on_reload=audit_reload)
     d = store.decide("spiffe://demo.local/svc/scorer", "demo-mlp", "infer",
                      {"model.labels.stage": "production"})
-    d.allowed, d.rule, d.policy_digest        # True, "policy.csv:14", "3f2a..."
+    d.allowed, d.rule, d.policy_digest        # True, "policy.csv:7", "1ca5..."
     store.start_watching(1.0)                 # reload on file change (or call store.reload())
 
 The policy directory holds ``model.conf`` and ``policy.csv`` in casbin's formats and

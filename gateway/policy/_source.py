@@ -176,7 +176,7 @@ def parse_files(files: dict[str, bytes]) -> PolicySource:
     """Parse and validate both files; raise PolicyError listing every problem."""
     problems: list[Problem] = []
     try:
-        model_text = files[MODEL_FILE].decode("utf-8")
+        model_text = files[MODEL_FILE].decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise PolicyError([Problem(MODEL_FILE, 0, f"not UTF-8 text ({err.reason} at byte "
                                    f"{err.start})")]) from None
@@ -528,7 +528,7 @@ def parse_policy(data: bytes, model: ModelSpec,
     # a 5 MB policy holds the GIL for milliseconds, and so does freeing 100k lines at once.
     for number, raw_bytes in enumerate(io.BytesIO(data), 1):
         try:
-            raw = raw_bytes.decode("utf-8")
+            raw = raw_bytes.decode("utf-8-sig" if number == 1 else "utf-8")  # BOM-tolerant
         except UnicodeDecodeError as err:
             problems.append(Problem(POLICY_FILE, number, f"not UTF-8 text ({err.reason})"))
             continue

@@ -6,6 +6,13 @@ builds, validates and tests a complete new snapshot on the reloading thread and 
 with a single reference assignment (atomic under the GIL). A reader therefore sees either the
 old policy or the new one, never a mixture, and never waits for a reload. Reloads are
 serialized among themselves by ``_reload_lock``, which the request path never touches.
+
+After the swap the old snapshot is retired: flagged, then taken apart piece by piece so that
+freeing a 100k-rule policy never holds the GIL for long. A decision that was still running
+on it sees the flag when it finishes and is decided again on the new snapshot.
+
+Call :meth:`PolicyStore.reload` from a thread, not from inside a signal handler: the handler
+runs on the main thread and would deadlock if that thread is itself in a reload.
 """
 
 from __future__ import annotations
@@ -59,10 +66,12 @@ def case_files(directory: Path) -> list[Path]:
 
 
 def compile_directory(directory: Path, *, run_tests: bool = True,
-                      beside_traffic: bool = False) -> Snapshot:
+                      beside_traffic: bool = False,
+                      files: dict[str, bytes] | None = None) -> Snapshot:
     """Read, parse, validate and compile a policy directory, then run its own test cases.
 
     Raises :class:`PolicyError` listing every problem; nothing is installed anywhere.
+    ``files``: the policy files already read from ``directory`` (else they are read here).
 
     ``beside_traffic`` (the store's choice: it compiles while requests are decided) does two
     things so that no request stalls for long while a 100k-rule policy compiles:
@@ -75,13 +84,13 @@ def compile_directory(directory: Path, *, run_tests: bool = True,
       thread waiting for the GIL gets it within about a millisecond.
     """
     if not beside_traffic:
-        return _compile(directory, run_tests)
+        return _compile(directory, run_tests, files)
     paused = gc.isenabled()
     if paused:
         gc.disable()
     try:
         with _short_switch_interval():
-            snapshot = _compile(directory, run_tests)
+            snapshot = _compile(directory, run_tests, files)
         gc.freeze()
     finally:
         if paused:
@@ -105,8 +114,8 @@ def _retire(snapshot: Snapshot) -> None:
         snapshot.retire()
 
 
-def _compile(directory: Path, run_tests: bool) -> Snapshot:
-    source = parse_files(read_directory(directory))
+def _compile(directory: Path, run_tests: bool, files: dict[str, bytes] | None) -> Snapshot:
+    source = parse_files(read_directory(directory) if files is None else files)
     snapshot = Snapshot(source)
     if run_tests:
         cases = load_cases(case_files(directory))
@@ -217,8 +226,8 @@ class PolicyStore:
     def references(self, prefix: str) -> bool:
         """Whether the live (or shadow) policy reads any attribute starting with ``prefix``."""
         shadow = self._shadow
-        names = self._live.attributes | (shadow.snapshot.attributes if shadow else frozenset())
-        return any(name.startswith(prefix) for name in names)
+        return prefix in self._live.prefixes or (
+            shadow is not None and prefix in shadow.snapshot.prefixes)
 
     # --- reload -------------------------------------------------------------------------
 
@@ -232,21 +241,23 @@ class PolicyStore:
             started = time.perf_counter()
             old = self._live
             self._signature = self._stat_signature()
+            new_digest = ""
             try:
-                snapshot = compile_directory(self.directory, beside_traffic=True)
+                files = read_directory(self.directory)
+                new_digest = digest_files(files)  # of exactly the bytes compiled
+                snapshot = compile_directory(self.directory, beside_traffic=True, files=files)
             except PolicyError as err:
-                result = ReloadResult(False, old.digest, self._digest_on_disk(), err.diagnostics(),
-                                      reason, time.perf_counter() - started)
+                result = ReloadResult(False, old.digest, new_digest, err.diagnostics(), reason,
+                                      time.perf_counter() - started)
             except Exception as err:  # never let a reload take the watcher or server down
                 log.exception("policy reload failed unexpectedly")
-                result = ReloadResult(False, old.digest, self._digest_on_disk(),
+                result = ReloadResult(False, old.digest, new_digest,
                                       f"internal error: {type(err).__name__}: {err}", reason,
                                       time.perf_counter() - started)
             else:
                 self._live = snapshot  # the one atomic swap
                 result = ReloadResult(True, old.digest, snapshot.digest, "", reason,
                                       time.perf_counter() - started)
-                _retire(old)
             if result.accepted:
                 log.info("policy %s installed (was %s; %s)", result.new_digest[:12],
                          result.old_digest[:12], reason or "reload")
@@ -258,13 +269,9 @@ class PolicyStore:
                     self._on_reload(result)
                 except Exception:
                     log.exception("on_reload callback failed")
+            if result.accepted:
+                _retire(old)  # after the callback: the audit record need not wait for this
             return result
-
-    def _digest_on_disk(self) -> str:
-        try:
-            return digest_files(read_directory(self.directory))
-        except PolicyError:
-            return ""
 
     def _stat_signature(self) -> tuple:
         paths = [self.directory / MODEL_FILE, self.directory / POLICY_FILE,
