@@ -173,7 +173,8 @@ class Gateway:
     def _audit_reload(self, result: ReloadResult) -> None:
         self.audit.append("policy_reload", {
             "accepted": result.accepted, "old_digest": result.old_digest,
-            "new_digest": result.new_digest, "error": result.error or None})
+            "new_digest": result.new_digest, "error": result.error or None,
+            "trigger": result.reason, "duration_ms": int(result.duration_s * 1000)})
         if self.monitor is not None:
             self.monitor.set_policy(self.policy.digest, result.accepted)
 
