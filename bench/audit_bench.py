@@ -114,7 +114,7 @@ def _synthetic_log(root: Path, n: int) -> AuditSettings:
     """A log of ``n`` decision records written in large batches (no per-batch fsync wait)."""
     s = _settings(root)
     store = FileStore(s.directory, s.segment_bytes, 0, True)
-    store.open()
+    store.open(lambda first, records: None)
     signer = load_signer(s.signing_key)
     tree = Tree()
     prev = "0" * 64

@@ -99,11 +99,20 @@ def test_values_outside_the_schema_are_refused(bad):
 
 
 @pytest.mark.parametrize("data", [b'{"b":1,"a":2}', b'{"a": 1}', b'{"a":1.0}', b'{"a":1e3}',
+                                  b'{"a":1.5}', b'{"a":-0.5}', b'{"a":1e+16}', b'{"a":[2,1.5]}',
+                                  b'{"a":{"b":5e-324}}', b'{"\xc3\xa9":1}',
                                   b'{"a":"\\u0041"}', b'{"a":9007199254740992}', b'[1]',
                                   b'{"a":1}\n', b'{"a":"\xff"}'])
 def test_non_canonical_bytes_are_rejected(data):
     with pytest.raises(EncodingError):
         decode_canonical(data)
+
+
+def test_float_scan_passes_plain_records_and_flags_lookalikes():
+    from gateway.audit._canonical import float_positions
+    assert float_positions(encode(DECISION)) == []
+    assert float_positions(b'{"ip":"127.0.0.1","x":"1e-3 ok"}') != []  # walk, then accepted
+    decode_canonical(b'{"ip":"127.0.0.1","x":"1e-3 ok"}')
 
 
 # -- appending ------------------------------------------------------------------------------
@@ -244,7 +253,8 @@ def _flip(path: Path, offset: int) -> None:
 
 
 @pytest.mark.parametrize("damage", ["edit-middle", "truncate-checkpointed", "complete-garbage-line",
-                                    "gap-then-data", "segment-renamed"])
+                                    "gap-then-data", "segment-renamed",
+                                    "truncate-and-drop-checkpoint", "foreign-checkpoint"])
 def test_other_damage_refuses_to_open(settings, damage):
     records = _closed_log(settings)
     seg = _last_segment(settings)
@@ -263,9 +273,20 @@ def test_other_damage_refuses_to_open(settings, damage):
     elif damage == "gap-then-data":
         _append_bytes(seg, end + 64, b'{"a":1}\n')
         match = f"record {len(records)}"
-    else:
+    elif damage == "segment-renamed":
         seg.rename(seg.with_name("00000000000000000007.log"))
         match = "starts at index 7"
+    elif damage == "truncate-and-drop-checkpoint":
+        # Deleting the latest checkpoint does not unpin the log: the history still signs it.
+        os.truncate(seg, _offset_of(records[:-2]))
+        (settings.directory / "checkpoint").unlink()
+        match = "truncated"
+    else:
+        from gateway.audit._note import Checkpoint, Signer
+        other = Signer.generate(settings.name)
+        (settings.directory / "checkpoint").write_text(
+            other.sign(Checkpoint(settings.name, 3, bytes(32)).text()))
+        match = "another key"
     with pytest.raises(AuditLogDamaged, match=match) as info:
         AuditLog.open(settings, instance_id="t")
     assert info.value.status.name == "UNAVAILABLE"
@@ -345,3 +366,54 @@ def test_checkpoint_is_published_by_time_and_torn_history_is_repaired(settings):
     assert all(line.startswith(b'"') and line.endswith(b'"')
                for line in hist.read_bytes().splitlines())
     assert verify_log(settings.directory, _verifier(settings)).ok
+
+
+def test_concurrent_appends_across_a_write_failure(settings):
+    """Disk-full style failures under concurrency: failed calls are not in the log, acked ones
+    are, the chain stays intact, and the log recovers by itself once writes succeed again."""
+    settings = replace(settings, preallocate=False, checkpoint_ms=600_000,
+                       checkpoint_records=1_000_000)
+    log = AuditLog.open(settings, instance_id="t")
+    seg = _last_segment(settings)
+    cond = threading.Condition()
+    acked: list = []
+    failed: list[str] = []
+
+    def worker(n: int) -> None:
+        for i in range(40):
+            try:
+                r = log.append("decision", {**DECISION, "request_id": f"{n}-{i}"})
+            except AuditUnavailable:
+                with cond:
+                    failed.append(f"{n}-{i}")
+                    cond.notify_all()
+            else:
+                with cond:
+                    acked.append((r, f"{n}-{i}"))
+
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (seg.stat().st_size + 5000, hard))
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        with cond:
+            assert cond.wait_for(lambda: len(failed) >= 6, timeout=30)
+        assert not log.healthy
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    for t in threads:
+        t.join()
+    acked.append((log.append("decision", {**DECISION, "request_id": "after"}), "after"))
+    assert log.healthy and failed
+    log.close()
+    records = _records(settings)
+    ids = {json.loads(r).get("request_id") for r in records}
+    for r, rid in acked:
+        assert hashlib.sha256(b"\x00" + records[r.index]).digest() == r.leaf_hash
+        assert rid in ids
+    assert not ids & set(failed)
+    assert verify_log(settings.directory, _verifier(settings)).ok
+    AuditLog.open(settings, instance_id="t").close()

@@ -9,12 +9,17 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gateway.audit import _canonical, _keys
 from gateway.audit._merkle import Tree
 from gateway.audit._note import Checkpoint, NoteError, open_checkpoint, parse_vkey
-from gateway.audit._store import FileStore, StoreDamaged
+from gateway.audit._store import FileStore, StoreDamaged, read_checkpoints
 from gateway.errors import AuditUnavailable
+
+if TYPE_CHECKING:
+    from gateway.audit import AuditSettings
+    from gateway.audit._note import Signer
 
 log = logging.getLogger("gateway.audit")
 
@@ -81,8 +86,8 @@ class AuditLog:
     write. The writer thread also publishes the signed checkpoints.
     """
 
-    def __init__(self, settings, store: FileStore, signer, payload_key: bytes,
-                 instance_id: str) -> None:
+    def __init__(self, settings: AuditSettings, store: FileStore, signer: Signer,
+                 payload_key: bytes, instance_id: str) -> None:
         self._settings = settings
         self._store = store
         self._signer = signer
@@ -112,7 +117,7 @@ class AuditLog:
     # -- opening ------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, settings, *, instance_id: str) -> AuditLog:
+    def open(cls, settings: AuditSettings, *, instance_id: str) -> AuditLog:
         """Open (or create) the log in ``settings.directory``; fail closed on damage.
 
         A torn final record (the gateway died mid-write) is cut off and an ``anomaly`` record
@@ -159,17 +164,28 @@ class AuditLog:
         return self
 
     def _signed_checkpoint(self) -> Checkpoint | None:
-        """The latest checkpoint this log signed, verified with its own key."""
-        note = self._store.latest_checkpoint()
-        if note is None:
+        """The largest checkpoint this log signed (``checkpoint`` or the history's last line),
+        verified with its own key: the log must still hold what it signed."""
+        best = None
+        vkey = parse_vkey(self._signer.vkey)
+        for where, note in (("checkpoint", self._store.latest_checkpoint()),
+                            ("checkpoints.jsonl", self._store.last_published())):
+            if note is None:
+                continue
+            try:
+                cp, _ = open_checkpoint(note, vkey, self._origin)
+            except NoteError as err:
+                raise AuditLogDamaged(f"{self._settings.directory}/{where}: {err} (signed by "
+                                      "another key, or edited)") from None
+            if best is not None and cp.size == best[0].size and cp.root != best[0].root:
+                raise AuditLogDamaged(f"{self._settings.directory}: two signed checkpoints of "
+                                      f"size {cp.size} disagree (a fork)")
+            if best is None or cp.size > best[0].size:
+                best = (cp, note)
+        if best is None:
             return None
-        try:
-            cp, _ = open_checkpoint(note, parse_vkey(self._signer.vkey), self._origin)
-        except NoteError as err:
-            raise AuditLogDamaged(f"{self._settings.directory}/checkpoint: {err} (signed by "
-                                  "another key, or edited)") from None
-        self._cp_size, self._cp_note = cp.size, note
-        return cp
+        self._cp_size, self._cp_note = best[0].size, best[1]
+        return best[0]
 
     def _recover(self, cp: Checkpoint | None, tail: list[tuple[int, list[bytes]]]) -> None:
         """Check the rebuilt tree against the signed checkpoint, and the records after it.
@@ -391,7 +407,6 @@ class AuditLog:
         """The signed checkpoint of exactly ``size`` records, if the log published one."""
         if size == self._cp_size:
             return self._cp_note
-        from gateway.audit._store import read_checkpoints
         for note in reversed(read_checkpoints(self._settings.directory)):
             if note.split("\n", 2)[1] == str(size):
                 return note

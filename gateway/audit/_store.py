@@ -344,6 +344,32 @@ class FileStore:
         except FileNotFoundError:
             return None
 
+    def last_published(self) -> str | None:
+        """The last complete line of the checkpoint history (read from the file's tail only).
+
+        ``publish`` appends here before it replaces ``checkpoint``, so this is never older
+        than ``checkpoint``; checking both means deleting one does not unpin the log.
+        """
+        path = self.directory / CHECKPOINTS
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(max(size - 16384, 0))
+                tail = f.read()
+        except FileNotFoundError:
+            return None
+        lines = [line for line in tail.split(b"\n") if line]
+        if not tail.endswith(b"\n") and lines:
+            lines.pop()  # torn by a crash
+        for line in reversed(lines):
+            try:
+                note = json.loads(line)
+            except ValueError:
+                continue  # the first line of the tail may be cut
+            if isinstance(note, str):
+                return note
+        return None
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

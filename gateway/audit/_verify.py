@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import orjson
 
-from gateway.audit._canonical import EncodingError, check
+from gateway.audit._canonical import EncodingError, check, float_positions
 from gateway.audit._log import GENESIS_PREV, SCHEMA_VERSION
 from gateway.audit._merkle import EMPTY_ROOT, CompactRange, node_hash
 from gateway.audit._note import NoteError, Verifier, open_checkpoint
@@ -38,9 +37,6 @@ from gateway.audit._store import (
 )
 
 _MAX_FINDINGS = 100
-#: A member value that looks like a float (see gateway.audit._canonical._FLOAT_MEMBER); no
-#: alternatives in it, so the regex engine skips ahead on its literal prefix.
-_FLOAT_MEMBER = re.compile(rb'":-?\d+[.eE]')
 
 
 @dataclass(frozen=True)
@@ -172,13 +168,9 @@ class _Chunk:
 
 def _suspects(blob: bytes, records: list[bytes]) -> set[int]:
     """Indexes (in ``records``) of records that need the exact value walk of
-    :func:`~gateway.audit._canonical.check`: non-ASCII bytes, an array, or a member that looks
-    like a float. One regex pass over the whole chunk instead of one call per record."""
-    hits = [m.start() for m in _FLOAT_MEMBER.finditer(blob)]
-    pos = blob.find(b"[")
-    while pos >= 0:
-        hits.append(pos)
-        pos = blob.find(b"[", pos + 1)
+    :func:`~gateway.audit._canonical.check`: non-ASCII bytes, or bytes that may be a float.
+    One scan of the whole chunk instead of one call per record."""
+    hits = float_positions(blob)
     out: set[int] = set()
     if hits:
         ends = list(accumulate(len(r) + 1 for r in records))

@@ -49,7 +49,7 @@ def _init(args: argparse.Namespace) -> int:
             sign_model(directory, key=private_key)
             print(f"demo model {directory} signed")
     ensure_keys(config.audit)
-    print(f"audit log keys in {config.audit.directory}")
+    print(f"audit log keys in {config.audit.signing_key.parent}")
     return 0
 
 
