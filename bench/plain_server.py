@@ -4,7 +4,10 @@ Same gRPC framework, thread pool, codec and ONNX Runtime session options as the 
 but no TLS, no identity, no policy and no audit: the ratio gateway/plain is the price of
 the security the gateway adds. Never use this outside the benchmark.
 
-    python -m bench.plain_server MODEL.onnx   # prints "listening on 127.0.0.1:PORT"
+    python -m bench.plain_server REPOSITORY [CERTS_DIR]   # prints "listening on 127.0.0.1:PORT"
+
+With CERTS_DIR (server.pem, server.key, ca.pem) it requires client certificates, as the
+gateway does, so the benchmark can tell the price of mTLS from the price of the rest.
 """
 
 from __future__ import annotations
@@ -43,16 +46,23 @@ def _options() -> ort.SessionOptions:
     return options
 
 
-def main(repository: str, workers: int = 16) -> None:
+def main(repository: str, certs: str | None = None, workers: int = 16) -> None:
     models = ModelRepository(Path(repository), session_options=_options, verify=None)
     models.load_all()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(PlainServicer(models), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if certs:
+        directory = Path(certs)
+        credentials = grpc.ssl_server_credentials(
+            [((directory / "server.key").read_bytes(), (directory / "server.pem").read_bytes())],
+            root_certificates=(directory / "ca.pem").read_bytes(), require_client_auth=True)
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(f"listening on 127.0.0.1:{port}", flush=True)
     server.wait_for_termination()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

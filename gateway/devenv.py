@@ -60,10 +60,26 @@ def make_demo_env(root: Path, **overrides: dict[str, object]) -> DemoEnv:
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)
     env.config.write_text("".join(
-        f"[{name}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
+        f"[{name}]\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in table.items())
         for name, table in sections.items()))
     run_cli("demo", "init", "--config", str(env.config))
     return env
+
+
+def _toml(value: object) -> str:
+    """A TOML value for the config file (strings, numbers, booleans, lists, inline tables)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(v)}" for k, v in value.items()) \
+            + "}"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
 
 
 def run_cli(*args: str, check: bool = True, cwd: Path | None = None,

@@ -96,6 +96,8 @@ class AuditLog:
         self._instance = instance_id
         self._tree = Tree()
         self._tree_lock = threading.Lock()
+        # Serialises signing: checkpoints are published in size order, never two at once.
+        self._cp_lock = threading.Lock()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._pending: list[bytes] = []
@@ -161,6 +163,7 @@ class AuditLog:
             self.append("anomaly", {"event": "torn-tail-truncated", "segment": torn.segment,
                                     "offset": torn.offset, "bytes": torn.length})
         self.append("log_open", {"records": records, "origin": self._origin})
+        self._checkpoint()  # a running log always has a signed checkpoint to show
         return self
 
     def _signed_checkpoint(self) -> Checkpoint | None:
@@ -362,18 +365,31 @@ class AuditLog:
                 self._wake.notify()
 
     def _checkpoint(self) -> None:
-        size = self._durable
-        with self._tree_lock:
-            root = self._tree.root(size)
-        note = self._signer.sign(Checkpoint(self._origin, size, root).text())
-        try:
-            self._store.publish(note)
-        except OSError as err:
-            log.error("audit checkpoint could not be published: %s", err)
-            self._healthy = False
-            self._cp_time = time.monotonic()
-            return
-        self._cp_size, self._cp_note, self._cp_time = size, note, time.monotonic()
+        with self._cp_lock:
+            size = self._durable
+            if self._cp_note is not None and size == self._cp_size:
+                return
+            with self._tree_lock:
+                root = self._tree.root(size)
+            note = self._signer.sign(Checkpoint(self._origin, size, root).text())
+            try:
+                self._store.publish(note)
+            except OSError as err:
+                log.error("audit checkpoint could not be published: %s", err)
+                self._healthy = False
+                self._cp_time = time.monotonic()
+                return
+            self._cp_size, self._cp_note, self._cp_time = size, note, time.monotonic()
+
+    def fresh_checkpoint(self) -> str | None:
+        """A signed checkpoint covering every record durable now (signing one if needed).
+
+        Auditors asking for the latest state get it at once rather than at the next
+        periodic checkpoint; signing is serialised, so checkpoints stay in size order.
+        """
+        if self._durable != self._cp_size or self._cp_note is None:
+            self._checkpoint()
+        return self._cp_note
 
     # -- reading (for the AuditService) -------------------------------------------------------
 

@@ -37,7 +37,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         audit_pb2_grpc.add_AuditServiceServicer_to_server(self, server)
 
     def _latest(self) -> tuple[str, int, bytes]:
-        note = self._log.checkpoint()
+        note = self._log.fresh_checkpoint()
         if note is None:
             raise NotCheckpointed("the audit log has not signed a checkpoint yet; retry shortly")
         cp = parse_checkpoint(note.split("\n\n", 1)[0] + "\n")

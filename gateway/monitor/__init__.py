@@ -148,8 +148,8 @@ class Alert:
     detail: dict[str, int | str] = field(default_factory=dict)
 
     def as_fields(self) -> dict[str, Any]:
-        """The audit record fields."""
-        return {"kind": self.kind, "caller": self.caller, "model": self.model,
+        """The fields of its audit record (record kind ``anomaly``; ``alert`` says which)."""
+        return {"alert": self.kind, "caller": self.caller, "model": self.model,
                 "score": self.score, "threshold": self.threshold, "detail": dict(self.detail)}
 
 

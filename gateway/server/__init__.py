@@ -142,8 +142,11 @@ class Gateway:
 
     def _health_loop(self) -> None:
         while not self._stopped.wait(_HEALTH_INTERVAL):
-            self._update_health()
-            self._record_alerts()
+            try:
+                self._update_health()
+                self._record_alerts()
+            except Exception:  # the loop must outlive any one failure, or health goes stale
+                log.exception("health/alert pass failed")
 
     def _record_alerts(self) -> None:
         """Anomaly alerts become audit records (off the request path, in batches)."""
@@ -152,7 +155,7 @@ class Gateway:
         for alert in self.monitor.alerts():
             try:
                 self.audit.append("anomaly", alert.as_fields())
-            except GatewayError as err:
+            except (GatewayError, ValueError) as err:
                 log.error("anomaly alert not recorded: %s", err)
 
     def _model_event(self, kind: str, fields: dict) -> None:
