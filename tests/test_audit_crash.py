@@ -49,15 +49,18 @@ class _Acks:
 
 
 def _load(target: str, creds, acks: _Acks, stop: threading.Event) -> None:
+    import numpy as np
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
     with grpc.secure_channel(target, creds) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        # A server-level RPC: it needs only the certificate, and is audited like every call.
-        req = service_pb2.ServerMetadataRequest()
+        x = np.ones((1, 4), dtype=np.float32)
+        req = service_pb2.ModelInferRequest(model_name="demo-mlp",
+                                            raw_input_contents=[x.tobytes()])
+        req.inputs.add(name="input", datatype="FP32", shape=[1, 4])
         while not stop.is_set():
             try:
-                _resp, call = stub.ServerMetadata.with_call(req, timeout=10)
+                _resp, call = stub.ModelInfer.with_call(req, timeout=10)
             except grpc.RpcError as err:
                 acks.fail(err)  # the gateway died under us: this call got no OK
                 return
