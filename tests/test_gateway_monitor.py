@@ -68,6 +68,9 @@ def test_metrics_are_scraped_and_count_the_calls(quota_gateway):
     assert by_outcome[("infer", "deny", "RESOURCE_EXHAUSTED")] >= 2
     assert by_outcome[("infer", "allow", "OK")] >= 3
     assert "gateway_request_stage_duration_seconds" in families
+    commits = [s for s in families["gateway_audit_fsync_duration_seconds"].samples
+               if s.name.endswith("_count")]
+    assert commits and commits[0].value >= 1  # every durable commit is timed
     loaded = [s for s in families["gateway_model_loaded"].samples
               if s.labels.get("model") == "demo-mlp"]
     assert loaded and loaded[0].value == 1

@@ -62,7 +62,8 @@ def test_metrics_exposition(monitor):
     monitor.set_policy("sha256:abc", True)
     monitor.set_policy("sha256:def", True)
     monitor.set_policy("sha256:bad", False)
-    monitor.set_audit(42, 0.002, 7.5)
+    monitor.set_audit(42, 7.5)
+    monitor.observe_audit_commit(0.002, 3)
     monitor.set_model_state("iris", "1", loaded=True, signature_ok=True)
 
     s = scrape(monitor)

@@ -48,6 +48,10 @@ class AuditSettings:
     segment_bytes: int = 64 * 1024 * 1024
     #: Also start a new segment after this many seconds (0: by size only).
     segment_seconds: int = 0
+    #: Group commit under load: a commit waits up to this long (µs) for the records of calls
+    #: already in flight, so one write and one flush carry them all (0: commit at once).
+    #: An idle log never waits: a lone call commits its own record immediately.
+    group_commit_window_us: int = 1000
     #: Preallocate segments (posix_fallocate) so commits do not grow the file: about 2x faster.
     preallocate: bool = True
 

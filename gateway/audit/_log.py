@@ -7,7 +7,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -109,6 +109,12 @@ class AuditLog:
         self._durable_prev = GENESIS_PREV
         self._healthy = True
         self._committer: str | None = None   # who commits now: None, _CALLER or _WRITER
+        # Calls announced by the server that will append soon, and whether a committer is
+        # waiting for them (see _gather): under load, one commit then carries many records.
+        self._expected = 0
+        self._gathering = False
+        self._window = settings.group_commit_window_us / 1e6
+        self._on_commit: Callable[[float, int], None] | None = None
         self._closing = False
         self._closed = False
         self._cp_size = -1
@@ -253,6 +259,10 @@ class AuditLog:
             self._size = seq + 1
             self._pending.append(data)
             self._pending_hashes.append(leaf)
+            if self._expected > 0:
+                self._expected -= 1
+            if self._gathering and self._expected == 0:
+                self._wake.notify_all()
             batch = self._batch
             lead = self._committer is None
             if lead:
@@ -271,6 +281,34 @@ class AuditLog:
             mac.update(c)
         return mac.hexdigest()
 
+    def announce(self) -> None:
+        """Say that a call has started which will append one record when it ends.
+
+        Only a hint for group commit: a committer waits (at most ``group_commit_window_us``)
+        until every announced call has queued its record, so that under load one write and
+        one flush carry many records. Each :meth:`append` consumes one announcement.
+        """
+        with self._lock:
+            self._expected += 1
+
+    def _gather(self) -> None:
+        """With the lock held: wait briefly for announced records to join this commit."""
+        if self._window <= 0 or self._expected == 0:
+            return
+        deadline = time.monotonic() + self._window
+        self._gathering = True
+        try:
+            while self._expected > 0 and not self._closing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    # Calls announced but never appending (or slow) must not delay every
+                    # commit: forget them; the next announcements start afresh.
+                    self._expected = 0
+                    break
+                self._wake.wait(remaining)
+        finally:
+            self._gathering = False
+
     @property
     def healthy(self) -> bool:
         """False after a write or fsync failure, until a later commit succeeds."""
@@ -285,6 +323,7 @@ class AuditLog:
         committing other callers' records before its own response can leave.
         """
         with self._lock:
+            self._gather()
             records, hashes, batch = self._take()
         self._commit(records, hashes, batch)
         with self._lock:
@@ -327,6 +366,7 @@ class AuditLog:
                         if not self._pending:
                             self._committer = None
                             break
+                        self._gather()
                         records, hashes, batch = self._take()
                     self._commit(records, hashes, batch)
             if self._durable > self._cp_size and (
@@ -338,7 +378,17 @@ class AuditLog:
                     if not self._pending and self._committer is None:
                         return
 
+    def observe_commits(self, callback: Callable[[float, int], None]) -> None:
+        """Call ``callback(seconds, records)`` after every durable commit (for metrics)."""
+        self._on_commit = callback
+
+    @property
+    def checkpoint_age(self) -> float:
+        """Seconds since the latest checkpoint was signed."""
+        return time.monotonic() - self._cp_time
+
     def _commit(self, records: list[bytes], hashes: list[bytes], batch: _Batch) -> None:
+        started = time.perf_counter()
         try:
             self._store.append(records)
         except OSError as err:
@@ -360,6 +410,8 @@ class AuditLog:
         self._durable_prev = hashes[-1].hex()
         self._healthy = True
         batch.finish()
+        if self._on_commit is not None:
+            self._on_commit(time.perf_counter() - started, len(records))
         if self._durable - self._cp_size >= self._settings.checkpoint_records:
             with self._lock:
                 self._wake.notify()

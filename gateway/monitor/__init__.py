@@ -334,11 +334,14 @@ class Monitor:
         """Record a policy (re)load: the digest in force (only if it loaded) and the outcome."""
         self.metrics.set_policy(digest, reload_ok)
 
-    def set_audit(self, size: int, fsync_seconds: float, checkpoint_age_s: float) -> None:
-        """Record the audit log's size (entries), one fsync's latency and the checkpoint age."""
+    def set_audit(self, size: int, checkpoint_age_s: float) -> None:
+        """Record the audit log's size (entries) and the age of its latest checkpoint."""
         self.metrics.audit_entries.set(size)
-        self.metrics.audit_fsync.observe(fsync_seconds)
         self.metrics.audit_checkpoint_age.set(checkpoint_age_s)
+
+    def observe_audit_commit(self, seconds: float, records: int = 1) -> None:
+        """Record one durable audit commit (write + flush) and how long it took."""
+        self.metrics.audit_fsync.observe(seconds)
 
     def set_model_state(self, name: str, version: str, loaded: bool, signature_ok: bool) -> None:
         """Record whether a model version is loaded and whether its signature verified."""

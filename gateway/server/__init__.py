@@ -73,6 +73,8 @@ class Gateway:
         self.policy = PolicyStore.load(config.policy.directory, on_reload=self._audit_reload)
         self.verifier = IdentityVerifier(config.tls.trust_domains, config.tls.cn_issuers)
         self.monitor = _monitor(config)
+        if self.monitor is not None:
+            self.audit.observe_commits(self.monitor.observe_audit_commit)
         options, verify, scan, decrypt = model_pipeline(config)
         self.models = ModelRepository(
             config.models.repository, session_options=options, verify=verify, scan=scan,
@@ -145,6 +147,8 @@ class Gateway:
             try:
                 self._update_health()
                 self._record_alerts()
+                if self.monitor is not None:
+                    self.monitor.set_audit(self.audit.size, self.audit.checkpoint_age)
             except Exception:  # the loop must outlive any one failure, or health goes stale
                 log.exception("health/alert pass failed")
 

@@ -16,8 +16,8 @@ anything else is logged and answered INTERNAL without a traceback.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Mapping
 
 import grpc
@@ -85,7 +85,7 @@ class Call:
         self.model_name = model
         self.version = version
         self.request_id = (request_id if request_id and len(request_id) <= _MAX_REQUEST_ID
-                           else uuid.uuid4().hex)
+                           else secrets.token_hex(16))
         self.identity = None
         self.decision = None
         self.entry: ModelEntry | None = None
@@ -94,6 +94,7 @@ class Call:
         self.fields: dict[str, object] = {}
         self._request_attributes = request_attributes
         self._must_exist = must_exist
+        guard.audit.announce()  # this call will append one record: let group commit wait
 
     # -- enter: identity, then policy ------------------------------------------------------
 
