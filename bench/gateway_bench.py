@@ -1,12 +1,14 @@
-"""Issue 2's benchmark: the price of mTLS + policy + durable audit on the request path.
+"""The price of the gateway on the request path, measured side by side in one run.
 
-Side by side in one run, on demo-mlp with batch 1:
-  (a) ONNX Runtime in-process (the floor),
-  (b) a plain insecure gRPC server doing the same ModelInfer (bench/plain_server.py),
-  (c) the gateway: mutual TLS, policy, durable group-committed audit.
-Load comes from a separate client process (bench/load.py) at concurrency 1, 4 and 16; each
-configuration runs in alternating rounds (b, c, b, c, ...) and the median round is reported,
-so drift on this shared machine hits both sides alike.
+On demo-mlp with batch 1 (demo-mlp profiled on N(0, 1) data, so anomaly scoring is real):
+  (a) ONNX Runtime in-process: the floor;
+  (b) a plain insecure gRPC server doing the same ModelInfer (bench/plain_server.py);
+  (b') the same plain server with mutual TLS: the price of mTLS alone;
+  (c) the gateway: mutual TLS, identity, policy, quotas, anomaly scoring, durable audit;
+  (c') the gateway with anomaly scoring off (issue 6's on/off comparison).
+Load comes from a separate client process (bench/load.py). Each configuration runs in
+alternating rounds (b, c, b, c, ...) and the median round is reported, so drift on this
+shared machine hits both sides alike.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from gateway.devenv import make_demo_env, start_gateway
+from gateway.devenv import DemoEnv, make_demo_env, run_cli, start_gateway
 
 CONCURRENCY = (1, 4, 16)
 ROUNDS = 3
@@ -48,6 +50,18 @@ def _in_process(model: Path, seconds: float = 2.0) -> dict:
             "p99_us": float(np.percentile(lat, 99))}
 
 
+def _profiled_env(root: Path, **overrides) -> DemoEnv:
+    """A demo deployment whose demo-mlp carries a signed reference profile."""
+    env = make_demo_env(root, **overrides)
+    reference = np.random.default_rng(0).normal(0, 1, (4000, 4)).astype(np.float32)
+    np.save(root / "ref.npy", reference)
+    version = env.models / "demo-mlp" / "1"
+    run_cli("model", "profile", str(version), "--data", str(root / "ref.npy"))
+    run_cli("model", "sign", str(version), "--key",
+            str(env.certs / "signing" / "demo-signer.key"))
+    return env
+
+
 def _load(target: str, concurrency: int, tls: list[str]) -> dict:
     out = subprocess.run([sys.executable, "-m", "bench.load", target, "--concurrency",
                           str(concurrency), "--seconds", str(SECONDS), *tls],
@@ -56,40 +70,75 @@ def _load(target: str, concurrency: int, tls: list[str]) -> dict:
 
 
 def _median(rounds: list[dict]) -> dict:
-    return {k: statistics.median(r[k] for r in rounds) for k in ("throughput", "p50_us",
-                                                                  "p99_us", "errors")}
+    return {k: statistics.median(r[k] for r in rounds)
+            for k in ("throughput", "p50_us", "p99_us", "errors")}
+
+
+def _side_by_side(b: tuple[str, list[str]], c: tuple[str, list[str]],
+                  concurrency: int) -> tuple[dict, dict]:
+    b_rounds, c_rounds = [], []
+    for _ in range(ROUNDS):
+        b_rounds.append(_load(b[0], concurrency, b[1]))
+        c_rounds.append(_load(c[0], concurrency, c[1]))
+    return _median(b_rounds), _median(c_rounds)
+
+
+def _row(label: str, b: dict, c: dict) -> str:
+    return (f"{label:>6} {b['throughput']:>9.0f} {c['throughput']:>9.0f} "
+            f"{c['throughput'] / b['throughput']:>6.2f} {b['p50_us']:>8.0f} {c['p50_us']:>8.0f} "
+            f"{c['p50_us'] / b['p50_us']:>6.2f} {b['p99_us']:>8.0f} {c['p99_us']:>8.0f} "
+            f"{int(b['errors'] + c['errors']):>6}")
+
+
+_HEADER = (f"{'conc':>6} {'b call/s':>9} {'c call/s':>9} {'c/b':>6} {'b p50µs':>8} "
+           f"{'c p50µs':>8} {'c/b':>6} {'b p99µs':>8} {'c p99µs':>8} {'errors':>6}")
 
 
 def run() -> None:
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
-        env = make_demo_env(Path(tmp) / "env")
-        gateway = start_gateway(env)
+        env = _profiled_env(Path(tmp) / "on")
+        env_off = _profiled_env(Path(tmp) / "off", monitor={"metrics_listen": "127.0.0.1:0",
+                                                            "scoring": False})
+        gateway, gateway_off = start_gateway(env), start_gateway(env_off)
         plain = subprocess.Popen([sys.executable, "-m", "bench.plain_server", str(env.models)],
                                  stdout=subprocess.PIPE, text=True)
+        plain_tls = subprocess.Popen([sys.executable, "-m", "bench.plain_server",
+                                      str(env.models), str(env.certs)],
+                                     stdout=subprocess.PIPE, text=True)
         try:
             plain_target = plain.stdout.readline().split()[-1]
+            plain_tls_target = plain_tls.stdout.readline().split()[-1]
             cert, key = env.client_files("scorer")
             tls = ["--ca", str(env.certs / "ca.pem"), "--cert", str(cert), "--key", str(key)]
+            cert, key = env_off.client_files("scorer")
+            tls_off = ["--ca", str(env_off.certs / "ca.pem"), "--cert", str(cert),
+                       "--key", str(key)]
             floor = _in_process(env.models / "demo-mlp/1/model.onnx")
             print(f"(a) ONNX Runtime in-process: {floor['throughput']:.0f} calls/s, "
                   f"p50 {floor['p50_us']:.0f} µs, p99 {floor['p99_us']:.0f} µs")
-            print(f"{'conc':>4} {'plain calls/s':>14} {'gateway calls/s':>16} {'c/b':>6} "
-                  f"{'plain p50':>10} {'gw p50':>8} {'c/b':>6} {'plain p99':>10} {'gw p99':>8}"
-                  f" {'errors':>6}")
+
+            print("\nb = plain insecure gRPC server, c = gateway (mTLS, policy, scoring, "
+                  "durable audit)")
+            print(_HEADER)
             for concurrency in CONCURRENCY:
-                b_rounds, c_rounds = [], []
-                for _ in range(ROUNDS):
-                    b_rounds.append(_load(plain_target, concurrency, []))
-                    c_rounds.append(_load(gateway.target, concurrency, tls))
-                b, c = _median(b_rounds), _median(c_rounds)
-                print(f"{concurrency:>4} {b['throughput']:>14.0f} {c['throughput']:>16.0f} "
-                      f"{c['throughput'] / b['throughput']:>6.2f} {b['p50_us']:>9.0f}µ "
-                      f"{c['p50_us']:>7.0f}µ {c['p50_us'] / b['p50_us']:>6.2f} "
-                      f"{b['p99_us']:>9.0f}µ {c['p99_us']:>7.0f}µ "
-                      f"{int(b['errors'] + c['errors']):>6}", flush=True)
+                b, c = _side_by_side((plain_target, []), (gateway.target, tls), concurrency)
+                print(_row(str(concurrency), b, c), flush=True)
             print("targets: c/b throughput at concurrency 16 >= 0.80; "
                   "c/b p50 at concurrency 1 <= 1.30")
+
+            print("\nb = plain insecure, c = plain with mutual TLS (the price of mTLS alone)")
+            print(_HEADER)
+            b, c = _side_by_side((plain_target, []), (plain_tls_target, tls), 16)
+            print(_row("16", b, c), flush=True)
+
+            print("\nb = gateway with anomaly scoring off, c = scoring on")
+            print(_HEADER)
+            b, c = _side_by_side((gateway_off.target, tls_off), (gateway.target, tls), 16)
+            print(_row("16", b, c), flush=True)
+            print("target: scoring overhead <= 5% at concurrency 16 (c/b throughput >= 0.95)")
         finally:
-            plain.terminate()
-            plain.wait()
+            for proc in (plain, plain_tls):
+                proc.terminate()
+                proc.wait()
             gateway.stop()
+            gateway_off.stop()

@@ -112,9 +112,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if x.dtype.kind not in "iuf" or x.ndim == 0:
             return False
         rows = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
-        attributes = monitor.score(_key(model), self._profile(model), call.identity.id, rows)
         if self._guard.policy.references("anomaly."):
+            # The decision needs the scores: compute them now, then ask policy again.
+            attributes = monitor.score(_key(model), self._profile(model), call.identity.id,
+                                       rows)
             call.authorize_with(attributes)
+        else:
+            monitor.score_later(_key(model), self._profile(model), call.identity.id, rows)
         return True
 
     def _profile(self, model: LoadedModel) -> InputProfile | None:

@@ -58,7 +58,9 @@ class LoadedModel:
     name: str
     version: str
     digest: str
+    #: Who signed it (key hint or certificate identity) and the trust rule that admitted it.
     signer: str
+    trust_rule: str
     owner: str
     labels: Mapping[str, str]
     inputs: tuple[TensorSpec, ...]
@@ -106,7 +108,8 @@ class ModelRepository:
         root: Path,
         *,
         session_options: Callable[[], ort.SessionOptions],
-        verify: Callable[[str, dict[str, bytes], bytes | None], tuple[str, str]] | None,
+        verify: Callable[[str, dict[str, bytes], bytes | None],
+                         tuple[str, str, str] | None] | None,
         scan: Callable[[Path, dict[str, bytes]], None] | None = None,
         decrypt: Callable[[bytes], bytes] | None = None,
         on_event: EventSink | None = None,
@@ -155,7 +158,7 @@ class ModelRepository:
         self._install(entry)
         self._on_event("model_load", {"model": {"name": name, "version": version,
                                                 "digest": model.digest},
-                                      "signer": model.signer})
+                                      "signer": model.signer, "trust_rule": model.trust_rule})
         return entry
 
     def _refuse(self, name: str, version: str, reason: str) -> ModelEntry:
@@ -197,7 +200,7 @@ class ModelRepository:
         for entry in [e for e in self._entries.values() if e.state == LOADED]:
             directory = self._root / entry.name / entry.version
             try:
-                _, digest, _ = self._verified_files(entry.name, entry.version, directory)
+                _, digest, _, _ = self._verified_files(entry.name, entry.version, directory)
             except GatewayError as err:
                 changed.append(self._refuse(entry.name, entry.version,
                                             f"re-verification failed: {err}"))
@@ -207,19 +210,18 @@ class ModelRepository:
         return changed
 
     def _verified_files(self, name: str, version: str,
-                        directory: Path) -> tuple[dict[str, bytes], str, str]:
+                        directory: Path) -> tuple[dict[str, bytes], str, str, str]:
         files, signature = read_version_dir(directory, max_bytes=self._max_bytes)
         files = self._decrypted(files)
         if MODEL_FILE not in files:
             raise ModelUnavailable(f"{name}/{version}: no {MODEL_FILE} in {directory}")
-        if self._verify is not None:
-            digest, signer = self._verify(name, files, signature)
-        else:
-            digest, signer = _files_digest(files), "unverified"
-        return files, digest, signer
+        verified = self._verify(name, files, signature) if self._verify is not None else None
+        if verified is None:
+            return files, _files_digest(files), "unverified", ""
+        return files, *verified
 
     def _build(self, name: str, version: str, directory: Path) -> LoadedModel:
-        files, digest, signer = self._verified_files(name, version, directory)
+        files, digest, signer, rule = self._verified_files(name, version, directory)
         if self._scan is not None:
             self._scan(directory, files)
         owner, labels = _parse_metadata(name, version, files.get(METADATA_FILE))
@@ -230,7 +232,8 @@ class ModelRepository:
         attributes = {"model.name": name, "model.version": version, "model.owner": owner,
                       **{f"model.labels.{k}": v for k, v in labels.items()}}
         return LoadedModel(name=name, version=version, digest=digest, signer=signer,
-                           owner=owner, labels=labels, inputs=inputs, outputs=outputs,
+                           trust_rule=rule, owner=owner, labels=labels, inputs=inputs,
+                           outputs=outputs,
                            extras=extras, session=session, attributes=attributes)
 
     def _decrypted(self, files: dict[str, bytes]) -> dict[str, bytes]:

@@ -18,6 +18,7 @@ windows) and every method is thread-safe and cheap enough for the request path.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -86,6 +87,10 @@ class MonitorSettings:
     #: LRU cap on tracked callers (and caller x model streams, and per-caller metric series).
     #: A stream holds about 128 x min(features, 32) x 8 bytes (32 KiB at most).
     max_callers: int = 1024
+    #: Requests queued for background scoring (when no policy rule needs their scores
+    #: before answering); beyond this they go unscored and gateway_unscored_requests_total
+    #: counts them.
+    max_backlog: int = 4096
     #: Pending alerts kept for the server to drain (oldest dropped and counted beyond).
     max_alerts: int = 1000
     #: Minimum seconds between two alerts of one kind (and detector) for one caller and
@@ -157,6 +162,8 @@ def _dec(value: float) -> str:
     return f"{value:.6f}" if math.isfinite(value) else ("inf" if value > 0 else "-inf")
 
 
+log = logging.getLogger(__name__)
+
 _NEUTRAL: dict[str, object] = {
     "anomaly.input_score": 0.0, "anomaly.input_threshold": math.inf,
     "anomaly.input_alarm": False, "anomaly.bounds_violation": False,
@@ -190,6 +197,10 @@ class Monitor:
         self._server: MetricsServer | None = None
         # Stage histograms resolved once: labels() on the hot path costs a lock and a dict.
         self._stage = {st: self.metrics.stage_seconds.labels(st) for st in STAGES}
+        # Scoring off the request path (see score_later): a bounded queue, one worker.
+        self._backlog: deque[tuple[str, InputProfile | None, str, np.ndarray]] = deque()
+        self._backlog_ready = threading.Condition(threading.Lock())
+        self._worker: threading.Thread | None = None
 
     # ------------------------------------------------------------------ listener
 
@@ -210,6 +221,40 @@ class Monitor:
     @property
     def http_address(self) -> tuple[str, int] | None:
         return self._server.address if self._server else None
+
+    # ------------------------------------------------------------------ background scoring
+
+    def score_later(self, model_key: str, profile: InputProfile | None, caller_id: str,
+                    x: np.ndarray) -> None:
+        """Score on the monitor's own thread: for requests whose decision needs no score.
+
+        Detection, metrics and alerts still see every request, but the response does not
+        wait, and the numpy work runs on one thread instead of on every RPC worker at once
+        (numpy releases and re-takes the GIL inside small operations; sixteen workers doing
+        so contend for it and made scoring cost three times its single-thread CPU). The
+        queue is bounded (``max_backlog``); beyond it requests go unscored and are counted.
+        """
+        with self._backlog_ready:
+            if len(self._backlog) >= self.settings.max_backlog:
+                self.metrics.unscored.inc()
+                return
+            self._backlog.append((model_key, profile, caller_id, x))
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._score_backlog,
+                                                 name="monitor-scoring", daemon=True)
+                self._worker.start()
+            self._backlog_ready.notify()
+
+    def _score_backlog(self) -> None:
+        while True:
+            with self._backlog_ready:
+                while not self._backlog:
+                    self._backlog_ready.wait()
+                item = self._backlog.popleft()
+            try:
+                self.score(*item)
+            except Exception:  # a bad row must not stop monitoring
+                log.exception("background anomaly scoring failed")
 
     # ------------------------------------------------------------------ quotas
 

@@ -67,6 +67,9 @@ class Metrics:
                               ("kind", "model"), registry=r)
         self.alerts_dropped = Counter("gateway_anomaly_alerts_dropped",
                                       "Alerts dropped because the queue was full.", registry=r)
+        self.unscored = Counter("gateway_unscored_requests",
+                                "Requests not scored because the background scoring queue "
+                                "was full.", registry=r)
         self.drift_psi = Gauge("gateway_output_drift_psi",
                                "PSI of the last closed output window against the reference.",
                                ("model",), registry=r)

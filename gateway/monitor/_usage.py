@@ -174,7 +174,7 @@ class UsageTracker:
             # Distances count only once the memory is full, as in the calibration.
             if st.mem_n == full:
                 diff = st.memory - row
-                dist = math.sqrt(float(np.einsum("ij,ij->i", diff, diff).min()))
+                dist = math.sqrt(float((diff * diff).sum(axis=1).min()))
                 if dist >= _REPEAT:  # an exact repeat is not exploration
                     st.distances[st.dist_n] = dist
                     st.dist_n += 1

@@ -29,11 +29,14 @@ def model_pipeline(config: GatewayConfig) -> tuple[Callable[[], ort.SessionOptio
                                intra_op_threads=models.intra_op_threads,
                                inter_op_threads=models.inter_op_threads)
 
-    def verify(name: str, files: dict[str, bytes], bundle: bytes | None) -> tuple[str, str]:
+    def verify(name: str, files: dict[str, bytes],
+               bundle: bytes | None) -> tuple[str, str, str] | None:
         if bundle is None:
-            raise ModelUnavailable(f"model '{name}' is unsigned (no model.sig); refused")
+            if signing.require_signature:
+                raise ModelUnavailable(f"model '{name}' is unsigned (no model.sig); refused")
+            return None  # served unverified, as [signing] require_signature = false says
         verified = verify_files(name, files, bundle, signing)
-        return verified.digest, verified.signer
+        return verified.digest, verified.signer, verified.rule
 
     def scan(directory: Path, files: dict[str, bytes]) -> None:
         report = scan_model(directory, scan_settings, files=files)
