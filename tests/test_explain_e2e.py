@@ -61,9 +61,6 @@ HOSTILE = {"bomb": "huge-allocation", "custom": "custom-op-domain",
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory) -> GatewayProcess:
     env = make_demo_env(tmp_path_factory.mktemp("explain-e2e"))
-    with (env.policies / "policy.csv").open("a") as fh:
-        fh.write("\n# Explanations are their own permission (issue 7).\n"
-                 "p, role:admins, demo-mlp, explain, allow\n")
     key = env.certs / "signing" / "demo-signer.key"
     outside = env.root / "outside.bin"
     outside.write_bytes(np.ones(12, np.float32).tobytes())
@@ -82,13 +79,6 @@ def gw(tmp_path_factory) -> GatewayProcess:
             (d / "weights.bin").unlink()
             os.link(outside, d / "weights.bin")
         sign_model(d, key=key)  # validly signed: only the admission scanner refuses them
-    # The default trust rule reads certs/dev/signing below the config's directory, while
-    # `demo init` keeps the key beside the env's CA: make the demo key trusted there too.
-    trusted = env.root / "certs" / "dev" / "signing"
-    if not (trusted / "demo-signer.pub").exists():
-        trusted.mkdir(parents=True, exist_ok=True)
-        (trusted / "demo-signer.pub").write_bytes(
-            (env.certs / "signing" / "demo-signer.pub").read_bytes())
     gateway = start_gateway(env)
     yield gateway
     gateway.stop()
@@ -155,3 +145,20 @@ def test_hostile_models_are_refused_at_load_and_demo_models_serve(gw) -> None:
         assert expected in refusals.get(name, ""), (name, refusals)
     res = _stub(gw, "admin").Explain(_request("occlusion"), timeout=30)
     assert res.evaluations == 6  # demo-mlp keeps serving next to the refused models
+
+
+def test_the_explain_budget_is_enforced_and_audited(tmp_path) -> None:
+    env = make_demo_env(tmp_path / "budget", explain={"budget_evaluations": 20})
+    gateway = start_gateway(env)
+    try:
+        stub = _stub(gateway, "admin")
+        assert stub.Explain(_request(), timeout=30).evaluations == 16
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Explain(_request(), timeout=30)  # 16 more would exceed the 20 budgeted
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        gateway.stop()
+    records = _explain_records(gateway, "spiffe://demo.local/team/security/admin")
+    assert [(r["decision"], r["status"]) for r in records] == \
+        [("allow", "OK"), ("deny", "RESOURCE_EXHAUSTED")]
+    assert records[-1]["reason"] == "quota"
