@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import secrets
 from pathlib import Path
 
+from gateway._atomic import write_atomic
 from gateway.audit._note import NoteError, Signer, parse_skey
 from gateway.errors import ConfigError
 
@@ -25,15 +25,7 @@ def vkey_path(signing_key: Path) -> Path:
 
 def _write_new(path: Path, text: str, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode(), mode=mode)
 
 
 def generate(signing_key: Path, payload_key: Path, name: str, *, force: bool = False) -> Signer:

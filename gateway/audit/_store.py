@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway._atomic import fsync_dir, write_atomic
+
 SEGMENTS = "segments"
 CHECKPOINT = "checkpoint"
 CHECKPOINTS = "checkpoints.jsonl"
@@ -51,12 +53,6 @@ def segment_name(first: int) -> str:
     return f"{first:0{_NAME_DIGITS}d}.log"
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_segments(directory: Path) -> list[tuple[int, Path]]:
@@ -328,15 +324,7 @@ class FileStore:
             os.fdatasync(fd)
         finally:
             os.close(fd)
-        tmp = self.directory / (CHECKPOINT + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, note.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.directory / CHECKPOINT)
-        fsync_dir(self.directory)  # makes the rename (and a new history file) durable
+        write_atomic(self.directory / CHECKPOINT, note.encode())
 
     def latest_checkpoint(self) -> str | None:
         try:

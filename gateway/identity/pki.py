@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway._atomic import write_atomic
 from gateway.errors import ConfigError
 
 __all__ = [
@@ -232,32 +231,10 @@ def issue_client(
 
 
 def write_file(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Atomically replace ``path`` with ``data`` (mode 0600 if ``private``, else 0644).
-
-    The temporary file is created with its final mode, so a key is never readable by
-    others, not even for a moment; the rename is atomic and the directory is fsync'd.
-    """
+    """Atomically replace ``path`` with ``data`` (mode 0600 if ``private``, else 0644)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600 if private else 0o644)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, data, mode=0o600 if private else 0o644)
 
 
 def load_pair(cert_path: Path, key_path: Path) -> CertifiedKey:

@@ -10,12 +10,13 @@ can be checked bit for bit. Signing is a separate step (``gateway demo init`` do
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from gateway._atomic import write_atomic
 
 #: Opset and IR version chosen for broad ONNX Runtime compatibility.
 OPSET = 17
@@ -100,16 +101,7 @@ def build_demo_repository(root: Path, *, force: bool = False) -> list[Path]:
         if (directory / "model.onnx").exists() and not force:
             continue
         directory.mkdir(parents=True, exist_ok=True)
-        _write(directory / "model.onnx", model)
-        _write(directory / "metadata.toml", metadata.encode())
+        write_atomic(directory / "model.onnx", model)
+        write_atomic(directory / "metadata.toml", metadata.encode())
         written.append(directory)
     return written
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

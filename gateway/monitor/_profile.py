@@ -416,15 +416,9 @@ class InputProfile:
 
     def save(self, path: Path) -> None:
         """Write ``path`` atomically (temp file, fsync, rename)."""
-        import os
+        from gateway._atomic import write_atomic
 
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(self.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_atomic(Path(path), self.to_json())
 
     @classmethod
     def from_json(cls, raw: bytes, source: str = "profile.json") -> InputProfile:

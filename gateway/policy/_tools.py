@@ -7,13 +7,13 @@ the request path never calls them.
 from __future__ import annotations
 
 import io
-import os
 import re
 import subprocess
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway._atomic import write_atomic
 from gateway.policy._condition import Attributes
 from gateway.policy._engine import Decision, Snapshot
 from gateway.policy._source import (
@@ -299,9 +299,5 @@ def _format_policy(text: str, source) -> str:
 
 def write_atomically(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` so a watcher never reads a half-written file."""
-    tmp = path.with_name(f".{path.name}.fmt-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, text.encode("utf-8"), mode=path.stat().st_mode & 0o777)
+

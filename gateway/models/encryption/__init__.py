@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from gateway._atomic import fsync_dir, write_atomic
 from gateway.errors import ConfigError, ModelUnavailable
 from gateway.models.encryption import _stream
 
@@ -165,31 +166,6 @@ def iter_decrypt_file(path: Path, kek: bytes) -> Iterator[bytes]:
         raise EncryptionError(f"{path}: cannot decrypt: {err}") from err
 
 
-def _write_atomically(target: Path, pieces: Iterator[bytes]) -> None:
-    """Write ``pieces`` to a temp file beside ``target``, fsync, rename, fsync the directory."""
-    tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            for piece in pieces:
-                out.write(piece)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _progress(total: int, label: str, enabled: bool):  # -> tqdm | None
     if not enabled:
         return None
@@ -212,7 +188,7 @@ def encrypt_file(path: Path, kek: bytes, *, keep: bool = False, progress: bool =
         with open(path, "rb") as src:
             plain = _read_exact(src, chunk_size)
             sealed = _stream.encrypt_chunks(_counted(plain, bar), kek, chunk_size)
-            _write_atomically(target, sealed)
+            write_atomic(target, sealed, mode=0o600)
     except _stream.StreamError as err:
         raise EncryptionError(f"{path}: cannot encrypt: {err}") from err
     finally:
@@ -220,7 +196,7 @@ def encrypt_file(path: Path, kek: bytes, *, keep: bool = False, progress: bool =
             bar.close()
     if not keep:
         path.unlink()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return target
 
 
@@ -240,13 +216,13 @@ def decrypt_file(path: Path, kek: bytes, *, keep: bool = False, progress: bool =
         raise EncryptionError(f"{target} already exists; refusing to overwrite it")
     bar = _progress(path.stat().st_size, f"decrypt {path.name}", progress)
     try:
-        _write_atomically(target, _counted(iter_decrypt_file(path, kek), bar))
+        write_atomic(target, _counted(iter_decrypt_file(path, kek), bar), mode=0o600)
     finally:
         if bar is not None:
             bar.close()
     if not keep:
         path.unlink()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return target
 
 

@@ -44,9 +44,6 @@ The built-in default trusts the demo key made by :func:`ensure_demo_signing_key`
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -57,6 +54,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway._atomic import write_atomic
 from gateway.errors import ConfigError, ModelUnavailable
 from gateway.models.signing import _bundle, _manifest, _trust
 
@@ -279,7 +277,7 @@ def sign_model(model_dir: Path, *, key: Path, cert: Path | None = None,
     blob = _bundle.build_bundle(payload, signature, key_hint=_trust.key_hint(public_key),
                                 chain=certs)
     target = model_dir / SIGNATURE_NAME
-    _write_atomically(target, blob, 0o644)
+    write_atomic(target, blob, mode=0o644)
     return target
 
 
@@ -332,25 +330,6 @@ def _load_certs(path: Path) -> list[x509.Certificate]:
         raise SignatureError(f"{path} holds no PEM certificate") from err
 
 
-def _write_atomically(target: Path, data: bytes, mode: int) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    dfd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
 
 def ensure_demo_signing_key(directory: Path = DEMO_SIGNING_DIR) -> tuple[Path, Path]:
     """Create (if absent) the demo ECDSA P-256 signing key pair in ``directory``.
@@ -362,11 +341,12 @@ def ensure_demo_signing_key(directory: Path = DEMO_SIGNING_DIR) -> tuple[Path, P
     private, public = directory / "demo-signer.key", directory / "demo-signer.pub"
     if not private.exists():
         key = ec.generate_private_key(ec.SECP256R1())
-        _write_atomically(private, key.private_bytes(
+        write_atomic(private, key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()), 0o600)
+            serialization.NoEncryption()), mode=0o600)
     if not public.exists():
         key = _load_private_key(private)
-        _write_atomically(public, key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644)
+        public_pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        write_atomic(public, public_pem, mode=0o644)
     return private, public
