@@ -250,11 +250,24 @@ class Monitor:
             with self._backlog_ready:
                 while not self._backlog:
                     self._backlog_ready.wait()
-                item = self._backlog.popleft()
-            try:
-                self.score(*item)
-            except Exception:  # a bad row must not stop monitoring
-                log.exception("background anomaly scoring failed")
+                items = list(self._backlog)
+                self._backlog.clear()
+            # Consecutive requests of one caller to one model are scored as one batch: the
+            # same detectors see the same rows in the same order, with a fraction of the
+            # numpy calls (each of which may hand the GIL to the RPC threads and back).
+            start = 0
+            while start < len(items):
+                key, profile, caller, x = items[start]
+                end = start + 1
+                while end < len(items) and items[end][0] == key and items[end][1] is profile \
+                        and items[end][2] == caller and items[end][3].shape[1:] == x.shape[1:]:
+                    end += 1
+                rows = x if end == start + 1 else np.concatenate([i[3] for i in items[start:end]])
+                try:
+                    self.score(key, profile, caller, rows, requests=end - start)
+                except Exception:  # a bad row must not stop monitoring
+                    log.exception("background anomaly scoring failed")
+                start = end
 
     # ------------------------------------------------------------------ quotas
 
@@ -273,13 +286,19 @@ class Monitor:
     # ------------------------------------------------------------------ scores
 
     def score(self, model_key: str, profile: InputProfile | None, caller_id: str,
-              x: np.ndarray) -> dict[str, object]:
-        """The request's anomaly attributes (see module doc); records metrics and alerts."""
+              x: np.ndarray, *, requests: int = 1) -> dict[str, object]:
+        """The request's anomaly attributes (see module doc); records metrics and alerts.
+
+        ``requests`` > 1 scores the rows of that many consecutive requests of one caller at
+        once (background scoring); the attributes then describe them together.
+        """
         if not self.settings.scoring:
             return dict(_NEUTRAL)
         attrs = dict(_NEUTRAL)
         mx = self.metrics
         mx.caller(caller_id)
+        for _ in range(requests - 1):
+            self._usage.rate(caller_id)
         ratio, rate_raised = self._usage.rate(caller_id)
         attrs["anomaly.rate_ratio"] = ratio
         mx.child(mx.caller_rate_ratio, caller_id).set(ratio)
