@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from gateway.audit import _canonical, _keys
 from gateway.audit._merkle import Tree
 from gateway.audit._note import Checkpoint, NoteError, open_checkpoint, parse_vkey
-from gateway.audit._store import FileStore, StoreDamaged, read_checkpoints
+from gateway.audit._store import FileStore, Store, StoreDamaged, read_checkpoints
 from gateway.errors import AuditUnavailable
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class AuditLog:
     write. The writer thread also publishes the signed checkpoints.
     """
 
-    def __init__(self, settings: AuditSettings, store: FileStore, signer: Signer,
+    def __init__(self, settings: AuditSettings, store: Store, signer: Signer,
                  payload_key: bytes, instance_id: str) -> None:
         self._settings = settings
         self._store = store

@@ -27,6 +27,7 @@ from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from gateway._atomic import fsync_dir, write_atomic
 
@@ -124,6 +125,32 @@ def read_checkpoints(directory: Path) -> list[str]:
             raise StoreDamaged(f"{path}: line {i + 1} is not a JSON string")
         notes.append(note)
     return notes
+
+
+class Store(Protocol):
+    """What the log needs from its storage: the file store is the embedded default; a shared
+    store for several gateway replicas (PostgreSQL) implements the same eight methods."""
+
+    def open(self, on_segment: Callable[[int, list[bytes]], None]) -> TornTail | None:
+        """Replay every stored record (in order) to ``on_segment``; report a torn tail."""
+
+    def cut(self, torn: TornTail) -> None:
+        """Remove a torn final record found by :meth:`open`."""
+
+    def append(self, records: list[bytes]) -> None:
+        """Make ``records`` durable, in order, before returning (raise ``OSError`` if not)."""
+
+    def read(self, start: int, end: int) -> list[bytes]:
+        """Records ``[start, end)``."""
+
+    def publish(self, note: str) -> None:
+        """Durably publish a signed checkpoint (and keep it in the history)."""
+
+    def latest_checkpoint(self) -> str | None: ...
+
+    def last_published(self) -> str | None: ...
+
+    def close(self) -> None: ...
 
 
 class FileStore:
