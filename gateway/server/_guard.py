@@ -69,10 +69,9 @@ class Guard:
 class Call:
     """One guarded RPC; see the module docstring."""
 
-    __slots__ = ("_attributes", "_context", "_guard", "_must_exist", "_request_attributes", "_t0",
-                 "action",
-                 "decision", "entry", "fields", "identity", "model_name", "request_id", "rpc",
-                 "timings", "version")
+    __slots__ = ("_attributes", "_context", "_guard", "_must_exist", "_request_attributes",
+                 "_t0", "action", "decision", "entry", "fields", "identity", "model_name",
+                 "request_id", "rpc", "timings", "version")
 
     def __init__(self, guard: Guard, context: grpc.ServicerContext, rpc: str,
                  action: str | None, model: str, version: str, request_id: str,
@@ -99,6 +98,19 @@ class Call:
     # -- enter: identity, then policy ------------------------------------------------------
 
     def __enter__(self) -> Call:
+        try:
+            return self._admit()
+        except _Finished:
+            raise
+        except Exception:
+            # Fail closed: a caller that cannot be authenticated or a policy that cannot be
+            # evaluated refuses the call (audited), it never lets it through.
+            log.exception("cannot decide %s", self.rpc)
+            self._finish(PolicyUnavailable("the call could not be authorized; it was refused"),
+                         "deny", "policy-error")
+            raise  # unreachable: _finish aborts
+
+    def _admit(self) -> Call:
         guard = self._guard
         try:
             self.identity = guard.verifier.authenticate(self._context)
@@ -251,6 +263,12 @@ class Call:
         }
         record.update(self.fields)
         return record
+
+
+class PolicyUnavailable(GatewayError):
+    """Authorization itself failed (not a denial): the call is refused, fail closed."""
+
+    status = grpc.StatusCode.UNAVAILABLE
 
 
 class _Finished(Exception):
