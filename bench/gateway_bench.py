@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from gateway.devenv import DemoEnv, make_demo_env, run_cli, start_gateway
+from gateway.devenv import DemoEnv, make_demo_env, profile_demo_model, start_gateway
 
 CONCURRENCY = (1, 4, 16)
 ROUNDS = 3
@@ -53,12 +53,7 @@ def _in_process(model: Path, seconds: float = 2.0) -> dict:
 def _profiled_env(root: Path, **overrides) -> DemoEnv:
     """A demo deployment whose demo-mlp carries a signed reference profile."""
     env = make_demo_env(root, **overrides)
-    reference = np.random.default_rng(0).normal(0, 1, (4000, 4)).astype(np.float32)
-    np.save(root / "ref.npy", reference)
-    version = env.models / "demo-mlp" / "1"
-    run_cli("model", "profile", str(version), "--data", str(root / "ref.npy"))
-    run_cli("model", "sign", str(version), "--key",
-            str(env.certs / "signing" / "demo-signer.key"))
+    profile_demo_model(env)
     return env
 
 

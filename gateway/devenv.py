@@ -66,6 +66,23 @@ def make_demo_env(root: Path, **overrides: dict[str, object]) -> DemoEnv:
     return env
 
 
+def profile_demo_model(env: DemoEnv, *, seed: int = 0) -> Path:
+    """Give demo-mlp a reference profile fitted on N(0, 1) data and re-sign it.
+
+    Anomaly scores then mean something: such inputs score low, far-away probes high.
+    Returns the model version directory.
+    """
+    import numpy as np
+
+    reference = np.random.default_rng(seed).normal(0, 1, (4000, 4)).astype(np.float32)
+    np.save(env.root / "ref.npy", reference)
+    version = env.models / "demo-mlp" / "1"
+    run_cli("model", "profile", str(version), "--data", str(env.root / "ref.npy"))
+    run_cli("model", "sign", str(version), "--key",
+            str(env.certs / "signing" / "demo-signer.key"))
+    return version
+
+
 def _toml(value: object) -> str:
     """A TOML value for the config file (strings, numbers, booleans, lists, inline tables)."""
     if isinstance(value, bool):

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from gateway.devenv import make_demo_env, run_cli, start_gateway
+from gateway.devenv import make_demo_env, profile_demo_model, run_cli, start_gateway
 from tests.conftest import channel_credentials
 
 SCORER = "spiffe://demo.local/svc/scorer"
@@ -130,12 +130,7 @@ def anomaly_gateway(tmp_path_factory):
     """demo-mlp profiled on N(0, 1) data and re-signed; policy denies alarming inputs."""
     root = tmp_path_factory.mktemp("anomaly")
     env = make_demo_env(root)
-    reference = np.random.default_rng(3).normal(0, 1, (4000, 4)).astype(np.float32)
-    np.save(root / "ref.npy", reference)
-    version = env.models / "demo-mlp" / "1"
-    run_cli("model", "profile", str(version), "--data", str(root / "ref.npy"))
-    run_cli("model", "sign", str(version), "--key",
-            str(env.certs / "signing" / "demo-signer.key"))
+    profile_demo_model(env, seed=3)
     with open(env.policies / "policy.csv", "a") as f:
         f.write("\n# Sensitive models refuse inputs the profile calls anomalous.\n"
                 "p, role:scorers, *, infer, deny, "

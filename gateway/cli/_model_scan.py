@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import GatewayError
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -43,18 +42,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def _table(config: Path | None, name: str, cls: type) -> Any:
-    from gateway.config import parse_section
+    """The ``[name]`` settings of ``config`` (the built-in defaults without one)."""
+    from gateway.config import load_config
 
-    if config is None:
-        return cls()
-    try:
-        table = tomllib.loads(config.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise ConfigError(f"{config}: no such configuration file") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{config}: not valid TOML: {err}") from err
-    return parse_section(cls, table.get(name, {}), config.resolve().parent,
-                         f"{config}: [{name}]")
+    return cls() if config is None else getattr(load_config(config), name)
 
 
 def _version_dirs(root: Path) -> list[Path]:
