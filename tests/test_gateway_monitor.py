@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import subprocess
 import threading
@@ -146,3 +147,23 @@ def test_policy_denies_the_anomalous_input_and_allows_the_normal_one(anomaly_gat
     probe = np.array([[40.0, -40.0, 40.0, -40.0]])
     assert _infer(anomaly_gateway, "scorer", probe) == grpc.StatusCode.PERMISSION_DENIED
     assert _infer(anomaly_gateway, "scorer", normal) == grpc.StatusCode.OK
+
+
+def test_background_monitoring_records_alerts_for_probes(tmp_path):
+    """No rule needs the scores, so they are computed off the request path; the probes are
+    still answered, and still end up as anomaly records in the audit log."""
+    env = make_demo_env(tmp_path / "gw")
+    profile_demo_model(env, seed=5)
+    gw = start_gateway(env)
+    try:
+        probes = np.random.default_rng(6).uniform(-60, 60, (40, 1, 4))
+        assert all(_infer(gw, "scorer", p) == grpc.StatusCode.OK for p in probes)
+    finally:
+        gw.stop()  # flushes the scoring queue and records its alerts before closing the log
+    proc = run_cli("audit", "verify", "--config", str(env.config), "--json", "--quiet")
+    assert json.loads(proc.stdout)["ok"] is True
+    records = [json.loads(line) for path in sorted((env.audit / "segments").iterdir())
+               for line in path.read_bytes().rstrip(b"\0").splitlines() if line.strip()]
+    alerts = [r for r in records if r["kind"] == "anomaly"]
+    assert {"input", "bounds"} & {a["alert"] for a in alerts}, alerts
+    assert all(a["caller"] == SCORER for a in alerts if a["alert"] in ("input", "bounds"))

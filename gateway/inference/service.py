@@ -88,38 +88,49 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model = call.model()
             feeds = decode_inputs(request, model, max_elements=self._max_elements)
             outputs = requested_outputs(request, model)
-            scored = self._score(call, model, feeds)
+            rows, scored = self._score_now(call, model, feeds)
             t0 = time.perf_counter_ns()
             results = _run(model, feeds, outputs)
             call.timings["inference"] = (time.perf_counter_ns() - t0) // 1000
-            if scored:
-                self._guard.monitor.observe_output(_key(model), results[outputs[0]])
+            if rows is not None:
+                self._monitor_later(call, model, rows, scored,
+                                    results.get(model.outputs[0].name))
             response = pb.ModelInferResponse(model_name=model.name, model_version=model.version,
                                              id=call.request_id)
             encode_outputs(response, results, outputs)
             return response
 
-    def _score(self, call, model: LoadedModel, feeds: dict[str, np.ndarray]) -> bool:
-        """Anomaly scores of the input, then policy again if it decides on them.
+    def _score_now(self, call, model: LoadedModel,
+                   feeds: dict[str, np.ndarray]) -> tuple[np.ndarray | None, bool]:
+        """Anomaly scores of the input, and policy again, when the policy decides on them.
 
-        Scored only for single-input numeric models (the reference profile describes one
-        feature matrix); returns whether the input was scored.
+        Returns the input rows to monitor (None when the model is not monitored: only
+        single-input numeric models are, as a reference profile describes one feature
+        matrix) and whether they were scored already.
         """
         monitor = self._guard.monitor
         if monitor is None or len(model.inputs) != 1:
-            return False
+            return None, False
         x = feeds[model.inputs[0].name]
         if x.dtype.kind not in "iuf" or x.ndim == 0:
-            return False
+            return None, False
         rows = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
-        if self._guard.policy.references("anomaly."):
-            # The decision needs the scores: compute them now, then ask policy again.
-            attributes = monitor.score(_key(model), self._profile(model), call.identity.id,
-                                       rows)
-            call.authorize_with(attributes)
+        if not self._guard.policy.references("anomaly."):
+            return rows, False
+        # The decision needs the scores: compute them now, then ask policy again.
+        call.authorize_with(monitor.score(_key(model), self._profile(model), call.identity.id,
+                                          rows))
+        return rows, True
+
+    def _monitor_later(self, call, model: LoadedModel, rows: np.ndarray, scored: bool,
+                       y: np.ndarray | None) -> None:
+        """Monitoring that no decision waits for runs on the monitor's thread, batched."""
+        monitor = self._guard.monitor
+        if scored:
+            if y is not None:
+                monitor.observe_output(_key(model), y, self._profile(model))
         else:
-            monitor.score_later(_key(model), self._profile(model), call.identity.id, rows)
-        return True
+            monitor.score_later(_key(model), self._profile(model), call.identity.id, rows, y)
 
     def _profile(self, model: LoadedModel) -> InputProfile | None:
         """The model's reference profile, parsed once from its verified bytes."""

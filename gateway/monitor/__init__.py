@@ -91,6 +91,9 @@ class MonitorSettings:
     #: before answering); beyond this they go unscored and gateway_unscored_requests_total
     #: counts them.
     max_backlog: int = 4096
+    #: Seconds between background scoring passes; each pass scores everything queued since
+    #: the last one, batched per caller and model.
+    score_interval_s: float = 0.05
     #: Pending alerts kept for the server to drain (oldest dropped and counted beyond).
     max_alerts: int = 1000
     #: Minimum seconds between two alerts of one kind (and detector) for one caller and
@@ -198,7 +201,8 @@ class Monitor:
         # Stage histograms resolved once: labels() on the hot path costs a lock and a dict.
         self._stage = {st: self.metrics.stage_seconds.labels(st) for st in STAGES}
         # Scoring off the request path (see score_later): a bounded queue, one worker.
-        self._backlog: deque[tuple[str, InputProfile | None, str, np.ndarray]] = deque()
+        self._backlog: deque[tuple[str, InputProfile | None, str, np.ndarray,
+                                   np.ndarray | None]] = deque()
         self._backlog_ready = threading.Condition(threading.Lock())
         self._worker: threading.Thread | None = None
 
@@ -225,7 +229,7 @@ class Monitor:
     # ------------------------------------------------------------------ background scoring
 
     def score_later(self, model_key: str, profile: InputProfile | None, caller_id: str,
-                    x: np.ndarray) -> None:
+                    x: np.ndarray, y: np.ndarray | None = None) -> None:
         """Score on the monitor's own thread: for requests whose decision needs no score.
 
         Detection, metrics and alerts still see every request, but the response does not
@@ -233,12 +237,13 @@ class Monitor:
         (numpy releases and re-takes the GIL inside small operations; sixteen workers doing
         so contend for it and made scoring cost three times its single-thread CPU). The
         queue is bounded (``max_backlog``); beyond it requests go unscored and are counted.
+        ``y``, the request's predictions, feeds the output-drift windows in the same pass.
         """
         with self._backlog_ready:
             if len(self._backlog) >= self.settings.max_backlog:
                 self.metrics.unscored.inc()
                 return
-            self._backlog.append((model_key, profile, caller_id, x))
+            self._backlog.append((model_key, profile, caller_id, x, y))
             if self._worker is None:
                 self._worker = threading.Thread(target=self._score_backlog,
                                                  name="monitor-scoring", daemon=True)
@@ -246,28 +251,41 @@ class Monitor:
             self._backlog_ready.notify()
 
     def _score_backlog(self) -> None:
+        interval = self.settings.score_interval_s
         while True:
             with self._backlog_ready:
                 while not self._backlog:
                     self._backlog_ready.wait()
-                items = list(self._backlog)
-                self._backlog.clear()
-            # Consecutive requests of one caller to one model are scored as one batch: the
-            # same detectors see the same rows in the same order, with a fraction of the
-            # numpy calls (each of which may hand the GIL to the RPC threads and back).
-            start = 0
-            while start < len(items):
-                key, profile, caller, x = items[start]
-                end = start + 1
-                while end < len(items) and items[end][0] == key and items[end][1] is profile \
-                        and items[end][2] == caller and items[end][3].shape[1:] == x.shape[1:]:
-                    end += 1
-                rows = x if end == start + 1 else np.concatenate([i[3] for i in items[start:end]])
-                try:
-                    self.score(key, profile, caller, rows, requests=end - start)
-                except Exception:  # a bad row must not stop monitoring
-                    log.exception("background anomaly scoring failed")
-                start = end
+            # Let requests accumulate: one pass over many rows costs about what one row does,
+            # and the RPC threads are interrupted once per interval, not once per request.
+            time.sleep(interval)
+            self.flush()
+
+    def flush(self) -> None:
+        """Score everything queued by :meth:`score_later` now (also at shutdown)."""
+        with self._backlog_ready:
+            items = list(self._backlog)
+            self._backlog.clear()
+        # Consecutive requests of one caller to one model are scored as one batch: the same
+        # detectors see the same rows in the same order, with a fraction of the numpy calls
+        # (each of which may hand the GIL to the RPC threads and back).
+        start = 0
+        while start < len(items):
+            key, profile, caller, x, _y = items[start]
+            end = start + 1
+            while end < len(items) and items[end][0] == key and items[end][1] is profile \
+                    and items[end][2] == caller and items[end][3].shape[1:] == x.shape[1:]:
+                end += 1
+            run = items[start:end]
+            try:
+                rows = x if len(run) == 1 else np.concatenate([i[3] for i in run])
+                self.score(key, profile, caller, rows, requests=len(run))
+                outputs = [i[4] for i in run if i[4] is not None]
+                if outputs and all(o.shape[1:] == outputs[0].shape[1:] for o in outputs):
+                    self.observe_output(key, np.concatenate(outputs), profile)
+            except Exception:  # a bad row must not stop monitoring
+                log.exception("background anomaly scoring failed")
+            start = end
 
     # ------------------------------------------------------------------ quotas
 

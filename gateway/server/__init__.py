@@ -210,6 +210,8 @@ class Gateway:
                 self._server.stop(grace).wait()
             self.policy.stop_watching()
             if self.monitor is not None:
+                self.monitor.flush()  # what was queued still gets scored ...
+                self._record_alerts()  # ... and its alerts recorded, before the log closes
                 self.monitor.stop_http()
             self.audit.close()
             log.info("gateway stopped")
