@@ -51,6 +51,23 @@ def _linear_external(d: Path, location: str) -> None:
     (d / "model.onnx").write_bytes(model.SerializeToString())
 
 
+W = np.array([0.5, -1.0, 0.0, 2.0], dtype=np.float32)  # feature 2 has zero weight
+C = 0.125
+X = np.array([1.0, 2.0, -3.0, 0.5], dtype=np.float32)
+
+
+def _linear() -> onnx.ModelProto:
+    """y = x·W + C: every attribution method must give W_i·(x_i - b_i)."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]),
+         helper.make_node("Add", ["xw", "c"], ["y"])], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(W.reshape(4, 1), "w"),
+         numpy_helper.from_array(np.array([C], np.float32), "c")])
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
 #: hostile model name -> what its audited refusal must name (the repository's file reader
 #: refuses hard links before the scanner sees them; the scanner would say
 #: external-data-hardlink)
@@ -79,6 +96,13 @@ def gw(tmp_path_factory) -> GatewayProcess:
             (d / "weights.bin").unlink()
             os.link(outside, d / "weights.bin")
         sign_model(d, key=key)  # validly signed: only the admission scanner refuses them
+    linear = env.models / "linear" / "1"
+    linear.mkdir(parents=True)
+    onnx.save(_linear(), linear / "model.onnx")
+    sign_model(linear, key=key)
+    with (env.policies / "policy.csv").open("a") as fh:
+        fh.write("\n# The security team may explain the linear test model too.\n"
+                 "p, role:explainers, linear, explain, allow\n")
     gateway = start_gateway(env)
     yield gateway
     gateway.stop()
@@ -162,3 +186,43 @@ def test_the_explain_budget_is_enforced_and_audited(tmp_path) -> None:
     assert [(r["decision"], r["status"]) for r in records] == \
         [("allow", "OK"), ("deny", "RESOURCE_EXHAUSTED")]
     assert records[-1]["reason"] == "quota"
+
+
+def _linear_request(x: np.ndarray, method: str = "kernel_shap", **kw) -> explain_pb2.ExplainRequest:
+    return explain_pb2.ExplainRequest(
+        model_name="linear", model_version="1", method=method,
+        input=explain_pb2.Tensor(name="x", datatype="FP32", shape=[1, 4],
+                                 raw=x.astype("<f4").tobytes()), **kw)
+
+
+@pytest.mark.parametrize("method", ["kernel_shap", "occlusion"])
+def test_attributions_on_a_linear_model_through_the_gateway(gw, method) -> None:
+    baseline = np.array([0.5, 0.5, 0.5, 0.5], dtype=np.float32)
+    res = _stub(gw, "admin").Explain(_linear_request(X, method, baseline=explain_pb2.Tensor(
+        name="x", datatype="FP32", shape=[1, 4], raw=baseline.astype("<f4").tobytes())),
+        timeout=30)
+    np.testing.assert_allclose(res.attributions, W * (X - baseline), atol=1e-5)
+    assert abs(res.attributions[2]) < 1e-9  # zero weight, zero attribution
+    assert res.prediction == pytest.approx(float(W @ X + C), abs=1e-5)
+    assert sum(res.attributions) == pytest.approx(res.prediction - res.baseline_prediction,
+                                                  abs=1e-5)
+
+
+def test_bad_explain_requests_are_invalid_argument(gw) -> None:
+    bad = [
+        _linear_request(X, method="lime"),
+        explain_pb2.ExplainRequest(model_name="linear", method="occlusion",
+                                   input=explain_pb2.Tensor(datatype="FP32", shape=[1, 4],
+                                                            raw=b"\0" * 7)),
+        explain_pb2.ExplainRequest(model_name="linear", method="occlusion",
+                                   input=explain_pb2.Tensor(datatype="FP32", shape=[1, 5],
+                                                            raw=b"\0" * 20)),
+        _linear_request(np.array([np.nan, 0, 0, 0], np.float32)),
+        _linear_request(X, output_name="nope"),
+        _linear_request(X, output_index=3),
+    ]
+    stub = _stub(gw, "admin")
+    for request in bad:
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Explain(request, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request

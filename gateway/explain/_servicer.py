@@ -10,62 +10,39 @@ import grpc
 import numpy as np
 
 from gateway._proto.gateway.v1 import explain_pb2, explain_pb2_grpc
-from gateway.errors import InvalidRequest, PermissionDenied
+from gateway.errors import InvalidRequest
 from gateway.explain._budget import ExplainBudgets
 from gateway.explain._methods import planned_evaluations
 from gateway.explain._settings import ExplainSettings
+from gateway.models import NUMPY_DTYPES, LoadedModel
 
-# OIP datatype names (KServe v2 protocol, "Tensor Data Types") -> numpy.
-DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
-}
-
-Baselines = Callable[[Any], "np.ndarray | None"]
+Baselines = Callable[[LoadedModel], "np.ndarray | None"]
 
 
-def profile_baseline(model: Any) -> np.ndarray | None:
+def profile_baseline(model: LoadedModel) -> np.ndarray | None:
     """The per-feature mean of the model's reference profile, if it has one.
 
     The profile is the verified ``profile.json`` beside the model (written by
     ``gateway model profile``; its ``mean`` is per feature, flattened), so the default
     baseline is "an average input" rather than zeros, which may be far from any real input.
     """
-    raw = (getattr(model, "extras", None) or {}).get("profile.json")
-    profile: Any = getattr(model, "profile", None)
-    if raw is not None:
-        try:
-            profile = json.loads(raw)
-        except ValueError:
-            return None
-    if profile is None:
+    raw = model.extras.get("profile.json")
+    if raw is None:
         return None
-    mean = profile.get("mean") if isinstance(profile, dict) else getattr(profile, "mean", None)
     try:
+        mean = json.loads(raw).get("mean")
         return None if mean is None else np.asarray(mean, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
+    except (ValueError, TypeError, AttributeError):
         return None
-
-
-def caller_key(identity: Any) -> str:
-    """The budget key of a caller: its SPIFFE ID (or its printed identity)."""
-    for attr in ("spiffe_id", "id", "name"):
-        value = getattr(identity, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    return str(identity)
 
 
 class ExplainServicer(explain_pb2_grpc.ExplainerServicer):
     """Explain RPCs: policy action ``explain``, a budget of model evaluations per caller."""
 
-    def __init__(self, guard: Any, models: Any, budgets: ExplainBudgets | None = None,
+    def __init__(self, guard: Any, budgets: ExplainBudgets | None = None,
                  settings: ExplainSettings | None = None, *,
                  baselines: Baselines = profile_baseline) -> None:
         self._guard = guard
-        self._models = models
         self._settings = settings or ExplainSettings()
         self._budgets = budgets or ExplainBudgets(self._settings.budget_evaluations,
                                                   self._settings.budget_window_seconds)
@@ -85,17 +62,13 @@ class ExplainServicer(explain_pb2_grpc.ExplainerServicer):
                  call: Any) -> explain_pb2.ExplainResponse:
         from gateway.explain import explain
 
-        # The guard resolved the model the policy decided on; use that one when it offers it.
-        model = call.model() if callable(getattr(call, "model", None)) else \
-            self._models.get(request.model_name, request.model_version)
-        if model is None:
-            raise PermissionDenied(f"permission denied: explain on model '{request.model_name}'")
+        model = call.model()  # the model the policy decided on, or FAILED_PRECONDITION
         method = request.method or "kernel_shap"
         if len(model.inputs) != 1:
             raise InvalidRequest(f"explain needs a model with one input; "
                                  f"{request.model_name} has {len(model.inputs)}")
         spec = model.inputs[0]
-        dtype = DATATYPES.get(spec.datatype)
+        dtype = NUMPY_DTYPES.get(spec.datatype)
         if dtype is None:
             raise InvalidRequest(f"explain does not support input datatype {spec.datatype}")
         row_shape = self._row_shape(spec, request.input)
@@ -120,7 +93,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainerServicer):
         planned = planned_evaluations(method, m, request.samples)
         call.fields["explain"] = {"method": method, "features": m, "baseline": source,
                                   "output": output_name, "index": index}
-        caller = caller_key(call.identity)
+        caller = call.identity.id
         self._budgets.reserve(caller, planned)
 
         def run(rows: np.ndarray) -> np.ndarray:

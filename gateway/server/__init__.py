@@ -128,7 +128,7 @@ class Gateway:
     def _add_explainer(self, server: grpc.Server) -> None:
         settings = self.config.explain
         budgets = ExplainBudgets(settings.budget_evaluations, settings.budget_window_seconds)
-        ExplainServicer(self.guard, self.models, budgets, settings).add_to_server(server)
+        ExplainServicer(self.guard, budgets, settings).add_to_server(server)
 
     # -- state ------------------------------------------------------------------------------
 
