@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import threading
 
 import grpc
 import pytest
@@ -126,3 +128,59 @@ def test_unsigned_and_tampered_models_are_refused_at_start(tmp_path):
         gw.stop()
     entries = run_cli("audit", "verify", "--config", str(env.config), "--json").stdout
     assert entries  # the log of refusals verifies (details in test_gateway_audit)
+
+
+def test_a_broken_policy_reloaded_under_load_leaves_the_old_one_serving(tmp_path):
+    """Clients infer at full speed while a broken policy is pushed and reloaded: the reload
+    is rejected, audited, and not one call fails or is decided differently meanwhile."""
+    import numpy as np
+    from tritonclient.grpc import service_pb2 as oip
+    from tritonclient.grpc import service_pb2_grpc as oip_grpc
+
+    env = make_demo_env(tmp_path / "gw", policy={"directory": "policies", "watch": False})
+    gw = start_gateway(env)
+    x = np.zeros((1, 4), dtype=np.float32)
+    request = oip.ModelInferRequest(model_name="demo-mlp", raw_input_contents=[x.tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+    stop = threading.Event()
+    outcomes: dict[str, list] = {"scorer": [], "intruder": []}
+
+    def client(identity: str) -> None:
+        with grpc.secure_channel(gw.target, channel_credentials(env, identity)) as channel:
+            stub = oip_grpc.GRPCInferenceServiceStub(channel)
+            while not stop.is_set():
+                try:
+                    stub.ModelInfer(request, timeout=30)
+                    outcomes[identity].append(grpc.StatusCode.OK)
+                except grpc.RpcError as err:
+                    outcomes[identity].append(err.code())
+
+    threads = [threading.Thread(target=client, args=(who,)) for who in
+               ("scorer", "scorer", "intruder")]
+    for t in threads:
+        t.start()
+    policy_csv = env.policies / "policy.csv"
+    good = policy_csv.read_text()
+    try:
+        _, admin, channel = _stubs(gw, "admin")
+        before = admin.GetPolicy(pb.GetPolicyRequest()).digest
+        policy_csv.write_text(good + "p, role:scorers, *, infer, allow, ) || (\n")
+        result = admin.ReloadPolicy(pb.ReloadPolicyRequest())
+        assert not result.accepted and "policy.csv" in result.error
+        assert admin.GetPolicy(pb.GetPolicyRequest()).digest == before
+        policy_csv.write_text(good)
+        assert admin.ReloadPolicy(pb.ReloadPolicyRequest()).accepted
+        channel.close()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        gw.stop()
+    assert outcomes["scorer"] and set(outcomes["scorer"]) == {grpc.StatusCode.OK}
+    assert outcomes["intruder"] and \
+        set(outcomes["intruder"]) == {grpc.StatusCode.PERMISSION_DENIED}
+    report = run_cli("audit", "verify", "--config", str(env.config), "--json", "--quiet")
+    assert json.loads(report.stdout)["ok"] is True
+    reloads = [json.loads(line) for path in sorted((env.audit / "segments").iterdir())
+               for line in path.read_bytes().rstrip(b"\0").splitlines() if b"policy_reload" in line]
+    assert [r["accepted"] for r in reloads if r["kind"] == "policy_reload"] == [False, True]
