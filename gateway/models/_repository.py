@@ -211,6 +211,10 @@ class ModelRepository:
 
     def _verified_files(self, name: str, version: str,
                         directory: Path) -> tuple[dict[str, bytes], str, str, str]:
+        if (self._root / name).is_symlink():
+            # The reader refuses links inside the version directory; the model directory
+            # above it must not lead out of the repository either.
+            raise ModelUnavailable(f"{self._root / name} is a symbolic link; refused")
         files, signature = read_version_dir(directory, max_bytes=self._max_bytes)
         files = self._decrypted(files)
         if MODEL_FILE not in files:
