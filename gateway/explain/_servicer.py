@@ -47,6 +47,8 @@ class ExplainServicer(explain_pb2_grpc.ExplainerServicer):
         self._budgets = budgets or ExplainBudgets(self._settings.budget_evaluations,
                                                   self._settings.budget_window_seconds)
         self._baselines = baselines
+        # Default baselines by model digest: the profile is parsed once per verified model.
+        self._baseline_cache: dict[str, np.ndarray | None] = {}
 
     def add_to_server(self, server: grpc.Server) -> None:
         explain_pb2_grpc.add_ExplainerServicer_to_server(self, server)
@@ -77,7 +79,9 @@ class ExplainServicer(explain_pb2_grpc.ExplainerServicer):
         if request.HasField("baseline"):
             baseline = _decode(request.baseline, dtype, row_shape, "baseline")
         else:
-            found = self._baselines(model)
+            if model.digest not in self._baseline_cache:
+                self._baseline_cache[model.digest] = self._baselines(model)
+            found = self._baseline_cache[model.digest]
             if found is not None and found.size == x.size:
                 baseline, source = found.astype(dtype), "profile"
             else:
