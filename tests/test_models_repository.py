@@ -34,3 +34,35 @@ def test_symlinked_model_directories_and_files_are_refused(tmp_path):
     assert states[("linked-file", "1")][0] == REFUSED
     assert models.get("linked-model") is None
     assert events.count("model_refused") == 2
+
+
+def test_reverify_takes_a_changed_model_out_of_service_and_others_keep_serving(tmp_path):
+    from gateway.models.signing import (
+        SigningSettings,
+        TrustRule,
+        ensure_demo_signing_key,
+        sign_model,
+        verify_files,
+    )
+
+    repo = tmp_path / "models"
+    build_demo_repository(repo)
+    key, pub = ensure_demo_signing_key(tmp_path / "keys")
+    for directory in (repo / "demo-mlp" / "1", repo / "demo-types" / "1"):
+        sign_model(directory, key=key)
+    settings = SigningSettings(trust=(TrustRule(name="test", pubkey=pub),))
+
+    def verify(name, files, bundle):
+        verified = verify_files(name, files, bundle, settings)
+        return verified.digest, verified.signer, verified.rule
+
+    models = ModelRepository(repo, session_options=_options, verify=verify)
+    assert {e.state for e in models.load_all()} == {LOADED}
+    assert models.reverify() == []  # nothing changed: nothing to do
+    with open(repo / "demo-types" / "1" / "metadata.toml", "a") as f:
+        f.write("# changed after signing\n")
+    changed = models.reverify()
+    assert [(e.name, e.state) for e in changed] == [("demo-types", REFUSED)]
+    assert "metadata.toml" in changed[0].reason
+    assert models.get("demo-types") is None
+    assert models.get("demo-mlp") is not None

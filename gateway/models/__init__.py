@@ -13,7 +13,7 @@ labels, the model's ABAC attributes), optional external-data files and ``profile
 admission scanner in :mod:`gateway.models.scan`.
 """
 
-from gateway.models._datatypes import NUMPY_DTYPES, ORT_TO_OIP
+from gateway.models._datatypes import NUMPY_DTYPES
 from gateway.models._repository import (
     LOADED,
     REFUSED,
@@ -27,7 +27,6 @@ from gateway.models._repository import (
 __all__ = [
     "LOADED",
     "NUMPY_DTYPES",
-    "ORT_TO_OIP",
     "REFUSED",
     "UNLOADED",
     "LoadedModel",

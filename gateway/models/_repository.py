@@ -293,8 +293,6 @@ class ModelRepository:
     def entries(self) -> list[ModelEntry]:
         return [self._entries[k] for k in sorted(self._entries)]
 
-    def names(self) -> Iterable[str]:
-        return sorted(self._latest)
 
 
 def _files_digest(files: Mapping[str, bytes]) -> str:
