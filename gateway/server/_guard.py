@@ -15,6 +15,7 @@ anything else is logged and answered INTERNAL without a traceback.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import time
@@ -41,6 +42,11 @@ RECEIPT_LEAF = "gateway-audit-leaf-hash"
 METERED_ACTIONS = frozenset({"infer", "explain"})
 #: Longest request id accepted from a caller; longer ones are replaced, not truncated silently.
 _MAX_REQUEST_ID = 128
+# Ids for calls that bring none: a random per-process prefix and a counter. Unique across
+# restarts and replicas without a getrandom(2) per call, which releases the GIL and so costs
+# a thread hand-off on a busy server; ids need uniqueness, not unpredictability.
+_ID_PREFIX = secrets.token_hex(8)
+_id_counter = itertools.count(1)
 
 
 class Guard:
@@ -84,7 +90,7 @@ class Call:
         self.model_name = model
         self.version = version
         self.request_id = (request_id if request_id and len(request_id) <= _MAX_REQUEST_ID
-                           else secrets.token_hex(16))
+                           else f"{_ID_PREFIX}-{next(_id_counter):08x}")
         self.identity = None
         self.decision = None
         self.entry: ModelEntry | None = None
