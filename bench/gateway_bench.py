@@ -4,6 +4,7 @@ On demo-mlp with batch 1 (demo-mlp profiled on N(0, 1) data, so anomaly scoring 
   (a) ONNX Runtime in-process: the floor;
   (b) a plain insecure gRPC server doing the same ModelInfer (bench/plain_server.py);
   (b') the same plain server with mutual TLS: the price of mTLS alone;
+  (b'') the same plain work on grpc.aio: how much of the baseline is the threaded server;
   (c) the gateway: mutual TLS, identity, policy, quotas, anomaly scoring, durable audit;
   (c') the gateway with anomaly scoring off (issue 6's on/off comparison).
 Load comes from a separate client process (bench/load.py). Each configuration runs in
@@ -121,8 +122,11 @@ def run() -> None:
         plain_tls = subprocess.Popen([sys.executable, "-m", "bench.plain_server",
                                       str(env.models), str(env.certs)],
                                      stdout=subprocess.PIPE, text=True)
+        plain_aio = subprocess.Popen([sys.executable, "-m", "bench.plain_server",
+                                      str(env.models), "--aio"], stdout=subprocess.PIPE, text=True)
         try:
             plain_target = plain.stdout.readline().split()[-1]
+            plain_aio_target = plain_aio.stdout.readline().split()[-1]
             plain_tls_target = plain_tls.stdout.readline().split()[-1]
             cert, key = env.client_files("scorer")
             tls = ["--ca", str(env.certs / "ca.pem"), "--cert", str(cert), "--key", str(key)]
@@ -150,6 +154,12 @@ def run() -> None:
                   f"concurrency 1, so c/b p50 >= {1 + flush / plain_p50:.2f} before any "
                   "gateway code runs")
 
+            print("\nb = plain insecure (threaded gRPC server), c = the same plain server on "
+                  "grpc.aio (reference: the baseline's own server stack)")
+            print(_HEADER)
+            b, c = _side_by_side((plain_target, []), (plain_aio_target, []), 16)
+            print(_row("16", b, c), flush=True)
+
             print("\nb = plain insecure, c = plain with mutual TLS (the price of mTLS alone)")
             print(_HEADER)
             b, c = _side_by_side((plain_target, []), (plain_tls_target, tls), 16)
@@ -161,7 +171,7 @@ def run() -> None:
             print(_row("16", b, c), flush=True)
             print("target: scoring overhead <= 5% at concurrency 16 (c/b throughput >= 0.95)")
         finally:
-            for proc in (plain, plain_tls):
+            for proc in (plain, plain_tls, plain_aio):
                 proc.terminate()
                 proc.wait()
             gateway.stop()

@@ -5,13 +5,17 @@ but no TLS, no identity, no policy and no audit: the ratio gateway/plain is the 
 the security the gateway adds. Never use this outside the benchmark.
 
     python -m bench.plain_server REPOSITORY [CERTS_DIR]   # prints "listening on 127.0.0.1:PORT"
+    python -m bench.plain_server REPOSITORY --aio         # the same work on grpc.aio
 
 With CERTS_DIR (server.pem, server.key, ca.pem) it requires client certificates, as the
 gateway does, so the benchmark can tell the price of mTLS from the price of the rest.
+``--aio`` serves the same ModelInfer from a grpc.aio server (handlers on one event loop):
+a reference for how much of the baseline is grpc-python's threaded server itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from concurrent import futures
 from pathlib import Path
@@ -39,6 +43,16 @@ class PlainServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
+class AioPlainServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The same work as :class:`PlainServicer`, as a coroutine run on the event loop."""
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self._plain = PlainServicer(repository)
+
+    async def ModelInfer(self, request, context):
+        return self._plain.ModelInfer(request, context)
+
+
 def _options() -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -64,5 +78,19 @@ def main(repository: str, certs: str | None = None, workers: int = 16) -> None:
     server.wait_for_termination()
 
 
+async def _serve_aio(repository: str) -> None:
+    models = ModelRepository(Path(repository), session_options=_options, verify=None)
+    models.load_all()
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(AioPlainServicer(models), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if "--aio" in sys.argv[2:]:
+        asyncio.run(_serve_aio(sys.argv[1]))
+    else:
+        main(*sys.argv[1:3])
