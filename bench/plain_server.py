@@ -60,9 +60,14 @@ def _options() -> ort.SessionOptions:
     return options
 
 
-def main(repository: str, certs: str | None = None, workers: int = 16) -> None:
+def _load(repository: str) -> ModelRepository:
     models = ModelRepository(Path(repository), session_options=_options, verify=None)
     models.load_all()
+    return models
+
+
+def main(repository: str, certs: str | None = None, workers: int = 16) -> None:
+    models = _load(repository)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(PlainServicer(models), server)
     if certs:
@@ -79,10 +84,9 @@ def main(repository: str, certs: str | None = None, workers: int = 16) -> None:
 
 
 async def _serve_aio(repository: str) -> None:
-    models = ModelRepository(Path(repository), session_options=_options, verify=None)
-    models.load_all()
     server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(AioPlainServicer(models), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(AioPlainServicer(_load(repository)),
+                                                       server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(f"listening on 127.0.0.1:{port}", flush=True)

@@ -112,6 +112,15 @@ def test_each_call_allowed_or_denied_has_its_record(audited):
     assert [r["seq"] for r in records] == list(range(len(records)))
 
 
+def test_calls_without_a_request_id_get_distinct_ones(audited):
+    _, gw, _ = audited
+    decisions = [r for r in _records(gw) if r["kind"] == "decision"]
+    generated = [r["request_id"] for r in decisions if not r["request_id"].startswith("req-")]
+    assert len(generated) >= 2  # the unknown-model metadata call and the refused ServerLive
+    assert all(generated) and len(set(generated)) == len(generated)
+    assert len({r["request_id"] for r in decisions}) == len(decisions)
+
+
 def test_the_receipt_names_the_record_and_its_inclusion_proof_verifies(audited, tmp_path):
     env, gw, seen = audited
     receipt = seen["scorer"][1]
