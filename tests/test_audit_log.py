@@ -417,3 +417,45 @@ def test_concurrent_appends_across_a_write_failure(settings):
     assert not ids & set(failed)
     assert verify_log(settings.directory, _verifier(settings)).ok
     AuditLog.open(settings, instance_id="t").close()
+
+
+def _unwritten_extents(path: Path, length: int) -> list[tuple[int, int]]:
+    """(offset, length) of the preallocated-but-unwritten extents in ``path[:length]``
+    (Linux FIEMAP); skips the test where the filesystem cannot say."""
+    import fcntl
+    import struct
+
+    count = 64
+    header = struct.pack("=QQLLLL", 0, length, 1, 0, count, 0)  # FIEMAP_FLAG_SYNC
+    buf = bytearray(header + bytes(56 * count))
+    with open(path, "rb") as f:
+        try:
+            fcntl.ioctl(f.fileno(), 0xC020660B, buf)  # FS_IOC_FIEMAP
+        except OSError as err:
+            pytest.skip(f"no FIEMAP on this filesystem: {err}")
+    mapped = struct.unpack_from("=L", buf, 20)[0]
+    out = []
+    for i in range(mapped):
+        logical, _physical, size = struct.unpack_from("=QQQ", buf, 32 + 56 * i)
+        flags = struct.unpack_from("=L", buf, 32 + 56 * i + 40)[0]
+        if flags & 0x800 and logical < length:  # FIEMAP_EXTENT_UNWRITTEN
+            out.append((logical, size))
+    return out
+
+
+def test_records_land_in_zero_written_space_not_unwritten_extents(settings):
+    # A durable write into an unwritten extent also commits the extent conversion to the
+    # journal; the store zero-writes ahead so that a commit's flush carries data alone.
+    from gateway.audit._store import ZERO_AHEAD
+
+    settings = replace(settings, segment_bytes=8 * ZERO_AHEAD)
+    with AuditLog.open(settings, instance_id="t") as log:
+        for _ in range(50):
+            log.append("decision", DECISION)
+        end = _last_segment(settings).read_bytes().rstrip(b"\x00").rfind(b"\n") + 1
+        segment = _last_segment(settings)
+        assert _unwritten_extents(segment, end + ZERO_AHEAD // 2) == []
+        # ... while the rest of the segment stays merely reserved (no 1 MiB write per commit).
+        assert _unwritten_extents(segment, settings.segment_bytes) != []
+    records = _records(settings)
+    assert len(records) == 52 and verify_log(settings.directory, _verifier(settings)).ok
