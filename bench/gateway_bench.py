@@ -9,7 +9,8 @@ On demo-mlp with batch 1 (demo-mlp profiled on N(0, 1) data, so anomaly scoring 
   (c') the gateway with anomaly scoring off (issue 6's on/off comparison).
 Load comes from a separate client process (bench/load.py). Each configuration runs in
 alternating rounds (b, c, b, c, ...) and the median round is reported, so drift on this
-shared machine hits both sides alike.
+shared machine hits both sides alike. To say what limits c/b, it also prints the audit disk's
+durable-write floor and one call's cost split without gRPC (bench/handler_cost.py).
 """
 
 from __future__ import annotations
@@ -52,17 +53,20 @@ def _in_process(model: Path, seconds: float = 2.0) -> dict:
             "p99_us": float(np.percentile(lat, 99))}
 
 
-def _flush_floor(directory: Path, writes: int = 300) -> float:
-    """p50 µs of one durable 700-byte write (O_DSYNC pwrite into zero-written space, as the
-    audit store writes) where the audit log lives: the least an allowed call's durable record
-    adds to its latency."""
+def _flush_floor(directory: Path, gap_s: float = 0.0, writes: int = 300) -> float:
+    """p50 µs of one durable 1 kB write (O_DSYNC pwrite into zero-written space, as the audit
+    store writes) where the audit log lives: the least an allowed call's record adds to its
+    latency. ``gap_s`` idles between writes, as calls at concurrency 1 do: on a virtual disk
+    a write after an idle gap costs more than one right after another."""
     path = directory / "flush-floor.bin"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DSYNC, 0o600)
     try:
         os.pwrite(fd, bytes(writes * 1024), 0)
-        record = b"x" * 699 + b"\n"
+        record = b"x" * 1023 + b"\n"
         latencies = []
         for i in range(writes):
+            if gap_s:
+                time.sleep(gap_s)
             t0 = time.perf_counter_ns()
             os.pwrite(fd, record, i * len(record))
             latencies.append(time.perf_counter_ns() - t0)
@@ -70,6 +74,14 @@ def _flush_floor(directory: Path, writes: int = 300) -> float:
         os.close(fd)
         path.unlink()
     return statistics.median(latencies) / 1000
+
+
+def _handler_cost(root: Path) -> dict:
+    """bench/handler_cost.py on its own fresh deployment (its own audit log and process)."""
+    env = _profiled_env(root)
+    out = subprocess.run([sys.executable, "-m", "bench.handler_cost", str(env.config)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _profiled_env(root: Path, **overrides) -> DemoEnv:
@@ -147,11 +159,20 @@ def run() -> None:
                 print(_row(str(concurrency), b, c), flush=True)
             print("targets: c/b throughput at concurrency 16 >= 0.80; "
                   "c/b p50 at concurrency 1 <= 1.30")
-            flush = _flush_floor(env.audit)
+            busy, idle = _flush_floor(env.audit), _flush_floor(env.audit, gap_s=0.001)
             print(f"durable-write floor on the audit log's disk: one O_DSYNC write p50 "
-                  f"{flush:.0f} µs (idle disk) = {flush / plain_p50:.2f}x of b's p50 at "
-                  f"concurrency 1, so c/b p50 >= {1 + flush / plain_p50:.2f} before any "
-                  "gateway code runs")
+                  f"{busy:.0f} µs back to back, {idle:.0f} µs after 1 ms idle (the pace of "
+                  f"concurrency 1) = {idle / plain_p50:.2f}x of b's p50 at concurrency 1, so "
+                  f"c/b p50 >= {1 + idle / plain_p50:.2f} before any gateway code runs")
+
+            cost = _handler_cost(Path(tmp) / "handlers")
+            plain_us, full_us = cost["plain"]["p50_us"], cost["gateway"]["p50_us"]
+            no_write_us = cost["gateway_no_write"]["p50_us"]
+            print(f"\none call without gRPC (handlers called directly, concurrency 1, p50): "
+                  f"plain {plain_us:.0f} µs; gateway {full_us:.0f} µs = plain + "
+                  f"{no_write_us - plain_us:.0f} µs of gateway work (identity, policy, quota, "
+                  f"scoring, metrics, building the record) + {full_us - no_write_us:.0f} µs "
+                  "of durable audit write")
 
             print("\nb = plain insecure (threaded gRPC server), c = the same plain server on "
                   "grpc.aio (reference: the baseline's own server stack)")

@@ -10,6 +10,7 @@ guard makes the audit record durable before the response leaves, returning its r
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -26,7 +27,9 @@ from gateway.inference._codec import (
 )
 from gateway.models import LoadedModel
 from gateway.monitor import PROFILE_FILE, InputProfile
-from gateway.server._guard import Guard
+
+if TYPE_CHECKING:  # the server package imports this module; the guard is only a type here
+    from gateway.server._guard import Guard
 
 #: The only platform the gateway serves.
 PLATFORM = "onnxruntime_onnx"
