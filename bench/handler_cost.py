@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 
+from bench.load import _request
 from bench.plain_server import PlainServicer, _load
-from gateway._proto.inference import grpc_service_pb2 as pb
 from gateway.config import load_config
 from gateway.inference.service import InferenceServicer
 from gateway.server import Gateway
@@ -67,9 +66,7 @@ def main(config_path: str) -> None:
     gateway = Gateway.start(config)
     pem = (config.tls.ca.parent / "clients" / "scorer.pem").read_bytes()
     context = _Context(pem)
-    x = np.linspace(-1, 1, 4, dtype=np.float32).reshape(1, 4)
-    request = pb.ModelInferRequest(model_name="demo-mlp", raw_input_contents=[x.tobytes()])
-    request.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+    request = _request()  # the very request the load generator sends
 
     plain = PlainServicer(_load(str(config.models.repository)))
     servicer = InferenceServicer(gateway.guard,

@@ -452,8 +452,8 @@ def test_records_land_in_zero_written_space_not_unwritten_extents(settings):
     with AuditLog.open(settings, instance_id="t") as log:
         for _ in range(50):
             log.append("decision", DECISION)
-        end = _last_segment(settings).read_bytes().rstrip(b"\x00").rfind(b"\n") + 1
         segment = _last_segment(settings)
+        end = segment.read_bytes().rstrip(b"\x00").rfind(b"\n") + 1
         assert _unwritten_extents(segment, end + ZERO_AHEAD // 2) == []
         # ... while the rest of the segment stays merely reserved (no 1 MiB write per commit).
         assert _unwritten_extents(segment, settings.segment_bytes) != []

@@ -318,7 +318,7 @@ class FileStore:
             # its size) is on disk, so a commit is one system call, not write + fdatasync.
             view = memoryview(data)
             pos = self._offset
-            if self._preallocate and self._zeroed < min(pos + len(data), self._capacity):
+            if self._preallocate:
                 self._zero_ahead(pos + len(data))
             while view:
                 n = os.pwrite(self._fd, view, pos)
@@ -336,11 +336,13 @@ class FileStore:
         self.size += len(records)
 
     def _zero_ahead(self, end: int) -> None:
-        """Zero-write the preallocated space from the last zeroed byte to past ``end``.
+        """Zero-write the preallocated space past ``end`` if it is not already.
 
         Only bytes past the durable data are written, and only with zeros, so a crash here
         leaves nothing that recovery could mistake for a record.
         """
+        if self._zeroed >= min(end, self._capacity):
+            return
         start = max(self._zeroed, self._offset)
         stop = min(end + ZERO_AHEAD, self._capacity)
         if stop > start:
