@@ -4,6 +4,9 @@ On demo-mlp with batch 1 (demo-mlp profiled on N(0, 1) data, so anomaly scoring 
   (a) ONNX Runtime in-process: the floor;
   (b) a plain insecure gRPC server doing the same ModelInfer (bench/plain_server.py);
   (b') the same plain server with mutual TLS: the price of mTLS alone;
+  (f) the same plain server with mutual TLS and one durable audit record per call, through
+      the gateway's own AuditLog: the floor that the core's requirements set, before any of
+      the gateway's own work (identity, policy, quota, scoring, the full record);
   (b'') the same plain work on grpc.aio: how much of the baseline is the threaded server;
   (c) the gateway: mutual TLS, identity, policy, quotas, anomaly scoring, durable audit;
   (c') the gateway with anomaly scoring off (issue 6's on/off comparison).
@@ -136,18 +139,24 @@ def run() -> None:
                                      stdout=subprocess.PIPE, text=True)
         plain_aio = subprocess.Popen([sys.executable, "-m", "bench.plain_server",
                                       str(env.models), "--aio"], stdout=subprocess.PIPE, text=True)
+        # The floor writes its own audit log (one writer per log), with the gateway's settings.
+        floor_env = make_demo_env(Path(tmp) / "floor")
+        floor = subprocess.Popen([sys.executable, "-m", "bench.plain_server", str(env.models),
+                                  str(env.certs), "--audit", str(floor_env.config)],
+                                 stdout=subprocess.PIPE, text=True)
         try:
             plain_target = plain.stdout.readline().split()[-1]
             plain_aio_target = plain_aio.stdout.readline().split()[-1]
             plain_tls_target = plain_tls.stdout.readline().split()[-1]
+            floor_target = floor.stdout.readline().split()[-1]
             cert, key = env.client_files("scorer")
             tls = ["--ca", str(env.certs / "ca.pem"), "--cert", str(cert), "--key", str(key)]
             cert, key = env_off.client_files("scorer")
             tls_off = ["--ca", str(env_off.certs / "ca.pem"), "--cert", str(cert),
                        "--key", str(key)]
-            floor = _in_process(env.models / "demo-mlp/1/model.onnx")
-            print(f"(a) ONNX Runtime in-process: {floor['throughput']:.0f} calls/s, "
-                  f"p50 {floor['p50_us']:.0f} µs, p99 {floor['p99_us']:.0f} µs")
+            ort_only = _in_process(env.models / "demo-mlp/1/model.onnx")
+            print(f"(a) ONNX Runtime in-process: {ort_only['throughput']:.0f} calls/s, "
+                  f"p50 {ort_only['p50_us']:.0f} µs, p99 {ort_only['p99_us']:.0f} µs")
 
             print("\nb = plain insecure gRPC server, c = gateway (mTLS, policy, scoring, "
                   "durable audit)")
@@ -182,8 +191,30 @@ def run() -> None:
 
             print("\nb = plain insecure, c = plain with mutual TLS (the price of mTLS alone)")
             print(_HEADER)
-            b, c = _side_by_side((plain_target, []), (plain_tls_target, tls), 16)
-            print(_row("16", b, c), flush=True)
+            for concurrency in (1, 16):
+                b, c = _side_by_side((plain_target, []), (plain_tls_target, tls), concurrency)
+                print(_row(str(concurrency), b, c), flush=True)
+
+            print("\nb = plain insecure, c = the floor: plain with mutual TLS and one durable "
+                  "audit record per call\n(the gateway's AuditLog; no identity, policy, quota, "
+                  "scoring; a two-field record)")
+            print(_HEADER)
+            floor_ratio = {}
+            for concurrency in (1, 16):
+                b, c = _side_by_side((plain_target, []), (floor_target, tls), concurrency)
+                floor_ratio[concurrency] = (c["throughput"] / b["throughput"],
+                                            c["p50_us"] / b["p50_us"])
+                print(_row(str(concurrency), b, c), flush=True)
+            print(f"the floor against the targets: p50 at concurrency 1 {floor_ratio[1][1]:.2f}x "
+                  f"(target <= 1.30), throughput at concurrency 16 {floor_ratio[16][0]:.2f}x "
+                  "(target >= 0.80)")
+
+            print("\nb = the floor, c = gateway (the price of the gateway's own work: identity, "
+                  "policy, quota, scoring, metrics, the full record)")
+            print(_HEADER)
+            for concurrency in (1, 16):
+                b, c = _side_by_side((floor_target, tls), (gateway.target, tls), concurrency)
+                print(_row(str(concurrency), b, c), flush=True)
 
             print("\nb = gateway with anomaly scoring off, c = scoring on")
             print(_HEADER)
@@ -191,7 +222,7 @@ def run() -> None:
             print(_row("16", b, c), flush=True)
             print("target: scoring overhead <= 5% at concurrency 16 (c/b throughput >= 0.95)")
         finally:
-            for proc in (plain, plain_tls, plain_aio):
+            for proc in (plain, plain_tls, plain_aio, floor):
                 proc.terminate()
                 proc.wait()
             gateway.stop()

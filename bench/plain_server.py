@@ -5,18 +5,27 @@ but no TLS, no identity, no policy and no audit: the ratio gateway/plain is the 
 the security the gateway adds. Never use this outside the benchmark.
 
     python -m bench.plain_server REPOSITORY [CERTS_DIR]   # prints "listening on 127.0.0.1:PORT"
+    python -m bench.plain_server REPOSITORY CERTS_DIR --audit CONFIG
     python -m bench.plain_server REPOSITORY --aio         # the same work on grpc.aio
 
 With CERTS_DIR (server.pem, server.key, ca.pem) it requires client certificates, as the
 gateway does, so the benchmark can tell the price of mTLS from the price of the rest.
+
+``--audit CONFIG`` adds the other part the gateway core must do on every call: the audit
+log of CONFIG's ``[audit]`` section (the gateway's own AuditLog: canonical record, hash
+chain, Merkle tree, group commit, O_DSYNC) takes one record per call, durable before the
+response leaves. The record holds just the request id and the status; there is no identity,
+policy, quota or scoring. So this server is the floor the issue's requirements set: what
+mutual TLS plus a durable audit record cost, before any of the gateway's own decisions.
+
 ``--aio`` serves the same ModelInfer from a grpc.aio server (handlers on one event loop):
 a reference for how much of the baseline is grpc-python's threaded server itself.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import sys
 from concurrent import futures
 from pathlib import Path
 
@@ -25,6 +34,8 @@ import onnxruntime as ort
 
 from gateway._proto.inference import grpc_service_pb2 as pb
 from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from gateway.audit import AuditLog
+from gateway.config import load_config
 from gateway.inference._codec import decode_inputs, encode_outputs, requested_outputs
 from gateway.models import ModelRepository
 
@@ -40,6 +51,20 @@ class PlainServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelInferResponse(model_name=model.name, model_version=model.version,
                                          id=request.id)
         encode_outputs(response, model.run(feeds, outputs), outputs)
+        return response
+
+
+class DurableServicer(PlainServicer):
+    """:class:`PlainServicer` plus one durable audit record per call (see the module doc)."""
+
+    def __init__(self, repository: ModelRepository, audit: AuditLog) -> None:
+        super().__init__(repository)
+        self._audit = audit
+
+    def ModelInfer(self, request, context):
+        self._audit.announce()  # as the gateway does: lets group commit gather calls in flight
+        response = super().ModelInfer(request, context)
+        self._audit.append("decision", {"request_id": request.id, "status": "OK"})
         return response
 
 
@@ -66,10 +91,16 @@ def _load(repository: str) -> ModelRepository:
     return models
 
 
-def main(repository: str, certs: str | None = None, workers: int = 16) -> None:
+def main(repository: str, certs: str | None = None, audit_config: str | None = None,
+         workers: int = 16) -> None:
     models = _load(repository)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(PlainServicer(models), server)
+    if audit_config:
+        audit = AuditLog.open(load_config(audit_config).audit, instance_id="bench-floor")
+        servicer: PlainServicer = DurableServicer(models, audit)
+    else:
+        servicer = PlainServicer(models)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     if certs:
         directory = Path(certs)
         credentials = grpc.ssl_server_credentials(
@@ -94,7 +125,15 @@ async def _serve_aio(repository: str) -> None:
 
 
 if __name__ == "__main__":
-    if "--aio" in sys.argv[2:]:
-        asyncio.run(_serve_aio(sys.argv[1]))
+    parser = argparse.ArgumentParser(prog="python -m bench.plain_server")
+    parser.add_argument("repository")
+    parser.add_argument("certs", nargs="?")
+    parser.add_argument("--audit", metavar="CONFIG")
+    parser.add_argument("--aio", action="store_true")
+    args = parser.parse_args()
+    if args.audit and not args.certs:
+        parser.error("--audit is the floor of the gateway: it needs CERTS_DIR (mutual TLS)")
+    if args.aio:
+        asyncio.run(_serve_aio(args.repository))
     else:
-        main(*sys.argv[1:3])
+        main(args.repository, args.certs, args.audit)
