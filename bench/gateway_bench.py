@@ -126,48 +126,58 @@ _HEADER = (f"{'conc':>6} {'b call/s':>9} {'c call/s':>9} {'c/b':>6} {'b p50µs':
            f"{'c p50µs':>8} {'c/b':>6} {'b p99µs':>8} {'c p99µs':>8} {'errors':>6}")
 
 
+def _section(title: str, b: tuple[str, list[str]], c: tuple[str, list[str]],
+             concurrencies: tuple[int, ...]) -> dict[int, tuple[dict, dict]]:
+    """Print one side-by-side table (b against c); return its rows by concurrency."""
+    print(f"\n{title}")
+    print(_HEADER)
+    rows = {}
+    for concurrency in concurrencies:
+        rows[concurrency] = _side_by_side(b, c, concurrency)
+        print(_row(str(concurrency), *rows[concurrency]), flush=True)
+    return rows
+
+
+def _spawn_plain(*args: str) -> tuple[subprocess.Popen, str]:
+    """Start bench/plain_server.py with ``args``; return it and the address it listens on."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.plain_server", *args],
+                            stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().split()[-1]
+
+
 def run() -> None:
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         env = _profiled_env(Path(tmp) / "on")
         env_off = _profiled_env(Path(tmp) / "off", monitor={"metrics_listen": "127.0.0.1:0",
                                                             "scoring": False})
-        gateway, gateway_off = start_gateway(env), start_gateway(env_off)
-        plain = subprocess.Popen([sys.executable, "-m", "bench.plain_server", str(env.models)],
-                                 stdout=subprocess.PIPE, text=True)
-        plain_tls = subprocess.Popen([sys.executable, "-m", "bench.plain_server",
-                                      str(env.models), str(env.certs)],
-                                     stdout=subprocess.PIPE, text=True)
-        plain_aio = subprocess.Popen([sys.executable, "-m", "bench.plain_server",
-                                      str(env.models), "--aio"], stdout=subprocess.PIPE, text=True)
         # The floor writes its own audit log (one writer per log), with the gateway's settings.
         floor_env = make_demo_env(Path(tmp) / "floor")
-        floor = subprocess.Popen([sys.executable, "-m", "bench.plain_server", str(env.models),
-                                  str(env.certs), "--audit", str(floor_env.config)],
-                                 stdout=subprocess.PIPE, text=True)
+        gateway, gateway_off = start_gateway(env), start_gateway(env_off)
+        servers: list[subprocess.Popen] = []
         try:
-            plain_target = plain.stdout.readline().split()[-1]
-            plain_aio_target = plain_aio.stdout.readline().split()[-1]
-            plain_tls_target = plain_tls.stdout.readline().split()[-1]
-            floor_target = floor.stdout.readline().split()[-1]
+            targets = {}
+            for name, args in (("plain", ()), ("plain_tls", (str(env.certs),)),
+                               ("plain_aio", ("--aio",)),
+                               ("floor", (str(env.certs), "--audit", str(floor_env.config)))):
+                proc, targets[name] = _spawn_plain(str(env.models), *args)
+                servers.append(proc)
             cert, key = env.client_files("scorer")
             tls = ["--ca", str(env.certs / "ca.pem"), "--cert", str(cert), "--key", str(key)]
             cert, key = env_off.client_files("scorer")
             tls_off = ["--ca", str(env_off.certs / "ca.pem"), "--cert", str(cert),
                        "--key", str(key)]
+            plain, plain_tls = (targets["plain"], []), (targets["plain_tls"], tls)
+            floor, full = (targets["floor"], tls), (gateway.target, tls)
+
             ort_only = _in_process(env.models / "demo-mlp/1/model.onnx")
             print(f"(a) ONNX Runtime in-process: {ort_only['throughput']:.0f} calls/s, "
                   f"p50 {ort_only['p50_us']:.0f} µs, p99 {ort_only['p99_us']:.0f} µs")
 
-            print("\nb = plain insecure gRPC server, c = gateway (mTLS, policy, scoring, "
-                  "durable audit)")
-            print(_HEADER)
-            for concurrency in CONCURRENCY:
-                b, c = _side_by_side((plain_target, []), (gateway.target, tls), concurrency)
-                if concurrency == 1:
-                    plain_p50 = b["p50_us"]
-                print(_row(str(concurrency), b, c), flush=True)
+            rows = _section("b = plain insecure gRPC server, c = gateway (mTLS, policy, "
+                            "scoring, durable audit)", plain, full, CONCURRENCY)
             print("targets: c/b throughput at concurrency 16 >= 0.80; "
                   "c/b p50 at concurrency 1 <= 1.30")
+            plain_p50 = rows[1][0]["p50_us"]
             busy, idle = _flush_floor(env.audit), _flush_floor(env.audit, gap_s=0.001)
             print(f"durable-write floor on the audit log's disk: one O_DSYNC write p50 "
                   f"{busy:.0f} µs back to back, {idle:.0f} µs after 1 ms idle (the pace of "
@@ -183,46 +193,28 @@ def run() -> None:
                   f"scoring, metrics, building the record) + {full_us - no_write_us:.0f} µs "
                   "of durable audit write")
 
-            print("\nb = plain insecure (threaded gRPC server), c = the same plain server on "
-                  "grpc.aio (reference: the baseline's own server stack)")
-            print(_HEADER)
-            b, c = _side_by_side((plain_target, []), (plain_aio_target, []), 16)
-            print(_row("16", b, c), flush=True)
-
-            print("\nb = plain insecure, c = plain with mutual TLS (the price of mTLS alone)")
-            print(_HEADER)
-            for concurrency in (1, 16):
-                b, c = _side_by_side((plain_target, []), (plain_tls_target, tls), concurrency)
-                print(_row(str(concurrency), b, c), flush=True)
-
-            print("\nb = plain insecure, c = the floor: plain with mutual TLS and one durable "
-                  "audit record per call\n(the gateway's AuditLog; no identity, policy, quota, "
-                  "scoring; a two-field record)")
-            print(_HEADER)
-            floor_ratio = {}
-            for concurrency in (1, 16):
-                b, c = _side_by_side((plain_target, []), (floor_target, tls), concurrency)
-                floor_ratio[concurrency] = (c["throughput"] / b["throughput"],
-                                            c["p50_us"] / b["p50_us"])
-                print(_row(str(concurrency), b, c), flush=True)
-            print(f"the floor against the targets: p50 at concurrency 1 {floor_ratio[1][1]:.2f}x "
-                  f"(target <= 1.30), throughput at concurrency 16 {floor_ratio[16][0]:.2f}x "
+            _section("b = plain insecure (threaded gRPC server), c = the same plain server on "
+                     "grpc.aio (reference: the baseline's own server stack)",
+                     plain, (targets["plain_aio"], []), (16,))
+            _section("b = plain insecure, c = plain with mutual TLS (the price of mTLS alone)",
+                     plain, plain_tls, (1, 16))
+            rows = _section("b = plain insecure, c = the floor: plain with mutual TLS and one "
+                            "durable audit record per call\n(the gateway's AuditLog; no "
+                            "identity, policy, quota, scoring; a two-field record)",
+                            plain, floor, (1, 16))
+            (b1, c1), (b16, c16) = rows[1], rows[16]
+            print(f"the floor against the targets: p50 at concurrency 1 "
+                  f"{c1['p50_us'] / b1['p50_us']:.2f}x (target <= 1.30), throughput at "
+                  f"concurrency 16 {c16['throughput'] / b16['throughput']:.2f}x "
                   "(target >= 0.80)")
-
-            print("\nb = the floor, c = gateway (the price of the gateway's own work: identity, "
-                  "policy, quota, scoring, metrics, the full record)")
-            print(_HEADER)
-            for concurrency in (1, 16):
-                b, c = _side_by_side((floor_target, tls), (gateway.target, tls), concurrency)
-                print(_row(str(concurrency), b, c), flush=True)
-
-            print("\nb = gateway with anomaly scoring off, c = scoring on")
-            print(_HEADER)
-            b, c = _side_by_side((gateway_off.target, tls_off), (gateway.target, tls), 16)
-            print(_row("16", b, c), flush=True)
+            _section("b = the floor, c = gateway (the price of the gateway's own work: "
+                     "identity, policy, quota, scoring, metrics, the full record)",
+                     floor, full, (1, 16))
+            _section("b = gateway with anomaly scoring off, c = scoring on",
+                     (gateway_off.target, tls_off), full, (16,))
             print("target: scoring overhead <= 5% at concurrency 16 (c/b throughput >= 0.95)")
         finally:
-            for proc in (plain, plain_tls, plain_aio, floor):
+            for proc in servers:
                 proc.terminate()
                 proc.wait()
             gateway.stop()

@@ -1,8 +1,8 @@
 """Baseline for `make bench`: a plain, insecure OIP server doing the same ModelInfer work.
 
 Same gRPC framework, thread pool, codec and ONNX Runtime session options as the gateway,
-but no TLS, no identity, no policy and no audit: the ratio gateway/plain is the price of
-the security the gateway adds. Never use this outside the benchmark.
+but by default no TLS, no identity, no policy and no audit: the ratio gateway/plain is the
+price of the security the gateway adds. Never use this outside the benchmark.
 
     python -m bench.plain_server REPOSITORY [CERTS_DIR]   # prints "listening on 127.0.0.1:PORT"
     python -m bench.plain_server REPOSITORY CERTS_DIR --audit CONFIG

@@ -33,12 +33,19 @@ def gateway(demo_env) -> GatewayProcess:
 
 def triton_client(gw: GatewayProcess, identity: str):
     """An unchanged ``tritonclient.grpc`` client presenting the demo identity's certificate."""
+    return triton_client_at(gw.env, gw.target, identity)
+
+
+def triton_client_at(env: DemoEnv, target: str, identity: str | None):
+    """The same, for any server using ``env``'s PKI; ``identity=None`` presents no certificate."""
     import tritonclient.grpc as tc
 
-    cert, key = gw.env.client_files(identity)
-    return tc.InferenceServerClient(
-        url=gw.target, ssl=True, root_certificates=str(gw.env.certs / "ca.pem"),
-        private_key=str(key), certificate_chain=str(cert))
+    tls = {}
+    if identity is not None:
+        cert, key = env.client_files(identity)
+        tls = {"private_key": str(key), "certificate_chain": str(cert)}
+    return tc.InferenceServerClient(url=target, ssl=True,
+                                    root_certificates=str(env.certs / "ca.pem"), **tls)
 
 
 def channel_credentials(env: DemoEnv, identity: str | None = None, *,

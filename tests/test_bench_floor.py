@@ -18,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.audit._store import read_records
 from gateway.devenv import REPO, make_demo_env, run_cli
+from tests.conftest import triton_client_at
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +36,6 @@ def floor(tmp_path_factory):
         proc.wait(timeout=30)
 
 
-def _client(env, target: str, identity: str | None = "scorer") -> tc.InferenceServerClient:
-    if identity is None:
-        return tc.InferenceServerClient(url=target, ssl=True,
-                                        root_certificates=str(env.certs / "ca.pem"))
-    cert, key = env.client_files(identity)
-    return tc.InferenceServerClient(url=target, ssl=True,
-                                    root_certificates=str(env.certs / "ca.pem"),
-                                    private_key=str(key), certificate_chain=str(cert))
-
-
 def _infer(client: tc.InferenceServerClient, request_id: str) -> np.ndarray:
     x = tc.InferInput("input", [1, 4], "FP32")
     x.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
@@ -53,7 +44,7 @@ def _infer(client: tc.InferenceServerClient, request_id: str) -> np.ndarray:
 
 def test_every_call_leaves_one_chained_durable_record(floor):
     env, target = floor
-    client = _client(env, target)
+    client = triton_client_at(env, target, "scorer")
     ids = [f"floor-{i}" for i in range(5)]
     for request_id in ids:
         assert _infer(client, request_id).shape[0] == 1
@@ -72,4 +63,4 @@ def test_every_call_leaves_one_chained_durable_record(floor):
 def test_a_caller_without_a_certificate_is_refused(floor):
     env, target = floor
     with pytest.raises(InferenceServerException):
-        _infer(_client(env, target, identity=None), "no-cert")
+        _infer(triton_client_at(env, target, None), "no-cert")
