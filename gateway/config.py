@@ -89,12 +89,14 @@ class GatewayConfig:
     scan: Any = None
     explain: Any = None
     robustness: Any = None
+    client: Any = None
     source: Path | None = None
 
 
 def _sections() -> dict[str, type]:
     # Imported here so that `gateway.config` stays importable by every package it configures.
     from gateway.audit import AuditSettings
+    from gateway.client import ClientSettings
     from gateway.explain import ExplainSettings
     from gateway.models.robustness import RobustnessSettings
     from gateway.models.scan import ScanSettings
@@ -112,6 +114,7 @@ def _sections() -> dict[str, type]:
         "scan": ScanSettings,
         "explain": ExplainSettings,
         "robustness": RobustnessSettings,
+        "client": ClientSettings,
     }
 
 

@@ -3,12 +3,15 @@
     gateway serve [--config FILE]          run the gateway
     gateway demo init                      demo PKI, signed demo models, audit key
     gateway certs init                     development PKI only
-    gateway policy check|test|explain|diff|fmt
+    gateway policy check|test|explain|diff|fmt|reload|show|shadow|shadow-report
+    gateway call MODEL --input NAME=VALUES     call any model over mTLS; prints the receipt
     gateway audit keygen|vkey|checkpoint|entry|prove|prove-consistency|verify|verify-proof|export
-    gateway model sign|verify|encrypt|decrypt|rewrap|scan|test|profile
+    gateway model sign|verify|encrypt|decrypt|rewrap|scan|test|profile|keygen|load|unload|list
     gateway monitor                        live terminal summary
 
-Each verb module exposes ``register(subparsers)``; its handler returns the exit code.
+Each verb module exposes ``register(subparsers)``; its handler returns the exit code:
+0 success, 1 a check failed or a request was denied, 2 bad usage or an error (one line on
+stderr, never a traceback unless --verbose). Results go to stdout, diagnostics to stderr.
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+import grpc
+
+from gateway.cli._output import silence_stdout
 from gateway.errors import GatewayError
 
 # Verb-group modules, in the order `gateway --help` lists them.
-_VERBS = ("_serve", "_demo", "_certs", "_policy", "_audit", "_model", "_monitor")
+_VERBS = ("_serve", "_demo", "_call", "_certs", "_policy", "_audit", "_model", "_monitor")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,11 +49,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
     except GatewayError as err:
         if args.verbose:
             raise
         print(f"gateway: error: {err.diagnostics()}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
+    except grpc.RpcError as err:
+        from gateway.cli._client import RpcFailed
+
+        if args.verbose:
+            raise
+        failed = RpcFailed(err)
+        print(f"gateway: error: {failed.diagnostics()}", file=sys.stderr)
+        return failed.exit_code
+    except BrokenPipeError:
+        # `gateway ... | head`: the reader left; stop quietly, as Unix tools do.
+        silence_stdout()
+        return 141
     except KeyboardInterrupt:
         return 130
     return int(code or 0)

@@ -118,10 +118,10 @@ def _compile(directory: Path, run_tests: bool, files: dict[str, bytes] | None) -
     source = parse_files(read_directory(directory) if files is None else files)
     snapshot = Snapshot(source)
     if run_tests:
-        cases = load_cases(case_files(directory))
+        cases = load_cases(case_files(directory), snapshot)
         report = run_cases(snapshot, cases)
         if report.failures:
-            raise PolicyError([Problem(f.case.where, 0, f"test case failed: {f}")
+            raise PolicyError([Problem(f.case.file, f.case.line, f"test case failed: {f}")
                                for f in report.failures])
     return snapshot
 
