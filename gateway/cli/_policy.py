@@ -181,7 +181,7 @@ def _problems_json(err: PolicyError) -> list[dict[str, object]]:
 def _check(args: argparse.Namespace) -> int:
     try:
         snapshot = compile_here(args.directory)
-        files = case_files(args.directory)
+        files = [Path(shown(f)) for f in case_files(args.directory)]
         try:
             cases = load_cases(files, snapshot)
         except PolicyError as err:
@@ -221,7 +221,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _test(args: argparse.Namespace) -> int:
     snapshot = compile_here(args.directory)
-    files = args.cases or case_files(args.directory)
+    files = [Path(shown(f)) for f in args.cases or case_files(args.directory)]
     if not files:
         raise PolicyError(f"{shown(args.directory)}: no test cases given and none in tests/")
     cases = load_cases(files, snapshot)

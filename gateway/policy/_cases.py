@@ -168,7 +168,7 @@ def _check_case(case: Case, snapshot: Snapshot, key_lines: dict[str, int],
         kind = attribute_kind(name)
         if kind is not None and value_kind(value) != kind:
             bad(key, f"attribute {name} is a {kind}, not a {value_kind(value)} ({value!r})")
-        elif kind is None and name not in read:
+        elif name.startswith(("model.labels.", "anomaly.")) and name not in read:
             # Labels and anomaly scores have no fixed list: one no rule reads is a typo or a
             # stale case, and would silently decide nothing.
             bad(key, f"attribute {name} is read by no rule of this policy"
