@@ -73,6 +73,12 @@ class PolicySettings:
     watch: bool = True
     #: Seconds between checks of the policy files for changes.
     watch_interval: float = 1.0
+    #: A candidate policy directory decided beside the live one (shadow mode): answers follow
+    #: the live policy, disagreements go to metrics and the audit log. Also set or cleared at
+    #: run time with `gateway policy shadow` (PolicyAdmin.SetShadowPolicy).
+    shadow: Path | None = None
+    #: Seconds between audit summaries of shadow disagreements (only when there are new ones).
+    shadow_summary_interval: float = 60.0
 
 
 @dataclass(frozen=True)

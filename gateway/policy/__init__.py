@@ -16,6 +16,7 @@ The API defined here is what the server uses; everything else is private.
 from gateway.policy._cases import Case, Report, load_cases, run_cases
 from gateway.policy._condition import ATTRIBUTE_PREFIXES
 from gateway.policy._engine import DEFAULT_DENY, Decision, Snapshot
+from gateway.policy._shadow import ShadowCollector
 from gateway.policy._source import ACTIONS, GATEWAY_OBJECT, PolicyError, Problem
 from gateway.policy._store import PolicyStore, ReloadResult, case_files, compile_directory
 
@@ -31,6 +32,7 @@ __all__ = [
     "Problem",
     "ReloadResult",
     "Report",
+    "ShadowCollector",
     "Snapshot",
     "case_files",
     "compile_directory",
