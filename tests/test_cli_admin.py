@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -14,10 +15,11 @@ import sys
 import grpc
 import pytest
 
-from gateway.client import Receipt, prove_receipt
+from gateway.client import Receipt, ReceiptInterceptor, prove_receipt
 from gateway.devenv import REPO, make_demo_env, run_cli, start_gateway
 from gateway.policy import compile_directory
-from tests.conftest import channel_credentials
+from tests.conftest import channel_credentials, triton_client
+from tests.test_readme_commands import readme_block
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +250,64 @@ def test_an_unreachable_gateway_is_one_line(gw):
                    "--target", f"127.0.0.1:{port}", check=False)
     assert proc.returncode == 2
     assert "UNAVAILABLE" in one_error_line(proc)
+
+
+# --- receipts for Python callers ------------------------------------------------------------
+
+
+def test_the_readme_receipt_example_proves_inclusion(gw):
+    code = readme_block("receipt-example", "python").replace("127.0.0.1:8443", gw.target)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=gw.env.root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"record \d+ is in gateway.local/audit at tree size \d+", proc.stdout)
+
+
+def test_the_receipt_interceptor_records_denials_too(gw):
+    import numpy as np
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    seen = []
+    client = triton_client(gw, "intruder")
+    receipts = ReceiptInterceptor.attach(client, on_receipt=lambda m, r: seen.append((m, r)))
+    x = tc.InferInput("input", [1, 4], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 4), dtype=np.float32))
+    with pytest.raises(InferenceServerException):
+        client.infer("demo-mlp", [x])
+    assert receipts.last is not None and seen[-1][1] == receipts.last
+    assert seen[-1][0].endswith("/ModelInfer")
+    with auditor_channel(gw) as channel:
+        assert prove_receipt(channel, receipts.last, vkey(gw)).size > receipts.last.index
+
+
+# --- config, make run, audit checkpoint --live ------------------------------------------------
+
+
+def test_audit_checkpoint_live_is_the_signed_note_of_the_running_log(gw):
+    from gateway.audit._note import open_checkpoint, parse_vkey
+
+    proc = cli(gw, "audit", "checkpoint", "--live", "--as", "auditor", check=True)
+    verifier = parse_vkey(vkey(gw))
+    checkpoint, _ = open_checkpoint(proc.stdout, verifier, verifier.name)
+    assert checkpoint.size >= 1
+    proc = cli(gw, "audit", "checkpoint", "--live", "--as", "scorer")
+    assert proc.returncode == 1 and "audit.read on @gateway" in one_error_line(proc)
+
+
+def test_make_run_takes_a_config_file():
+    proc = subprocess.run(["make", "-n", "run", "CONFIG=/etc/gw/prod.toml"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "gateway serve --config /etc/gw/prod.toml" in proc.stdout
+    assert "demo init" not in proc.stdout
+
+
+def test_a_missing_key_error_says_how_relative_paths_resolved(tmp_path):
+    config = tmp_path / "elsewhere" / "gw.toml"
+    config.parent.mkdir()
+    config.write_text('[server]\nlisten = "127.0.0.1:0"\n')
+    proc = run_cli("serve", "--config", str(config), check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"resolve against its directory ({config.parent})" in proc.stderr
+    assert f"need the same --config {config}" in proc.stderr

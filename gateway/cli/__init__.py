@@ -20,11 +20,12 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 
 from gateway.cli._output import silence_stdout
-from gateway.errors import GatewayError
+from gateway.errors import ConfigError, GatewayError
 
 # Verb-group modules, in the order `gateway --help` lists them.
 _VERBS = ("_serve", "_demo", "_call", "_certs", "_policy", "_audit", "_model", "_monitor")
@@ -40,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _VERBS:
         importlib.import_module(f"gateway.cli.{name}").register(subparsers)
+    # `audit checkpoint --live` (the verb is defined in _audit; the live fetch in _audit_live).
+    from gateway.cli._audit_live import attach
+
+    audit = subparsers.choices["audit"]
+    attach(audit._subparsers._group_actions[0].choices["checkpoint"])
     return parser
 
 
@@ -54,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"gateway: error: {err.diagnostics()}", file=sys.stderr)
+        note = _path_note(args, err)
+        if note:
+            print(note, file=sys.stderr)
         return getattr(err, "exit_code", 2)
     except grpc.RpcError as err:
         from gateway.cli._client import RpcFailed
@@ -70,6 +79,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return int(code or 0)
+
+
+def _path_note(args: argparse.Namespace, err: GatewayError) -> str:
+    """How relative paths resolved, for a configuration error that names a path: the fix
+    (e.g. creating a missing key) must write to the same place, with the same --config."""
+    from gateway.policy import PolicyError
+
+    text = str(err)
+    if (not isinstance(err, ConfigError) or isinstance(err, PolicyError) or "/" not in text
+            or "resolve" in text or not hasattr(args, "config")):
+        return ""
+    config = getattr(args, "config", None)
+    if config is None:
+        return (f"note: without --config, the demo defaults' paths resolve against the working "
+                f"directory ({Path.cwd()}); run from the repository or pass --config FILE")
+    source = Path(config).resolve()
+    return (f"note: relative paths in {config} resolve against its directory ({source.parent});"
+            f" commands that create what is missing (`gateway audit keygen`, `gateway demo "
+            f"init`) need the same --config {config}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,8 @@
     gateway policy show --config prod.toml              # [client] section of the file
     gateway call demo-mlp --target gw:8443 --ca ca.pem --cert me.pem --key me.key ...
 
-Resolution, flag first: ``--target`` / ``[client] target`` / ``[server] listen``;
+Resolution, flag first: ``--target`` / ``$GATEWAY_TARGET`` / ``[client] target`` /
+``[server] listen``;
 ``--ca`` / ``[client] ca`` / ``[tls] ca``; ``--cert``+``--key`` / ``[client] cert``+``key`` /
 ``--as NAME``: the demo identity ``<dir of the CA>/clients/NAME.pem|.key``. Relative paths in
 the config file resolve against the file's directory; without ``--config``, the built-in
@@ -15,6 +16,7 @@ demo defaults resolve against the working directory (so run from the repository,
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import grpc
@@ -22,14 +24,17 @@ import grpc
 from gateway.errors import ConfigError, GatewayError
 
 
-def add_client_arguments(parser: argparse.ArgumentParser, *, default_as: str | None) -> None:
-    """Add --config, --target, --ca, --cert, --key and --as to ``parser``."""
+def add_client_arguments(parser: argparse.ArgumentParser, *, default_as: str | None,
+                         config: bool = True) -> None:
+    """Add --config (unless the parser has one), --target, --ca, --cert, --key and --as."""
     group = parser.add_argument_group("connection (see `gateway call --help` epilog)")
-    group.add_argument("--config", type=Path, metavar="FILE",
-                       help="gateway TOML config; its [client] section (or [server] listen "
-                       "and [tls] ca) says where and how to connect (default: the demo "
-                       "defaults, relative to the working directory)")
-    group.add_argument("--target", help="host:port of the gateway (overrides the config)")
+    if config:
+        group.add_argument("--config", type=Path, metavar="FILE",
+                           help="gateway TOML config; its [client] section (or [server] "
+                           "listen and [tls] ca) says where and how to connect (default: the "
+                           "demo defaults, relative to the working directory)")
+    group.add_argument("--target", help="host:port of the gateway (overrides $GATEWAY_TARGET "
+                       "and the config)")
     group.add_argument("--ca", type=Path, help="CA bundle the gateway's certificate must "
                        "chain to (overrides the config)")
     group.add_argument("--cert", type=Path, help="client certificate (PEM)")
@@ -46,7 +51,8 @@ def connect(args: argparse.Namespace) -> tuple[grpc.Channel, str]:
 
     config = load_config(args.config)
     client = config.client
-    target = args.target or client.target or _local(config.server.listen)
+    target = (args.target or os.environ.get("GATEWAY_TARGET") or client.target
+              or _local(config.server.listen))
     ca = args.ca or client.ca or config.tls.ca
     cert, key = args.cert or client.cert, args.key or client.key
     if (cert is None) != (key is None):
