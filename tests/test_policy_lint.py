@@ -7,25 +7,13 @@ import json
 
 import pytest
 
-from gateway.cli import main
-from gateway.devenv import REPO
 from gateway.policy import PolicyError, compile_directory, load_cases
 from gateway.policy._condition import parse_condition
 from gateway.policy._lint import implies, lint
+from tests.test_policy_cli import _in_repository, run  # noqa: F401 - fixture
 from tests.test_policy_engine import DEMO, write_policy
 
 SCORER = "spiffe://demo.local/svc/scorer"
-
-
-@pytest.fixture(autouse=True)
-def _in_repository(monkeypatch):
-    monkeypatch.chdir(REPO)
-
-
-def run(capsys, *argv: object) -> tuple[int, str, str]:
-    code = main(["policy", *map(str, argv)])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def kinds(tmp_path, policy: str) -> list[tuple[str, int, int | None]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gateway.cli._client import add_client_arguments, connect
+from gateway.cli._client import add_client_arguments, call_once
 from gateway.cli._output import OK
 
 
@@ -33,9 +33,7 @@ def attach(parser: argparse.ArgumentParser) -> None:
 def _live(args: argparse.Namespace) -> int:
     from gateway._proto.gateway.v1 import audit_pb2, audit_pb2_grpc
 
-    channel, _ = connect(args)
-    with channel:
-        reply = audit_pb2_grpc.AuditServiceStub(channel).GetCheckpoint(
-            audit_pb2.GetCheckpointRequest(), timeout=30)
+    reply = call_once(args, audit_pb2_grpc.AuditServiceStub, "GetCheckpoint",
+                      audit_pb2.GetCheckpointRequest(), timeout=30)
     sys.stdout.buffer.write(reply.signed_note)
     return OK

@@ -76,6 +76,14 @@ def connect(args: argparse.Namespace) -> tuple[grpc.Channel, str]:
     return channel(target, Path(ca), Path(cert), Path(key)), f"{who} -> {target}"
 
 
+def call_once(args: argparse.Namespace, stub_class, method: str, request, *,
+              timeout: float):
+    """Connect as ``args`` say, make one unary call, close the channel; the reply."""
+    channel, _ = connect(args)
+    with channel:
+        return getattr(stub_class(channel), method)(request, timeout=timeout)
+
+
 def _local(listen: str) -> str:
     host, _, port = listen.rpartition(":")
     wildcard = host in ("0.0.0.0", "[::]", "")  # noqa: S104 - connect, not bind

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gateway.cli._client import add_client_arguments, connect
+from gateway.cli._client import add_client_arguments, call_once
 from gateway.cli._output import FAILED, OK, emit_json
 from gateway.errors import ConfigError
 
@@ -71,11 +71,10 @@ def _status(model) -> dict[str, str]:
             "reason": model.reason, "digest": model.digest}
 
 
-def _stub(args: argparse.Namespace):
+def _call(args: argparse.Namespace, method: str, request, timeout: float = 60):
     from gateway._proto.gateway.v1 import admin_pb2_grpc
 
-    channel, _ = connect(args)
-    return channel, admin_pb2_grpc.ModelAdminStub(channel)
+    return call_once(args, admin_pb2_grpc.ModelAdminStub, method, request, timeout=timeout)
 
 
 def _print_status(status: dict[str, str]) -> None:
@@ -87,20 +86,16 @@ def _print_status(status: dict[str, str]) -> None:
 def _load(args: argparse.Namespace) -> int:
     from gateway._proto.gateway.v1 import admin_pb2
 
-    channel, stub = _stub(args)
-    with channel:
-        reply = stub.LoadModel(admin_pb2.LoadModelRequest(name=args.name, version=args.version),
-                               timeout=300)
+    reply = _call(args, "LoadModel", admin_pb2.LoadModelRequest(name=args.name,
+                                                                version=args.version), 300)
     return _report(args, _status(reply), ok_state="LOADED")
 
 
 def _unload(args: argparse.Namespace) -> int:
     from gateway._proto.gateway.v1 import admin_pb2
 
-    channel, stub = _stub(args)
-    with channel:
-        reply = stub.UnloadModel(admin_pb2.UnloadModelRequest(name=args.name,
-                                                              version=args.version), timeout=60)
+    reply = _call(args, "UnloadModel", admin_pb2.UnloadModelRequest(name=args.name,
+                                                                    version=args.version))
     return _report(args, _status(reply), ok_state="UNLOADED")
 
 
@@ -115,9 +110,7 @@ def _report(args: argparse.Namespace, status: dict[str, str], *, ok_state: str) 
 def _list(args: argparse.Namespace) -> int:
     from gateway._proto.gateway.v1 import admin_pb2
 
-    channel, stub = _stub(args)
-    with channel:
-        reply = stub.ListModels(admin_pb2.ListModelsRequest(), timeout=60)
+    reply = _call(args, "ListModels", admin_pb2.ListModelsRequest())
     models = [_status(m) for m in reply.models]
     if args.json:
         emit_json({"models": models})

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gateway.cli._client import add_client_arguments, connect
+from gateway.cli._client import add_client_arguments, call_once
 from gateway.cli._output import FAILED, OK, emit_json
 
 
@@ -55,19 +55,16 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_shadow_report)
 
 
-def _stub(args: argparse.Namespace):
+def _call(args: argparse.Namespace, method: str, request, timeout: float = 60):
     from gateway._proto.gateway.v1 import admin_pb2_grpc
 
-    channel, _ = connect(args)
-    return channel, admin_pb2_grpc.PolicyAdminStub(channel)
+    return call_once(args, admin_pb2_grpc.PolicyAdminStub, method, request, timeout=timeout)
 
 
 def _show(args: argparse.Namespace) -> int:
     from gateway._proto.gateway.v1 import admin_pb2
 
-    channel, stub = _stub(args)
-    with channel:
-        reply = stub.GetPolicy(admin_pb2.GetPolicyRequest(), timeout=30)
+    reply = _call(args, "GetPolicy", admin_pb2.GetPolicyRequest())
     if args.json:
         emit_json({"digest": reply.digest, "model.conf": reply.model_conf,
                    "policy.csv": reply.policy_csv})
@@ -83,9 +80,7 @@ def _show(args: argparse.Namespace) -> int:
 def _reload(args: argparse.Namespace) -> int:
     from gateway._proto.gateway.v1 import admin_pb2
 
-    channel, stub = _stub(args)
-    with channel:
-        reply = stub.ReloadPolicy(admin_pb2.ReloadPolicyRequest(), timeout=120)
+    reply = _call(args, "ReloadPolicy", admin_pb2.ReloadPolicyRequest(), timeout=300)
     if args.json:
         emit_json({"accepted": reply.accepted, "old_digest": reply.old_digest,
                    "new_digest": reply.new_digest, "error": reply.error})
@@ -101,10 +96,8 @@ def _reload(args: argparse.Namespace) -> int:
 def _shadow(args: argparse.Namespace) -> int:
     from gateway._proto.gateway.v1 import admin_pb2
 
-    channel, stub = _stub(args)
-    with channel:
-        reply = stub.SetShadowPolicy(admin_pb2.SetShadowPolicyRequest(
-            directory=args.directory, clear=args.clear), timeout=120)
+    reply = _call(args, "SetShadowPolicy", admin_pb2.SetShadowPolicyRequest(
+        directory=args.directory, clear=args.clear), timeout=300)
     if args.json:
         emit_json({"active": reply.active, "shadow_digest": reply.shadow_digest,
                    "directory": reply.directory, "live_digest": reply.live_digest,
@@ -126,9 +119,7 @@ def _row(d) -> dict[str, object]:
 def _shadow_report(args: argparse.Namespace) -> int:
     from gateway._proto.gateway.v1 import admin_pb2
 
-    channel, stub = _stub(args)
-    with channel:
-        r = stub.GetShadowReport(admin_pb2.GetShadowReportRequest(), timeout=60)
+    r = _call(args, "GetShadowReport", admin_pb2.GetShadowReportRequest())
     failed = args.exit_code and r.disagreements > 0
     if args.json:
         emit_json({"active": r.active, "shadow_digest": r.shadow_digest,

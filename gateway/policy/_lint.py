@@ -84,19 +84,15 @@ def lint(snapshot: Snapshot, where=lambda line: f"policy.csv:{line}") -> list[Fi
     for spec in rules:
         if spec.deny or spec.index in duplicates or spec.index in never:
             continue
-        deny = _first_cover(snapshot, index, spec, deny=True)
-        if deny is not None:
-            findings.append(Finding("shadowed", spec.line,
-                                    f"never grants: the deny at {where(deny.line)} "
-                                    f"({deny.text(model)}) matches every request it matches",
-                                    deny.line))
-            continue
-        allow = _first_cover(snapshot, index, spec, deny=False)
-        if allow is not None:
-            findings.append(Finding("redundant", spec.line,
-                                    f"redundant: the allow at {where(allow.line)} "
-                                    f"({allow.text(model)}) already grants everything it grants",
-                                    allow.line))
+        for deny, kind, says in ((True, "shadowed", "never grants: the deny at {} ({}) matches "
+                                  "every request it matches"),
+                                 (False, "redundant", "redundant: the allow at {} ({}) already "
+                                  "grants everything it grants")):
+            cover = _first_cover(snapshot, index, spec, deny=deny)
+            if cover is not None:
+                findings.append(Finding(kind, spec.line, says.format(
+                    where(cover.line), cover.text(model)), cover.line))
+                break
     findings.sort(key=lambda f: (f.line, f.kind))
     return findings
 
