@@ -20,6 +20,7 @@ finding rests on an approximation.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterable
@@ -106,31 +107,38 @@ def _held_roles(snapshot: Snapshot) -> set[str]:
     return held
 
 
-def _index(rules: list[RuleSpec]) -> dict[tuple[str, str, bool], list[RuleSpec]]:
-    """(subject, action, deny) -> rules, so covering rules are looked up, not scanned."""
-    out: dict[tuple[str, str, bool], list[RuleSpec]] = {}
+_Index = dict[tuple[str, str, bool, str | None], list[RuleSpec]]
+
+
+def _index(rules: list[RuleSpec]) -> _Index:
+    """(subject, action, deny, exact model name or None for patterns) -> rules, so the rules
+    that could cover one are looked up, not scanned (policies have 100k rules)."""
+    out: _Index = {}
     for spec in rules:
         for action in spec.actions:
-            out.setdefault((spec.sub, action, spec.deny), []).append(spec)
+            out.setdefault((spec.sub, action, spec.deny, spec.name.exact), []).append(spec)
     return out
 
 
-def _first_cover(snapshot: Snapshot, index, spec: RuleSpec, *, deny: bool) -> RuleSpec | None:
+def _first_cover(snapshot: Snapshot, index: _Index, spec: RuleSpec, *,
+                 deny: bool) -> RuleSpec | None:
     """The first rule of effect ``deny`` that matches every request ``spec`` matches."""
     best: RuleSpec | None = None
+    action = spec.actions[0]
+    names = (None,) if spec.name.exact is None else (spec.name.exact, None)
     for role in snapshot.roles_of(spec.sub):
-        for other in index.get((role, spec.actions[0], deny), ()):
-            if other.index == spec.index or (best is not None and other.line >= best.line):
-                continue
-            if not set(spec.actions) <= set(other.actions):
-                continue
-            if not (_pattern_covers(other.name, spec.name)
-                    and _version_covers(other.version, spec.version)
-                    and implies(spec.cond, other.cond)):
-                continue
-            if not deny and _mutual(snapshot, other, spec) and other.line > spec.line:
-                continue  # two equivalent allows: only the later one is redundant
-            best = other
+        for name in names:
+            for other in index.get((role, action, deny, name), ()):
+                if other.index == spec.index or (best is not None and other.line >= best.line):
+                    continue
+                if not (set(spec.actions) <= set(other.actions)
+                        and _pattern_covers(other.name, spec.name)
+                        and _version_covers(other.version, spec.version)
+                        and implies(spec.cond, other.cond)):
+                    continue
+                if not deny and _mutual(snapshot, other, spec) and other.line > spec.line:
+                    continue  # two equivalent allows: only the later one is redundant
+                best = other
     return best
 
 
@@ -164,12 +172,18 @@ def implies(a: Condition | None, b: Condition | None) -> bool:
         return False  # b needs its attributes; a request without them satisfies only a
     if a.text == b.text:
         return True
+    return _implies(a, b)
+
+
+@functools.lru_cache(maxsize=4096)
+def _implies(a: Condition, b: Condition) -> bool:
     assignments = _assignments([a, b])
     if assignments is None:
         return False
     return all(b(attrs) for attrs in assignments if a(attrs))
 
 
+@functools.lru_cache(maxsize=4096)
 def _never_true(cond: Condition) -> bool:
     assignments = _assignments([cond])
     return assignments is not None and not any(cond(attrs) for attrs in assignments)
