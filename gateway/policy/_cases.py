@@ -65,14 +65,17 @@ class Failure:
     case: Case
     got: Decision
 
-    def __str__(self) -> str:
+    def outcome(self) -> str:
+        """What was expected and what happened (without the case's location)."""
         c = self.case
         want = "allow" if c.allow else "deny"
         got = "allow" if self.got.allowed else "deny"
         rule = f" (expected rule {c.rule})" if c.rule and got == want else ""
-        label = f" [{c.name}]" if c.name else ""
-        return (f"{c.where}{label}: {c.describe()}: expected {want}{rule}, got {got} "
-                f"by {self.got.rule}")
+        return f"{c.describe()}: expected {want}{rule}, got {got} by {self.got.rule}"
+
+    def __str__(self) -> str:
+        label = f" [{self.case.name}]" if self.case.name else ""
+        return f"{self.case.where}{label}: {self.outcome()}"
 
 
 @dataclass(slots=True)

@@ -120,7 +120,8 @@ def _compile(directory: Path, run_tests: bool, files: dict[str, bytes] | None) -
         cases = load_cases(case_files(directory), snapshot)
         report = run_cases(snapshot, cases)
         if report.failures:
-            raise PolicyError([Problem(f.case.file, f.case.line, f"test case failed: {f}")
+            raise PolicyError([Problem(f.case.file, f.case.line,
+                                       f"test case failed: {f.outcome()}")
                                for f in report.failures])
     return snapshot
 
