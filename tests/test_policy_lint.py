@@ -253,3 +253,19 @@ def test_diff_json(tmp_path, capsys):
     assert report["changes"] == [{"change": "gained", "subject": "bob", "model": "m",
                                   "version": None, "action": "infer",
                                   "old_rule": "default-deny", "new_rule": "policy.csv:2"}]
+
+
+def test_explain_trace_lists_every_rule_and_why(capsys):
+    code, out, _ = run(capsys, "explain", DEMO, "--as", SCORER, "--model", "demo-mlp",
+                       "--action", "infer", "--attr", "model.labels.stage=retired", "--trace")
+    assert code == 1
+    trace = out.split("trace (every rule, in file order):\n")[1]
+    assert "  policies/policy.csv:7: MATCH allow: p, role:scorers, demo-mlp, infer, allow" in trace
+    assert "  policies/policy.csv:13: MATCH deny: " in trace
+    assert "  policies/policy.csv:5: no: p, role:scorers, demo-mlp, ready, allow\n" \
+           "    action: infer is not ready" in trace
+    code, out, _ = run(capsys, "explain", DEMO, "--as", SCORER, "--model", "demo-mlp",
+                       "--action", "infer", "--json")
+    trace = json.loads(out)["trace"]
+    assert len(trace) == 16 and [t["where"] for t in trace if t["matches"]] == \
+        ["policies/policy.csv:7"]

@@ -88,7 +88,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "DIR/<model>/<version>/metadata.toml, as the server would")
     p.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE",
                    help="request/model/caller attribute, repeatable (overrides --models)")
-    p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument("--trace", action="store_true",
+                   help="also list every rule, whether it matches and why not")
+    p.add_argument("--json", action="store_true", help=json_help + " (always with the trace)")
     p.set_defaults(func=_explain)
 
     p = verbs.add_parser("diff", help="the access that changes between two policies")
@@ -282,7 +284,7 @@ def _explain(args: argparse.Namespace) -> int:
         emit_json({**result.to_dict(snapshot, args.subject, where), "model": args.model,
                    "action": args.action, "attributes": attrs})
     else:
-        print(result.render(snapshot, args.subject, where))
+        print(result.render(snapshot, args.subject, where, trace=args.trace))
     return OK if result.decision.allowed else FAILED
 
 

@@ -48,6 +48,8 @@ class Explanation:
     role_path: list[LinkSpec]
     overridden: list[RuleSpec] = field(default_factory=list)       # allows beaten by a deny
     nearest: list[tuple[RuleSpec, list[str]]] = field(default_factory=list)
+    #: Every rule with the reasons it does not match ([]: it matches), in file order.
+    trace: list[tuple[RuleSpec, list[str]]] = field(default_factory=list)
 
     def to_dict(self, snapshot: Snapshot, subject: str,
                 where: Callable[[str], str] = _policy_where) -> dict[str, object]:
@@ -70,10 +72,12 @@ class Explanation:
                           for link in self.role_path],
             "overridden": [rule(spec) for spec in self.overridden],
             "nearest": [{**rule(spec), "differs": why} for spec, why in self.nearest],
+            "trace": [{**rule(spec), "effect": "deny" if spec.deny else "allow",
+                       "matches": not why, "differs": why} for spec, why in self.trace],
         }
 
     def render(self, snapshot: Snapshot, subject: str,
-               where: Callable[[str], str] = _policy_where) -> str:
+               where: Callable[[str], str] = _policy_where, *, trace: bool = False) -> str:
         data = self.to_dict(snapshot, subject, where)
         lines = [f"decision: {str(data['decision']).upper()} by {data['rule']} "
                  f"(policy {self.decision.policy_digest[:16]})"]
@@ -97,6 +101,13 @@ class Explanation:
                     lines.append(f"    differs in {reason}")
         elif not self.decision.allowed and not self.overridden:
             lines.append("no allow rule names this action")
+        if trace:
+            lines.append("trace (every rule, in file order):")
+            for item in data["trace"]:
+                verdict = f"MATCH {item['effect']}" if item["matches"] else "no"
+                lines.append(f"  {item['where']}: {verdict}: {item['rule']}")
+                for reason in item["differs"]:
+                    lines.append(f"    {reason}")
         return "\n".join(lines)
 
 
@@ -107,7 +118,7 @@ def explain(snapshot: Snapshot, subject: str, model: str, action: str,
     evaluated = snapshot.evaluate(subject, model, action, attributes)
     deciding = next((spec for spec, why in evaluated if spec.where == decision.rule), None)
     path = snapshot.role_path(subject, deciding.sub) if deciding else None
-    out = Explanation(decision, deciding, path or [])
+    out = Explanation(decision, deciding, path or [], trace=evaluated)
     if not decision.allowed:
         out.overridden = [spec for spec, why in evaluated if not why and not spec.deny]
         candidates = [(spec, why) for spec, why in evaluated if why and not spec.deny]
