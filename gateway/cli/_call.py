@@ -146,7 +146,7 @@ def _infer_request(pb, args: argparse.Namespace, metadata, given: dict[str, obje
     """A ModelInferRequest with each input converted to the model's datatype and shape."""
     import numpy as np
 
-    from gateway.models._datatypes import NUMPY_DTYPES
+    from gateway.models import NUMPY_DTYPES
 
     known = [t.name for t in metadata.inputs]
     unknown = sorted(set(given) - set(known))
@@ -201,7 +201,7 @@ def _example(dtype, shape: tuple[int, ...]):
 def _outputs(response) -> list[dict[str, object]]:
     import numpy as np
 
-    from gateway.models._datatypes import NUMPY_DTYPES
+    from gateway.models import NUMPY_DTYPES
 
     out = []
     for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=False):

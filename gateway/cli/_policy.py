@@ -25,16 +25,18 @@ from gateway.cli._output import ERROR, FAILED, OK, emit_json, shown, warn
 from gateway.policy import (
     ACTIONS,
     ATTRIBUTE_PREFIXES,
+    MODEL_FILE,
+    POLICY_FILE,
     PolicyError,
     Problem,
+    attribute_problem,
     case_files,
     compile_directory,
+    did_you_mean,
+    lint,
     load_cases,
     run_cases,
 )
-from gateway.policy._condition import attribute_problem, did_you_mean
-from gateway.policy._lint import lint
-from gateway.policy._source import MODEL_FILE, POLICY_FILE
 from gateway.policy._tools import (
     access_diff,
     compile_files,

@@ -14,10 +14,18 @@ The API defined here is what the server uses; everything else is private.
 """
 
 from gateway.policy._cases import Case, Report, load_cases, run_cases
-from gateway.policy._condition import ATTRIBUTE_PREFIXES
+from gateway.policy._condition import ATTRIBUTE_PREFIXES, attribute_problem, did_you_mean
 from gateway.policy._engine import DEFAULT_DENY, Decision, Snapshot
+from gateway.policy._lint import Finding, lint
 from gateway.policy._shadow import ShadowCollector
-from gateway.policy._source import ACTIONS, GATEWAY_OBJECT, PolicyError, Problem
+from gateway.policy._source import (
+    ACTIONS,
+    GATEWAY_OBJECT,
+    MODEL_FILE,
+    POLICY_FILE,
+    PolicyError,
+    Problem,
+)
 from gateway.policy._store import PolicyStore, ReloadResult, case_files, compile_directory
 
 __all__ = [
@@ -25,8 +33,11 @@ __all__ = [
     "ATTRIBUTE_PREFIXES",
     "DEFAULT_DENY",
     "GATEWAY_OBJECT",
+    "MODEL_FILE",
+    "POLICY_FILE",
     "Case",
     "Decision",
+    "Finding",
     "PolicyError",
     "PolicyStore",
     "Problem",
@@ -34,8 +45,11 @@ __all__ = [
     "Report",
     "ShadowCollector",
     "Snapshot",
+    "attribute_problem",
     "case_files",
     "compile_directory",
+    "did_you_mean",
+    "lint",
     "load_cases",
     "run_cases",
 ]
