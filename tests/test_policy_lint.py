@@ -105,6 +105,9 @@ def test_implication_is_exact_for_comparisons():
     assert implies(a, b) and implies(b, a)  # integers: the same set
     assert not implies(parse_condition("anomaly.x > 8"), parse_condition("anomaly.x >= 9"))
     assert implies(a, None) and not implies(None, a)
+    # A request may lack an attribute, and then a condition naming it is false as a whole.
+    assert not implies(parse_condition("request.batch_size > 1"),
+                       parse_condition("request.batch_size > 0 || model.labels.x == 'y'"))
 
 
 def test_check_prints_warnings_naming_both_rules_and_strict_fails(tmp_path, capsys):

@@ -177,6 +177,8 @@ def implies(a: Condition | None, b: Condition | None) -> bool:
 
 @functools.lru_cache(maxsize=4096)
 def _implies(a: Condition, b: Condition) -> bool:
+    if not set(b.attributes) <= set(a.attributes):
+        return False  # a request without b's other attributes satisfies a, never b
     assignments = _assignments([a, b])
     if assignments is None:
         return False
