@@ -38,7 +38,9 @@ TOP_PAIRS = 50
 
 
 def _peek(counter: itertools.count) -> int:
-    return counter.__reduce__()[1][0]  # the next value, without advancing
+    """The next value, without advancing: ``repr`` is ``count(N)`` (``__reduce__``, the other
+    way to read it, is deprecated since Python 3.12 and gone in 3.14)."""
+    return int(repr(counter)[6:-1])
 
 
 class Shadow:
