@@ -44,6 +44,16 @@ def add_client_arguments(parser: argparse.ArgumentParser, *, default_as: str | N
                        f"(default: {default_as or 'none; give --cert and --key'})")
 
 
+def client_verb(verbs: argparse._SubParsersAction, name: str, helptext: str, func, *,
+                default_as: str | None) -> argparse.ArgumentParser:
+    """A verb that talks to a running gateway: connection options, --json, its handler."""
+    p = verbs.add_parser(name, help=helptext)
+    add_client_arguments(p, default_as=default_as)
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.set_defaults(func=func)
+    return p
+
+
 def connect(args: argparse.Namespace) -> tuple[grpc.Channel, str]:
     """The mTLS channel the arguments describe, and a label of who connects where."""
     from gateway.client import channel

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gateway.cli._client import add_client_arguments, call_once
+from gateway.cli._client import call_once, client_verb
 from gateway.cli._output import FAILED, OK, emit_json
 from gateway.errors import ConfigError
 
@@ -28,21 +28,15 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing key")
     p.set_defaults(func=_keygen)
 
-    for verb, helptext in (("load", "load (or reload) a version from the gateway's model "
-                            "repository; verified and scanned first (model.load)"),
-                           ("unload", "stop serving a version (model.unload)")):
-        p = verbs.add_parser(verb, help=helptext)
+    for verb, helptext, func in (
+            ("load", "load (or reload) a version from the gateway's model repository; verified "
+             "and scanned first (model.load)", _load),
+            ("unload", "stop serving a version (model.unload)", _unload)):
+        p = client_verb(verbs, verb, helptext, func, default_as="admin")
         p.add_argument("name", help="model name")
         p.add_argument("version", help="model version (a directory under the model's folder)")
-        add_client_arguments(p, default_as="admin")
-        p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-        p.set_defaults(func=_load if verb == "load" else _unload)
-
-    p = verbs.add_parser("list", help="the model versions a gateway knows and their state "
-                         "(needs metadata on @gateway)")
-    add_client_arguments(p, default_as="admin")
-    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    p.set_defaults(func=_list)
+    client_verb(verbs, "list", "the model versions a gateway knows and their state (needs "
+                "metadata on @gateway)", _list, default_as="admin")
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -15,44 +15,31 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gateway.cli._client import add_client_arguments, call_once
+from gateway.cli._client import call_once, client_verb
 from gateway.cli._output import FAILED, OK, emit_json
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
     """Add the live-gateway verbs under `policy`."""
-    p = verbs.add_parser("show", help="the live policy's digest and files (action "
-                         "policy.read on @gateway)")
-    add_client_arguments(p, default_as="auditor")
-    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    p.set_defaults(func=_show)
-
-    p = verbs.add_parser("reload", help="make the gateway re-read its policy directory; "
-                         "installed only if it compiles and its cases pass (policy.load)")
-    add_client_arguments(p, default_as="admin")
-    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    p.set_defaults(func=_reload)
-
-    p = verbs.add_parser("shadow", help="decide every request also under a candidate policy "
-                         "(checked and tested like a reload); answers keep following the live "
-                         "one (policy.load)")
+    client_verb(verbs, "show", "the live policy's digest and files (action policy.read on "
+                "@gateway)", _show, default_as="auditor")
+    client_verb(verbs, "reload", "make the gateway re-read its policy directory; installed "
+                "only if it compiles and its cases pass (policy.load)", _reload,
+                default_as="admin")
+    p = client_verb(verbs, "shadow", "decide every request also under a candidate policy "
+                    "(checked and tested like a reload); answers keep following the live one "
+                    "(policy.load)", _shadow, default_as="admin")
     p.add_argument("directory", nargs="?", default="",
                    help="candidate policy directory on the gateway's host (absolute, or "
                    "relative to the gateway's working directory); default: its [policy] shadow")
     p.add_argument("--clear", action="store_true", help="stop shadow evaluation")
-    add_client_arguments(p, default_as="admin")
-    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    p.set_defaults(func=_shadow)
-
-    p = verbs.add_parser("shadow-report", help="what the shadow policy would change on live "
-                         "traffic: who would gain or lose which access (policy.read)")
-    add_client_arguments(p, default_as="auditor")
+    p = client_verb(verbs, "shadow-report", "what the shadow policy would change on live "
+                    "traffic: who would gain or lose which access (policy.read)",
+                    _shadow_report, default_as="auditor")
     p.add_argument("--by-rule", action="store_true",
                    help="group by (live rule, shadow rule) instead of by request")
-    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--exit-code", action="store_true",
                    help="exit 1 if the shadow disagrees with the live policy at all")
-    p.set_defaults(func=_shadow_report)
 
 
 def _call(args: argparse.Namespace, method: str, request, timeout: float = 60):
