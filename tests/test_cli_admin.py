@@ -144,6 +144,13 @@ def test_client_section_of_the_config(gw, tmp_path):
     proc = run_cli("call", "demo-mlp", "--example", "--config", str(config), "--json",
                    cwd=tmp_path)
     assert json.loads(proc.stdout)["identity"].startswith(str(cert))
+    # The configured identity (the scorer) is used over a verb's default --as (admin) ...
+    proc = run_cli("model", "list", "--config", str(config), check=False, cwd=tmp_path)
+    assert proc.returncode == 1 and "metadata on @gateway" in one_error_line(proc)
+    # ... and an explicit --as over the configured identity.
+    proc = run_cli("model", "list", "--as", "admin", "--ca", str(gw.env.certs / "ca.pem"),
+                   "--config", str(config), "--json", cwd=tmp_path)
+    assert json.loads(proc.stdout)["models"]
 
 
 # --- admin verbs ---------------------------------------------------------------------------

@@ -6,8 +6,9 @@
 
 Resolution, flag first: ``--target`` / ``$GATEWAY_TARGET`` / ``[client] target`` /
 ``[server] listen``;
-``--ca`` / ``[client] ca`` / ``[tls] ca``; ``--cert``+``--key`` / ``[client] cert``+``key`` /
-``--as NAME``: the demo identity ``<dir of the CA>/clients/NAME.pem|.key``. Relative paths in
+``--ca`` / ``[client] ca`` / ``[tls] ca``; ``--cert``+``--key`` / an explicit ``--as NAME``
+(the demo identity ``<dir of the CA>/clients/NAME.pem|.key``) / ``[client] cert``+``key`` /
+the verb's default demo identity (admin for changes, auditor for reads). Relative paths in
 the config file resolve against the file's directory; without ``--config``, the built-in
 demo defaults resolve against the working directory (so run from the repository, or pass
 ``--config``).
@@ -39,9 +40,11 @@ def add_client_arguments(parser: argparse.ArgumentParser, *, default_as: str | N
                        "chain to (overrides the config)")
     group.add_argument("--cert", type=Path, help="client certificate (PEM)")
     group.add_argument("--key", type=Path, help="client private key (PEM)")
-    group.add_argument("--as", dest="identity", default=default_as, metavar="NAME",
-                       help="demo identity: use <CA dir>/clients/NAME.pem and NAME.key "
-                       f"(default: {default_as or 'none; give --cert and --key'})")
+    group.add_argument("--as", dest="identity", default=None, metavar="NAME",
+                       help="demo identity: use <CA dir>/clients/NAME.pem and NAME.key (default:"
+                       f" [client] cert and key if configured, else "
+                       f"{default_as or 'none: give --cert and --key'})")
+    parser.set_defaults(default_identity=default_as)
 
 
 def client_verb(verbs: argparse._SubParsersAction, name: str, helptext: str, func, *,
@@ -64,26 +67,39 @@ def connect(args: argparse.Namespace) -> tuple[grpc.Channel, str]:
     target = (args.target or os.environ.get("GATEWAY_TARGET") or client.target
               or _local(config.server.listen))
     ca = args.ca or client.ca or config.tls.ca
-    cert, key = args.cert or client.cert, args.key or client.key
-    if (cert is None) != (key is None):
-        raise ConfigError("give both a client certificate and its key (--cert and --key)")
-    if cert is None:
-        if not args.identity:
-            raise ConfigError("no client identity: give --as NAME (a demo identity), "
-                              "--cert and --key, or [client] cert and key in --config")
-        clients = Path(ca).parent / "clients"
-        cert, key = clients / f"{args.identity}.pem", clients / f"{args.identity}.key"
-        if not cert.exists():
-            known = sorted(p.stem for p in clients.glob("*.pem")) if clients.is_dir() else []
-            where = ("without --config, paths resolve against the working directory: run "
-                     "from the repository after `make demo`, or pass --config FILE"
-                     if args.config is None else
-                     f"paths in {args.config} resolve against its directory")
-            raise ConfigError(f"no certificate for identity {args.identity!r} at {cert}"
-                              + (f" (known: {', '.join(known)})" if known else "")
-                              + f"; {where}")
-    who = args.identity if args.cert is None and client.cert is None else str(cert)
+    # Precedence: --cert/--key, an explicit --as, [client] cert/key, the verb's default --as.
+    cert, key = args.cert, args.key
+    identity = None
+    if cert is None and key is None:
+        if args.identity is None and client.cert is not None:
+            cert, key = client.cert, client.key
+        else:
+            identity = args.identity or args.default_identity
+    if (cert is None) != (key is None) and identity is None:
+        raise ConfigError("give both a client certificate and its key (--cert and --key, or "
+                          "[client] cert and key)")
+    if identity is None and cert is None:
+        raise ConfigError("no client identity: give --as NAME (a demo identity), "
+                          "--cert and --key, or [client] cert and key in --config")
+    if identity is not None:
+        cert, key = _demo_identity(identity, Path(ca), args.config)
+    who = identity or str(cert)
     return channel(target, Path(ca), Path(cert), Path(key)), f"{who} -> {target}"
+
+
+def _demo_identity(name: str, ca: Path, config: Path | None) -> tuple[Path, Path]:
+    """The certificate and key of demo identity ``name``, beside the CA; ConfigError saying
+    how paths resolved if they are not there."""
+    clients = ca.parent / "clients"
+    cert, key = clients / f"{name}.pem", clients / f"{name}.key"
+    if not cert.exists():
+        known = sorted(p.stem for p in clients.glob("*.pem")) if clients.is_dir() else []
+        where = ("without --config, paths resolve against the working directory: run from the "
+                 "repository after `make demo`, or pass --config FILE" if config is None else
+                 f"paths in {config} resolve against its directory")
+        raise ConfigError(f"no certificate for identity {name!r} at {cert}"
+                          + (f" (known: {', '.join(known)})" if known else "") + f"; {where}")
+    return cert, key
 
 
 def call_once(args: argparse.Namespace, stub_class, method: str, request, *,
