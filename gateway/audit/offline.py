@@ -29,11 +29,16 @@ checked against a checkpoint kept elsewhere: pass ``witness`` or ``since``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.audit import _canonical
-from gateway.audit._merkle import EMPTY_ROOT, leaf_hash, node_hash
-from gateway.audit._note import Checkpoint, NoteError, Verifier, parse_vkey
+from gateway.audit._merkle import EMPTY_ROOT, ProofError, leaf_hash, node_hash
+from gateway.audit._merkle import verify_consistency as _verify_consistency
+from gateway.audit._merkle import verify_inclusion as _verify_inclusion
+from gateway.audit._note import Checkpoint, Note, NoteError, Verifier, parse_vkey
+from gateway.audit._note import open_checkpoint as _open_checkpoint
+from gateway.audit._note import open_note as _open_note
 from gateway.audit._proof import (
     Error,
     LogReader,
@@ -42,7 +47,6 @@ from gateway.audit._proof import (
     checkpoint_size,
     format_consistency,
     format_proof,
-    open_signed,
     parse_consistency,
     parse_proof,
     verify_consistency_proof,
@@ -61,11 +65,12 @@ from gateway.audit._verify import verify_log as _verify_log
 
 __all__ = [
     "DAMAGED", "EMPTY_ROOT", "EXPORT_VKEY", "GENESIS_PREV", "NOT_COVERED", "OK", "SCHEMA_VERSION",
-    "Checkpoint", "Error", "Finding", "LogReader", "Report", "VerificationError", "Verifier",
-    "checkpoint_size", "format_consistency", "format_proof", "leaf_hash", "load_verifier",
-    "node_hash", "open_checkpoint", "parse_consistency", "parse_proof", "parse_record",
-    "parse_verifier", "prove_consistency", "prove_inclusion", "read_entries", "verify_consistency",
-    "verify_inclusion", "verify_log",
+    "Checkpoint", "Error", "Finding", "LogReader", "Note", "Report", "VerificationError",
+    "Verifier", "checkpoint_size", "format_consistency", "format_proof", "leaf_hash",
+    "load_verifier", "node_hash", "open_checkpoint", "open_note", "parse_consistency",
+    "parse_proof", "parse_record", "parse_verifier", "prove_consistency", "prove_inclusion",
+    "read_entries", "verify_consistency", "verify_consistency_path", "verify_inclusion",
+    "verify_inclusion_path", "verify_log",
 ]
 
 #: The file an export carries its verifier key in (``gateway audit export``).
@@ -101,9 +106,42 @@ def parse_record(data: bytes) -> dict:
     return record
 
 
-def open_checkpoint(note: str | bytes, key: Verifier) -> Checkpoint:
-    """A C2SP checkpoint signed by ``key`` for its origin, or :class:`VerificationError`."""
-    return open_signed(note, key)
+def open_checkpoint(note: str | bytes, key: Verifier, origin: str | None = None,
+                    cosigners: Sequence[Verifier] = ()) -> Checkpoint:
+    """A C2SP checkpoint signed by ``key`` for ``origin`` (the gateway's logs: the key's name),
+    or :class:`VerificationError`. Signatures by ``cosigners`` (witnesses) must verify too."""
+    try:
+        cp, _ = _open_checkpoint(note, key, key.name if origin is None else origin,
+                                 list(cosigners))
+    except NoteError as err:
+        raise VerificationError(f"checkpoint: {err}") from None
+    return cp
+
+
+def open_note(note: str | bytes, keys: Sequence[Verifier]) -> Note:
+    """A C2SP signed note's text and which of ``keys`` signed it (at least one must)."""
+    try:
+        return _open_note(note, list(keys))
+    except NoteError as err:
+        raise VerificationError(f"signed note: {err}") from None
+
+
+def verify_inclusion_path(index: int, size: int, leaf: bytes, path: Sequence[bytes],
+                          root: bytes) -> None:
+    """RFC 9162 2.1.3.2: raise :class:`VerificationError` unless ``path`` proves ``leaf``."""
+    try:
+        _verify_inclusion(index, size, leaf, path, root)
+    except ProofError as err:
+        raise VerificationError(str(err)) from None
+
+
+def verify_consistency_path(size1: int, size2: int, root1: bytes, root2: bytes,
+                            path: Sequence[bytes]) -> None:
+    """RFC 9162 2.1.4.2: raise :class:`VerificationError` unless size2 extends size1."""
+    try:
+        _verify_consistency(size1, size2, root1, root2, path)
+    except ProofError as err:
+        raise VerificationError(str(err)) from None
 
 
 def verify_log(directory: str | Path, key: Verifier | None = None, *, since: str | None = None,
