@@ -273,3 +273,17 @@ def test_every_record_the_gateway_wrote_matches_the_schema(live):
     for bad in ({**decision, "extra": 1}, {**decision, "seq": "1"},
                 {**decision, "decision": "maybe"}, {**decision, "kind": "nonsense"}):
         assert list(validator.iter_errors(bad))
+
+
+def test_the_readme_schema_section_is_generated_from_the_schema():
+    from gateway.audit import _schema_doc
+
+    fresh = _schema_doc.render(json.loads(RECORD_SCHEMA.read_text()))
+    readme = _schema_doc.README.read_text()
+    assert _schema_doc.section(readme) == fresh, \
+        "gateway/audit/README.md is stale: run `python -m gateway.audit._schema_doc`"
+    # Every key of every kind is documented in it.
+    schema = json.loads(RECORD_SCHEMA.read_text())
+    for definition in schema["$defs"].values():
+        for key in definition.get("properties", {}):
+            assert f"`{key}`" in fresh, key
