@@ -287,3 +287,13 @@ def test_the_readme_schema_section_is_generated_from_the_schema():
     for definition in schema["$defs"].values():
         for key in definition.get("properties", {}):
             assert f"`{key}`" in fresh, key
+
+
+def test_the_standard_library_encoder_writes_what_orjson_writes():
+    """The fallback canonical form equals orjson's for every string escape and key order."""
+    from gateway.audit import _canonical
+
+    points = [*range(0, 0x3000), *range(0x3000, 0xD800, 7), *range(0xE000, 0x110000, 13)]
+    for cp in points:
+        value = {"k": chr(cp), "a": [cp, None, True], "z": {"y": -cp}}
+        assert _canonical._json_dumps(value) == _canonical.encode(value), hex(cp)

@@ -4,7 +4,8 @@
     gateway demo init                      demo PKI, signed demo models, audit key
     gateway certs init                     development PKI only
     gateway policy check|test|explain|diff|fmt
-    gateway audit keygen|vkey|checkpoint|entry|prove|prove-consistency|verify|verify-proof|export
+    gateway audit keygen|vkey|checkpoint|entry|entries|prove|prove-consistency|verify|
+                  verify-proof|verify-consistency|export
     gateway model sign|verify|encrypt|decrypt|rewrap|scan|test|profile
     gateway monitor                        live terminal summary
 
