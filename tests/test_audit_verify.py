@@ -330,3 +330,12 @@ def test_segments_are_checked_apart_and_joined_exactly(logdir, jobs):
     report = verify_log(s.directory, vkey, jobs=jobs)
     assert report.status == 1 and report.first_bad_index == segments[1][0], report.summary()
     assert [f.kind for f in report.findings] == ["deleted"]
+
+
+def test_a_witness_that_does_not_verify_fails_freshness(logdir, capsysbinary):
+    tmp, s = logdir
+    witness = tmp / "witness.cp"
+    witness.write_text((s.directory / "checkpoint").read_text().replace("\n40\n", "\n99\n"))
+    code, rep = _verify_json(capsysbinary, tmp, "--witness", str(witness))
+    assert code == 1 and _kinds(rep) == ["bad-checkpoint"]
+    assert rep["freshness"].startswith("FAILED") and "--witness" in rep["findings"][0]["message"]

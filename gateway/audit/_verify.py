@@ -162,6 +162,7 @@ class _Signed:
     bad: list[tuple[int | None, str]] = field(default_factory=list)  # (claimed size, message)
     since: int | None = None
     witness: int | None = None
+    given: list[str] = field(default_factory=list)   # which of --witness, --since were given
 
 
 def history_lines(directory: Path) -> Iterable[tuple[int, str | None, bool]]:
@@ -212,6 +213,7 @@ def _load_checkpoints(directory: Path, verifier: Verifier, extra: dict[str, str]
         pass
     for label, note in extra.items():
         notes.setdefault(note, []).append(label)
+        signed.given.append(label)
     for note, places in notes.items():
         where = " and ".join(places)
         try:
@@ -486,7 +488,8 @@ def _join(parts: list[_Part], signed: _Signed, sizes: list[int], found: _Finding
     """Stitch the workers' results: links across segments, roots, coverage, freshness."""
     report = found.report
     tree = CompactRange()
-    explained: set[int] = set()       # records whose link breaks are explained by a finding
+    # Records whose link breaks a finding already explains: [lo, hi) ranges.
+    explained: list[tuple[int, int]] = []
     runs: list[tuple[int, int, int]] = []
     breaks: list[int] = []
     prev = GENESIS_PREV
@@ -494,7 +497,7 @@ def _join(parts: list[_Part], signed: _Signed, sizes: list[int], found: _Finding
     for part in parts:
         for kind, index, message in part.findings:
             found.add(kind, index, message)
-            explained.update((index, index + 1))
+            explained.append((index, index + 2))
         runs.extend(part.runs)
         breaks.extend(part.breaks)
         if part.count and part.first_prev != prev:
@@ -514,12 +517,12 @@ def _join(parts: list[_Part], signed: _Signed, sizes: list[int], found: _Finding
     for region in regions:
         kind, index, message = _describe(region)
         found.add(kind, index, message)
-        explained.update(range(region[0][0], region[-1][1] + 2))
+        explained.append((region[0][0], region[-1][1] + 2))
     for i in sorted(set(breaks)):
-        if i not in explained:
+        if not any(lo <= i < hi for lo, hi in explained):
             found.add("edited", i - 1, f"record {i - 1} was altered: record {i}'s prev link "
                       f"does not match its hash (or record {i}'s link was changed)")
-            explained.update((i, i + 1))
+            explained.append((i, i + 2))
     # Roots: a mismatch after a record already named is the same damage, reported once.
     good = [s for s in sizes if s <= total and s not in mismatched]
     first_named = min((f.index for f in report.findings if f.index is not None), default=None)
@@ -553,7 +556,10 @@ def _join(parts: list[_Part], signed: _Signed, sizes: list[int], found: _Finding
     fresh = [f"{label} checkpoint of size {size}" for label, size in
              (("the witness", signed.witness), ("the archived (--since)", signed.since))
              if size is not None]
-    if fresh:
+    if len(fresh) < len(signed.given):
+        report.freshness = ("FAILED: the " + " and the ".join(signed.given) + " checkpoint "
+                            "given does not verify (see the findings)")
+    elif fresh:
         report.freshness = ("checked: the log extends " + " and ".join(fresh)
                             if not any(f.kind in ("rollback", "fork") for f in report.findings)
                             else "FAILED: the log does not extend " + " and ".join(fresh))
