@@ -9,11 +9,7 @@
 fdatasync). Checkpoints are signed every ``checkpoint_records`` records or ``checkpoint_ms``
 milliseconds and at close. Auditors check the log offline with ``gateway audit verify`` and
 single records with inclusion proofs; see ``gateway/audit/README.md`` for the record schema and
-formats. The API defined here is what the server and the CLI use; :mod:`gateway.audit.offline`
-is the auditor's API (standard library and ``cryptography`` only); everything else is private.
-
-Importing this package loads no gRPC: the writer (which does) is loaded on first use of
-``AuditLog``, so that ``gateway.audit.offline`` stays importable without the serving stack.
+formats. The API defined here is what the server uses; everything else is private.
 """
 
 from __future__ import annotations
@@ -108,6 +104,9 @@ def export_log(settings: AuditSettings, dest: Path) -> int:
     return export(settings.directory, dest, verifier_key_path(settings))
 
 
+# The CLI's verbs use the functions above; auditors use :mod:`gateway.audit.offline` (standard
+# library and ``cryptography`` only). Importing this package therefore loads no gRPC: the writer
+# and the servicer (which do) are loaded on first use of their names.
 _LAZY = {"AuditLog": "_log", "AuditLogDamaged": "_log", "Receipt": "_log",
          "AuditServicer": "_service"}
 

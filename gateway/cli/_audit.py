@@ -234,7 +234,14 @@ def _verify(args: argparse.Namespace) -> int:
               "last signed checkpoint are reported as not covered, exit status 3",
               file=sys.stderr)
     since = _read(args.since, "--since") if args.since is not None else None
-    witness = _read(args.witness, "--witness") if args.witness is not None else None
+    witness_file = args.witness
+    default = getattr(settings, "witness_path", None)  # the gateway's own witness copy
+    if witness_file is None and default is not None and args.log_dir is None and \
+            args.dir is None and default().exists():
+        witness_file = default()  # the configured log: check it against its own witness
+        print(f"gateway: checking freshness against the witness copy {witness_file}",
+              file=sys.stderr)
+    witness = _read(witness_file, "--witness") if witness_file is not None else None
     total = None
     try:
         total = offline.checkpoint_size(offline.LogReader(directory).checkpoint())
