@@ -84,13 +84,15 @@ def _rechain(records: list[bytes], start: int) -> list[bytes]:
 
 
 def test_clean_log_verifies_and_says_freshness_was_not_checked(logdir, capsysbinary):
-    tmp, _s = logdir
+    tmp, s = logdir
     code, rep = _verify_json(capsysbinary, tmp)
     assert code == 0 and rep["ok"] and rep["records"] == 40 and rep["checkpoints"] >= 5
     assert (rep["covered"], rep["not_covered"], rep["findings"]) == (40, 0, [])
-    assert rep["freshness"].startswith("NOT CHECKED")
-    code, out, _ = _cli(capsysbinary, "audit", "verify", "--config", str(tmp / "gw.toml"),
-                        "--quiet")
+    # An explicit directory is not checked against the configured log's witness copy.
+    code, rep = _verify_json(capsysbinary, tmp, "--dir", str(s.directory))
+    assert code == 0 and rep["freshness"].startswith("NOT CHECKED")
+    code, out, _ = _cli(capsysbinary, "audit", "verify", "--dir", str(s.directory),
+                        "--config", str(tmp / "gw.toml"), "--quiet")
     assert code == 0 and b"result      OK" in out and b"freshness   NOT CHECKED" in out
 
 
@@ -236,7 +238,8 @@ def test_fork_is_detected(logdir, capsysbinary):
     archived = tmp / "archived.cp"
     archived.write_bytes((s.directory / "checkpoint").read_bytes())
     # The operator (holding the key) rebuilds a different history and signs it.
-    fork = replace(s, directory=tmp / "fork")
+    fork = replace(s, directory=tmp / "fork",  # with its own witness copy, if the log keeps one
+                   **{"witness": tmp / "fork-witness"} if hasattr(s, "witness") else {})
     with AuditLog.open(fork, instance_id="t") as log:
         for i in range(45):
             log.append("decision", {"request_id": f"x{i:03d}", "decision": "deny"})

@@ -49,7 +49,7 @@ def parse_segment(data: bytes, *, last: bool, name: str = "segment", first: int 
         records = body.count(b"\n", 0, gap)
         raise SegmentDamaged(f"{name}: data after a zero-filled gap at byte {gap} (record "
                              f"{first + records})", gap, records)
-    records = body[:end].split(b"\n")
+    records = (body if end == len(body) else body[:end]).split(b"\n")  # no copy if no tail
     records.pop()  # the empty string after the final newline
     tail = body[end:]
     if tail:
