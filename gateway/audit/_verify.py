@@ -164,6 +164,11 @@ class _Signed:
     witness: int | None = None
     given: list[str] = field(default_factory=list)   # which of --witness, --since were given
 
+    def external_only(self, size: int) -> bool:
+        """Whether only a checkpoint kept outside the log (--witness, --since) signs ``size``:
+        then a log that lacks it or differs from it was rolled back or forked, not damaged."""
+        return all(place in ("--witness", "--since") for place in self.where[size].split(" and "))
+
 
 def history_lines(directory: Path) -> Iterable[tuple[int, str | None, bool]]:
     """(line number, note or None if the line is not a JSON string, torn) per history line.
@@ -529,14 +534,14 @@ def _join(parts: list[_Part], signed: _Signed, sizes: list[int], found: _Finding
     size = min(mismatched, default=None)
     if size is not None and (first_named is None or first_named >= size):
         lo = max((s for s in good if s < size), default=0)
-        kind = "fork" if size in (signed.since, signed.witness) else "edited"
+        kind = "fork" if signed.external_only(size) else "edited"
         found.add(kind, lo, f"the signed checkpoint of size {size} does not match records "
                   f"{lo}..{size - 1}: one of them was changed (or re-chained), or this log is "
                   "a fork of the one that signed it")
     deleted_at_end = (regions and regions[-1][-1][1] == total - 1 and regions[-1][-1][2] > 0
                       and total + regions[-1][-1][2] >= (sizes[-1] if sizes else 0))
     if sizes and sizes[-1] > total and not deleted_at_end:
-        kind = "rollback" if sizes[-1] in (signed.since, signed.witness) else "truncated"
+        kind = "rollback" if signed.external_only(sizes[-1]) else "truncated"
         found.add(kind, total, f"the log holds {total} records but a signed checkpoint "
                   f"({signed.where[sizes[-1]]}) covers {sizes[-1]}: records {total}.."
                   f"{sizes[-1] - 1} are missing ("
