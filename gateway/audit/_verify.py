@@ -125,7 +125,7 @@ class Report:
         if self.findings:
             first = self.first_bad_index
             where = (f"first bad index {first}" if first is not None else
-                     "no record index is in doubt (the damage is in the checkpoints)")
+                     "no record index is in doubt (the damage is outside the records)")
             lines.append(f"result      FAILED: {len(self.findings)} problem(s), {where}")
             lines.extend(f"  [{f.kind}] {f.message}" for f in self.findings)
         elif self.not_covered:
@@ -133,7 +133,8 @@ class Report:
                          f"the {self.not_covered} newest record(s) {self.covered}.."
                          f"{self.records - 1} are not covered by a signed checkpoint yet. A "
                          "running gateway signs them within checkpoint_ms: rerun. On a stopped "
-                         "log they were written by someone without the key (exit 3)")
+                         "log, the gateway died before signing them (its next start signs or "
+                         "cuts them), or someone without the key appended them (exit 3)")
         else:
             lines.append("result      OK: every record is covered by a verified signature, and "
                          "every record, link, root and signature checks out")
