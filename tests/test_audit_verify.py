@@ -343,3 +343,17 @@ def test_a_witness_that_does_not_verify_fails_freshness(logdir, capsysbinary):
     code, rep = _verify_json(capsysbinary, tmp, "--witness", str(witness))
     assert code == 1 and _kinds(rep) == ["bad-checkpoint"]
     assert rep["freshness"].startswith("FAILED") and "--witness" in rep["findings"][0]["message"]
+
+
+def test_a_record_with_a_boolean_version_or_a_stray_segment_file_fails(logdir, capsysbinary):
+    tmp, s = logdir
+    seg, recs = _records(s)
+    recs[-1] = recs[-1].replace(b'"v":1', b'"v":true')  # true == 1 in Python: not to verify
+    _rewrite(seg, recs)
+    code, rep = _verify_json(capsysbinary, tmp)
+    assert code == 1 and rep["first_bad_index"] == 39 and _kinds(rep) == ["edited"]
+    assert "schema version True" in rep["findings"][0]["message"]
+    (seg.parent / "extra.log").write_bytes(b"{}\n")
+    code, rep = _verify_json(capsysbinary, tmp)
+    assert code == 1 and any("unexpected file extra.log" in f["message"]
+                             for f in rep["findings"])

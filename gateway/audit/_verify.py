@@ -325,12 +325,20 @@ def _suspect(records: list[bytes]) -> bool:
 
 def _scan(path: str, start: int, last: bool, cuts: tuple[int, ...]) -> _Part:
     """Check one segment whose first record is ``start`` (runs in a worker process)."""
-    with open(path, "rb") as f:
-        data = f.read()
     findings: list[tuple[str, int, str]] = []
     name = f"segment {Path(path).name}"
     try:
-        seg = parse_segment(data, last=last, name=name, first=start)
+        try:
+            data = Path(path).read_bytes()
+            seg = parse_segment(data, last=last, name=name, first=start)
+        except SegmentDamaged:
+            if not last:
+                raise
+            # A live gateway may have been writing the last segment while it was read (a
+            # later page seen before an earlier one): read it once more before calling it
+            # damage. Damage on disk is there both times.
+            data = Path(path).read_bytes()
+            seg = parse_segment(data, last=last, name=name, first=start)
         records, torn = seg.records, seg.torn
     except SegmentDamaged as err:
         findings.append(("damaged", start + err.records, str(err)))
