@@ -138,8 +138,7 @@ def prove_receipt(audit_channel: grpc.Channel, receipt: Receipt, verifier_key: s
     import time
 
     from gateway._proto.gateway.v1 import audit_pb2, audit_pb2_grpc
-    from gateway.audit._note import parse_vkey
-    from gateway.audit._proof import format_proof, verify_proof
+    from gateway.audit import offline
 
     stub = audit_pb2_grpc.AuditServiceStub(audit_channel)
     deadline = time.monotonic() + timeout
@@ -150,6 +149,8 @@ def prove_receipt(audit_channel: grpc.Channel, receipt: Receipt, verifier_key: s
         time.sleep(0.1)  # polling the server for the next signed checkpoint
     proof = stub.GetInclusionProof(audit_pb2.GetInclusionProofRequest(
         index=receipt.index, tree_size=checkpoint.size))
-    text = format_proof(proof.index, list(proof.hashes), proof.signed_note.decode("utf-8"))
-    _, verified = verify_proof(text, parse_vkey(verifier_key), leaf_hash=receipt.leaf_hash)
+    text = offline.format_proof(proof.index, list(proof.hashes),
+                                proof.signed_note.decode("utf-8"))
+    _, verified = offline.verify_inclusion(text, offline.parse_verifier(verifier_key),
+                                           leaf=receipt.leaf_hash)
     return verified

@@ -5,7 +5,8 @@
     gateway certs init                     development PKI only
     gateway policy check|test|explain|diff|fmt|reload|show|shadow|shadow-report
     gateway call MODEL --input NAME=VALUES     call any model over mTLS; prints the receipt
-    gateway audit keygen|vkey|checkpoint|entry|prove|prove-consistency|verify|verify-proof|export
+    gateway audit keygen|vkey|checkpoint|entry|entries|prove|prove-consistency|verify|
+                  verify-proof|verify-consistency|export
     gateway model sign|verify|encrypt|decrypt|rewrap|scan|test|profile|keygen|load|unload|list
     gateway monitor                        live terminal summary
 
