@@ -134,7 +134,7 @@ def test_fork_is_detected(logdir, capsysbinary, tmp_path):
     archived = tmp / "archived.cp"
     archived.write_bytes((s.directory / "checkpoint").read_bytes())
     # The operator (holding the key) rebuilds a different history and signs it.
-    fork = replace(s, directory=tmp / "fork")
+    fork = replace(s, directory=tmp / "fork", witness=tmp / "fork-witness")  # no rollback check
     with AuditLog.open(fork, instance_id="t") as log:
         for i in range(45):
             log.append("decision", {"request_id": f"x{i:03d}", "decision": "deny"})

@@ -5,6 +5,7 @@ Layout of the log directory::
     segments/<first index, 20 digits>.log   records, one per line, zero-filled tail
     checkpoint                               latest signed checkpoint (C2SP note, byte for byte)
     checkpoints.jsonl                        every signed checkpoint, one JSON string per line
+    commit-tags                              the last two commit tags (see ``_tags.py``)
 
 Segments are preallocated (``posix_fallocate``) so that a group commit is a ``pwrite`` plus an
 ``fdatasync`` that does not have to grow the file: measured here, that halves commit latency
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gateway._atomic import fsync_dir, write_atomic
+from gateway.audit._tags import SLOT_BYTES, SLOTS, TAGS
 
 SEGMENTS = "segments"
 CHECKPOINT = "checkpoint"
@@ -135,16 +137,26 @@ def read_checkpoints(directory: Path) -> list[str]:
 
 class Store(Protocol):
     """What the log needs from its storage: the file store is the embedded default; a shared
-    store for several gateway replicas (PostgreSQL) implements the same eight methods."""
+    store for several gateway replicas (PostgreSQL) implements the same eleven methods."""
 
     def open(self, on_segment: Callable[[int, list[bytes]], None]) -> TornTail | None:
         """Replay every stored record (in order) to ``on_segment``; report a torn tail."""
 
-    def cut(self, torn: TornTail) -> None:
-        """Remove a torn final record found by :meth:`open`."""
+    def cut(self, size: int) -> tuple[str, int, bytes]:
+        """Remove what follows record ``size`` (in the last segment): records never
+        acknowledged and a torn final record found by :meth:`open`."""
 
     def append(self, records: list[bytes]) -> None:
         """Make ``records`` durable, in order, before returning (raise ``OSError`` if not)."""
+
+    def forget(self, count: int) -> None:
+        """Take back the last ``count`` appended records (their commit failed)."""
+
+    def read_tags(self) -> list[bytes]:
+        """The stored commit tag slots."""
+
+    def write_tag(self, slot: int, data: bytes) -> None:
+        """Durably replace commit tag ``slot`` (raise ``OSError`` if not)."""
 
     def read(self, start: int, end: int) -> list[bytes]:
         """Records ``[start, end)``."""
@@ -179,6 +191,8 @@ class FileStore:
         self._zeroed = 0         # the open segment is zero-written up to here (if preallocated)
         self._dirty = 0          # bytes past _offset that a failed write may have left
         self._opened_at = 0.0
+        self._end = 0            # end of the bytes recovery found (a torn tail included)
+        self._tag_fd = -1
         # Record end offsets: per segment (first index, array of end offsets).
         self._segments: list[tuple[int, Path, array]] = []
         self.size = 0
@@ -197,6 +211,7 @@ class FileStore:
         if created:
             fsync_dir(self.directory)
         self._repair_history()
+        self._open_tags()
         segs = list_segments(self.directory)
         count = 0
         torn = None
@@ -235,13 +250,56 @@ class FileStore:
             self._capacity = os.fstat(self._fd).st_size
             self._zeroed = self._offset
             self._opened_at = time.monotonic()
+        self._end = self._offset + (torn.length if torn else 0)
         return torn
 
-    def cut(self, torn: TornTail) -> None:
-        """Zero a torn final record (after the caller checked that the rest is sound)."""
-        self._dirty = torn.length
+    def cut(self, size: int) -> tuple[str, int, bytes]:
+        """Zero everything after record ``size`` of the last segment (records and a torn
+        tail), once the caller has decided that none of it was acknowledged.
+
+        Returns the segment's name, the offset cut at, and the bytes cut (for the record of
+        the cut). The zeros are durable before this returns.
+        """
+        first, path, offs = self._segments[-1]
+        keep = size - first
+        if keep < 0:
+            raise ValueError(f"cannot cut at record {size}: the last segment starts at {first}")
+        start = offs[keep - 1] if keep else 0
+        cut = os.pread(self._fd, self._end - start, start)
+        del offs[keep:]
+        self._offset, self._end, self.size = start, start, size
+        self._dirty = len(cut)
         self._zero_dirty()
         os.fsync(self._fd)
+        return path.name, start, cut
+
+    def forget(self, count: int) -> None:
+        """Take back the last ``count`` records (all in the open segment: one commit never
+        spans two); their bytes are zeroed before the next write, as after a failed write."""
+        offs = self._segments[-1][2]
+        start = offs[-count - 1] if len(offs) > count else 0
+        self._dirty = self._offset - start
+        del offs[len(offs) - count:]
+        self._offset = start
+        self.size -= count
+
+    # -- commit tags --------------------------------------------------------------------------
+
+    def _open_tags(self) -> None:
+        """Open the commit tag slots, creating them zero-filled (and durable) if absent."""
+        path = self.directory / TAGS
+        if not path.exists():
+            write_atomic(path, bytes(SLOTS * SLOT_BYTES), mode=0o600)
+        self._tag_fd = os.open(path, os.O_RDWR | os.O_DSYNC)
+
+    def read_tags(self) -> list[bytes]:
+        return [os.pread(self._tag_fd, SLOT_BYTES, i * SLOT_BYTES) for i in range(SLOTS)]
+
+    def write_tag(self, slot: int, data: bytes) -> None:
+        """One small ``pwrite`` into already-written blocks: with ``O_DSYNC`` it returns once
+        the data is on disk, and no file metadata has to follow it."""
+        if os.pwrite(self._tag_fd, data, slot * SLOT_BYTES) != len(data):
+            raise OSError(f"short write of commit tag slot {slot}")
 
     def _repair_history(self) -> None:
         """Cut a checkpoint line torn by a crash, so the next one is not appended to it."""
@@ -417,3 +475,6 @@ class FileStore:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._tag_fd >= 0:
+            os.close(self._tag_fd)
+            self._tag_fd = -1
