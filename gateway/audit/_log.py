@@ -273,24 +273,20 @@ class AuditLog:
         """
         where = self._settings.directory
         tree = self._tree
-        if cp is not None:
-            if cp.size > tree.size:
-                raise AuditLogDamaged(
-                    f"audit log {where} is truncated: the signed checkpoint covers {cp.size} "
-                    f"records but only {tree.size} are left (first missing index {tree.size})")
-            if tree.root(cp.size) != cp.root:
-                raise AuditLogDamaged(
-                    f"audit log {where}: records before index {cp.size} no longer match the "
-                    "signed checkpoint (edited, reordered or replaced)")
+        pins = [] if cp is None else [("signed checkpoint", cp.size,
+                                       lambda: tree.root(cp.size) == cp.root, "")]
         if tag is not None:
-            if tag.size > tree.size:
+            pins.append(("last commit tag", tag.size, lambda: self._head(tag.size) == tag.head,
+                         ", re-chained"))
+        for what, size, matches, also in pins:
+            if size > tree.size:
                 raise AuditLogDamaged(
-                    f"audit log {where} is truncated: the last commit tag covers {tag.size} "
-                    f"records but only {tree.size} are left (first missing index {tree.size})")
-            if self._head(tag.size) != tag.head:
+                    f"audit log {where} is truncated: the {what} covers {size} records but "
+                    f"only {tree.size} are left (first missing index {tree.size})")
+            if not matches():
                 raise AuditLogDamaged(
-                    f"audit log {where}: records before index {tag.size} no longer match the "
-                    "last commit tag (edited, reordered, replaced or re-chained)")
+                    f"audit log {where}: records before index {size} no longer match the "
+                    f"{what} (edited, reordered{also} or replaced)")
         signed = cp.size if cp else 0
         covered = max(signed, tag.size if tag else 0)
         if tree.size > covered and not (tag is not None and not tag.closed
