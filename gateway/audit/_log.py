@@ -167,7 +167,8 @@ class AuditLog:
         try:
             _keys.ensure_commit_key(settings.signing_key)
         except OSError as err:
-            raise AuditUnavailable(f"cannot create the audit commit tag key: {err}") from None
+            raise AuditUnavailable(f"no audit commit tag key beside {settings.signing_key}, "
+                                   f"and it cannot be created: {err}") from None
         tag_key = _keys.load_hmac_key(_keys.commit_key_path(settings.signing_key), "commit tag")
         store = FileStore(settings.directory, settings.segment_bytes, settings.segment_seconds,
                           settings.preallocate)
