@@ -373,12 +373,16 @@ class AuditLog:
                              f"{sorted(RESERVED.intersection(fields))}")
         if type(kind) is not str or not kind:
             raise ValueError("audit record kind must be a non-empty string")
-        with self._lock:
-            if self._closing:
-                raise AuditUnavailable("audit log is closed")
+        if self._publish_error is not None:
+            # Fail closed while checkpoints cannot be published, but try again first, as a
+            # failed record write is tried again by the next commit.
+            self._checkpoint()
             if self._publish_error is not None:
                 raise AuditUnavailable("audit log cannot publish its signed checkpoint: "
                                        f"{self._publish_error}")
+        with self._lock:
+            if self._closing:
+                raise AuditUnavailable("audit log is closed")
             seq = self._size
             record = {**fields, "v": SCHEMA_VERSION, "seq": seq,
                       "time_ms": time.time_ns() // 1_000_000, "kind": kind,
