@@ -534,7 +534,8 @@ def test_a_tag_from_another_key_proves_nothing(settings):
     _keys.commit_key_path(settings.signing_key).unlink()  # the gateway makes a new one
     seg = _last_segment(settings)
     _append_bytes(seg, _data_end(seg), b"".join(r + b"\n" for r in _forge(records, 2)))
-    _refused(settings, f"first unprovable record index {len(records)}")
+    _refused(settings, f"first unprovable record index {len(records)}",
+             "no valid commit tag")
 
 
 _DIE_BEFORE_TAG = r"""
@@ -621,7 +622,19 @@ def test_untagged_records_before_the_last_segment_are_refused(settings):
     settings.witness_path().unlink()
     (settings.directory / "commit-tags").write_bytes(tags)
     assert len(_records(settings)) > len(records)
-    _refused(settings, "first unprovable record index")
+    said = _refused(settings, "first unprovable record index")
+    assert "start before the last segment" in said, said
+
+
+def test_an_old_tags_file_put_back_does_not_pass_forged_records_as_a_crash(settings):
+    _die_before_tag(settings)  # leaves an open tag: what a crash leaves
+    old_tags = (settings.directory / "commit-tags").read_bytes()
+    records = _closed_log(settings)  # reopened (cutting the crash tail), closed cleanly
+    seg = _last_segment(settings)
+    _append_bytes(seg, _data_end(seg), b"".join(r + b"\n" for r in _forge(records, 2)))
+    (settings.directory / "commit-tags").write_bytes(old_tags)
+    _refused(settings, f"first unprovable record index {len(records)}",
+             "older than the latest checkpoint")
 
 
 def test_a_failed_tag_write_fails_the_call_and_the_record_never_surfaces(settings):

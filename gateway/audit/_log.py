@@ -292,7 +292,7 @@ class AuditLog:
         covered = max(signed, tag.size if tag else 0)
         if tree.size > covered and not (tag is not None and not tag.closed
                                         and tag.size >= signed and covered >= last_first):
-            raise AuditLogDamaged(self._unprovable(covered, tag, cp))
+            raise AuditLogDamaged(self._unprovable(covered, tag, signed, last_first))
         prev = None
         for first, records in tail:
             for i, data in enumerate(records, start=first):
@@ -313,11 +313,12 @@ class AuditLog:
                 prev = tree.leaf(i).hex()
         return covered
 
-    def _unprovable(self, covered: int, tag: CommitTag | None, cp: Checkpoint | None) -> str:
+    def _unprovable(self, covered: int, tag: CommitTag | None, signed: int,
+                    last_first: int) -> str:
         """Why the records from index ``covered`` on cannot be adopted (see :meth:`open`)."""
         where, found = self._settings.directory, self._tree.size
         first = f"first unprovable record index {covered}"
-        if tag is None and cp is None:
+        if tag is None and signed == 0:
             why = (f"holds {found} records but no valid signed checkpoint and no valid commit "
                    "tag: nothing shows the gateway wrote them (checkpoints deleted, history "
                    "rewritten, or commit tags replaced)")
@@ -326,10 +327,16 @@ class AuditLog:
                    f"{found - covered - 1} more follow: they were added after the gateway "
                    "stopped, by something without its keys")
         else:
+            if tag is None:
+                because = "there is no valid commit tag (missing, replaced or another key's)"
+            elif tag.size < signed:
+                because = "the last commit tag is older than the latest checkpoint (replaced)"
+            else:
+                because = (f"they start before the last segment (at index {last_first}), "
+                           "and one commit never spans two")
             why = (f"record {covered} and {found - covered - 1} more are covered by no signed "
                    "checkpoint and no commit tag, and are not the unacknowledged last commit "
-                   "of a gateway that died (its tags file is stale, missing or replaced, or "
-                   "they span segments)")
+                   f"of a gateway that died: {because}")
         return f"audit log {where} {why} ({first})"
 
     def _check_witness(self, cp: Checkpoint | None) -> None:
