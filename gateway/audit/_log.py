@@ -214,7 +214,7 @@ class AuditLog:
         except OSError as err:
             store.close()
             raise AuditUnavailable(f"cannot open audit log {settings.directory}: {err}") from None
-        except AuditLogDamaged:
+        except AuditUnavailable:  # AuditLogDamaged, or an unreadable witness copy
             store.close()
             raise
         records = self._size
