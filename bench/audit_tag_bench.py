@@ -2,11 +2,15 @@
 
     python -m bench audit_tag
 
-Every group commit writes, after its records are durable and before any is acknowledged,
-one HMAC-SHA256 commit tag (``gateway/audit/_tags.py``) with one small ``O_DSYNC`` write
-into a second file. The baseline is the same log with the tag write skipped (what the log
-did before tags). Rounds alternate the two so drift on this shared disk hits both alike;
-the figure to read is the ratio. Also printed: the HMAC alone and the tag write alone.
+Every group commit writes one HMAC-SHA256 commit tag (``gateway/audit/_tags.py``) into a
+second file before any of its records is acknowledged. Three ways side by side:
+  * none: the tag skipped, one O_DSYNC write per commit (what the log did before tags);
+  * dsync: the tag as a second O_DSYNC write after the records' (two flushes per commit);
+  * direct: the tag written with O_DIRECT between the records' write and their one
+    fdatasync, which makes both durable (one flush per commit; the default where the
+    filesystem allows O_DIRECT).
+Rounds alternate the ways so drift on this shared disk hits all alike; read the ratios.
+Also printed: the HMAC alone.
 """
 
 from __future__ import annotations
@@ -18,48 +22,34 @@ import time
 from pathlib import Path
 
 from bench.audit_bench import DECISION, _run_threads, _settings
-from gateway.audit import AuditLog, _tags
+from gateway.audit import AuditLog, _store, _tags
 from gateway.audit._tags import CommitTag
 
 SECONDS = 2.0
 ROUNDS = 3
+MODES = ("none", "dsync", "direct")
 
 
-class _Untagged(AuditLog):
-    """The log as it was before commit tags (baseline only: it proves nothing at open)."""
-
-    def _write_tag(self, size: int, head: str, *, closed: bool = False) -> None:
-        pass
-
-
-def _rate(cls: type[AuditLog], root: Path, threads: int) -> float:
-    log = cls.open(_settings(root), instance_id="bench")
+def _rate(mode: str, root: Path, threads: int) -> float:
+    _store.DIRECT_TAGS = mode == "direct"
+    log = AuditLog.open(_settings(root), instance_id="bench")
+    if mode == "none":
+        append = log._store.append
+        log._store.append = lambda records, tag=None: append(records)  # the tag skipped
     try:
         return _run_threads(threads, lambda: log.append("decision", DECISION))
     finally:
         log.close()
+        _store.DIRECT_TAGS = True
 
 
-def _micro(root: Path) -> tuple[float, float]:
-    """Microseconds per tag: sealing (HMAC) alone, and the durable slot write alone."""
+def _seal_us() -> float:
     key, n = os.urandom(32), 20_000
     tag = CommitTag(1, 123_456, "ab" * 32)
     started = time.perf_counter()
     for _ in range(n):
         _tags.seal(key, "bench.local/audit", tag)
-    seal = (time.perf_counter() - started) / n * 1e6
-    path = root / "slots"
-    path.write_bytes(bytes(2 * _tags.SLOT_BYTES))
-    fd = os.open(path, os.O_RDWR | os.O_DSYNC)
-    data, writes = _tags.seal(key, "bench.local/audit", tag), 500
-    try:
-        started = time.perf_counter()
-        for i in range(writes):
-            os.pwrite(fd, data, (i % 2) * _tags.SLOT_BYTES)
-        write = (time.perf_counter() - started) / writes * 1e6
-    finally:
-        os.close(fd)
-    return seal, write
+    return (time.perf_counter() - started) / n * 1e6
 
 
 def run() -> None:
@@ -69,22 +59,19 @@ def run() -> None:
     with tempfile.TemporaryDirectory(dir=Path.cwd() / "var" if (Path.cwd() / "var").is_dir()
                                      else None) as tmp:
         root = Path(tmp)
-        print(f"durable appends/s, {ROUNDS} alternating rounds of {SECONDS:.0f} s, "
-              "median (commit tag vs none):")
+        print(f"durable appends/s, median of {ROUNDS} alternating rounds of {SECONDS:.0f} s, "
+              "and the ratio to no tag:")
         for threads in (1, 16, 64):
-            rates: dict[str, list[float]] = {"none": [], "tag": []}
+            rates: dict[str, list[float]] = {m: [] for m in MODES}
             for r in range(ROUNDS):
-                for name, cls in (("none", _Untagged), ("tag", AuditLog)):
-                    d = root / f"{name}-{threads}-{r}"
+                for mode in MODES:
+                    d = root / f"{mode}-{threads}-{r}"
                     d.mkdir()
-                    rates[name].append(_rate(cls, d, threads))
-            base, tagged = (statistics.median(rates[k]) for k in ("none", "tag"))
-            print(f"  {threads:2d} appenders: no tag {base:9,.0f}/s ({1e6 / base * threads:7.0f}"
-                  f" us/append)  tag {tagged:9,.0f}/s ({1e6 / tagged * threads:7.0f} us/append)"
-                  f"  {tagged / base:5.2f}x")
-        seal, write = _micro(root)
-        print(f"one tag: HMAC seal {seal:.1f} us; durable slot write (pwrite, O_DSYNC) "
-              f"{write:.0f} us")
+                    rates[mode].append(_rate(mode, d, threads))
+            med = {m: statistics.median(v) for m, v in rates.items()}
+            print(f"  {threads:2d} appenders: " + "  ".join(
+                f"{m} {med[m]:8,.0f}/s {med[m] / med['none']:5.2f}x" for m in MODES))
+        print(f"one tag: HMAC seal {_seal_us():.1f} us")
 
 
 if __name__ == "__main__":

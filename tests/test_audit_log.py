@@ -463,6 +463,14 @@ def test_records_land_in_zero_written_space_not_unwritten_extents(settings):
 
 # -- commit tags: only records the gateway vouched for are adopted --------------------------
 
+@pytest.fixture(params=["direct", "dsync"])
+def tag_mode(request, monkeypatch) -> str:
+    """Commit tags riding the records' flush (O_DIRECT), or a second O_DSYNC write."""
+    from gateway.audit import _store
+    monkeypatch.setattr(_store, "DIRECT_TAGS", request.param == "direct")
+    return request.param
+
+
 def _forge(records: list[bytes], n: int, **fields) -> list[bytes]:
     """``n`` chain-valid records following ``records``, as someone without the keys writes."""
     out: list[bytes] = []
@@ -484,7 +492,7 @@ def _refused(settings: AuditSettings, *match: str) -> str:
     return str(info.value)
 
 
-def test_forged_records_appended_after_a_clean_stop_are_refused(settings):
+def test_forged_records_appended_after_a_clean_stop_are_refused(settings, tag_mode):
     records = _closed_log(settings)
     seg = _last_segment(settings)
     forged = _forge(records, 3)
@@ -497,7 +505,7 @@ def test_forged_records_appended_after_a_clean_stop_are_refused(settings):
 
 
 @pytest.mark.parametrize("tags", ["kept", "deleted", "zeroed"])
-def test_rechained_rewrite_with_checkpoints_deleted_is_refused(settings, tags):
+def test_rechained_rewrite_with_checkpoints_deleted_is_refused(settings, tags, tag_mode):
     records = _closed_log(settings)
     # Rewrite history from record 0: every decision becomes a deny, re-chained and renumbered.
     rewritten: list[bytes] = []
@@ -541,7 +549,8 @@ def test_a_tag_from_another_key_proves_nothing(settings):
 _DIE_BEFORE_TAG = r"""
 import os, signal, sys
 from pathlib import Path
-from gateway.audit import AuditLog, AuditSettings
+from gateway.audit import AuditLog, AuditSettings, _store
+_store.DIRECT_TAGS = sys.argv[5] == "direct"
 s = AuditSettings(directory=Path(sys.argv[1]), signing_key=Path(sys.argv[2]),
                   payload_key=Path(sys.argv[3]), name=sys.argv[4], segment_bytes=1 << 20)
 log = AuditLog.open(s, instance_id="crash")
@@ -549,28 +558,29 @@ for i in range(5):
     r = log.append("decision", {"request_id": f"acked-{i}"})
     print(r.index, r.leaf_hash.hex(), flush=True)
 store = log._store
-def die(slot, data):  # the records of this commit are durable; the tag never comes
+def die(slot, data):  # the records of this commit are written; the tag never comes
     os.kill(os.getpid(), signal.SIGKILL)
-store.write_tag = die
+store._put_tag = die
 log.append("decision", {"request_id": "never-acked"})
 """
 
 
-def _die_before_tag(settings: AuditSettings) -> dict[int, str]:
+def _die_before_tag(settings: AuditSettings, mode: str = "direct") -> dict[int, str]:
     """A real process appends 5 records, then is SIGKILLed between a commit's durable write
     and its commit tag; returns the receipts it was given."""
     import subprocess
     import sys
     proc = subprocess.run([sys.executable, "-c", _DIE_BEFORE_TAG, str(settings.directory),
-                           str(settings.signing_key), str(settings.payload_key), settings.name],
+                           str(settings.signing_key), str(settings.payload_key), settings.name,
+                           mode],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     return {int(i): h for i, h in (line.split() for line in proc.stdout.splitlines())}
 
 
-def test_the_unacknowledged_commit_of_a_killed_writer_is_cut_and_named(settings):
+def test_the_unacknowledged_commit_of_a_killed_writer_is_cut_and_named(settings, tag_mode):
     _closed_log(settings)
-    acked = _die_before_tag(settings)
+    acked = _die_before_tag(settings, tag_mode)
     on_disk = _records(settings)
     assert b'"request_id":"never-acked"' in on_disk[-1]
     first = len(on_disk) - 1
@@ -637,7 +647,37 @@ def test_an_old_tags_file_put_back_does_not_pass_forged_records_as_a_crash(setti
              "older than the latest checkpoint")
 
 
-def test_a_failed_tag_write_fails_the_call_and_the_record_never_surfaces(settings):
+def test_a_tag_ahead_of_missing_records_falls_back_only_when_they_are_missing(settings):
+    """A power loss may keep the tag of the commit in flight (it rides the records' flush)
+    and lose its records: the previous tag stands. Records present but different do not."""
+    from gateway.audit import _keys
+    from gateway.audit._tags import SLOT_BYTES, CommitTag, latest, seal
+    key = _keys.load_hmac_key(_keys.commit_key_path(settings.signing_key), "commit tag")
+    records = _closed_log(settings)
+    path = settings.directory / "commit-tags"
+    last = latest(key, settings.name, [path.read_bytes()[:SLOT_BYTES],
+                                       path.read_bytes()[SLOT_BYTES:]])
+    pristine = path.read_bytes()
+
+    def put_ahead(size: int) -> None:
+        ahead = CommitTag(last.serial + 1, size, "ab" * 32)
+        data = bytearray(pristine)
+        slot = ahead.serial % 2 * SLOT_BYTES
+        data[slot:slot + SLOT_BYTES] = seal(key, settings.name, ahead).ljust(SLOT_BYTES, b"\0")
+        path.write_bytes(bytes(data))
+
+    put_ahead(len(records) + 3)  # its 3 records never reached the disk
+    with AuditLog.open(settings, instance_id="t"):
+        pass
+    assert _records(settings)[:len(records)] == records
+    records = _records(settings)
+    pristine = path.read_bytes()
+    last = latest(key, settings.name, [pristine[:SLOT_BYTES], pristine[SLOT_BYTES:]])
+    put_ahead(len(records))  # the records are there, but not those the tag names
+    _refused(settings, "no longer match the last commit tag")
+
+
+def test_a_failed_tag_write_fails_the_call_and_the_record_never_surfaces(settings, tag_mode):
     settings = replace(settings, checkpoint_ms=60_000)
     log = AuditLog.open(settings, instance_id="t")
     acked = [log.append("decision", {"i": i}) for i in range(3)]
@@ -662,7 +702,7 @@ def test_a_failed_tag_write_fails_the_call_and_the_record_never_surfaces(setting
     AuditLog.open(settings, instance_id="t").close()
 
 
-def test_tags_cost_one_small_write_in_two_fixed_slots(settings):
+def test_tags_cost_one_small_write_in_two_fixed_slots(settings, tag_mode):
     from gateway.audit import _keys
     from gateway.audit._tags import SLOT_BYTES, latest, unseal
     key = _keys.load_hmac_key(_keys.commit_key_path(settings.signing_key), "commit tag")

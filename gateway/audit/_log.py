@@ -196,7 +196,7 @@ class AuditLog:
                     tail.append((first + lo, records[lo:]))
 
             torn = store.open(on_segment)
-            tag = _tags.latest(tag_key, self._origin, store.read_tags())
+            tag = self._last_tag(_tags.valid(tag_key, self._origin, store.read_tags()))
             keep = self._recover(cp, tag, tail, last_first)
             self._check_witness(cp)
             found = self._tree.size
@@ -240,6 +240,19 @@ class AuditLog:
     def _head(self, size: int) -> str:
         """The chain head after ``size`` records: the last one's leaf hash, hex."""
         return GENESIS_PREV if size == 0 else self._tree.leaf(size - 1).hex()
+
+    def _last_tag(self, tags: list[CommitTag]) -> CommitTag | None:
+        """The tag to trust: the newest, unless it covers records that are not there at all
+        and the one before it is intact (a power loss kept the tag of a commit in flight
+        but not its records, which therefore were never acknowledged)."""
+        if (len(tags) > 1 and not tags[0].closed and tags[0].size > self._tree.size
+                and tags[1].serial == tags[0].serial - 1 and tags[1].size <= self._tree.size
+                and self._head(tags[1].size) == tags[1].head):
+            log.warning("audit commit tag %d covers %d records but the log holds %d: the "
+                        "commit in flight was lost, using tag %d", tags[0].serial,
+                        tags[0].size, self._tree.size, tags[1].serial)
+            return tags[1]
+        return tags[0] if tags else None
 
     def _signed_checkpoint(self) -> Checkpoint | None:
         """The largest checkpoint this log signed (``checkpoint`` or the history's last line),
@@ -531,14 +544,12 @@ class AuditLog:
 
     def _commit(self, records: list[bytes], hashes: list[bytes], batch: _Batch) -> None:
         started = time.perf_counter()
+        # Durable with the records, before any of them is acknowledged: only the gateway can
+        # vouch for them (see _tags.py).
+        tag = CommitTag(self._tag_serial + 1, self._durable + len(records), hashes[-1].hex())
         try:
-            self._store.append(records)
-            try:
-                # Before any of them is acknowledged: only the gateway can vouch for them.
-                self._write_tag(self._durable + len(records), hashes[-1].hex())
-            except OSError:
-                self._store.forget(len(records))
-                raise
+            self._store.append(records, (tag.serial % _tags.SLOTS,
+                                         _tags.seal(self._tag_key, self._origin, tag)))
         except OSError as err:
             log.error("audit log write failed: %s", err)
             with self._lock:
@@ -551,6 +562,7 @@ class AuditLog:
             for b in (batch, later):
                 b.finish(err)
             return
+        self._tag_serial = tag.serial
         with self._tree_lock:
             for h in hashes:
                 self._tree.append(h)

@@ -17,7 +17,9 @@ a clean close, after the final checkpoint; nothing may follow it.
 The tags live in the sidecar file ``commit-tags`` of the log directory, in two fixed slots
 (4 KiB apart, so a torn write of one never touches the other); tag ``serial`` goes to slot
 ``serial % 2``. The slot being written may be torn by a crash, the other still holds the
-previous tag, which covers every record acknowledged before the commit in flight. The
+previous tag, which covers every record acknowledged before the commit in flight. Where the
+tag rides the records' flush (``FileStore._open_tags``), a power loss may keep a tag whose
+records did not reach the disk; the previous tag then still covers everything acknowledged. The
 record, segment and checkpoint formats are unchanged: auditors cannot check a tag (the key
 is secret) and need not; it is the gateway's own evidence for its own recovery.
 """
@@ -72,7 +74,13 @@ def unseal(key: bytes, origin: str, slot: bytes) -> CommitTag | None:
     return CommitTag(int(parts[1]), int(parts[2]), parts[3], parts[4] == "1")
 
 
+def valid(key: bytes, origin: str, slots: list[bytes]) -> list[CommitTag]:
+    """The valid tags among ``slots``, newest (highest serial) first."""
+    tags = [t for t in (unseal(key, origin, s) for s in slots) if t is not None]
+    return sorted(tags, key=lambda t: t.serial, reverse=True)
+
+
 def latest(key: bytes, origin: str, slots: list[bytes]) -> CommitTag | None:
     """The valid tag with the highest serial among ``slots``."""
-    tags = [t for t in (unseal(key, origin, s) for s in slots) if t is not None]
-    return max(tags, key=lambda t: t.serial, default=None)
+    tags = valid(key, origin, slots)
+    return tags[0] if tags else None
