@@ -6,8 +6,8 @@ Every group commit writes one HMAC-SHA256 commit tag (``gateway/audit/_tags.py``
 second file before any of its records is acknowledged. Three ways side by side:
   * none: the tag skipped, one O_DSYNC write per commit (what the log did before tags);
   * dsync: the tag as a second O_DSYNC write after the records' (two flushes per commit);
-  * direct: the tag written with O_DIRECT between the records' write and their one
-    fdatasync, which makes both durable (one flush per commit; the default where the
+  * direct: the tag written with O_DIRECT (no flush) just before the records' O_DSYNC
+    write, whose flush makes both durable (one flush per commit; the default where the
     filesystem allows O_DIRECT).
 Rounds alternate the ways so drift on this shared disk hits all alike; read the ratios.
 Also printed: the HMAC alone.

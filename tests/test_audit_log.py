@@ -546,7 +546,7 @@ def test_a_tag_from_another_key_proves_nothing(settings):
              "no valid commit tag")
 
 
-_DIE_BEFORE_TAG = r"""
+_KILL_MID_COMMIT = r"""
 import os, signal, sys
 from pathlib import Path
 from gateway.audit import AuditLog, AuditSettings, _store
@@ -557,22 +557,28 @@ log = AuditLog.open(s, instance_id="crash")
 for i in range(5):
     r = log.append("decision", {"request_id": f"acked-{i}"})
     print(r.index, r.leaf_hash.hex(), flush=True)
-store = log._store
-def die(slot, data):  # the records of this commit are written; the tag never comes
+store, put_tag = log._store, log._store._put_tag
+def die(*args):
     os.kill(os.getpid(), signal.SIGKILL)
-store._put_tag = die
+if sys.argv[6] == "records-no-tag":  # the records land, their tag does not
+    store._put_tag = lambda slot, data: None
+    log.observe_commits(die)  # after the commit, before append returns: never acknowledged
+else:  # "tag-no-records": the tag lands first (O_DIRECT), the records never come
+    store._put_tag = lambda slot, data: (put_tag(slot, data), die())
 log.append("decision", {"request_id": "never-acked"})
 """
 
 
-def _die_before_tag(settings: AuditSettings, mode: str = "direct") -> dict[int, str]:
-    """A real process appends 5 records, then is SIGKILLed between a commit's durable write
-    and its commit tag; returns the receipts it was given."""
+def _kill_mid_commit(settings: AuditSettings, mode: str = "direct",
+                    point: str = "records-no-tag") -> dict[int, str]:
+    """A real process appends 5 records, then is SIGKILLed in its next commit at ``point``
+    (its records on disk without their tag, or the tag without the records); returns the
+    receipts it was given."""
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, "-c", _DIE_BEFORE_TAG, str(settings.directory),
+    proc = subprocess.run([sys.executable, "-c", _KILL_MID_COMMIT, str(settings.directory),
                            str(settings.signing_key), str(settings.payload_key), settings.name,
-                           mode],
+                           mode, point],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     return {int(i): h for i, h in (line.split() for line in proc.stdout.splitlines())}
@@ -580,7 +586,7 @@ def _die_before_tag(settings: AuditSettings, mode: str = "direct") -> dict[int, 
 
 def test_the_unacknowledged_commit_of_a_killed_writer_is_cut_and_named(settings, tag_mode):
     _closed_log(settings)
-    acked = _die_before_tag(settings, tag_mode)
+    acked = _kill_mid_commit(settings, tag_mode)
     on_disk = _records(settings)
     assert b'"request_id":"never-acked"' in on_disk[-1]
     first = len(on_disk) - 1
@@ -597,9 +603,25 @@ def test_the_unacknowledged_commit_of_a_killed_writer_is_cut_and_named(settings,
     assert verify_log(settings.directory, _verifier(settings)).ok
 
 
+def test_a_tag_written_before_its_records_is_passed_over_after_a_kill(settings):
+    """O_DIRECT tags go first: killed between the tag and its records, the log opens on
+    the previous tag, with every acknowledged record and nothing of the lost commit."""
+    _closed_log(settings)
+    acked = _kill_mid_commit(settings, "direct", "tag-no-records")
+    size = len(_records(settings))
+    assert not any(b"never-acked" in r for r in _records(settings))
+    with AuditLog.open(settings, instance_id="t") as log:
+        assert log.healthy
+    records = _records(settings)
+    for index, leaf in acked.items():
+        assert hashlib.sha256(b"\x00" + records[index]).hexdigest() == leaf
+    assert json.loads(records[size])["kind"] == "log_open"  # nothing to cut
+    assert verify_log(settings.directory, _verifier(settings)).ok
+
+
 def test_records_forged_after_a_crash_are_cut_never_signed(settings):
     _closed_log(settings)
-    acked = _die_before_tag(settings)
+    acked = _kill_mid_commit(settings)
     seg = _last_segment(settings)
     on_disk = _records(settings)
     _append_bytes(seg, _data_end(seg), b"".join(r + b"\n" for r in _forge(on_disk, 4)))
@@ -620,7 +642,7 @@ def test_untagged_records_before_the_last_segment_are_refused(settings):
     assert len(segs) > 2
     # Hide a rewritten tail of the next-to-last segment behind a stale (open) tag: replace
     # the tags by those of a moment when the log was smaller.
-    acked = _die_before_tag(replace(settings, segment_bytes=1 << 20))
+    acked = _kill_mid_commit(replace(settings, segment_bytes=1 << 20))
     assert acked
     tags = (settings.directory / "commit-tags").read_bytes()
     AuditLog.open(settings, instance_id="t").close()
@@ -637,7 +659,7 @@ def test_untagged_records_before_the_last_segment_are_refused(settings):
 
 
 def test_an_old_tags_file_put_back_does_not_pass_forged_records_as_a_crash(settings):
-    _die_before_tag(settings)  # leaves an open tag: what a crash leaves
+    _kill_mid_commit(settings)  # leaves an open tag: what a crash leaves
     old_tags = (settings.directory / "commit-tags").read_bytes()
     records = _closed_log(settings)  # reopened (cutting the crash tail), closed cleanly
     seg = _last_segment(settings)

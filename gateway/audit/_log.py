@@ -242,9 +242,10 @@ class AuditLog:
         return GENESIS_PREV if size == 0 else self._tree.leaf(size - 1).hex()
 
     def _last_tag(self, tags: list[CommitTag]) -> CommitTag | None:
-        """The tag to trust: the newest, unless it covers records that are not there at all
-        and the one before it is intact (a power loss kept the tag of a commit in flight
-        but not its records, which therefore were never acknowledged)."""
+        """The tag to trust: the newest, unless it covers more records than there are and
+        the one before it is intact: then it is the tag of the commit in flight, written
+        just before its records (see ``FileStore._open_tags``), which a crash or power loss
+        kept while the records were lost or torn; they were never acknowledged."""
         if (len(tags) > 1 and not tags[0].closed and tags[0].size > self._tree.size
                 and tags[1].serial == tags[0].serial - 1 and tags[1].size <= self._tree.size
                 and self._head(tags[1].size) == tags[1].head):

@@ -195,10 +195,8 @@ class FileStore:
         self._opened_at = 0.0
         self._end = 0            # end of the bytes recovery found (a torn tail included)
         self._tag_fd = -1
-        # Commit tags written with O_DIRECT ride the records' flush (see _open_tags); then
-        # segments are written without O_DSYNC and flushed once per commit, after the tag.
+        # Commit tags written with O_DIRECT ride the records' flush (see _open_tags).
         self._tag_buf: mmap.mmap | None = None
-        self._sync = os.O_DSYNC
         # Record end offsets: per segment (first index, array of end offsets).
         self._segments: list[tuple[int, Path, array]] = []
         self.size = 0
@@ -250,7 +248,7 @@ class FileStore:
             self._new_segment(0)
         else:
             first, path, offs = self._segments[-1]
-            self._fd = os.open(path, os.O_RDWR | self._sync)
+            self._fd = os.open(path, os.O_RDWR | os.O_DSYNC)
             self._first = first
             self._offset = offs[-1] if offs else 0
             self._capacity = os.fstat(self._fd).st_size
@@ -285,11 +283,12 @@ class FileStore:
         """Open the commit tag slots, creating them zero-filled (and durable) if absent.
 
         Where the filesystem allows ``O_DIRECT``, a tag is one aligned 4 KiB write that goes
-        to the device without a flush, after the commit's records were written (page cache)
-        and before the one ``fdatasync`` that then makes both durable: one flush per commit,
-        as without tags. Visible order (what a SIGKILL leaves) is records first, then tag;
-        only a power loss may keep the tag and lose the records (see ``AuditLog._recover``).
-        Elsewhere (tmpfs) the tag is a second ``O_DSYNC`` write after the records'.
+        to the device without a flush, just before the commit's records are written with
+        ``O_DSYNC``, whose flush then makes both durable: one flush and two system calls per
+        commit. So a tag can outlive its records (a crash between the two writes, or a power
+        loss before the flush); they were never acknowledged, and the previous tag still
+        covers everything that was (``AuditLog._last_tag``). Elsewhere the tag is a second
+        ``O_DSYNC`` write after the records' (two flushes per commit).
         """
         path = self.directory / TAGS
         if not path.exists():
@@ -299,7 +298,6 @@ class FileStore:
                 raise OSError("commit tags without O_DIRECT")
             self._tag_fd = os.open(path, os.O_RDWR | os.O_DIRECT)
             self._tag_buf = mmap.mmap(-1, SLOT_BYTES)  # page-aligned, as O_DIRECT needs
-            self._sync = 0
         except OSError:
             self._tag_fd = os.open(path, os.O_RDWR | os.O_DSYNC)
 
@@ -339,7 +337,7 @@ class FileStore:
 
     def _new_segment(self, first: int) -> None:
         path = self.directory / SEGMENTS / segment_name(first)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | self._sync, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_DSYNC, 0o600)
         try:
             if self._preallocate:
                 os.posix_fallocate(fd, 0, self._segment_bytes)
@@ -378,10 +376,11 @@ class FileStore:
     def append(self, records: list[bytes], tag: tuple[int, bytes] | None = None) -> None:
         """Write ``records``, then commit tag ``tag`` (slot, line), and make both durable.
 
-        One flush per commit where tags are written with O_DIRECT (see :meth:`_open_tags`),
-        two otherwise. On an OSError nothing is counted as written; the bytes a failed write
-        may have left are zeroed before the next write, so they never surface as records
-        after a restart, and a tag that may have landed for them is erased.
+        With O_DIRECT tags the tag goes first and the records' flush carries it (see
+        :meth:`_open_tags`); otherwise it follows the records. On an OSError nothing is
+        counted as written; the bytes a failed write may have left are zeroed before the next
+        write, so they never surface as records after a restart, and a tag that may have
+        landed for them is erased.
         """
         data = b"\n".join(records) + b"\n"
         if self._fd < 0:
@@ -394,9 +393,12 @@ class FileStore:
         if rotate:
             self._seal()
             self._new_segment(self.size)
+        direct = tag is not None and self._tag_buf is not None
         try:
-            # Without tags riding the flush the fd is O_DSYNC: each pwrite returns once its
-            # data (and, when the file grows, its size) is on disk.
+            if direct:
+                self._put_tag(*tag)
+            # The fd is O_DSYNC: each pwrite returns once its data (and, when the file grows,
+            # its size) is on disk, so a commit is one system call, not write + fdatasync.
             view = memoryview(data)
             pos = self._offset
             if self._preallocate:
@@ -405,14 +407,12 @@ class FileStore:
                 n = os.pwrite(self._fd, view, pos)
                 view, pos = view[n:], pos + n
             self._capacity = max(self._capacity, pos)
-            if tag is not None:
+            if tag is not None and not direct:
                 self._put_tag(*tag)
-            if not self._sync:
-                os.fdatasync(self._fd)  # the records, and the tag already on the device
         except OSError:
             self._dirty = len(data)
-            if tag is not None and self._tag_buf is not None:
-                with contextlib.suppress(OSError):  # the tag may be on the device: erase it
+            if direct:
+                with contextlib.suppress(OSError):  # its records failed: erase the tag
                     self.write_tag(tag[0], b"")
             raise
         offs = self._segments[-1][2]

@@ -18,8 +18,9 @@ The tags live in the sidecar file ``commit-tags`` of the log directory, in two f
 (4 KiB apart, so a torn write of one never touches the other); tag ``serial`` goes to slot
 ``serial % 2``. The slot being written may be torn by a crash, the other still holds the
 previous tag, which covers every record acknowledged before the commit in flight. Where the
-tag rides the records' flush (``FileStore._open_tags``), a power loss may keep a tag whose
-records did not reach the disk; the previous tag then still covers everything acknowledged. The
+tag rides the records' flush (``FileStore._open_tags``) it is written just before them, so a
+crash may keep a tag whose records never landed; the previous tag then still covers
+everything acknowledged. The
 record, segment and checkpoint formats are unchanged: auditors cannot check a tag (the key
 is secret) and need not; it is the gateway's own evidence for its own recovery.
 """
