@@ -90,6 +90,11 @@ class Metrics:
         self.caller_input_alarms = Counter("gateway_caller_input_alarms",
                                            "Requests of the caller that raised the input alarm.",
                                            ("caller",), registry=r)
+        self.refusals_limited = Counter(
+            "gateway_refusals_limited",
+            "Refused calls over their caller's refusal rate: answered RESOURCE_EXHAUSTED and "
+            "counted into audit summaries instead of one record each, by refusal reason.",
+            ("reason",), registry=r)
         self._policy_digest: str | None = None
         self._lock = threading.Lock()
         self._max_callers = max_callers
@@ -104,6 +109,10 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def refusal_limited(self, reason: str) -> None:
+        """Count a refusal over the rate limit (``reason``: the guard's fixed reason codes)."""
+        self.child(self.refusals_limited, reason).inc()
 
     def caller(self, caller: str) -> None:
         """Note activity of ``caller``; the least recent beyond ``max_callers`` loses its

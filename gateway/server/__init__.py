@@ -20,7 +20,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from gateway._proto.gateway.v1 import admin_pb2, audit_pb2, explain_pb2
@@ -36,6 +36,8 @@ from gateway.models import ModelRepository
 from gateway.policy import PolicyStore, ReloadResult
 from gateway.server._admin import AdminServicer
 from gateway.server._guard import RECEIPT_INDEX, RECEIPT_LEAF, Guard
+from gateway.server._limits import Limits
+from gateway.server._services import GuardedHealth, GuardedReflection
 from gateway.server._wiring import model_pipeline
 
 __all__ = ["RECEIPT_INDEX", "RECEIPT_LEAF", "Gateway", "Guard"]
@@ -71,7 +73,8 @@ class Gateway:
         # Audit first: nothing may be served, or even refused, unrecorded.
         self.audit = AuditLog.open(config.audit, instance_id=self.instance_id)
         self.policy = PolicyStore.load(config.policy.directory, on_reload=self._audit_reload)
-        self.verifier = IdentityVerifier(config.tls.trust_domains, config.tls.cn_issuers)
+        self.verifier = IdentityVerifier(config.tls.trust_domains, config.tls.cn_issuers,
+                                         trust_bundles=config.tls.trust_bundles)
         self.monitor = _monitor(config)
         if self.monitor is not None:
             self.audit.observe_commits(self.monitor.observe_audit_commit)
@@ -82,7 +85,8 @@ class Gateway:
         for entry in self.models.load_all():
             log.info("model %s/%s: %s %s", entry.name, entry.version, entry.state, entry.reason)
         self.guard = Guard(verifier=self.verifier, policy=self.policy, models=self.models,
-                           audit=self.audit, monitor=self.monitor)
+                           audit=self.audit, monitor=self.monitor,
+                           limits=Limits(config.server))
 
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.workers,
@@ -100,9 +104,9 @@ class Gateway:
         AdminServicer(self.guard).add_to_server(server)
         AuditServicer(self.audit, self.guard).add_to_server(server)
         self._add_explainer(server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((
+        self.health = GuardedHealth(self.guard)
+        self.health.add_to_server(server)
+        GuardedReflection(self.guard, (
             grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
             admin_pb2.DESCRIPTOR.services_by_name["ModelAdmin"].full_name,
             admin_pb2.DESCRIPTOR.services_by_name["PolicyAdmin"].full_name,
@@ -110,8 +114,9 @@ class Gateway:
             explain_pb2.DESCRIPTOR.services_by_name["Explainer"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
-        ), server)
-        credentials = server_credentials(config.tls.cert, config.tls.key, config.tls.ca)
+        )).add_to_server(server)
+        credentials = server_credentials(config.tls.cert, config.tls.key, config.tls.ca,
+                                         tuple(self.verifier.bundle_files))
         self.port = server.add_secure_port(config.server.listen, credentials)
         if not self.port:
             raise OSError(f"cannot listen on {config.server.listen}")
@@ -147,6 +152,7 @@ class Gateway:
             try:
                 self._update_health()
                 self._record_alerts()
+                self.guard.write_summaries()
                 if self.monitor is not None:
                     self.monitor.set_audit(self.audit.size, self.audit.checkpoint_age)
             except Exception:  # the loop must outlive any one failure, or health goes stale
@@ -213,6 +219,7 @@ class Gateway:
                 self.monitor.flush()  # what was queued still gets scored ...
                 self._record_alerts()  # ... and its alerts recorded, before the log closes
                 self.monitor.stop_http()
+            self.guard.write_summaries(everything=True)
             self.audit.close()
             log.info("gateway stopped")
         finally:
