@@ -36,7 +36,8 @@ class ServerSettings:
     max_tensor_elements: int = 16 * 1024 * 1024
     #: Name of this gateway instance in audit records; empty means host name and port.
     instance_id: str = ""
-    #: Unary calls one identity may have in progress at once (RESOURCE_EXHAUSTED beyond).
+    #: Unary calls one identity may have in progress while calls of others wait for a
+    #: worker (RESOURCE_EXHAUSTED beyond); with workers idle it may use them.
     max_calls_per_identity: int = 8
     #: Streams (server reflection, health Watch) open at once, over all identities and per
     #: identity (RESOURCE_EXHAUSTED beyond). Streams never take more than half the workers,

@@ -8,12 +8,17 @@ identities must chain to that domain's own CA bundle.
 from __future__ import annotations
 
 import json
+import statistics
+import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from gateway._proto.gateway.v1 import audit_pb2, audit_pb2_grpc
 from gateway.devenv import make_demo_env, start_gateway
@@ -151,3 +156,169 @@ def test_health_probes_are_recorded_once_per_interval_and_counted(surface):
     assert summary["reason"] == "summarised" and summary["status"] == "OK"
     assert summary["window"]["end_ms"] >= summary["window"]["start_ms"]
     assert len(summary["caller"]["cert_sha256"]) == 64
+
+
+# --- item 2: no caller can hold the server --------------------------------------------
+
+class _Held:
+    """A client stream whose request side stays open until :meth:`close`."""
+
+    def __init__(self, start):  # type: ignore[no-untyped-def]
+        self._release = threading.Event()
+        self.responses = start(self._requests())
+
+    def _requests(self):  # type: ignore[no-untyped-def]
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        self._release.wait(WAIT * 4)
+
+    def first(self) -> grpc.StatusCode:
+        """The status of the stream's first answer (OK: the stream is open and serving)."""
+        try:
+            next(self.responses)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            return err.code()
+
+    def end(self) -> grpc.StatusCode:
+        """How the stream ended (waits for it, bounded by the call's deadline)."""
+        try:
+            for _ in self.responses:
+                pass
+            return grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            return err.code()
+
+    def close(self) -> None:
+        self._release.set()
+        self.responses.cancel()
+
+
+def _reflection(channel) -> _Held:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    return _Held(lambda requests: stub.ServerReflectionInfo(requests, timeout=WAIT * 4))
+
+
+def test_an_idle_reflection_stream_is_ended_and_recorded(surface):
+    with _channel(surface, "admin") as channel:
+        held = _reflection(channel)
+        try:
+            assert held.first() == grpc.StatusCode.OK
+            assert held.end() == grpc.StatusCode.CANCELLED  # cut after 1 s without a message
+        finally:
+            held.close()
+    records = _wait_for_records(surface, lambda rs: any(
+        r["kind"] == "decision" and r["rpc"] == "ServerReflectionInfo"
+        and r["status"] == "CANCELLED" for r in rs))
+    ended = [r for r in records if r["kind"] == "decision" and r["status"] == "CANCELLED"]
+    assert ended[0]["caller"]["id"] == "spiffe://demo.local/team/security/admin"
+
+
+def test_a_health_watch_is_ended_after_the_total_limit(surface):
+    with _channel(surface, "scorer") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(),
+                                                          timeout=WAIT)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in watch:  # the status does not change: only the 4 s limit ends the stream
+                pass
+        assert ended.value.code() == grpc.StatusCode.CANCELLED
+
+
+@pytest.fixture(scope="module")
+def defaults(tmp_path_factory):
+    """A gateway with the default limits, as shipped."""
+    env = make_demo_env(tmp_path_factory.mktemp("defaults"))
+    gw = start_gateway(env)
+    yield gw
+    gw.stop()
+
+
+def _infer_request(model: str = "demo-mlp") -> pb.ModelInferRequest:
+    x = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
+    request = pb.ModelInferRequest(model_name=model, raw_input_contents=[x.tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=[2, 4])
+    return request
+
+
+def _latencies(stub, count: int) -> list[float]:
+    """Seconds per ModelInfer, each of which must succeed within its deadline."""
+    out = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        stub.ModelInfer(_infer_request(), timeout=10)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def test_streams_over_the_limit_are_resource_exhausted(defaults):
+    with _channel(defaults, "admin") as channel:
+        streams = [_reflection(channel) for _ in range(3)]
+        try:
+            opened = [s.first() for s in streams]  # which one loses the race is open
+            assert sorted(c.name for c in opened) == ["OK", "OK", "RESOURCE_EXHAUSTED"]
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(), timeout=WAIT)
+            with pytest.raises(grpc.RpcError) as refused:
+                next(watch)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            for s in streams:
+                s.close()
+    # Another identity still has its own stream slots.
+    with _channel(defaults, "scorer") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(),
+                                                          timeout=WAIT)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+
+def test_one_identity_flooding_leaves_another_served(defaults, record_property):
+    """200 idle streams and 16 threads of denied calls from the admin; the scorer is served.
+
+    The functional effect is asserted: every scorer call succeeds within its deadline, the
+    flooder's streams beyond its limit and its refusals beyond its rate are
+    RESOURCE_EXHAUSTED. The scorer's p50 under the flood over its quiet p50 is measured and
+    reported (``-s`` prints it), not asserted: on a shared 2-core machine it is a figure.
+    """
+    with _channel(defaults, "scorer") as victim, _channel(defaults, "admin") as flooder:
+        stub = pb_grpc.GRPCInferenceServiceStub(victim)
+        _latencies(stub, 20)  # warm up the connection and the model
+        quiet = statistics.median(_latencies(stub, 200))
+        streams = [_reflection(flooder) for _ in range(200)]
+        stop = threading.Event()
+        codes: list[grpc.StatusCode] = []
+        lock = threading.Lock()
+
+        def flood() -> None:
+            denied = pb_grpc.GRPCInferenceServiceStub(flooder)
+            while not stop.is_set():
+                try:
+                    denied.ModelInfer(_infer_request(), timeout=10)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as err:
+                    code = err.code()
+                with lock:
+                    codes.append(code)
+
+        threads = [threading.Thread(target=flood) for _ in range(16)]
+        try:
+            opened = [s.first() for s in streams]
+            for t in threads:
+                t.start()
+            loaded = statistics.median(_latencies(stub, 200))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(WAIT)
+            for s in streams:
+                s.close()
+    assert opened.count(grpc.StatusCode.OK) == 2
+    assert opened.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 198
+    assert grpc.StatusCode.OK not in codes
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > codes.count(
+        grpc.StatusCode.PERMISSION_DENIED) > 0
+    ratio = loaded / quiet
+    record_property("p50_ratio", ratio)
+    print(f"\nscorer p50 quiet {quiet * 1e3:.2f} ms, under the flood {loaded * 1e3:.2f} ms "
+          f"({ratio:.2f}x); flooder calls {len(codes)}")
+

@@ -16,7 +16,6 @@ import logging
 import signal
 import socket
 import threading
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -36,7 +35,7 @@ from gateway.models import ModelRepository
 from gateway.policy import PolicyStore, ReloadResult
 from gateway.server._admin import AdminServicer
 from gateway.server._guard import RECEIPT_INDEX, RECEIPT_LEAF, Guard
-from gateway.server._limits import Limits
+from gateway.server._limits import Limits, WorkerPool
 from gateway.server._services import GuardedHealth, GuardedReflection
 from gateway.server._wiring import model_pipeline
 
@@ -60,6 +59,7 @@ class Gateway:
         self._done = threading.Event()
         self._stop_lock = threading.Lock()
         self._server: grpc.Server | None = None
+        self._health_status: int | None = None
         self.port = 0
 
     @classmethod
@@ -84,17 +84,19 @@ class Gateway:
             decrypt=decrypt, on_event=self._model_event)
         for entry in self.models.load_all():
             log.info("model %s/%s: %s %s", entry.name, entry.version, entry.state, entry.reason)
+        pool = WorkerPool(config.server.workers)
         self.guard = Guard(verifier=self.verifier, policy=self.policy, models=self.models,
                            audit=self.audit, monitor=self.monitor,
-                           limits=Limits(config.server))
+                           limits=Limits(config.server, pool))
 
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.server.workers,
-                                       thread_name_prefix="rpc"),
+            pool,
             options=[
                 ("grpc.max_receive_message_length", config.server.max_message_bytes),
                 ("grpc.max_send_message_length", config.server.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # One connection cannot have more calls in flight than there are workers.
+                ("grpc.max_concurrent_streams", config.server.workers),
             ],
             maximum_concurrent_rpcs=config.server.workers * 8,
         )
@@ -144,6 +146,9 @@ class Gateway:
     def _update_health(self) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if self.ready()
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if status == self._health_status:
+            return  # set() messages every watcher, changed or not
+        self._health_status = status
         self.health.set("", status)
         self.health.set(_OIP_SERVICE, status)
 

@@ -3,7 +3,11 @@
 The gRPC server runs every call on one of ``[server] workers`` threads. Three limits keep
 any one identity (or certificate) from taking them all, each answered RESOURCE_EXHAUSTED:
 
-- **unary calls in progress** per identity (``max_calls_per_identity``);
+- **unary calls in progress** per identity (``max_calls_per_identity``), enforced while calls
+  wait for a worker (:class:`WorkerPool` counts them): an identity may use idle workers,
+  never keep them from another caller's waiting call. Separately, one connection carries
+  at most ``workers`` calls at once (HTTP/2 ``max_concurrent_streams``), so more queue in
+  the client, before costing the server anything;
 - **streams** (server reflection, health Watch) open at once, in all and per identity
   (``max_streams``, ``max_streams_per_identity``); ``max_streams`` is at most half the
   workers, so streams can never starve unary calls. A stream is ended (CANCELLED) when the
@@ -30,6 +34,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -40,6 +45,27 @@ from gateway.config import ServerSettings
 MAX_KEYS = 4096
 #: The key summaries fold into when the table is full.
 OTHER = "(other)"
+
+
+class WorkerPool(ThreadPoolExecutor):
+    """The server's worker threads, counting the calls that wait for one."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(max_workers=workers, thread_name_prefix="rpc")
+        self._count_lock = threading.Lock()
+        #: Calls submitted and not yet started.
+        self.waiting = 0
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[no-untyped-def]
+        with self._count_lock:
+            self.waiting += 1
+
+        def run():  # type: ignore[no-untyped-def]
+            with self._count_lock:
+                self.waiting -= 1
+            return fn(*args, **kwargs)
+
+        return super().submit(run)
 
 
 @dataclass
@@ -76,9 +102,10 @@ class Stream:
 class Limits:
     """The limits of the module docstring, for one server; every method is thread-safe."""
 
-    def __init__(self, settings: ServerSettings,
+    def __init__(self, settings: ServerSettings, pool: WorkerPool | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        self.pool = pool
         self.clock = clock
         self._lock = threading.Lock()
         self._calls: dict[str, int] = {}
@@ -96,10 +123,12 @@ class Limits:
     # -- unary calls -------------------------------------------------------------------------
 
     def enter_call(self, key: str) -> bool:
-        """Take one of ``key``'s unary slots; False if it has none left."""
+        """Take one of ``key``'s unary slots; False if it holds its share while other calls
+        wait for a worker (without a pool: whenever it holds its share)."""
         with self._lock:
             held = self._calls.get(key, 0)
-            if held >= self.settings.max_calls_per_identity:
+            if held >= self.settings.max_calls_per_identity and (
+                    self.pool is None or self.pool.waiting > 0):
                 return False
             self._calls[key] = held + 1
             return True
