@@ -322,3 +322,59 @@ def test_one_identity_flooding_leaves_another_served(defaults, record_property):
     print(f"\nscorer p50 quiet {quiet * 1e3:.2f} ms, under the flood {loaded * 1e3:.2f} ms "
           f"({ratio:.2f}x); flooder calls {len(codes)}")
 
+
+
+# --- item 3: a trust domain is bound to its own CA bundle -----------------------------
+
+@pytest.fixture(scope="module")
+def partnered(tmp_path_factory):
+    """demo.local on the demo CA and partner.example on a partner's CA, both accepted."""
+    env = make_demo_env(tmp_path_factory.mktemp("partnered"), tls={
+        "trust_domains": ["demo.local"],
+        "trust_bundles": {"demo.local": "certs/dev/ca.pem",
+                          "partner.example": "partner/ca.pem"}})
+    partner = pki.create_ca("partner CA")
+    (env.root / "partner").mkdir()
+    partner.write(env.root / "partner" / "ca.pem", env.root / "partner" / "ca.key")
+    demo_ca = pki.load_pair(env.certs / "ca.pem", env.certs / "ca.key")
+    minted = {
+        "partner-as-admin": pki.issue_client(
+            partner, uris=["spiffe://demo.local/team/security/admin"]),
+        "partner-as-scorer": pki.issue_client(partner, uris=["spiffe://demo.local/svc/scorer"]),
+        "partner-own": pki.issue_client(partner, uris=["spiffe://partner.example/svc/batch"]),
+        "demo-as-partner": pki.issue_client(demo_ca,
+                                            uris=["spiffe://partner.example/svc/batch"]),
+    }
+    for name, certified in minted.items():
+        certified.write(env.root / f"{name}.pem", env.root / f"{name}.key")
+    gw = start_gateway(env)
+    yield gw
+    gw.stop()
+
+
+def _server_live(channel) -> grpc.StatusCode:
+    try:
+        pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(),
+                                                             timeout=WAIT)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as err:
+        return err.code()
+
+
+@pytest.mark.parametrize("name", ["partner-as-admin", "partner-as-scorer", "demo-as-partner"])
+def test_a_ca_cannot_mint_identities_of_another_trust_domain(partnered, name):
+    with _channel(partnered, name) as channel:
+        assert _server_live(channel) == grpc.StatusCode.UNAUTHENTICATED
+        assert _list_services(channel)[0] == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_infer_request(),
+                                                                 timeout=WAIT)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_each_domain_is_accepted_from_its_own_bundle(partnered):
+    for name in ("partner-own", "admin", "scorer"):
+        with _channel(partnered, name) as channel:
+            assert _server_live(channel) == grpc.StatusCode.OK
+    with _channel(partnered, "admin") as channel:  # the real admin keeps its access
+        assert _list_services(channel)[0] == grpc.StatusCode.OK

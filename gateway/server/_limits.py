@@ -6,8 +6,8 @@ any one identity (or certificate) from taking them all, each answered RESOURCE_E
 - **unary calls in progress** per identity (``max_calls_per_identity``), enforced while calls
   wait for a worker (:class:`WorkerPool` counts them): an identity may use idle workers,
   never keep them from another caller's waiting call. Separately, one connection carries
-  at most ``workers`` calls at once (HTTP/2 ``max_concurrent_streams``), so more queue in
-  the client, before costing the server anything;
+  at most ``max_calls_per_connection`` calls at once (HTTP/2 ``max_concurrent_streams``,
+  default ``workers``), so more queue in the client, before costing the server anything;
 - **streams** (server reflection, health Watch) open at once, in all and per identity
   (``max_streams``, ``max_streams_per_identity``); ``max_streams`` is at most half the
   workers, so streams can never starve unary calls. A stream is ended (CANCELLED) when the
