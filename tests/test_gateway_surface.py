@@ -11,6 +11,8 @@ import json
 import statistics
 import threading
 import time
+import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -378,3 +380,66 @@ def test_each_domain_is_accepted_from_its_own_bundle(partnered):
             assert _server_live(channel) == grpc.StatusCode.OK
     with _channel(partnered, "admin") as channel:  # the real admin keeps its access
         assert _list_services(channel)[0] == grpc.StatusCode.OK
+
+
+# --- item 5: caller-chosen strings are bounded, and so is the memory they can take ------
+
+def _rss_bytes(gw) -> int:
+    for line in (Path("/proc") / str(gw.proc.pid) / "status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _metrics_text(gw) -> str:
+    with urllib.request.urlopen(gw.metrics_url, timeout=WAIT) as response:
+        return response.read().decode()
+
+
+def _probe(stub, names) -> list[grpc.StatusCode]:
+    codes = []
+    for name in names:
+        try:
+            stub.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=WAIT)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as err:
+            codes.append(err.code())
+    return codes
+
+
+def test_over_long_strings_are_invalid_argument(defaults):
+    with _channel(defaults, "scorer") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for request in (pb.ModelInferRequest(model_name="m" * 256),
+                        pb.ModelInferRequest(model_name="demo-mlp", model_version="1" * 65),
+                        pb.ModelInferRequest(model_name="demo-mlp", id="r" * 129)):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(request, timeout=WAIT)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        named = _infer_request()
+        named.inputs[0].name = "x" * 256
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(named, timeout=WAIT)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "input name is 256 bytes" in refused.value.details()
+        # At the limit, a name is an ordinary (unknown, so denied) model.
+        assert _probe(stub, ["m" * 255]) == [grpc.StatusCode.PERMISSION_DENIED]
+
+
+def test_a_flood_of_distinct_names_leaves_memory_and_metrics_flat(defaults):
+    with _channel(defaults, "scorer") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        _probe(stub, [f"warm-{i:04d}-" + "w" * 200 for i in range(300)])
+        _probe(stub, [f"{i}" + "W" * (1 << 20) for i in range(4)])
+        rss, metrics = _rss_bytes(defaults), _metrics_text(defaults)
+        probed = [f"probe-{i:05d}-" + "p" * 200 for i in range(3000)]
+        codes = _probe(stub, probed)
+        huge = _probe(stub, [f"{i}" + "H" * (1 << 20) for i in range(40)])
+        grown, after = _rss_bytes(defaults) - rss, _metrics_text(defaults)
+    assert set(codes) == {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert set(huge) == {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert "probe-" not in after and "HHHH" not in after
+    assert len(after) - len(metrics) < 4096, "probed names became metric series"
+    # 40 MB of names arrived; before the limits, 40 such names kept 170 MiB.
+    assert grown < 24 * 1024 * 1024, f"RSS grew by {grown / 2**20:.1f} MiB"
+    print(f"\nRSS growth {grown / 2**20:.1f} MiB, /metrics {len(metrics)} -> {len(after)} bytes")

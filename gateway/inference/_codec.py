@@ -8,7 +8,7 @@ can be exercised with any wire-compatible message class. Every error is an
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -58,6 +58,21 @@ def request_size(request) -> tuple[int, int]:
         size += itemsize * sum(len(getattr(contents, f)) for f in _TYPED_FIELDS)
         size += sum(len(b) for b in contents.bytes_contents)
     return batch, size
+
+
+def caller_strings(request) -> Iterator[tuple[str, str]]:
+    """Every name the caller chose in the request besides the model's, for the length limit."""
+    for tensor in request.inputs:
+        yield "input name", tensor.name
+        yield "input datatype", tensor.datatype
+        for key in tensor.parameters:
+            yield "input parameter", key
+    for out in request.outputs:
+        yield "output name", out.name
+        for key in out.parameters:
+            yield "output parameter", key
+    for key in request.parameters:
+        yield "request parameter", key
 
 
 def check_batch(feeds: dict[str, np.ndarray], ties: dict[str, str]) -> None:

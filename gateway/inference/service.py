@@ -20,6 +20,7 @@ from gateway._proto.inference import grpc_service_pb2 as pb
 from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from gateway.errors import InvalidRequest
 from gateway.inference._codec import (
+    caller_strings,
     check_batch,
     decode_inputs,
     encode_outputs,
@@ -88,6 +89,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             context, rpc="ModelInfer", action="infer",
             model=request.model_name, version=request.model_version, request_id=request.id,
             request_attributes={"request.batch_size": batch, "request.input_bytes": raw_bytes},
+            strings=caller_strings(request),
         ) as call:
             call.fields["payload"] = self._payload(request)
             model = call.model()

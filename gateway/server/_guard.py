@@ -23,7 +23,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import grpc
 
@@ -53,6 +53,8 @@ METERED_ACTIONS = frozenset({"infer", "explain"})
 MAX_MODEL_NAME = 255
 MAX_MODEL_VERSION = 64
 MAX_REQUEST_ID = 128
+#: Tensor names, datatypes and parameter keys (ModelInfer) and any other caller string.
+MAX_NAME = 255
 #: Metric label for a model the repository does not know (names are caller-chosen).
 UNKNOWN_MODEL = "(unknown)"
 # Ids for calls that bring none: a random per-process prefix and a counter. Unique across
@@ -77,17 +79,19 @@ class Guard:
     def call(self, context: grpc.ServicerContext, *, rpc: str, action: str | None,
              model: str = "", version: str = "", request_id: str = "",
              request_attributes: Mapping[str, object] | None = None,
-             must_exist: bool = True, stream: str = "", summarise: bool = False) -> Call:
+             must_exist: bool = True, stream: str = "", summarise: bool = False,
+             strings: Iterable[tuple[str, str]] = ()) -> Call:
         """A guarded call; ``action=None`` means a server-level RPC (certificate only).
 
         ``must_exist=False`` lets an allowed call name a model the repository does not know
         yet (loading a new version); otherwise unknown models are denied like forbidden ones.
         ``stream`` ("bidi" or "server") makes it a stream, held to the stream limits;
         ``summarise`` records only the caller's first such call per summary interval and
-        counts the rest (health probes).
+        counts the rest (health probes). ``strings`` are other caller-chosen strings, as
+        (what, value) pairs, held to ``MAX_NAME`` bytes.
         """
         return Call(self, context, rpc, action, model, version, request_id,
-                    request_attributes or {}, must_exist, stream, summarise)
+                    request_attributes or {}, must_exist, stream, summarise, strings)
 
     def write_summaries(self, *, everything: bool = False) -> None:
         """Append the ``call_summary`` records that are due (the health loop calls this)."""
@@ -102,14 +106,15 @@ class Call:
     """One guarded RPC; see the module docstring."""
 
     __slots__ = ("_attributes", "_context", "_guard", "_holding", "_must_exist",
-                 "_request_attributes", "_stream_kind", "_summarise", "_t0", "action",
+                 "_request_attributes", "_stream_kind", "_strings", "_summarise", "_t0",
+                 "action",
                  "decision", "entry", "fields", "identity", "model_name", "request_id", "rpc",
                  "stream", "timings", "version")
 
     def __init__(self, guard: Guard, context: grpc.ServicerContext, rpc: str,
                  action: str | None, model: str, version: str, request_id: str,
                  request_attributes: Mapping[str, object], must_exist: bool,
-                 stream: str, summarise: bool) -> None:
+                 stream: str, summarise: bool, strings: Iterable[tuple[str, str]]) -> None:
         self._guard = guard
         self._context = context
         self._t0 = time.perf_counter_ns()
@@ -128,6 +133,7 @@ class Call:
         self._must_exist = must_exist
         self._stream_kind = stream
         self._summarise = summarise
+        self._strings = strings
         self._holding = False  # holds one of the identity's unary call slots
         #: The stream's slot (streams only), for :meth:`requests`.
         self.stream: Stream | None = None
@@ -198,10 +204,13 @@ class Call:
         An over-long string is replaced, in this call's record and metrics, by its first
         characters and its length, so it is never kept whole anywhere.
         """
-        for what, value, limit in (("model name", self.model_name, MAX_MODEL_NAME),
-                                   ("model version", self.version, MAX_MODEL_VERSION),
-                                   ("request id", self.request_id, MAX_REQUEST_ID)):
-            size = len(value.encode("utf-8", "replace"))
+        for what, value, limit in itertools.chain(
+                (("model name", self.model_name, MAX_MODEL_NAME),
+                 ("model version", self.version, MAX_MODEL_VERSION),
+                 ("request id", self.request_id, MAX_REQUEST_ID)),
+                ((what, value, MAX_NAME) for what, value in self._strings)):
+            size = len(value) if len(value) * 4 <= limit else \
+                len(value.encode("utf-8", "replace"))  # UTF-8: at most 4 bytes a character
             if size > limit:
                 self.model_name = _clip(self.model_name, MAX_MODEL_NAME)
                 self.version = _clip(self.version, MAX_MODEL_VERSION)
