@@ -7,6 +7,7 @@ identities must chain to that domain's own CA bundle.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import threading
@@ -17,6 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
@@ -443,3 +445,35 @@ def test_a_flood_of_distinct_names_leaves_memory_and_metrics_flat(defaults):
     # 40 MB of names arrived; before the limits, 40 such names kept 170 MiB.
     assert grown < 24 * 1024 * 1024, f"RSS grew by {grown / 2**20:.1f} MiB"
     print(f"\nRSS growth {grown / 2**20:.1f} MiB, /metrics {len(metrics)} -> {len(after)} bytes")
+
+
+# --- item 6: refused floods are limited, counted and summarised ------------------------
+
+def test_refused_calls_beyond_the_rate_are_limited_counted_and_summarised(surface):
+    ca = pki.load_pair(surface.env.certs / "ca.pem", surface.env.certs / "ca.key")
+    refused = pki.issue_client(ca, uris=["spiffe://elsewhere.example/svc/flood"])
+    refused.write(surface.env.root / "flood.pem", surface.env.root / "flood.key")
+    sha = hashlib.sha256(refused.cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    with _channel(surface, "flood") as channel:
+        codes = [_server_live(channel) for _ in range(40)]
+    # A burst of 5 recorded one by one (plus what 2/s refills meanwhile), the rest limited.
+    assert codes[:5] == [grpc.StatusCode.UNAUTHENTICATED] * 5
+    assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    limited = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert limited >= 20
+
+    def summarised(records):
+        return sum(r["count"] for r in records if r["kind"] == "call_summary"
+                   and r["caller"]["cert_sha256"] == sha) >= limited
+
+    records = _wait_for_records(surface, summarised)
+    summaries = [r for r in records if r["kind"] == "call_summary"
+                 and r["caller"]["cert_sha256"] == sha]
+    assert {(r["rpc"], r["reason"], r["status"], r["caller"]["id"]) for r in summaries} == \
+        {("ServerLive", "unauthenticated", "RESOURCE_EXHAUSTED", None)}
+    assert sum(r["count"] for r in summaries) == limited
+    one_by_one = [r for r in records if r["kind"] == "decision" and r["rpc"] == "ServerLive"
+                  and r["status"] == "UNAUTHENTICATED"]
+    assert len(one_by_one) >= 40 - limited
+    metrics = _metrics_text(surface)
+    assert 'gateway_refusals_limited_total{reason="unauthenticated"}' in metrics
