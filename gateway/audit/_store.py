@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from gateway._atomic import fsync_dir, write_atomic
+from gateway._atomic import fsync_dir, private_dir, write_atomic
 
 SEGMENTS = "segments"
 CHECKPOINT = "checkpoint"
@@ -193,7 +193,7 @@ class FileStore:
         """
         seg_dir = self.directory / SEGMENTS
         created = not seg_dir.exists()
-        seg_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(seg_dir)
         if created:
             fsync_dir(self.directory)
         self._repair_history()
