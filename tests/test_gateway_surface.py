@@ -8,10 +8,13 @@ identities must chain to that domain's own CA bundle.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
+import ssl
 import statistics
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -477,3 +480,36 @@ def test_refused_calls_beyond_the_rate_are_limited_counted_and_summarised(surfac
     assert len(one_by_one) >= 40 - limited
     metrics = _metrics_text(surface)
     assert 'gateway_refusals_limited_total{reason="unauthenticated"}' in metrics
+
+
+# --- item 7: /metrics over TLS with client certificates -------------------------------
+
+@pytest.fixture(scope="module")
+def metrics_tls(tmp_path_factory):
+    env = make_demo_env(tmp_path_factory.mktemp("metrics-tls"), tls={"metrics_tls": "on"})
+    other = pki.issue_client(pki.create_ca("other CA"), uris=["spiffe://demo.local/svc/scorer"])
+    other.write(env.root / "other.pem", env.root / "other.key")
+    gw = start_gateway(env)
+    yield gw
+    gw.stop()
+
+
+def _scrape(gw, cert=None, key=None) -> str:
+    context = ssl.create_default_context(cafile=str(gw.env.certs / "ca.pem"))
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    with urllib.request.urlopen(gw.metrics_url, timeout=WAIT, context=context) as response:
+        return response.read().decode()
+
+
+def test_metrics_over_tls_need_a_client_certificate_from_the_ca(metrics_tls):
+    assert metrics_tls.metrics_url.startswith("https://")
+    cert, key = metrics_tls.env.client_files("auditor")
+    assert "gateway_requests" in _scrape(metrics_tls, cert, key)
+    for attempt in ((None, None), (metrics_tls.env.root / "other.pem",
+                                   metrics_tls.env.root / "other.key")):
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            _scrape(metrics_tls, *attempt)
+    plain = metrics_tls.metrics_url.replace("https://", "http://")
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        urllib.request.urlopen(plain, timeout=WAIT).read()

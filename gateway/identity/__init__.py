@@ -18,7 +18,7 @@ The API defined here is stable; modules starting with ``_`` are not.
 from __future__ import annotations
 
 from gateway.identity._identity import Identity
-from gateway.identity._reload import server_credentials
+from gateway.identity._reload import https_client_auth, server_credentials
 from gateway.identity._verifier import IdentityVerifier
 
-__all__ = ["Identity", "IdentityVerifier", "server_credentials"]
+__all__ = ["Identity", "IdentityVerifier", "https_client_auth", "server_credentials"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from pathlib import Path
 
@@ -128,3 +129,18 @@ def server_credentials(cert: Path, key: Path, ca: Path,
     files = CertificateFiles(cert, key, ca, extra_cas)
     return grpc.dynamic_ssl_server_credentials(
         files.initial, files.fetch, require_client_authentication=True)
+
+
+def https_client_auth(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+    """A TLS server context for a plain HTTPS listener (the /metrics endpoint): ``cert`` and
+    ``key`` as the gRPC port uses them, client certificates required and verified against
+    ``ca``. Read once; ConfigError names the files if they cannot be loaded."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+        context.load_verify_locations(cafile=ca)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"cannot load {cert}, {key} or {ca} for HTTPS: {err}") from err
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context

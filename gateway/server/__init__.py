@@ -12,6 +12,7 @@ records durable, and back to SERVING when it recovers.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import socket
@@ -28,10 +29,11 @@ from gateway.audit import AuditLog, AuditServicer
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.explain import ExplainBudgets, ExplainServicer
-from gateway.identity import IdentityVerifier, server_credentials
+from gateway.identity import IdentityVerifier, https_client_auth, server_credentials
 from gateway.inference.service import InferenceServicer
 from gateway.inference.service import add_to_server as add_inference
 from gateway.models import ModelRepository
+from gateway.monitor import MetricsServer
 from gateway.policy import PolicyStore, ReloadResult
 from gateway.server._admin import AdminServicer
 from gateway.server._guard import RECEIPT_INDEX, RECEIPT_LEAF, Guard
@@ -127,10 +129,29 @@ class Gateway:
         self._update_health()
         if config.policy.watch:
             self.policy.start_watching(config.policy.watch_interval)
-        self.metrics_address = self.monitor.start_http() if self.monitor is not None else None
+        self.metrics_address = self._start_metrics()
         threading.Thread(target=self._health_loop, name="health", daemon=True).start()
         if config.models.reverify_interval > 0:
             threading.Thread(target=self._reverify_loop, name="reverify", daemon=True).start()
+
+    def _start_metrics(self) -> tuple[str, int] | None:
+        """/metrics, over TLS with client certificates when ``[tls] metrics_tls`` says so."""
+        monitor, tls = self.monitor, self.config.tls
+        self._metrics_server = None
+        self.metrics_url = ""
+        if monitor is None or not monitor.settings.metrics_listen:
+            return None
+        listen = monitor.settings.metrics_listen
+        if tls.metrics_tls == "on" or (tls.metrics_tls == "auto" and not _loopback(listen)):
+            self._metrics_server = MetricsServer(
+                monitor.metrics.registry, listen,
+                tls=https_client_auth(tls.cert, tls.key, tls.ca))
+            address = self._metrics_server.address
+        else:
+            address = monitor.start_http()
+        scheme = "https" if self._metrics_server is not None else "http"
+        self.metrics_url = f"{scheme}://{address[0]}:{address[1]}/metrics"
+        return address
 
     def _add_explainer(self, server: grpc.Server) -> None:
         settings = self.config.explain
@@ -224,11 +245,24 @@ class Gateway:
                 self.monitor.flush()  # what was queued still gets scored ...
                 self._record_alerts()  # ... and its alerts recorded, before the log closes
                 self.monitor.stop_http()
+            if self._metrics_server is not None:
+                self._metrics_server.stop()
             self.guard.write_summaries(everything=True)
             self.audit.close()
             log.info("gateway stopped")
         finally:
             self._done.set()
+
+
+def _loopback(listen: str) -> bool:
+    """Whether ``listen`` (host:port) binds only the loopback interface."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _monitor(config: GatewayConfig):
