@@ -8,7 +8,7 @@ can be exercised with any wire-compatible message class. Every error is an
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -38,41 +38,50 @@ _OIP_BY_DTYPE = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 _TYPED_FIELDS = tuple(sorted(set(_CONTENTS_FIELD.values())))
 
 
-def request_size(request) -> tuple[int, int]:
-    """``(batch size, input bytes)`` over the whole request, without decoding tensors.
+def request_size(request) -> tuple[int, int, tuple[tuple[str, str], ...]]:
+    """``(batch size, input bytes, longest names)`` over the whole request, without decoding.
 
-    These are request attributes policy decides on before any tensor is decoded, so they
-    must not be steerable: the batch size is the largest first dimension of any input (a
-    request whose inputs disagree where the model ties them is refused later, see
+    The first two are request attributes policy decides on before any tensor is decoded, so
+    they must not be steerable: the batch size is the largest first dimension of any input
+    (inputs that disagree where the model ties them are refused later, see
     :func:`check_batch`), and the bytes are those of every input, raw or typed (typed
-    contents count as their values times the datatype's size, what they decode to).
+    contents count as their values times the datatype's size, what they decode to). The
+    last is the longest caller-chosen name of each kind (input and output names, datatypes,
+    parameter keys) as ``(what, value)``, for the guard's length limit. One pass over the
+    request's envelope.
     """
-    batch = max((int(t.shape[0]) for t in request.inputs if t.shape), default=0)
-    size = sum(len(chunk) for chunk in request.raw_input_contents)
-    for tensor in request.inputs:
-        if not tensor.HasField("contents"):
-            continue
-        contents = tensor.contents
-        dtype = NUMPY_DTYPES.get(tensor.datatype)
-        itemsize = dtype.itemsize if dtype is not None else 8
-        size += itemsize * sum(len(getattr(contents, f)) for f in _TYPED_FIELDS)
-        size += sum(len(b) for b in contents.bytes_contents)
-    return batch, size
-
-
-def caller_strings(request) -> Iterator[tuple[str, str]]:
-    """Every name the caller chose in the request besides the model's, for the length limit."""
-    for tensor in request.inputs:
-        yield "input name", tensor.name
-        yield "input datatype", tensor.datatype
-        for key in tensor.parameters:
-            yield "input parameter", key
-    for out in request.outputs:
-        yield "output name", out.name
-        for key in out.parameters:
-            yield "output parameter", key
-    for key in request.parameters:
-        yield "request parameter", key
+    batch = 0
+    size = sum(map(len, request.raw_input_contents))
+    name = datatype = key = ""
+    for tensor in request.inputs:  # each field read once: every read costs a wrapper
+        shape, tname, tdatatype = tensor.shape, tensor.name, tensor.datatype
+        if shape:
+            first = shape[0]
+            if first > batch:
+                batch = first
+        if len(tname) > len(name):
+            name = tname
+        if len(tdatatype) > len(datatype):
+            datatype = tdatatype
+        if tensor.parameters:
+            key = max(key, *tensor.parameters, key=len)
+        if tensor.HasField("contents"):
+            contents = tensor.contents
+            dtype = NUMPY_DTYPES.get(tdatatype)
+            itemsize = dtype.itemsize if dtype is not None else 8
+            size += itemsize * sum(len(getattr(contents, f)) for f in _TYPED_FIELDS)
+            size += sum(map(len, contents.bytes_contents))
+    output = ""
+    if request.outputs:
+        for out in request.outputs:
+            if len(out.name) > len(output):
+                output = out.name
+            if out.parameters:
+                key = max(key, *out.parameters, key=len)
+    if request.parameters:
+        key = max(key, *request.parameters, key=len)
+    return int(batch), size, (("input name", name), ("input datatype", datatype),
+                              ("output name", output), ("parameter", key))
 
 
 def check_batch(feeds: dict[str, np.ndarray], ties: dict[str, str]) -> None:

@@ -20,7 +20,6 @@ from gateway._proto.inference import grpc_service_pb2 as pb
 from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from gateway.errors import InvalidRequest
 from gateway.inference._codec import (
-    caller_strings,
     check_batch,
     decode_inputs,
     encode_outputs,
@@ -84,17 +83,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return response
 
     def ModelInfer(self, request, context):
-        batch, raw_bytes = request_size(request)
+        batch, input_bytes, names = request_size(request)
         with self._guard.call(
             context, rpc="ModelInfer", action="infer",
             model=request.model_name, version=request.model_version, request_id=request.id,
-            request_attributes={"request.batch_size": batch, "request.input_bytes": raw_bytes},
-            strings=caller_strings(request),
+            request_attributes={"request.batch_size": batch, "request.input_bytes": input_bytes},
+            strings=names,
         ) as call:
             call.fields["payload"] = self._payload(request)
             model = call.model()
             feeds = decode_inputs(request, model, max_elements=self._max_elements)
-            check_batch(feeds, self._batch_ties(model))
+            ties = self._batch_ties(model)
+            if ties:
+                check_batch(feeds, ties)
             outputs = requested_outputs(request, model)
             rows, scored = self._score_now(call, model, feeds)
             t0 = time.perf_counter_ns()
@@ -145,9 +146,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         key = (model.name, model.version, model.digest)
         ties = self._ties.get(key)
         if ties is None:
-            ties = self._ties[key] = {
-                i.name: i.shape[0] for i in model.session.get_inputs()
-                if i.shape and isinstance(i.shape[0], str) and i.shape[0]}
+            named = {i.name: i.shape[0] for i in model.session.get_inputs()
+                     if i.shape and isinstance(i.shape[0], str) and i.shape[0]}
+            symbols = list(named.values())  # only a name two inputs share ties anything
+            ties = self._ties[key] = {n: d for n, d in named.items() if symbols.count(d) > 1}
         return ties
 
     def _profile(self, model: LoadedModel) -> InputProfile | None:

@@ -204,13 +204,18 @@ class Call:
         An over-long string is replaced, in this call's record and metrics, by its first
         characters and its length, so it is never kept whole anywhere.
         """
-        for what, value, limit in itertools.chain(
-                (("model name", self.model_name, MAX_MODEL_NAME),
-                 ("model version", self.version, MAX_MODEL_VERSION),
-                 ("request id", self.request_id, MAX_REQUEST_ID)),
-                ((what, value, MAX_NAME) for what, value in self._strings)):
-            size = len(value) if len(value) * 4 <= limit else \
-                len(value.encode("utf-8", "replace"))  # UTF-8: at most 4 bytes a character
+        # Fast path: UTF-8 takes at most 4 bytes a character, so short strings fit unencoded.
+        if len(self.model_name) <= MAX_MODEL_NAME // 4 and \
+                len(self.version) <= MAX_MODEL_VERSION // 4 and \
+                len(self.request_id) <= MAX_REQUEST_ID // 4 and \
+                all(len(value) <= MAX_NAME // 4 for _, value in self._strings):
+            return None
+        checks = [("model name", self.model_name, MAX_MODEL_NAME),
+                  ("model version", self.version, MAX_MODEL_VERSION),
+                  ("request id", self.request_id, MAX_REQUEST_ID)]
+        checks += [(what, value, MAX_NAME) for what, value in self._strings]
+        for what, value, limit in checks:
+            size = len(value.encode("utf-8", "replace"))
             if size > limit:
                 self.model_name = _clip(self.model_name, MAX_MODEL_NAME)
                 self.version = _clip(self.version, MAX_MODEL_VERSION)
