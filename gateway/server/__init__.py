@@ -24,14 +24,11 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from gateway._proto.gateway.v1 import admin_pb2, audit_pb2, explain_pb2
-from gateway._proto.inference import grpc_service_pb2
 from gateway.audit import AuditLog, AuditServicer
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.explain import ExplainBudgets, ExplainServicer
 from gateway.identity import IdentityVerifier, https_client_auth, server_credentials
-from gateway.inference.service import InferenceServicer
-from gateway.inference.service import add_to_server as add_inference
 from gateway.models import ModelRepository
 from gateway.monitor import MetricsServer
 from gateway.policy import PolicyStore, ReloadResult
@@ -71,6 +68,12 @@ class Gateway:
         return gateway
 
     def _start(self) -> None:
+        # The OIP descriptors load here, not at import: a process that also loads another
+        # copy of the `inference` proto package (tritonclient) can still use this package.
+        from gateway._proto.inference import grpc_service_pb2
+        from gateway.inference.service import InferenceServicer
+        from gateway.inference.service import add_to_server as add_inference
+
         config = self.config
         # Audit first: nothing may be served, or even refused, unrecorded.
         self.audit = AuditLog.open(config.audit, instance_id=self.instance_id)
