@@ -36,12 +36,10 @@ class ServerSettings:
     max_tensor_elements: int = 16 * 1024 * 1024
     #: Name of this gateway instance in audit records; empty means host name and port.
     instance_id: str = ""
-    #: Unary calls one identity may have in progress while calls of others wait for a
-    #: worker (RESOURCE_EXHAUSTED beyond); with workers idle it may use them.
+    #: Unary calls one identity may have in progress while the server is backed up
+    #: (``workers`` calls waiting for a worker; RESOURCE_EXHAUSTED beyond); otherwise it may
+    #: use every idle worker.
     max_calls_per_identity: int = 8
-    #: Calls one connection may have in flight (HTTP/2 max_concurrent_streams; more wait in
-    #: the client, costing the server nothing); 0 means ``workers``.
-    max_calls_per_connection: int = 0
     #: Streams (server reflection, health Watch) open at once, over all identities and per
     #: identity (RESOURCE_EXHAUSTED beyond). Streams never take more than half the workers,
     #: so unary calls always have the rest.
@@ -60,8 +58,6 @@ class ServerSettings:
     summary_interval_seconds: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.max_calls_per_connection < 0:
-            raise ConfigError("[server] max_calls_per_connection must not be negative")
         for name in ("workers", "max_calls_per_identity", "max_streams",
                      "max_streams_per_identity", "refusal_burst"):
             if getattr(self, name) < 1:

@@ -21,7 +21,7 @@ def test_limits_count_calls_and_streams_per_identity():
 
 def test_an_identity_over_its_share_is_refused_only_while_others_wait():
     pool = WorkerPool(1)
-    limits = Limits(ServerSettings(max_calls_per_identity=1), pool)
+    limits = Limits(ServerSettings(workers=2, max_calls_per_identity=1, max_streams=1), pool)
     release, first_started, second_started = (threading.Event() for _ in range(3))
 
     def hold() -> None:
@@ -32,9 +32,11 @@ def test_an_identity_over_its_share_is_refused_only_while_others_wait():
         assert limits.enter_call("a") and limits.enter_call("a")  # idle workers: no cap
         pool.submit(hold)
         assert first_started.wait(30)
-        pool.submit(second_started.set)  # waits for the only worker
-        assert pool.waiting == 1
-        assert not limits.enter_call("a")  # someone waits: "a" keeps to its share
+        pool.submit(second_started.set)  # waits for the only worker ...
+        assert pool.waiting == 1 and limits.enter_call("a")  # ... not yet backed up
+        pool.submit(lambda: None)
+        assert pool.waiting == 2
+        assert not limits.enter_call("a")  # backed up: "a" keeps to its share
         assert limits.enter_call("b")
         release.set()
         assert second_started.wait(30)

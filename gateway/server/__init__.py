@@ -100,8 +100,6 @@ class Gateway:
                 ("grpc.max_receive_message_length", config.server.max_message_bytes),
                 ("grpc.max_send_message_length", config.server.max_message_bytes),
                 ("grpc.so_reuseport", 0),
-                ("grpc.max_concurrent_streams",
-                 config.server.max_calls_per_connection or config.server.workers),
             ],
             maximum_concurrent_rpcs=config.server.workers * 8,
         )

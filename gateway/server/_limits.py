@@ -3,11 +3,11 @@
 The gRPC server runs every call on one of ``[server] workers`` threads. Three limits keep
 any one identity (or certificate) from taking them all, each answered RESOURCE_EXHAUSTED:
 
-- **unary calls in progress** per identity (``max_calls_per_identity``), enforced while calls
-  wait for a worker (:class:`WorkerPool` counts them): an identity may use idle workers,
-  never keep them from another caller's waiting call. Separately, one connection carries
-  at most ``max_calls_per_connection`` calls at once (HTTP/2 ``max_concurrent_streams``,
-  default ``workers``), so more queue in the client, before costing the server anything;
+- **unary calls in progress** per identity (``max_calls_per_identity``), enforced while the
+  server is backed up (``workers`` calls or more wait for a worker; :class:`WorkerPool`
+  counts them): an identity may use idle workers, and a busy client is served at full
+  concurrency, but a flood queued ahead of other callers is cut back to its share and
+  answered at once, so their calls reach a worker;
 - **streams** (server reflection, health Watch) open at once, in all and per identity
   (``max_streams``, ``max_streams_per_identity``); ``max_streams`` is at most half the
   workers, so streams can never starve unary calls. A stream is ended (CANCELLED) when the
@@ -123,12 +123,13 @@ class Limits:
     # -- unary calls -------------------------------------------------------------------------
 
     def enter_call(self, key: str) -> bool:
-        """Take one of ``key``'s unary slots; False if it holds its share while other calls
-        wait for a worker (without a pool: whenever it holds its share)."""
+        """Take one of ``key``'s unary slots; False if it holds its share while the server is
+        backed up: at least ``workers`` calls wait for a worker (without a pool: whenever
+        it holds its share)."""
         with self._lock:
             held = self._calls.get(key, 0)
             if held >= self.settings.max_calls_per_identity and (
-                    self.pool is None or self.pool.waiting > 0):
+                    self.pool is None or self.pool.waiting >= self.settings.workers):
                 return False
             self._calls[key] = held + 1
             return True
