@@ -5,9 +5,11 @@
     gateway = Gateway.start(load_config(None))   # listening; returns once ready
     gateway.wait()                               # until SIGTERM/SIGINT (or gateway.stop())
 
-Start-up fails closed: without a valid policy or a writable, intact audit log the gateway
-does not start. While running, health turns NOT_SERVING whenever the audit log cannot make
-records durable, and back to SERVING when it recovers.
+Every service on the port, health checking and server reflection included, runs its RPCs
+through the guard (:mod:`gateway.server._guard`), held to the limits of
+:mod:`gateway.server._limits`. Start-up fails closed: without a valid policy or a writable,
+intact audit log the gateway does not start. While running, health turns NOT_SERVING
+whenever the audit log cannot make records durable, and back to SERVING when it recovers.
 """
 
 from __future__ import annotations
