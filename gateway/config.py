@@ -48,6 +48,11 @@ class ServerSettings:
     #: A stream with no message from the caller for this long, or open this long, is ended.
     stream_idle_seconds: float = 30.0
     stream_max_seconds: float = 300.0
+    #: A unary call whose request message has not arrived this long after it opened is
+    #: ended; at most this many calls of one client certificate (and half the workers in
+    #: all) may wait for their message at once (RESOURCE_EXHAUSTED beyond).
+    request_timeout_seconds: float = 10.0
+    max_pending_requests_per_certificate: int = 4
     #: Refused calls (unauthenticated, denied, over a limit) recorded one by one per identity
     #: (or certificate): ``refusal_rate`` a second, bursts of ``refusal_burst``. Beyond it a
     #: refused call is answered RESOURCE_EXHAUSTED and counted into a summary record.
@@ -59,14 +64,15 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         for name in ("workers", "max_calls_per_identity", "max_streams",
-                     "max_streams_per_identity", "refusal_burst"):
+                     "max_streams_per_identity", "refusal_burst",
+                     "max_pending_requests_per_certificate"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"[server] {name} must be at least 1")
         if self.max_streams > self.workers // 2:
             raise ConfigError(f"[server] max_streams ({self.max_streams}) must be at most half "
                               f"the workers ({self.workers}): unary calls need the rest")
         for name in ("stream_idle_seconds", "stream_max_seconds", "refusal_rate",
-                     "summary_interval_seconds"):
+                     "summary_interval_seconds", "request_timeout_seconds"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"[server] {name} must be positive")
 

@@ -513,3 +513,47 @@ def test_metrics_over_tls_need_a_client_certificate_from_the_ca(metrics_tls):
     plain = metrics_tls.metrics_url.replace("https://", "http://")
     with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
         urllib.request.urlopen(plain, timeout=WAIT).read()
+
+
+def test_calls_that_never_send_their_request_cannot_hold_the_workers(defaults):
+    """40 calls at a time that open and never send their message (a slow-loris), kept up
+    from one certificate: the other caller's calls all succeed within their deadline."""
+    stop, penalised = threading.Event(), threading.Event()
+    codes: list[grpc.StatusCode] = []
+
+    def never():  # a request stream that sends nothing until the test ends
+        yield from ()
+        stop.wait(WAIT * 4)
+
+    with _channel(defaults, "intruder") as attacker, _channel(defaults, "scorer") as victim:
+        stalled = attacker.stream_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString)
+
+        def attack() -> None:
+            while not stop.is_set():
+                try:
+                    stalled(never(), timeout=WAIT * 4)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as err:
+                    code = err.code()
+                codes.append(code)
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    penalised.set()
+
+        threads = [threading.Thread(target=attack) for _ in range(40)]
+        for t in threads:
+            t.start()
+        try:
+            assert penalised.wait(WAIT), "the stalling client was never refused"
+            _latencies(pb_grpc.GRPCInferenceServiceStub(victim), 50)  # each within 10 s
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(WAIT)
+    assert grpc.StatusCode.OK not in codes
+    assert grpc.StatusCode.CANCELLED in codes  # the first waves, cut at the grace period
+    records = _records(defaults)
+    assert any(r["kind"] == "decision" and r["reason"] == "request-timeout"
+               for r in records)

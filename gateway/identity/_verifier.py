@@ -81,16 +81,22 @@ class IdentityVerifier:
         chain = auth.get(_CHAIN_PROPERTY) if self._bundles is not None else None
         return self.verify_pem(pems[0], chain[0] if chain else b"")
 
+    def presented_pem(self, context: grpc.ServicerContext) -> bytes:
+        """The PEM certificate the caller presented, accepted as an identity or not
+        (b"" without one): the key limits count a client by."""
+        pems = context.auth_context().get(_PEM_PROPERTY)
+        return pems[0] if pems else b""
+
     def presented_sha256(self, context: grpc.ServicerContext) -> str | None:
         """Hex SHA-256 of the DER certificate the caller presented (None: no certificate);
         names a refused certificate, which has no identity, in records and limits."""
-        pems = context.auth_context().get(_PEM_PROPERTY)
-        if not pems:
+        pem = self.presented_pem(context)
+        if not pem:
             return None
         try:
-            der = ssl.PEM_cert_to_DER_cert(pems[0].decode("ascii"))
+            der = ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))
         except (ValueError, UnicodeDecodeError):
-            return hashlib.sha256(pems[0]).hexdigest()
+            return hashlib.sha256(pem).hexdigest()
         return hashlib.sha256(der).hexdigest()
 
     def verify_pem(self, pem: bytes, chain: bytes = b"") -> Identity:

@@ -37,6 +37,7 @@ from gateway.policy import PolicyStore, ReloadResult
 from gateway.server._admin import AdminServicer
 from gateway.server._guard import RECEIPT_INDEX, RECEIPT_LEAF, Guard
 from gateway.server._limits import Limits, WorkerPool
+from gateway.server._reads import BoundedReads
 from gateway.server._services import GuardedHealth, GuardedReflection
 from gateway.server._wiring import model_pipeline
 
@@ -94,10 +95,12 @@ class Gateway:
         pool = WorkerPool(config.server.workers)
         self.guard = Guard(verifier=self.verifier, policy=self.policy, models=self.models,
                            audit=self.audit, monitor=self.monitor,
-                           limits=Limits(config.server, pool))
+                           limits=Limits(config.server, pool,
+                                         peer_key=self.verifier.presented_pem))
 
         server = grpc.server(
             pool,
+            interceptors=(BoundedReads(self.guard),),
             options=[
                 ("grpc.max_receive_message_length", config.server.max_message_bytes),
                 ("grpc.max_send_message_length", config.server.max_message_bytes),

@@ -93,6 +93,17 @@ class Guard:
         return Call(self, context, rpc, action, model, version, request_id,
                     request_attributes or {}, must_exist, stream, summarise, strings)
 
+    def refuse(self, context: grpc.ServicerContext, rpc: str, error: GatewayError,
+               reason: str) -> None:
+        """Refuse a call before its handler runs (audited or, over the caller's refusal
+        rate, counted); always ends by aborting the call."""
+        call = Call(self, context, rpc, None, "", "", "", {}, True, "", False, ())
+        try:
+            call.identity = self.verifier.authenticate(context)
+        except Unauthenticated:
+            pass  # refused for ``error``; the record names the certificate, not an identity
+        call._refuse(error, reason)
+
     def write_summaries(self, *, everything: bool = False) -> None:
         """Append the ``call_summary`` records that are due (the health loop calls this)."""
         for record in self.limits.drain(everything=everything):
@@ -246,14 +257,14 @@ class Call:
                 stream.touch()
                 yield message
         except grpc.RpcError:
+            if stream.ended is None:
+                raise StreamEnded("stream cancelled by the caller") from None
+        if stream.ended is not None:  # cut by the watchdog, however gRPC reported it
             limits = self._guard.limits.settings
-            if stream.ended == "idle":
-                raise StreamEnded(f"stream idle for {limits.stream_idle_seconds:g} s; "
-                                  f"ended") from None
-            if stream.ended == "total":
-                raise StreamEnded(f"stream open for {limits.stream_max_seconds:g} s; "
-                                  f"ended") from None
-            raise StreamEnded("stream cancelled by the caller") from None
+            raise StreamEnded(
+                f"stream idle for {limits.stream_idle_seconds:g} s; ended"
+                if stream.ended == "idle" else
+                f"stream open for {limits.stream_max_seconds:g} s; ended")
 
     def _refuse(self, error: GatewayError, reason: str) -> None:
         """Refuse the call: recorded, or beyond the caller's refusal rate only counted."""

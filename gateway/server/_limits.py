@@ -13,6 +13,14 @@ any one identity (or certificate) from taking them all, each answered RESOURCE_E
   workers, so streams can never starve unary calls. A stream is ended (CANCELLED) when the
   caller has sent nothing for ``stream_idle_seconds`` or it has been open for
   ``stream_max_seconds``: a watchdog thread cancels it, which wakes the worker it held;
+- **calls waiting for their request message**: gRPC's threaded server reads a unary call's
+  message on the worker, so a client that opens calls and never sends the message would
+  hold a worker each, before any handler (or identity check) runs. Every unary method is
+  therefore served as a stream (:mod:`gateway.server._reads`) and its wait watched: a
+  message missing after a grace period makes the call *slow*, and at most
+  ``max_pending_requests_per_certificate`` slow calls of one client certificate, and
+  half the workers in all, may go on waiting, for at most ``request_timeout_seconds``;
+  the others are cancelled (CANCELLED, recorded with reason ``request-timeout``);
 - **refused calls** (unauthenticated, denied, over a limit, malformed) per identity or, for a
   certificate that is not an identity, per certificate: a token bucket of ``refusal_rate``
   a second and ``refusal_burst`` at once. Within it each refusal is an audit record as
@@ -30,6 +38,7 @@ Every table here is bounded (LRU); what no longer fits is folded into one entry.
 from __future__ import annotations
 
 import heapq
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -41,8 +50,14 @@ import grpc
 
 from gateway.config import ServerSettings
 
+log = logging.getLogger(__name__)
+
 #: Keys (identities, certificates) each table tracks; the least recently seen go first.
 MAX_KEYS = 4096
+#: Shortest sleep of the watchdog between passes (time limits are this coarse).
+_TICK_S = 0.1
+#: How long a unary call may wait for its request message before it counts as slow.
+_READ_GRACE_S = 0.25
 #: The key summaries fold into when the table is full.
 OTHER = "(other)"
 
@@ -81,12 +96,13 @@ class Stream:
                  "released")
 
     def __init__(self, limits: Limits, key: str, context: grpc.ServicerContext,
-                 now: float, idle: bool) -> None:
+                 now: float, idle: bool, seconds: float | None = None) -> None:
         self._limits = limits
         self.key = key
         self.context = context
         self.last = now
-        self.deadline = now + limits.settings.stream_max_seconds
+        self.deadline = now + (limits.settings.stream_max_seconds if seconds is None
+                               else seconds)
         self.idle_limit = limits.settings.stream_idle_seconds if idle else None
         #: "idle" or "total" once the watchdog has cut the stream.
         self.ended: str | None = None
@@ -99,18 +115,39 @@ class Stream:
         self._limits._release_stream(self)
 
 
+class PendingRead(Stream):
+    """A unary call waiting for its request message; ``release`` once it has arrived."""
+
+    __slots__ = ("slow",)
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        #: Past the grace period and counted against its certificate.
+        self.slow = False
+
+    def release(self) -> None:
+        self._limits._release_read(self)
+
+
 class Limits:
     """The limits of the module docstring, for one server; every method is thread-safe."""
 
     def __init__(self, settings: ServerSettings, pool: WorkerPool | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *,
+                 peer_key: Callable[[grpc.ServicerContext], bytes] = lambda context: b"",
+                 ) -> None:
         self.settings = settings
         self.pool = pool
+        #: The client certificate of a call, as the key of its slow-request count.
+        self.peer_key = peer_key
         self.clock = clock
         self._lock = threading.Lock()
         self._calls: dict[str, int] = {}
         self._streams: dict[str, int] = {}
         self._open: set[Stream] = set()
+        self._reads: dict[bytes, int] = {}
+        self._reading = 0
+        self._stalled: OrderedDict[bytes, float] = OrderedDict()
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self._first: OrderedDict[tuple[str, str], float] = OrderedDict()
         # (caller id, certificate sha256, rpc, reason, status) -> [count, first wall ms]
@@ -161,13 +198,84 @@ class Limits:
             self._streams[key] = held + 1
             self._open.add(stream)
             self._schedule(stream, now)
-            if self._watchdog is None:
-                self._watchdog = threading.Thread(target=self._watch, name="stream-limits",
-                                                  daemon=True)
-                self._watchdog.start()
+            self._start_watchdog()
         if not context.add_callback(stream.release):  # the RPC has ended already
             stream.release()
         return stream
+
+    def start_read(self, context: grpc.ServicerContext) -> PendingRead | None:
+        """A unary call starts waiting for its request message: watched from now on.
+
+        Nearly always the message is there already and :meth:`PendingRead.release` follows
+        at once. One still missing after ``_READ_GRACE_S`` is *slow*: it may stay only if its
+        client certificate has fewer than ``max_pending_requests_per_certificate`` slow
+        calls and the server fewer than half its workers; otherwise, and in any case after
+        ``request_timeout_seconds``, the watchdog cancels it. A certificate with a call
+        cancelled for being over its count is *stalling* for ``request_timeout_seconds``:
+        its new calls get None (to be refused at once), so it cannot keep every worker
+        waiting through grace periods either.
+        """
+        now = self.clock()
+        if self._stalled and self._stalling(self.peer_key(context), now):
+            return None
+        read = PendingRead(self, b"", context, now, False, _READ_GRACE_S)
+        with self._lock:
+            self._schedule(read, now)
+            self._start_watchdog()
+        return read
+
+    def _stalling(self, key: bytes, now: float) -> bool:
+        with self._lock:
+            until = self._stalled.get(key)
+            if until is None:
+                return False
+            if now < until:
+                return True
+            del self._stalled[key]
+            return False
+
+    def _slow_read(self, read: PendingRead, now: float) -> bool:
+        """With the lock held, at the grace deadline: keep ``read`` waiting (True) or not."""
+        s = self.settings
+        try:
+            read.key = self.peer_key(read.context)
+        except Exception:  # a call gone meanwhile: nothing to keep waiting
+            return False
+        held = self._reads.get(read.key, 0)
+        if held >= s.max_pending_requests_per_certificate or \
+                self._reading >= max(1, s.workers // 2):
+            self._stalled[read.key] = now + s.request_timeout_seconds
+            self._stalled.move_to_end(read.key)
+            if len(self._stalled) > MAX_KEYS:
+                self._stalled.popitem(last=False)
+            return False
+        self._reads[read.key] = held + 1
+        self._reading += 1
+        read.slow = True
+        read.deadline = read.last + s.request_timeout_seconds
+        self._schedule(read, now)
+        return True
+
+    def _release_read(self, read: PendingRead) -> None:
+        with self._lock:
+            if read.released:
+                return
+            read.released = True
+            if not read.slow:
+                return
+            self._reading -= 1
+            held = self._reads.get(read.key, 0) - 1
+            if held > 0:
+                self._reads[read.key] = held
+            else:
+                self._reads.pop(read.key, None)
+
+    def _start_watchdog(self) -> None:
+        """With the lock held: the watchdog thread runs from the first slot on."""
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watch, name="stream-limits",
+                                              daemon=True)
+            self._watchdog.start()
 
     def open_streams(self) -> int:
         return len(self._open)
@@ -179,7 +287,8 @@ class Limits:
             due = min(due, stream.last + stream.idle_limit)
         self._seq += 1
         heapq.heappush(self._heap, (due, self._seq, stream))
-        self._wake.notify()
+        if self._heap[0][2] is stream:  # else the watchdog wakes earlier anyway
+            self._wake.notify()
 
     def _release_stream(self, stream: Stream) -> None:
         with self._lock:
@@ -205,7 +314,12 @@ class Limits:
                     _, _, stream = heapq.heappop(self._heap)
                     if stream.released:
                         continue
-                    if now >= stream.deadline:
+                    if type(stream) is PendingRead and not stream.slow and \
+                            now >= stream.deadline:
+                        if self._slow_read(stream, now):
+                            continue
+                        stream.ended = "pending"
+                    elif now >= stream.deadline:
                         stream.ended = "total"
                     elif stream.idle_limit is not None and \
                             now >= stream.last + stream.idle_limit:
@@ -214,10 +328,14 @@ class Limits:
                         self._schedule(stream, now)
                         continue
                     cut.append(stream)
-                if not cut:
-                    self._wake.wait(max(0.0, self._heap[0][0] - now) if self._heap else None)
+                if not cut:  # at most one pass a tick: slots come and go by the thousand
+                    self._wake.wait(max(_TICK_S, self._heap[0][0] - now) if self._heap
+                                    else None)
             for stream in cut:
-                stream.context.cancel()  # wakes the worker blocked on the stream
+                try:
+                    stream.context.cancel()  # wakes the worker blocked on the stream
+                except Exception:  # the watchdog must outlive any one call
+                    log.exception("could not cancel a stream past its limit")
 
     # -- refusals and summaries ------------------------------------------------------------
 
