@@ -173,11 +173,7 @@ class Limits:
 
     def exit_call(self, key: str) -> None:
         with self._lock:
-            held = self._calls.get(key, 0) - 1
-            if held > 0:
-                self._calls[key] = held
-            else:
-                self._calls.pop(key, None)
+            _decrement(self._calls, key)
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -264,11 +260,7 @@ class Limits:
             if not read.slow:
                 return
             self._reading -= 1
-            held = self._reads.get(read.key, 0) - 1
-            if held > 0:
-                self._reads[read.key] = held
-            else:
-                self._reads.pop(read.key, None)
+            _decrement(self._reads, read.key)
 
     def _start_watchdog(self) -> None:
         """With the lock held: the watchdog thread runs from the first slot on."""
@@ -296,11 +288,7 @@ class Limits:
                 return
             stream.released = True
             self._open.discard(stream)
-            held = self._streams.get(stream.key, 0) - 1
-            if held > 0:
-                self._streams[stream.key] = held
-            else:
-                self._streams.pop(stream.key, None)
+            _decrement(self._streams, stream.key)
 
     def _watch(self) -> None:
         """Cancel streams past their idle or total limit (the one thread that does)."""
@@ -402,3 +390,12 @@ class Limits:
                         "window": {"start_ms": start_ms, "end_ms": now_ms},
                     })
         return out
+
+
+def _decrement(counts: dict, key) -> None:  # type: ignore[type-arg]
+    """One fewer for ``key``; a count that reaches 0 leaves the table (it stays bounded)."""
+    held = counts.get(key, 0) - 1
+    if held > 0:
+        counts[key] = held
+    else:
+        counts.pop(key, None)
