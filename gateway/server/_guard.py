@@ -23,7 +23,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 
 import grpc
 
@@ -80,7 +80,7 @@ class Guard:
              model: str = "", version: str = "", request_id: str = "",
              request_attributes: Mapping[str, object] | None = None,
              must_exist: bool = True, stream: str = "", summarise: bool = False,
-             strings: Iterable[tuple[str, str]] = ()) -> Call:
+             strings: Sequence[tuple[str, str]] = ()) -> Call:
         """A guarded call; ``action=None`` means a server-level RPC (certificate only).
 
         ``must_exist=False`` lets an allowed call name a model the repository does not know
@@ -118,14 +118,13 @@ class Call:
 
     __slots__ = ("_attributes", "_context", "_guard", "_holding", "_must_exist",
                  "_request_attributes", "_stream_kind", "_strings", "_summarise", "_t0",
-                 "action",
-                 "decision", "entry", "fields", "identity", "model_name", "request_id", "rpc",
-                 "stream", "timings", "version")
+                 "action", "decision", "entry", "fields", "identity", "model_name",
+                 "request_id", "rpc", "stream", "timings", "version")
 
     def __init__(self, guard: Guard, context: grpc.ServicerContext, rpc: str,
                  action: str | None, model: str, version: str, request_id: str,
                  request_attributes: Mapping[str, object], must_exist: bool,
-                 stream: str, summarise: bool, strings: Iterable[tuple[str, str]]) -> None:
+                 stream: str, summarise: bool, strings: Sequence[tuple[str, str]]) -> None:
         self._guard = guard
         self._context = context
         self._t0 = time.perf_counter_ns()
