@@ -20,7 +20,8 @@ from gateway.server._guard import Guard, StreamEnded
 
 
 class BoundedReads(grpc.ServerInterceptor):
-    """Serve every unary-unary method as stream-unary with a bounded wait for the request."""
+    """Serve every unary-request method as a stream-request one, with a bounded wait for its
+    request message (the response side is left as it is)."""
 
     def __init__(self, guard: Guard) -> None:
         self._guard = guard
@@ -29,22 +30,42 @@ class BoundedReads(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.response_streaming:
+        if handler is None or handler.request_streaming:
             return handler
         wrapped = self._wrapped.get(id(handler))
         if wrapped is None:
-            wrapped = self._wrapped[id(handler)] = grpc.stream_unary_rpc_method_handler(
-                self._reader(handler.unary_unary, handler_call_details.method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+            wrapped = self._wrapped[id(handler)] = self._wrap(handler,
+                                                              handler_call_details.method)
         return wrapped
 
-    def _reader(self, behavior, method: str):  # type: ignore[no-untyped-def]
+    def _wrap(self, handler, method: str) -> grpc.RpcMethodHandler:  # type: ignore[no-untyped-def]
+        """The stream-request twin of a unary-request ``handler``."""
+        first = self._first_message(method.rsplit("/", 1)[-1])
+        codec = {"request_deserializer": handler.request_deserializer,
+                 "response_serializer": handler.response_serializer}
+        if not handler.response_streaming:
+            behavior = handler.unary_unary
+            return grpc.stream_unary_rpc_method_handler(
+                lambda requests, context: behavior(first(requests, context), context), **codec)
+        behavior = handler.unary_stream
+        if getattr(behavior, "experimental_non_blocking", False):
+            # Health Watch answers from other threads: keep it holding no worker.
+            def watch(requests, context, send_response_callback=None):  # type: ignore[no-untyped-def]
+                return behavior(first(requests, context), context, send_response_callback)
+
+            watch.experimental_non_blocking = True
+            watch.experimental_thread_pool = getattr(behavior, "experimental_thread_pool",
+                                                     None)
+            return grpc.stream_stream_rpc_method_handler(watch, **codec)
+        return grpc.stream_stream_rpc_method_handler(
+            lambda requests, context: behavior(first(requests, context), context), **codec)
+
+    def _first_message(self, rpc: str):  # type: ignore[no-untyped-def]
+        """``first(requests, context)``: the call's one request, waited for under watch."""
         guard = self._guard
         limits = guard.limits
-        rpc = method.rsplit("/", 1)[-1]
 
-        def read_then_serve(requests, context):  # type: ignore[no-untyped-def]
+        def first(requests, context):  # type: ignore[no-untyped-def]
             read = limits.start_read(context)
             if read is None:
                 guard.refuse(context, rpc, QuotaExceeded(
@@ -64,6 +85,6 @@ class BoundedReads(grpc.ServerInterceptor):
                         "request-timeout")
                 raise  # cancelled by the client
             read.release()
-            return behavior(request, context)
+            return request
 
-        return read_then_serve
+        return first
