@@ -24,6 +24,7 @@ from gateway.audit._note import parse_vkey
 from gateway.audit._store import list_segments, split_records
 from gateway.audit._verify import verify_log
 from gateway.errors import AuditUnavailable, GatewayError
+from tests.conftest import assert_records_match_schema
 
 DECISION = {
     "caller": {"id": "spiffe://demo.local/svc/scorer", "cert_sha256": "ab" * 32,
@@ -599,6 +600,7 @@ def test_the_unacknowledged_commit_of_a_killed_writer_is_cut_and_named(settings,
     anomaly = json.loads(records[first])
     assert anomaly["kind"] == "anomaly" and anomaly["event"] == "unacknowledged-records-cut"
     assert (anomaly["first"], anomaly["records"]) == (first, 1)
+    assert_records_match_schema([anomaly])
     assert anomaly["sha256"] == hashlib.sha256(on_disk[-1] + b"\n").hexdigest()
     assert verify_log(settings.directory, _verifier(settings)).ok
 

@@ -15,7 +15,7 @@ import binascii
 import secrets
 from pathlib import Path
 
-from gateway._atomic import write_atomic
+from gateway._atomic import private_dir, write_atomic
 from gateway.audit._note import NoteError, Signer, parse_skey
 from gateway.errors import ConfigError
 
@@ -33,7 +33,7 @@ def commit_key_path(signing_key: Path) -> Path:
 
 
 def _write_new(path: Path, text: str, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path.parent)
     write_atomic(path, text.encode(), mode=mode)
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from gateway._atomic import fsync_dir, write_atomic
+from gateway._atomic import fsync_dir, private_dir, write_atomic
 from gateway.audit._segment import SegmentDamaged, parse_segment
 from gateway.audit._tags import SLOT_BYTES, SLOTS, TAGS
 
@@ -212,7 +212,7 @@ class FileStore:
         """
         seg_dir = self.directory / SEGMENTS
         created = not seg_dir.exists()
-        seg_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(seg_dir)
         if created:
             fsync_dir(self.directory)
         self._repair_history()
