@@ -52,10 +52,11 @@ class MonitorSettings:
     metrics_listen: str = "127.0.0.1:9464"
     #: Compute anomaly scores (false: attributes are neutral, for overhead comparisons).
     scoring: bool = True
-    #: Per-row false-positive rate of the input alarm; thresholds come from the model's
-    #: profile.json (calibrated at 0.05, 0.01, 0.005, 0.001 and the FPRs given when profiling;
-    #: another value uses the nearest stricter one).
-    input_fpr: float = 0.001
+    #: Per-row false-positive rate of the input alarm: the share of in-distribution requests
+    #: a rule on ``anomaly.input_alarm`` refuses. Thresholds come from the model's
+    #: profile.json (calibrated on held-out data at 0.05, 0.01, 0.005, 0.001 and the FPRs
+    #: given when profiling; another value uses the nearest stricter one).
+    input_fpr: float = 0.01
     #: False-positive rate per test of each extraction detector (PRADA window, probe and
     #: sweep counts).
     extraction_fpr: float = 0.001
@@ -340,7 +341,9 @@ class Monitor:
             self._thresholds[id(profile)] = cached
         threshold = cached[1]
         attrs["anomaly.input_threshold"] = threshold
-        rows = x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)
+        # Explicit widths: reshape(n, -1) cannot infer -1 for an empty batch.
+        rows = (x.reshape(x.shape[0], math.prod(x.shape[1:])) if x.ndim >= 2
+                else x.reshape(1, x.size))
         if not numeric or rows.shape[1] != profile.features:
             attrs.update({"anomaly.input_score": math.inf, "anomaly.input_alarm": True,
                           "anomaly.bounds_violation": True})
@@ -358,13 +361,18 @@ class Monitor:
         attrs["anomaly.input_alarm"] = alarm
         attrs["anomaly.bounds_violation"] = oob
         mx.child(mx.input_ratio, model_key).observe(top / threshold)
-        if oob:
-            self._alert("bounds", caller_id, model_key, top, threshold,
-                        {"rows": int((~in_bounds).sum()), "batch": len(rows)})
-        elif alarm:
-            mx.child(mx.caller_input_alarms, caller_id).inc()
-            self._alert("input", caller_id, model_key, top, threshold,
-                        {"rows": int(row_alarms.sum()), "batch": len(rows)})
+        if alarm:
+            # What drove the worst row: a hard bound, the joint distance or one feature.
+            component, feature = profile.explain(rows[int(np.argmax(scores))])
+            detail: dict[str, int | str] = {"batch": len(rows), "component": component,
+                                            "feature": feature}
+            if oob:
+                self._alert("bounds", caller_id, model_key, top, threshold,
+                            {"rows": int((~in_bounds).sum()), **detail})
+            else:
+                mx.child(mx.caller_input_alarms, caller_id).inc()
+                self._alert("input", caller_id, model_key, top, threshold,
+                            {"rows": int(row_alarms.sum()), **detail})
         if oob:
             rows, u, row_alarms = rows[in_bounds], u[in_bounds], row_alarms[in_bounds]
         if len(rows):
