@@ -60,7 +60,7 @@ PROJECTION_DIM = 32
 #: Probability, per feature and side, that a reference-like value falls beyond a hard bound
 #: under the exponential tail fitted beyond the outer knot (heavier than a Gaussian's, so the
 #: bound errs wide).
-BOUND_TAIL = 1e-6
+BOUND_TAIL = 1e-7
 _NORMAL = NormalDist()
 _PSI_SIMULATIONS = 4000
 _PRADA_SIMULATIONS = 1000
@@ -348,6 +348,11 @@ class InputProfile:
         if in_bounds.all():  # the common case: finite, so no floating-point warnings
             z = self.marginals(rows)
             u = z if self.whitening.ndim == 1 else z @ self.whitening
+            if len(rows) == 1 and self.joint is not None and self.single is not None:
+                # One row (most requests): the same score with a third of the numpy calls.
+                z0, u0 = z[0], u[0]
+                score = max(self.joint.one(float(u0 @ u0)), self.single.one(float((z0 * z0).max())))
+                return np.array([score]), u, in_bounds
             return self._surprise(*components(z, u)), u, in_bounds
         with np.errstate(invalid="ignore", over="ignore"):
             z = self.marginals(rows)

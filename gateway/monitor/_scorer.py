@@ -34,6 +34,7 @@ the feature that contributed most to it, explain an alarm.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
@@ -161,9 +162,25 @@ class SurpriseMap:
         scale = max(scale, 1e-9 * max(1.0, abs(float(values[-1]))))
         return cls(values=values, surprise=-np.log10(levels), rate=1 / (scale * math.log(10)))
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_xs", self.values.tolist())
+        object.__setattr__(self, "_ys", self.surprise.tolist())
+
     def __call__(self, t: np.ndarray) -> np.ndarray:
         return (np.interp(t, self.values, self.surprise)
                 + np.maximum(t - self.values[-1], 0.0) * self.rate)
+
+    def one(self, t: float) -> float:
+        """``self(t)`` for one finite value, in plain Python: a single-row request pays a
+        microsecond here instead of seven numpy calls (tests check both agree)."""
+        xs, ys = self._xs, self._ys
+        if t >= xs[-1]:
+            return ys[-1] + (t - xs[-1]) * self.rate
+        if t <= xs[0]:
+            return ys[0]
+        i = bisect_right(xs, t)
+        x0, x1 = xs[i - 1], xs[i]
+        return ys[i - 1] + (ys[i] - ys[i - 1]) * (t - x0) / (x1 - x0) if x1 > x0 else ys[i]
 
     def to_dict(self, rnd: Any) -> dict[str, Any]:
         return {"values": rnd(self.values), "surprise": rnd(self.surprise),
