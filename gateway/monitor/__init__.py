@@ -267,17 +267,15 @@ class Monitor:
         with self._backlog_ready:
             items = list(self._backlog)
             self._backlog.clear()
-        # Consecutive requests of one caller to one model are scored as one batch: the same
-        # detectors see the same rows in the same order, with a fraction of the numpy calls
-        # (each of which may hand the GIL to the RPC threads and back).
-        start = 0
-        while start < len(items):
-            key, profile, caller, x, _y = items[start]
-            end = start + 1
-            while end < len(items) and items[end][0] == key and items[end][1] is profile \
-                    and items[end][2] == caller and items[end][3].shape[1:] == x.shape[1:]:
-                end += 1
-            run = items[start:end]
+        # The requests of one caller to one model are scored as one batch: the detectors
+        # (all per caller) see the same rows in the same order, with a fraction of the numpy
+        # calls (each of which may hand the GIL to the RPC threads and back), also when
+        # concurrent callers' requests interleave in the queue.
+        runs: dict[tuple[str, int, str, tuple[int, ...]], list] = {}
+        for item in items:
+            runs.setdefault((item[0], id(item[1]), item[2], item[3].shape[1:]), []).append(item)
+        for run in runs.values():
+            key, profile, caller, x, _y = run[0]
             try:
                 rows = x if len(run) == 1 else np.concatenate([i[3] for i in run])
                 self.score(key, profile, caller, rows, requests=len(run))
@@ -286,7 +284,6 @@ class Monitor:
                     self.observe_output(key, np.concatenate(outputs), profile)
             except Exception:  # a bad row must not stop monitoring
                 log.exception("background anomaly scoring failed")
-            start = end
 
     # ------------------------------------------------------------------ quotas
 

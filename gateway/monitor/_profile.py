@@ -62,6 +62,8 @@ PROJECTION_DIM = 32
 #: bound errs wide).
 BOUND_TAIL = 1e-7
 _NORMAL = NormalDist()
+_ONE_IN_BOUNDS = np.ones(1, dtype=bool)
+_ONE_IN_BOUNDS.flags.writeable = False
 _PSI_SIMULATIONS = 4000
 _PRADA_SIMULATIONS = 1000
 
@@ -344,15 +346,18 @@ class InputProfile:
         A row out of bounds (NaN, infinity, beyond a hard bound) scores ``inf``: it raises the
         alarm whatever the rest of it looks like. An empty batch gives empty arrays.
         """
+        if len(rows) == 1 and self.joint is not None and self.single is not None \
+                and ((rows >= self.low) & (rows <= self.high)).all():
+            # One row in bounds (most requests): the same score with half the numpy calls.
+            z = self.marginals(rows)
+            u = z if self.whitening.ndim == 1 else z @ self.whitening
+            z0, u0 = z[0], u[0]
+            score = max(self.joint.one(float(u0 @ u0)), self.single.one(float((z0 * z0).max())))
+            return np.array([score]), u, _ONE_IN_BOUNDS
         in_bounds = ((rows >= self.low) & (rows <= self.high)).all(axis=1)
         if in_bounds.all():  # the common case: finite, so no floating-point warnings
             z = self.marginals(rows)
             u = z if self.whitening.ndim == 1 else z @ self.whitening
-            if len(rows) == 1 and self.joint is not None and self.single is not None:
-                # One row (most requests): the same score with a third of the numpy calls.
-                z0, u0 = z[0], u[0]
-                score = max(self.joint.one(float(u0 @ u0)), self.single.one(float((z0 * z0).max())))
-                return np.array([score]), u, in_bounds
             return self._surprise(*components(z, u)), u, in_bounds
         with np.errstate(invalid="ignore", over="ignore"):
             z = self.marginals(rows)
