@@ -98,3 +98,17 @@ def test_one_row_and_batch_scores_agree_and_an_empty_batch_is_scored():
     attrs = m.score("t/1", profile, "alice", np.zeros((0, 4), dtype=np.float32))
     assert attrs["anomaly.input_alarm"] is False and attrs["anomaly.input_score"] == 0.0
     assert profile.score(np.zeros((0, 4))).shape == (0,)
+
+
+def test_background_scoring_batches_each_callers_requests_when_callers_interleave():
+    profile = InputProfile.fit(np.random.default_rng(1).standard_normal((4000, 4)), seed=0)
+    m = Monitor(MonitorSettings(metrics_listen="", score_interval_s=3600))
+    far = np.array([[0.0, 0.0, 0.0, 4.5]])
+    for _ in range(3):
+        m.score_later("t/1", profile, "alice", far)
+        m.score_later("t/1", profile, "bob", np.zeros((1, 4)))
+    m.flush()
+    (alert,) = m.alerts()  # one batch for alice, none alarming for bob
+    assert alert.caller == "alice" and alert.kind == "input"
+    assert alert.detail["batch"] == 3 and alert.detail["rows"] == 3
+    assert alert.detail["component"] == "single" and alert.detail["feature"] == 3
