@@ -95,16 +95,23 @@ def optimal_rate(x: np.ndarray, fpr: float, precision: np.ndarray | None = None)
     return float((sq > chi2_isf(fpr, x.shape[1])).mean())
 
 
+def case_rates(profile: InputProfile, fpr: float = FPR, seed: int = 1
+               ) -> list[tuple[str, float, float]]:
+    """[(case, gateway rate, optimal rate)] of ``profile`` (N(0, I) reference) on fresh rows."""
+    threshold = profile.threshold(fpr)
+    rows = []
+    for i, (name, make) in enumerate(CASES.items()):
+        x = make(profile.features, TEST_ROWS, np.random.default_rng(1000 * seed + i))
+        rows.append((name, float((profile.score(x) > threshold).mean()), optimal_rate(x, fpr)))
+    return rows
+
+
 def detection_table(d: int, fpr: float = FPR, seed: int = 1
                     ) -> tuple[InputProfile, list[tuple[str, float, float]]]:
     """(profile, [(case, gateway rate, optimal rate)]) on fresh rows, at ``fpr``."""
     profile = InputProfile.fit(np.random.default_rng(seed).standard_normal((REF_ROWS, d)),
                                fprs=(fpr,), seed=0)
-    threshold = profile.threshold(fpr)
-    rows = []
-    for i, (name, make) in enumerate(CASES.items()):
-        x = make(d, TEST_ROWS, np.random.default_rng(1000 * seed + i))
-        rows.append((name, float((profile.score(x) > threshold).mean()), optimal_rate(x, fpr)))
+    rows = case_rates(profile, fpr, seed)
     corr = InputProfile.fit(equicorrelated(d, REF_ROWS, np.random.default_rng(seed)),
                             fprs=(fpr,), seed=0)
     x = np.random.default_rng(1000 * seed + 99).standard_normal((TEST_ROWS, d))
@@ -189,16 +196,27 @@ def _handler_total() -> float:
     return float(json.loads(proc.stdout.strip().splitlines()[-1])["gateway"]["p50_us"])
 
 
+def _table(rows: list[tuple[str, float, float]]) -> None:
+    print(f"  {'inputs':<52} {'gateway':>8} {'optimal':>8} {'diff':>6}")
+    for name, ours, best in rows:
+        print(f"  {name:<52} {ours:8.3f} {best:8.3f} {ours - best:+6.3f}")
+
+
 def run() -> None:
+    from gateway.models.demo import demo_reference
+
+    demo = InputProfile.fit(demo_reference(), fprs=(0.01, 0.001), seed=0)  # as demo init
+    print(f"detection, demo-mlp's profile (4 features, {len(demo_reference())} reference rows "
+          f"as `gateway demo init` fits it): FPR target {FPR}, held-out FPR at fitting "
+          f"{demo.heldout_fpr(FPR)}")
+    _table(case_rates(demo))
     for d in DIMENSIONS:
         started = time.perf_counter()
         profile, rows = detection_table(d)
         print(f"detection, {d} features: profile fitted on {REF_ROWS} rows in "
               f"{time.perf_counter() - started:.1f} s (with the tables); FPR target {FPR}, "
               f"held-out FPR at fitting {profile.heldout_fpr(FPR)}")
-        print(f"  {'inputs':<52} {'gateway':>8} {'optimal':>8} {'diff':>6}")
-        for name, ours, best in rows:
-            print(f"  {name:<52} {ours:8.3f} {best:8.3f} {ours - best:+6.3f}")
+        _table(rows)
         caught, benign = window_detection(profile, d)
         print(f"  per-caller window ({OUT_OF_REACH}): {caught:.2f} of callers flagged within "
               f"256 calls; normal callers {benign:.2f}")

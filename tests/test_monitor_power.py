@@ -18,10 +18,12 @@ from bench.detection_bench import (
     CASES,
     FPR,
     OUT_OF_REACH,
+    case_rates,
     chi2_isf,
     detection_table,
     window_detection,
 )
+from gateway.models.demo import demo_reference
 from gateway.monitor import InputProfile, Monitor, MonitorSettings
 
 pytestmark = pytest.mark.slow
@@ -47,6 +49,15 @@ def test_detection_is_within_ten_points_of_the_optimal_test(d):
         assert ours >= best - 0.10, (name, ours, best)
     # The hard cases stay hard for the optimal test too: that is what "out of reach" means.
     assert rates[OUT_OF_REACH][1] < 0.25
+
+
+def test_the_demo_profile_is_within_ten_points_of_the_optimal_test():
+    """The issue's table, on demo-mlp's profile as `gateway demo init` fits it (4,000 rows)."""
+    demo = InputProfile.fit(demo_reference(), fprs=(0.01, 0.001), seed=0)
+    rates = case_rates(demo)
+    assert abs(rates[0][1] - FPR) <= 0.01
+    for name, ours, best in rates:
+        assert ours >= best - 0.10, (name, ours, best)
 
 
 def test_correlation_break_is_caught_over_a_callers_window():
