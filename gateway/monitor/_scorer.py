@@ -82,13 +82,17 @@ def tail_slopes(rows: np.ndarray, knots: np.ndarray, grid: np.ndarray
     than a Gaussian's would (the held-out calibration sees the rest).
     """
     n = len(rows)
-    ordered = np.sort(rows, axis=0)
-    blom = normal_ppf((np.arange(1, n + 1) - 0.375) / (n + 0.25))
     reach = float(grid[-1])
+    # Only the order statistics in the tails are used: their Blom scores, lowest m ranks.
+    m = min(n, math.ceil(n * _N.cdf(-(reach - TAIL_SPAN))) + 2)
+    blom = normal_ppf((np.arange(1, m + 1) - 0.375) / (n + 0.25))
+    lowest = np.sort(np.partition(rows, m - 1, axis=0)[:m], axis=0)  # ascending
+    highest = -np.sort(np.partition(-rows, m - 1, axis=0)[:m], axis=0)  # descending
+    take = blom <= -reach + TAIL_SPAN
     slopes = []
-    for sign, take, knot in ((-1.0, blom <= -reach + TAIL_SPAN, knots[:, 0]),
-                             (1.0, blom >= reach - TAIL_SPAN, knots[:, -1])):
-        dz = blom[take] - sign * reach
+    for sign, ordered, knot in ((-1.0, lowest, knots[:, 0]), (1.0, highest, knots[:, -1])):
+        # The i-th largest has the Blom score of the i-th smallest, negated.
+        dz = -sign * (blom[take] + reach)
         dx = ordered[take] - knot
         spread = (dx * dz[:, None]).sum(axis=0) / float((dz * dz).sum())  # dx/dz
         inner = (knots[:, -1] - knots[:, 0]) / (2 * reach)  # the grid's average dx/dz
