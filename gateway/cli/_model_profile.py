@@ -156,7 +156,8 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def profile_demo_models(repository: Path, key: object, *, force: bool = False) -> list[Path]:
-    """Profile the demo models that have no profile yet (all with ``force``) and re-sign them.
+    """Profile the demo models that have no valid profile yet (all with ``force``), re-sign
+    them.
 
     demo-mlp is fitted on seeded N(0, 1) reference data (:func:`demo_reference`), so the demo
     gateway scores its inputs; demo-types (several inputs) is not profiled.
@@ -167,7 +168,11 @@ def profile_demo_models(repository: Path, key: object, *, force: bool = False) -
     done = []
     for directory in sorted(repository.glob("demo-mlp/*")):
         if (directory / PROFILE_FILE).exists() and not force:
-            continue
+            try:
+                InputProfile.load(directory / PROFILE_FILE)
+                continue
+            except ProfileError:  # an older format: fit it again
+                pass
         write_profile(directory, demo_reference())
         sign_model(directory, key=key)
         done.append(directory)
