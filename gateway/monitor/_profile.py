@@ -560,7 +560,10 @@ def _bounds(fit: np.ndarray, every: np.ndarray, knots: np.ndarray, grid: np.ndar
     span = hi - lo
     high = np.maximum(knots[:, -1] + mean_excess(fit, knots[:, -1]) * spread, hi + margin * span)
     low = np.minimum(knots[:, 0] - mean_excess(-fit, -knots[:, 0]) * spread, lo - margin * span)
-    return low, high
+    # Stored with 10 significant digits: widen past the rounding, so a constant feature's
+    # own value stays in bounds.
+    slack = 1e-9 * np.maximum(np.abs(low), np.abs(high))
+    return low - slack, high + slack
 
 
 def _cross_check(joint: np.ndarray, single: np.ndarray, fprs: tuple[float, ...],
