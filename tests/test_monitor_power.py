@@ -141,3 +141,15 @@ def test_calibration_holds_on_discrete_skewed_and_heavy_tailed_features():
     # Hard bounds on heavy tails (Student t with 3 degrees of freedom, log-normal) still
     # hold nearly every reference-like row.
     assert float(np.isinf(scores).mean()) < 0.0005
+
+
+def test_a_constant_feature_stays_in_bounds_and_any_change_to_it_alarms(tmp_path):
+    ref = np.random.default_rng(0).standard_normal((2000, 3))
+    ref[:, 1] = 0.123456789012345  # more digits than the profile stores
+    profile = InputProfile.fit(ref, seed=0)
+    profile.save(tmp_path / "profile.json")
+    loaded = InputProfile.load(tmp_path / "profile.json")
+    assert not loaded.out_of_bounds(ref).any()
+    changed = ref[:1].copy()
+    changed[0, 1] += 1e-6
+    assert np.isinf(loaded.score(changed)[0])
