@@ -175,6 +175,12 @@ _NEUTRAL: dict[str, object] = {
 }
 
 
+#: The per-row alarm array of a one-row request (read-only, shared).
+_ROW_ALARM = {flag: np.array([flag]) for flag in (False, True)}
+for _flags in _ROW_ALARM.values():
+    _flags.flags.writeable = False
+
+
 class Monitor:
     """The gateway's monitor; one per server. ``clock`` (monotonic seconds) is injectable."""
 
@@ -350,10 +356,15 @@ class Monitor:
             return attrs
         rows = rows.astype(np.float64, copy=False)
         scores, u, in_bounds = profile.assess(rows)
-        row_alarms = scores > threshold
-        top = float(scores.max()) if len(scores) else 0.0
-        alarm = bool(row_alarms.any())
-        oob = not in_bounds.all()
+        if len(scores) == 1:  # most requests: Python floats, no cold numpy calls
+            top = float(scores[0])
+            alarm, oob = top > threshold, not in_bounds[0]
+            row_alarms = _ROW_ALARM[alarm]
+        else:
+            row_alarms = scores > threshold
+            top = float(scores.max()) if len(scores) else 0.0
+            alarm = bool(row_alarms.any())
+            oob = not in_bounds.all()
         attrs["anomaly.input_score"] = top
         attrs["anomaly.input_alarm"] = alarm
         attrs["anomaly.bounds_violation"] = oob
