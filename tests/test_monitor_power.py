@@ -97,18 +97,23 @@ def test_alarms_name_the_component_and_feature_that_drove_them():
     assert profile.explain(np.array([0, np.nan, 0, 0, 0, 0, 0, 0])) == ("bounds", 1)
 
 
-def test_one_row_and_batch_scores_agree_and_an_empty_batch_is_scored():
-    profile = InputProfile.fit(np.random.default_rng(1).standard_normal((4000, 4)), seed=0)
-    x = np.random.default_rng(2).normal(0, 2, (2000, 4))
-    batch = profile.score(x)
-    one = np.array([profile.score(x[i:i + 1])[0] for i in range(len(x))])
+@pytest.mark.parametrize("d", [4, 12])  # the one-row whitening in Python, and in numpy
+def test_one_row_and_batch_scores_agree_and_an_empty_batch_is_scored(d):
+    profile = InputProfile.fit(np.random.default_rng(1).standard_normal((4000, d)), seed=0)
+    x = np.random.default_rng(2).normal(0, 1.5, (2000, d))
+    x[::50, 1] = np.nan
+    batch, u_batch, _ = profile.assess(x)
+    single = [profile.assess(x[i:i + 1]) for i in range(len(x))]
+    one = np.array([s[0][0] for s in single])
     finite = np.isfinite(batch)
-    assert (finite == np.isfinite(one)).all() and finite.sum() > 1000
+    assert (finite == np.isfinite(one)).all() and 1000 < finite.sum() < len(x)
     assert np.allclose(batch[finite], one[finite], rtol=1e-12, atol=1e-12)
+    u_one = np.concatenate([s[1] for s in single])
+    assert np.allclose(u_batch[finite], u_one[finite], rtol=1e-12, atol=1e-12)
     m = Monitor(MonitorSettings(metrics_listen=""))
-    attrs = m.score("t/1", profile, "alice", np.zeros((0, 4), dtype=np.float32))
+    attrs = m.score("t/1", profile, "alice", np.zeros((0, d), dtype=np.float32))
     assert attrs["anomaly.input_alarm"] is False and attrs["anomaly.input_score"] == 0.0
-    assert profile.score(np.zeros((0, 4))).shape == (0,)
+    assert profile.score(np.zeros((0, d))).shape == (0,)
 
 
 def test_background_scoring_batches_each_callers_requests_when_callers_interleave():
