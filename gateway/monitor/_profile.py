@@ -357,8 +357,7 @@ class InputProfile:
             # One row (most requests): the same score in plain Python (see RowScorer).
             scored = self.row_scorer(rows[0].tolist())
             if scored is not None:
-                return np.array([scored[0]]), np.array(scored[1]).reshape(1, -1), \
-                    _ONE_IN_BOUNDS
+                return np.array([scored[0]]), np.array([scored[1]]), _ONE_IN_BOUNDS
         in_bounds = ((rows >= self.low) & (rows <= self.high)).all(axis=1)
         if in_bounds.all():  # the common case: finite, so no floating-point warnings
             z = self.marginals(rows)
