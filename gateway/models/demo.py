@@ -105,3 +105,9 @@ def build_demo_repository(root: Path, *, force: bool = False) -> list[Path]:
         write_atomic(directory / "metadata.toml", metadata.encode())
         written.append(directory)
     return written
+
+
+def demo_reference(rows: int = 4000, seed: int = 0, features: int = 4) -> np.ndarray:
+    """Seeded reference inputs of demo-mlp, N(0, 1) per feature: what its profile is fitted on
+    (``gateway demo init``), so inputs far from it raise the anomaly alarm."""
+    return np.random.default_rng(seed).normal(0, 1, (rows, features)).astype(np.float32)
