@@ -42,7 +42,7 @@ def test_reverify_takes_a_changed_model_out_of_service_and_others_keep_serving(t
         TrustRule,
         ensure_demo_signing_key,
         sign_model,
-        verify_files,
+        verifier,
     )
 
     repo = tmp_path / "models"
@@ -51,12 +51,7 @@ def test_reverify_takes_a_changed_model_out_of_service_and_others_keep_serving(t
     for directory in (repo / "demo-mlp" / "1", repo / "demo-types" / "1"):
         sign_model(directory, key=key)
     settings = SigningSettings(trust=(TrustRule(name="test", pubkey=pub),))
-
-    def verify(name, files, bundle):
-        verified = verify_files(name, files, bundle, settings)
-        return verified.digest, verified.signer, verified.rule
-
-    models = ModelRepository(repo, session_options=_options, verify=verify)
+    models = ModelRepository(repo, session_options=_options, verify=verifier(settings))
     assert {e.state for e in models.load_all()} == {LOADED}
     assert models.reverify() == []  # nothing changed: nothing to do
     with open(repo / "demo-types" / "1" / "metadata.toml", "a") as f:

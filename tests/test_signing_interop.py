@@ -84,13 +84,12 @@ def test_model_signing_certificate_signature_verifies_with_ours(model, tmp_path)
     assert verified.signer == "release@example.com"
 
 
-def test_files_model_signing_ignores_are_not_ignored_by_us(model, tmp_path):
-    """model_signing leaves .git* files out of the manifest; we refuse them, by name."""
+def test_files_model_signing_ignores_are_ignored_by_us_too(model, tmp_path):
+    """model_signing leaves .git* files out of the manifest; so does the gateway's reader."""
     key, pub = write_key(tmp_path, "k")
     (model / ".gitattributes").write_text("*.bin filter=lfs\n")
     done = model_signing("sign", "key", model, "--signature", model / "model.sig",
                          "--private_key", key)
     assert done.returncode == 0, done.stderr + done.stdout
-    with pytest.raises(SignatureError, match=r"\.gitattributes \(listed in the signature's "
-                                             r"ignore_paths\)"):
-        ours(model, TrustRule(name="release", pubkey=pub))
+    verified = ours(model, TrustRule(name="release", pubkey=pub))
+    assert ".gitattributes" not in verified.files

@@ -44,6 +44,7 @@ The built-in default trusts the demo key made by :func:`ensure_demo_signing_key`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -55,8 +56,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway._atomic import write_atomic
-from gateway.errors import ConfigError, ModelUnavailable
+from gateway.errors import ConfigError
+from gateway.models import _files, _pipeline
 from gateway.models.signing import _bundle, _manifest, _trust
+from gateway.models.signing._errors import SignatureError
 
 __all__ = [
     "SIGNATURE_NAME",
@@ -67,6 +70,7 @@ __all__ = [
     "ensure_demo_signing_key",
     "read_model_files",
     "sign_model",
+    "verifier",
     "verify_files",
     "verify_model",
 ]
@@ -137,18 +141,6 @@ class SigningSettings:
             raise ConfigError(f"[signing]: duplicate trust rule name(s) {', '.join(dupes)}")
 
 
-class SignatureError(ModelUnavailable):
-    """The model may not be served: unsigned, tampered, malformed or untrusted signature.
-
-    The message lists the files that are extra, missing or changed by name, or names the
-    trust rule that refused (also in ``rule``, '' when no rule applied).
-    """
-
-    def __init__(self, message: str, rule: str = "") -> None:
-        super().__init__(message)
-        self.rule = rule
-
-
 @dataclass(frozen=True)
 class VerifiedModel:
     """What a successful verification proves."""
@@ -164,39 +156,75 @@ class VerifiedModel:
 
 
 def verify_files(model_name: str, files: Mapping[str, bytes], bundle: bytes,
-                 settings: SigningSettings, *, now: datetime | None = None) -> VerifiedModel:
+                 settings: SigningSettings, *, version: str = "",
+                 digests: Mapping[str, str] | None = None,
+                 now: datetime | None = None) -> VerifiedModel:
     """Verify ``bundle`` (model.sig bytes) over ``files`` (relative POSIX name -> plaintext).
 
-    ``files`` must hold every file of the version directory except ``model.sig``; one not in
-    the signed manifest is refused, never ignored. Raises :class:`SignatureError`.
+    ``files`` must hold every file of the version directory except ``model.sig`` and the
+    ignored git paths (as :func:`gateway.models._files.read_model_dir` returns them); one
+    not in the signed manifest is refused, never ignored. ``digests`` are the files'
+    SHA-256 if already computed while reading. Raises :class:`SignatureError`.
     """
-    try:
+    if digests is None:
         digests = _manifest.digests_of_bytes(files)
-    except _manifest.ManifestError as err:
-        raise SignatureError(f"model {model_name!r}: {err}") from err
-    return _verify(model_name, digests, bundle, settings, now)
+    else:
+        for name in digests:
+            _manifest.check_name(name, "file name")
+    return _verify(model_name, version, dict(digests), bundle, settings, now)
+
+
+def verifier(settings: SigningSettings, *, now: datetime | None = None) -> _pipeline.Verify:
+    """The signature step of the load pipeline for this trust policy (serving and the CLI).
+
+    A model without ``model.sig`` is refused when ``require_signature`` is set, and otherwise
+    served unverified (the step returns None); a present signature must always verify.
+    """
+
+    def verify(name: str, version: str, files: dict[str, bytes], digests: dict[str, str],
+               bundle: bytes | None) -> tuple[str, str, str] | None:
+        if bundle is None:
+            if settings.require_signature:
+                raise SignatureError(f"model {name!r} is unsigned (no {SIGNATURE_NAME}); "
+                                     "refused")
+            return None
+        verified = verify_files(name, files, bundle, settings, version=version,
+                                digests=digests, now=now)
+        return verified.digest, verified.signer, verified.rule
+
+    return verify
 
 
 def verify_model(model_dir: Path, settings: SigningSettings, *, model_name: str | None = None,
-                 kek: bytes | None = None, now: datetime | None = None,
-                 progress: bool = False) -> VerifiedModel:
-    """Verify ``model_dir/model.sig`` over the files on disk (streamed; for the CLI).
+                 version: str | None = None, kek: bytes | None = None,
+                 now: datetime | None = None, progress: bool = False) -> VerifiedModel:
+    """Verify ``model_dir`` exactly as the gateway does before serving it (for the CLI).
 
-    The model name for the trust policy defaults to the repository layout's
-    ``models/<name>/<version>``: the parent directory's name.
+    The same pipeline as serving (:func:`gateway.models._pipeline.open_version`): the one
+    reader, in-memory decryption, the signature, then every external-data reference. The
+    name and version for the trust policy default to the repository layout's
+    ``models/<name>/<version>``. A signature is required whatever ``require_signature`` says.
     """
     name = model_name or model_dir.resolve().parent.name
-    try:
-        bundle = (model_dir / SIGNATURE_NAME).read_bytes()
-    except OSError as err:
-        raise SignatureError(f"model {name!r}: no readable {SIGNATURE_NAME} in {model_dir}: "
-                             f"{err.strerror}") from err
-    digests = _digest_dir(model_dir, kek, progress, "verify")
-    return _verify(name, digests, bundle, settings, now)
+    version = version if version is not None else model_dir.resolve().name
+    signed = SigningSettings(require_signature=True, trust=settings.trust)
+    check = verifier(signed, now=now)
+    result: list[VerifiedModel] = []
+
+    def verify(name: str, version: str, files: dict[str, bytes], digests: dict[str, str],
+               bundle: bytes | None) -> tuple[str, str, str] | None:
+        verified = check(name, version, files, digests, bundle)
+        result.append(VerifiedModel(*verified, files=tuple(sorted(files, key=_manifest.sort_key))))
+        return verified
+
+    with _progress_bar(progress, f"verify {model_dir}") as on_bytes:
+        _pipeline.open_version(model_dir, name, version, verify=verify,
+                               decrypt=_decrypter(kek), on_bytes=on_bytes)
+    return result[0]
 
 
-def _verify(model_name: str, digests: dict[str, str], blob: bytes, settings: SigningSettings,
-            now: datetime | None) -> VerifiedModel:
+def _verify(model_name: str, version: str, digests: dict[str, str], blob: bytes,
+            settings: SigningSettings, now: datetime | None) -> VerifiedModel:
     now = now or datetime.now(UTC)
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
@@ -222,29 +250,32 @@ def _verify(model_name: str, digests: dict[str, str], blob: bytes, settings: Sig
 
 
 def read_model_files(model_dir: Path, *, kek: bytes | None = None) -> dict[str, bytes]:
-    """Every file of ``model_dir`` except ``model.sig``, in memory, ``X.enc`` decrypted as ``X``.
+    """The files :func:`verify_files` expects, read by the one reader, ``X.enc`` decrypted.
 
-    A ready-made reader for :func:`verify_files`: opens every path component relative to its
-    parent directory's descriptor without following symlinks (a symlink, even one swapped in
-    while reading, is refused), refuses special files, and decrypts in memory only. Raises
-    :class:`SignatureError` (or ``EncryptionError``) naming the offending file.
+    Raises :class:`~gateway.errors.ModelUnavailable` (a subclass naming the offending file)
+    for links, special files and encrypted files without ``kek``.
     """
-    try:
-        tree = _manifest.read_tree(model_dir)
-    except _manifest.ManifestError as err:
-        raise SignatureError(f"{model_dir}: {err}") from err
-    out: dict[str, bytes] = {}
-    for name, (data, encrypted) in tree.items():
-        if not encrypted:
-            out[name] = data
-        elif kek is None:
-            raise SignatureError(f"{model_dir}: {name}{_manifest.ENCRYPTED_SUFFIX}: encrypted; "
-                                 f"a key-encryption key is needed")
-        else:
-            from gateway.models.encryption import decrypt_bytes
+    return _files.plaintext(_files.read_model_dir(model_dir), _decrypter(kek))[0]
 
-            out[name] = decrypt_bytes(data, kek)
-    return out
+
+def _decrypter(kek: bytes | None):
+    if kek is None:
+        return None
+    from gateway.models.encryption import decrypt_bytes
+
+    return lambda blob: decrypt_bytes(blob, kek)
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, label: str):
+    """A tqdm byte counter on stderr (for the CLI), as an ``on_bytes`` callback or None."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False) as bar:
+        yield bar.update
 
 
 def sign_model(model_dir: Path, *, key: Path, cert: Path | None = None,
@@ -267,7 +298,9 @@ def sign_model(model_dir: Path, *, key: Path, cert: Path | None = None,
         certs = (leaf, *(c for path in chain for c in _load_certs(path)))
     elif chain:
         raise SignatureError("--chain needs --cert (the signing certificate)")
-    digests = _digest_dir(model_dir, kek, progress, "sign")
+    with _progress_bar(progress, f"sign {model_dir}") as on_bytes:
+        model = _files.read_model_dir(model_dir, on_bytes=on_bytes)
+    _, digests = _files.plaintext(model, _decrypter(kek))
     payload = _bundle.build_statement(model_dir.resolve().name, digests)
     try:
         algorithm = ec.ECDSA(_trust.ecdsa_hash(public_key), deterministic_signing=True)
@@ -279,28 +312,6 @@ def sign_model(model_dir: Path, *, key: Path, cert: Path | None = None,
     target = model_dir / SIGNATURE_NAME
     write_atomic(target, blob, mode=0o644)
     return target
-
-
-def _digest_dir(model_dir: Path, kek: bytes | None, progress: bool, label: str
-                ) -> dict[str, str]:
-    try:
-        files = _manifest.walk(model_dir)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            total = sum(path.stat().st_size for _, path in files)
-            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                       desc=f"{label} {model_dir}", leave=False)
-        try:
-            return _manifest.digests_of_tree(files, kek, bar.update if bar else None)
-        finally:
-            if bar is not None:
-                bar.close()
-    except _manifest.ManifestError as err:
-        raise SignatureError(f"{model_dir}: {err}") from err
-    except OSError as err:
-        raise SignatureError(f"{model_dir}: cannot read {err.filename}: {err.strerror}") from err
 
 
 def _load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:

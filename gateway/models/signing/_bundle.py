@@ -33,6 +33,7 @@ from typing import Any
 import rfc8785
 from cryptography import x509
 
+from gateway.models.signing._errors import SignatureError
 from gateway.models.signing._manifest import ManifestError, check_name, root_digest, sort_key
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -44,7 +45,7 @@ MAX_BUNDLE_BYTES = 64 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-class BundleError(Exception):
+class BundleError(SignatureError):
     """The bundle or its statement is malformed or uses something we do not accept."""
 
 

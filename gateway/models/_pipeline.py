@@ -1,0 +1,52 @@
+"""From a model version directory to bytes ONNX Runtime may load: the steps every path shares.
+
+Serving (start-up, ``ModelAdmin.LoadModel``, re-verification) and ``gateway model verify``
+both call :func:`open_version`, so they read with the one reader, verify the same bytes and
+resolve external data with the one walker: they cannot reach different verdicts on a model.
+The order is fixed: read once -> decrypt in memory -> verify the signature -> resolve every
+external-data reference against the verified bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.errors import ModelUnavailable
+from gateway.models import _files
+from gateway.models._tensors import RuntimeModel, runtime_model
+
+MODEL_FILE = "model.onnx"
+
+#: ``verify(name, version, files, digests, signature) -> (digest, signer, rule)`` or None
+#: when the model may be served unsigned; raises a ModelUnavailable subclass to refuse.
+Verify = Callable[[str, str, dict[str, bytes], dict[str, str], bytes | None],
+                  tuple[str, str, str] | None]
+
+
+@dataclass(frozen=True)
+class OpenedVersion:
+    """A version whose files were read once, verified, and made loadable from memory."""
+
+    files: dict[str, bytes]
+    digest: str
+    signer: str
+    rule: str
+    runtime: RuntimeModel
+
+
+def open_version(directory: Path, name: str, version: str, *, verify: Verify | None,
+                 decrypt: Callable[[bytes], bytes] | None,
+                 max_bytes: int = _files.DEFAULT_MAX_BYTES,
+                 on_bytes: Callable[[int], None] | None = None) -> OpenedVersion:
+    """Read, decrypt, verify and resolve one version; raises ModelUnavailable (or a subclass)."""
+    model = _files.read_model_dir(directory, max_bytes=max_bytes, on_bytes=on_bytes)
+    files, digests = _files.plaintext(model, decrypt)
+    if MODEL_FILE not in files:
+        raise ModelUnavailable(f"no {MODEL_FILE} in the model directory",
+                               detail=f"{directory}: no {MODEL_FILE}")
+    verified = verify(name, version, files, digests, model.signature) \
+        if verify is not None else None
+    digest, signer, rule = verified or (_files.files_digest(files), "unverified", "")
+    return OpenedVersion(files, digest, signer, rule, runtime_model(files[MODEL_FILE], files))

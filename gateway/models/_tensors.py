@@ -1,0 +1,317 @@
+"""The one walker over every tensor an ONNX model can carry, and its external data.
+
+A tensor's bytes may live outside ``model.onnx`` (onnx/docs/ExternalData.md): the tensor
+names a ``location`` and ONNX Runtime opens that path itself, relative to the model file or,
+for a model given as bytes, to the process's working directory. Tensors hide in many places
+(onnx/onnx.proto): graph initializers and sparse initializers (values and indices), node
+attributes of tensor, sparse-tensor, graph and list kinds (``Constant`` ``value`` and
+``sparse_value``, ``If``/``Loop``/``Scan`` bodies), model-local functions (their nodes and
+their attribute defaults) and training info. A check that misses one of them lets ONNX
+Runtime read any file the gateway can read and serve it as the model's output, so this module
+is the only place that enumerates them; the admission scanner and the loader both use it.
+
+:func:`runtime_model` is what makes ONNX Runtime never open a path for a model: every
+external tensor must name a file of the verified in-memory set, tensors other than main-graph
+initializers get their bytes inlined from that set, and main-graph initializers are handed to
+ONNX Runtime from memory (``add_external_initializers_from_files_in_memory``, which matches
+locations exactly), so nothing is left for ONNX Runtime to resolve against the disk.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from google.protobuf.message import DecodeError
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
+
+from gateway.errors import ModelUnavailable
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+#: The keys ONNX defines for external data; anything else is refused rather than guessed at.
+_KEYS = frozenset({"location", "offset", "length", "checksum"})
+
+
+class ExternalDataError(ModelUnavailable):
+    """A tensor's external data is outside the verified files, malformed or out of range.
+
+    ``code`` is the admission scanner's finding code: ``external-data-outside``,
+    ``external-data-missing``, ``external-data-range`` or ``external-data-malformed``.
+    """
+
+    def __init__(self, code: str, message: str, *, detail: str = "") -> None:
+        super().__init__(message, detail=detail)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class TensorSite:
+    """One tensor of the model and where it sits (``where`` is for people, ``kind`` too)."""
+
+    where: str
+    kind: str
+    tensor: TensorProto
+    #: A main-graph initializer: the only kind ONNX Runtime takes from memory by location.
+    main_initializer: bool = False
+
+
+@dataclass(frozen=True)
+class ExternalRef:
+    """A tensor whose bytes are ``files[location][offset:offset + length]``."""
+
+    site: TensorSite
+    location: str
+    offset: int
+    length: int
+
+
+def parse_model(model_bytes: bytes) -> ModelProto:
+    """Parse ``model.onnx`` bytes; a file that is not an ONNX model is a refusal, not a crash."""
+    model = ModelProto()
+    try:
+        model.ParseFromString(model_bytes)
+    except (DecodeError, RecursionError, ValueError) as err:
+        raise ModelUnavailable(f"model.onnx is not a valid ONNX model: {err}") from err
+    if not model.HasField("graph"):
+        raise ModelUnavailable("model.onnx has no graph: not an ONNX model")
+    return model
+
+
+# -- walking --------------------------------------------------------------------------------
+
+
+def graphs(model: ModelProto) -> Iterator[tuple[str, GraphProto]]:
+    """Every graph: the main graph, node subgraphs (also inside functions), training info."""
+    stack: list[tuple[str, GraphProto]] = [("graph", model.graph)]
+    for i, info in enumerate(model.training_info):
+        if info.HasField("initialization"):
+            stack.append((f"training_info[{i}].initialization", info.initialization))
+        if info.HasField("algorithm"):
+            stack.append((f"training_info[{i}].algorithm", info.algorithm))
+    for fn in model.functions:
+        where = f"function {fn.domain}:{fn.name}"
+        for node in fn.node:
+            stack.extend(_subgraphs(node.attribute, _label(where, node)))
+        stack.extend(_subgraphs(fn.attribute_proto, f"{where} attribute defaults"))
+    while stack:
+        where, graph = stack.pop(0)
+        yield where, graph
+        for node in graph.node:
+            stack.extend(_subgraphs(node.attribute, _label(where, node)))
+
+
+def _label(where: str, node: NodeProto) -> str:
+    return f"{where}/{node.op_type}:{node.name or (node.output[0] if node.output else '')}"
+
+
+def _subgraphs(attributes, label: str) -> list[tuple[str, GraphProto]]:
+    found: list[tuple[str, GraphProto]] = []
+    for attr in attributes:
+        if attr.HasField("g"):
+            found.append((f"{label}.{attr.name}", attr.g))
+        found.extend((f"{label}.{attr.name}[{i}]", g) for i, g in enumerate(attr.graphs))
+    return found
+
+
+def nodes(model: ModelProto) -> Iterator[tuple[str, NodeProto]]:
+    """Every node of every graph and of every model-local function."""
+    for where, graph in graphs(model):
+        for node in graph.node:
+            yield where, node
+    for fn in model.functions:
+        for node in fn.node:
+            yield f"function {fn.domain}:{fn.name}", node
+
+
+def tensors(model: ModelProto) -> Iterator[TensorSite]:
+    """Every tensor the model carries, wherever it is (see the module docstring)."""
+    for where, graph in graphs(model):
+        main = graph is model.graph
+        for t in graph.initializer:
+            yield TensorSite(where, f"initializer {t.name!r}", t, main_initializer=main)
+        for st in graph.sparse_initializer:
+            yield TensorSite(where, f"sparse initializer {st.values.name!r} values", st.values)
+            yield TensorSite(where, f"sparse initializer {st.values.name!r} indices",
+                             st.indices)
+    for where, node in nodes(model):
+        yield from _attribute_tensors(node.attribute, _label(where, node))
+    for fn in model.functions:
+        yield from _attribute_tensors(fn.attribute_proto,
+                                      f"function {fn.domain}:{fn.name} attribute defaults")
+
+
+def _attribute_tensors(attributes, label: str) -> Iterator[TensorSite]:
+    for attr in attributes:
+        what = f"attribute {attr.name!r}"
+        if attr.HasField("t"):
+            yield TensorSite(label, what, attr.t)
+        for i, t in enumerate(attr.tensors):
+            yield TensorSite(label, f"{what}[{i}]", t)
+        sparse = [(what, attr.sparse_tensor)] if attr.HasField("sparse_tensor") else []
+        sparse += [(f"{what}[{i}]", st) for i, st in enumerate(attr.sparse_tensors)]
+        for name, st in sparse:
+            yield TensorSite(label, f"{name} values", st.values)
+            yield TensorSite(label, f"{name} indices", st.indices)
+
+
+# -- external data ---------------------------------------------------------------------------
+
+
+def declared_bytes(t: TensorProto) -> int:
+    """Bytes the tensor's dims and element type need (negative dims count as zero)."""
+    n = 1
+    for d in t.dims:
+        n *= max(int(d), 0)
+    return n * itemsize(t.data_type)
+
+
+def itemsize(elem_type: int) -> int:
+    """Bytes per element of an ONNX element type (strings counted as a pointer)."""
+    try:
+        return max(1, np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
+    except (KeyError, TypeError, ValueError):
+        return 8
+
+
+def check_location(location: str) -> str:
+    """``location`` if it is a plain relative POSIX name of a file, else ExternalDataError.
+
+    The strictest rule anywhere: no empty name or component, no ``.``/``..``, no absolute
+    path, drive letter, backslash or NUL.
+    """
+    why = ""
+    if not location:
+        why = "is empty"
+    elif "\x00" in location or "\\" in location:
+        why = "contains a NUL or a backslash"
+    elif location.startswith("/") or _DRIVE.match(location):
+        why = "is an absolute path"
+    elif any(part in ("", ".", "..") for part in location.split("/")):
+        why = "has an empty, '.' or '..' component"
+    if why:
+        # The location itself goes to the log only: it may spell out a server path.
+        raise ExternalDataError("external-data-outside", f"its external-data location {why}",
+                                detail=f"external-data location {location!r} {why}")
+    return location
+
+
+def is_external(t: TensorProto) -> bool:
+    return t.data_location == TensorProto.EXTERNAL
+
+
+def resolve_external(site: TensorSite, files: Mapping[str, bytes]) -> ExternalRef:
+    """The slice of ``files`` holding ``site``'s external data, or ExternalDataError."""
+    t = site.tensor
+    what = f"{site.kind} ({site.where})"
+    info: dict[str, str] = {}
+    for entry in t.external_data:
+        # Two "location" entries could be read differently by two parsers: refuse both.
+        if entry.key in info or entry.key not in _KEYS:
+            raise ExternalDataError("external-data-malformed",
+                                    f"{what}: external-data key {entry.key!r} is duplicated "
+                                    "or unknown")
+        info[entry.key] = entry.value
+    if not is_external(t):
+        raise ExternalDataError("external-data-malformed",
+                                f"{what}: external-data entries on a tensor not stored "
+                                "externally")
+    if t.HasField("raw_data") or t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        raise ExternalDataError("external-data-malformed",
+                                f"{what}: stored externally but also inline, or of a type "
+                                "that cannot be")
+    if "location" not in info:
+        raise ExternalDataError("external-data-outside",
+                                f"{what}: stored externally but names no location")
+    try:
+        location = check_location(info["location"])
+    except ExternalDataError as err:
+        raise ExternalDataError(err.code, f"{what}: {err}",
+                                detail=f"{what}: {err.detail}") from None
+    data = files.get(location)
+    if data is None:
+        raise ExternalDataError("external-data-missing",
+                                f"{what}: external-data file {location!r} is not a verified "
+                                "file of the model directory")
+    size = declared_bytes(t)
+    try:
+        offset = int(info.get("offset", "0"))
+        length = int(info["length"]) if "length" in info else size
+    except ValueError:
+        raise ExternalDataError("external-data-range", f"{what}: external-data offset or "
+                                "length is not an integer") from None
+    if offset < 0 or length < 0 or offset + length > len(data):
+        raise ExternalDataError("external-data-range",
+                                f"{what}: bytes {offset}..{offset + length} are outside "
+                                f"{location} ({len(data)} bytes)")
+    if length != size:
+        raise ExternalDataError("external-data-range",
+                                f"{what}: declares {size} bytes but its external data is "
+                                f"{length} bytes")
+    return ExternalRef(site, location, offset, length)
+
+
+def external_data(model: ModelProto, files: Mapping[str, bytes]
+                  ) -> tuple[list[ExternalRef], list[ExternalDataError]]:
+    """Every tensor's external data checked against ``files``: (good refs, problems)."""
+    refs: list[ExternalRef] = []
+    problems: list[ExternalDataError] = []
+    for site in tensors(model):
+        if not (is_external(site.tensor) or len(site.tensor.external_data)):
+            continue
+        try:
+            refs.append(resolve_external(site, files))
+        except ExternalDataError as err:
+            problems.append(err)
+    return refs, problems
+
+
+def inline(t: TensorProto, data: bytes) -> None:
+    """Make ``t`` an ordinary tensor holding ``data`` (no location left to resolve)."""
+    del t.external_data[:]
+    t.data_location = TensorProto.DEFAULT
+    t.raw_data = data
+
+
+@dataclass(frozen=True)
+class RuntimeModel:
+    """What ONNX Runtime gets: model bytes, and main-graph initializer files from memory."""
+
+    model: bytes
+    names: tuple[str, ...]
+    buffers: tuple[bytes, ...]
+
+
+def runtime_model(model_bytes: bytes, files: Mapping[str, bytes]) -> RuntimeModel:
+    """The model as ONNX Runtime may load it: no external reference it could resolve on disk.
+
+    Raises the first :class:`ExternalDataError` if any tensor's external data is not a valid
+    slice of a file in ``files`` (the verified, in-memory bytes).
+    """
+    model = parse_model(model_bytes)
+    refs, problems = external_data(model, files)
+    if problems:
+        raise problems[0]
+    names: list[str] = []
+    rewritten = False
+    for ref in refs:
+        if ref.site.main_initializer:
+            if ref.location not in names:
+                names.append(ref.location)
+        else:
+            inline(ref.site.tensor, files[ref.location][ref.offset:ref.offset + ref.length])
+            rewritten = True
+    # The guarantee, checked on what is handed over rather than assumed from the loop above.
+    for site in tensors(model):
+        if (is_external(site.tensor) or len(site.tensor.external_data)) and not (
+                site.main_initializer and _location(site.tensor) in names):
+            raise ExternalDataError("external-data-outside",  # pragma: no cover - invariant
+                                    f"{site.kind} ({site.where}) still refers to a file")
+    data = model.SerializeToString() if rewritten else model_bytes
+    # bytes, never bytearray: ONNX Runtime's binding reads a bytearray's object header.
+    return RuntimeModel(data, tuple(names), tuple(bytes(files[n]) for n in names))
+
+
+def _location(t: TensorProto) -> str:
+    return next((e.value for e in t.external_data if e.key == "location"), "")
