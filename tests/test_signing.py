@@ -57,9 +57,10 @@ def trust(*rules: TrustRule) -> SigningSettings:
 
 
 def check(directory: Path, settings: SigningSettings, name: str = "iris",
-          now: dt.datetime | None = None) -> VerifiedModel:
+          now: dt.datetime | None = None, version: str = "1") -> VerifiedModel:
     files = read_model_files(directory)
-    return verify_files(name, files, (directory / "model.sig").read_bytes(), settings, now=now)
+    return verify_files(name, files, (directory / "model.sig").read_bytes(), settings, now=now,
+                        version=version)
 
 
 def refused(directory: Path, settings: SigningSettings, *needles: str, name: str = "iris",

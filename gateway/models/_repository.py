@@ -135,9 +135,10 @@ class ModelRepository:
         for model_dir in sorted(self._root.iterdir()):
             if not (model_dir.is_dir() and _NAME.match(model_dir.name)):
                 continue
-            for version_dir in sorted(model_dir.iterdir()):
-                if version_dir.is_dir() and _VERSION.match(version_dir.name):
-                    found.append((model_dir.name, version_dir.name))
+            versions = [v.name for v in model_dir.iterdir()
+                        if v.is_dir() and _VERSION.match(v.name)]
+            # Ascending by number: rollback protection admits versions in this order.
+            found.extend((model_dir.name, v) for v in sorted(versions, key=int))
         return found
 
     def load_all(self) -> list[ModelEntry]:

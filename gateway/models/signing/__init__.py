@@ -45,6 +45,7 @@ The built-in default trusts the demo key made by :func:`ensure_demo_signing_key`
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -67,6 +68,7 @@ __all__ = [
     "SigningSettings",
     "TrustRule",
     "VerifiedModel",
+    "default_subject",
     "ensure_demo_signing_key",
     "read_model_files",
     "sign_model",
@@ -97,6 +99,15 @@ class TrustRule:
     identities: tuple[str, ...] = ("*",)
     #: ISO 8601 time with zone from which this rule admits nothing ("" = never revoked).
     revoked_at: str = ""
+    #: Bind signatures to what they are served as: "name" requires the signed subject to be
+    #: the model's name (``<name>``, or ``<name>/<version>`` with the loaded version);
+    #: "version" requires ``<name>/<version>`` exactly; "" binds nothing (``model_signing``
+    #: names the subject after the signed directory). A signed copy of one model placed
+    #: under another name or version is then refused.
+    bind: str = ""
+    #: Rollback protection: refuse a version lower than one this rule already admitted for
+    #: the same model name in this process (versions load in ascending order at start-up).
+    no_rollback: bool = False
 
     def __post_init__(self) -> None:
         where = f"[[signing.trust]] {self.name!r}"
@@ -114,10 +125,14 @@ class TrustRule:
                                   f"time") from err
             if when.tzinfo is None:
                 raise ConfigError(f"{where}: revoked_at needs a time zone (e.g. ...Z)")
+        if self.bind not in ("", "name", "version"):
+            raise ConfigError(f"{where}: bind must be \"name\", \"version\" or \"\" (not "
+                              f"{self.bind!r})")
 
 
 def _demo_rules() -> tuple[TrustRule, ...]:
-    return (TrustRule(name="demo", models=("*",), pubkey=DEMO_SIGNING_DIR / "demo-signer.pub"),)
+    return (TrustRule(name="demo", models=("*",), pubkey=DEMO_SIGNING_DIR / "demo-signer.pub",
+                      bind="version"),)
 
 
 @dataclass(frozen=True)
@@ -179,7 +194,12 @@ def verifier(settings: SigningSettings, *, now: datetime | None = None) -> _pipe
 
     A model without ``model.sig`` is refused when ``require_signature`` is set, and otherwise
     served unverified (the step returns None); a present signature must always verify.
+    The step remembers the versions its ``no_rollback`` rules admitted, per model name, so
+    a version lower than one already admitted (and not admitted itself) is refused.
     """
+    rules = {rule.name: rule for rule in settings.trust}
+    admitted: dict[str, set[int]] = {}
+    lock = threading.Lock()
 
     def verify(name: str, version: str, files: dict[str, bytes], digests: dict[str, str],
                bundle: bytes | None) -> tuple[str, str, str] | None:
@@ -190,6 +210,15 @@ def verifier(settings: SigningSettings, *, now: datetime | None = None) -> _pipe
             return None
         verified = verify_files(name, files, bundle, settings, version=version,
                                 digests=digests, now=now)
+        if rules[verified.rule].no_rollback and version.isdigit():
+            with lock:
+                seen = admitted.setdefault(name, set())
+                if seen and int(version) not in seen and int(version) < max(seen):
+                    raise SignatureError(
+                        f"model {name!r} version {version} is older than version {max(seen)}, "
+                        f"already trusted; rule {verified.rule!r} refuses rollback",
+                        verified.rule)
+                seen.add(int(version))
         return verified.digest, verified.signer, verified.rule
 
     return verify
@@ -236,17 +265,44 @@ def _verify(model_name: str, version: str, digests: dict[str, str], blob: bytes,
     try:
         admitted = _trust.admit(model_name, bundle, settings.trust, now)
     except _trust.TrustError as err:
-        raise SignatureError(f"{where}: untrusted signature: {err}", err.rule) from err
+        raise SignatureError(f"{where}: untrusted signature: {err}", err.rule,
+                             detail=f"{where}: untrusted signature: {err.detail}") from err
     try:
         statement = _bundle.parse_statement(bundle.payload)
     except _bundle.BundleError as err:
         raise SignatureError(f"{where}: signed manifest refused: {err}", admitted.rule) from err
+    rule = next(r for r in settings.trust if r.name == admitted.rule)
+    _check_subject(rule, statement.subject_name, model_name, version)
     problems = _manifest.differences(statement.resources, digests, statement.ignore_paths)
     if problems:
         raise SignatureError(f"{where} does not match its signature: " + "; ".join(problems),
                              admitted.rule)
     return VerifiedModel(digest=statement.root, signer=admitted.signer, rule=admitted.rule,
                          files=tuple(statement.resources))
+
+
+def _check_subject(rule: TrustRule, subject: str, name: str, version: str) -> None:
+    """Refuse a signature whose subject names another model (or version) than the loaded one."""
+    if not rule.bind:
+        return
+    signed_name, _, signed_version = subject.partition("/")
+    wanted = f"{name}/{version}" if rule.bind == "version" else name
+    ok = signed_name == name and (signed_version == version if (
+        signed_version or rule.bind == "version") else True)
+    if not ok:
+        raise SignatureError(
+            f"model {name!r} version {version or '?'}: signed as {subject!r}, not as "
+            f"{wanted!r}; rule {rule.name!r} binds signatures to the model they are served as",
+            rule.name)
+
+
+def default_subject(model_dir: Path) -> str:
+    """``<name>/<version>`` for a repository layout ``.../<name>/<version>``, else the
+    directory's name (as ``model_signing`` names it)."""
+    resolved = model_dir.resolve()
+    if resolved.name.isdigit() and resolved.parent.name:
+        return f"{resolved.parent.name}/{resolved.name}"
+    return resolved.name
 
 
 def read_model_files(model_dir: Path, *, kek: bytes | None = None) -> dict[str, bytes]:
@@ -280,13 +336,17 @@ def _progress_bar(enabled: bool, label: str):
 
 def sign_model(model_dir: Path, *, key: Path, cert: Path | None = None,
                chain: Sequence[Path] = (), progress: bool = False,
-               kek: bytes | None = None) -> Path:
+               kek: bytes | None = None, subject: str | None = None) -> Path:
     """Sign every file of ``model_dir`` (``model.sig`` excluded) and write ``model_dir/model.sig``.
 
     ``key`` is an unencrypted PEM ECDSA private key (P-256/P-384/P-521). With ``cert`` (its
     X.509 certificate) and ``chain`` (intermediate/CA PEMs) the bundle carries the certificate
     chain; otherwise the key's hint. Output is deterministic (canonical JSON, RFC 6979
     ECDSA). ``kek`` decrypts ``*.enc`` files so their plaintext is what gets signed.
+    ``subject`` names what is signed (default :func:`default_subject`: ``<name>/<version>``
+    in a repository), which trust rules with ``bind`` check against what it is served as.
+    The signature leaves out, and records in its ignore paths, ``model_signing``'s default
+    ignore set (``.git``, ``.gitattributes``, ``.github``, ``.gitignore``, ``model.sig``).
     """
     private_key = _load_private_key(key)
     public_key = private_key.public_key()
@@ -301,7 +361,8 @@ def sign_model(model_dir: Path, *, key: Path, cert: Path | None = None,
     with _progress_bar(progress, f"sign {model_dir}") as on_bytes:
         model = _files.read_model_dir(model_dir, on_bytes=on_bytes)
     _, digests = _files.plaintext(model, _decrypter(kek))
-    payload = _bundle.build_statement(model_dir.resolve().name, digests)
+    payload = _bundle.build_statement(subject or default_subject(model_dir), digests,
+                                      _files.SIGNATURE_IGNORE_PATHS)
     try:
         algorithm = ec.ECDSA(_trust.ecdsa_hash(public_key), deterministic_signing=True)
     except _trust.TrustError as err:
