@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from gateway.errors import GatewayError, ModelUnavailable
+from gateway.errors import GatewayError, InvalidRequest, ModelUnavailable
 from gateway.models._datatypes import NUMPY_DTYPES, ORT_TO_OIP
+from gateway.models._messages import ort_message, redact
 from gateway.models._pipeline import OpenedVersion, Verify, open_version
 from gateway.models._tensors import RuntimeModel
 
@@ -78,7 +79,11 @@ class LoadedModel:
             output_names: list[str]) -> dict[str, np.ndarray]:
         """Run the session; returns the named outputs (all outputs when the list is empty)."""
         names = output_names or [spec.name for spec in self.outputs]
-        results = self.session.run(names, dict(feeds))
+        try:
+            results = self.session.run(names, dict(feeds))
+        except Exception as err:  # ORT's own types; its text may hold source locations
+            log.warning("model %s/%s: ONNX Runtime run failed: %s", self.name, self.version, err)
+            raise InvalidRequest(ort_message(err)) from err
         return dict(zip(names, results, strict=True))
 
 
@@ -163,6 +168,7 @@ class ModelRepository:
 
     def _refuse(self, name: str, version: str, reason: str, detail: str = "") -> ModelEntry:
         detail = detail or reason
+        reason = redact(reason)  # the net under caller-safe messages: no server path leaves
         entry = ModelEntry(name, version, REFUSED, reason=reason, detail=detail)
         self._install(entry)
         self._on_event("model_refused", {"model": {"name": name, "version": version},
@@ -248,7 +254,7 @@ class ModelRepository:
             return ort.InferenceSession(runtime.model, sess_options=options,
                                         providers=["CPUExecutionProvider"])
         except Exception as err:  # ORT raises its own exception types for bad graphs
-            raise ModelUnavailable(f"ONNX Runtime cannot load the model ({_ort_code(err)})",
+            raise ModelUnavailable(f"ONNX Runtime cannot load the model: {ort_message(err)}",
                                    detail=f"{name}/{version}: ONNX Runtime cannot load the "
                                    f"model: {err}") from err
 
@@ -299,9 +305,3 @@ def _specs(args: list, kind: str) -> tuple[TensorSpec, ...]:
         shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
         specs.append(TensorSpec(arg.name, datatype, shape))
     return tuple(specs)
-
-
-def _ort_code(err: BaseException) -> str:
-    """ONNX Runtime's status name (e.g. INVALID_GRAPH) without its source locations."""
-    match = re.match(r"\[ONNXRuntimeError\] : \d+ : ([A-Z_]+) :", str(err))
-    return match.group(1) if match else type(err).__name__

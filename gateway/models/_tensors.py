@@ -42,8 +42,9 @@ class ExternalDataError(ModelUnavailable):
     """
 
     def __init__(self, code: str, message: str, *, detail: str = "") -> None:
-        super().__init__(message, detail=detail)
+        super().__init__(f"{code}: {message}", detail=f"{code}: {detail or message}")
         self.code = code
+        self.reason = message
 
 
 @dataclass(frozen=True)
@@ -175,8 +176,8 @@ def itemsize(elem_type: int) -> int:
         return 8
 
 
-def check_location(location: str) -> str:
-    """``location`` if it is a plain relative POSIX name of a file, else ExternalDataError.
+def location_problem(location: str) -> str:
+    """Why ``location`` is not a plain relative POSIX file name ('' when it is one).
 
     The strictest rule anywhere: no empty name or component, no ``.``/``..``, no absolute
     path, drive letter, backslash or NUL.
@@ -190,11 +191,7 @@ def check_location(location: str) -> str:
         why = "is an absolute path"
     elif any(part in ("", ".", "..") for part in location.split("/")):
         why = "has an empty, '.' or '..' component"
-    if why:
-        # The location itself goes to the log only: it may spell out a server path.
-        raise ExternalDataError("external-data-outside", f"its external-data location {why}",
-                                detail=f"external-data location {location!r} {why}")
-    return location
+    return why
 
 
 def is_external(t: TensorProto) -> bool:
@@ -224,11 +221,13 @@ def resolve_external(site: TensorSite, files: Mapping[str, bytes]) -> ExternalRe
     if "location" not in info:
         raise ExternalDataError("external-data-outside",
                                 f"{what}: stored externally but names no location")
-    try:
-        location = check_location(info["location"])
-    except ExternalDataError as err:
-        raise ExternalDataError(err.code, f"{what}: {err}",
-                                detail=f"{what}: {err.detail}") from None
+    location = info["location"]
+    why = location_problem(location)
+    if why:
+        # The location itself goes to the log only: it may spell out a server path.
+        raise ExternalDataError("external-data-outside", f"{what}: its external-data location "
+                                f"{why}", detail=f"{what}: external-data location "
+                                f"{location!r} {why}")
     data = files.get(location)
     if data is None:
         raise ExternalDataError("external-data-missing",

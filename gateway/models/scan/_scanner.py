@@ -147,7 +147,7 @@ def _check_tensors(model: ModelProto, files: Mapping[str, bytes], settings: Scan
             try:
                 ref = _tensors.resolve_external(site, files)
             except _tensors.ExternalDataError as err:
-                report.add("high", err.code, str(err))
+                report.add("high", err.code, err.reason)
             else:
                 data = files[ref.location][ref.offset:ref.offset + ref.length]
             # Main-graph tensors above the fill limit become graph inputs (no data needed);
