@@ -19,10 +19,13 @@ opened, so they can never be loaded; a signature records them in its ignore path
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import hashlib
 import os
+import queue
 import stat
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,12 @@ SIGNATURE_IGNORE_PATHS = (SIGNATURE_FILE, *IGNORED_PATHS)
 #: Default bound on all files of one version together.
 DEFAULT_MAX_BYTES = 2 * 1024**3
 _CHUNK = 8 << 20
+#: Files larger than this are read by one thread while another hashes (see _read_hashing).
+_PIPELINE = 64 << 20
+#: Files opened and read in parallel at a time (bounds the open descriptors).
+_BATCH = 64
+#: A file's bytes: ``bytes``, or a read-only memoryview for large files (no copy).
+FileData = bytes | memoryview
 _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -60,8 +69,9 @@ class ModelFilesError(ModelUnavailable):
 class ModelDir:
     """A model version directory as read: the only source of its bytes from then on."""
 
-    #: Stored name (relative POSIX path, ``X.enc`` for encrypted files) -> bytes.
-    files: dict[str, bytes]
+    #: Stored name (relative POSIX path, ``X.enc`` for encrypted files) -> bytes (a
+    #: read-only memoryview for large files).
+    files: dict[str, FileData]
     #: Stored name -> hex SHA-256 of the stored bytes, computed while reading.
     digests: dict[str, str]
     #: The ``model.sig`` bundle, or None when the directory has none.
@@ -72,16 +82,19 @@ class ModelDir:
 
 
 def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
-                   on_bytes: Callable[[int], None] | None = None) -> ModelDir:
+                   on_bytes: Callable[[int], None] | None = None,
+                   keep: bool = True) -> ModelDir:
     """Read every file of ``directory`` into memory once, hashing each as it is read.
 
-    Raises :class:`ModelFilesError` naming the offending file. ``on_bytes`` is called with
-    the size of each piece read (a progress bar).
+    Files are read in parallel (reading and hashing release the GIL); a large file is read
+    by one thread while another hashes the pieces already read. Raises
+    :class:`ModelFilesError` naming the offending file. ``on_bytes`` is called with the
+    size of each piece read (a progress bar). ``keep=False`` (signing: only digests are
+    needed) hashes plaintext files without keeping their bytes; the checks are the same.
     """
-    files: dict[str, bytes] = {}
-    digests: dict[str, str] = {}
-    signature: bytes | None = None
+    found: dict[str, tuple[FileData | None, str]] = {}
     ignored: list[str] = []
+    batch: list[tuple[int, int, str]] = []
     total = 0
     try:
         root = os.open(directory, _FLAGS | os.O_DIRECTORY)
@@ -107,26 +120,61 @@ def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
                     if stat.S_ISDIR(st.st_mode):
                         pending.append((fd, rel + "/"))
                         continue
-                    try:
-                        _check_regular(st, rel, directory)
-                        total += st.st_size
-                        if total > max_bytes:
-                            raise ModelFilesError(
-                                "file-too-large", f"the model's files exceed the {max_bytes}-byte"
-                                " limit", directory)
-                        data, digest = _read_hashing(fd, st.st_size, rel, directory, on_bytes)
-                    finally:
-                        os.close(fd)
-                    if rel == SIGNATURE_FILE:
-                        signature = data
-                    else:
-                        files[rel], digests[rel] = data, digest
+                    batch.append((fd, st.st_size, rel))
+                    _check_regular(st, rel, directory)
+                    total += st.st_size
+                    if total > max_bytes:
+                        raise ModelFilesError("file-too-large", f"the model's files exceed the "
+                                              f"{max_bytes}-byte limit", directory)
+                    if len(batch) >= _BATCH:
+                        _read_batch(batch, found, directory, on_bytes, keep)
             finally:
                 os.close(dir_fd)
+        _read_batch(batch, found, directory, on_bytes, keep)
     finally:
+        for fd, _, _ in batch:
+            os.close(fd)
         for fd, _ in pending:
             os.close(fd)
-    return ModelDir(files, digests, signature, tuple(ignored), str(directory))
+    signature = found.pop(SIGNATURE_FILE, (None, ""))[0]
+    digests = {rel: found[rel][1] for rel in sorted(found)}
+    files = {rel: found[rel][0] for rel in digests if found[rel][0] is not None}
+    return ModelDir(files, digests, None if signature is None else bytes(signature),
+                    tuple(ignored), str(directory))
+
+
+def _read_batch(batch: list[tuple[int, int, str]],
+                found: dict[str, tuple[FileData | None, str]], directory: Path,
+                on_bytes: Callable[[int], None] | None, keep: bool) -> None:
+    """Read and hash the opened files of ``batch`` in parallel, closing each; empties it."""
+    if on_bytes is not None:
+        lock = threading.Lock()
+        report = on_bytes
+
+        def on_bytes(n: int) -> None:
+            with lock:
+                report(n)
+
+    def one(fd: int, size: int, rel: str) -> tuple[str, tuple[FileData | None, str]]:
+        try:
+            if keep or rel.endswith(ENCRYPTED_SUFFIX) or rel == SIGNATURE_FILE:
+                return rel, _read_hashing(fd, size, rel, directory, on_bytes)
+            return rel, (None, _hash_only(fd, size, rel, directory, on_bytes))
+        except OSError as err:
+            raise ModelFilesError("unreadable-file", f"{rel} cannot be read: {err.strerror}",
+                                  directory) from err
+
+    workers = max(1, min(len(batch), os.cpu_count() or 1, 4))
+    try:
+        if workers == 1:
+            found.update(one(*item) for item in batch)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+                found.update(pool.map(lambda item: one(*item), batch))
+    finally:
+        for fd, _, _ in batch:
+            os.close(fd)
+        batch.clear()
 
 
 def _check_name(rel: str, directory: Path) -> None:
@@ -157,21 +205,82 @@ def _check_regular(st: os.stat_result, rel: str, directory: Path) -> None:
 
 
 def _read_hashing(fd: int, size: int, rel: str, directory: Path,
-                  on_bytes: Callable[[int], None] | None) -> tuple[bytes, str]:
-    """The file's bytes (one allocation, one copy from the kernel) and their SHA-256."""
-    with open(fd, "rb", buffering=0, closefd=False) as f:
-        data = f.readall()
-    if len(data) != size:
+                  on_bytes: Callable[[int], None] | None) -> tuple[FileData, str]:
+    """The file's bytes and their SHA-256, read once.
+
+    A small file is one ``bytes`` object. A large one is read into one buffer by a helper
+    thread while this one hashes the pieces already read, and returned as a read-only
+    memoryview of that buffer (no copy; nothing else holds the buffer).
+    """
+    h = hashlib.sha256()
+    if size <= _PIPELINE:
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            data: FileData = f.readall()
+        pieces = [(0, len(data))]
+        view = memoryview(data)
+    else:
+        buf = bytearray(size)
+        view = memoryview(buf)
+        pieces = _ReadAhead(fd, view)
+    got = 0
+    for pos, n in pieces:
+        h.update(view[pos:pos + n])
+        got += n
+        if on_bytes is not None:
+            on_bytes(n)
+    if got != size or os.read(fd, 1):
         raise ModelFilesError("unreadable-file", f"{rel} changed size while being read",
                               directory)
+    return (data if size <= _PIPELINE else view.toreadonly()), h.hexdigest()
+
+
+def _hash_only(fd: int, size: int, rel: str, directory: Path,
+               on_bytes: Callable[[int], None] | None) -> str:
+    """The file's SHA-256, streamed through one reused buffer (nothing kept)."""
     h = hashlib.sha256()
-    view = memoryview(data)
-    for pos in range(0, size, _CHUNK):
-        h.update(view[pos:pos + _CHUNK])
+    buf = bytearray(min(size, _CHUNK) or 1)
+    got = 0
+    while n := os.readv(fd, [buf]):
+        h.update(memoryview(buf)[:n])
+        got += n
         if on_bytes is not None:
-            on_bytes(min(_CHUNK, size - pos))
-    view.release()
-    return data, h.hexdigest()
+            on_bytes(n)
+    if got != size:
+        raise ModelFilesError("unreadable-file", f"{rel} changed size while being read",
+                              directory)
+    return h.hexdigest()
+
+
+class _ReadAhead:
+    """Iterate ``(offset, length)`` of pieces of ``fd`` read into ``view`` by a helper thread."""
+
+    def __init__(self, fd: int, view: memoryview) -> None:
+        self._fd, self._view = fd, view
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._read, name="model-read", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        pos, size = 0, len(self._view)
+        try:
+            while pos < size:
+                n = os.readv(self._fd, [self._view[pos:pos + _CHUNK]])
+                if n == 0:
+                    break
+                self._ready.put((pos, n))
+                pos += n
+            self._ready.put(None)
+        except OSError as err:
+            self._ready.put(err)
+
+    def __iter__(self):
+        try:
+            while (item := self._ready.get()) is not None:
+                if isinstance(item, OSError):
+                    raise item
+                yield item
+        finally:
+            self._thread.join()
 
 
 def plaintext(model: ModelDir, decrypt: Callable[[bytes], bytes] | None
@@ -183,15 +292,18 @@ def plaintext(model: ModelDir, decrypt: Callable[[bytes], bytes] | None
     """
     files: dict[str, bytes] = {}
     digests: dict[str, str] = {}
-    for rel, data in model.files.items():
+    for rel, digest in model.digests.items():
         if not rel.endswith(ENCRYPTED_SUFFIX):
-            files[rel], digests[rel] = data, model.digests[rel]
+            digests[rel] = digest
+            if rel in model.files:
+                files[rel] = model.files[rel]
             continue
+        data = model.files[rel]
         if decrypt is None:
             raise ModelUnavailable(f"{rel} is encrypted: a key-encryption key is needed "
                                    "([signing] kek_file or kek_env, or --kek-file)")
         name = rel[: -len(ENCRYPTED_SUFFIX)]
-        if name in model.files:
+        if name in model.digests:
             raise ModelUnavailable(f"both {rel} and {name} are present")
         files[name] = decrypt(data)
         digests[name] = hashlib.sha256(files[name]).hexdigest()

@@ -68,6 +68,8 @@ class LoadedModel:
     session: ort.InferenceSession = field(repr=False)
     #: ABAC attributes of this model, computed once.
     attributes: Mapping[str, object] = field(default_factory=dict)
+    #: The verified bytes the session's initializers live in (ONNX Runtime uses them in place).
+    runtime: RuntimeModel | None = field(default=None, repr=False)
 
     def input(self, name: str) -> TensorSpec | None:
         for spec in self.inputs:
@@ -235,21 +237,24 @@ class ModelRepository:
         session = self._session(name, version, opened.runtime)
         inputs = _specs(session.get_inputs(), "input")
         outputs = _specs(session.get_outputs(), "output")
-        extras = {k: v for k, v in files.items() if k == PROFILE_FILE}
+        extras = {k: bytes(v) for k, v in files.items() if k == PROFILE_FILE}
         attributes = {"model.name": name, "model.version": version, "model.owner": owner,
                       **{f"model.labels.{k}": v for k, v in labels.items()}}
         return LoadedModel(name=name, version=version, digest=opened.digest,
                            signer=opened.signer, trust_rule=opened.rule, owner=owner,
                            labels=labels, inputs=inputs, outputs=outputs,
-                           extras=extras, session=session, attributes=attributes)
+                           extras=extras, session=session, attributes=attributes,
+                           runtime=opened.runtime)
 
     def _session(self, name: str, version: str, runtime: RuntimeModel) -> ort.InferenceSession:
         """The session, from memory only: ``runtime`` has no reference ONNX Runtime could
         resolve on disk (see :func:`gateway.models._tensors.runtime_model`)."""
         options = self._session_options()
-        if runtime.names:
-            options.add_external_initializers_from_files_in_memory(
-                list(runtime.names), list(runtime.buffers), [len(b) for b in runtime.buffers])
+        if runtime.initializers:
+            # Used in place by ONNX Runtime: LoadedModel keeps `runtime` alive with the session.
+            options.add_external_initializers(
+                [name for name, _ in runtime.initializers],
+                [ort.OrtValue.ortvalue_from_numpy(array) for _, array in runtime.initializers])
         try:
             return ort.InferenceSession(runtime.model, sess_options=options,
                                         providers=["CPUExecutionProvider"])
@@ -283,7 +288,7 @@ def _parse_metadata(data: bytes | None) -> tuple[str, dict[str, str]]:
     if data is None:
         return "", {}
     try:
-        table = tomllib.loads(data.decode("utf-8"))
+        table = tomllib.loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise ModelUnavailable(f"{METADATA_FILE} is not valid TOML: {err}") from err
     owner = table.get("owner", "")

@@ -270,47 +270,63 @@ def inline(t: TensorProto, data: bytes) -> None:
     """Make ``t`` an ordinary tensor holding ``data`` (no location left to resolve)."""
     del t.external_data[:]
     t.data_location = TensorProto.DEFAULT
-    t.raw_data = data
+    t.raw_data = bytes(data)
 
 
 @dataclass(frozen=True)
 class RuntimeModel:
-    """What ONNX Runtime gets: model bytes, and main-graph initializer files from memory."""
+    """What ONNX Runtime gets: model bytes, and main-graph initializers as arrays.
+
+    Each array is a view of the verified in-memory bytes (no copy); ONNX Runtime uses it in
+    place (``SessionOptions.add_external_initializers``), so it must outlive the session.
+    """
 
     model: bytes
-    names: tuple[str, ...]
-    buffers: tuple[bytes, ...]
+    initializers: tuple[tuple[str, np.ndarray], ...]
+
+
+#: The location main-graph initializers are left with: ONNX Runtime replaces each of them by
+#: name before reading anything, so this never names a file; it only has to be a location.
+IN_MEMORY = "<verified bytes in memory>"
+# Element types ONNX Runtime takes as numpy arrays; tensors of other types are inlined.
+_NUMPY_TYPES = frozenset({
+    TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BOOL,
+    TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64,
+    TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64})
 
 
 def runtime_model(model_bytes: bytes, files: Mapping[str, bytes]) -> RuntimeModel:
     """The model as ONNX Runtime may load it: no external reference it could resolve on disk.
 
-    Raises the first :class:`ExternalDataError` if any tensor's external data is not a valid
-    slice of a file in ``files`` (the verified, in-memory bytes).
+    Every tensor's external data must be a valid slice of a file in ``files`` (the verified,
+    in-memory bytes), else the first :class:`ExternalDataError` is raised. Main-graph
+    initializers become arrays over those bytes; every other external tensor is inlined.
     """
     model = parse_model(model_bytes)
     refs, problems = external_data(model, files)
     if problems:
         raise problems[0]
-    names: list[str] = []
-    rewritten = False
+    arrays: list[tuple[str, np.ndarray]] = []
     for ref in refs:
-        if ref.site.main_initializer:
-            if ref.location not in names:
-                names.append(ref.location)
+        t = ref.site.tensor
+        data = memoryview(files[ref.location])[ref.offset:ref.offset + ref.length]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)) \
+            if t.data_type in _NUMPY_TYPES else None
+        if ref.site.main_initializer and dtype is not None:
+            array = np.frombuffer(data, dtype=dtype).reshape(list(t.dims))
+            if ref.offset % dtype.alignment:
+                array = array.copy()  # ONNX Runtime's kernels expect aligned data
+            arrays.append((t.name, array))
+            del t.external_data[:]
+            t.external_data.add(key="location", value=IN_MEMORY)
         else:
-            inline(ref.site.tensor, files[ref.location][ref.offset:ref.offset + ref.length])
-            rewritten = True
+            inline(t, data)
     # The guarantee, checked on what is handed over rather than assumed from the loop above.
+    named = {name for name, _ in arrays}
     for site in tensors(model):
         if (is_external(site.tensor) or len(site.tensor.external_data)) and not (
-                site.main_initializer and _location(site.tensor) in names):
+                site.main_initializer and site.tensor.name in named):
             raise ExternalDataError("external-data-outside",  # pragma: no cover - invariant
                                     f"{site.kind} ({site.where}) still refers to a file")
-    data = model.SerializeToString() if rewritten else model_bytes
-    # bytes, never bytearray: ONNX Runtime's binding reads a bytearray's object header.
-    return RuntimeModel(data, tuple(names), tuple(bytes(files[n]) for n in names))
-
-
-def _location(t: TensorProto) -> str:
-    return next((e.value for e in t.external_data if e.key == "location"), "")
+    data = model.SerializeToString() if refs else bytes(model_bytes)
+    return RuntimeModel(data, tuple(arrays))

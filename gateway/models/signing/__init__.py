@@ -359,7 +359,7 @@ def sign_model(model_dir: Path, *, key: Path, cert: Path | None = None,
     elif chain:
         raise SignatureError("--chain needs --cert (the signing certificate)")
     with _progress_bar(progress, f"sign {model_dir}") as on_bytes:
-        model = _files.read_model_dir(model_dir, on_bytes=on_bytes)
+        model = _files.read_model_dir(model_dir, on_bytes=on_bytes, keep=False)
     _, digests = _files.plaintext(model, _decrypter(kek))
     payload = _bundle.build_statement(subject or default_subject(model_dir), digests,
                                       _files.SIGNATURE_IGNORE_PATHS)
