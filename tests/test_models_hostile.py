@@ -29,6 +29,7 @@ from gateway.models.scan import scan_model
 from gateway.models.signing import sign_model, verifier
 from tests.conftest import channel_credentials, triton_client
 from tests.hostile_models import OFFSET, SECRET, SIZE, build_corpus
+from tests.test_gateway_audit import _records
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +140,10 @@ def test_start_up_load_model_and_inference_never_serve_unsigned_bytes(corpus):
             assert out != leaked, entry.name
             if entry.expected is not None:
                 assert out == entry.expected, (entry.name, out)
+        refusals = [r for r in _records(gw) if r.get("kind") == "model_refused"]
     finally:
         gw.stop()
-    refusals = [json.loads(line) for path in sorted((env.audit / "segments").iterdir())
-                for line in path.read_bytes().rstrip(b"\0").splitlines()
-                if b"model_refused" in line]
-    refused_names = {r["model"]["name"] for r in refusals if r.get("kind") == "model_refused"}
+    refused_names = {r["model"]["name"] for r in refusals}
     assert refused_names == {e.name for e in entries if not e.loads}
     # The audit record keeps the full story the caller does not see.
     assert any(str(env.root) in r.get("detail", "") for r in refusals)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from gateway.models.signing import (
     verify_files,
 )
 from tests.conftest import channel_credentials, triton_client
+from tests.test_gateway_audit import _records
 from tests.test_signing_fixtures import write_key, write_model
 
 
@@ -79,15 +79,20 @@ def test_rollback_to_a_version_never_admitted_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def gateway_env(tmp_path_factory):
+    """A gateway started with a signed copy of demo-types already placed as 'copied'."""
     env = make_demo_env(tmp_path_factory.mktemp("binding"), models={"reverify_interval": 0.0})
+    shutil.copytree(env.models / "demo-types" / "1", env.models / "copied" / "1")
     gw = start_gateway(env)
     yield gw
     gw.stop()
 
 
-def _records(env, kind: str) -> list[dict]:
-    return [json.loads(line) for path in sorted((env.audit / "segments").iterdir())
-            for line in path.read_bytes().rstrip(b"\0").splitlines() if kind.encode() in line]
+def test_a_signed_copy_is_refused_at_start_up(gateway_env):
+    admin = triton_client(gateway_env, "admin")
+    assert admin.is_model_ready("demo-types") and not admin.is_model_ready("copied")
+    (refused,) = [r for r in _records(gateway_env) if r.get("kind") == "model_refused"
+                  and r["model"]["name"] == "copied"]
+    assert "signed as 'demo-types/1'" in refused["reason"]
 
 
 @pytest.mark.parametrize("source, target", [(("demo-types", "1"), ("demo-mlp", "2")),
@@ -107,9 +112,10 @@ def test_a_signed_copy_under_another_name_or_version_is_refused_and_audited(
     admin = triton_client(gateway_env, "admin")
     assert not admin.is_model_ready(target[0], target[1])
     assert admin.is_model_ready("demo-mlp", "1")  # the original keeps serving
-    refused = [r for r in _records(env, "model_refused") if r.get("kind") == "model_refused"
+    records = _records(gateway_env)
+    refused = [r for r in records if r.get("kind") == "model_refused"
                and r["model"] == {"name": target[0], "version": target[1]}]
     assert refused and "binds signatures" in refused[-1]["reason"]
-    decisions = [r for r in _records(env, "LoadModel") if r.get("rpc") == "LoadModel"
+    decisions = [r for r in records if r.get("rpc") == "LoadModel"
                  and r["model"]["name"] == target[0] and r["model"]["version"] == target[1]]
     assert decisions and decisions[-1]["status"] == "FAILED_PRECONDITION"
