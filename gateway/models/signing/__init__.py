@@ -271,12 +271,12 @@ def _verify(model_name: str, version: str, digests: dict[str, str], blob: bytes,
         statement = _bundle.parse_statement(bundle.payload)
     except _bundle.BundleError as err:
         raise SignatureError(f"{where}: signed manifest refused: {err}", admitted.rule) from err
-    rule = next(r for r in settings.trust if r.name == admitted.rule)
-    _check_subject(rule, statement.subject_name, model_name, version)
     problems = _manifest.differences(statement.resources, digests, statement.ignore_paths)
     if problems:
         raise SignatureError(f"{where} does not match its signature: " + "; ".join(problems),
                              admitted.rule)
+    rule = next(r for r in settings.trust if r.name == admitted.rule)
+    _check_subject(rule, statement.subject_name, model_name, version)
     return VerifiedModel(digest=statement.root, signer=admitted.signer, rule=admitted.rule,
                          files=tuple(statement.resources))
 
