@@ -97,3 +97,17 @@ def test_a_large_external_weight_file_is_read_once_hashed_and_served_from_memory
     loaded = models.load("wide", "1").model
     x = np.array([[1.0, -2.0, 0.5, 3.0]], np.float32)
     assert np.allclose(loaded.run({"x": x}, [])["y"], x @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_demo_signatures_made_before_subject_binding_are_dropped_for_re_signing(tmp_path):
+    from gateway.models.signing import ensure_demo_signing_key, sign_model
+
+    repo = tmp_path / "models"
+    build_demo_repository(repo)
+    key, _ = ensure_demo_signing_key(tmp_path / "keys")
+    old, bound = repo / "demo-mlp" / "1", repo / "demo-types" / "1"
+    sign_model(old, key=key, subject="1")  # as signatures were made before
+    sign_model(bound, key=key)
+    assert build_demo_repository(repo) == []  # nothing rebuilt...
+    assert not (old / "model.sig").exists()  # ...but the stale signature goes
+    assert (bound / "model.sig").exists()

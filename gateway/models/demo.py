@@ -93,15 +93,33 @@ def _serialize(graph: onnx.GraphProto) -> bytes:
 
 
 def build_demo_repository(root: Path, *, force: bool = False) -> list[Path]:
-    """Write the demo models under ``root`` (kept if present unless ``force``); returns dirs."""
+    """Write the demo models under ``root`` (kept if present unless ``force``); returns dirs.
+
+    A kept demo model whose ``model.sig`` predates signatures naming their model (subject
+    ``1`` instead of ``demo-mlp/1``, refused by the demo trust rule) loses that signature,
+    so ``gateway demo init`` signs it again.
+    """
     written = []
     for name, model, metadata in (("demo-mlp", mlp_model(), _MLP_METADATA),
                                   ("demo-types", types_model(), _TYPES_METADATA)):
         directory = root / name / "1"
         if (directory / "model.onnx").exists() and not force:
+            _drop_unbound_signature(directory, f"{name}/1")
             continue
         directory.mkdir(parents=True, exist_ok=True)
         write_atomic(directory / "model.onnx", model)
         write_atomic(directory / "metadata.toml", metadata.encode())
         written.append(directory)
     return written
+
+
+def _drop_unbound_signature(directory: Path, subject: str) -> None:
+    from gateway.models.signing._bundle import BundleError, parse_bundle, parse_statement
+
+    signature = directory / "model.sig"
+    try:
+        signed = parse_statement(parse_bundle(signature.read_bytes()).payload).subject_name
+    except (OSError, BundleError):
+        return
+    if signed != subject:
+        signature.unlink()
