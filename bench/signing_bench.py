@@ -8,16 +8,14 @@ with its baseline; the best run of each is compared (the machine is shared and n
 
 - sign:   ``sign_model`` (the one reader hashing every file, sign, write model.sig) vs
           ``hashlib.file_digest`` over the same files (page cache warm for both).
-- verify (disk): ``verify_model``, the serving pipeline (every file read once into memory
-          and hashed as read, signature checked, external data resolved) vs the same
-          streaming hashlib baseline: it pays for holding the model in memory, which
-          serving needs and the baseline does not.
+- verify (disk): ``verify_model``, the serving pipeline's checks (the one reader hashing
+          every file, the signature, every external-data reference; only model.onnx kept
+          in memory) vs the same hashlib baseline.
 - verify (memory): ``verify_files`` over bytes already in memory (the gateway's path)
           vs ``hashlib.sha256(bytes)`` over the same bytes.
 - decrypt (memory): ``decrypt_bytes`` of one encrypted 512 MiB shard vs hashlib over its
           plaintext (informative, no target: it is dominated by allocating the output).
-Target (issue 4): sign and verify at >= 90% of hashlib's rate (since issue 15 verify (disk)
-reads into memory, as serving does; verify (memory) is the hashing part of it).
+Target (issue 4): sign and verify at >= 90% of hashlib's rate.
 """
 
 from __future__ import annotations

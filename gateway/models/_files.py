@@ -79,20 +79,24 @@ class ModelDir:
     #: Ignored top-level names present in the directory (never opened).
     ignored: tuple[str, ...] = ()
     directory: str = field(default="")
+    #: Stored name -> size in bytes (also of files whose bytes were not kept).
+    sizes: dict[str, int] = field(default_factory=dict)
 
 
 def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
                    on_bytes: Callable[[int], None] | None = None,
-                   keep: bool = True) -> ModelDir:
+                   keep_only: frozenset[str] | None = None) -> ModelDir:
     """Read every file of ``directory`` into memory once, hashing each as it is read.
 
     Files are read in parallel (reading and hashing release the GIL); a large file is read
     by one thread while another hashes the pieces already read. Raises
     :class:`ModelFilesError` naming the offending file. ``on_bytes`` is called with the
-    size of each piece read (a progress bar). ``keep=False`` (signing: only digests are
-    needed) hashes plaintext files without keeping their bytes; the checks are the same.
+    size of each piece read (a progress bar). With ``keep_only`` the bytes of other plaintext
+    files are hashed and dropped (signing and ``model verify`` need their digests and sizes
+    only); the checks are the same.
     """
     found: dict[str, tuple[FileData | None, str]] = {}
+    sizes: dict[str, int] = {}
     ignored: list[str] = []
     batch: list[tuple[int, int, str]] = []
     total = 0
@@ -121,16 +125,17 @@ def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
                         pending.append((fd, rel + "/"))
                         continue
                     batch.append((fd, st.st_size, rel))
+                    sizes[rel] = st.st_size
                     _check_regular(st, rel, directory)
                     total += st.st_size
                     if total > max_bytes:
                         raise ModelFilesError("file-too-large", f"the model's files exceed the "
                                               f"{max_bytes}-byte limit", directory)
                     if len(batch) >= _BATCH:
-                        _read_batch(batch, found, directory, on_bytes, keep)
+                        _read_batch(batch, found, directory, on_bytes, keep_only)
             finally:
                 os.close(dir_fd)
-        _read_batch(batch, found, directory, on_bytes, keep)
+        _read_batch(batch, found, directory, on_bytes, keep_only)
     finally:
         for fd, _, _ in batch:
             os.close(fd)
@@ -139,13 +144,15 @@ def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
     signature = found.pop(SIGNATURE_FILE, (None, ""))[0]
     digests = {rel: found[rel][1] for rel in sorted(found)}
     files = {rel: found[rel][0] for rel in digests if found[rel][0] is not None}
+    sizes.pop(SIGNATURE_FILE, None)
     return ModelDir(files, digests, None if signature is None else bytes(signature),
-                    tuple(ignored), str(directory))
+                    tuple(ignored), str(directory), sizes)
 
 
 def _read_batch(batch: list[tuple[int, int, str]],
                 found: dict[str, tuple[FileData | None, str]], directory: Path,
-                on_bytes: Callable[[int], None] | None, keep: bool) -> None:
+                on_bytes: Callable[[int], None] | None,
+                keep_only: frozenset[str] | None) -> None:
     """Read and hash the opened files of ``batch`` in parallel, closing each; empties it."""
     if on_bytes is not None:
         lock = threading.Lock()
@@ -157,7 +164,8 @@ def _read_batch(batch: list[tuple[int, int, str]],
 
     def one(fd: int, size: int, rel: str) -> tuple[str, tuple[FileData | None, str]]:
         try:
-            if keep or rel.endswith(ENCRYPTED_SUFFIX) or rel == SIGNATURE_FILE:
+            if keep_only is None or rel in keep_only or rel.endswith(ENCRYPTED_SUFFIX) \
+                    or rel == SIGNATURE_FILE:
                 return rel, _read_hashing(fd, size, rel, directory, on_bytes)
             return rel, (None, _hash_only(fd, size, rel, directory, on_bytes))
         except OSError as err:
@@ -284,7 +292,7 @@ class _ReadAhead:
 
 
 def plaintext(model: ModelDir, decrypt: Callable[[bytes], bytes] | None
-              ) -> tuple[dict[str, bytes], dict[str, str]]:
+              ) -> tuple[dict[str, bytes], dict[str, str], dict[str, int]]:
     """Files and digests under their plaintext names, ``X.enc`` decrypted in memory.
 
     Raises :class:`ModelUnavailable` if an encrypted file is present without a way to
@@ -292,9 +300,10 @@ def plaintext(model: ModelDir, decrypt: Callable[[bytes], bytes] | None
     """
     files: dict[str, bytes] = {}
     digests: dict[str, str] = {}
+    sizes: dict[str, int] = {}
     for rel, digest in model.digests.items():
         if not rel.endswith(ENCRYPTED_SUFFIX):
-            digests[rel] = digest
+            digests[rel], sizes[rel] = digest, model.sizes[rel]
             if rel in model.files:
                 files[rel] = model.files[rel]
             continue
@@ -307,7 +316,8 @@ def plaintext(model: ModelDir, decrypt: Callable[[bytes], bytes] | None
             raise ModelUnavailable(f"both {rel} and {name} are present")
         files[name] = decrypt(data)
         digests[name] = hashlib.sha256(files[name]).hexdigest()
-    return files, digests
+        sizes[name] = len(files[name])
+    return files, digests, sizes
 
 
 def files_digest(files: Mapping[str, bytes]) -> str:

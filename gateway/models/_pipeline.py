@@ -15,7 +15,12 @@ from pathlib import Path
 
 from gateway.errors import ModelUnavailable
 from gateway.models import _files
-from gateway.models._tensors import RuntimeModel, runtime_model
+from gateway.models._tensors import (
+    RuntimeModel,
+    checked_external_data,
+    parse_model,
+    runtime_model,
+)
 
 MODEL_FILE = "model.onnx"
 
@@ -33,20 +38,30 @@ class OpenedVersion:
     digest: str
     signer: str
     rule: str
-    runtime: RuntimeModel
+    #: None when opened with ``load=False`` (every check done, no bytes kept for a session).
+    runtime: RuntimeModel | None
 
 
 def open_version(directory: Path, name: str, version: str, *, verify: Verify | None,
                  decrypt: Callable[[bytes], bytes] | None,
                  max_bytes: int = _files.DEFAULT_MAX_BYTES,
-                 on_bytes: Callable[[int], None] | None = None) -> OpenedVersion:
-    """Read, decrypt, verify and resolve one version; raises ModelUnavailable (or a subclass)."""
-    model = _files.read_model_dir(directory, max_bytes=max_bytes, on_bytes=on_bytes)
-    files, digests = _files.plaintext(model, decrypt)
+                 on_bytes: Callable[[int], None] | None = None,
+                 load: bool = True) -> OpenedVersion:
+    """Read, decrypt, verify and resolve one version; raises ModelUnavailable (or a subclass).
+
+    ``load=False`` (``gateway model verify``) makes the same checks with the same reader and
+    walker, but keeps only ``model.onnx`` in memory: nothing is built from the weights.
+    """
+    model = _files.read_model_dir(directory, max_bytes=max_bytes, on_bytes=on_bytes,
+                                  keep_only=None if load else frozenset({MODEL_FILE}))
+    files, digests, sizes = _files.plaintext(model, decrypt)
     if MODEL_FILE not in files:
         raise ModelUnavailable(f"no {MODEL_FILE} in the model directory",
                                detail=f"{directory}: no {MODEL_FILE}")
     verified = verify(name, version, files, digests, model.signature) \
         if verify is not None else None
     digest, signer, rule = verified or (_files.files_digest(files), "unverified", "")
+    if not load:
+        checked_external_data(parse_model(files[MODEL_FILE]), sizes)
+        return OpenedVersion(files, digest, signer, rule, None)
     return OpenedVersion(files, digest, signer, rule, runtime_model(files[MODEL_FILE], files))

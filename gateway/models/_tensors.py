@@ -13,8 +13,8 @@ is the only place that enumerates them; the admission scanner and the loader bot
 :func:`runtime_model` is what makes ONNX Runtime never open a path for a model: every
 external tensor must name a file of the verified in-memory set, tensors other than main-graph
 initializers get their bytes inlined from that set, and main-graph initializers are handed to
-ONNX Runtime from memory (``add_external_initializers_from_files_in_memory``, which matches
-locations exactly), so nothing is left for ONNX Runtime to resolve against the disk.
+ONNX Runtime from memory as arrays over those bytes (``add_external_initializers``, replaced
+by name before anything is read), so nothing is left for ONNX Runtime to resolve on disk.
 """
 
 from __future__ import annotations
@@ -198,8 +198,9 @@ def is_external(t: TensorProto) -> bool:
     return t.data_location == TensorProto.EXTERNAL
 
 
-def resolve_external(site: TensorSite, files: Mapping[str, bytes]) -> ExternalRef:
-    """The slice of ``files`` holding ``site``'s external data, or ExternalDataError."""
+def resolve_external(site: TensorSite, sizes: Mapping[str, int]) -> ExternalRef:
+    """Where ``site``'s external data lies among the verified files (``sizes``: name ->
+    length), or ExternalDataError."""
     t = site.tensor
     what = f"{site.kind} ({site.where})"
     info: dict[str, str] = {}
@@ -228,8 +229,8 @@ def resolve_external(site: TensorSite, files: Mapping[str, bytes]) -> ExternalRe
         raise ExternalDataError("external-data-outside", f"{what}: its external-data location "
                                 f"{why}", detail=f"{what}: external-data location "
                                 f"{location!r} {why}")
-    data = files.get(location)
-    if data is None:
+    available = sizes.get(location)
+    if available is None:
         raise ExternalDataError("external-data-missing",
                                 f"{what}: external-data file {location!r} is not a verified "
                                 "file of the model directory")
@@ -240,10 +241,10 @@ def resolve_external(site: TensorSite, files: Mapping[str, bytes]) -> ExternalRe
     except ValueError:
         raise ExternalDataError("external-data-range", f"{what}: external-data offset or "
                                 "length is not an integer") from None
-    if offset < 0 or length < 0 or offset + length > len(data):
+    if offset < 0 or length < 0 or offset + length > available:
         raise ExternalDataError("external-data-range",
                                 f"{what}: bytes {offset}..{offset + length} are outside "
-                                f"{location} ({len(data)} bytes)")
+                                f"{location} ({available} bytes)")
     if length != size:
         raise ExternalDataError("external-data-range",
                                 f"{what}: declares {size} bytes but its external data is "
@@ -251,16 +252,17 @@ def resolve_external(site: TensorSite, files: Mapping[str, bytes]) -> ExternalRe
     return ExternalRef(site, location, offset, length)
 
 
-def external_data(model: ModelProto, files: Mapping[str, bytes]
+def external_data(model: ModelProto, sizes: Mapping[str, int]
                   ) -> tuple[list[ExternalRef], list[ExternalDataError]]:
-    """Every tensor's external data checked against ``files``: (good refs, problems)."""
+    """Every tensor's external data checked against the verified files' ``sizes``:
+    (good refs, problems)."""
     refs: list[ExternalRef] = []
     problems: list[ExternalDataError] = []
     for site in tensors(model):
         if not (is_external(site.tensor) or len(site.tensor.external_data)):
             continue
         try:
-            refs.append(resolve_external(site, files))
+            refs.append(resolve_external(site, sizes))
         except ExternalDataError as err:
             problems.append(err)
     return refs, problems
@@ -271,6 +273,14 @@ def inline(t: TensorProto, data: bytes) -> None:
     del t.external_data[:]
     t.data_location = TensorProto.DEFAULT
     t.raw_data = bytes(data)
+
+
+def checked_external_data(model: ModelProto, sizes: Mapping[str, int]) -> list[ExternalRef]:
+    """:func:`external_data`, raising the first problem (the loader's and verify's check)."""
+    refs, problems = external_data(model, sizes)
+    if problems:
+        raise problems[0]
+    return refs
 
 
 @dataclass(frozen=True)
@@ -303,9 +313,7 @@ def runtime_model(model_bytes: bytes, files: Mapping[str, bytes]) -> RuntimeMode
     initializers become arrays over those bytes; every other external tensor is inlined.
     """
     model = parse_model(model_bytes)
-    refs, problems = external_data(model, files)
-    if problems:
-        raise problems[0]
+    refs = checked_external_data(model, {name: len(data) for name, data in files.items()})
     arrays: list[tuple[str, np.ndarray]] = []
     for ref in refs:
         t = ref.site.tensor

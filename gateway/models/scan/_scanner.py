@@ -127,6 +127,7 @@ def _check_tensors(model: ModelProto, files: Mapping[str, bytes], settings: Scan
     initializer_bytes = 0
     largest = ("", 0)
     complete = True
+    sizes = {name: len(data) for name, data in files.items()}
     for site in _tensors.tensors(prepared):
         t, where, main = site.tensor, site.where, site.main_initializer
         size = _tensors.declared_bytes(t)
@@ -145,7 +146,7 @@ def _check_tensors(model: ModelProto, files: Mapping[str, bytes], settings: Scan
         if _tensors.is_external(t) or len(t.external_data):
             data = None
             try:
-                ref = _tensors.resolve_external(site, files)
+                ref = _tensors.resolve_external(site, sizes)
             except _tensors.ExternalDataError as err:
                 report.add("high", err.code, err.reason)
             else:

@@ -243,12 +243,13 @@ def verify_model(model_dir: Path, settings: SigningSettings, *, model_name: str 
     def verify(name: str, version: str, files: dict[str, bytes], digests: dict[str, str],
                bundle: bytes | None) -> tuple[str, str, str] | None:
         verified = check(name, version, files, digests, bundle)
-        result.append(VerifiedModel(*verified, files=tuple(sorted(files, key=_manifest.sort_key))))
+        signed = tuple(sorted(digests, key=_manifest.sort_key))
+        result.append(VerifiedModel(*verified, files=signed))
         return verified
 
     with _progress_bar(progress, f"verify {model_dir}") as on_bytes:
         _pipeline.open_version(model_dir, name, version, verify=verify,
-                               decrypt=_decrypter(kek), on_bytes=on_bytes)
+                               decrypt=_decrypter(kek), on_bytes=on_bytes, load=False)
     return result[0]
 
 
@@ -359,8 +360,8 @@ def sign_model(model_dir: Path, *, key: Path, cert: Path | None = None,
     elif chain:
         raise SignatureError("--chain needs --cert (the signing certificate)")
     with _progress_bar(progress, f"sign {model_dir}") as on_bytes:
-        model = _files.read_model_dir(model_dir, on_bytes=on_bytes, keep=False)
-    _, digests = _files.plaintext(model, _decrypter(kek))
+        model = _files.read_model_dir(model_dir, on_bytes=on_bytes, keep_only=frozenset())
+    _, digests, _ = _files.plaintext(model, _decrypter(kek))
     payload = _bundle.build_statement(subject or default_subject(model_dir), digests,
                                       _files.SIGNATURE_IGNORE_PATHS)
     try:
