@@ -30,6 +30,7 @@ from gateway.models.signing import sign_model, verifier
 from tests.conftest import channel_credentials, triton_client
 from tests.hostile_models import OFFSET, SECRET, SIZE, build_corpus
 from tests.test_gateway_audit import _records
+from tests.test_signing_fixtures import write_key
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +148,19 @@ def test_start_up_load_model_and_inference_never_serve_unsigned_bytes(corpus):
     assert refused_names == {e.name for e in entries if not e.loads}
     # The audit record keeps the full story the caller does not see.
     assert any(str(env.root) in r.get("detail", "") for r in refusals)
+
+
+def test_model_profile_loads_as_the_gateway_does(tmp_path, monkeypatch, capsys):
+    """`gateway model profile` runs the model: from memory too, never by path."""
+    (tmp_path / SECRET).parent.mkdir(parents=True)
+    (tmp_path / SECRET).write_bytes(b"s" * 256)
+    monkeypatch.chdir(tmp_path)
+    key, _ = write_key(tmp_path, "k")
+    entries = {e.variant: e for e in build_corpus(tmp_path, tmp_path / "models",
+                                                  lambda d: sign_model(d, key=key),
+                                                  kinds=["constant-value"])}
+    np.save(tmp_path / "ref.npy", np.zeros((8, 1), np.float32))
+    code = main(["model", "profile", str(entries["cwd"].directory), "--data",
+                 str(tmp_path / "ref.npy")])
+    assert code == 2 and "external-data-missing" in capsys.readouterr().err
+    assert not (entries["cwd"].directory / "profile.json").exists()

@@ -71,11 +71,17 @@ def _run_model(model: Path, data: np.ndarray) -> np.ndarray:
     """The model's first output on ``data`` (in chunks; one thread, as the gateway runs it)."""
     import onnxruntime as ort
 
+    from gateway.models import _files
+    from gateway.models._tensors import runtime_model
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
+    # As the gateway loads it: the one reader, then from memory (no path opened by ORT).
+    files = _files.plaintext(_files.read_model_dir(model.parent), None)[0]
+    runtime = runtime_model(files[model.name], files)
     try:
-        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        session = runtime.session(options)
     except Exception as err:  # onnxruntime raises its own untyped errors
         raise ProfileError(f"{model}: ONNX Runtime cannot load it ({err}); "
                            "use --no-outputs to profile inputs only") from err

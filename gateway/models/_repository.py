@@ -249,15 +249,9 @@ class ModelRepository:
     def _session(self, name: str, version: str, runtime: RuntimeModel) -> ort.InferenceSession:
         """The session, from memory only: ``runtime`` has no reference ONNX Runtime could
         resolve on disk (see :func:`gateway.models._tensors.runtime_model`)."""
-        options = self._session_options()
-        if runtime.initializers:
-            # Used in place by ONNX Runtime: LoadedModel keeps `runtime` alive with the session.
-            options.add_external_initializers(
-                [name for name, _ in runtime.initializers],
-                [ort.OrtValue.ortvalue_from_numpy(array) for _, array in runtime.initializers])
         try:
-            return ort.InferenceSession(runtime.model, sess_options=options,
-                                        providers=["CPUExecutionProvider"])
+            # Arrays used in place by ONNX Runtime: LoadedModel keeps `runtime` alive.
+            return runtime.session(self._session_options())
         except Exception as err:  # ORT raises its own exception types for bad graphs
             raise ModelUnavailable(f"ONNX Runtime cannot load the model: {ort_message(err)}",
                                    detail=f"{name}/{version}: ONNX Runtime cannot load the "

@@ -294,6 +294,20 @@ class RuntimeModel:
     model: bytes
     initializers: tuple[tuple[str, np.ndarray], ...]
 
+    def session(self, options):
+        """An ONNX Runtime session over these bytes (ORT's own exceptions propagate).
+
+        The arrays are used in place: keep this object alive as long as the session.
+        """
+        import onnxruntime as ort
+
+        if self.initializers:
+            options.add_external_initializers(
+                [name for name, _ in self.initializers],
+                [ort.OrtValue.ortvalue_from_numpy(array) for _, array in self.initializers])
+        return ort.InferenceSession(self.model, sess_options=options,
+                                    providers=["CPUExecutionProvider"])
+
 
 #: The location main-graph initializers are left with: ONNX Runtime replaces each of them by
 #: name before reading anything, so this never names a file; it only has to be a location.
