@@ -138,12 +138,23 @@ def _sensitivity(sess: Any, inputs: list[Any], names: list[str], job: dict[str, 
             "nonfinite_changes": len(gains) - len(finite)}
 
 
+def _runtime(model: str) -> Any:
+    """The model as the gateway loads it: the one reader, from memory, no path opened."""
+    from pathlib import Path
+
+    from gateway.models import _files
+    from gateway.models._tensors import runtime_model
+
+    path = Path(model)
+    files = _files.plaintext(_files.read_model_dir(path.parent), None)[0]
+    return runtime_model(files[path.name], files)
+
+
 def main() -> int:
     job = json.loads(sys.stdin.readline())
     limit = int(job["address_space"])
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import numpy as np
-    import onnxruntime as ort
 
     from gateway.models.scan._session import session_options
 
@@ -151,7 +162,8 @@ def main() -> int:
     _emit(event="start", case="load")
     started = time.perf_counter()
     try:
-        sess = ort.InferenceSession(job["model"], opts, providers=["CPUExecutionProvider"])
+        runtime = _runtime(job["model"])
+        sess = runtime.session(opts)
     except Exception as err:
         _emit(event="result", case="load", status="error", seconds=time.perf_counter() - started,
               error=f"{type(err).__name__}: {err}"[:2000])
@@ -181,8 +193,7 @@ def main() -> int:
                     digests.append([o["sha256"] for o in _summary(sess.run(names, feeds),
                                                                    names)])
                 if kind == "random":
-                    fresh = ort.InferenceSession(job["model"], opts,
-                                                 providers=["CPUExecutionProvider"])
+                    fresh = runtime.session(opts)
                     digests.append([o["sha256"] for o in _summary(fresh.run(names, feeds),
                                                                    names)])
                     del fresh
