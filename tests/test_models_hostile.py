@@ -164,3 +164,23 @@ def test_model_profile_loads_as_the_gateway_does(tmp_path, monkeypatch, capsys):
                  str(tmp_path / "ref.npy")])
     assert code == 2 and "external-data-missing" in capsys.readouterr().err
     assert not (entries["cwd"].directory / "profile.json").exists()
+
+
+def test_two_external_initializers_of_one_name_are_refused(tmp_path):
+    """ONNX Runtime takes in-memory initializers by name: a duplicate must not slip past."""
+    from onnx import TensorProto, helper
+
+    from gateway.models._tensors import ExternalDataError, runtime_model
+
+    inits = []
+    for _ in range(2):
+        t = TensorProto(name="w", data_type=TensorProto.UINT8, dims=[SIZE],
+                        data_location=TensorProto.EXTERNAL)
+        t.external_data.add(key="location", value="weights.bin")
+        inits.append(t)
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["out"])], "g", [],
+                              [helper.make_tensor_value_info("out", TensorProto.UINT8, [SIZE])],
+                              inits)
+    model = helper.make_model(graph).SerializeToString()
+    with pytest.raises(ExternalDataError, match="two initializers of that name"):
+        runtime_model(model, {"model.onnx": model, "weights.bin": bytes(SIZE)})

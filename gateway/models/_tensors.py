@@ -335,6 +335,10 @@ def runtime_model(model_bytes: bytes, files: Mapping[str, bytes]) -> RuntimeMode
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)) \
             if t.data_type in _NUMPY_TYPES else None
         if ref.site.main_initializer and dtype is not None:
+            if any(name == t.name for name, _ in arrays):
+                # ONNX Runtime replaces by name: a second one would be left to its location.
+                raise ExternalDataError("external-data-malformed", f"{ref.site.kind} "
+                                        f"({ref.site.where}): two initializers of that name")
             array = np.frombuffer(data, dtype=dtype).reshape(list(t.dims))
             if ref.offset % dtype.alignment:
                 array = array.copy()  # ONNX Runtime's kernels expect aligned data
