@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/gateway demo init
 
-run: demo
+# `make run CONFIG=FILE` serves that configuration instead (no demo set-up is made for it).
+run: $(STAMP)
+ifeq ($(CONFIG),)
+	$(BIN)/gateway demo init
 	$(BIN)/gateway serve
+else
+	$(BIN)/gateway serve --config $(CONFIG)
+endif
 
 test: demo
 	$(BIN)/ruff check .

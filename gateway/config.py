@@ -73,6 +73,12 @@ class PolicySettings:
     watch: bool = True
     #: Seconds between checks of the policy files for changes.
     watch_interval: float = 1.0
+    #: A candidate policy directory decided beside the live one (shadow mode): answers follow
+    #: the live policy, disagreements go to metrics and the audit log. Also set or cleared at
+    #: run time with `gateway policy shadow` (PolicyAdmin.SetShadowPolicy).
+    shadow: Path | None = None
+    #: Seconds between audit summaries of shadow disagreements (only when there are new ones).
+    shadow_summary_interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -89,12 +95,14 @@ class GatewayConfig:
     scan: Any = None
     explain: Any = None
     robustness: Any = None
+    client: Any = None
     source: Path | None = None
 
 
 def _sections() -> dict[str, type]:
     # Imported here so that `gateway.config` stays importable by every package it configures.
     from gateway.audit import AuditSettings
+    from gateway.client import ClientSettings
     from gateway.explain import ExplainSettings
     from gateway.models.robustness import RobustnessSettings
     from gateway.models.scan import ScanSettings
@@ -112,6 +120,7 @@ def _sections() -> dict[str, type]:
         "scan": ScanSettings,
         "explain": ExplainSettings,
         "robustness": RobustnessSettings,
+        "client": ClientSettings,
     }
 
 

@@ -1,22 +1,26 @@
-"""`gateway audit ...` verbs and tamper detection: each kind of damage is found and named."""
+"""`gateway audit verify`: each attack on the files is found, named once, and fails.
+
+Exit statuses: 0 every record covered by a verified signature; 1 damage; 3 no damage but
+records not covered yet. No mode passes a record that no signature covers.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import subprocess
-import sys
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from gateway.audit import AuditLog, AuditSettings, ensure_keys
-from gateway.audit._keys import vkey_path
+from gateway.audit import AuditLog, AuditLogDamaged, AuditSettings, ensure_keys
+from gateway.audit._canonical import encode
+from gateway.audit._keys import load_signer, vkey_path
+from gateway.audit._note import Checkpoint, Signer, parse_vkey
 from gateway.audit._store import list_segments, split_records
+from gateway.audit._verify import verify_log
 from gateway.cli import main
-
-GATEWAY = str(Path(sys.executable).with_name("gateway"))
 
 
 @pytest.fixture
@@ -50,25 +54,67 @@ def _rewrite(seg: Path, records: list[bytes]) -> None:
 
 
 def _verify_json(capsysbinary, tmp: Path, *extra: str) -> tuple[int, dict]:
+    # --dir: the log alone, not checked against the configured witness copy unless told to.
     code, out, _ = _cli(capsysbinary, "audit", "verify", "--config", str(tmp / "gw.toml"),
-                        "--json", "--quiet", *extra)
-    return code, json.loads(out)
+                        "--dir", str(tmp / "log"), "--json", "--quiet", *extra)
+    rep = json.loads(out)
+    assert rep["status"] == code
+    return code, rep
 
 
-def test_clean_log_verifies(logdir, capsysbinary):
-    tmp, _s = logdir
+def _kinds(rep: dict) -> list[str]:
+    return [f["kind"] for f in rep["findings"]]
+
+
+def _forge(prev_record: bytes, seq: int, **fields) -> bytes:
+    """A record with a perfect chain link to ``prev_record``: only a signature can catch it."""
+    last = json.loads(prev_record)
+    return encode({"v": 1, "seq": seq, "time_ms": last["time_ms"] + 1, "kind": "decision",
+                   "instance": "t", "prev": hashlib.sha256(b"\x00" + prev_record).hexdigest(),
+                   "decision": "allow", **fields})
+
+
+def _rechain(records: list[bytes], start: int) -> list[bytes]:
+    """Rewrite records from ``start`` on so every seq and prev link is valid again."""
+    out = list(records[:start])
+    for r in records[start:]:
+        rec = json.loads(r)
+        rec["prev"] = hashlib.sha256(b"\x00" + out[-1]).hexdigest() if out else "0" * 64
+        out.append(encode(rec))
+    return out
+
+
+def test_clean_log_verifies_and_says_freshness_was_not_checked(logdir, capsysbinary):
+    tmp, s = logdir
     code, rep = _verify_json(capsysbinary, tmp)
-    assert code == 0 and rep["ok"] and rep["records"] == 40 and rep["checkpoints"] >= 3
+    assert code == 0 and rep["ok"] and rep["records"] == 40 and rep["checkpoints"] >= 5
+    assert (rep["covered"], rep["not_covered"], rep["findings"]) == (40, 0, [])
+    # An explicit directory is not checked against the configured log's witness copy.
+    code, rep = _verify_json(capsysbinary, tmp, "--dir", str(s.directory))
+    assert code == 0 and rep["freshness"].startswith("NOT CHECKED")
+    code, out, _ = _cli(capsysbinary, "audit", "verify", "--dir", str(s.directory),
+                        "--config", str(tmp / "gw.toml"), "--quiet")
+    assert code == 0 and b"result      OK" in out and b"freshness   NOT CHECKED" in out
 
 
-def test_edit_one_byte_is_named(logdir, capsysbinary):
+def test_edit_one_byte_is_named_once(logdir, capsysbinary):
     tmp, s = logdir
     seg, recs = _records(s)
     recs[17] = recs[17].replace(b'"r016"', b'"r916"')  # still canonical; hash differs
     _rewrite(seg, recs)
     code, rep = _verify_json(capsysbinary, tmp)
-    assert code == 1 and rep["first_bad_index"] == 17
-    assert rep["findings"][0]["kind"] == "edited"
+    assert code == 1 and rep["first_bad_index"] == 17 and _kinds(rep) == ["edited"]
+
+
+def test_edit_of_the_last_record_is_caught_by_the_root(logdir, capsysbinary):
+    tmp, s = logdir
+    seg, recs = _records(s)
+    recs[-1] = recs[-1].replace(b'"records":40', b'"records":41')  # no successor link
+    _rewrite(seg, recs)
+    code, rep = _verify_json(capsysbinary, tmp)
+    lo = _signed_sizes(s)[-2]  # the last checkpoint before the edited record still matches
+    assert code == 1 and _kinds(rep) == ["edited"] and rep["first_bad_index"] == lo
+    assert f"size 40 does not match records {lo}..39" in rep["findings"][0]["message"]
 
 
 def test_edit_breaking_encoding_is_named(logdir, capsysbinary):
@@ -77,29 +123,27 @@ def test_edit_breaking_encoding_is_named(logdir, capsysbinary):
     recs[9] = recs[9].replace(b'"decision":"allow"', b'"decision": "allow"')
     _rewrite(seg, recs)
     code, rep = _verify_json(capsysbinary, tmp)
-    assert code == 1 and rep["first_bad_index"] == 9
+    assert code == 1 and rep["first_bad_index"] == 9 and _kinds(rep) == ["edited"]
     assert "canonical" in rep["findings"][0]["message"]
 
 
-def test_deleted_record_is_named(logdir, capsysbinary):
+def test_deleted_record_is_named_once(logdir, capsysbinary):
     tmp, s = logdir
     seg, recs = _records(s)
     del recs[12]
     _rewrite(seg, recs)
     code, rep = _verify_json(capsysbinary, tmp)
-    assert code == 1 and rep["first_bad_index"] == 12
-    assert rep["findings"][0]["kind"] == "deleted"
+    assert code == 1 and rep["first_bad_index"] == 12 and _kinds(rep) == ["deleted"]
 
 
-def test_swapped_records_are_named(logdir, capsysbinary):
+def test_swapped_records_are_one_reorder_not_a_deletion(logdir, capsysbinary):
     tmp, s = logdir
     seg, recs = _records(s)
     recs[20], recs[21] = recs[21], recs[20]
     _rewrite(seg, recs)
     code, rep = _verify_json(capsysbinary, tmp)
-    assert code == 1 and rep["first_bad_index"] == 20
-    assert {f["kind"] for f in rep["findings"]} >= {"deleted", "reordered"} or \
-        rep["findings"][0]["kind"] in ("reordered", "deleted")
+    assert code == 1 and rep["first_bad_index"] == 20 and _kinds(rep) == ["reordered"]
+    assert "records 20..21" in rep["findings"][0]["message"]
 
 
 def test_truncated_tail_is_named(logdir, capsysbinary):
@@ -107,52 +151,129 @@ def test_truncated_tail_is_named(logdir, capsysbinary):
     seg, recs = _records(s)
     _rewrite(seg, recs[:35])
     code, rep = _verify_json(capsysbinary, tmp)
-    assert code == 1 and rep["first_bad_index"] == 35
-    assert rep["findings"][0]["kind"] == "truncated"
+    assert code == 1 and rep["first_bad_index"] == 35 and _kinds(rep) == ["truncated"]
 
 
-def test_appended_forgery_is_named(logdir, capsysbinary):
+def test_appended_forgery_is_never_ok(logdir, capsysbinary):
     tmp, s = logdir
     seg, recs = _records(s)
-    import hashlib
-
-    from gateway.audit._canonical import encode
-    last = json.loads(recs[-1])
-    forged = encode({"v": 1, "seq": 40, "time_ms": last["time_ms"] + 1, "kind": "decision",
-                     "instance": "t", "prev": hashlib.sha256(b"\x00" + recs[-1]).hexdigest(),
-                     "request_id": "forged", "decision": "allow"})
-    _rewrite(seg, [*recs, forged])  # a perfect chain link: only the checkpoints catch it
+    _rewrite(seg, [*recs, _forge(recs[-1], 40, request_id="forged")])
     code, rep = _verify_json(capsysbinary, tmp)
-    assert code == 1 and rep["first_bad_index"] == 40
-    assert rep["findings"][0]["kind"] == "forged"
-    code, rep = _verify_json(capsysbinary, tmp, "--allow-unsigned-tail")
-    assert code == 0
+    assert code == 3 and not rep["ok"] and rep["findings"] == []
+    assert (rep["covered"], rep["not_covered"]) == (40, 1)
+    code, out, err = _cli(capsysbinary, "audit", "verify", "--config", str(tmp / "gw.toml"),
+                          "--quiet", "--allow-unsigned-tail")
+    assert code == 3 and b"NOT COVERED" in out and b"1 newest record(s) 40..40" in out
+    assert "--allow-unsigned-tail is gone" in err
 
 
-def test_fork_is_detected(logdir, capsysbinary, tmp_path):
+def test_log_without_a_verified_checkpoint_fails(logdir, capsysbinary):
+    """A re-chained rewrite with the checkpoints deleted: nothing vouches for any record."""
+    tmp, s = logdir
+    seg, recs = _records(s)
+    recs[5] = recs[5].replace(b'"r004"', b'"x004"')
+    _rewrite(seg, _rechain(recs, 5))
+    (s.directory / "checkpoint").unlink()
+    (s.directory / "checkpoints.jsonl").unlink()
+    code, rep = _verify_json(capsysbinary, tmp)
+    assert code == 1 and _kinds(rep) == ["unsigned"] and rep["covered"] == 0
+
+
+def test_rechained_rewrite_under_checkpoints_is_named_once(logdir, capsysbinary):
+    tmp, s = logdir
+    seg, recs = _records(s)
+    recs[19] = recs[19].replace(b'"r018"', b'"x018"')
+    _rewrite(seg, _rechain(recs, 19))
+    code, rep = _verify_json(capsysbinary, tmp)
+    lo = max(n for n in _signed_sizes(s) if n <= 19)
+    assert code == 1 and _kinds(rep) == ["edited"] and rep["first_bad_index"] == lo
+
+
+def test_data_hidden_after_a_zero_gap_is_named_once(logdir, capsysbinary):
+    tmp, s = logdir
+    seg, recs = _records(s)
+    data = seg.read_bytes()
+    end = sum(len(r) + 1 for r in recs)
+    assert data[end:end + 64] == bytes(64)  # the preallocated tail
+    forged = _forge(recs[-1], 40, request_id="hidden") + b"\n"
+    with open(seg, "r+b") as f:
+        f.seek(end + 64)
+        f.write(forged)
+    code, rep = _verify_json(capsysbinary, tmp)
+    assert code == 1 and _kinds(rep) == ["damaged"] and rep["first_bad_index"] == 40
+    assert "zero-filled gap" in rep["findings"][0]["message"]
+    with pytest.raises(AuditLogDamaged, match="zero-filled gap"):  # the same rule at open
+        AuditLog.open(s, instance_id="t").close()
+
+
+def test_garbage_checkpoint_line_is_named_once_and_the_rest_still_verifies(logdir,
+                                                                            capsysbinary):
+    tmp, s = logdir
+    hist = s.directory / "checkpoints.jsonl"
+    lines = hist.read_text().splitlines(keepends=True)
+    hist.write_text("".join([*lines[:2], "garbage{\n", *lines[2:]]))
+    code, rep = _verify_json(capsysbinary, tmp)
+    assert code == 1 and _kinds(rep) == ["bad-checkpoint"] and rep["bad_checkpoints"] == 1
+    assert "line 3" in rep["findings"][0]["message"] and rep["covered"] == 40
+    assert rep["checkpoints"] == len(lines)
+    # A torn last line (the gateway died writing it) is not damage.
+    hist.write_text("".join(lines) + '"half a note')
+    code, rep = _verify_json(capsysbinary, tmp)
+    assert code == 0, rep
+
+
+def test_bad_checkpoint_signature_is_counted_bad_and_names_an_index(logdir, capsysbinary):
+    tmp, s = logdir
+    cp = s.directory / "checkpoint"
+    cp.write_text(cp.read_text().replace("\n40\n", "\n41\n"))
+    code, rep = _verify_json(capsysbinary, tmp)
+    assert code == 1 and _kinds(rep) == ["bad-checkpoint"] and rep["bad_checkpoints"] == 1
+    assert rep["first_bad_index"] == 40
+    code, out, _ = _cli(capsysbinary, "audit", "verify", "--config", str(tmp / "gw.toml"),
+                        "--quiet")
+    assert b"1 BAD" in out and b"first bad index 40" in out and b"None" not in out
+
+
+def test_fork_is_detected(logdir, capsysbinary):
     tmp, s = logdir
     archived = tmp / "archived.cp"
     archived.write_bytes((s.directory / "checkpoint").read_bytes())
     # The operator (holding the key) rebuilds a different history and signs it.
-    fork = replace(s, directory=tmp / "fork")
+    fork = replace(s, directory=tmp / "fork",  # with its own witness copy, if the log keeps one
+                   **{"witness": tmp / "fork-witness"} if hasattr(s, "witness") else {})
     with AuditLog.open(fork, instance_id="t") as log:
         for i in range(45):
             log.append("decision", {"request_id": f"x{i:03d}", "decision": "deny"})
     code, rep = _verify_json(capsysbinary, tmp, "--dir", str(fork.directory), "--since",
                              str(archived))
-    assert code == 1 and any(f["kind"] == "fork" for f in rep["findings"])
+    assert code == 1 and _kinds(rep) == ["fork"]
     code, rep = _verify_json(capsysbinary, tmp, "--since", str(archived))
-    assert code == 0 and rep["since"] == 40
+    assert code == 0 and rep["since"] == 40 and rep["freshness"].startswith("checked")
     # Two signed checkpoints of one size with different roots in the history: a fork.
-    from gateway.audit._keys import load_signer
-    from gateway.audit._note import Checkpoint
     hist = s.directory / "checkpoints.jsonl"
     size = _signed_sizes(s)[0]
     other = load_signer(s.signing_key).sign(Checkpoint(s.name, size, bytes(32)).text())
     hist.write_text(hist.read_text() + json.dumps(other) + "\n")
     code, rep = _verify_json(capsysbinary, tmp)
-    assert code == 1 and rep["findings"][0]["kind"] == "fork"
-    assert rep["first_bad_index"] == size - 1
+    assert code == 1 and _kinds(rep) == ["fork"] and rep["first_bad_index"] == size - 1
+
+
+def test_rollback_to_an_older_copy_fails_against_the_witness(logdir, capsysbinary):
+    tmp, s = logdir
+    old = tmp / "old-copy"
+    shutil.copytree(s.directory, old)
+    with AuditLog.open(s, instance_id="t") as log:
+        for i in range(5):
+            log.append("decision", {"request_id": f"n{i}", "decision": "allow"})
+    witness = tmp / "witness.cp"  # what the gateway keeps outside the log directory
+    witness.write_bytes((s.directory / "checkpoint").read_bytes())
+    code, rep = _verify_json(capsysbinary, tmp, "--witness", str(witness))
+    assert code == 0 and rep["freshness"].startswith("checked: the log extends the witness")
+    code, rep = _verify_json(capsysbinary, tmp, "--dir", str(old), "--witness", str(witness))
+    assert code == 1 and _kinds(rep) == ["rollback"] and rep["first_bad_index"] == 40
+    assert rep["freshness"].startswith("FAILED")
+    code, rep = _verify_json(capsysbinary, tmp, "--dir", str(old))  # the old copy alone
+    assert code == 0 and rep["freshness"].startswith("NOT CHECKED")
 
 
 def _signed_sizes(s: AuditSettings) -> list[int]:
@@ -160,141 +281,79 @@ def _signed_sizes(s: AuditSettings) -> list[int]:
     return sorted(int(n.split("\n")[1]) for n in notes)
 
 
-def test_forged_checkpoint_signature_is_reported(logdir, capsysbinary):
-    tmp, s = logdir
-    cp = s.directory / "checkpoint"
-    cp.write_text(cp.read_text().replace("\n40\n", "\n41\n"))
-    code, rep = _verify_json(capsysbinary, tmp)
-    assert code == 1 and rep["findings"][-1]["kind"] == "bad-checkpoint"
-
-
 def test_wrong_vkey_fails(logdir, capsysbinary):
     tmp, _s = logdir
-    from gateway.audit._note import Signer
-    code, rep = _verify_json(capsysbinary, tmp, "--vkey", Signer.generate("test.local/audit").vkey)
-    assert code == 1 and not rep["ok"]
+    code, rep = _verify_json(capsysbinary, tmp, "--vkey",
+                             Signer.generate("test.local/audit").vkey)
+    assert code == 1 and not rep["ok"] and rep["covered"] == 0
+    assert set(_kinds(rep)) == {"unsigned", "bad-checkpoint"}
 
 
-def test_entry_prove_and_verify_proof(logdir, capsysbinary, tmp_path):
+def test_export_is_verified_with_its_own_key(logdir, capsysbinary, tmp_path):
     tmp, s = logdir
-    cfg = str(tmp / "gw.toml")
-    _seg, recs = _records(s)
-    code, entry, _ = _cli(capsysbinary, "audit", "entry", "7", "--config", cfg)
-    assert code == 0 and entry == recs[7]
-    code, note, _ = _cli(capsysbinary, "audit", "checkpoint", "--config", cfg)
-    assert note == (s.directory / "checkpoint").read_bytes()
-    code, proof, _ = _cli(capsysbinary, "audit", "prove", "7", "--config", cfg)
-    lines = proof.decode().split("\n")
-    assert lines[:2] == ["c2sp.org/tlog-proof@v1", "index 7"]
-    assert proof.decode().endswith(note.decode())
-    (tmp_path / "p").write_bytes(proof)
-    (tmp_path / "e").write_bytes(entry)
-    (tmp_path / "bad").write_bytes(recs[8])
-    vkey = str(vkey_path(s.signing_key))
-    code, out, _ = _cli(capsysbinary, "audit", "verify-proof", str(tmp_path / "p"),
-                        "--vkey", vkey, "--entry", str(tmp_path / "e"))
-    assert code == 0 and b"record 7" in out
-    code, _, err = _cli(capsysbinary, "audit", "verify-proof", str(tmp_path / "p"),
-                        "--vkey", vkey, "--entry", str(tmp_path / "bad"))
-    assert code == 2 and "does not verify" in err
-    # An older signed size, and a size the log never signed.
-    older = next(n for n in _signed_sizes(s) if 7 < n < 40)
-    code, proof_old, _ = _cli(capsysbinary, "audit", "prove", "7", "--size", str(older),
-                              "--config", cfg)
-    assert code == 0 and f"\n{older}\n".encode() in proof_old
-    (tmp_path / "p_old").write_bytes(proof_old)
-    code, _, _ = _cli(capsysbinary, "audit", "verify-proof", str(tmp_path / "p_old"),
-                      "--vkey", vkey, "--entry", str(tmp_path / "e"))
-    assert code == 0
-    never = next(n for n in range(8, 40) if n not in _signed_sizes(s))
-    code, _, err = _cli(capsysbinary, "audit", "prove", "7", "--size", str(never),
-                        "--config", cfg)
-    assert code == 2 and f"no checkpoint of size {never}" in err
-
-
-def test_prove_consistency_matches_tree(logdir, capsysbinary):
-    tmp, s = logdir
-    import base64
-    import hashlib
-
-    from gateway.audit._merkle import Tree, verify_consistency
-    _seg, recs = _records(s)
-    t = Tree()
-    for r in recs:
-        t.append(hashlib.sha256(b"\x00" + r).digest())
-    code, out, _ = _cli(capsysbinary, "audit", "prove-consistency", "8", "40",
-                        "--config", str(tmp / "gw.toml"))
-    proof = [base64.b64decode(x) for x in out.decode().split()]
-    assert code == 0 and proof == t.consistency_proof(8, 40)
-    verify_consistency(8, 40, t.root(8), t.root(40), proof)
-    code, _, err = _cli(capsysbinary, "audit", "prove-consistency", "9", "99",
-                        "--config", str(tmp / "gw.toml"))
-    assert code == 2 and "99" in err
-
-
-def test_bad_input_is_a_clear_error(logdir, capsysbinary, tmp_path):
-    tmp, _s = logdir
-    cfg = str(tmp / "gw.toml")
-    code, _, err = _cli(capsysbinary, "audit", "entry", "4000", "--config", cfg)
-    assert code == 2 and "no record 4000" in err
-    code, _, err = _cli(capsysbinary, "audit", "verify", str(tmp_path / "nowhere"),
-                        "--vkey", "garbage")
-    assert code == 2 and "--vkey" in err
-    (tmp_path / "p").write_text("not a proof\n\nx")
-    code, _, err = _cli(capsysbinary, "audit", "verify-proof", str(tmp_path / "p"),
-                        "--config", cfg, "--leaf-hash", "00" * 32)
-    assert code == 2 and "tlog-proof" in err
-
-
-def test_cli_default_config(tmp_path, monkeypatch, capsysbinary):
-    """`gateway audit keygen`, then `gateway audit verify` with no arguments, in a fresh dir."""
-    monkeypatch.chdir(tmp_path)
-    code, out, _ = _cli(capsysbinary, "audit", "keygen")
-    vkey = out.decode().strip()
-    assert code == 0 and vkey.startswith("gateway.local/audit+") and vkey.count("+") >= 2
-    assert (tmp_path / "var/audit/keys/log.skey").stat().st_mode & 0o777 == 0o600
-    code, out, _ = _cli(capsysbinary, "audit", "vkey")
-    assert out.decode().strip() == vkey
-    from gateway.config import load_config
-    with AuditLog.open(load_config(None).audit, instance_id="x") as log:
-        for i in range(5):
-            log.append("decision", {"i": i})
-    # The real console script, as an auditor runs it: progress bar on stderr, report on stdout.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([GATEWAY, "audit", "verify"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "result      OK" in done.stdout and "verify" in done.stderr
-    seg = next((tmp_path / "var/audit/log/segments").iterdir())
-    data = bytearray(seg.read_bytes())
-    data[data.index(b'"i":3') + 4] = ord("4")
-    seg.write_bytes(bytes(data))
-    code, out, _ = _cli(capsysbinary, "audit", "verify", "--quiet")
-    assert code == 1 and b"first bad index 4" in out
+    dest = tmp_path / "export"
+    code, _, _ = _cli(capsysbinary, "audit", "export", str(dest), "--config",
+                        str(tmp / "gw.toml"))
+    assert code == 0 and (dest / "log.vkey").read_bytes() == vkey_path(s.signing_key).read_bytes()
+    # No config names this key: the export's own log.vkey is used, and the report says so.
+    other = tmp_path / "other.toml"
+    other.write_text('[audit]\nsigning_key = "nowhere/log.skey"\n')
+    code, rep = _verify_json(capsysbinary, tmp, str(dest), "--config", str(other))
+    assert code == 0 and "log.vkey" in rep["key"] and rep["records"] == 40
+    # Told otherwise, it uses the given key (and a forged export's key would not match it).
+    code, rep = _verify_json(capsysbinary, tmp, str(dest), "--vkey",
+                             Signer.generate("test.local/audit").vkey)
+    assert code == 1
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
-def test_chunked_verify_stitches_exactly(logdir, capsysbinary, monkeypatch, jobs):
-    """Chunks of 8 records (instead of 32768), checked apart and joined, over segments."""
-    from gateway.audit import _verify
-    from gateway.audit._keys import load_signer
-    from gateway.audit._note import parse_vkey
-    monkeypatch.setattr(_verify, "CHUNK", 8)
+def test_segments_are_checked_apart_and_joined_exactly(logdir, jobs):
+    """Small segments, checked by separate workers, stitched into one tree."""
     _tmp, s = logdir
     s = replace(s, segment_bytes=1500, checkpoint_records=5)
     with AuditLog.open(s, instance_id="t") as log:
         for i in range(30):
             log.append("decision", {"request_id": f"s{i:03d}", "decision": "allow"})
     vkey = parse_vkey(load_signer(s.signing_key).vkey)
-    report = _verify.verify_log(s.directory, vkey, jobs=jobs)
+    report = verify_log(s.directory, vkey, jobs=jobs)
     assert report.ok, report.summary()
     assert report.records == 72 and report.segments > 3 and report.checkpoints >= 5
-    # Edit record 15 canonically: only record 16's link shows it, and record 16 starts the
-    # third chunk, so the stitching between chunks must catch it.
-    for _first, path in list_segments(s.directory):
-        data = path.read_bytes()
-        if b'"r014"' in data:
-            path.write_bytes(data.replace(b'"r014"', b'"r914"'))
-            break
-    report = _verify.verify_log(s.directory, vkey, jobs=jobs)
-    assert not report.ok and report.first_bad_index == 15, report.summary()
+    # Edit the last record of a segment canonically: only the next segment's first link
+    # shows it, so the join between workers must catch it.
+    segments = list_segments(s.directory)
+    first, path = segments[2]
+    recs = split_records(path.read_bytes())[0]
+    target = first + len(recs) - 1
+    recs[-1] = recs[-1].replace(b'"decision":"allow"', b'"decision":"alloW"')
+    _rewrite(path, recs)
+    report = verify_log(s.directory, vkey, jobs=jobs)
+    assert report.status == 1 and report.first_bad_index == target, report.summary()
+    assert [f.kind for f in report.findings] == ["edited"]
+    # A whole segment deleted: named once, where its records were.
+    segments[1][1].unlink()
+    report = verify_log(s.directory, vkey, jobs=jobs)
+    assert report.status == 1 and report.first_bad_index == segments[1][0], report.summary()
+    assert [f.kind for f in report.findings] == ["deleted"]
+
+
+def test_a_witness_that_does_not_verify_fails_freshness(logdir, capsysbinary):
+    tmp, s = logdir
+    witness = tmp / "witness.cp"
+    witness.write_text((s.directory / "checkpoint").read_text().replace("\n40\n", "\n99\n"))
+    code, rep = _verify_json(capsysbinary, tmp, "--witness", str(witness))
+    assert code == 1 and _kinds(rep) == ["bad-checkpoint"]
+    assert rep["freshness"].startswith("FAILED") and "--witness" in rep["findings"][0]["message"]
+
+
+def test_a_record_with_a_boolean_version_or_a_stray_segment_file_fails(logdir, capsysbinary):
+    tmp, s = logdir
+    seg, recs = _records(s)
+    recs[-1] = recs[-1].replace(b'"v":1', b'"v":true')  # true == 1 in Python: not to verify
+    _rewrite(seg, recs)
+    code, rep = _verify_json(capsysbinary, tmp)
+    assert code == 1 and rep["first_bad_index"] == 39 and _kinds(rep) == ["edited"]
+    assert "schema version True" in rep["findings"][0]["message"]
+    (seg.parent / "extra.log").write_bytes(b"{}\n")
+    code, rep = _verify_json(capsysbinary, tmp)
+    assert code == 1 and any("unexpected file extra.log" in f["message"]
+                             for f in rep["findings"])

@@ -53,10 +53,10 @@ def test_every_call_leaves_one_chained_durable_record(floor):
     assert [r["request_id"] for r in decisions] == ids
     # The chain holds (each record names the leaf hash of the one before it), and the
     # records are on disk: verify reads them back from the segment files.
-    result = run_cli("audit", "verify", "--config", str(env.config), "--json",
-                     "--allow-unsigned-tail", check=False)
+    # A live log: the newest records may not be under a signed checkpoint yet (exit 3).
+    result = run_cli("audit", "verify", "--config", str(env.config), "--json", check=False)
     report = json.loads(result.stdout)
-    assert result.returncode == 0 and report["ok"], result.stdout
+    assert result.returncode in (0, 3) and report["findings"] == [], result.stdout
     assert report["records"] == len(records)
 
 

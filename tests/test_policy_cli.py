@@ -8,8 +8,15 @@ import subprocess
 import pytest
 
 from gateway.cli import main
+from gateway.devenv import REPO
 from gateway.policy import compile_directory
 from tests.test_policy_engine import DEMO, write_policy
+
+
+@pytest.fixture(autouse=True)
+def _in_repository(monkeypatch):
+    """Messages show paths relative to the working directory: run from the repository."""
+    monkeypatch.chdir(REPO)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -50,10 +57,11 @@ def test_test_prints_failures_and_uncovered_rules(tmp_path, capsys):
                      "  - {caller: alice, model: m, action: metadata, expect: allow}\n")
     code, out, _ = run(capsys, "test", directory, cases)
     assert code == 1
-    assert (f"FAIL {cases} case 2: alice metadata m: expected allow, got deny by policy.csv:3"
+    assert (f"FAIL {cases}:3: alice metadata m: expected allow, got deny by policy.csv:3"
             in out)
     assert "1/2 cases passed; 2/3 rules exercised" in out
-    assert "policy.csv:2: p, alice, m, ready, allow" in out.split("rules no case exercised:")[1]
+    assert f"{directory}/policy.csv:2: p, alice, m, ready, allow" in \
+        out.split("rules no case exercised:")[1]
 
 
 def test_test_rejects_malformed_cases(tmp_path, capsys):
@@ -67,22 +75,24 @@ def test_explain_names_the_deciding_rule_and_the_nearest_allowing_rule(capsys):
     code, out, _ = run(capsys, "explain", DEMO, "--as", "spiffe://demo.local/svc/scorer",
                        "--model", "demo-mlp", "--action", "infer",
                        "--attr", "model.labels.stage=retired")
-    assert code == 0
+    assert code == 1  # denied
     lines = out.splitlines()
-    assert lines[0].startswith("decision: DENY by policy.csv:13")
-    assert "deciding rule: policy.csv:13: p, role:scorers, *, infer, deny, " \
+    assert lines[0].startswith("decision: DENY by policies/policy.csv:13")
+    assert "deciding rule: policies/policy.csv:13: p, role:scorers, *, infer, deny, " \
            "model.labels.stage == 'retired'" in out
-    assert "role path: spiffe://demo.local/svc/scorer -> role:scorers (policy.csv:27)" in out
-    assert "overridden allow: policy.csv:7: p, role:scorers, demo-mlp, infer, allow" in out
+    assert "role path: spiffe://demo.local/svc/scorer -> role:scorers " \
+           "(policies/policy.csv:27)" in out
+    assert "overridden allow: policies/policy.csv:7: p, role:scorers, demo-mlp, infer, allow" \
+        in out
 
 
 def test_explain_default_deny_shows_what_differs(capsys):
     code, out, _ = run(capsys, "explain", DEMO, "--as", "spiffe://demo.local/svc/intruder",
                        "--model", "demo-mlp", "--action", "infer")
-    assert code == 0
+    assert code == 1
     assert "decision: DENY by default-deny" in out
     nearest = out.split("nearest rules that would allow it:\n")[1].splitlines()
-    assert nearest[0].strip() == "policy.csv:7: p, role:scorers, demo-mlp, infer, allow"
+    assert nearest[0].strip() == "policies/policy.csv:7: p, role:scorers, demo-mlp, infer, allow"
     assert "differs in subject: spiffe://demo.local/svc/intruder does not hold role:scorers" \
         in nearest[1]
 
@@ -90,7 +100,7 @@ def test_explain_default_deny_shows_what_differs(capsys):
 def test_explain_allow(capsys):
     code, out, _ = run(capsys, "explain", DEMO, "--as", "spiffe://demo.local/team/audit/auditor",
                        "--action", "audit.read")
-    assert code == 0 and out.startswith("decision: ALLOW by policy.csv:16")
+    assert code == 0 and out.startswith("decision: ALLOW by policies/policy.csv:16")
 
 
 OLD = """\

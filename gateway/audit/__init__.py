@@ -18,13 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.audit._log import AuditLog, AuditLogDamaged, Receipt
-
 if TYPE_CHECKING:
+    from gateway.audit._log import AuditLog, AuditLogDamaged, Receipt
     from gateway.audit._service import AuditServicer
 
-__all__ = ["AuditLog", "AuditLogDamaged", "AuditServicer", "AuditSettings", "Receipt",
-           "ensure_keys"]
+__all__ = ["RECORD_SCHEMA", "AuditLog", "AuditLogDamaged", "AuditServicer", "AuditSettings",
+           "Receipt", "ensure_keys", "export_log", "generate_keys", "signer_vkey",
+           "verifier_key_path"]
+
+#: The JSON Schema every record the gateway writes satisfies (tests check each kind).
+RECORD_SCHEMA = Path(__file__).with_name("record.schema.json")
 
 
 @dataclass(frozen=True)
@@ -69,9 +72,51 @@ def ensure_keys(settings: AuditSettings) -> None:
         _keys.generate(settings.signing_key, settings.payload_key, settings.name)
 
 
+def generate_keys(settings: AuditSettings, name: str | None = None, *,
+                  force: bool = False) -> str:
+    """Write new log keys where ``settings`` say (refusing to overwrite unless ``force``);
+    return the verifier key ``name+keyid+base64`` for auditors."""
+    from gateway.audit import _keys
+
+    return _keys.generate(settings.signing_key, settings.payload_key, name or settings.name,
+                          force=force).vkey
+
+
+def verifier_key_path(settings: AuditSettings) -> Path:
+    """Where the verifier key is written, beside the signing key."""
+    return settings.signing_key.with_suffix(".vkey")
+
+
+def signer_vkey(settings: AuditSettings) -> str:
+    """The verifier key: read beside the signing key, or derived from the signing key."""
+    path = verifier_key_path(settings)
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    from gateway.audit import _keys
+
+    return _keys.load_signer(settings.signing_key).vkey
+
+
+def export_log(settings: AuditSettings, dest: Path) -> int:
+    """Back the log up to ``dest`` up to its latest signed checkpoint; return that size."""
+    from gateway.audit._export import export_log as export
+
+    return export(settings.directory, dest, verifier_key_path(settings))
+
+
+# The CLI's verbs use the functions above; auditors use :mod:`gateway.audit.offline` (standard
+# library and ``cryptography`` only). Importing this package therefore loads no gRPC: the writer
+# and the servicer (which do) are loaded on first use of their names.
+_LAZY = {"AuditLog": "_log", "AuditLogDamaged": "_log", "Receipt": "_log",
+         "AuditServicer": "_service"}
+
+
 def __getattr__(name: str) -> object:
-    # The servicer pulls in the generated gRPC code; load it only when the server asks.
-    if name == "AuditServicer":
-        from gateway.audit._service import AuditServicer
-        return AuditServicer
-    raise AttributeError(name)
+    # The writer and the servicer pull in gRPC (errors, generated code): load them only when
+    # the server asks, so the offline verifier can import this package without them.
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(name)
+    import importlib
+
+    return getattr(importlib.import_module(f"gateway.audit.{module}"), name)

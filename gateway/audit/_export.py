@@ -14,18 +14,9 @@ import os
 import shutil
 from pathlib import Path
 
-from gateway.audit._proof import AuditToolError, LogReader, checkpoint_size
-from gateway.audit._store import (
-    CHECKPOINT,
-    CHECKPOINTS,
-    SEGMENTS,
-    fsync_dir,
-    list_segments,
-    read_checkpoints,
-    read_data,
-    segment_name,
-    split_records,
-)
+from gateway._atomic import fsync_dir
+from gateway.audit._proof import Error, LogReader, checkpoint_size
+from gateway.audit._verify import CHECKPOINT, CHECKPOINTS, SEGMENTS, history_lines, list_segments
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -45,23 +36,19 @@ def export_log(source: Path, dest: Path, vkey_file: Path | None = None) -> int:
     note = reader.checkpoint()
     size = checkpoint_size(note)
     if dest.exists() and any(dest.iterdir()):
-        raise AuditToolError(f"{dest} exists and is not empty")
+        raise Error(f"{dest} exists and is not empty")
     (dest / SEGMENTS).mkdir(parents=True, exist_ok=True)
     try:
-        copied = 0
-        for first, path in list_segments(source):
+        segments, _strays = list_segments(source)
+        for n, (first, path) in enumerate(segments):
             if first >= size:
                 break
-            recs, _ = split_records(read_data(path))
-            recs = recs[:size - first]
-            if first != copied:
-                raise AuditToolError(f"segment {path.name} does not follow its predecessor")
-            _write(dest / SEGMENTS / segment_name(first), b"".join(r + b"\n" for r in recs))
-            copied += len(recs)
-        if copied != size:
-            raise AuditToolError(f"the log holds {copied} records, fewer than its checkpoint "
-                                 f"of size {size}: it is damaged, run `gateway audit verify`")
-        history = [n for n in read_checkpoints(source) if checkpoint_size(n) <= size]
+            end = min(segments[n + 1][0], size) if n + 1 < len(segments) else size
+            recs = reader.records(first, end)
+            _write(dest / SEGMENTS / path.name, b"".join(r + b"\n" for r in recs))
+        history = [n for _line, n, _torn in history_lines(source)
+                   if n is not None and checkpoint_size(n, None) is not None
+                   and checkpoint_size(n) <= size]
         _write(dest / CHECKPOINTS,
                b"".join(json.dumps(n, ensure_ascii=False).encode() + b"\n" for n in history))
         _write(dest / CHECKPOINT, note.encode())

@@ -55,8 +55,8 @@ class Tree:
         levels[0] += leaf
         h = 0
         while len(levels[h]) % (2 * HASH_SIZE) == 0:
-            pair = levels[h][-2 * HASH_SIZE:]
-            parent = _sha256(b"\x01" + pair).digest()
+            pair = bytes(levels[h][-2 * HASH_SIZE:])
+            parent = node_hash(pair[:HASH_SIZE], pair[HASH_SIZE:])
             if len(levels) == h + 1:
                 levels.append(bytearray())
             levels[h + 1] += parent
@@ -143,13 +143,30 @@ class CompactRange:
         self.size = 0
 
     def append(self, leaf: bytes) -> None:
-        n = self.size
+        self.append_subtree(0, leaf)
+
+    def append_subtree(self, level: int, node: bytes) -> None:
+        """Append the root of a perfect subtree of ``2**level`` leaves; the range's size must
+        be a multiple of it (the subtree is aligned, as RFC 9162 2.1.1 splits the tree)."""
+        if self.size & ((1 << level) - 1):
+            raise ProofError(f"a subtree of 2**{level} leaves cannot start at {self.size}")
+        n = self.size >> level
         stack = self._stack
         while n & 1:
-            leaf = _sha256(b"\x01" + stack.pop() + leaf).digest()
+            node = node_hash(stack.pop(), node)
             n >>= 1
-        stack.append(leaf)
-        self.size += 1
+        stack.append(node)
+        self.size += 1 << level
+
+    def extend(self, subtrees: Iterable[tuple[int, bytes]]) -> None:
+        """Append aligned subtrees, left to right (as :func:`decompose` lists them)."""
+        for level, node in subtrees:
+            self.append_subtree(level, node)
+
+    def copy(self) -> CompactRange:
+        other = CompactRange()
+        other._stack, other.size = list(self._stack), self.size
+        return other
 
     def root(self) -> bytes:
         if not self._stack:
@@ -158,6 +175,46 @@ class CompactRange:
         for h in reversed(self._stack[:-1]):
             r = node_hash(h, r)
         return r
+
+
+class Levels:
+    """Every complete aligned subtree hash over the leaves ``[start, start + len(leaves))``.
+
+    Built level by level (one ``map`` of :func:`node_hash` per level, the fastest way to hash a
+    range in Python), so that a verifier working on one piece of a log can hand back the
+    piece's aligned subtrees (:meth:`decompose`) and the main process stitches pieces exactly.
+    """
+
+    def __init__(self, start: int, leaves: list[bytes]) -> None:
+        self.start = start
+        self.end = start + len(leaves)
+        # (index of the first node at this level, in units of 2**level leaves; the nodes)
+        self._levels: list[tuple[int, list[bytes]]] = []
+        lo, nodes = start, leaves
+        while nodes:
+            self._levels.append((lo, nodes))
+            first = lo + (lo & 1)              # the first node with its right sibling in range
+            pairs = nodes[first - lo:]
+            if len(pairs) & 1:
+                pairs = pairs[:-1]
+            lo, nodes = first >> 1, list(map(node_hash, pairs[0::2], pairs[1::2]))
+
+    def decompose(self, end: int | None = None) -> list[tuple[int, bytes]]:
+        """The maximal aligned perfect subtrees covering ``[start, end)``, left to right."""
+        end = self.end if end is None else end
+        if not self.start <= end <= self.end:
+            raise ProofError(f"{end} is outside [{self.start}, {self.end}]")
+        out: list[tuple[int, bytes]] = []
+        pos = self.start
+        while pos < end:
+            level = 0
+            while (level + 1 < len(self._levels) and not pos & ((2 << level) - 1)
+                   and pos + (2 << level) <= end):
+                level += 1
+            lo, nodes = self._levels[level]
+            out.append((level, nodes[(pos >> level) - lo]))
+            pos += 1 << level
+        return out
 
 
 def _check_hashes(path: Sequence[bytes], *named: bytes) -> None:

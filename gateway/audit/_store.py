@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gateway._atomic import fsync_dir, write_atomic
+from gateway.audit._segment import SegmentDamaged, parse_segment
 
 SEGMENTS = "segments"
 CHECKPOINT = "checkpoint"
@@ -204,18 +205,14 @@ class FileStore:
             if first != count:
                 raise StoreDamaged(f"segment {path.name} starts at index {first} but the "
                                    f"segments before it hold {count} records")
-            data = path.read_bytes()
-            recs, tail = split_records(data)
-            last = n == len(segs) - 1
-            if tail:
-                if not last:
-                    raise StoreDamaged(f"segment {path.name} (not the last) ends in a partial "
-                                       f"record at byte {len(data.rstrip(bytes(1))) - len(tail)}")
-                if b"\n" in tail.replace(b"\x00", b"\n").strip(b"\n"):
-                    # Bytes, zeros, then more bytes: not one torn write.
-                    raise StoreDamaged(f"segment {path.name}: data after a zero-filled gap at "
-                                       f"byte {sum(map(len, recs)) + len(recs)}")
-                torn = TornTail(path.name, sum(map(len, recs)) + len(recs), len(tail))
+            try:  # the one rule verify uses too (gateway/audit/_segment.py)
+                seg = parse_segment(path.read_bytes(), last=n == len(segs) - 1,
+                                    name=f"segment {path.name}", first=first)
+            except SegmentDamaged as err:
+                raise StoreDamaged(str(err)) from None
+            recs = seg.records
+            if seg.torn:
+                torn = TornTail(path.name, seg.end, seg.torn)
             offs = array("Q")
             pos = 0
             for r in recs:

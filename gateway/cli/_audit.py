@@ -2,28 +2,57 @@
 
     gateway audit keygen                      write the log keys, print the verifier key
     gateway audit vkey                        print the verifier key (name+keyid+base64)
-    gateway audit checkpoint                  latest signed checkpoint, byte for byte
+    gateway audit checkpoint [--size N]       a signed checkpoint, byte for byte (default latest)
     gateway audit entry I                     record I's canonical bytes (the Merkle leaf)
+    gateway audit entries --from I --to J     records [I, J), one a line (--json: with hashes)
     gateway audit prove I [--size N]          c2sp.org/tlog-proof@v1 inclusion proof
-    gateway audit prove-consistency M N       consistency proof, one base64 hash a line
-    gateway audit verify [LOG_DIR] --vkey K   check the whole log (add --since CP, --json)
-    gateway audit verify-proof PROOF --vkey K --entry FILE
+    gateway audit prove-consistency M N       consistency proof between two signed sizes
+    gateway audit verify [LOG_DIR]            check the whole log (--vkey, --witness, --since)
+    gateway audit verify-proof PROOF --entry FILE | --leaf-hash H
+    gateway audit verify-consistency OLD NEW PROOF
     gateway audit export DIR                  backup up to the latest checkpoint
 
 All read the log directory of ``--config FILE`` (default: the demo config) or ``--dir DIR``,
-whether the gateway is running or not.
+whether the gateway is running or not. Reading and checking go through the auditor's API,
+:mod:`gateway.audit.offline`; keys and export through :mod:`gateway.audit`.
+
+Exit statuses: 0 success; 1 something checked does not hold (a proof, a signature, damage in
+the log); 2 a usage or input error; 3 (``verify`` only) no damage, but the newest records are
+not covered by a signed checkpoint yet.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import os
 import sys
 from pathlib import Path
 
+from gateway.audit import offline
 from gateway.errors import ConfigError, GatewayError
+
+
+class AuditToolError(GatewayError):
+    """An audit verb cannot be met (no such record, size or checkpoint; unreadable input)."""
+
+
+def _tool(func):
+    """Run a verb: a failed check exits 1 with its message, an unmet request exits 2."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except offline.VerificationError as err:
+            print(f"gateway: FAILED: {err}", file=sys.stderr)
+            return 1
+        except offline.Error as err:
+            raise AuditToolError(str(err)) from None
+
+    return run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,39 +64,59 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p = verbs.add_parser(name, help=help, description=help)
         p.add_argument("--config", type=Path, help="gateway config file (default: demo config)")
         p.add_argument("--dir", type=Path, help="log directory (overrides the config)")
-        p.set_defaults(func=func)
+        p.set_defaults(func=_tool(func))
         return p
+
+    def vkey_option(p: argparse.ArgumentParser, default: str) -> None:
+        p.add_argument("--vkey", help=f"the log's verifier key, or a file holding it (default: "
+                       f"{default})")
 
     p = verb("keygen", _keygen, "write the log signing and payload keys; print the verifier key")
     p.add_argument("--name", help="log name (checkpoint origin); default from the config")
     p.add_argument("--force", action="store_true", help="overwrite existing keys")
     verb("vkey", _vkey, "print the log's verifier key (name+keyid+base64)")
-    verb("checkpoint", _checkpoint, "print the latest signed checkpoint, byte for byte")
+    p = verb("checkpoint", _checkpoint, "print a signed checkpoint, byte for byte")
+    p.add_argument("--size", type=_index, help="the checkpoint of exactly this size "
+                   "(default: the latest)")
     p = verb("entry", _entry, "write record I's canonical bytes (the Merkle leaf) to stdout")
     p.add_argument("index", type=_index)
+    p = verb("entries", _entries, "write records [I, J) to stdout, one a line")
+    p.add_argument("--from", dest="start", type=_index, default=0, help="first index (0)")
+    p.add_argument("--to", dest="end", type=_index,
+                   help="end index, exclusive (default: after the last complete record)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object a line: index, leaf_hash (hex), record")
     p = verb("prove", _prove, "print a c2sp.org/tlog-proof@v1 inclusion proof for record I")
     p.add_argument("index", type=_index)
     p.add_argument("--size", type=_index, help="tree size of a signed checkpoint (default latest)")
     p = verb("prove-consistency", _prove_consistency,
-             "print the consistency proof from size M to size N, one base64 hash a line")
+             "print the consistency proof from signed size M to signed size N")
     p.add_argument("first", type=_index)
     p.add_argument("second", type=_index)
     p = verb("verify", _verify, "verify every record, link, root, checkpoint and signature")
-    p.add_argument("log_dir", nargs="?", type=Path, help="log directory (default: from config)")
-    p.add_argument("--vkey", help="the log's verifier key, or a file holding it "
-                   "(default: the key beside the configured signing key)")
+    p.add_argument("log_dir", nargs="?", type=Path, help="log directory or export "
+                   "(default: from config)")
+    vkey_option(p, "an export's own log.vkey, else the key beside the configured signing key")
     p.add_argument("--since", type=Path, help="archived signed checkpoint the log must extend")
+    p.add_argument("--witness", type=Path, help="the gateway's witness copy of its latest "
+                   "checkpoint (kept outside the log directory): the log must extend it")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--allow-unsigned-tail", action="store_true",
-                   help="accept records after the last checkpoint (a live log)")
+    p.add_argument("--jobs", type=_index, help="worker processes (default: one per CPU)")
+    p.add_argument("--allow-unsigned-tail", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = verb("verify-proof", _verify_proof,
              "check a tlog-proof against its checkpoint and the log key, without the log")
     p.add_argument("proof", type=Path, help="c2sp.org/tlog-proof@v1 file ('-' for stdin)")
-    p.add_argument("--vkey", help="the log's verifier key, or a file holding it")
+    vkey_option(p, "the key beside the configured signing key")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--entry", type=Path, help="file with the record's canonical bytes")
     group.add_argument("--leaf-hash", help="the record's leaf hash (hex or base64)")
+    p = verb("verify-consistency", _verify_consistency,
+             "check that checkpoint NEW extends checkpoint OLD, without the log")
+    p.add_argument("old", type=Path, help="the older signed checkpoint (a file)")
+    p.add_argument("new", type=Path, help="the newer signed checkpoint (a file)")
+    p.add_argument("proof", type=Path, help="the proof from `gateway audit prove-consistency`")
+    vkey_option(p, "the key beside the configured signing key")
     p = verb("export", _export, "copy the log up to its latest checkpoint to DIR (a backup)")
     p.add_argument("dest", type=Path)
 
@@ -90,28 +139,30 @@ def _settings(args: argparse.Namespace):
     return settings
 
 
-def _reader(args: argparse.Namespace):
-    from gateway.audit._proof import LogReader
-
-    return LogReader(_settings(args).directory)
+def _log_dir(args: argparse.Namespace) -> Path:
+    return _settings(args).directory
 
 
-def _load_vkey(value: str | None, settings):
-    from gateway.audit._keys import vkey_path
-    from gateway.audit._note import NoteError, parse_vkey
+def _load_vkey(value: str | None, settings) -> tuple[offline.Verifier, str]:
+    """The key of --vkey (a key or a file), else the configured one; and where it came from."""
+    from gateway.audit import verifier_key_path
 
-    if value is None:
-        path = vkey_path(settings.signing_key)
-        if not path.exists():
-            raise ConfigError(f"no --vkey given and no verifier key at {path}")
-        value = str(path)
-    text = value
-    if os.path.exists(value):
-        text = Path(value).read_text(encoding="utf-8").strip()
+    if value is not None and not os.path.exists(value):
+        try:
+            return offline.parse_verifier(value.strip()), "from --vkey"
+        except offline.Error as err:
+            raise ConfigError(f"--vkey: {err}") from None
+    path = Path(value) if value is not None else verifier_key_path(settings)
+    if not path.exists():
+        raise ConfigError(f"no --vkey given and no verifier key at {path}")
+    return offline.load_verifier(path), f"from {path}"
+
+
+def _read(path: Path, what: str) -> str:
     try:
-        return parse_vkey(text)
-    except NoteError as err:
-        raise ConfigError(f"--vkey: {err}") from None
+        return sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read {what} {path}: {err}") from None
 
 
 def _out(data: str | bytes) -> None:
@@ -120,112 +171,100 @@ def _out(data: str | bytes) -> None:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from gateway.audit import _keys
+    from gateway.audit import generate_keys, verifier_key_path
 
     s = _settings(args)
-    signer = _keys.generate(s.signing_key, s.payload_key, args.name or s.name, force=args.force)
-    print(f"wrote {s.signing_key} and {s.payload_key} (mode 0600), "
-          f"{_keys.vkey_path(s.signing_key)}", file=sys.stderr)
-    _out(signer.vkey + "\n")
-    return 0
-
-
-def _vkey(args: argparse.Namespace) -> int:
-    from gateway.audit import _keys
-
-    s = _settings(args)
-    path = _keys.vkey_path(s.signing_key)
-    if path.exists():
-        vkey = path.read_text(encoding="utf-8").strip()
-    else:
-        vkey = _keys.load_signer(s.signing_key).vkey
+    vkey = generate_keys(s, args.name, force=args.force)
+    print(f"wrote {s.signing_key} and {s.payload_key} (mode 0600), {verifier_key_path(s)}",
+          file=sys.stderr)
     _out(vkey + "\n")
     return 0
 
 
+def _vkey(args: argparse.Namespace) -> int:
+    from gateway.audit import signer_vkey
+
+    _out(signer_vkey(_settings(args)) + "\n")
+    return 0
+
+
 def _checkpoint(args: argparse.Namespace) -> int:
-    _out(_reader(args).checkpoint())
+    _out(offline.LogReader(_log_dir(args)).checkpoint(args.size))
     return 0
 
 
 def _entry(args: argparse.Namespace) -> int:
-    _out(_reader(args).entry(args.index))
+    _out(offline.LogReader(_log_dir(args)).entry(args.index))
+    return 0
+
+
+def _entries(args: argparse.Namespace) -> int:
+    records = offline.read_entries(_log_dir(args), args.start, args.end)
+    if args.json:
+        for i, r in enumerate(records, start=args.start):
+            line = {"index": i, "leaf_hash": offline.leaf_hash(r).hex(),
+                    "record": json.loads(r)}
+            _out(json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n")
+    else:
+        _out(b"".join(r + b"\n" for r in records))
     return 0
 
 
 def _prove(args: argparse.Namespace) -> int:
-    from gateway.audit._proof import checkpoint_size, format_proof
-
-    reader = _reader(args)
-    note = reader.checkpoint(args.size)
-    size = checkpoint_size(note)
-    if args.index >= size:
-        raise _tool_error(f"record {args.index} is not covered by the checkpoint of size {size}")
-    proof = reader.tree(size).inclusion_proof(args.index, size)
-    _out(format_proof(args.index, proof, note))
+    _out(offline.prove_inclusion(_log_dir(args), args.index, args.size))
     return 0
 
 
 def _prove_consistency(args: argparse.Namespace) -> int:
-    from gateway.audit._merkle import ProofError
-
-    reader = _reader(args)
-    if not 0 < args.first <= args.second:
-        raise _tool_error("need 0 < M <= N")
-    try:
-        proof = reader.tree(args.second).consistency_proof(args.first, args.second)
-    except ProofError as err:
-        raise _tool_error(str(err)) from None
-    _out("".join(base64.b64encode(h).decode() + "\n" for h in proof))
+    _out(offline.prove_consistency(_log_dir(args), args.first, args.second))
     return 0
-
-
-def _tool_error(msg: str) -> GatewayError:
-    from gateway.audit._proof import AuditToolError
-
-    return AuditToolError(msg)
 
 
 def _verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from gateway.audit._proof import checkpoint_size
-    from gateway.audit._verify import verify_log
-
     settings = _settings(args)
-    verifier = _load_vkey(args.vkey, settings)
-    since = None
-    if args.since is not None:
-        try:
-            since = args.since.read_text(encoding="utf-8")
-        except OSError as err:
-            raise ConfigError(f"--since: cannot read {args.since}: {err}") from None
+    directory = settings.directory
+    if args.vkey is None and (directory / offline.EXPORT_VKEY).exists():
+        verifier, source = None, ""  # an export: its own key, named in the report
+    else:
+        verifier, source = _load_vkey(args.vkey, settings)
+    if args.allow_unsigned_tail:
+        print("gateway: --allow-unsigned-tail is gone and changes nothing: records after the "
+              "last signed checkpoint are reported as not covered, exit status 3",
+              file=sys.stderr)
+    since = _read(args.since, "--since") if args.since is not None else None
+    witness_file = args.witness
+    default = getattr(settings, "witness_path", None)  # the gateway's own witness copy
+    if witness_file is None and default is not None and args.log_dir is None and \
+            args.dir is None and default().exists():
+        witness_file = default()  # the configured log: check it against its own witness
+        print(f"gateway: checking freshness against the witness copy {witness_file}",
+              file=sys.stderr)
+    witness = _read(witness_file, "--witness") if witness_file is not None else None
     total = None
     try:
-        total = checkpoint_size((settings.directory / "checkpoint").read_text(encoding="utf-8"))
-    except (OSError, GatewayError):
+        total = offline.checkpoint_size(offline.LogReader(directory).checkpoint())
+    except offline.Error:
         pass
     with tqdm(total=total, unit="rec", unit_scale=True, file=sys.stderr, disable=args.quiet,
               desc="verify") as bar:
-        report = verify_log(settings.directory, verifier, since=since,
-                            allow_unsigned_tail=args.allow_unsigned_tail, progress=bar.update)
+        report = offline.verify_log(directory, verifier, since=since, witness=witness,
+                                    jobs=args.jobs, key_source=source, progress=bar.update)
     if args.json:
         _out(json.dumps(report.to_dict(), indent=2) + "\n")
     else:
         _out(report.summary() + "\n")
-    return 0 if report.ok else 1
+    return report.status
 
 
 def _verify_proof(args: argparse.Namespace) -> int:
-    from gateway.audit._proof import verify_proof
-
-    settings = _settings(args)
-    verifier = _load_vkey(args.vkey, settings)
+    verifier, _ = _load_vkey(args.vkey, _settings(args))
+    text = _read(args.proof, "proof")
     try:
-        text = sys.stdin.read() if str(args.proof) == "-" else args.proof.read_text("utf-8")
         entry = args.entry.read_bytes() if args.entry else None
     except OSError as err:
-        raise ConfigError(f"cannot read input: {err}") from None
+        raise ConfigError(f"cannot read --entry: {err}") from None
     leaf = None
     if args.leaf_hash:
         try:
@@ -233,19 +272,26 @@ def _verify_proof(args: argparse.Namespace) -> int:
                     else base64.b64decode(args.leaf_hash, validate=True))
         except ValueError:
             raise ConfigError("--leaf-hash is neither 64 hex digits nor base64") from None
-    index, cp = verify_proof(text, verifier, entry=entry, leaf_hash=leaf)
+    index, cp = offline.verify_inclusion(text, verifier, entry=entry, leaf=leaf)
     _out(f"OK: record {index} is in {cp.origin} at size {cp.size} "
          f"(root {cp.root.hex()})\n")
     return 0
 
 
+def _verify_consistency(args: argparse.Namespace) -> int:
+    verifier, _ = _load_vkey(args.vkey, _settings(args))
+    old, new = offline.verify_consistency(_read(args.old, "checkpoint"),
+                                          _read(args.new, "checkpoint"),
+                                          _read(args.proof, "proof"), verifier)
+    _out(f"OK: the checkpoint of size {new.size} (root {new.root.hex()}) extends the one of "
+         f"size {old.size} (root {old.root.hex()}) in {old.origin}\n")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
-    from gateway.audit._export import export_log
+    from gateway.audit import export_log
 
-    settings = _settings(args)
-    from gateway.audit._keys import vkey_path
-
-    size = export_log(settings.directory, args.dest, vkey_path(settings.signing_key))
-    print(f"exported {size} records (up to the latest signed checkpoint) to {args.dest}",
-          file=sys.stderr)
+    size = export_log(_settings(args), args.dest)
+    print(f"exported {size} records (up to the latest signed checkpoint) and the verifier key "
+          f"({offline.EXPORT_VKEY}) to {args.dest}", file=sys.stderr)
     return 0

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from gateway.cli._client import add_client_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,13 +19,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--force", action="store_true", help="recreate everything")
     init.set_defaults(func=_init)
 
-    call = verbs.add_parser("call", help="call the gateway as a demo identity")
-    call.add_argument("--target", default="127.0.0.1:8443", help="host:port of the gateway")
-    call.add_argument("--certs", type=Path, default=Path("certs/dev"),
-                      help="directory with ca.pem and clients/<name>.pem|.key")
-    call.add_argument("--as", dest="identity", default="scorer", help="demo client name")
-    call.add_argument("--model", default="demo-mlp")
-    call.add_argument("--action", choices=("infer", "metadata", "ready"), default="infer")
+    call = verbs.add_parser("call", help="call the gateway as a demo identity with an "
+                            "example input (a thin case of `gateway call`)")
+    call.add_argument("--model", dest="model_option", default="demo-mlp",
+                      help="model name (default demo-mlp)")
+    call.add_argument("--certs", type=Path, default=None,
+                      help="demo PKI directory holding ca.pem and clients/<name>.pem|.key "
+                      "(default: from --config, else certs/dev)")
+    call.add_argument("--action", choices=("infer", "metadata", "ready"), default="infer",
+                      help="the RPC: ModelInfer (default), ModelMetadata or ModelReady")
+    call.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    add_client_arguments(call, default_as="scorer")
     call.set_defaults(func=_call)
 
 
@@ -54,43 +59,11 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _call(args: argparse.Namespace) -> int:
-    import grpc
-    import numpy as np
+    """`gateway call MODEL --example` under the demo's defaults."""
+    from gateway.cli._call import call
 
-    from gateway._proto.inference import grpc_service_pb2 as pb
-    from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
-
-    client = args.certs / "clients"
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=(args.certs / "ca.pem").read_bytes(),
-        private_key=(client / f"{args.identity}.key").read_bytes(),
-        certificate_chain=(client / f"{args.identity}.pem").read_bytes())
-    with grpc.secure_channel(args.target, credentials) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        try:
-            if args.action == "ready":
-                response, call = stub.ModelReady.with_call(pb.ModelReadyRequest(name=args.model))
-                result = {"ready": response.ready}
-            elif args.action == "metadata":
-                response, call = stub.ModelMetadata.with_call(
-                    pb.ModelMetadataRequest(name=args.model))
-                result = {"inputs": [(t.name, t.datatype, list(t.shape)) for t in response.inputs],
-                          "outputs": [(t.name, t.datatype, list(t.shape))
-                                      for t in response.outputs]}
-            else:
-                x = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
-                request = pb.ModelInferRequest(model_name=args.model, raw_input_contents=[
-                    x.tobytes()])
-                request.inputs.add(name="input", datatype="FP32", shape=x.shape)
-                response, call = stub.ModelInfer.with_call(request)
-                result = {o.name: np.frombuffer(raw, dtype=np.float32 if o.datatype == "FP32"
-                                                else np.int64).tolist()
-                          for o, raw in zip(response.outputs, response.raw_output_contents,
-                                            strict=True)}
-        except grpc.RpcError as err:
-            print(f"{err.code().name}: {err.details()}")
-            return 1
-    receipt = dict(call.trailing_metadata() or ())
-    print(json.dumps({"identity": args.identity, "action": args.action, "result": result,
-                      "audit_receipt": receipt}, indent=2))
-    return 0
+    if args.certs is not None and args.ca is None:
+        args.ca = args.certs / "ca.pem"
+    args.model, args.version, args.inputs, args.inputs_file = args.model_option, "", [], None
+    args.example = True
+    return call(args)

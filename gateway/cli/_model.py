@@ -4,6 +4,7 @@
     gateway model encrypt|decrypt|rewrap (_model_encryption)
     gateway model scan|test             (_model_scan)
     gateway model profile               (_model_profile)
+    gateway model keygen|load|unload|list (_model_admin)
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-_FAMILIES = ("_model_signing", "_model_encryption", "_model_scan", "_model_profile")
+_FAMILIES = ("_model_signing", "_model_encryption", "_model_scan", "_model_profile",
+             "_model_admin")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,28 +1,39 @@
 """`gateway policy check|test|explain|diff|fmt`: the policy toolchain for security teams.
 
-    gateway policy check policies
-    gateway policy test policies policies/tests/*.yaml
+    gateway policy check policies [--strict] [--json]
+    gateway policy test policies [policies/tests/*.yaml] [-v] [--json]
     gateway policy explain policies --as spiffe://demo.local/svc/scorer --model demo-mlp \\
-        --action infer --attr model.labels.stage=retired
-    gateway policy diff HEAD~1 policies          # directories or git revisions
-    gateway policy fmt policies [--check]
+        --action infer [--models models] [--attr model.labels.stage=retired] [--json]
+    gateway policy diff HEAD~1 policies [--json]  # directories or git revisions
+    gateway policy fmt policies [--check] [--diff]
 
-Each handler returns the exit code: 0 success, 1 a finding (failed case, unformatted file,
-changed access with --exit-code); bad input raises PolicyError, which the dispatcher prints
-as ``file:line: problem`` lines and exits 2.
+Exit codes: 0 success; 1 a finding (a warning under --strict, a failed case, a denied
+request in explain, an unformatted file under --check, changed access under --exit-code);
+2 bad input, printed as ``file:line: problem`` lines (paths relative to the working directory).
+The live-gateway verbs (reload, show, shadow, shadow-report) are in :mod:`._policy_admin`.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
+import sys
 from pathlib import Path
 
+from gateway.cli._output import ERROR, FAILED, OK, emit_json, shown, warn
 from gateway.policy import (
+    ACTIONS,
     ATTRIBUTE_PREFIXES,
+    MODEL_FILE,
+    POLICY_FILE,
     PolicyError,
+    Problem,
+    attribute_problem,
     case_files,
     compile_directory,
+    did_you_mean,
+    lint,
     load_cases,
     run_cases,
 )
@@ -43,30 +54,45 @@ _FLOAT = re.compile(r"-?[0-9]+\.[0-9]+\Z")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `policy` verb group."""
-    parser = subparsers.add_parser("policy", help="check, test, explain, diff and format policy")
+    parser = subparsers.add_parser("policy", help="check, test, explain, diff and format "
+                                   "policy; reload, show and shadow it on a live gateway")
     verbs = parser.add_subparsers(dest="policy_command", metavar="VERB", required=True)
+    directory_help = "policy directory holding model.conf and policy.csv"
+    json_help = "print one JSON document on stdout instead of text"
 
-    p = verbs.add_parser("check", help="validate model.conf and policy.csv (every error, "
-                         "with file and line)")
-    p.add_argument("directory", type=Path)
+    p = verbs.add_parser("check", help="validate the policy and its cases (every error, with "
+                         "file and line) and warn about logic mistakes")
+    p.add_argument("directory", type=Path, help=directory_help)
+    p.add_argument("--strict", action="store_true", help="exit 1 if there is any warning")
+    p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=_check)
 
     p = verbs.add_parser("test", help="run YAML test cases; report failures and rules no "
                          "case exercised")
-    p.add_argument("directory", type=Path)
+    p.add_argument("directory", type=Path, help=directory_help)
     p.add_argument("cases", type=Path, nargs="*",
                    help="case files (default: DIRECTORY/tests/*.yaml)")
+    p.add_argument("-v", "--verbose", dest="list_cases", action="store_true",
+                   help="list every case with its decision and deciding rule")
+    p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=_test)
 
-    p = verbs.add_parser("explain", help="why a request is allowed or denied")
-    p.add_argument("directory", type=Path)
+    p = verbs.add_parser("explain", help="why a request is allowed or denied (exit 1: denied)")
+    p.add_argument("directory", type=Path, help=directory_help)
     p.add_argument("--as", dest="subject", required=True, metavar="ID",
-                   help="caller SPIFFE ID, cn: name or role")
-    p.add_argument("--model", default="", help="model name ('' for gateway-level actions)")
+                   help="caller SPIFFE ID, cn:NAME or role")
+    p.add_argument("--model", default="", help="model name ('' for gateway-level actions, "
+                   "decided on the object @gateway)")
     p.add_argument("--version", default=None, help="model version (sets model.version)")
-    p.add_argument("--action", required=True)
+    p.add_argument("--action", required=True, help="one of: " + ", ".join(ACTIONS))
+    p.add_argument("--models", type=Path, default=None, metavar="DIR",
+                   help="model repository: take the model's owner and labels from "
+                   "DIR/<model>/<version>/metadata.toml, as the server would")
     p.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE",
-                   help="request/model/caller attribute, repeatable")
+                   help="request/model/caller attribute, repeatable (overrides --models)")
+    p.add_argument("--trace", action="store_true",
+                   help="also list every rule, whether it matches and why not")
+    p.add_argument("--json", action="store_true", help=json_help + " (always with the trace)")
     p.set_defaults(func=_explain)
 
     p = verbs.add_parser("diff", help="the access that changes between two policies")
@@ -76,19 +102,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="policy directory inside the git tree, for revisions (default policies)")
     p.add_argument("--models", type=Path, default=Path("models"),
                    help="model repository whose models (and their metadata labels) join "
-                   "the comparison")
+                   "the comparison (default: models)")
     p.add_argument("--as", dest="subjects", action="append", default=[], metavar="ID",
                    help="extra identity to compare, repeatable")
     p.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE",
                    help="attributes every compared request carries, repeatable")
     p.add_argument("--exit-code", action="store_true", help="exit 1 when access changes")
+    p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=_diff)
 
     p = verbs.add_parser("fmt", help="rewrite model.conf and policy.csv canonically")
-    p.add_argument("directory", type=Path)
+    p.add_argument("directory", type=Path, help=directory_help)
     p.add_argument("--check", action="store_true",
                    help="change nothing; exit 1 if a file is not canonical")
+    p.add_argument("--diff", action="store_true",
+                   help="change nothing; print a unified diff of what fmt would change "
+                   "(exit 1 if there is one)")
     p.set_defaults(func=_fmt)
+
+    from gateway.cli import _policy_admin
+
+    _policy_admin.register(verbs)
+
+
+# --- shared ------------------------------------------------------------------------------
+
+
+def locator(directory: Path):
+    """``policy.csv:N`` -> ``<directory>/policy.csv:N`` as shown from the working directory."""
+    base = shown(directory)
+
+    def where(text: str) -> str:
+        if text.startswith((POLICY_FILE, MODEL_FILE)):
+            return f"{base}/{text}"
+        return text
+
+    return where
+
+
+def _relocated(err: PolicyError, directory: Path) -> PolicyError:
+    where = locator(directory)
+    return PolicyError([Problem(where(p.file), p.line, p.message) for p in err.problems])
+
+
+def compile_here(directory: Path):
+    """Compile ``directory`` without its cases; problems located from the working dir."""
+    try:
+        return compile_directory(directory, run_tests=False)
+    except PolicyError as err:
+        raise _relocated(err, directory) from None
 
 
 def _attributes(pairs: list[str]) -> dict[str, object]:
@@ -99,6 +161,9 @@ def _attributes(pairs: list[str]) -> dict[str, object]:
         if not sep or not key.startswith(ATTRIBUTE_PREFIXES):
             raise PolicyError(f"--attr {pair!r}: expected KEY=VALUE with KEY under "
                               + ", ".join(ATTRIBUTE_PREFIXES))
+        problem = attribute_problem(key)
+        if problem is not None:
+            raise PolicyError(f"--attr {pair!r}: {problem}")
         value: object = raw
         if _INT.match(raw):
             value = int(raw)
@@ -110,44 +175,145 @@ def _attributes(pairs: list[str]) -> dict[str, object]:
     return out
 
 
+def _problems_json(err: PolicyError) -> list[dict[str, object]]:
+    return [{"file": p.file, "line": p.line, "message": p.message} for p in err.problems]
+
+
+# --- check -------------------------------------------------------------------------------
+
+
 def _check(args: argparse.Namespace) -> int:
-    snapshot = compile_directory(args.directory, run_tests=False)
-    files = case_files(args.directory)
-    cases = load_cases(files)
+    try:
+        snapshot = compile_here(args.directory)
+        files = [Path(shown(f)) for f in case_files(args.directory)]
+        try:
+            cases = load_cases(files, snapshot)
+        except PolicyError as err:
+            raise _relocated(err, args.directory) from None
+    except PolicyError as err:
+        if not args.json:
+            raise
+        emit_json({"directory": shown(args.directory), "ok": False,
+                   "errors": _problems_json(err), "warnings": []})
+        return ERROR
+    where = locator(args.directory)
+    findings = lint(snapshot, lambda line: where(f"{POLICY_FILE}:{line}"))
     source = snapshot.source
-    print(f"{args.directory}: ok: {len(source.rules)} rules, {len(source.links)} role links, "
-          f"{len(cases)} test cases in {len(files)} file(s); digest {snapshot.digest}")
-    return 0
+    failed = bool(findings) and args.strict
+    if args.json:
+        emit_json({"directory": shown(args.directory), "ok": not failed,
+                   "digest": snapshot.digest, "rules": len(source.rules),
+                   "role_links": len(source.links), "cases": len(cases),
+                   "case_files": [shown(f) for f in files], "errors": [],
+                   "warnings": [{"file": where(POLICY_FILE), "line": f.line, "kind": f.kind,
+                                 "message": f.message,
+                                 "other": None if f.other is None else
+                                 where(f"{POLICY_FILE}:{f.other}")}
+                                for f in findings]})
+        return FAILED if failed else OK
+    for f in findings:
+        print(f"{where(POLICY_FILE)}:{f.line}: warning: {f.message} [{f.kind}]")
+    status = "ok" if not findings else f"{len(findings)} warning(s)"
+    print(f"{shown(args.directory)}: {status}: {len(source.rules)} rules, "
+          f"{len(source.links)} role links, {len(cases)} test cases in {len(files)} file(s); "
+          f"digest {snapshot.digest}")
+    return FAILED if failed else OK
+
+
+# --- test --------------------------------------------------------------------------------
 
 
 def _test(args: argparse.Namespace) -> int:
-    snapshot = compile_directory(args.directory, run_tests=False)
-    files = args.cases or case_files(args.directory)
+    snapshot = compile_here(args.directory)
+    files = [Path(shown(f)) for f in args.cases or case_files(args.directory)]
     if not files:
-        raise PolicyError(f"{args.directory}: no test cases given and none in tests/")
-    cases = load_cases(files)
+        raise PolicyError(f"{shown(args.directory)}: no test cases given and none in tests/")
+    cases = load_cases(files, snapshot)
     report = run_cases(snapshot, cases, coverage=True)
-    for failure in report.failures:
-        print(f"FAIL {failure}")
-    passed = report.total - len(report.failures)
+    where = locator(args.directory)
+    failed = {id(f.case) for f in report.failures}
     rules = len(snapshot.source.rules)
     covered = rules - len(report.uncovered)
-    print(f"{passed}/{report.total} cases passed; {covered}/{rules} rules exercised")
+    if args.json:
+        emit_json({
+            "passed": report.total - len(report.failures), "total": report.total,
+            "rules": rules, "rules_exercised": covered,
+            "cases": [{"where": case.where, "name": case.name, "caller": case.caller,
+                       "model": case.model, "action": case.action,
+                       "attributes": case.attributes,
+                       "expect": "allow" if case.allow else "deny",
+                       "expect_rule": case.rule,
+                       "got": "allow" if got.allowed else "deny", "rule": where(got.rule),
+                       "passed": id(case) not in failed}
+                      for case, got in report.results],
+            "uncovered": [where(line) for line in report.uncovered]})
+        return FAILED if report.failures else OK
+    if args.list_cases:
+        for case, got in report.results:
+            verdict = "FAIL" if id(case) in failed else "PASS"
+            label = f" [{case.name}]" if case.name else ""
+            print(f"{verdict} {case.where}{label}: {case.describe()}: "
+                  f"{'allow' if got.allowed else 'deny'} by {where(got.rule)}")
+    for failure in report.failures:
+        if not args.list_cases:
+            print(f"FAIL {failure}")
+    print(f"{report.total - len(report.failures)}/{report.total} cases passed; "
+          f"{covered}/{rules} rules exercised")
     if report.uncovered:
         print("rules no case exercised:")
         for line in report.uncovered:
-            print(f"  {line}")
-    return 1 if report.failures else 0
+            print(f"  {where(line)}")
+    return FAILED if report.failures else OK
+
+
+# --- explain -----------------------------------------------------------------------------
 
 
 def _explain(args: argparse.Namespace) -> int:
-    snapshot = compile_directory(args.directory, run_tests=False)
-    attrs = _attributes(args.attr)
-    if args.version is not None:
+    if args.action not in ACTIONS:
+        raise PolicyError(f"unknown action {args.action!r}{did_you_mean(args.action, ACTIONS)}; "
+                          f"actions: {', '.join(ACTIONS)}")
+    snapshot = compile_here(args.directory)
+    attrs: dict[str, object] = {}
+    if args.models is not None and args.model:
+        attrs.update(_model_attributes(args.models, args.model, args.version))
+    elif args.version is not None:
         attrs["model.version"] = args.version
+    attrs.update(_attributes(args.attr))
     result = explain(snapshot, args.subject, args.model, args.action, attrs)
-    print(result.render(snapshot, args.subject))
-    return 0
+    where = locator(args.directory)
+    if args.json:
+        emit_json({**result.to_dict(snapshot, args.subject, where), "model": args.model,
+                   "action": args.action, "attributes": attrs})
+    else:
+        print(result.render(snapshot, args.subject, where, trace=args.trace))
+    return OK if result.decision.allowed else FAILED
+
+
+def _model_attributes(root: Path, model: str, version: str | None) -> dict[str, object]:
+    """The model's attributes as the server computes them from the repository."""
+    versions = [(v, attrs) for name, v, attrs in repository_models(root) if name == model]
+    if not versions:
+        warn(f"note: {shown(root)} has no model {model!r}; a gateway serving that repository "
+             "denies every request for it (unknown models are denied like forbidden ones)")
+        return {"model.name": model} | ({"model.version": version} if version else {})
+    if version is None:
+        version, attrs = max(versions, key=lambda item: _version_key(item[0]))
+        warn(f"note: no --version: explaining {model} version {version}, the latest in "
+             f"{shown(root)}")
+        return attrs
+    for v, attrs in versions:
+        if v == version:
+            return attrs
+    raise PolicyError(f"{shown(root)}/{model}: no version {version!r}; versions: "
+                      + ", ".join(v for v, _ in versions))
+
+
+def _version_key(version: str) -> tuple:
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+
+
+# --- diff --------------------------------------------------------------------------------
 
 
 def _diff(args: argparse.Namespace) -> int:
@@ -156,30 +322,51 @@ def _diff(args: argparse.Namespace) -> int:
     instances = repository_models(args.models)
     changes = access_diff(old, new, subjects=set(args.subjects),
                           attributes=_attributes(args.attr), instances=instances)
+    gone, added = conditional_changes(old, new)
+    changed = bool(changes or gone or added)
+    if args.json:
+        emit_json({"old": {"ref": args.old, "digest": old.digest},
+                   "new": {"ref": args.new, "digest": new.digest},
+                   "changes": [c.to_dict() for c in changes],
+                   "conditional_rules": {"removed": gone, "added": added}})
+        return FAILED if args.exit_code and changed else OK
     print(f"--- {args.old} ({old.digest[:16]})\n+++ {args.new} ({new.digest[:16]})")
     for change in changes:
         print(change)
-    gone, added = conditional_changes(old, new)
     if gone or added:
         print("conditional rules changed (access depends on request attributes):")
         for text in gone:
             print(f"  - {text}")
         for text in added:
             print(f"  + {text}")
-    if not changes and not gone and not added:
+    if not changed:
         print("no change in effective access")
-    return 1 if args.exit_code and (changes or gone or added) else 0
+    return FAILED if args.exit_code and changed else OK
+
+
+# --- fmt ---------------------------------------------------------------------------------
 
 
 def _fmt(args: argparse.Namespace) -> int:
-    formatted = format_directory(args.directory)
+    try:
+        formatted = format_directory(args.directory)
+    except PolicyError as err:
+        raise _relocated(err, args.directory) from None
+    dry = args.check or args.diff
     changed = []
     for name, text in formatted.items():
         path = args.directory / name
-        if path.read_text(encoding="utf-8") != text:
-            changed.append(path)
-            if not args.check:
-                write_atomically(path, text)
-    for path in changed:
-        print(f"{'would reformat' if args.check else 'reformatted'} {path}")
-    return 1 if args.check and changed else 0
+        before = path.read_text(encoding="utf-8")
+        if before == text:
+            continue
+        changed.append(path)
+        if args.diff:
+            sys.stdout.writelines(difflib.unified_diff(
+                before.splitlines(keepends=True), text.splitlines(keepends=True),
+                fromfile=f"{shown(path)} (current)", tofile=f"{shown(path)} (formatted)"))
+        elif not dry:
+            write_atomically(path, text)
+    if not args.diff:
+        for path in changed:
+            print(f"{'would reformat' if dry else 'reformatted'} {shown(path)}")
+    return FAILED if dry and changed else OK

@@ -14,9 +14,18 @@ The API defined here is what the server uses; everything else is private.
 """
 
 from gateway.policy._cases import Case, Report, load_cases, run_cases
-from gateway.policy._condition import ATTRIBUTE_PREFIXES
+from gateway.policy._condition import ATTRIBUTE_PREFIXES, attribute_problem, did_you_mean
 from gateway.policy._engine import DEFAULT_DENY, Decision, Snapshot
-from gateway.policy._source import ACTIONS, GATEWAY_OBJECT, PolicyError, Problem
+from gateway.policy._lint import Finding, lint
+from gateway.policy._shadow import ShadowCollector
+from gateway.policy._source import (
+    ACTIONS,
+    GATEWAY_OBJECT,
+    MODEL_FILE,
+    POLICY_FILE,
+    PolicyError,
+    Problem,
+)
 from gateway.policy._store import PolicyStore, ReloadResult, case_files, compile_directory
 
 __all__ = [
@@ -24,16 +33,23 @@ __all__ = [
     "ATTRIBUTE_PREFIXES",
     "DEFAULT_DENY",
     "GATEWAY_OBJECT",
+    "MODEL_FILE",
+    "POLICY_FILE",
     "Case",
     "Decision",
+    "Finding",
     "PolicyError",
     "PolicyStore",
     "Problem",
     "ReloadResult",
     "Report",
+    "ShadowCollector",
     "Snapshot",
+    "attribute_problem",
     "case_files",
     "compile_directory",
+    "did_you_mean",
+    "lint",
     "load_cases",
     "run_cases",
 ]

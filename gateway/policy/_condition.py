@@ -27,8 +27,9 @@ true when its value is the boolean ``true``. Semantics chosen to fail closed:
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from gateway.policy._glob import compile_glob
@@ -99,6 +100,47 @@ def parse_condition(text: str) -> Condition:
                              + (" (unbalanced ')')" if value == ")" else ""))
     names = tuple(sorted(parser.names))
     return Condition(node.text, names, node.fn)
+
+
+def attribute_problem(name: str) -> str | None:
+    """Why ``name`` is not an attribute a condition or a test case may name (None: it is).
+
+    The one check shared by the condition parser and the test-case loader, so a case cannot
+    set an attribute no condition could ever read.
+    """
+    if not name.startswith(ATTRIBUTE_PREFIXES):
+        return (f"unknown attribute {name!r}: attributes start with "
+                + ", ".join(ATTRIBUTE_PREFIXES))
+    for segment in name.split(".")[1:]:
+        if not _SEGMENT.match(segment):
+            return (f"bad attribute name {name!r}: segment {segment!r} must be lower-case "
+                    "letters, digits, _ or -")
+    if name.startswith("model.labels.") or not name.startswith(("caller.", "model.",
+                                                                "request.")):
+        return None
+    if name not in KNOWN_TYPES:
+        return (f"unknown attribute {name!r}{did_you_mean(name, KNOWN_TYPES)}; known: "
+                + ", ".join(sorted(KNOWN_TYPES)) + ", model.labels.<label>, anomaly.<name>")
+    return None
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``; did you mean 'x'?`` naming the closest of ``choices``, or '' if none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def attribute_kind(name: str) -> str | None:
+    """``string``, ``number`` or ``boolean`` for attributes of a known type, else None."""
+    known = KNOWN_TYPES.get(name)
+    if known is None and name.startswith("model.labels."):
+        known = str
+    return None if known is None else _kind(known())
+
+
+def value_kind(value: object) -> str:
+    """The condition language's type of a Python value (``string``, ``number``, ...)."""
+    return _kind(value)
 
 
 # --- tokens -----------------------------------------------------------------------------
@@ -342,28 +384,14 @@ class _Parser:
         raise ConditionError(f"expected a value, found {value!r} at column {col}")
 
     def check_attribute(self, name: str, col: int) -> None:
-        if not name.startswith(ATTRIBUTE_PREFIXES):
-            raise ConditionError(
-                f"unknown attribute {name!r} at column {col}: attributes start with "
-                + ", ".join(ATTRIBUTE_PREFIXES))
-        for segment in name.split(".")[1:]:
-            if not _SEGMENT.match(segment):
-                raise ConditionError(f"bad attribute name {name!r} at column {col}: segment "
-                                     f"{segment!r} must be lower-case letters, digits, _ or -")
-        if name.startswith("model.labels.") or not name.startswith(("caller.", "model.",
-                                                                    "request.")):
-            return
-        if name not in KNOWN_TYPES:
-            raise ConditionError(f"unknown attribute {name!r} at column {col}; known: "
-                                 + ", ".join(sorted(KNOWN_TYPES)) + ", model.labels.<label>, "
-                                 "anomaly.<name>")
+        problem = attribute_problem(name)
+        if problem is not None:
+            raise ConditionError(f"{problem} (column {col})")
 
     def check_type(self, name: str, kind: str) -> None:
-        known = KNOWN_TYPES.get(name)
-        if known is None and name.startswith("model.labels."):
-            known = str
-        if known is not None and _kind(known()) != kind:
-            raise ConditionError(f"{name} is a {_kind(known())} attribute, compared with a {kind}")
+        expected = attribute_kind(name)
+        if expected is not None and expected != kind:
+            raise ConditionError(f"{name} is a {expected} attribute, compared with a {kind}")
 
     def comparison(self, op: str, left: _Value, right: _Value) -> _Node:
         if left.attribute is None and right.attribute is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from gateway.errors import ConfigError
-from gateway.policy._condition import Condition, ConditionError, parse_condition
+from gateway.policy._condition import Condition, ConditionError, did_you_mean, parse_condition
 from gateway.policy._glob import Pattern, compile_pattern
 
 MODEL_FILE = "model.conf"
@@ -438,7 +438,8 @@ class _Parser:
                 found = f"bad action pattern {act!r}: {err}"
             else:
                 found = tuple(a for a in ACTIONS if match(a)) or \
-                    f"unknown action {act!r}; actions: {', '.join(ACTIONS)}"
+                    f"unknown action {act!r}{did_you_mean(act, ACTIONS)}; actions: " \
+                    + ", ".join(ACTIONS)
             self.actions[act] = found
         return found
 

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import itertools
 import logging
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from pathlib import Path
 from gateway.policy._cases import load_cases, run_cases
 from gateway.policy._condition import Attributes
 from gateway.policy._engine import Decision, Snapshot
+from gateway.policy._shadow import Shadow
 from gateway.policy._source import (
     CASES_DIR,
     MODEL_FILE,
@@ -118,68 +117,32 @@ def _compile(directory: Path, run_tests: bool, files: dict[str, bytes] | None) -
     source = parse_files(read_directory(directory) if files is None else files)
     snapshot = Snapshot(source)
     if run_tests:
-        cases = load_cases(case_files(directory))
+        cases = load_cases(case_files(directory), snapshot)
         report = run_cases(snapshot, cases)
         if report.failures:
-            raise PolicyError([Problem(f.case.where, 0, f"test case failed: {f}")
+            raise PolicyError([Problem(f.case.file, f.case.line,
+                                       f"test case failed: {f.outcome()}")
                                for f in report.failures])
     return snapshot
-
-
-class _Shadow:
-    """A candidate policy decided beside the live one; disagreements counted and logged."""
-
-    def __init__(self, snapshot: Snapshot, directory: Path) -> None:
-        self.snapshot = snapshot
-        self.directory = directory
-        # itertools.count: next() is atomic under the GIL, so counting needs no lock.
-        self._decisions = itertools.count()
-        self._grants = itertools.count()   # live denies, shadow allows
-        self._revokes = itertools.count()  # live allows, shadow denies
-        self.samples: deque[dict[str, object]] = deque(maxlen=100)
-        self._logged: set[tuple[str, str, str]] = set()
-
-    def observe(self, live: Decision, subject: str, model: str, action: str,
-                attributes: Attributes | None) -> None:
-        other = self.snapshot.decide(subject, model, action, attributes)
-        if self.snapshot.retired:
-            return  # replaced while deciding: not a meaningful comparison
-        next(self._decisions)
-        if other.allowed == live.allowed:
-            return
-        next(self._grants if other.allowed else self._revokes)
-        sample = {"subject": subject, "model": model, "action": action,
-                  "live": live.rule, "shadow": other.rule, "shadow_allows": other.allowed}
-        self.samples.append(sample)
-        key = (subject, model, action)
-        if key not in self._logged and len(self._logged) < 10_000:
-            self._logged.add(key)  # log each (subject, model, action) once
-            log.warning("shadow policy %s disagrees: %s %s %s: live %s by %s, shadow %s by %s",
-                        self.snapshot.digest[:12], subject, action, model or "(gateway)",
-                        "allow" if live.allowed else "deny", live.rule,
-                        "allow" if other.allowed else "deny", other.rule)
-
-    def stats(self) -> dict[str, object]:
-        grants, revokes = _peek(self._grants), _peek(self._revokes)
-        return {"shadow_digest": self.snapshot.digest, "directory": str(self.directory),
-                "decisions": _peek(self._decisions), "disagreements": grants + revokes,
-                "shadow_allows_live_denies": grants, "shadow_denies_live_allows": revokes,
-                "samples": list(self.samples)}
-
-
-def _peek(counter: itertools.count) -> int:
-    return counter.__reduce__()[1][0]  # the next value, without advancing
 
 
 class PolicyStore:
     """The live policy of one gateway (see the package docstring for the API)."""
 
     def __init__(self, directory: Path, snapshot: Snapshot,
-                 on_reload: Callable[[ReloadResult], None] | None = None) -> None:
+                 on_reload: Callable[[ReloadResult], None] | None = None, *,
+                 on_shadow_summary: Callable[[dict[str, object]], None] | None = None,
+                 shadow_summary_interval: float = 60.0) -> None:
         self.directory = Path(directory)
         self._live = snapshot
-        self._shadow: _Shadow | None = None
+        self._shadow: Shadow | None = None
         self._on_reload = on_reload
+        self._on_shadow_summary = on_shadow_summary
+        self._summary_interval = shadow_summary_interval
+        self._summary_stop = threading.Event()
+        self._summarizer: threading.Thread | None = None
+        #: The shadow directory of the configuration, set again by an empty admin request.
+        self.configured_shadow: Path | None = None
         self._reload_lock = threading.Lock()
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -187,10 +150,23 @@ class PolicyStore:
 
     @classmethod
     def load(cls, directory: Path, *,
-             on_reload: Callable[[ReloadResult], None] | None = None) -> PolicyStore:
-        """Load and test the policy in ``directory``; PolicyError if it is not valid."""
+             on_reload: Callable[[ReloadResult], None] | None = None,
+             shadow: Path | None = None,
+             on_shadow_summary: Callable[[dict[str, object]], None] | None = None,
+             shadow_summary_interval: float = 60.0) -> PolicyStore:
+        """Load and test the policy in ``directory``; PolicyError if it is not valid.
+
+        ``shadow``: a candidate policy directory to decide beside it from the start (see
+        :meth:`load_shadow`); ``on_shadow_summary`` receives the aggregated disagreements for
+        the audit log (see :mod:`gateway.policy._shadow`).
+        """
         snapshot = compile_directory(Path(directory), beside_traffic=True)
-        return cls(Path(directory), snapshot, on_reload)
+        store = cls(Path(directory), snapshot, on_reload, on_shadow_summary=on_shadow_summary,
+                    shadow_summary_interval=shadow_summary_interval)
+        store.configured_shadow = shadow
+        if shadow is not None:
+            store.load_shadow(shadow)
+        return store
 
     # --- request path -------------------------------------------------------------------
 
@@ -313,30 +289,83 @@ class PolicyStore:
     def load_shadow(self, directory: Path) -> str:
         """Decide every request also under the candidate policy in ``directory``.
 
-        Responses still follow the live policy; disagreements are counted and logged. Returns
-        the candidate's digest; PolicyError if it is not valid (its own tests must pass too).
+        The candidate is checked and tested like a reload (it must compile and pass its own
+        cases). Responses still follow the live policy; disagreements are counted, exported
+        as metrics and summarised in the audit log. Replaces any previous shadow (whose
+        final summary is emitted). Returns the candidate's digest; PolicyError if invalid.
         """
         with self._reload_lock:  # compiles are serialized (they pause the GC)
             snapshot = compile_directory(Path(directory), beside_traffic=True)
-            previous, self._shadow = self._shadow, _Shadow(snapshot, Path(directory))
-            if previous is not None:
-                _retire(previous.snapshot)
+            shadow = Shadow(snapshot, Path(directory))
+            previous, self._shadow = self._shadow, shadow
+        if previous is not None:
+            self._summarise(previous, final=True)
+            _retire(previous.snapshot)
+        self._summarise(shadow, final=False, force=True)
+        self._start_summarizer()
         log.info("shadow policy %s loaded beside live %s", snapshot.digest[:12],
                  self._live.digest[:12])
         return snapshot.digest
 
-    def clear_shadow(self) -> None:
-        """Stop shadow evaluation."""
+    def clear_shadow(self) -> dict[str, object] | None:
+        """Stop shadow evaluation; returns the final summary (None: there was no shadow)."""
         with self._reload_lock:
             previous, self._shadow = self._shadow, None
-            if previous is not None:
-                _retire(previous.snapshot)
+        self._summary_stop.set()
+        if self._summarizer is not None:
+            self._summarizer.join()
+            self._summarizer = None
+        if previous is None:
+            return None
+        summary = self._summarise(previous, final=True, force=True)
+        _retire(previous.snapshot)
+        return summary
 
     def shadow_stats(self) -> dict[str, object] | None:
         """Counts of decisions and disagreements with the shadow policy (None: no shadow)."""
         shadow = self._shadow
         if shadow is None:
             return None
-        stats = shadow.stats()
-        stats["live_digest"] = self._live.digest
-        return stats
+        return {**shadow.stats(), "live_digest": self._live.digest,
+                "samples": shadow.requests()[:100]}
+
+    def shadow_report(self) -> dict[str, object] | None:
+        """Totals, disagreements by rule pair and by request (None: no shadow)."""
+        shadow = self._shadow
+        if shadow is None:
+            return None
+        return {**shadow.stats(), "live_digest": self._live.digest,
+                "by_rule": shadow.pairs(), "by_request": shadow.requests()}
+
+    @property
+    def shadow(self) -> Shadow | None:
+        """The shadow under observation (for the metrics collector)."""
+        return self._shadow
+
+    def _summarise(self, shadow: Shadow, *, final: bool, force: bool = False
+                   ) -> dict[str, object]:
+        summary = shadow.summary(self._live.digest, final)
+        if self._on_shadow_summary is not None and (
+                force or final or shadow.disagreements > shadow.reported):
+            shadow.reported = int(summary["disagreements"])
+            try:
+                self._on_shadow_summary(summary)
+            except Exception:
+                log.exception("shadow summary callback failed")
+        return summary
+
+    def _start_summarizer(self) -> None:
+        if self._on_shadow_summary is None or self._summary_interval <= 0:
+            return
+        if self._summarizer is not None and self._summarizer.is_alive():
+            return
+        self._summary_stop.clear()
+
+        def loop() -> None:
+            while not self._summary_stop.wait(self._summary_interval):
+                shadow = self._shadow
+                if shadow is not None:
+                    self._summarise(shadow, final=False)
+
+        self._summarizer = threading.Thread(target=loop, name="shadow-summary", daemon=True)
+        self._summarizer.start()

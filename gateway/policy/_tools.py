@@ -10,6 +10,7 @@ import io
 import re
 import subprocess
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,10 @@ from gateway.policy._source import (
 # --- explain ----------------------------------------------------------------------------
 
 
+def _policy_where(where: str) -> str:
+    return where
+
+
 @dataclass(slots=True)
 class Explanation:
     """Why a request is allowed or denied."""
@@ -43,31 +48,66 @@ class Explanation:
     role_path: list[LinkSpec]
     overridden: list[RuleSpec] = field(default_factory=list)       # allows beaten by a deny
     nearest: list[tuple[RuleSpec, list[str]]] = field(default_factory=list)
+    #: Every rule with the reasons it does not match ([]: it matches), in file order.
+    trace: list[tuple[RuleSpec, list[str]]] = field(default_factory=list)
 
-    def render(self, snapshot: Snapshot, subject: str) -> str:
+    def to_dict(self, snapshot: Snapshot, subject: str,
+                where: Callable[[str], str] = _policy_where) -> dict[str, object]:
+        """The explanation as data (``--json``); ``where`` renders ``policy.csv:N``
+        locations (the CLI makes them relative to the working directory)."""
         model = snapshot.source.model
-        verdict = "ALLOW" if self.decision.allowed else "DENY"
-        lines = [f"decision: {verdict} by {self.decision.rule} "
+
+        def rule(spec: RuleSpec) -> dict[str, object]:
+            return {"where": where(spec.where), "rule": spec.text(model)}
+
+        d = self.decision
+        return {
+            "decision": "allow" if d.allowed else "deny",
+            "rule": where(d.rule) if d.rule.startswith(POLICY_FILE) else d.rule,
+            "policy_digest": d.policy_digest,
+            "subject": subject,
+            "roles": list(snapshot.roles_of(subject)[1:]),
+            "deciding": rule(self.deciding) if self.deciding is not None else None,
+            "role_path": [{"role": link.role, "where": where(link.where)}
+                          for link in self.role_path],
+            "overridden": [rule(spec) for spec in self.overridden],
+            "nearest": [{**rule(spec), "differs": why} for spec, why in self.nearest],
+            "trace": [{**rule(spec), "effect": "deny" if spec.deny else "allow",
+                       "matches": not why, "differs": why} for spec, why in self.trace],
+        }
+
+    def render(self, snapshot: Snapshot, subject: str,
+               where: Callable[[str], str] = _policy_where, *, trace: bool = False) -> str:
+        data = self.to_dict(snapshot, subject, where)
+        lines = [f"decision: {str(data['decision']).upper()} by {data['rule']} "
                  f"(policy {self.decision.policy_digest[:16]})"]
-        roles = snapshot.roles_of(subject)[1:]
+        roles = data["roles"]
         lines.append(f"{subject} holds: {', '.join(roles) if roles else '(no roles)'}")
-        if self.deciding is not None:
-            lines.append(f"deciding rule: {self.deciding.where}: {self.deciding.text(model)}")
-            chain = " -> ".join([subject, *(f"{link.role} ({link.where})"
-                                            for link in self.role_path)])
+        deciding = data["deciding"]
+        if deciding is not None:
+            lines.append(f"deciding rule: {deciding['where']}: {deciding['rule']}")
+            chain = " -> ".join([subject, *(f"{link['role']} ({link['where']})"
+                                            for link in data["role_path"])])
             lines.append(f"role path: {chain}")
         else:
             lines.append("deciding rule: none matched, so the request is denied (default deny)")
-        for spec in self.overridden:
-            lines.append(f"overridden allow: {spec.where}: {spec.text(model)}")
-        if self.nearest:
+        for item in data["overridden"]:
+            lines.append(f"overridden allow: {item['where']}: {item['rule']}")
+        if data["nearest"]:
             lines.append("nearest rules that would allow it:")
-            for spec, why in self.nearest:
-                lines.append(f"  {spec.where}: {spec.text(model)}")
-                for reason in why:
+            for item in data["nearest"]:
+                lines.append(f"  {item['where']}: {item['rule']}")
+                for reason in item["differs"]:
                     lines.append(f"    differs in {reason}")
         elif not self.decision.allowed and not self.overridden:
             lines.append("no allow rule names this action")
+        if trace:
+            lines.append("trace (every rule, in file order):")
+            for item in data["trace"]:
+                verdict = f"MATCH {item['effect']}" if item["matches"] else "no"
+                lines.append(f"  {item['where']}: {verdict}: {item['rule']}")
+                for reason in item["differs"]:
+                    lines.append(f"    {reason}")
         return "\n".join(lines)
 
 
@@ -78,7 +118,7 @@ def explain(snapshot: Snapshot, subject: str, model: str, action: str,
     evaluated = snapshot.evaluate(subject, model, action, attributes)
     deciding = next((spec for spec, why in evaluated if spec.where == decision.rule), None)
     path = snapshot.role_path(subject, deciding.sub) if deciding else None
-    out = Explanation(decision, deciding, path or [])
+    out = Explanation(decision, deciding, path or [], trace=evaluated)
     if not decision.allowed:
         out.overridden = [spec for spec, why in evaluated if not why and not spec.deny]
         candidates = [(spec, why) for spec, why in evaluated if why and not spec.deny]
@@ -109,6 +149,11 @@ class Change:
     @property
     def gained(self) -> bool:
         return self.new.allowed
+
+    def to_dict(self) -> dict[str, object]:
+        return {"change": "gained" if self.gained else "lost", "subject": self.subject,
+                "model": self.model, "version": self.version, "action": self.action,
+                "old_rule": self.old.rule, "new_rule": self.new.rule}
 
     def __str__(self) -> str:
         obj = self.model + (f":{self.version}" if self.version else "")
@@ -156,8 +201,8 @@ def repository_models(root: Path) -> list[tuple[str, str, dict[str, object]]]:
                 table = tomllib.loads((version / "metadata.toml").read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
                 table = {}
-            if isinstance(table.get("owner"), str):
-                attrs["model.owner"] = table["owner"]
+            # As the server does: model.owner is always set ("" when metadata names none).
+            attrs["model.owner"] = table["owner"] if isinstance(table.get("owner"), str) else ""
             labels = table.get("labels")
             if isinstance(labels, dict):
                 attrs.update({f"model.labels.{k}": v for k, v in labels.items()

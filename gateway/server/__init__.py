@@ -33,7 +33,7 @@ from gateway.identity import IdentityVerifier, server_credentials
 from gateway.inference.service import InferenceServicer
 from gateway.inference.service import add_to_server as add_inference
 from gateway.models import ModelRepository
-from gateway.policy import PolicyStore, ReloadResult
+from gateway.policy import PolicyStore, ReloadResult, ShadowCollector
 from gateway.server._admin import AdminServicer
 from gateway.server._guard import RECEIPT_INDEX, RECEIPT_LEAF, Guard
 from gateway.server._wiring import model_pipeline
@@ -70,11 +70,15 @@ class Gateway:
         config = self.config
         # Audit first: nothing may be served, or even refused, unrecorded.
         self.audit = AuditLog.open(config.audit, instance_id=self.instance_id)
-        self.policy = PolicyStore.load(config.policy.directory, on_reload=self._audit_reload)
+        self.policy = PolicyStore.load(
+            config.policy.directory, on_reload=self._audit_reload, shadow=config.policy.shadow,
+            on_shadow_summary=lambda fields: self.audit.append("policy_shadow", fields),
+            shadow_summary_interval=config.policy.shadow_summary_interval)
         self.verifier = IdentityVerifier(config.tls.trust_domains, config.tls.cn_issuers)
         self.monitor = _monitor(config)
         if self.monitor is not None:
             self.audit.observe_commits(self.monitor.observe_audit_commit)
+            self.monitor.metrics.registry.register(ShadowCollector(lambda: self.policy.shadow))
         options, verify, scan, decrypt = model_pipeline(config)
         self.models = ModelRepository(
             config.models.repository, session_options=options, verify=verify, scan=scan,
@@ -209,6 +213,7 @@ class Gateway:
             if self._server is not None:
                 self._server.stop(grace).wait()
             self.policy.stop_watching()
+            self.policy.clear_shadow()  # its final summary goes into the log before it closes
             if self.monitor is not None:
                 self.monitor.flush()  # what was queued still gets scored ...
                 self._record_alerts()  # ... and its alerts recorded, before the log closes

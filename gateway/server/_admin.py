@@ -1,18 +1,22 @@
 """The gateway's own administration RPCs (``gateway.v1.ModelAdmin`` and ``PolicyAdmin``).
 
 Each RPC is a governed action like inference: authorized by policy (``model.load``,
-``model.unload``, ``policy.load``, ``policy.read``) and audited. Models can only be loaded
+``model.unload``, ``policy.load``, ``policy.read``; server-level ones on the object
+``@gateway``) and audited. Models can only be loaded
 from the repository on disk, verified as at start-up; nothing is uploaded over the network.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 
 from gateway._proto.gateway.v1 import admin_pb2 as pb
 from gateway._proto.gateway.v1 import admin_pb2_grpc as pb_grpc
-from gateway.errors import InvalidRequest, ModelUnavailable
+from gateway.errors import ConfigError, InvalidRequest, ModelUnavailable
 from gateway.models import REFUSED
+from gateway.policy import PolicyError
 from gateway.server._guard import Guard
 
 
@@ -66,6 +70,44 @@ class AdminServicer(pb_grpc.ModelAdminServicer, pb_grpc.PolicyAdminServicer):
             return pb.GetPolicyResponse(digest=store.digest,
                                         model_conf=files.get("model.conf", ""),
                                         policy_csv=files.get("policy.csv", ""))
+
+
+    # -- shadow mode ------------------------------------------------------------------------
+
+    def SetShadowPolicy(self, request, context):
+        with self._guard.call(context, rpc="SetShadowPolicy", action="policy.load") as call:
+            store = self._guard.policy
+            if request.clear:
+                final = store.clear_shadow() or {}
+                call.fields["policy_shadow"] = {"cleared": True}
+                return pb.ShadowPolicyStatus(active=False, live_digest=store.digest,
+                                             decisions=int(final.get("decisions", 0)),
+                                             disagreements=int(final.get("disagreements", 0)))
+            directory = request.directory or store.configured_shadow
+            if not directory:
+                raise InvalidRequest("no shadow directory given and none configured "
+                                     "([policy] shadow)")
+            try:
+                digest = store.load_shadow(Path(directory))
+            except PolicyError as err:  # every problem, as a reload reports them
+                raise ConfigError(f"shadow policy {directory} rejected:\n"
+                                  f"{err.diagnostics()}") from None
+            call.fields["policy_shadow"] = {"shadow_digest": digest, "directory": str(directory)}
+            return pb.ShadowPolicyStatus(active=True, shadow_digest=digest,
+                                         directory=str(directory), live_digest=store.digest)
+
+    def GetShadowReport(self, request, context):
+        with self._guard.call(context, rpc="GetShadowReport", action="policy.read"):
+            report = self._guard.policy.shadow_report()
+            if report is None:
+                return pb.ShadowReport(active=False, live_digest=self._guard.policy.digest)
+            return pb.ShadowReport(
+                active=True, shadow_digest=report["shadow_digest"],
+                live_digest=report["live_digest"], directory=report["directory"],
+                decisions=report["decisions"], disagreements=report["disagreements"],
+                since=report["since"], dropped_requests=report["dropped_requests"],
+                by_rule=[pb.ShadowDisagreement(**row) for row in report["by_rule"]],
+                by_request=[pb.ShadowDisagreement(**row) for row in report["by_request"]])
 
 
 def _version(version: str) -> str:

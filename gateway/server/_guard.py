@@ -32,6 +32,7 @@ from gateway.errors import (
     Unauthenticated,
 )
 from gateway.models import LOADED, LoadedModel, ModelEntry
+from gateway.policy import GATEWAY_OBJECT
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,9 @@ class Call:
 
     def denied_message(self) -> str:
         # One message for "forbidden" and "no such model": callers cannot tell them apart.
-        target = f" on model '{self.model_name}'" if self.model_name else ""
+        # Server-level actions are decided on the object @gateway: name it, so the operator
+        # knows which rule to write (e.g. ListModels needs metadata on @gateway).
+        target = f" on model '{self.model_name}'" if self.model_name else f" on {GATEWAY_OBJECT}"
         return f"permission denied: {self.action}{target}"
 
     def _base_attributes(self) -> dict[str, object]:

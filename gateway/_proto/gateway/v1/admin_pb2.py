@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gateway/v1/admin.proto\x12\ngateway.v1\"1\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"3\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"[\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.gateway.v1.ModelStatus\"\x15\n\x13ReloadPolicyRequest\"_\n\x14ReloadPolicyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x12\n\nold_digest\x18\x02 \x01(\t\x12\x12\n\nnew_digest\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x12\n\x10GetPolicyRequest\"K\n\x11GetPolicyResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nmodel_conf\x18\x02 \x01(\t\x12\x12\n\npolicy_csv\x18\x03 \x01(\t2\xeb\x01\n\nModelAdmin\x12\x44\n\tLoadModel\x12\x1c.gateway.v1.LoadModelRequest\x1a\x17.gateway.v1.ModelStatus\"\x00\x12H\n\x0bUnloadModel\x12\x1e.gateway.v1.UnloadModelRequest\x1a\x17.gateway.v1.ModelStatus\"\x00\x12M\n\nListModels\x12\x1d.gateway.v1.ListModelsRequest\x1a\x1e.gateway.v1.ListModelsResponse\"\x00\x32\xae\x01\n\x0bPolicyAdmin\x12S\n\x0cReloadPolicy\x12\x1f.gateway.v1.ReloadPolicyRequest\x1a .gateway.v1.ReloadPolicyResponse\"\x00\x12J\n\tGetPolicy\x12\x1c.gateway.v1.GetPolicyRequest\x1a\x1d.gateway.v1.GetPolicyResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gateway/v1/admin.proto\x12\ngateway.v1\"1\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"3\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"[\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.gateway.v1.ModelStatus\"\x15\n\x13ReloadPolicyRequest\"_\n\x14ReloadPolicyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x12\n\nold_digest\x18\x02 \x01(\t\x12\x12\n\nnew_digest\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x12\n\x10GetPolicyRequest\"K\n\x11GetPolicyResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nmodel_conf\x18\x02 \x01(\t\x12\x12\n\npolicy_csv\x18\x03 \x01(\t\":\n\x16SetShadowPolicyRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12\r\n\x05\x63lear\x18\x02 \x01(\x08\"\x8d\x01\n\x12ShadowPolicyStatus\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x15\n\rshadow_digest\x18\x02 \x01(\t\x12\x11\n\tdirectory\x18\x03 \x01(\t\x12\x13\n\x0blive_digest\x18\x04 \x01(\t\x12\x11\n\tdecisions\x18\x05 \x01(\x04\x12\x15\n\rdisagreements\x18\x06 \x01(\x04\"\x18\n\x16GetShadowReportRequest\"\x8b\x01\n\x12ShadowDisagreement\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0e\n\x06\x63hange\x18\x04 \x01(\t\x12\x11\n\tlive_rule\x18\x05 \x01(\t\x12\x13\n\x0bshadow_rule\x18\x06 \x01(\t\x12\r\n\x05\x63ount\x18\x07 \x01(\x04\"\x95\x02\n\x0cShadowReport\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x15\n\rshadow_digest\x18\x02 \x01(\t\x12\x13\n\x0blive_digest\x18\x03 \x01(\t\x12\x11\n\tdirectory\x18\x04 \x01(\t\x12\x11\n\tdecisions\x18\x05 \x01(\x04\x12\x15\n\rdisagreements\x18\x06 \x01(\x04\x12\r\n\x05since\x18\x07 \x01(\x03\x12/\n\x07\x62y_rule\x18\x08 \x03(\x0b\x32\x1e.gateway.v1.ShadowDisagreement\x12\x32\n\nby_request\x18\t \x03(\x0b\x32\x1e.gateway.v1.ShadowDisagreement\x12\x18\n\x10\x64ropped_requests\x18\n \x01(\x04\x32\xeb\x01\n\nModelAdmin\x12\x44\n\tLoadModel\x12\x1c.gateway.v1.LoadModelRequest\x1a\x17.gateway.v1.ModelStatus\"\x00\x12H\n\x0bUnloadModel\x12\x1e.gateway.v1.UnloadModelRequest\x1a\x17.gateway.v1.ModelStatus\"\x00\x12M\n\nListModels\x12\x1d.gateway.v1.ListModelsRequest\x1a\x1e.gateway.v1.ListModelsResponse\"\x00\x32\xda\x02\n\x0bPolicyAdmin\x12S\n\x0cReloadPolicy\x12\x1f.gateway.v1.ReloadPolicyRequest\x1a .gateway.v1.ReloadPolicyResponse\"\x00\x12J\n\tGetPolicy\x12\x1c.gateway.v1.GetPolicyRequest\x1a\x1d.gateway.v1.GetPolicyResponse\"\x00\x12W\n\x0fSetShadowPolicy\x12\".gateway.v1.SetShadowPolicyRequest\x1a\x1e.gateway.v1.ShadowPolicyStatus\"\x00\x12Q\n\x0fGetShadowReport\x12\".gateway.v1.GetShadowReportRequest\x1a\x18.gateway.v1.ShadowReport\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,8 +49,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPOLICYREQUEST']._serialized_end=457
   _globals['_GETPOLICYRESPONSE']._serialized_start=459
   _globals['_GETPOLICYRESPONSE']._serialized_end=534
-  _globals['_MODELADMIN']._serialized_start=537
-  _globals['_MODELADMIN']._serialized_end=772
-  _globals['_POLICYADMIN']._serialized_start=775
-  _globals['_POLICYADMIN']._serialized_end=949
+  _globals['_SETSHADOWPOLICYREQUEST']._serialized_start=536
+  _globals['_SETSHADOWPOLICYREQUEST']._serialized_end=594
+  _globals['_SHADOWPOLICYSTATUS']._serialized_start=597
+  _globals['_SHADOWPOLICYSTATUS']._serialized_end=738
+  _globals['_GETSHADOWREPORTREQUEST']._serialized_start=740
+  _globals['_GETSHADOWREPORTREQUEST']._serialized_end=764
+  _globals['_SHADOWDISAGREEMENT']._serialized_start=767
+  _globals['_SHADOWDISAGREEMENT']._serialized_end=906
+  _globals['_SHADOWREPORT']._serialized_start=909
+  _globals['_SHADOWREPORT']._serialized_end=1186
+  _globals['_MODELADMIN']._serialized_start=1189
+  _globals['_MODELADMIN']._serialized_end=1424
+  _globals['_POLICYADMIN']._serialized_start=1427
+  _globals['_POLICYADMIN']._serialized_end=1773
 # @@protoc_insertion_point(module_scope)

@@ -75,3 +75,73 @@ class GetPolicyResponse(_message.Message):
     model_conf: str
     policy_csv: str
     def __init__(self, digest: _Optional[str] = ..., model_conf: _Optional[str] = ..., policy_csv: _Optional[str] = ...) -> None: ...
+
+class SetShadowPolicyRequest(_message.Message):
+    __slots__ = ("directory", "clear")
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    directory: str
+    clear: bool
+    def __init__(self, directory: _Optional[str] = ..., clear: _Optional[bool] = ...) -> None: ...
+
+class ShadowPolicyStatus(_message.Message):
+    __slots__ = ("active", "shadow_digest", "directory", "live_digest", "decisions", "disagreements")
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    LIVE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    DISAGREEMENTS_FIELD_NUMBER: _ClassVar[int]
+    active: bool
+    shadow_digest: str
+    directory: str
+    live_digest: str
+    decisions: int
+    disagreements: int
+    def __init__(self, active: _Optional[bool] = ..., shadow_digest: _Optional[str] = ..., directory: _Optional[str] = ..., live_digest: _Optional[str] = ..., decisions: _Optional[int] = ..., disagreements: _Optional[int] = ...) -> None: ...
+
+class GetShadowReportRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShadowDisagreement(_message.Message):
+    __slots__ = ("subject", "model", "action", "change", "live_rule", "shadow_rule", "count")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_RULE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_RULE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    model: str
+    action: str
+    change: str
+    live_rule: str
+    shadow_rule: str
+    count: int
+    def __init__(self, subject: _Optional[str] = ..., model: _Optional[str] = ..., action: _Optional[str] = ..., change: _Optional[str] = ..., live_rule: _Optional[str] = ..., shadow_rule: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class ShadowReport(_message.Message):
+    __slots__ = ("active", "shadow_digest", "live_digest", "directory", "decisions", "disagreements", "since", "by_rule", "by_request", "dropped_requests")
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    LIVE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    DISAGREEMENTS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    BY_RULE_FIELD_NUMBER: _ClassVar[int]
+    BY_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    active: bool
+    shadow_digest: str
+    live_digest: str
+    directory: str
+    decisions: int
+    disagreements: int
+    since: int
+    by_rule: _containers.RepeatedCompositeFieldContainer[ShadowDisagreement]
+    by_request: _containers.RepeatedCompositeFieldContainer[ShadowDisagreement]
+    dropped_requests: int
+    def __init__(self, active: _Optional[bool] = ..., shadow_digest: _Optional[str] = ..., live_digest: _Optional[str] = ..., directory: _Optional[str] = ..., decisions: _Optional[int] = ..., disagreements: _Optional[int] = ..., since: _Optional[int] = ..., by_rule: _Optional[_Iterable[_Union[ShadowDisagreement, _Mapping]]] = ..., by_request: _Optional[_Iterable[_Union[ShadowDisagreement, _Mapping]]] = ..., dropped_requests: _Optional[int] = ...) -> None: ...

@@ -203,6 +203,16 @@ class PolicyAdminStub:
                 request_serializer=gateway_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
                 response_deserializer=gateway_dot_v1_dot_admin__pb2.GetPolicyResponse.FromString,
                 _registered_method=True)
+        self.SetShadowPolicy = channel.unary_unary(
+                '/gateway.v1.PolicyAdmin/SetShadowPolicy',
+                request_serializer=gateway_dot_v1_dot_admin__pb2.SetShadowPolicyRequest.SerializeToString,
+                response_deserializer=gateway_dot_v1_dot_admin__pb2.ShadowPolicyStatus.FromString,
+                _registered_method=True)
+        self.GetShadowReport = channel.unary_unary(
+                '/gateway.v1.PolicyAdmin/GetShadowReport',
+                request_serializer=gateway_dot_v1_dot_admin__pb2.GetShadowReportRequest.SerializeToString,
+                response_deserializer=gateway_dot_v1_dot_admin__pb2.ShadowReport.FromString,
+                _registered_method=True)
 
 
 class PolicyAdminServicer:
@@ -221,6 +231,21 @@ class PolicyAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetShadowPolicy(self, request, context):
+        """Shadow mode (policy.load): decide every request also under a candidate policy, checked
+        and tested like a reload; answers still follow the live policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShadowReport(self, request, context):
+        """What the shadow policy would have changed on live traffic so far (policy.read).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +258,16 @@ def add_PolicyAdminServicer_to_server(servicer, server):
                     servicer.GetPolicy,
                     request_deserializer=gateway_dot_v1_dot_admin__pb2.GetPolicyRequest.FromString,
                     response_serializer=gateway_dot_v1_dot_admin__pb2.GetPolicyResponse.SerializeToString,
+            ),
+            'SetShadowPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetShadowPolicy,
+                    request_deserializer=gateway_dot_v1_dot_admin__pb2.SetShadowPolicyRequest.FromString,
+                    response_serializer=gateway_dot_v1_dot_admin__pb2.ShadowPolicyStatus.SerializeToString,
+            ),
+            'GetShadowReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShadowReport,
+                    request_deserializer=gateway_dot_v1_dot_admin__pb2.GetShadowReportRequest.FromString,
+                    response_serializer=gateway_dot_v1_dot_admin__pb2.ShadowReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -289,6 +324,60 @@ class PolicyAdmin:
             '/gateway.v1.PolicyAdmin/GetPolicy',
             gateway_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
             gateway_dot_v1_dot_admin__pb2.GetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetShadowPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.PolicyAdmin/SetShadowPolicy',
+            gateway_dot_v1_dot_admin__pb2.SetShadowPolicyRequest.SerializeToString,
+            gateway_dot_v1_dot_admin__pb2.ShadowPolicyStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShadowReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.PolicyAdmin/GetShadowReport',
+            gateway_dot_v1_dot_admin__pb2.GetShadowReportRequest.SerializeToString,
+            gateway_dot_v1_dot_admin__pb2.ShadowReport.FromString,
             options,
             channel_credentials,
             insecure,

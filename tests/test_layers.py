@@ -1,0 +1,81 @@
+"""The package's shape, checked rather than reviewed.
+
+Two rules from the architecture: layers point down (the import-linter contract in
+``.importlinter``, run by ``make test``), and a package's private modules are private to it.
+The second rule is a ratchet: today's known exceptions are listed below and may only shrink.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+
+ROOT = Path(__file__).resolve().parent.parent
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+#: Cross-package imports of private modules that exist today, each to be replaced by the owning
+#: package's public API (the architecture issue). A new one fails this test; so does a stale entry.
+KNOWN_PRIVATE_IMPORTS = {
+    ("gateway.cli._certs", "gateway.identity._spiffe"),
+    ("gateway.cli._model_signing", "gateway.models.signing._bundle"),
+    ("gateway.cli._policy", "gateway.policy._tools"),
+    ("gateway.inference.service", "gateway.server._guard"),
+    ("gateway.models.robustness._worker", "gateway.models.scan._session"),
+}
+
+
+def _owner(module: str) -> str | None:
+    """The package that owns ``module`` if it is private: the part before its first ``_name``."""
+    parts = module.split(".")
+    for i, part in enumerate(parts[1:], 1):
+        if part.startswith("_") and not part.startswith("__"):
+            return ".".join(parts[:i])
+    return None
+
+
+def private_imports() -> set[tuple[str, str]]:
+    """Every import of a private module from outside the package that owns it."""
+    graph = grimp.build_graph("gateway", include_external_packages=False)
+    found = set()
+    for importer in graph.modules:
+        for imported in graph.find_modules_directly_imported_by(importer):
+            owner = _owner(imported)
+            if owner in (None, "gateway"):  # gateway._proto, gateway._atomic: shared by design
+                continue
+            if importer != owner and not importer.startswith(owner + "."):
+                found.add((importer, imported))
+    return found
+
+
+def test_no_new_private_imports_across_packages():
+    found = private_imports()
+    assert found - KNOWN_PRIVATE_IMPORTS == set(), "import the owning package's public API instead"
+    assert KNOWN_PRIVATE_IMPORTS - found == set(), "fixed: remove these from KNOWN_PRIVATE_IMPORTS"
+
+
+def _lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    return subprocess.run([str(LINT_IMPORTS), "--no-logo", "--no-cache"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_layer_contract_holds():
+    result = _lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_layer_contract_fails_on_an_upward_import(tmp_path):
+    """The contract can fail: a domain module that imports the server breaks it."""
+    shutil.copytree(ROOT / "gateway", tmp_path / "gateway",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / ".importlinter", tmp_path / ".importlinter")
+    with (tmp_path / "gateway" / "audit" / "_keys.py").open("a") as f:
+        f.write("\nfrom gateway.server import _guard  # noqa: E402,F401\n")
+    result = _lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "gateway.audit._keys -> gateway.server._guard" in result.stdout
