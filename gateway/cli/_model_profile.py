@@ -71,15 +71,12 @@ def _run_model(model: Path, data: np.ndarray) -> np.ndarray:
     """The model's first output on ``data`` (in chunks; one thread, as the gateway runs it)."""
     import onnxruntime as ort
 
-    from gateway.models import _files
-    from gateway.models._tensors import runtime_model
+    from gateway.models import runtime_from_dir
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    # As the gateway loads it: the one reader, then from memory (no path opened by ORT).
-    files = _files.plaintext(_files.read_model_dir(model.parent), None)[0]
-    runtime = runtime_model(files[model.name], files)
+    runtime = runtime_from_dir(model.parent)  # as the gateway loads it: no path opened by ORT
     try:
         session = runtime.session(options)
     except Exception as err:  # onnxruntime raises its own untyped errors

@@ -65,3 +65,17 @@ def open_version(directory: Path, name: str, version: str, *, verify: Verify | N
         checked_external_data(parse_model(files[MODEL_FILE]), sizes)
         return OpenedVersion(files, digest, signer, rule, None)
     return OpenedVersion(files, digest, signer, rule, runtime_model(files[MODEL_FILE], files))
+
+
+def runtime_from_dir(directory: Path) -> RuntimeModel:
+    """A model directory as ONNX Runtime may load it, unverified (the CLI's model tools).
+
+    The one reader and the one walker, as serving uses them, without a signature check: for
+    running a model on this machine (``gateway model profile``, ``gateway model test``)
+    without ONNX Runtime opening any path.
+    """
+    files = _files.plaintext(_files.read_model_dir(directory), None)[0]
+    if MODEL_FILE not in files:
+        raise ModelUnavailable(f"no {MODEL_FILE} in the model directory",
+                               detail=f"{directory}: no {MODEL_FILE}")
+    return runtime_model(files[MODEL_FILE], files)

@@ -114,12 +114,12 @@ def build_demo_repository(root: Path, *, force: bool = False) -> list[Path]:
 
 
 def _drop_unbound_signature(directory: Path, subject: str) -> None:
-    from gateway.models.signing._bundle import BundleError, parse_bundle, parse_statement
+    from gateway.models.signing import SignatureError, signed_subject
 
     signature = directory / "model.sig"
     try:
-        signed = parse_statement(parse_bundle(signature.read_bytes()).payload).subject_name
-    except (OSError, BundleError):
+        signed = signed_subject(signature.read_bytes())
+    except (OSError, SignatureError):
         return
     if signed != subject:
         signature.unlink()

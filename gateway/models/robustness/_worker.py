@@ -138,18 +138,6 @@ def _sensitivity(sess: Any, inputs: list[Any], names: list[str], job: dict[str, 
             "nonfinite_changes": len(gains) - len(finite)}
 
 
-def _runtime(model: str) -> Any:
-    """The model as the gateway loads it: the one reader, from memory, no path opened."""
-    from pathlib import Path
-
-    from gateway.models import _files
-    from gateway.models._tensors import runtime_model
-
-    path = Path(model)
-    files = _files.plaintext(_files.read_model_dir(path.parent), None)[0]
-    return runtime_model(files[path.name], files)
-
-
 def main() -> int:
     job = json.loads(sys.stdin.readline())
     limit = int(job["address_space"])
@@ -162,7 +150,11 @@ def main() -> int:
     _emit(event="start", case="load")
     started = time.perf_counter()
     try:
-        runtime = _runtime(job["model"])
+        from pathlib import Path
+
+        from gateway.models import runtime_from_dir
+
+        runtime = runtime_from_dir(Path(job["model"]).parent)
         sess = runtime.session(opts)
     except Exception as err:
         _emit(event="result", case="load", status="error", seconds=time.perf_counter() - started,

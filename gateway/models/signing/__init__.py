@@ -72,6 +72,7 @@ __all__ = [
     "ensure_demo_signing_key",
     "read_model_files",
     "sign_model",
+    "signed_subject",
     "verifier",
     "verify_files",
     "verify_model",
@@ -295,6 +296,11 @@ def _check_subject(rule: TrustRule, subject: str, name: str, version: str) -> No
             f"model {name!r} version {version or '?'}: signed as {subject!r}, not as "
             f"{wanted!r}; rule {rule.name!r} binds signatures to the model they are served as",
             rule.name)
+
+
+def signed_subject(bundle: bytes) -> str:
+    """The subject a bundle names (not verified: for tools deciding whether to re-sign)."""
+    return _bundle.parse_statement(_bundle.parse_bundle(bundle).payload).subject_name
 
 
 def default_subject(model_dir: Path) -> str:
