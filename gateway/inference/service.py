@@ -18,7 +18,7 @@ import numpy as np
 from gateway import __version__
 from gateway._proto.inference import grpc_service_pb2 as pb
 from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from gateway.errors import InvalidRequest
+from gateway.errors import GatewayError, InvalidRequest
 from gateway.inference._codec import (
     decode_inputs,
     encode_outputs,
@@ -38,10 +38,12 @@ PLATFORM = "onnxruntime_onnx"
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """OIP v2 over verified ONNX Runtime sessions; Triton's extension RPCs are absent."""
 
-    def __init__(self, guard: Guard, *, max_tensor_elements: int, ready=lambda: True) -> None:
+    def __init__(self, guard: Guard, *, max_tensor_elements: int, ready=lambda: True,
+                 max_response_bytes: int = 0) -> None:
         self._guard = guard
         self._models = guard.models
         self._max_elements = max_tensor_elements
+        self._max_response = max_response_bytes
         self._ready = ready
         self._profiles: dict[tuple[str, str, str], InputProfile | None] = {}
 
@@ -101,7 +103,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response = pb.ModelInferResponse(model_name=model.name, model_version=model.version,
                                              id=call.request_id)
             encode_outputs(response, results, outputs)
-            return response
+            return self._fits(response)
+
+    def _fits(self, response):
+        """Refuse, ourselves and audited as such, a response gRPC would refuse to send.
+
+        Past the server's ``max_send_message_length`` the transport would fail the call with
+        RESOURCE_EXHAUSTED after the guard had recorded OK; the record must say what the
+        caller receives, so the size is checked here, before the guard writes it.
+        """
+        size = response.ByteSize()
+        if self._max_response and size > self._max_response:
+            raise ResponseTooLarge(f"the response ({size} bytes) exceeds the largest message "
+                                   f"the server sends ({self._max_response} bytes); ask for "
+                                   "fewer rows or outputs")
+        return response
 
     def _score_now(self, call, model: LoadedModel,
                    feeds: dict[str, np.ndarray]) -> tuple[np.ndarray | None, bool]:
@@ -151,6 +167,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             chunks = [t.contents.SerializeToString(deterministic=True) for t in request.inputs]
         return {"hmac": self._guard.audit.payload_digest(*chunks),
                 "size": sum(len(c) for c in chunks)}
+
+
+class ResponseTooLarge(GatewayError):
+    """The response is larger than the server may send."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def _key(model: LoadedModel) -> str:

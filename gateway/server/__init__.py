@@ -100,7 +100,9 @@ class Gateway:
         )
         add_inference(InferenceServicer(self.guard,
                                         max_tensor_elements=config.server.max_tensor_elements,
-                                        ready=self.ready), server)
+                                        ready=self.ready,
+                                        max_response_bytes=config.server.max_message_bytes),
+                      server)
         AdminServicer(self.guard).add_to_server(server)
         AuditServicer(self.audit, self.guard).add_to_server(server)
         self._add_explainer(server)

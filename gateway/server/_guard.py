@@ -15,9 +15,11 @@ anything else is logged and answered INTERNAL without a traceback.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import secrets
+import ssl
 import time
 from collections.abc import Mapping
 
@@ -122,6 +124,7 @@ class Call:
         try:
             self.identity = guard.verifier.authenticate(self._context)
         except Unauthenticated as err:
+            self.fields["caller"] = presented_certificate(self._context)
             self._finish(err, "deny", "unauthenticated")
         if self.action is None:
             self.timings["decision"] = _us_since(self._t0)
@@ -282,6 +285,20 @@ class PolicyUnavailable(GatewayError):
 
 class _Finished(Exception):
     """Raised through the handler after the call was audited and aborted."""
+
+
+def presented_certificate(context: grpc.ServicerContext) -> dict | None:
+    """The audit ``caller`` of a refused caller: the SHA-256 (over DER, as for any caller) of
+    the certificate it presented, no identity. None if it presented none."""
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        return None
+    try:
+        der = ssl.PEM_cert_to_DER_cert(pems[0].decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        der = pems[0]  # not PEM after all: the hash of what was presented still identifies it
+    return {"id": None, "cert_sha256": hashlib.sha256(der).hexdigest(), "issuer": None,
+            "serial": None}
 
 
 def _us_since(t0: int) -> int:
