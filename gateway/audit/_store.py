@@ -20,7 +20,7 @@ measured here, mean 113-118 µs against 128-163 µs per 1 kB commit, p90 144-159
 188-270 µs. The price is one 1 MiB write (about 1.3 ms) every megabyte of records.
 
 Storage sits behind this small class so a PostgreSQL store for replicas can follow with the
-same five operations: ``open``, ``append``, ``read``, ``publish`` and ``checkpoints``.
+same methods: those of the :class:`Store` protocol below.
 """
 
 from __future__ import annotations
@@ -284,8 +284,8 @@ class FileStore:
         ``O_DSYNC``, whose flush then makes both durable: one flush and two system calls per
         commit. So a tag can outlive its records (a crash between the two writes, or a power
         loss before the flush); they were never acknowledged, and the previous tag still
-        covers everything that was (``AuditLog._last_tag``). Elsewhere the tag is a second
-        ``O_DSYNC`` write after the records' (two flushes per commit).
+        covers everything that was (``_recovery.Recovery.last_tag``). Elsewhere the tag is a
+        second ``O_DSYNC`` write after the records' (two flushes per commit).
         """
         path = self.directory / TAGS
         if not path.exists():
