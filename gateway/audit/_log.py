@@ -207,9 +207,9 @@ class AuditLog:
         self.append("log_open", {"records": records, "origin": self._origin})
         self._checkpoint()  # a running log always has a signed checkpoint to show
         if self._publish_error is not None:
-            err = self._publish_error
+            error = self._publish_error
             self.close()
-            raise AuditUnavailable(f"cannot publish the audit log's checkpoint: {err}")
+            raise AuditUnavailable(f"cannot publish the audit log's checkpoint: {error}")
         return self
 
     # -- appending ----------------------------------------------------------------------------

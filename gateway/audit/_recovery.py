@@ -10,6 +10,7 @@ rules are stated in full in :meth:`AuditLog.open`'s docstring.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,8 +138,8 @@ class Recovery:
         """
         where = self._directory
         tree = self._tree
-        pins = [] if cp is None else [("signed checkpoint", cp.size,
-                                       lambda: tree.root(cp.size) == cp.root, "")]
+        pins: list[tuple[str, int, Callable[[], bool], str]] = [] if cp is None else [
+            ("signed checkpoint", cp.size, lambda: tree.root(cp.size) == cp.root, "")]
         if tag is not None:
             pins.append(("last commit tag", tag.size, lambda: self.head(tag.size) == tag.head,
                          ", re-chained"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import tomllib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,10 +94,10 @@ def repository_models(root: Path) -> list[tuple[str, str, dict[str, object]]]:
     return out
 
 
-def access_diff(old: Snapshot, new: Snapshot, *, models: set[str] = frozenset(),
-                subjects: set[str] = frozenset(),
+def access_diff(old: Snapshot, new: Snapshot, *, models: Iterable[str] = frozenset(),
+                subjects: Iterable[str] = frozenset(),
                 attributes: Attributes | None = None,
-                instances: list[tuple[str, str, dict[str, object]]] = ()) -> list[Change]:
+                instances: Sequence[tuple[str, str, dict[str, object]]] = ()) -> list[Change]:
     """Every (subject or role, model, action) whose decision differs between the policies.
 
     The universe: every subject and role either policy names (plus ``subjects``), every model

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.policy._condition import Attributes
 from gateway.policy._engine import Decision, Snapshot
@@ -57,7 +58,7 @@ class Explanation:
 
     def render(self, snapshot: Snapshot, subject: str,
                where: Callable[[str], str] = _policy_where, *, trace: bool = False) -> str:
-        data = self.to_dict(snapshot, subject, where)
+        data: dict[str, Any] = self.to_dict(snapshot, subject, where)
         lines = [f"decision: {str(data['decision']).upper()} by {data['rule']} "
                  f"(policy {self.decision.policy_digest[:16]})"]
         roles = data["roles"]

@@ -57,8 +57,7 @@ def _format_policy(text: str, source: PolicySource) -> str:
     links = {link.line: link for link in source.links}
     out: list[str] = []
     for number, raw in enumerate(io.BytesIO(text.encode()), 1):  # numbered as parse_policy
-        raw = raw.decode()
-        line = raw.strip()
+        line = raw.decode().strip()
         if not line:
             if out and out[-1] != "":
                 out.append("")

@@ -90,14 +90,14 @@ def parse_model(text: str, problems: list[Problem]) -> ModelSpec | None:
         line, value = sections[section][known[section]]
         return line, tuple(f.strip() for f in value.split(","))
 
-    line, r_fields = fields("request_definition")
+    r_line, r_fields = fields("request_definition")
     if r_fields != ("sub", "obj", "act"):
-        problems.append(Problem(MODEL_FILE, line, "request_definition must be "
+        problems.append(Problem(MODEL_FILE, r_line, "request_definition must be "
                                 "'r = sub, obj, act'"))
-    line, p_fields = fields("policy_definition")
+    p_line, p_fields = fields("policy_definition")
     if p_fields not in (("sub", "obj", "act"), ("sub", "obj", "act", "eft"),
                         ("sub", "obj", "act", "eft", "cond")):
-        problems.append(Problem(MODEL_FILE, line, "policy_definition must be 'p = sub, obj, act'"
+        problems.append(Problem(MODEL_FILE, p_line, "policy_definition must be 'p = sub, obj, act'"
                                 ", 'p = sub, obj, act, eft' or 'p = sub, obj, act, eft, cond'"))
     has_g = bool(sections.get("role_definition"))
     if has_g:

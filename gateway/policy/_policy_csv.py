@@ -219,7 +219,8 @@ def parse_policy(data: bytes, model: ModelSpec,
             message = f"g rule needs 2 fields (member, role), found {len(values)}"
         else:
             member, role = values
-            message = parser.subject_problem(member) or parser.subject_problem(role)
+            problem = parser.subject_problem(member) or parser.subject_problem(role)
+            message = problem or ""
             if not message and member == role:
                 message = f"{member!r} is given itself as a role"
         if message:
@@ -257,13 +258,13 @@ def _check_cycles(links: list[LinkSpec], problems: list[Problem]) -> None:
         stack = [(root, iter(edges.get(root, ())))]
         while stack:
             node, children = stack[-1]
-            link = next(children, None)
-            if link is None:
+            edge = next(children, None)
+            if edge is None:
                 state[node] = 2
                 stack.pop()
-            elif state.get(link.role) == 1:
-                problems.append(Problem(POLICY_FILE, link.line, f"role cycle: {link.role!r} "
-                                        f"reaches itself through {link.member!r}"))
-            elif link.role not in state:
-                state[link.role] = 1
-                stack.append((link.role, iter(edges.get(link.role, ()))))
+            elif state.get(edge.role) == 1:
+                problems.append(Problem(POLICY_FILE, edge.line, f"role cycle: {edge.role!r} "
+                                        f"reaches itself through {edge.member!r}"))
+            elif edge.role not in state:
+                state[edge.role] = 1
+                stack.append((edge.role, iter(edges.get(edge.role, ()))))

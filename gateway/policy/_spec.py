@@ -78,7 +78,7 @@ class ModelSpec:
 class RuleSpec(NamedTuple):
     """A parsed ``p`` line (a NamedTuple: 100k of them are built per reload)."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index: the rule's position
     line: int
     sub: str
     obj: str
