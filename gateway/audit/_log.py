@@ -170,17 +170,17 @@ class AuditLog:
                                    "directory would roll it back too; put it elsewhere")
         cut = None
         try:
-            found = Recovery(settings.directory, store, self._tree, self._vkey, self._origin,
-                             self._witness).run(tag_key)
-            if found.checkpoint is not None:
-                self._cp_size, self._cp_note = found.checkpoint[0].size, found.checkpoint[1]
-            keep = found.keep
-            if found.torn or keep < found.found:
+            recovered = Recovery(settings.directory, store, self._tree, self._vkey,
+                                 self._origin, self._witness).run(tag_key)
+            if recovered.checkpoint is not None:
+                self._cp_size, self._cp_note = recovered.checkpoint[0].size, recovered.checkpoint[1]
+            keep = recovered.keep
+            if recovered.torn or keep < recovered.found:
                 cut = store.cut(keep)
                 self._tree.truncate(keep)
             self._size = self._durable = keep
             self._prev = self._durable_prev = chain_head(self._tree, keep)
-            self._tag_serial = found.tag.serial if found.tag else 0
+            self._tag_serial = recovered.tag.serial if recovered.tag else 0
             # From here on a crash is a crash: replace a closed tag by an open one first.
             self._write_tag(keep, self._durable_prev)
         except StoreDamaged as err:
@@ -196,10 +196,10 @@ class AuditLog:
         self._writer.start()
         if cut is not None:
             segment, offset, data = cut
-            if keep < found.found:
+            if keep < recovered.found:
                 self.append("anomaly", {
                     "event": "unacknowledged-records-cut", "segment": segment, "first": keep,
-                    "records": found.found - keep, "offset": offset, "bytes": len(data),
+                    "records": recovered.found - keep, "offset": offset, "bytes": len(data),
                     "sha256": _sha256(data).hexdigest()})
             else:
                 self.append("anomaly", {"event": "torn-tail-truncated", "segment": segment,

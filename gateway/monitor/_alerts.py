@@ -63,7 +63,7 @@ class AlertQueue:
             self._alerts.clear()
         return out
 
-    def raise_(self, kind: str, caller: str, model: str, score: float, threshold: float,
+    def add(self, kind: str, caller: str, model: str, score: float, threshold: float,
                detail: dict[str, int | str]) -> None:
         """Count a detection, and queue its alert unless one like it was queued lately."""
         self._metrics.detections.labels(kind, model).inc()

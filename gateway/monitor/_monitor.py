@@ -54,7 +54,7 @@ class Monitor:
         self._alerts = AlertQueue(self.metrics, interval_s=s.alert_interval_s,
                                   max_alerts=s.max_alerts, max_callers=s.max_callers,
                                   clock=clock)
-        self._alert = self._alerts.raise_
+        self._alert = self._alerts.add
         self._server: MetricsServer | None = None
         # Stage histograms resolved once: labels() on the hot path costs a lock and a dict.
         self._stage = {st: self.metrics.stage_seconds.labels(st) for st in STAGES}
