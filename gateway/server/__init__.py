@@ -33,7 +33,13 @@ from gateway.identity import IdentityVerifier, server_credentials
 from gateway.inference.service import InferenceServicer
 from gateway.inference.service import add_to_server as add_inference
 from gateway.models import ModelRepository
-from gateway.policy import PolicyStore, ReloadResult, ShadowCollector
+from gateway.policy import (
+    PolicyStore,
+    ReloadResult,
+    ShadowCollector,
+    SourceCollector,
+    open_source,
+)
 from gateway.server._admin import AdminServicer
 from gateway.server._guard import RECEIPT_INDEX, RECEIPT_LEAF, Guard
 from gateway.server._wiring import model_pipeline
@@ -43,6 +49,8 @@ __all__ = ["RECEIPT_INDEX", "RECEIPT_LEAF", "Gateway", "Guard"]
 log = logging.getLogger(__name__)
 
 _OIP_SERVICE = "inference.GRPCInferenceService"
+#: Health service name reporting whether the policy source (files or PostgreSQL) is readable.
+POLICY_SOURCE_SERVICE = "gateway.policy.source"
 #: Seconds between health re-evaluations (state changes are also pushed immediately).
 _HEALTH_INTERVAL = 0.5
 
@@ -70,8 +78,10 @@ class Gateway:
         config = self.config
         # Audit first: nothing may be served, or even refused, unrecorded.
         self.audit = AuditLog.open(config.audit, instance_id=self.instance_id)
-        self.policy = PolicyStore.load(
-            config.policy.directory, on_reload=self._audit_reload, shadow=config.policy.shadow,
+        source = open_source(config.policy.source, config.policy.directory, config.policy.dsn,
+                             name=f"gateway-policy {self.instance_id}")
+        self.policy = PolicyStore.open(
+            source, on_reload=self._audit_reload, shadow=config.policy.shadow,
             on_shadow_summary=lambda fields: self.audit.append("policy_shadow", fields),
             shadow_summary_interval=config.policy.shadow_summary_interval)
         self.verifier = IdentityVerifier(config.tls.trust_domains, config.tls.cn_issuers)
@@ -79,6 +89,7 @@ class Gateway:
         if self.monitor is not None:
             self.audit.observe_commits(self.monitor.observe_audit_commit)
             self.monitor.metrics.registry.register(ShadowCollector(lambda: self.policy.shadow))
+            self.monitor.metrics.registry.register(SourceCollector(self.policy))
         options, verify, scan, decrypt = model_pipeline(config)
         self.models = ModelRepository(
             config.models.repository, session_options=options, verify=verify, scan=scan,
@@ -145,6 +156,11 @@ class Gateway:
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         self.health.set("", status)
         self.health.set(_OIP_SERVICE, status)
+        # The policy source alone: while it is lost the installed policy stays in force (the
+        # gateway serves), but a new version cannot arrive; monitors watch this service name.
+        up, _ = self.policy.source_status()
+        self.health.set(POLICY_SOURCE_SERVICE, health_pb2.HealthCheckResponse.SERVING if up
+                        and self.ready() else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _health_loop(self) -> None:
         while not self._stopped.wait(_HEALTH_INTERVAL):
@@ -212,7 +228,7 @@ class Gateway:
             self.health.enter_graceful_shutdown()
             if self._server is not None:
                 self._server.stop(grace).wait()
-            self.policy.stop_watching()
+            self.policy.close()
             self.policy.clear_shadow()  # its final summary goes into the log before it closes
             if self.monitor is not None:
                 self.monitor.flush()  # what was queued still gets scored ...
