@@ -59,11 +59,31 @@ def make_demo_env(root: Path, **overrides: dict[str, object]) -> DemoEnv:
     }
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)
-    env.config.write_text("".join(
-        f"[{name}]\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in table.items())
-        for name, table in sections.items()))
+    env.config.write_text(_render(sections))
     run_cli("demo", "init", "--config", str(env.config))
     return env
+
+
+def add_replica(env: DemoEnv, name: str) -> DemoEnv:
+    """Another replica of ``env``'s deployment: the same PKI, models and settings, with its
+    own config file ``<name>.toml``, audit directory ``audit-<name>`` and instance id
+    ``name`` (start it with :func:`start_gateway`). Shared state (a PostgreSQL policy
+    source, say) is shared only if the configuration says so."""
+    import tomllib
+
+    sections = tomllib.loads(env.config.read_text())
+    sections.setdefault("server", {})["instance_id"] = name
+    sections.setdefault("audit", {})["directory"] = f"audit-{name}"
+    config = env.root / f"{name}.toml"
+    config.write_text(_render(sections))
+    return DemoEnv(root=env.root, config=config, certs=env.certs, models=env.models,
+                   policies=env.policies, audit=env.root / f"audit-{name}")
+
+
+def _render(sections: dict[str, dict[str, object]]) -> str:
+    return "".join(f"[{name}]\n" + "".join(f"{key} = {_toml(value)}\n"
+                                           for key, value in table.items())
+                   for name, table in sections.items())
 
 
 def profile_demo_model(env: DemoEnv, *, seed: int = 0) -> Path:

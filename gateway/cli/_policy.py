@@ -393,7 +393,7 @@ def _push(args: argparse.Namespace) -> int:
     runs (compile, the cases' own checks, the cases), then publish them in one transaction."""
     from gateway.db import redact, resolve_dsn
     from gateway.policy import Bundle, compile_bundle, parse_cases
-    from gateway.policy._postgres import bundle_of, directory_files, publish
+    from gateway.policy.postgres import bundle_of, directory_files, publish
 
     dsn = args.dsn
     if not dsn and args.config:

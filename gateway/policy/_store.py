@@ -506,7 +506,7 @@ def open_source(kind: str, directory: Path, dsn: str = "", *, name: str = "") ->
         return DirectorySource(directory)
     if kind == "postgresql":
         from gateway.db import resolve_dsn
-        from gateway.policy._postgres import PostgresSource
+        from gateway.policy.postgres import PostgresSource
 
         return PostgresSource(resolve_dsn(dsn), name=name or "gateway-policy")
     raise PolicyError(f"unknown policy source {kind!r}; known: files, postgresql")

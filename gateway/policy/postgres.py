@@ -26,11 +26,15 @@ that ``casbin_rule`` holds. ``casbin_rule`` is the authority for rules because i
 Casbin tools edit. When its rows are exactly the rule lines of the version's policy.csv (the
 normal case, also after a Casbin tool rewrote the same rules), the version's own policy.csv
 is installed, so digests and ``policy.csv:N`` rule names match the pushed directory. When a
-tool edited ``casbin_rule`` since, the rows are rendered as policy.csv lines (row order, one
-line each) and that is installed, after the same validation and the version's test cases,
-exactly like a push; the reload record's trigger says so. Whatever fails is refused and the
+tool edited ``casbin_rule`` since, the version's policy.csv is edited to match
+(:func:`merge_rows`: removed rules become comments, added rows are appended, every other line
+keeps its number) and that is installed, after the same validation and the version's test
+cases, exactly like a push; the reload record's trigger says so. Whatever fails is refused and the
 last good policy stays live: a replica never falls open. To give such an edit a version of
 its own, push the directory it came from.
+
+A public module of its own (not re-exported by :mod:`gateway.policy`) so that a gateway
+reading its policy from files never imports the PostgreSQL driver.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -47,6 +52,9 @@ from psycopg import sql
 from gateway.db import DatabaseUnavailable, connect, open_pool, redact
 from gateway.policy._source import MODEL_FILE, POLICY_FILE, PolicyError, Problem, split_fields
 from gateway.policy._store import Bundle, ReloadResult
+
+__all__ = ["SCHEMA", "PostgresSource", "bundle_of", "directory_files", "merge_rows",
+           "publish", "render_row", "rule_rows"]
 
 log = logging.getLogger("gateway.policy")
 
@@ -111,48 +119,78 @@ def rule_rows(policy_csv: bytes) -> list[Row]:
     """The casbin_rule rows of a policy.csv: one per rule line, values as written, trailing
     columns NULL (what the adapter's ``save_policy_line`` stores). PolicyError (file:line)
     for a line the table cannot hold."""
-    rows: list[Row] = []
     problems: list[Problem] = []
-    for number, raw in enumerate(io.BytesIO(policy_csv), 1):
-        try:
-            line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
-        except UnicodeDecodeError as err:
-            problems.append(Problem(POLICY_FILE, number, f"not UTF-8 text ({err.reason})"))
-            continue
-        if not line or line[0] == "#":
-            continue
-        fields = split_fields(line)
-        if isinstance(fields, str):
-            problems.append(Problem(POLICY_FILE, number, fields))
-            continue
-        if len(fields) > 1 + _VALUES:
-            problems.append(Problem(POLICY_FILE, number, f"casbin_rule holds at most {_VALUES} "
-                                    f"values after the rule type, this line has "
-                                    f"{len(fields) - 1}"))
-            continue
-        long = [f for f in fields if len(f) > _WIDTH]
-        if long:
-            problems.append(Problem(POLICY_FILE, number, f"a value of {len(long[0])} "
-                                    f"characters does not fit casbin_rule's VARCHAR({_WIDTH})"))
-            continue
-        rows.append((*fields, *(None,) * (1 + _VALUES - len(fields))))
+    rows = [row for number, raw in enumerate(io.BytesIO(policy_csv), 1)
+            if (row := _row(raw, number, problems)) is not None]
     if problems:
         raise PolicyError(problems)
     return rows
 
 
-def render_rows(rows: Iterable[Row]) -> bytes:
-    """policy.csv text of casbin_rule rows, one line each, as Casbin's adapter reads them
-    (``ptype, v0, ...`` up to the first NULL)."""
-    out = []
+def _row(raw: bytes, number: int, problems: list[Problem]) -> Row | None:
+    """The row of one policy.csv line (None: blank, comment, or a problem, appended)."""
+    try:
+        line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+    except UnicodeDecodeError as err:
+        problems.append(Problem(POLICY_FILE, number, f"not UTF-8 text ({err.reason})"))
+        return None
+    if not line or line[0] == "#":
+        return None
+    fields = split_fields(line)
+    if isinstance(fields, str):
+        problems.append(Problem(POLICY_FILE, number, fields))
+        return None
+    if len(fields) > 1 + _VALUES:
+        problems.append(Problem(POLICY_FILE, number, f"casbin_rule holds at most {_VALUES} "
+                                f"values after the rule type, this line has {len(fields) - 1}"))
+        return None
+    long = [f for f in fields if len(f) > _WIDTH]
+    if long:
+        problems.append(Problem(POLICY_FILE, number, f"a value of {len(long[0])} characters "
+                                f"does not fit casbin_rule's VARCHAR({_WIDTH})"))
+        return None
+    return (*fields, *(None,) * (1 + _VALUES - len(fields)))
+
+
+def render_row(row: Row) -> str:
+    """One policy.csv line of a casbin_rule row, as Casbin's adapter reads it (``ptype,
+    v0, ...`` up to the first NULL)."""
+    values = []
+    for value in row:
+        if value is None:
+            break
+        values.append(value)
+    return ", ".join(values)
+
+
+def merge_rows(policy_csv: bytes, rows: list[Row]) -> bytes:
+    """``policy_csv`` edited to hold exactly the rules ``rows`` hold (as a multiset).
+
+    A line whose rule is still a row stays where it is, comments too, so the cases'
+    ``rule: policy.csv:N`` references and the auditor's reading survive a Casbin tool's
+    edit; a line whose rule is gone becomes a ``# removed in casbin_rule:`` comment (line
+    numbers do not move); rows the text lacks are appended in ``id`` order. Unchanged rows
+    give back ``policy_csv`` byte for byte (and so its digest)."""
+    remaining = Counter(rows)
+    out: list[bytes] = []
+    ignored: list[Problem] = []  # a version's own text was checked when it was pushed
+    for number, raw in enumerate(io.BytesIO(policy_csv), 1):
+        row = _row(raw, number, ignored)
+        if row is None or remaining[row] > 0:
+            if row is not None:
+                remaining[row] -= 1
+            out.append(raw)
+        else:
+            newline = b"\n" if raw.endswith(b"\n") else b""
+            out.append(b"# removed in casbin_rule: " + raw.strip() + newline)
+    added = []
     for row in rows:
-        values = []
-        for value in row:
-            if value is None:
-                break
-            values.append(value)
-        out.append(", ".join(values) + "\n")
-    return "".join(out).encode()
+        if remaining[row] > 0:
+            remaining[row] -= 1
+            added.append(render_row(row).encode() + b"\n")
+    if added and out and not out[-1].endswith(b"\n"):
+        out.append(b"\n")
+    return b"".join(out + added)
 
 
 # --- publishing -----------------------------------------------------------------------------
@@ -340,11 +378,8 @@ def _installable(version: int, digest: str, files: dict[str, bytes],
         raise PolicyError(f"{label}: its files have digest {bundle.digest}, not the "
                           f"{digest} recorded for it (written or altered behind `gateway "
                           "policy push`)")
-    try:
-        same = rule_rows(bundle.files[POLICY_FILE]) == [tuple(row) for row in rows]
-    except PolicyError:
-        same = False
-    if same:
+    merged = merge_rows(bundle.files[POLICY_FILE], [tuple(row) for row in rows])
+    if merged == bundle.files[POLICY_FILE]:
         return bundle
-    return Bundle({MODEL_FILE: bundle.files[MODEL_FILE], POLICY_FILE: render_rows(rows)},
+    return Bundle({MODEL_FILE: bundle.files[MODEL_FILE], POLICY_FILE: merged},
                   bundle.cases, f"{label} with casbin_rule edited since ({len(rows)} rows)")
