@@ -7,7 +7,8 @@ polling backstop set to 60 s so the figure is the LISTEN/NOTIFY path). Each roun
 two policies in turn with the real CLI and polls GetPolicy on both replicas every 5 ms until
 both name the new digest. Printed: the time from starting the `gateway policy push` process
 (its interpreter start, checks and cases included) and from its exit (just after the commit; a
-replica may already have installed by then) until the last replica installed, median and worst of the rounds, beside the 2 s target as a ratio.
+replica may already have installed by then) until the last replica installed, median and
+worst of the rounds, beside the 2 s target as a ratio.
 
 The server is $GATEWAY_TEST_DSN, else the tests' default (127.0.0.1:5432, user postgres,
 database test); without one the benchmark says so and skips.
