@@ -7,9 +7,12 @@ Waits are bounded polls of an observable effect (GetPolicy, a decision, an audit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import shutil
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -319,3 +322,117 @@ def test_rule_rows_refuses_what_casbin_rule_cannot_hold():
         rule_rows(b"p, a, m, infer, allow\np, a, m, infer, allow, " + b"x" * 256 + b"\n")
     with pytest.raises(PolicyError, match="at most 6 values"):
         rule_rows(b"p, 1, 2, 3, 4, 5, 6, 7\n")
+
+
+class Cuttable:
+    """A TCP forwarder to the PostgreSQL server that a test can cut (every connection reset,
+    new ones refused) and restore on the same port: the database lost and back, as the
+    gateway sees it, without stopping a server other tests share."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.port = 0
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen()
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            server = socket.create_connection(self.upstream)
+            with self._lock:
+                self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self._listener.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+def _health(gw, service: str) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.secure_channel(gw.target, channel_credentials(gw.env, "scorer")) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service)).status
+
+
+def _source_up(gw) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(gw.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return next(line for line in text.splitlines()
+                if line.startswith("gateway_policy_source_up{"))
+
+
+def test_database_lost_while_running_keeps_the_policy_and_comes_back(pg_fresh_dsn, tmp_path):
+    from grpc_health.v1 import health_pb2
+    from psycopg import conninfo
+
+    serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                            health_pb2.HealthCheckResponse.NOT_SERVING)
+    push(REPO / "policies", pg_fresh_dsn)
+    params = conninfo.conninfo_to_dict(pg_fresh_dsn)
+    proxy = Cuttable(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
+    through = conninfo.make_conninfo(pg_fresh_dsn, host="127.0.0.1", port=str(proxy.port))
+    env = make_demo_env(tmp_path / "gw", policy={"source": "postgresql", "dsn": through,
+                                                 "watch_interval": 0.5},
+                        models={"reverify_interval": 0.0})
+    gw = start_gateway(env)
+    try:
+        before = live_digest(gw)
+        assert _health(gw, "gateway.policy.source") == serving
+        assert _source_up(gw).endswith(" 1.0")
+        proxy.cut()
+        wait_for("the policy source to be reported lost",
+                 lambda: _health(gw, "gateway.policy.source") == not_serving)
+        assert _source_up(gw) == 'gateway_policy_source_up{source="postgresql"} 0.0'
+        assert _health(gw, "") == serving  # the verified policy in force still decides
+        assert live_digest(gw) == before
+        assert triton_client(gw, "scorer").is_model_ready("demo-mlp")
+        assert not may_read_metadata(gw, "auditor", "demo-mlp")
+        # Published while this replica cannot see the database: installed once it can.
+        push(policy_dir(tmp_path, rule=EXTRA_RULE, case=EXTRA_CASE), pg_fresh_dsn)
+        digest = versions(pg_fresh_dsn)[-1][1]
+        assert live_digest(gw) == before
+        proxy.restore()
+        wait_for("the new version after the database came back",
+                 lambda: live_digest(gw) == digest)
+        wait_for("the source reported back", lambda: _health(gw, "gateway.policy.source")
+                 == serving)
+        assert may_read_metadata(gw, "auditor", "demo-mlp")
+        assert not [r for r in reloads(gw) if not r["accepted"]]  # an outage is no refusal
+    finally:
+        gw.stop()
+        proxy.cut()
