@@ -81,16 +81,14 @@ def _measure(root: Path, dsn: str) -> None:
 
     from gateway._proto.gateway.v1 import admin_pb2 as pb
     from gateway._proto.gateway.v1 import admin_pb2_grpc as pb_grpc
-    from gateway.devenv import add_replica, make_demo_env, start_gateway
+    from gateway.devenv import make_replicas, start_gateway
 
     policies = _policies(root)
     _push(policies[0], dsn)
-    tag = secrets.token_hex(3)
-    env = make_demo_env(root / "gw", policy={"source": "postgresql", "dsn": dsn,
-                                             "watch_interval": 60.0},
-                        server={"instance_id": f"bench-a-{tag}"},
-                        models={"reverify_interval": 0.0})
-    envs = [env, add_replica(env, f"bench-b-{tag}")]
+    envs = make_replicas(root / "gw", policy={"source": "postgresql", "dsn": dsn,
+                                              "watch_interval": 60.0},
+                         models={"reverify_interval": 0.0})
+    env = envs[0]
     gateways = [start_gateway(e) for e in envs]
     credentials = grpc.ssl_channel_credentials(
         root_certificates=(env.certs / "ca.pem").read_bytes(),

@@ -80,6 +80,18 @@ def add_replica(env: DemoEnv, name: str) -> DemoEnv:
                    policies=env.policies, audit=env.root / f"audit-{name}")
 
 
+def make_replicas(root: Path, count: int = 2, **overrides: dict[str, object]) -> list[DemoEnv]:
+    """``count`` replicas of one deployment (:func:`make_demo_env` with ``overrides``, then
+    :func:`add_replica`), with instance ids ``<random>-a``, ``-b``, ...: unique even on a
+    database server other runs share (they name connections in pg_stat_activity)."""
+    import secrets
+
+    tag = secrets.token_hex(4)
+    server = {**overrides.pop("server", {}), "instance_id": f"{tag}-a"}
+    env = make_demo_env(root, server=server, **overrides)
+    return [env, *(add_replica(env, f"{tag}-{chr(ord('a') + i)}") for i in range(1, count))]
+
+
 def _render(sections: dict[str, dict[str, object]]) -> str:
     return "".join(f"[{name}]\n" + "".join(f"{key} = {_toml(value)}\n"
                                            for key, value in table.items())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 import shutil
 import socket
 import threading
@@ -23,7 +22,7 @@ import pytest
 from gateway._proto.gateway.v1 import admin_pb2 as pb
 from gateway._proto.gateway.v1 import admin_pb2_grpc as pb_grpc
 from gateway.audit._store import read_records
-from gateway.devenv import REPO, add_replica, make_demo_env, run_cli, start_gateway
+from gateway.devenv import REPO, make_demo_env, make_replicas, run_cli, start_gateway
 from gateway.policy import MODEL_FILE, POLICY_FILE
 from gateway.policy._source import digest_files
 from gateway.policy.postgres import merge_rows, rule_rows
@@ -110,16 +109,13 @@ def versions(dsn: str) -> list[tuple[int, str]]:
 def cluster(pg_server, tmp_path_factory):
     """Two gateway processes on different ports reading one policy from one schema."""
     root = tmp_path_factory.mktemp("pgpolicy")
-    tag = secrets.token_hex(4)  # instance ids unique on a shared server (pg_stat_activity)
     schemas = schema_dsn(pg_server, "policy")
     dsn = next(schemas)
     push(REPO / "policies", dsn)
     # A long polling backstop: a change seen within WAIT came by NOTIFY (or a reconnect).
-    env = make_demo_env(root / "gw", policy={"source": "postgresql", "dsn": dsn,
-                                             "watch_interval": 60.0},
-                        server={"instance_id": f"pgpolicy-a-{tag}"},
-                        models={"reverify_interval": 0.0})
-    envs = [env, add_replica(env, f"pgpolicy-b-{tag}")]
+    envs = make_replicas(root / "gw", policy={"source": "postgresql", "dsn": dsn,
+                                              "watch_interval": 60.0},
+                         models={"reverify_interval": 0.0})
     gateways = [start_gateway(e) for e in envs]
     try:
         yield dsn, gateways, root
