@@ -7,6 +7,10 @@
     d.allowed, d.rule, d.policy_digest        # True, "policy.csv:7", "1ca5..."
     store.start_watching(1.0)                 # reload on file change (or call store.reload())
 
+    # One policy for many replicas: the versions `gateway policy push` publishes to PostgreSQL
+    # (gateway.policy.postgres), watched by LISTEN/NOTIFY; the same reload installs them.
+    store = PolicyStore.open(open_source("postgresql", Path("policies"), dsn))
+
 The policy directory holds ``model.conf`` and ``policy.csv`` in casbin's formats and
 ``tests/*.yaml`` cases that every reload must pass; the language (subjects, roles, objects,
 actions, conditions, the deny-wins / default-deny rule) is documented in policies/README.md.
