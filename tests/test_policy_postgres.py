@@ -236,6 +236,44 @@ def _policy_csv(gw) -> bytes:
             .policy_csv.encode()
 
 
+def _casbin_enforcer(dsn: str):
+    """pycasbin with casbin_sqlalchemy_adapter on the same table, as a Casbin shop runs it."""
+    import casbin
+    import casbin_sqlalchemy_adapter
+    from psycopg import conninfo
+    from sqlalchemy import create_engine
+
+    engine = create_engine("postgresql+psycopg://", connect_args=conninfo.conninfo_to_dict(dsn))
+    adapter = casbin_sqlalchemy_adapter.Adapter(engine)
+    return casbin.Enforcer(str(REPO / "policies" / MODEL_FILE), adapter), engine
+
+
+def test_the_casbin_sqlalchemy_adapter_reads_and_writes_the_published_rules(cluster):
+    dsn, gateways, _ = cluster
+    shipped = push_and_wait(REPO / "policies", dsn, gateways)
+    enforcer, engine = _casbin_enforcer(dsn)
+    try:
+        # It reads what push wrote: every rule and role link of the shipped policy.
+        assert ["role:scorers", "demo-mlp", "infer", "allow"] in enforcer.get_policy()
+        assert ["spiffe://demo.local/svc/scorer", "role:scorers"] in \
+            enforcer.get_grouping_policy()
+        assert len(enforcer.get_policy()) + len(enforcer.get_grouping_policy()) == \
+            len(rule_rows((REPO / "policies" / POLICY_FILE).read_bytes()))
+        # Its writes reach every replica, validated and tested like a push.
+        assert enforcer.add_policy("role:auditors", "demo-types", "metadata", "allow")
+        for gw in gateways:
+            wait_for(f"{gw.target} to grant the adapter's rule",
+                     lambda gw=gw: live_digest(gw) != shipped)
+            assert may_read_metadata(gw, "auditor", "demo-types")
+        assert enforcer.remove_policy("role:auditors", "demo-types", "metadata", "allow")
+        for gw in gateways:
+            wait_for(f"{gw.target} to be back on the pushed policy",
+                     lambda gw=gw: live_digest(gw) == shipped)
+            assert not may_read_metadata(gw, "auditor", "demo-types")
+    finally:
+        engine.dispose()
+
+
 def test_a_casbin_rule_row_that_does_not_validate_is_refused(cluster):
     dsn, gateways, _ = cluster
     good = push_and_wait(REPO / "policies", dsn, gateways)
