@@ -476,3 +476,35 @@ def test_database_lost_while_running_keeps_the_policy_and_comes_back(pg_fresh_ds
     finally:
         gw.stop()
         proxy.cut()
+
+
+def test_a_version_whose_files_do_not_match_its_digest_is_refused(cluster):
+    dsn, gateways, _ = cluster
+    good = push_and_wait(REPO / "policies", dsn, gateways)
+    grant = b"p, role:auditors, demo-mlp, metadata, allow\n"
+    with psycopg.connect(dsn) as conn:  # the files of the newest version altered in place
+        conn.execute("UPDATE gateway_policy_file SET content = content || %s WHERE path = "
+                     "'policy.csv' AND version = (SELECT max(version) FROM "
+                     "gateway_policy_version)", (grant,))
+    try:
+        for gw in gateways:
+            refused = wait_for(f"{gw.target} to refuse the altered version", lambda gw=gw: [
+                r for r in reloads(gw) if not r["accepted"] and "recorded for it" in
+                (r["error"] or "")])
+            assert refused[-1]["old_digest"] == good
+            assert live_digest(gw) == good
+            assert not may_read_metadata(gw, "auditor", "demo-mlp")
+    finally:
+        push_and_wait(REPO / "policies", dsn, gateways)
+
+
+def test_policy_source_setting_is_checked(tmp_path):
+    from gateway.config import load_config
+    from gateway.errors import ConfigError
+
+    config = tmp_path / "gateway.toml"
+    config.write_text('[policy]\nsource = "etcd"\n')
+    with pytest.raises(ConfigError, match='source must be "files" or "postgresql"'):
+        load_config(config)
+    config.write_text('[policy]\nsource = "postgresql"\ndsn = "host=db"\n')
+    assert load_config(config).policy.dsn == "host=db"
