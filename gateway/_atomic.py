@@ -44,3 +44,26 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def private_dir(directory: Path) -> None:
+    """Create ``directory`` and any missing parents as 0700, whatever the umask.
+
+    ``Path.mkdir(mode=...)`` is filtered by the umask, and with ``parents=True`` it applies
+    ``mode`` only to the last directory; a directory holding keys, certificates or the audit
+    log must never be group- or world-accessible, not even for a moment, so each one is
+    created 0700 and chmod'ed to it before anything goes in. Existing ones are left as they are.
+    """
+    directory = Path(directory)
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue  # created meanwhile by someone else: theirs to decide
+        os.chmod(path, 0o700)

@@ -36,6 +36,45 @@ class ServerSettings:
     max_tensor_elements: int = 16 * 1024 * 1024
     #: Name of this gateway instance in audit records; empty means host name and port.
     instance_id: str = ""
+    #: Unary calls one identity may have in progress while the server is backed up
+    #: (``workers`` calls waiting for a worker; RESOURCE_EXHAUSTED beyond); otherwise it may
+    #: use every idle worker.
+    max_calls_per_identity: int = 8
+    #: Streams (server reflection, health Watch) open at once, over all identities and per
+    #: identity (RESOURCE_EXHAUSTED beyond). Streams never take more than half the workers,
+    #: so unary calls always have the rest.
+    max_streams: int = 4
+    max_streams_per_identity: int = 2
+    #: A stream with no message from the caller for this long, or open this long, is ended.
+    stream_idle_seconds: float = 30.0
+    stream_max_seconds: float = 300.0
+    #: A unary call whose request message has not arrived this long after it opened is
+    #: ended; at most this many calls of one client certificate (and half the workers in
+    #: all) may wait for their message at once (RESOURCE_EXHAUSTED beyond).
+    request_timeout_seconds: float = 10.0
+    max_pending_requests_per_certificate: int = 4
+    #: Refused calls (unauthenticated, denied, over a limit) recorded one by one per identity
+    #: (or certificate): ``refusal_rate`` a second, bursts of ``refusal_burst``. Beyond it a
+    #: refused call is answered RESOURCE_EXHAUSTED and counted into a summary record.
+    refusal_rate: float = 5.0
+    refusal_burst: int = 20
+    #: Health checks are recorded once per identity per interval (the first); the rest, and
+    #: the refusals over the rate above, are counted into one summary record per interval.
+    summary_interval_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "max_calls_per_identity", "max_streams",
+                     "max_streams_per_identity", "refusal_burst",
+                     "max_pending_requests_per_certificate"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"[server] {name} must be at least 1")
+        if self.max_streams > self.workers // 2:
+            raise ConfigError(f"[server] max_streams ({self.max_streams}) must be at most half "
+                              f"the workers ({self.workers}): unary calls need the rest")
+        for name in ("stream_idle_seconds", "stream_max_seconds", "refusal_rate",
+                     "summary_interval_seconds", "request_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"[server] {name} must be positive")
 
 
 @dataclass(frozen=True)
@@ -50,6 +89,24 @@ class TlsSettings:
     trust_domains: tuple[str, ...] = ("demo.local",)
     #: Issuer distinguished names (RFC 4514) whose CN-only certificates map to ``cn:<name>``.
     cn_issuers: tuple[str, ...] = ()
+    #: SPIFFE trust bundles: trust domain -> its own CA bundle file. A certificate whose
+    #: SPIFFE ID names a domain listed here must chain to that domain's bundle (another
+    #: domain's CA cannot mint its identities); listed domains are accepted. Domains only
+    #: in ``trust_domains`` use ``ca``.
+    trust_bundles: dict[str, Path] = field(default_factory=dict, hash=False)
+    #: /metrics over TLS with this server certificate, requiring a client certificate that
+    #: chains to ``ca``: "on", "off", or "auto" (on unless metrics listen on loopback).
+    metrics_tls: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.metrics_tls not in ("auto", "on", "off"):
+            raise ConfigError(f"[tls] metrics_tls must be auto, on or off, not "
+                              f"{self.metrics_tls!r}")
+        shared = sorted(set(self.trust_domains) - set(self.trust_bundles))
+        if len(shared) > 1:
+            raise ConfigError(
+                f"[tls] trust domains {', '.join(shared)} would all be vouched for by any CA "
+                f"in {self.ca.name}: map each to its own bundle in [tls] trust_bundles")
 
 
 @dataclass(frozen=True)
@@ -221,7 +278,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table")
-        return value
+        item = typing.get_args(hint)[1]
+        return value if item is Any else {k: _coerce(item, v, f"{where}.{k}")
+                                          for k, v in value.items()}
     raise ConfigError(f"{where}: unsupported setting type {hint}")
 
 
@@ -230,6 +289,8 @@ def _resolve_paths(value: Any, base: Path) -> Any:
         return value if value.is_absolute() else (base / value)
     if isinstance(value, tuple):
         return tuple(_resolve_paths(v, base) for v in value)
+    if isinstance(value, dict):
+        return {k: _resolve_paths(v, base) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.replace(value, **{f.name: _resolve_paths(getattr(value, f.name), base)
                                              for f in dataclasses.fields(value) if f.init})

@@ -99,15 +99,16 @@ def _render(sections: dict[str, dict[str, object]]) -> str:
 
 
 def profile_demo_model(env: DemoEnv, *, seed: int = 0) -> Path:
-    """Give demo-mlp a reference profile fitted on N(0, 1) data and re-sign it.
+    """Refit demo-mlp's reference profile on N(0, 1) data of another ``seed`` and re-sign it.
 
-    Anomaly scores then mean something: such inputs score low, far-away probes high.
-    Returns the model version directory.
+    (`gateway demo init` already profiles it with seed 0.) Such inputs score low, far-away
+    probes high. Returns the model version directory.
     """
     import numpy as np
 
-    reference = np.random.default_rng(seed).normal(0, 1, (4000, 4)).astype(np.float32)
-    np.save(env.root / "ref.npy", reference)
+    from gateway.models.demo import demo_reference
+
+    np.save(env.root / "ref.npy", demo_reference(seed=seed))
     version = env.models / "demo-mlp" / "1"
     run_cli("model", "profile", str(version), "--data", str(env.root / "ref.npy"))
     run_cli("model", "sign", str(version), "--key",

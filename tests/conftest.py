@@ -63,6 +63,21 @@ def channel_credentials(env: DemoEnv, identity: str | None = None, *,
         certificate_chain=cert.read_bytes() if cert else None)
 
 
+def assert_records_match_schema(records: list[dict]) -> None:
+    """Every record validates against the one record schema (gateway/audit/record.schema.json):
+    tests that make a record kind or field call this on what the gateway really wrote."""
+    import json
+
+    import jsonschema
+
+    from gateway.audit import RECORD_SCHEMA
+
+    validator = jsonschema.Draft202012Validator(json.loads(RECORD_SCHEMA.read_text()))
+    errors = [(r.get("kind"), f"{'/'.join(map(str, e.absolute_path))}: {e.message}")
+              for r in records for e in validator.iter_errors(r)]
+    assert not errors, errors
+
+
 # --- PostgreSQL -----------------------------------------------------------------------------
 
 #: Where the PostgreSQL tests connect (trust authentication); the environment overrides it.

@@ -1,8 +1,11 @@
-"""Crash safety: a gateway under load is SIGKILLed 20 times at random moments.
+"""Crash safety: a gateway under load is SIGKILLed 20 times at random moments, and a few
+more times at random moments of its start (while it opens, cuts and signs the log).
 
-After every restart the log must open (a torn tail is cut and recorded, nothing else may be
-wrong), and at the end every call that got an OK response must have its record, at the index
-and with the leaf hash of its receipt, in a log that ``gateway audit verify`` accepts.
+After every restart the log must open (a torn tail or the unacknowledged commit in flight is
+cut and recorded, nothing else may be wrong) and hold every record acknowledged so far, at the
+index and with the leaf hash of its receipt; at the end the log must pass
+``gateway audit verify``. Checkpoints are due every 20 ms, so kills also land while a
+checkpoint and its witness copy are written.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -23,6 +29,8 @@ from gateway.devenv import make_demo_env, run_cli, start_gateway
 from tests.conftest import channel_credentials
 
 KILLS = 20
+#: Extra kills at a random moment of a start, before the gateway serves.
+START_KILLS = 6
 RECEIPT_INDEX = "gateway-audit-index"
 RECEIPT_LEAF = "gateway-audit-leaf-hash"
 
@@ -68,14 +76,48 @@ def _load(target: str, creds, acks: _Acks, stop: threading.Event) -> None:
             acks.add(int(md[RECEIPT_INDEX]), md[RECEIPT_LEAF])
 
 
+def _disk_records(audit_dir: Path) -> list[bytes]:
+    records: list[bytes] = []
+    for _first, path in list_segments(audit_dir):
+        records.extend(split_records(read_data(path))[0])
+    return records
+
+
+def _check_receipts(audit_dir: Path, receipts: dict[int, str]) -> list[bytes]:
+    records = _disk_records(audit_dir)
+    for index, leaf in receipts.items():
+        assert index < len(records), f"acknowledged record {index} is gone"
+        assert hashlib.sha256(b"\x00" + records[index]).hexdigest() == leaf, index
+    return records
+
+
+def _kill_during_start(env, delay: float) -> None:
+    """Start ``gateway serve`` and SIGKILL it ``delay`` seconds later, wherever it is then.
+
+    The delay picks the moment of the kill (the experiment), it synchronises nothing.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
+                             str(env.config), "--log-level", "WARNING"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=env.root)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_sigkill_under_load_loses_no_acknowledged_record(tmp_path: Path):
-    env = make_demo_env(tmp_path / "env")
+    env = make_demo_env(tmp_path / "env", audit={"checkpoint_ms": 20})
     creds = channel_credentials(env, "scorer")
     rng = random.Random(20)
     acks = _Acks()
-    for _ in range(KILLS):
+    audit_dir = env.root / "audit"
+    start_kills = set(rng.sample(range(KILLS), START_KILLS))
+    for n in range(KILLS):
+        if n in start_kills:
+            _kill_during_start(env, rng.uniform(0.3, 2.5))
         gw = start_gateway(env)
+        # The log opened: every record acknowledged before the kills is still there.
+        _check_receipts(audit_dir, acks.receipts)
         stop = threading.Event()
         with acks.cond:
             acks.round = 0
@@ -97,15 +139,10 @@ def test_sigkill_under_load_loses_no_acknowledged_record(tmp_path: Path):
     gw = start_gateway(env)
     assert gw.stop() == 0, "".join(gw.stderr_lines)
 
-    audit_dir = env.root / "audit"
-    records: list[bytes] = []
-    for _first, path in list_segments(audit_dir):
-        records.extend(split_records(read_data(path))[0])
+    records = _check_receipts(audit_dir, acks.receipts)
     assert len(acks.receipts) >= KILLS
-    for index, leaf in acks.receipts.items():
-        assert hashlib.sha256(b"\x00" + records[index]).hexdigest() == leaf, index
     kinds = [json.loads(r)["kind"] for r in records]
-    assert kinds.count("log_open") == KILLS + 1
+    assert kinds.count("log_open") >= KILLS + 1  # start kills may have opened it too
     proc = run_cli("audit", "verify", "--config", str(env.config), "--json", "--quiet",
                    check=False)
     report = json.loads(proc.stdout)

@@ -24,6 +24,7 @@ from gateway.audit._note import parse_vkey
 from gateway.audit._store import list_segments, split_records
 from gateway.audit._verify import verify_log
 from gateway.errors import AuditUnavailable, GatewayError
+from tests.conftest import assert_records_match_schema
 
 DECISION = {
     "caller": {"id": "spiffe://demo.local/svc/scorer", "cert_sha256": "ab" * 32,
@@ -459,3 +460,365 @@ def test_records_land_in_zero_written_space_not_unwritten_extents(settings):
         assert _unwritten_extents(segment, settings.segment_bytes) != []
     records = _records(settings)
     assert len(records) == 52 and verify_log(settings.directory, _verifier(settings)).ok
+
+
+# -- commit tags: only records the gateway vouched for are adopted --------------------------
+
+@pytest.fixture(params=["direct", "dsync"])
+def tag_mode(request, monkeypatch) -> str:
+    """Commit tags riding the records' flush (O_DIRECT), or a second O_DSYNC write."""
+    from gateway.audit import _store
+    monkeypatch.setattr(_store, "DIRECT_TAGS", request.param == "direct")
+    return request.param
+
+
+def _forge(records: list[bytes], n: int, **fields) -> list[bytes]:
+    """``n`` chain-valid records following ``records``, as someone without the keys writes."""
+    out: list[bytes] = []
+    for _ in range(n):
+        last = (records + out)[-1]
+        out.append(encode({**DECISION, "request_id": "forged", **fields, "v": 1,
+                           "seq": len(records) + len(out),
+                           "time_ms": json.loads(last)["time_ms"] + 1, "kind": "decision",
+                           "instance": "t", "prev": hashlib.sha256(b"\x00" + last).hexdigest()}))
+    return out
+
+
+def _refused(settings: AuditSettings, *match: str) -> str:
+    with pytest.raises(AuditLogDamaged) as info:
+        AuditLog.open(settings, instance_id="t")
+    for m in match:
+        assert m in str(info.value), str(info.value)
+    assert info.value.status.name == "UNAVAILABLE"
+    return str(info.value)
+
+
+def test_forged_records_appended_after_a_clean_stop_are_refused(settings, tag_mode):
+    records = _closed_log(settings)
+    seg = _last_segment(settings)
+    forged = _forge(records, 3)
+    _append_bytes(seg, _data_end(seg), b"".join(r + b"\n" for r in forged))
+    before = seg.read_bytes()
+    _refused(settings, "closed cleanly", f"first unprovable record index {len(records)}")
+    assert seg.read_bytes() == before  # left in place for investigation, nothing signed
+    assert json.loads((settings.directory / "checkpoint").read_text().split("\n")[1]) == \
+        len(records)
+
+
+@pytest.mark.parametrize("tags", ["kept", "deleted", "zeroed"])
+def test_rechained_rewrite_with_checkpoints_deleted_is_refused(settings, tags, tag_mode):
+    records = _closed_log(settings)
+    # Rewrite history from record 0: every decision becomes a deny, re-chained and renumbered.
+    rewritten: list[bytes] = []
+    prev = "0" * 64
+    for r in records:
+        obj = json.loads(r)
+        if obj["kind"] == "decision":
+            obj["decision"] = "deny"
+        obj["prev"] = prev
+        rewritten.append(encode(obj))
+        prev = hashlib.sha256(b"\x00" + rewritten[-1]).hexdigest()
+    seg = _last_segment(settings)
+    seg.write_bytes(b"".join(r + b"\n" for r in rewritten))
+    (settings.directory / "checkpoint").unlink()
+    (settings.directory / "checkpoints.jsonl").unlink()
+    tag_file = settings.directory / "commit-tags"
+    if tags == "deleted":
+        tag_file.unlink()
+    elif tags == "zeroed":
+        tag_file.write_bytes(bytes(len(tag_file.read_bytes())))
+    # The witness would catch this too; take it away to show the tags alone suffice.
+    settings.witness_path().unlink()
+    if tags == "kept":
+        _refused(settings, f"records before index {len(records)} no longer match the last "
+                           "commit tag")
+    else:
+        _refused(settings, "no valid signed checkpoint and no valid commit tag",
+                 "first unprovable record index 0")
+
+
+def test_a_tag_from_another_key_proves_nothing(settings):
+    records = _closed_log(settings)
+    from gateway.audit import _keys
+    _keys.commit_key_path(settings.signing_key).unlink()  # the gateway makes a new one
+    seg = _last_segment(settings)
+    _append_bytes(seg, _data_end(seg), b"".join(r + b"\n" for r in _forge(records, 2)))
+    _refused(settings, f"first unprovable record index {len(records)}",
+             "no valid commit tag")
+
+
+_KILL_MID_COMMIT = r"""
+import os, signal, sys
+from pathlib import Path
+from gateway.audit import AuditLog, AuditSettings, _store
+_store.DIRECT_TAGS = sys.argv[5] == "direct"
+s = AuditSettings(directory=Path(sys.argv[1]), signing_key=Path(sys.argv[2]),
+                  payload_key=Path(sys.argv[3]), name=sys.argv[4], segment_bytes=1 << 20)
+log = AuditLog.open(s, instance_id="crash")
+for i in range(5):
+    r = log.append("decision", {"request_id": f"acked-{i}"})
+    print(r.index, r.leaf_hash.hex(), flush=True)
+store, put_tag = log._store, log._store._put_tag
+def die(*args):
+    os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[6] == "records-no-tag":  # the records land, their tag does not
+    store._put_tag = lambda slot, data: None
+    log.observe_commits(die)  # after the commit, before append returns: never acknowledged
+else:  # "tag-no-records": the tag lands first (O_DIRECT), the records never come
+    store._put_tag = lambda slot, data: (put_tag(slot, data), die())
+log.append("decision", {"request_id": "never-acked"})
+"""
+
+
+def _kill_mid_commit(settings: AuditSettings, mode: str = "direct",
+                    point: str = "records-no-tag") -> dict[int, str]:
+    """A real process appends 5 records, then is SIGKILLed in its next commit at ``point``
+    (its records on disk without their tag, or the tag without the records); returns the
+    receipts it was given."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", _KILL_MID_COMMIT, str(settings.directory),
+                           str(settings.signing_key), str(settings.payload_key), settings.name,
+                           mode, point],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    return {int(i): h for i, h in (line.split() for line in proc.stdout.splitlines())}
+
+
+def test_the_unacknowledged_commit_of_a_killed_writer_is_cut_and_named(settings, tag_mode):
+    _closed_log(settings)
+    acked = _kill_mid_commit(settings, tag_mode)
+    on_disk = _records(settings)
+    assert b'"request_id":"never-acked"' in on_disk[-1]
+    first = len(on_disk) - 1
+    with AuditLog.open(settings, instance_id="t") as log:
+        assert log.healthy
+    records = _records(settings)
+    for index, leaf in acked.items():
+        assert hashlib.sha256(b"\x00" + records[index]).hexdigest() == leaf
+    assert not any(b"never-acked" in r for r in records)
+    anomaly = json.loads(records[first])
+    assert anomaly["kind"] == "anomaly" and anomaly["event"] == "unacknowledged-records-cut"
+    assert (anomaly["first"], anomaly["records"]) == (first, 1)
+    assert_records_match_schema([anomaly])
+    assert anomaly["sha256"] == hashlib.sha256(on_disk[-1] + b"\n").hexdigest()
+    assert verify_log(settings.directory, _verifier(settings)).ok
+
+
+def test_a_tag_written_before_its_records_is_passed_over_after_a_kill(settings):
+    """O_DIRECT tags go first: killed between the tag and its records, the log opens on
+    the previous tag, with every acknowledged record and nothing of the lost commit."""
+    _closed_log(settings)
+    acked = _kill_mid_commit(settings, "direct", "tag-no-records")
+    size = len(_records(settings))
+    assert not any(b"never-acked" in r for r in _records(settings))
+    with AuditLog.open(settings, instance_id="t") as log:
+        assert log.healthy
+    records = _records(settings)
+    for index, leaf in acked.items():
+        assert hashlib.sha256(b"\x00" + records[index]).hexdigest() == leaf
+    assert json.loads(records[size])["kind"] == "log_open"  # nothing to cut
+    assert verify_log(settings.directory, _verifier(settings)).ok
+
+
+def test_records_forged_after_a_crash_are_cut_never_signed(settings):
+    _closed_log(settings)
+    acked = _kill_mid_commit(settings)
+    seg = _last_segment(settings)
+    on_disk = _records(settings)
+    _append_bytes(seg, _data_end(seg), b"".join(r + b"\n" for r in _forge(on_disk, 4)))
+    with AuditLog.open(settings, instance_id="t"):
+        pass
+    records = _records(settings)
+    assert not any(b'"forged"' in r or b"never-acked" in r for r in records)
+    for index, leaf in acked.items():
+        assert hashlib.sha256(b"\x00" + records[index]).hexdigest() == leaf
+    anomaly = json.loads(records[len(on_disk) - 1])
+    assert (anomaly["event"], anomaly["records"]) == ("unacknowledged-records-cut", 5)
+
+
+def test_untagged_records_before_the_last_segment_are_refused(settings):
+    settings = replace(settings, segment_bytes=4096)
+    records = _closed_log(settings, n=40)
+    segs = list_segments(settings.directory)
+    assert len(segs) > 2
+    # Hide a rewritten tail of the next-to-last segment behind a stale (open) tag: replace
+    # the tags by those of a moment when the log was smaller.
+    acked = _kill_mid_commit(replace(settings, segment_bytes=1 << 20))
+    assert acked
+    tags = (settings.directory / "commit-tags").read_bytes()
+    AuditLog.open(settings, instance_id="t").close()
+    for _ in range(40):  # grow by more segments, then roll the tags back
+        with AuditLog.open(settings, instance_id="t") as log:
+            log.append("decision", DECISION)
+    (settings.directory / "checkpoint").unlink()
+    (settings.directory / "checkpoints.jsonl").unlink()
+    settings.witness_path().unlink()
+    (settings.directory / "commit-tags").write_bytes(tags)
+    assert len(_records(settings)) > len(records)
+    said = _refused(settings, "first unprovable record index")
+    assert "start before the last segment" in said, said
+
+
+def test_an_old_tags_file_put_back_does_not_pass_forged_records_as_a_crash(settings):
+    _kill_mid_commit(settings)  # leaves an open tag: what a crash leaves
+    old_tags = (settings.directory / "commit-tags").read_bytes()
+    records = _closed_log(settings)  # reopened (cutting the crash tail), closed cleanly
+    seg = _last_segment(settings)
+    _append_bytes(seg, _data_end(seg), b"".join(r + b"\n" for r in _forge(records, 2)))
+    (settings.directory / "commit-tags").write_bytes(old_tags)
+    _refused(settings, f"first unprovable record index {len(records)}",
+             "older than the latest checkpoint")
+
+
+def test_a_tag_ahead_of_missing_records_falls_back_only_when_they_are_missing(settings):
+    """A power loss may keep the tag of the commit in flight (it rides the records' flush)
+    and lose its records: the previous tag stands. Records present but different do not."""
+    from gateway.audit import _keys
+    from gateway.audit._tags import SLOT_BYTES, CommitTag, latest, seal
+    key = _keys.load_hmac_key(_keys.commit_key_path(settings.signing_key), "commit tag")
+    records = _closed_log(settings)
+    path = settings.directory / "commit-tags"
+    last = latest(key, settings.name, [path.read_bytes()[:SLOT_BYTES],
+                                       path.read_bytes()[SLOT_BYTES:]])
+    pristine = path.read_bytes()
+
+    def put_ahead(size: int) -> None:
+        ahead = CommitTag(last.serial + 1, size, "ab" * 32)
+        data = bytearray(pristine)
+        slot = ahead.serial % 2 * SLOT_BYTES
+        data[slot:slot + SLOT_BYTES] = seal(key, settings.name, ahead).ljust(SLOT_BYTES, b"\0")
+        path.write_bytes(bytes(data))
+
+    put_ahead(len(records) + 3)  # its 3 records never reached the disk
+    with AuditLog.open(settings, instance_id="t"):
+        pass
+    assert _records(settings)[:len(records)] == records
+    records = _records(settings)
+    pristine = path.read_bytes()
+    last = latest(key, settings.name, [pristine[:SLOT_BYTES], pristine[SLOT_BYTES:]])
+    put_ahead(len(records))  # the records are there, but not those the tag names
+    _refused(settings, "no longer match the last commit tag")
+
+
+def test_a_failed_tag_write_fails_the_call_and_the_record_never_surfaces(settings, tag_mode):
+    settings = replace(settings, checkpoint_ms=60_000)
+    log = AuditLog.open(settings, instance_id="t")
+    acked = [log.append("decision", {"i": i}) for i in range(3)]
+    store = log._store
+    good = os.dup(store._tag_fd)
+    os.dup2(os.open(settings.directory / "commit-tags", os.O_RDONLY), store._tag_fd)
+    try:
+        with pytest.raises(AuditUnavailable, match="durable"):
+            log.append("decision", {"i": "lost"})  # its bytes reached the segment, no tag
+        assert not log.healthy
+    finally:
+        os.dup2(good, store._tag_fd)
+        os.close(good)
+    acked.append(log.append("decision", {"i": "after"}))
+    assert log.healthy
+    log.close()
+    records = _records(settings)
+    assert not any(b'"lost"' in r for r in records)
+    for r in acked:
+        assert hashlib.sha256(b"\x00" + records[r.index]).digest() == r.leaf_hash
+    assert verify_log(settings.directory, _verifier(settings)).ok
+    AuditLog.open(settings, instance_id="t").close()
+
+
+def test_tags_cost_one_small_write_in_two_fixed_slots(settings, tag_mode):
+    from gateway.audit import _keys
+    from gateway.audit._tags import SLOT_BYTES, latest, unseal
+    key = _keys.load_hmac_key(_keys.commit_key_path(settings.signing_key), "commit tag")
+    records = _closed_log(settings, n=7)
+    data = (settings.directory / "commit-tags").read_bytes()
+    assert len(data) == 2 * SLOT_BYTES
+    assert oct(_keys.commit_key_path(settings.signing_key).stat().st_mode & 0o777) == "0o600"
+    slots = [data[:SLOT_BYTES], data[SLOT_BYTES:]]
+    tag = latest(key, settings.name, slots)
+    assert tag.closed and tag.size == len(records)
+    assert tag.head == hashlib.sha256(b"\x00" + records[-1]).hexdigest()
+    other = next(t for t in (unseal(key, settings.name, s) for s in slots)
+                 if t.serial != tag.serial)
+    assert other.serial == tag.serial - 1 and not other.closed  # the log_close commit
+    assert unseal(b"k" * 32, settings.name, slots[0]) is None  # another key: no tag
+
+
+# -- checkpoints on time, and the witness copy against rollback -----------------------------
+
+def _wait_for(predicate, what: str, timeout: float = 15) -> None:
+    """Poll ``predicate`` (a file or a property) until true; fail after ``timeout`` s."""
+    import time
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.01)
+
+
+def _signed_size(path: Path) -> int:
+    try:
+        return int(path.read_text().split("\n")[1])
+    except FileNotFoundError:
+        return -1
+
+
+def test_an_idle_log_signs_each_record_within_the_interval(settings):
+    settings = replace(settings, checkpoint_ms=50, checkpoint_records=10_000)
+    with AuditLog.open(settings, instance_id="t") as log:
+        for i in range(3):
+            # A lone call: committed in the caller's own thread, the writer thread idle.
+            r = log.append("decision", {"i": i})
+            # The witness copy is written last: once it covers the record, both do.
+            _wait_for(lambda r=r: _signed_size(settings.witness_path()) > r.index,
+                      f"checkpoint covering record {r.index}")
+            assert settings.witness_path().read_bytes() == \
+                (settings.directory / "checkpoint").read_bytes()
+
+
+def test_a_rolled_back_log_is_refused_at_open(settings, tmp_path):
+    import shutil
+    _closed_log(settings, n=5)
+    old = tmp_path / "old-copy"
+    shutil.copytree(settings.directory, old)
+    old_size = _signed_size(settings.directory / "checkpoint")
+    _closed_log(settings, n=5)
+    new_size = _signed_size(settings.witness_path())
+    assert new_size > old_size
+    shutil.rmtree(settings.directory)
+    shutil.copytree(old, settings.directory)
+    _refused(settings, "older than its witness copy", f"covers {old_size} records",
+             f"covers {new_size}")
+    # A same-size log with another history (re-signed by the key holder) is refused as well.
+    other = replace(settings, directory=tmp_path / "other", witness=tmp_path / "w2")
+    _closed_log(other, n=new_size - 2)  # plus log_open and log_close
+    assert _signed_size(other.directory / "checkpoint") == new_size
+    shutil.rmtree(settings.directory)
+    shutil.copytree(other.directory, settings.directory)
+    _refused(settings, "does not extend its witness copy")
+
+
+def test_the_witness_must_live_outside_the_log_directory(settings):
+    inside = replace(settings, witness=settings.directory / "witness")
+    with pytest.raises(AuditUnavailable, match="inside the log directory"):
+        AuditLog.open(inside, instance_id="t")
+
+
+def test_a_failed_witness_write_stops_acknowledgements_until_it_works(settings):
+    import shutil
+    settings = replace(settings, checkpoint_ms=50)
+    log = AuditLog.open(settings, instance_id="t")
+    try:
+        witness_dir = settings.witness_path().parent
+        shutil.rmtree(witness_dir)
+        witness_dir.write_bytes(b"not a directory")  # mkdir and the write now fail
+        log.append("decision", {"i": 1})
+        _wait_for(lambda: not log.healthy, "unhealthy after a failed witness write")
+        with pytest.raises(AuditUnavailable, match="cannot publish"):
+            log.append("decision", {"i": "refused"})
+        witness_dir.unlink()
+        _wait_for(lambda: log.healthy, "healthy once the witness can be written")
+        log.append("decision", {"i": 2})
+    finally:
+        log.close()
+    assert not any(b'"refused"' in r for r in _records(settings))
+    assert settings.witness_path().read_bytes() == (settings.directory / "checkpoint").read_bytes()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -12,7 +15,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from gateway._proto.gateway.v1 import audit_pb2, audit_pb2_grpc
-from gateway.devenv import make_demo_env, run_cli, start_gateway
+from gateway.audit._canonical import encode
+from gateway.audit._store import list_segments, read_data, split_records
+from gateway.devenv import DemoEnv, make_demo_env, run_cli, start_gateway
 from gateway.identity import pki
 from tests.conftest import channel_credentials
 
@@ -87,7 +92,7 @@ def _records(gw) -> list[dict]:
 
 
 def test_each_call_allowed_or_denied_has_its_record(audited):
-    _, gw, seen = audited
+    env, gw, seen = audited
     assert seen["scorer"][0] == grpc.StatusCode.OK
     assert seen["intruder"][0] == grpc.StatusCode.PERMISSION_DENIED
     records = _records(gw)
@@ -107,7 +112,13 @@ def test_each_call_allowed_or_denied_has_its_record(audited):
     unknown = [r for r in decisions if r["rpc"] == "ModelMetadata"]
     assert [(r["decision"], r["reason"]) for r in unknown] == [("deny", "unknown-model")]
     unauthenticated = [r for r in decisions if r["status"] == "UNAUTHENTICATED"]
-    assert len(unauthenticated) == 1 and unauthenticated[0]["caller"] is None
+    # Refused, yet the record names the certificate that was presented.
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    two = x509.load_pem_x509_certificate((env.root / "two.pem").read_bytes())
+    assert len(unauthenticated) == 1 and unauthenticated[0]["caller"] == {
+        "id": None, "cert_sha256": hashlib.sha256(two.public_bytes(Encoding.DER)).hexdigest(),
+        "issuer": None, "serial": None}
     # The records are a chain: sequence numbers without gaps from the first record on.
     assert [r["seq"] for r in records] == list(range(len(records)))
 
@@ -172,3 +183,152 @@ def test_verify_passes_and_one_changed_byte_is_named(audited, tmp_path):
     report = json.loads(bad.stdout)
     assert report["ok"] is False
     assert report["first_bad_index"] == target, report
+
+
+# -- the log's promises, black-box: checkpoints on time, nothing forged adopted, no rollback --
+
+def _infer(gw, rows: int = 1) -> tuple[grpc.StatusCode, dict[str, str]]:
+    channel = grpc.secure_channel(gw.target, channel_credentials(gw.env, "scorer"))
+    try:
+        _, call = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.with_call(
+            _infer_request("req-promise", rows))
+        return grpc.StatusCode.OK, dict(call.trailing_metadata())
+    except grpc.RpcError as err:
+        return err.code(), dict(err.trailing_metadata() or ())
+    finally:
+        channel.close()
+
+
+def _signed_size(path: Path) -> int:
+    try:
+        return int(path.read_text().split("\n")[1])
+    except (FileNotFoundError, IndexError):
+        return -1
+
+
+def _wait_for(predicate, what: str, timeout: float = 20) -> None:
+    """Poll a file-backed ``predicate`` until true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.02)
+
+
+def _disk_records(env: DemoEnv) -> list[bytes]:
+    out: list[bytes] = []
+    for _first, path in list_segments(env.audit):
+        out.extend(split_records(read_data(path))[0])
+    return out
+
+
+def _refused_start(env: DemoEnv) -> str:
+    """Start the gateway on ``env``, expecting it to refuse; return what it said."""
+    try:
+        gw = start_gateway(env)
+    except AssertionError as err:
+        return str(err)
+    gw.stop()
+    pytest.fail("the gateway started on an audit log it must refuse")
+
+
+@pytest.fixture(scope="module")
+def stopped_env(tmp_path_factory) -> DemoEnv:
+    """A demo environment whose gateway served a few calls and stopped cleanly."""
+    env = make_demo_env(tmp_path_factory.mktemp("stopped"), audit={"checkpoint_ms": 200})
+    gw = start_gateway(env)
+    try:
+        assert all(_infer(gw)[0] == grpc.StatusCode.OK for _ in range(3))
+    finally:
+        assert gw.stop() == 0, "".join(gw.stderr_lines)
+    return env
+
+
+def _copy(env: DemoEnv, dest: Path) -> DemoEnv:
+    shutil.copytree(env.root, dest)
+    return DemoEnv(root=dest, config=dest / env.config.name, certs=dest / "certs" / "dev",
+                   models=dest / "models", policies=dest / "policies", audit=dest / "audit")
+
+
+def test_a_checkpoint_covers_each_idle_call_within_the_interval(stopped_env, tmp_path):
+    env = _copy(stopped_env, tmp_path / "env")
+    gw = start_gateway(env)
+    try:
+        for _ in range(3):
+            code, receipt = _infer(gw)
+            index = int(receipt["gateway-audit-index"])
+            # No GetCheckpoint (it would sign on demand): the timer alone must publish it.
+            _wait_for(lambda i=index: _signed_size(env.audit / "checkpoint") > i,
+                      f"a checkpoint covering record {index}")
+            assert code == grpc.StatusCode.OK
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("attack", ["forged-append", "rechained-rewrite"])
+def test_a_tampered_log_is_refused_at_start(stopped_env, tmp_path, attack):
+    env = _copy(stopped_env, tmp_path / "env")
+    records = _disk_records(env)
+    segment = list_segments(env.audit)[-1][1]
+    if attack == "forged-append":
+        # Chain-valid records after a clean stop, written without the gateway's keys.
+        last = json.loads(records[-1])
+        forged = encode({**last, "kind": "decision", "seq": len(records),
+                         "prev": hashlib.sha256(b"\x00" + records[-1]).hexdigest()})
+        data = segment.read_bytes().rstrip(b"\0")
+        segment.write_bytes(data + forged + b"\n")
+        expected = f"first unprovable record index {len(records)}"
+    else:
+        # History rewritten from record 0 and re-chained, the checkpoints deleted.
+        prev, out = "0" * 64, []
+        for r in records:
+            obj = {**json.loads(r), "prev": prev}
+            if obj.get("status") == "OK":
+                obj["status"] = "PERMISSION_DENIED"
+            out.append(encode(obj))
+            prev = hashlib.sha256(b"\x00" + out[-1]).hexdigest()
+        segment.write_bytes(b"".join(r + b"\n" for r in out))
+        (env.audit / "checkpoint").unlink()
+        (env.audit / "checkpoints.jsonl").unlink()
+        expected = "no longer match the last commit tag"
+    before = segment.read_bytes()
+    assert expected in _refused_start(env)
+    assert segment.read_bytes() == before  # nothing cut, nothing signed: left for inquiry
+
+
+def test_a_rolled_back_log_directory_is_refused_at_start(stopped_env, tmp_path):
+    env = _copy(stopped_env, tmp_path / "env")
+    old = tmp_path / "old-audit"
+    shutil.copytree(env.audit, old)
+    old_size = _signed_size(env.audit / "checkpoint")
+    gw = start_gateway(env)
+    try:
+        assert _infer(gw)[0] == grpc.StatusCode.OK
+    finally:
+        assert gw.stop() == 0
+    new_size = _signed_size(env.root / "var" / "audit" / "witness" / "checkpoint")
+    assert new_size == _signed_size(env.audit / "checkpoint") > old_size
+    shutil.rmtree(env.audit)
+    shutil.copytree(old, env.audit)
+    said = _refused_start(env)
+    assert "older than its witness copy" in said
+    assert f"covers {old_size} records" in said and f"covers {new_size}" in said
+
+
+def test_a_response_too_large_to_send_is_refused_and_audited_as_such(tmp_path):
+    limit = 64 * 1024
+    env = make_demo_env(tmp_path / "env", server={"max_message_bytes": limit})
+    gw = start_gateway(env)
+    try:
+        # 3600 rows: 57,600 input bytes go in, 72,000 output bytes would come back.
+        assert _infer_request("r", 3600).ByteSize() < limit
+        code, receipt = _infer(gw, rows=3600)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "gateway-audit-index" in receipt, "refused by the transport after the audit"
+        small_code, _ = _infer(gw, rows=100)
+        assert small_code == grpc.StatusCode.OK
+    finally:
+        assert gw.stop() == 0
+    record = json.loads(_disk_records(env)[int(receipt["gateway-audit-index"])])
+    assert hashlib.sha256(b"\x00" + encode(record)).hexdigest() == \
+        receipt["gateway-audit-leaf-hash"]
+    assert (record["decision"], record["status"]) == ("allow", code.name)

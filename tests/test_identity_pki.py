@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import os
 import stat
 import threading
 from concurrent import futures
@@ -329,3 +330,14 @@ def test_authenticate_refuses_a_call_without_tls(ca: pki.CertifiedKey) -> None:
     finally:
         server.stop(None).wait()
 
+
+
+def test_certificate_directories_are_private_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        pki.init_dev_pki(tmp_path / "a" / "b" / "dev")
+    finally:
+        os.umask(old)
+    for directory in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "dev",
+                      tmp_path / "a" / "b" / "dev" / "clients"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory

@@ -146,7 +146,7 @@ def test_bad_profiles_and_reference_data_are_rejected(tmp_path):
         InputProfile.fit(tabular(100, seed=1))
     path = tmp_path / "profile.json"
     path.write_text('{"format": "something-else"}')
-    with pytest.raises(ProfileError, match=r"not a gateway\.monitor\.profile/v1"):
+    with pytest.raises(ProfileError, match=r"not a gateway\.monitor\.profile/v2"):
         InputProfile.load(path)
     path.write_text("{not json")
     with pytest.raises(ProfileError, match="unreadable"):
@@ -166,7 +166,7 @@ def test_bounds_and_attributes(profile):
     assert set(attrs) == {"anomaly.input_score", "anomaly.input_threshold",
                           "anomaly.input_alarm", "anomaly.bounds_violation",
                           "anomaly.rate_ratio", "anomaly.extraction_alarm"}
-    assert attrs["anomaly.input_threshold"] == profile.threshold(0.001)
+    assert attrs["anomaly.input_threshold"] == profile.threshold(0.01)  # the default FPR
     assert not attrs["anomaly.bounds_violation"]
     for value in (np.nan, np.inf, 1e9):
         x = normal.copy()

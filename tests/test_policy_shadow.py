@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from gateway._proto.gateway.v1 import audit_pb2, audit_pb2_grpc
 from gateway.devenv import REPO, make_demo_env, run_cli, start_gateway
 from gateway.policy import PolicyError, PolicyStore, ShadowCollector
-from tests.conftest import channel_credentials
+from tests.conftest import assert_records_match_schema, channel_credentials
 from tests.test_policy_engine import write_policy
 
 SCORER = "spiffe://demo.local/svc/scorer"
@@ -171,7 +171,9 @@ def test_shadow_from_config_to_metrics_audit_and_report(shadow_gw):
 
     proc = cli(gw, "policy", "shadow", "--clear", "--as", "admin")
     assert "3 disagreement(s)" in proc.stdout
-    summaries = [r for r in audit_records(gw) if r.get("kind") == "policy_shadow"]
+    records = audit_records(gw)
+    assert_records_match_schema(records)
+    summaries = [r for r in records if r.get("kind") == "policy_shadow"]
     assert summaries[0]["final"] is False and summaries[0]["directory"] == str(candidate)
     assert summaries[-1]["final"] is True and summaries[-1]["disagreements"] == 3
     assert {(p["live_rule"], p["shadow_rule"], p["change"], p["count"])

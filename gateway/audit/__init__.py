@@ -6,10 +6,13 @@
     log.close()
 
 ``append`` returns once the record is durable (group commit: concurrent calls share one
-fdatasync). Checkpoints are signed every ``checkpoint_records`` records or ``checkpoint_ms``
-milliseconds and at close. Auditors check the log offline with ``gateway audit verify`` and
-single records with inclusion proofs; see ``gateway/audit/README.md`` for the record schema and
-formats. The API defined here is what the server uses; everything else is private.
+fdatasync) and covered by a commit tag only the gateway can make (``_tags.py``). Checkpoints
+are signed every ``checkpoint_records`` records, at most ``checkpoint_ms`` milliseconds after
+a record became durable (idle or not), and at close; each is copied to a witness file outside
+the log directory, so a rolled-back log is refused at open. Auditors check the log offline
+with ``gateway audit verify`` and single records with inclusion proofs; see
+``gateway/audit/README.md`` for the record schema and formats. The API defined here is what
+the server uses; everything else is private.
 """
 
 from __future__ import annotations
@@ -57,10 +60,22 @@ class AuditSettings:
     group_commit_window_us: int = 1000
     #: Preallocate segments (posix_fallocate) so commits do not grow the file: about 2x faster.
     preallocate: bool = True
+    #: Witness copy of the latest signed checkpoint, byte for byte as ``<directory>/checkpoint``,
+    #: kept outside the log directory (another path or volume): the gateway refuses to open a
+    #: log older than it (a rolled-back or replaced directory). Default (None):
+    #: ``witness/checkpoint`` beside the keys directory, i.e. ``var/audit/witness/checkpoint``.
+    witness: Path | None = None
+
+    def witness_path(self) -> Path:
+        """Where the witness copy is kept (``witness``, or its default beside the keys)."""
+        if self.witness is not None:
+            return self.witness
+        return self.signing_key.parent.parent / "witness" / "checkpoint"
 
 
 def ensure_keys(settings: AuditSettings) -> None:
-    """Create the log signing key and the payload HMAC key where ``settings`` say, if absent."""
+    """Create the log signing key and the payload and commit tag HMAC keys where ``settings``
+    say, if absent."""
     from gateway.audit import _keys
 
     if not settings.signing_key.exists() or not settings.payload_key.exists():
@@ -70,6 +85,7 @@ def ensure_keys(settings: AuditSettings) -> None:
             raise ConfigError(f"only one of {settings.signing_key} and {settings.payload_key} "
                               "exists; restore the other or run `gateway audit keygen --force`")
         _keys.generate(settings.signing_key, settings.payload_key, settings.name)
+    _keys.ensure_commit_key(settings.signing_key)
 
 
 def generate_keys(settings: AuditSettings, name: str | None = None, *,

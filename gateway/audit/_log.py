@@ -11,10 +11,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.audit import _canonical, _keys
+from gateway._atomic import write_atomic
+from gateway.audit import _canonical, _keys, _tags
 from gateway.audit._merkle import Tree
 from gateway.audit._note import Checkpoint, NoteError, open_checkpoint, parse_vkey
 from gateway.audit._store import FileStore, Store, StoreDamaged, read_checkpoints
+from gateway.audit._tags import CommitTag
 from gateway.errors import AuditUnavailable
 
 if TYPE_CHECKING:
@@ -87,12 +89,16 @@ class AuditLog:
     """
 
     def __init__(self, settings: AuditSettings, store: Store, signer: Signer,
-                 payload_key: bytes, instance_id: str) -> None:
+                 payload_key: bytes, instance_id: str, tag_key: bytes) -> None:
         self._settings = settings
         self._store = store
         self._signer = signer
         self._origin = signer.name
+        self._vkey = parse_vkey(signer.vkey)
         self._payload_key = payload_key
+        self._tag_key = tag_key
+        self._tag_serial = 0         # serial of the last commit tag written
+        self._witness = settings.witness_path()
         self._instance = instance_id
         self._tree = Tree()
         self._tree_lock = threading.Lock()
@@ -120,6 +126,12 @@ class AuditLog:
         self._cp_size = -1
         self._cp_note: str | None = None
         self._cp_time = time.monotonic()
+        # When the oldest record no checkpoint covers became durable: the next checkpoint is
+        # due checkpoint_ms later (earlier if this is stale: early is harmless, late is not).
+        self._unsigned_since = time.monotonic()
+        # Why the last checkpoint (log files or witness copy) could not be published: until
+        # one is, the log accepts no record (fail closed) and says it is unhealthy.
+        self._publish_error: OSError | None = None
         self._writer = threading.Thread(target=self._run, name="audit-writer", daemon=True)
 
     # -- opening ------------------------------------------------------------------------------
@@ -128,22 +140,55 @@ class AuditLog:
     def open(cls, settings: AuditSettings, *, instance_id: str) -> AuditLog:
         """Open (or create) the log in ``settings.directory``; fail closed on damage.
 
-        A torn final record (the gateway died mid-write) is cut off and an ``anomaly`` record
-        says so; anything else wrong raises :class:`AuditLogDamaged` naming what and where.
+        Only records something only this gateway can produce vouches for are adopted: those a
+        signed checkpoint covers, and after them those the last commit tag covers (written
+        after each commit's records are durable and before any is acknowledged, see
+        ``_tags.py``). What lies beyond the last tag is one of two things:
+
+        * the commit in flight when the gateway died (records durable, tag not yet written):
+          never acknowledged, so nobody holds a receipt for them. They are cut (zeroed, as a
+          torn final record is) and an ``anomaly`` record names how many, where, and the
+          SHA-256 of the bytes cut. Cutting, not refusing, is what keeps every SIGKILL
+          recoverable; cutting, not adopting, is what keeps them unsigned. This is accepted
+          only when the last tag is an open one (not written by a clean close), is at least
+          as new as the latest checkpoint, and the records all lie in the last segment (one
+          commit never spans two).
+        * anything else: records appended after a clean close (whose final tag says nothing
+          may follow), a log with records but no valid checkpoint or tag (rewritten with its
+          checkpoints deleted, or its tags file replaced), records before the last segment.
+          The gateway refuses to open (:class:`AuditLogDamaged` names the first unprovable
+          record index) and leaves everything in place for investigation.
+
+        A log older than its witness copy (``AuditSettings.witness``) is refused as well:
+        the whole directory was rolled back or replaced.
         """
         signer = _keys.load_signer(settings.signing_key)
-        payload_key = _keys.load_payload_key(settings.payload_key)
+        payload_key = _keys.load_hmac_key(settings.payload_key)
+        try:
+            _keys.ensure_commit_key(settings.signing_key)
+        except OSError as err:
+            raise AuditUnavailable(f"no audit commit tag key beside {settings.signing_key}, "
+                                   f"and it cannot be created: {err}") from None
+        tag_key = _keys.load_hmac_key(_keys.commit_key_path(settings.signing_key), "commit tag")
         store = FileStore(settings.directory, settings.segment_bytes, settings.segment_seconds,
                           settings.preallocate)
-        self = cls(settings, store, signer, payload_key, instance_id)
+        self = cls(settings, store, signer, payload_key, instance_id, tag_key)
+        if self._witness.resolve().is_relative_to(settings.directory.resolve()):
+            raise AuditUnavailable(f"the audit witness copy {self._witness} is inside the log "
+                                   f"directory {settings.directory}: a rollback of the "
+                                   "directory would roll it back too; put it elsewhere")
+        cut = None
         try:
             cp = self._signed_checkpoint()
             # Records the checkpoint signs are pinned by its root: hash them only. Keep the
             # rest (from the last signed one on) to parse and chain-check.
             start = max(cp.size - 1, 0) if cp else 0
             tail: list[tuple[int, list[bytes]]] = []
+            last_first = 0
 
             def on_segment(first: int, records: list[bytes]) -> None:
+                nonlocal last_first
+                last_first = first
                 for r in records:
                     self._tree.append(_sha256(b"\x00" + r).digest())
                 if first + len(records) > start:
@@ -151,38 +196,75 @@ class AuditLog:
                     tail.append((first + lo, records[lo:]))
 
             torn = store.open(on_segment)
-            self._recover(cp, tail)
-            if torn:
-                store.cut(torn)
+            tag = self._last_tag(_tags.valid(tag_key, self._origin, store.read_tags()))
+            keep = self._recover(cp, tag, tail, last_first)
+            self._check_witness(cp)
+            found = self._tree.size
+            if torn or keep < found:
+                cut = store.cut(keep)
+                self._tree.truncate(keep)
+            self._size = self._durable = keep
+            self._prev = self._durable_prev = self._head(keep)
+            self._tag_serial = tag.serial if tag else 0
+            # From here on a crash is a crash: replace a closed tag by an open one first.
+            self._write_tag(keep, self._durable_prev)
         except StoreDamaged as err:
             store.close()
             raise AuditLogDamaged(f"audit log {settings.directory} is damaged: {err}") from None
         except OSError as err:
             store.close()
             raise AuditUnavailable(f"cannot open audit log {settings.directory}: {err}") from None
-        except AuditLogDamaged:
+        except AuditUnavailable:  # AuditLogDamaged, or an unreadable witness copy
             store.close()
             raise
         records = self._size
         self._writer.start()
-        if torn:
-            self.append("anomaly", {"event": "torn-tail-truncated", "segment": torn.segment,
-                                    "offset": torn.offset, "bytes": torn.length})
+        if cut is not None:
+            segment, offset, data = cut
+            if keep < found:
+                self.append("anomaly", {
+                    "event": "unacknowledged-records-cut", "segment": segment, "first": keep,
+                    "records": found - keep, "offset": offset, "bytes": len(data),
+                    "sha256": _sha256(data).hexdigest()})
+            else:
+                self.append("anomaly", {"event": "torn-tail-truncated", "segment": segment,
+                                        "offset": offset, "bytes": len(data)})
         self.append("log_open", {"records": records, "origin": self._origin})
         self._checkpoint()  # a running log always has a signed checkpoint to show
+        if self._publish_error is not None:
+            err = self._publish_error
+            self.close()
+            raise AuditUnavailable(f"cannot publish the audit log's checkpoint: {err}")
         return self
+
+    def _head(self, size: int) -> str:
+        """The chain head after ``size`` records: the last one's leaf hash, hex."""
+        return GENESIS_PREV if size == 0 else self._tree.leaf(size - 1).hex()
+
+    def _last_tag(self, tags: list[CommitTag]) -> CommitTag | None:
+        """The tag to trust: the newest, unless it covers more records than there are and
+        the one before it is intact: then it is the tag of the commit in flight, written
+        just before its records (see ``FileStore._open_tags``), which a crash or power loss
+        kept while the records were lost or torn; they were never acknowledged."""
+        if (len(tags) > 1 and not tags[0].closed and tags[0].size > self._tree.size
+                and tags[1].serial == tags[0].serial - 1 and tags[1].size <= self._tree.size
+                and self._head(tags[1].size) == tags[1].head):
+            log.warning("audit commit tag %d covers %d records but the log holds %d: the "
+                        "commit in flight was lost, using tag %d", tags[0].serial,
+                        tags[0].size, self._tree.size, tags[1].serial)
+            return tags[1]
+        return tags[0] if tags else None
 
     def _signed_checkpoint(self) -> Checkpoint | None:
         """The largest checkpoint this log signed (``checkpoint`` or the history's last line),
         verified with its own key: the log must still hold what it signed."""
         best = None
-        vkey = parse_vkey(self._signer.vkey)
         for where, note in (("checkpoint", self._store.latest_checkpoint()),
                             ("checkpoints.jsonl", self._store.last_published())):
             if note is None:
                 continue
             try:
-                cp, _ = open_checkpoint(note, vkey, self._origin)
+                cp, _ = open_checkpoint(note, self._vkey, self._origin)
             except NoteError as err:
                 raise AuditLogDamaged(f"{self._settings.directory}/{where}: {err} (signed by "
                                       "another key, or edited)") from None
@@ -196,28 +278,42 @@ class AuditLog:
         self._cp_size, self._cp_note = best[0].size, best[1]
         return best[0]
 
-    def _recover(self, cp: Checkpoint | None, tail: list[tuple[int, list[bytes]]]) -> None:
-        """Check the rebuilt tree against the signed checkpoint, and the records after it.
+    def _recover(self, cp: Checkpoint | None, tag: CommitTag | None,
+                 tail: list[tuple[int, list[bytes]]], last_first: int) -> int:
+        """Check the rebuilt tree against the signed checkpoint and the last commit tag, and
+        the records after the checkpoint; return how many records to keep (see :meth:`open`).
 
         Records up to the checkpoint are pinned by its signed root (one hash each); records
-        after it are parsed and their chain links checked one by one.
+        after it are pinned by the tag's chain head and their chain links checked one by one.
         """
         where = self._settings.directory
         tree = self._tree
-        if cp is not None:
-            if cp.size > tree.size:
+        pins = [] if cp is None else [("signed checkpoint", cp.size,
+                                       lambda: tree.root(cp.size) == cp.root, "")]
+        if tag is not None:
+            pins.append(("last commit tag", tag.size, lambda: self._head(tag.size) == tag.head,
+                         ", re-chained"))
+        for what, size, matches, also in pins:
+            if size > tree.size:
                 raise AuditLogDamaged(
-                    f"audit log {where} is truncated: the signed checkpoint covers {cp.size} "
-                    f"records but only {tree.size} are left (first missing index {tree.size})")
-            if tree.root(cp.size) != cp.root:
+                    f"audit log {where} is truncated: the {what} covers {size} records but "
+                    f"only {tree.size} are left (first missing index {tree.size})")
+            if not matches():
                 raise AuditLogDamaged(
-                    f"audit log {where}: records before index {cp.size} no longer match the "
-                    "signed checkpoint (edited, reordered or replaced)")
+                    f"audit log {where}: records before index {size} no longer match the "
+                    f"{what} (edited, reordered{also} or replaced)")
+        signed = cp.size if cp else 0
+        covered = max(signed, tag.size if tag else 0)
+        if tree.size > covered and not (tag is not None and not tag.closed
+                                        and tag.size >= signed and covered >= last_first):
+            raise AuditLogDamaged(self._unprovable(covered, tag, signed, last_first))
         prev = None
         for first, records in tail:
             for i, data in enumerate(records, start=first):
+                if i >= covered:
+                    return covered
                 if prev is None:
-                    prev = GENESIS_PREV if i == 0 else tree.leaf(i - 1).hex()
+                    prev = self._head(i)
                 try:
                     rec = _canonical.decode_canonical(data)
                 except _canonical.EncodingError as err:
@@ -229,9 +325,61 @@ class AuditLog:
                         f"(seq {rec.get('seq')!r}, prev link "
                         f"{'ok' if link == prev else 'broken'})")
                 prev = tree.leaf(i).hex()
-        size = tree.size
-        self._size = self._durable = size
-        self._prev = self._durable_prev = GENESIS_PREV if size == 0 else tree.leaf(size - 1).hex()
+        return covered
+
+    def _unprovable(self, covered: int, tag: CommitTag | None, signed: int,
+                    last_first: int) -> str:
+        """Why the records from index ``covered`` on cannot be adopted (see :meth:`open`)."""
+        where, found = self._settings.directory, self._tree.size
+        first = f"first unprovable record index {covered}"
+        if tag is None and signed == 0:
+            why = (f"holds {found} records but no valid signed checkpoint and no valid commit "
+                   "tag: nothing shows the gateway wrote them (checkpoints deleted, history "
+                   "rewritten, or commit tags replaced)")
+        elif tag is not None and tag.closed:
+            why = (f"was closed cleanly at {tag.size} records, yet record {covered} and "
+                   f"{found - covered - 1} more follow: they were added after the gateway "
+                   "stopped, by something without its keys")
+        else:
+            if tag is None:
+                because = "there is no valid commit tag (missing, replaced or another key's)"
+            elif tag.size < signed:
+                because = "the last commit tag is older than the latest checkpoint (replaced)"
+            else:
+                because = (f"they start before the last segment (at index {last_first}), "
+                           "and one commit never spans two")
+            why = (f"record {covered} and {found - covered - 1} more are covered by no signed "
+                   "checkpoint and no commit tag, and are not the unacknowledged last commit "
+                   f"of a gateway that died: {because}")
+        return f"audit log {where} {why} ({first})"
+
+    def _check_witness(self, cp: Checkpoint | None) -> None:
+        """Refuse a log older than the witness copy of its latest checkpoint (a rollback)."""
+        path, where = self._witness, self._settings.directory
+        try:
+            note = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return  # a new log, or one from before witness copies: the next checkpoint makes it
+        except (OSError, UnicodeDecodeError) as err:
+            raise AuditUnavailable(f"cannot read the audit witness copy {path}: {err}") from None
+        try:
+            witness, _ = open_checkpoint(note, self._vkey, self._origin)
+        except NoteError as err:
+            raise AuditLogDamaged(f"audit witness copy {path}: {err} (not a checkpoint of this "
+                                  "log, or edited)") from None
+        have = cp.size if cp else 0
+        if witness.size > have:
+            raise AuditLogDamaged(
+                f"audit log {where} is older than its witness copy: its latest signed "
+                f"checkpoint covers {have} records, the witness copy {path} covers "
+                f"{witness.size} (the log directory was rolled back or replaced; if a restore "
+                "from backup was meant, keep the witness copy as evidence and move it aside)")
+        if self._tree.root(witness.size) != witness.root:
+            raise AuditLogDamaged(
+                f"audit log {where} does not extend its witness copy: its first "
+                f"{witness.size} records differ from those the witness copy {path} signs "
+                f"(log checkpoint size {have}, witness size {witness.size}; rewritten or "
+                "replaced)")
 
     # -- appending ----------------------------------------------------------------------------
 
@@ -246,6 +394,13 @@ class AuditLog:
                              f"{sorted(RESERVED.intersection(fields))}")
         if type(kind) is not str or not kind:
             raise ValueError("audit record kind must be a non-empty string")
+        if self._publish_error is not None:
+            # Fail closed while checkpoints cannot be published, but try again first, as a
+            # failed record write is tried again by the next commit.
+            self._checkpoint()
+            if self._publish_error is not None:
+                raise AuditUnavailable("audit log cannot publish its signed checkpoint: "
+                                       f"{self._publish_error}")
         with self._lock:
             if self._closing:
                 raise AuditUnavailable("audit log is closed")
@@ -311,8 +466,9 @@ class AuditLog:
 
     @property
     def healthy(self) -> bool:
-        """False after a write or fsync failure, until a later commit succeeds."""
-        return self._healthy and not self._closed
+        """False after a write or fsync failure, until a later commit succeeds, and while the
+        latest checkpoint (or its witness copy) cannot be published."""
+        return self._healthy and self._publish_error is None and not self._closed
 
     # -- the writer thread --------------------------------------------------------------------
 
@@ -352,7 +508,7 @@ class AuditLog:
                     if self._closing and self._committer is None:
                         break
                     unsigned = self._durable - self._cp_size
-                    due = self._cp_time + interval - time.monotonic()
+                    due = self._unsigned_since + interval - time.monotonic()
                     if unsigned > 0 and (unsigned >= every or due <= 0):
                         break
                     self._wake.wait(timeout=max(due, 0.001) if unsigned > 0 else None)
@@ -371,7 +527,7 @@ class AuditLog:
                     self._commit(records, hashes, batch)
             if self._durable > self._cp_size and (
                     self._durable - self._cp_size >= every
-                    or time.monotonic() - self._cp_time >= interval or closing):
+                    or time.monotonic() - self._unsigned_since >= interval or closing):
                 self._checkpoint()
             if closing:
                 with self._lock:
@@ -389,8 +545,12 @@ class AuditLog:
 
     def _commit(self, records: list[bytes], hashes: list[bytes], batch: _Batch) -> None:
         started = time.perf_counter()
+        # Durable with the records, before any of them is acknowledged: only the gateway can
+        # vouch for them (see _tags.py).
+        tag = CommitTag(self._tag_serial + 1, self._durable + len(records), hashes[-1].hex())
         try:
-            self._store.append(records)
+            self._store.append(records, (tag.serial % _tags.SLOTS,
+                                         _tags.seal(self._tag_key, self._origin, tag)))
         except OSError as err:
             log.error("audit log write failed: %s", err)
             with self._lock:
@@ -403,34 +563,50 @@ class AuditLog:
             for b in (batch, later):
                 b.finish(err)
             return
+        self._tag_serial = tag.serial
         with self._tree_lock:
             for h in hashes:
                 self._tree.append(h)
+            first_unsigned = self._durable == self._cp_size
             self._durable += len(records)
         self._durable_prev = hashes[-1].hex()
         self._healthy = True
         batch.finish()
         if self._on_commit is not None:
             self._on_commit(time.perf_counter() - started, len(records))
-        if self._durable - self._cp_size >= self._settings.checkpoint_records:
+        if first_unsigned:
+            self._unsigned_since = time.monotonic()
+        if first_unsigned or self._durable - self._cp_size >= self._settings.checkpoint_records:
             with self._lock:
-                self._wake.notify()
+                self._wake.notify()  # the writer's checkpoint timer starts (or fires) now
+
+    def _write_tag(self, size: int, head: str, *, closed: bool = False) -> None:
+        """Durably write the next commit tag (one HMAC, one small write); see ``_tags.py``."""
+        tag = CommitTag(self._tag_serial + 1, size, head, closed)
+        self._store.write_tag(tag.serial % _tags.SLOTS,
+                              _tags.seal(self._tag_key, self._origin, tag))
+        self._tag_serial = tag.serial
 
     def _checkpoint(self) -> None:
+        """Sign the durable records; publish in the log directory, then the witness copy."""
         with self._cp_lock:
             size = self._durable
-            if self._cp_note is not None and size == self._cp_size:
+            if self._cp_note is not None and size == self._cp_size and not self._publish_error:
                 return
             with self._tree_lock:
                 root = self._tree.root(size)
             note = self._signer.sign(Checkpoint(self._origin, size, root).text())
             try:
                 self._store.publish(note)
+                # Last, so the witness is never newer than the log it vouches for.
+                self._witness.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                write_atomic(self._witness, note.encode())
             except OSError as err:
                 log.error("audit checkpoint could not be published: %s", err)
-                self._healthy = False
-                self._cp_time = time.monotonic()
+                self._publish_error = err
+                self._unsigned_since = time.monotonic()  # the writer retries one interval on
                 return
+            self._publish_error = None
             self._cp_size, self._cp_note, self._cp_time = size, note, time.monotonic()
 
     def fresh_checkpoint(self) -> str | None:
@@ -483,7 +659,8 @@ class AuditLog:
     # -- closing ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Write a ``log_close`` record, publish a final checkpoint and stop the writer."""
+        """Write a ``log_close`` record, publish a final checkpoint, stop the writer and
+        write the closing commit tag (after which no record may follow: see :meth:`open`)."""
         if self._closed:
             return
         try:
@@ -495,6 +672,13 @@ class AuditLog:
             self._wake.notify()
         self._writer.join()
         self._closed = True
+        if self._healthy:
+            # Unhealthy: a failed write may have left bytes past the durable end, which only
+            # the next open (seeing an open tag) may cut; so no closing tag then.
+            try:
+                self._write_tag(self._durable, self._durable_prev, closed=True)
+            except OSError as err:
+                log.error("audit closing commit tag not written: %s", err)
         self._store.close()
 
     def __enter__(self) -> AuditLog:

@@ -5,6 +5,7 @@ Layout of the log directory::
     segments/<first index, 20 digits>.log   records, one per line, zero-filled tail
     checkpoint                               latest signed checkpoint (C2SP note, byte for byte)
     checkpoints.jsonl                        every signed checkpoint, one JSON string per line
+    commit-tags                              the last two commit tags (see ``_tags.py``)
 
 Segments are preallocated (``posix_fallocate``) so that a group commit is a ``pwrite`` plus an
 ``fdatasync`` that does not have to grow the file: measured here, that halves commit latency
@@ -35,8 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from gateway._atomic import fsync_dir, write_atomic
+from gateway._atomic import fsync_dir, private_dir, write_atomic
 from gateway.audit._segment import SegmentDamaged, parse_segment
+from gateway.audit._tags import SLOT_BYTES, SLOTS, TAGS
 
 SEGMENTS = "segments"
 CHECKPOINT = "checkpoint"
@@ -136,16 +138,24 @@ def read_checkpoints(directory: Path) -> list[str]:
 
 class Store(Protocol):
     """What the log needs from its storage: the file store is the embedded default; a shared
-    store for several gateway replicas (PostgreSQL) implements the same eight methods."""
+    store for several gateway replicas (PostgreSQL) implements the same ten methods."""
 
     def open(self, on_segment: Callable[[int, list[bytes]], None]) -> TornTail | None:
         """Replay every stored record (in order) to ``on_segment``; report a torn tail."""
 
-    def cut(self, torn: TornTail) -> None:
-        """Remove a torn final record found by :meth:`open`."""
+    def cut(self, size: int) -> tuple[str, int, bytes]:
+        """Remove what follows record ``size`` (in the last segment): records never
+        acknowledged and a torn final record found by :meth:`open`."""
 
-    def append(self, records: list[bytes]) -> None:
-        """Make ``records`` durable, in order, before returning (raise ``OSError`` if not)."""
+    def append(self, records: list[bytes], tag: tuple[int, bytes] | None = None) -> None:
+        """Make ``records``, then commit tag ``(slot, line)``, durable before returning
+        (raise ``OSError`` if not; then neither counts)."""
+
+    def read_tags(self) -> list[bytes]:
+        """The stored commit tag slots."""
+
+    def write_tag(self, slot: int, data: bytes) -> None:
+        """Durably replace commit tag ``slot`` (raise ``OSError`` if not)."""
 
     def read(self, start: int, end: int) -> list[bytes]:
         """Records ``[start, end)``."""
@@ -159,6 +169,10 @@ class Store(Protocol):
 
     def close(self) -> None: ...
 
+
+#: Write commit tags with O_DIRECT where the filesystem allows it (see FileStore._open_tags);
+#: tests turn it off to run the O_DSYNC path on this machine's filesystems.
+DIRECT_TAGS = True
 
 #: How far ahead of the records the open segment is zero-written (see the module docstring).
 ZERO_AHEAD = 1 << 20
@@ -180,6 +194,10 @@ class FileStore:
         self._zeroed = 0         # the open segment is zero-written up to here (if preallocated)
         self._dirty = 0          # bytes past _offset that a failed write may have left
         self._opened_at = 0.0
+        self._end = 0            # end of the bytes recovery found (a torn tail included)
+        self._tag_fd = -1
+        # Commit tags written with O_DIRECT ride the records' flush (see _open_tags).
+        self._tag_buf: mmap.mmap | None = None
         # Record end offsets: per segment (first index, array of end offsets).
         self._segments: list[tuple[int, Path, array]] = []
         self.size = 0
@@ -194,10 +212,11 @@ class FileStore:
         """
         seg_dir = self.directory / SEGMENTS
         created = not seg_dir.exists()
-        seg_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(seg_dir)
         if created:
             fsync_dir(self.directory)
         self._repair_history()
+        self._open_tags()
         segs = list_segments(self.directory)
         count = 0
         torn = None
@@ -232,13 +251,71 @@ class FileStore:
             self._capacity = os.fstat(self._fd).st_size
             self._zeroed = self._offset
             self._opened_at = time.monotonic()
+        self._end = self._offset + (torn.length if torn else 0)
         return torn
 
-    def cut(self, torn: TornTail) -> None:
-        """Zero a torn final record (after the caller checked that the rest is sound)."""
-        self._dirty = torn.length
+    def cut(self, size: int) -> tuple[str, int, bytes]:
+        """Zero everything after record ``size`` of the last segment (records and a torn
+        tail), once the caller has decided that none of it was acknowledged.
+
+        Returns the segment's name, the offset cut at, and the bytes cut (for the record of
+        the cut). The zeros are durable before this returns.
+        """
+        first, path, offs = self._segments[-1]
+        keep = size - first
+        if keep < 0:
+            raise ValueError(f"cannot cut at record {size}: the last segment starts at {first}")
+        start = offs[keep - 1] if keep else 0
+        cut = os.pread(self._fd, self._end - start, start)
+        del offs[keep:]
+        self._offset, self._end, self.size = start, start, size
+        self._dirty = len(cut)
         self._zero_dirty()
         os.fsync(self._fd)
+        return path.name, start, cut
+
+    # -- commit tags --------------------------------------------------------------------------
+
+    def _open_tags(self) -> None:
+        """Open the commit tag slots, creating them zero-filled (and durable) if absent.
+
+        Where the filesystem allows ``O_DIRECT``, a tag is one aligned 4 KiB write that goes
+        to the device without a flush, just before the commit's records are written with
+        ``O_DSYNC``, whose flush then makes both durable: one flush and two system calls per
+        commit. So a tag can outlive its records (a crash between the two writes, or a power
+        loss before the flush); they were never acknowledged, and the previous tag still
+        covers everything that was (``AuditLog._last_tag``). Elsewhere the tag is a second
+        ``O_DSYNC`` write after the records' (two flushes per commit).
+        """
+        path = self.directory / TAGS
+        if not path.exists():
+            write_atomic(path, bytes(SLOTS * SLOT_BYTES), mode=0o600)
+        try:
+            if not DIRECT_TAGS:
+                raise OSError("commit tags without O_DIRECT")
+            self._tag_fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+            self._tag_buf = mmap.mmap(-1, SLOT_BYTES)  # page-aligned, as O_DIRECT needs
+        except OSError:
+            self._tag_fd = os.open(path, os.O_RDWR | os.O_DSYNC)
+
+    def read_tags(self) -> list[bytes]:
+        data = (self.directory / TAGS).read_bytes()  # buffered: O_DIRECT writes show here
+        return [data[i * SLOT_BYTES:(i + 1) * SLOT_BYTES] for i in range(SLOTS)]
+
+    def _put_tag(self, slot: int, data: bytes) -> None:
+        """Write one slot: with O_DIRECT to the device (no flush), else durably (O_DSYNC)."""
+        buf = self._tag_buf
+        if buf is not None:
+            buf[:] = data.ljust(SLOT_BYTES, b"\0")
+            data = buf
+        if os.pwrite(self._tag_fd, data, slot * SLOT_BYTES) != len(data):
+            raise OSError(f"short write of commit tag slot {slot}")
+
+    def write_tag(self, slot: int, data: bytes) -> None:
+        """Durably replace one commit tag slot (no records with it: at open and close)."""
+        self._put_tag(slot, data)
+        if self._tag_buf is not None:
+            os.fdatasync(self._tag_fd)
 
     def _repair_history(self) -> None:
         """Cut a checkpoint line torn by a crash, so the next one is not appended to it."""
@@ -293,11 +370,14 @@ class FileStore:
 
     # -- appending ----------------------------------------------------------------------------
 
-    def append(self, records: list[bytes]) -> None:
-        """Write ``records`` and make them durable (one write, one fdatasync).
+    def append(self, records: list[bytes], tag: tuple[int, bytes] | None = None) -> None:
+        """Write ``records``, then commit tag ``tag`` (slot, line), and make both durable.
 
-        On an OSError nothing is counted as written; the bytes a failed write may have left
-        are zeroed before the next write, so they never surface as records after a restart.
+        With O_DIRECT tags the tag goes first and the records' flush carries it (see
+        :meth:`_open_tags`); otherwise it follows the records. On an OSError nothing is
+        counted as written; the bytes a failed write may have left are zeroed before the next
+        write, so they never surface as records after a restart, and a tag that may have
+        landed for them is erased.
         """
         data = b"\n".join(records) + b"\n"
         if self._fd < 0:
@@ -310,7 +390,10 @@ class FileStore:
         if rotate:
             self._seal()
             self._new_segment(self.size)
+        direct = tag is not None and self._tag_buf is not None
         try:
+            if direct:
+                self._put_tag(*tag)
             # The fd is O_DSYNC: each pwrite returns once its data (and, when the file grows,
             # its size) is on disk, so a commit is one system call, not write + fdatasync.
             view = memoryview(data)
@@ -321,8 +404,13 @@ class FileStore:
                 n = os.pwrite(self._fd, view, pos)
                 view, pos = view[n:], pos + n
             self._capacity = max(self._capacity, pos)
+            if tag is not None and not direct:
+                self._put_tag(*tag)
         except OSError:
             self._dirty = len(data)
+            if direct:
+                with contextlib.suppress(OSError):  # its records failed: erase the tag
+                    self.write_tag(tag[0], b"")
             raise
         offs = self._segments[-1][2]
         end = self._offset
@@ -414,3 +502,9 @@ class FileStore:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._tag_fd >= 0:
+            os.close(self._tag_fd)
+            self._tag_fd = -1
+        if self._tag_buf is not None:
+            self._tag_buf.close()
+            self._tag_buf = None

@@ -35,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _init(args: argparse.Namespace) -> int:
     from gateway.audit import ensure_keys
+    from gateway.cli._model_profile import profile_demo_models
     from gateway.config import load_config
     from gateway.identity.pki import init_dev_pki
     from gateway.models.demo import build_demo_repository
@@ -53,6 +54,8 @@ def _init(args: argparse.Namespace) -> int:
         if not (directory / "model.sig").exists():
             sign_model(directory, key=private_key)
             print(f"demo model {directory} signed")
+    for directory in profile_demo_models(repository, private_key, force=args.force):
+        print(f"demo model {directory} profiled (anomaly scores) and re-signed")
     ensure_keys(config.audit)
     print(f"audit log keys in {config.audit.signing_key.parent}")
     return 0

@@ -4,7 +4,8 @@ Writes ``MODEL_DIR/profile.json`` (canonical JSON, so signing the model director
 covers it): per-feature statistics and hard bounds, a shrunk inverse covariance, input-score
 thresholds calibrated on a held-out split at the requested false-positive rates, the PRADA
 threshold, and, by running the model on the reference data, the output distribution and its
-drift thresholds.
+drift thresholds. Prints each target false-positive rate beside the rate its threshold
+achieved out of sample, so a miscalibrated profile shows before it is signed.
 """
 
 from __future__ import annotations
@@ -71,11 +72,14 @@ def _run_model(model: Path, data: np.ndarray) -> np.ndarray:
     """The model's first output on ``data`` (in chunks; one thread, as the gateway runs it)."""
     import onnxruntime as ort
 
+    from gateway.models import runtime_from_dir
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
+    runtime = runtime_from_dir(model.parent)  # as the gateway loads it: no path opened by ORT
     try:
-        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        session = runtime.session(options)
     except Exception as err:  # onnxruntime raises its own untyped errors
         raise ProfileError(f"{model}: ONNX Runtime cannot load it ({err}); "
                            "use --no-outputs to profile inputs only") from err
@@ -106,33 +110,45 @@ def _run_model(model: Path, data: np.ndarray) -> np.ndarray:
     return np.concatenate(outs)
 
 
-def _profile(args: argparse.Namespace) -> int:
-    model_dir: Path = args.model_dir
+def write_profile(model_dir: Path, data: np.ndarray, *, fprs: tuple[float, ...] = (0.01, 0.001),
+                  seed: int = 0, holdout: float = 0.5, drift_window: int = 256,
+                  outputs: bool = True) -> InputProfile:
+    """Fit ``model_dir``'s profile on ``data`` (running the model for the output reference
+    unless ``outputs`` is false) and write ``model_dir/profile.json``. Sign afterwards."""
     model = model_dir / "model.onnx"
     if not model_dir.is_dir():
         raise GatewayError(f"{model_dir}: not a directory")
-    fprs = _parse_fprs(args.fpr)
-    data = _load_data(args.data)
-    outputs = None
-    if not args.no_outputs:
+    predictions = None
+    if outputs:
         if not model.is_file():
             raise ProfileError(f"{model}: no model file (use --no-outputs to profile "
                                "inputs only)")
-        outputs = _run_model(model, data)
-    profile = InputProfile.fit(data, fprs=fprs, seed=args.seed, holdout=args.holdout,
-                               outputs=outputs, drift_window=args.drift_window)
-    path = model_dir / PROFILE_FILE
-    profile.save(path)
+        predictions = _run_model(model, data)
+    profile = InputProfile.fit(data, fprs=fprs, seed=seed, holdout=holdout,
+                               outputs=predictions, drift_window=drift_window)
+    profile.save(model_dir / PROFILE_FILE)
+    return profile
+
+
+def _profile(args: argparse.Namespace) -> int:
+    model_dir: Path = args.model_dir
+    profile = write_profile(model_dir, _load_data(args.data), fprs=_parse_fprs(args.fpr),
+                            seed=args.seed, holdout=args.holdout,
+                            drift_window=args.drift_window, outputs=not args.no_outputs)
     meta = profile.meta
-    print(f"wrote {path}")
+    print(f"wrote {model_dir / PROFILE_FILE}")
     print(f"  features {profile.features}; rows fitted {meta['n_fit']}, held out "
           f"{meta['n_holdout']}; covariance shrinkage {meta['shrinkage']:.4f}")
+    print("  target FPR  held-out FPR  input score >   PRADA W <" +
+          ("   output PSI >" if profile.output is not None else ""))
     for fpr, threshold in profile.thresholds:
-        w = profile.prada_threshold(fpr)
-        line = f"  FPR {fpr:<6g} input distance > {threshold:.4f}   PRADA W < {w:.4f}"
+        achieved = profile.heldout_fpr(fpr)
+        line = (f"  {fpr:<10g}  {'-' if achieved is None else f'{achieved:.4f}':<12}  "
+                f"{threshold:<14.4f}  {profile.prada_threshold(fpr):<10.4f}")
         if profile.output is not None:
-            line += f"   output PSI > {profile.output.threshold(fpr):.4f}"
+            line += f"  {profile.output.threshold(fpr):.4f}"
         print(line)
+    print("  (held-out FPR: calibrated on one half of the held-out rows, measured on the other)")
     if profile.output is not None:
         print(f"  outputs: {profile.output.kind} summary, {profile.output.classes} bins, "
               f"window {profile.output.window}")
@@ -140,3 +156,27 @@ def _profile(args: argparse.Namespace) -> int:
         print(f"  warning: {warning}")
     print(f"note: sign (or re-sign) {model_dir} now, so the signature covers {PROFILE_FILE}")
     return 0
+
+
+def profile_demo_models(repository: Path, key: object, *, force: bool = False) -> list[Path]:
+    """Profile the demo models that have no valid profile yet (all with ``force``), re-sign
+    them.
+
+    demo-mlp is fitted on seeded N(0, 1) reference data (:func:`demo_reference`), so the demo
+    gateway scores its inputs; demo-types (several inputs) is not profiled.
+    """
+    from gateway.models.demo import demo_reference
+    from gateway.models.signing import sign_model
+
+    done = []
+    for directory in sorted(repository.glob("demo-mlp/*")):
+        if (directory / PROFILE_FILE).exists() and not force:
+            try:
+                InputProfile.load(directory / PROFILE_FILE)
+                continue
+            except ProfileError:  # an older format: fit it again
+                pass
+        write_profile(directory, demo_reference())
+        sign_model(directory, key=key)
+        done.append(directory)
+    return done

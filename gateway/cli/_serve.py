@@ -32,8 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"gateway listening on {host}:{gateway.port} (mutual TLS; clients need a "
           f"certificate from {config.tls.ca})", flush=True)
     if gateway.metrics_address:
-        host, port = gateway.metrics_address
-        print(f"metrics on http://{host}:{port}/metrics", flush=True)
+        print(f"metrics on {gateway.metrics_url}", flush=True)
     print("try:  " + client_hint(config, gateway.port), flush=True)
     gateway.wait()
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from pathlib import Path
 
@@ -29,10 +30,14 @@ _NEVER: object = object()  # "no failed state yet" (None means "a file is missin
 
 
 class CertificateFiles:
-    """The server certificate chain, its key and the client CA bundle, as files on disk."""
+    """The server certificate chain, its key and the client CA bundle(s), as files on disk.
 
-    def __init__(self, cert: Path, key: Path, ca: Path) -> None:
-        self.paths = (Path(cert), Path(key), Path(ca))
+    ``extra_cas`` (the per-domain trust bundles) join ``ca`` in the handshake's root set.
+    """
+
+    def __init__(self, cert: Path, key: Path, ca: Path, extra_cas: tuple[Path, ...] = ()) -> None:
+        self.paths = (Path(cert), Path(key), Path(ca),
+                      *(p for p in map(Path, extra_cas) if p != Path(ca)))
         self._lock = threading.Lock()
         signature = self._signature()
         if signature is None:
@@ -53,9 +58,9 @@ class CertificateFiles:
         return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
-        cert_path, key_path, ca_path = self.paths
+        cert_path, key_path, *ca_paths = self.paths
         try:
-            chain_pem, key_pem, ca_pem = (p.read_bytes() for p in self.paths)
+            chain_pem, key_pem, *ca_pems = (p.read_bytes() for p in self.paths)
         except OSError as err:
             raise ConfigError(f"cannot read TLS file: {err}") from err
         try:
@@ -69,12 +74,14 @@ class CertificateFiles:
                               f"{err}") from None
         if key.public_key() != chain[0].public_key():
             raise ConfigError(f"{key_path} does not match the certificate in {cert_path}")
-        try:
-            x509.load_pem_x509_certificates(ca_pem)
-        except ValueError as err:
-            raise ConfigError(f"{ca_path}: not a PEM CA bundle: {err}") from None
+        for ca_path, ca_pem in zip(ca_paths, ca_pems, strict=True):
+            try:
+                x509.load_pem_x509_certificates(ca_pem)
+            except ValueError as err:
+                raise ConfigError(f"{ca_path}: not a PEM CA bundle: {err}") from None
+        roots = b"".join(pem if pem.endswith(b"\n") else pem + b"\n" for pem in ca_pems)
         return grpc.ssl_server_certificate_configuration(
-            [(key_pem, chain_pem)], root_certificates=ca_pem)
+            [(key_pem, chain_pem)], root_certificates=roots)
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """The gRPC fetcher: a new configuration if the files changed and are good, else None.
@@ -111,12 +118,29 @@ class CertificateFiles:
             return None
 
 
-def server_credentials(cert: Path, key: Path, ca: Path) -> grpc.ServerCredentials:
-    """mTLS server credentials: client certificates required and verified against ``ca``;
-    ``cert``/``key``/``ca`` are re-read when they change (checked at each new connection).
+def server_credentials(cert: Path, key: Path, ca: Path,
+                       extra_cas: tuple[Path, ...] = ()) -> grpc.ServerCredentials:
+    """mTLS server credentials: client certificates required and verified against ``ca``
+    (and ``extra_cas``); the files are re-read when they change (checked at each new
+    connection).
 
     Raises ConfigError naming the file if the initial set is missing or broken.
     """
-    files = CertificateFiles(cert, key, ca)
+    files = CertificateFiles(cert, key, ca, extra_cas)
     return grpc.dynamic_ssl_server_credentials(
         files.initial, files.fetch, require_client_authentication=True)
+
+
+def https_client_auth(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+    """A TLS server context for a plain HTTPS listener (the /metrics endpoint): ``cert`` and
+    ``key`` as the gRPC port uses them, client certificates required and verified against
+    ``ca``. Read once; ConfigError names the files if they cannot be loaded."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+        context.load_verify_locations(cafile=ca)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"cannot load {cert}, {key} or {ca} for HTTPS: {err}") from err
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -21,6 +22,9 @@ from cryptography.x509.oid import NameOID
 from gateway.errors import ConfigError, Unauthenticated
 from gateway.identity._identity import Identity
 from gateway.identity._spiffe import SpiffeIdError, check_trust_domain, parse_spiffe_id
+
+if TYPE_CHECKING:
+    from gateway.identity._bundles import TrustBundles
 
 # A CN that becomes a policy subject: printable, no separators that policy files, audit
 # records or log lines could misread (',', ':', '/', quotes, control characters).
@@ -56,9 +60,14 @@ def normalise_issuers(names: Iterable[str]) -> frozenset[str]:
 
 
 def identity_from_pem(
-    pem: bytes, trust_domains: frozenset[str], cn_issuers: frozenset[str]
+    pem: bytes, trust_domains: frozenset[str], cn_issuers: frozenset[str],
+    bundles: TrustBundles | None = None, chain: bytes = b"",
 ) -> Identity:
-    """Parse and judge one PEM client certificate; Unauthenticated says why it is refused."""
+    """Parse and judge one PEM client certificate; Unauthenticated says why it is refused.
+
+    With ``bundles``, a SPIFFE ID in a domain that has its own bundle must chain to it
+    (``chain``: the PEM certificates the client presented, leaf first).
+    """
     try:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError as err:
@@ -91,9 +100,18 @@ def identity_from_pem(
             raise Unauthenticated(f"client certificate SPIFFE ID {uris[0]!r} is in trust "
                                   f"domain {trust_domain!r}, which is not accepted "
                                   f"(accepted: {allowed})")
+        if bundles is not None:
+            bundles.check(trust_domain, cert, _intermediates(chain))
         return Identity(id=uris[0], trust_domain=trust_domain, path=path, **common)
     return Identity(id=f"cn:{_common_name(cert, issuer, cn_issuers)}", trust_domain="",
                     path=(), **common)
+
+
+def _intermediates(chain: bytes) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(chain)[1:] if chain else []
+    except ValueError:
+        return []
 
 
 def _uri_sans(cert: x509.Certificate) -> list[str]:

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway._atomic import write_atomic
+from gateway._atomic import private_dir, write_atomic
 from gateway.errors import ConfigError
 
 __all__ = [
@@ -233,7 +233,7 @@ def issue_client(
 def write_file(path: Path, data: bytes, *, private: bool = False) -> None:
     """Atomically replace ``path`` with ``data`` (mode 0600 if ``private``, else 0644)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     write_atomic(path, data, mode=0o600 if private else 0o644)
 
 

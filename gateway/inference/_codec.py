@@ -34,14 +34,69 @@ _SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size",
 _OIP_BY_DTYPE = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 
 
-def request_size(request) -> tuple[int, int]:
-    """``(batch size, input bytes)`` read from the request envelope, without decoding tensors.
+#: The typed contents fields that hold numbers (bytes_contents holds byte strings).
+_TYPED_FIELDS = tuple(sorted(set(_CONTENTS_FIELD.values())))
 
-    These are request attributes policy may decide on before any tensor is decoded.
+
+def request_size(request) -> tuple[int, int, tuple[tuple[str, str], ...]]:
+    """``(batch size, input bytes, longest names)`` over the whole request, without decoding.
+
+    The first two are request attributes policy decides on before any tensor is decoded, so
+    they must not be steerable: the batch size is the largest first dimension of any input
+    (inputs that disagree where the model ties them are refused later, see
+    :func:`check_batch`), and the bytes are those of every input, raw or typed (typed
+    contents count as their values times the datatype's size, what they decode to). The
+    last is the longest caller-chosen name of each kind (input and output names, datatypes,
+    parameter keys) as ``(what, value)``, for the guard's length limit. One pass over the
+    request's envelope.
     """
-    batch = int(request.inputs[0].shape[0]) if request.inputs and request.inputs[0].shape else 0
-    raw = sum(len(chunk) for chunk in request.raw_input_contents)
-    return batch, raw
+    batch = 0
+    size = sum(map(len, request.raw_input_contents))
+    name = datatype = key = ""
+    for tensor in request.inputs:  # each field read once: every read costs a wrapper
+        shape, tname, tdatatype = tensor.shape, tensor.name, tensor.datatype
+        if shape:
+            first = shape[0]
+            if first > batch:
+                batch = first
+        if len(tname) > len(name):
+            name = tname
+        if len(tdatatype) > len(datatype):
+            datatype = tdatatype
+        if tensor.parameters:
+            key = max(key, *tensor.parameters, key=len)
+        if tensor.HasField("contents"):
+            contents = tensor.contents
+            dtype = NUMPY_DTYPES.get(tdatatype)
+            itemsize = dtype.itemsize if dtype is not None else 8
+            size += itemsize * sum(len(getattr(contents, f)) for f in _TYPED_FIELDS)
+            size += sum(map(len, contents.bytes_contents))
+    output = ""
+    if request.outputs:
+        for out in request.outputs:
+            if len(out.name) > len(output):
+                output = out.name
+            if out.parameters:
+                key = max(key, *out.parameters, key=len)
+    if request.parameters:
+        key = max(key, *request.parameters, key=len)
+    return int(batch), size, (("input name", name), ("input datatype", datatype),
+                              ("output name", output), ("parameter", key))
+
+
+def check_batch(feeds: dict[str, np.ndarray], ties: dict[str, str]) -> None:
+    """INVALID_ARGUMENT unless inputs whose first dimension the model names alike (ONNX
+    ``dim_param``, e.g. ``batch``) agree on it; ``ties`` maps input name to that name."""
+    seen: dict[str, tuple[str, int]] = {}
+    for name, symbol in ties.items():
+        array = feeds.get(name)
+        if array is None or array.ndim == 0:
+            continue
+        first = seen.setdefault(symbol, (name, array.shape[0]))
+        if first[1] != array.shape[0]:
+            raise InvalidRequest(f"inputs '{first[0]}' and '{name}' disagree on dimension "
+                                 f"'{symbol}' ({first[1]} and {array.shape[0]}); the model "
+                                 f"requires them to be equal")
 
 
 def decode_inputs(request, model: LoadedModel, *, max_elements: int) -> dict[str, np.ndarray]:
@@ -128,6 +183,9 @@ def _check_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...],
         if want >= 0 and got != want:
             raise InvalidRequest(f"input '{name}': shape {list(shape)} does not match the "
                                  f"model's {list(expected)} (-1 is any size)")
+    if shape and shape[0] == 0 and expected[0] < 0:
+        raise InvalidRequest(f"input '{name}': batch size 0; a request carries at least one "
+                             f"row")
     count = math.prod(shape)
     if count > max_elements:
         raise InvalidRequest(f"input '{name}': {count} elements exceed the limit of "

@@ -18,8 +18,9 @@ import numpy as np
 from gateway import __version__
 from gateway._proto.inference import grpc_service_pb2 as pb
 from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from gateway.errors import InvalidRequest
+from gateway.errors import GatewayError, InvalidRequest
 from gateway.inference._codec import (
+    check_batch,
     decode_inputs,
     encode_outputs,
     request_size,
@@ -38,12 +39,15 @@ PLATFORM = "onnxruntime_onnx"
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """OIP v2 over verified ONNX Runtime sessions; Triton's extension RPCs are absent."""
 
-    def __init__(self, guard: Guard, *, max_tensor_elements: int, ready=lambda: True) -> None:
+    def __init__(self, guard: Guard, *, max_tensor_elements: int, ready=lambda: True,
+                 max_response_bytes: int = 0) -> None:
         self._guard = guard
         self._models = guard.models
         self._max_elements = max_tensor_elements
+        self._max_response = max_response_bytes
         self._ready = ready
         self._profiles: dict[tuple[str, str, str], InputProfile | None] = {}
+        self._ties: dict[tuple[str, str, str], dict[str, str]] = {}
 
     # -- server-level: a valid certificate is enough -------------------------------------
 
@@ -81,15 +85,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return response
 
     def ModelInfer(self, request, context):
-        batch, raw_bytes = request_size(request)
+        batch, input_bytes, names = request_size(request)
         with self._guard.call(
             context, rpc="ModelInfer", action="infer",
             model=request.model_name, version=request.model_version, request_id=request.id,
-            request_attributes={"request.batch_size": batch, "request.input_bytes": raw_bytes},
+            request_attributes={"request.batch_size": batch, "request.input_bytes": input_bytes},
+            strings=names,
         ) as call:
             call.fields["payload"] = self._payload(request)
             model = call.model()
             feeds = decode_inputs(request, model, max_elements=self._max_elements)
+            ties = self._batch_ties(model)
+            if ties:
+                check_batch(feeds, ties)
             outputs = requested_outputs(request, model)
             rows, scored = self._score_now(call, model, feeds)
             t0 = time.perf_counter_ns()
@@ -101,23 +109,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response = pb.ModelInferResponse(model_name=model.name, model_version=model.version,
                                              id=call.request_id)
             encode_outputs(response, results, outputs)
-            return response
+            return self._fits(response)
+
+    def _fits(self, response):
+        """Refuse, ourselves and audited as such, a response gRPC would refuse to send.
+
+        Past the server's ``max_send_message_length`` the transport would fail the call with
+        RESOURCE_EXHAUSTED after the guard had recorded OK; the record must say what the
+        caller receives, so the size is checked here, before the guard writes it.
+        """
+        size = response.ByteSize()
+        if self._max_response and size > self._max_response:
+            raise ResponseTooLarge(f"the response ({size} bytes) exceeds the largest message "
+                                   f"the server sends ({self._max_response} bytes); ask for "
+                                   "fewer rows or outputs")
+        return response
 
     def _score_now(self, call, model: LoadedModel,
                    feeds: dict[str, np.ndarray]) -> tuple[np.ndarray | None, bool]:
         """Anomaly scores of the input, and policy again, when the policy decides on them.
 
-        Returns the input rows to monitor (None when the model is not monitored: only
-        single-input numeric models are, as a reference profile describes one feature
-        matrix) and whether they were scored already.
+        Returns the input rows to monitor (None when the input is not numeric) and whether
+        they were scored already. A multi-input model is scored on one row per batch row:
+        its inputs flattened and concatenated in the model's input order (its profile.json
+        must be fitted on that layout), so ``anomaly.*`` rules apply to it too.
         """
         monitor = self._guard.monitor
-        if monitor is None or len(model.inputs) != 1:
+        if monitor is None:
             return None, False
-        x = feeds[model.inputs[0].name]
-        if x.dtype.kind not in "iuf" or x.ndim == 0:
+        rows = _feature_rows([feeds[spec.name] for spec in model.inputs])
+        if rows is None:
             return None, False
-        rows = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
         if not self._guard.policy.references("anomaly."):
             return rows, False
         # The decision needs the scores: compute them now, then ask policy again.
@@ -135,6 +157,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         else:
             monitor.score_later(_key(model), self._profile(model), call.identity.id, rows, y)
 
+    def _batch_ties(self, model: LoadedModel) -> dict[str, str]:
+        """Input name -> the ONNX name of its first dimension, for inputs that name it."""
+        key = (model.name, model.version, model.digest)
+        ties = self._ties.get(key)
+        if ties is None:
+            named = {i.name: i.shape[0] for i in model.session.get_inputs()
+                     if i.shape and isinstance(i.shape[0], str) and i.shape[0]}
+            symbols = list(named.values())  # only a name two inputs share ties anything
+            ties = self._ties[key] = {n: d for n, d in named.items() if symbols.count(d) > 1}
+        return ties
+
     def _profile(self, model: LoadedModel) -> InputProfile | None:
         """The model's reference profile, parsed once from its verified bytes."""
         key = (model.name, model.version, model.digest)
@@ -151,6 +184,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             chunks = [t.contents.SerializeToString(deterministic=True) for t in request.inputs]
         return {"hmac": self._guard.audit.payload_digest(*chunks),
                 "size": sum(len(c) for c in chunks)}
+
+
+class ResponseTooLarge(GatewayError):
+    """The response is larger than the server may send."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _feature_rows(arrays: list[np.ndarray]) -> np.ndarray | None:
+    """One feature row per batch row over every input (None: not numeric, or no rows)."""
+    if len(arrays) == 1:  # as it is: a single input's dtype is the profile's
+        x = arrays[0]
+        if x.dtype.kind not in "iuf" or x.ndim == 0:
+            return None
+        return x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
+    if not arrays or any(a.dtype.kind not in "biuf" or a.ndim == 0 for a in arrays):
+        return None
+    batch = arrays[0].shape[0] if all(a.ndim > 1 for a in arrays) else None
+    if batch is None or any(a.shape[0] != batch for a in arrays):  # no shared batch axis
+        return np.concatenate([a.reshape(1, -1).astype(np.float64) for a in arrays], axis=1)
+    return np.concatenate([a.reshape(batch, -1).astype(np.float64) for a in arrays], axis=1)
 
 
 def _key(model: LoadedModel) -> str:

@@ -52,10 +52,11 @@ class MonitorSettings:
     metrics_listen: str = "127.0.0.1:9464"
     #: Compute anomaly scores (false: attributes are neutral, for overhead comparisons).
     scoring: bool = True
-    #: Per-row false-positive rate of the input alarm; thresholds come from the model's
-    #: profile.json (calibrated at 0.05, 0.01, 0.005, 0.001 and the FPRs given when profiling;
-    #: another value uses the nearest stricter one).
-    input_fpr: float = 0.001
+    #: Per-row false-positive rate of the input alarm: the share of in-distribution requests
+    #: a rule on ``anomaly.input_alarm`` refuses. Thresholds come from the model's
+    #: profile.json (calibrated on held-out data at 0.05, 0.01, 0.005, 0.001 and the FPRs
+    #: given when profiling; another value uses the nearest stricter one).
+    input_fpr: float = 0.01
     #: False-positive rate per test of each extraction detector (PRADA window, probe and
     #: sweep counts).
     extraction_fpr: float = 0.001
@@ -174,6 +175,12 @@ _NEUTRAL: dict[str, object] = {
 }
 
 
+#: The per-row alarm array of a one-row request (read-only, shared).
+_ROW_ALARM = {flag: np.array([flag]) for flag in (False, True)}
+for _flags in _ROW_ALARM.values():
+    _flags.flags.writeable = False
+
+
 class Monitor:
     """The gateway's monitor; one per server. ``clock`` (monotonic seconds) is injectable."""
 
@@ -266,17 +273,15 @@ class Monitor:
         with self._backlog_ready:
             items = list(self._backlog)
             self._backlog.clear()
-        # Consecutive requests of one caller to one model are scored as one batch: the same
-        # detectors see the same rows in the same order, with a fraction of the numpy calls
-        # (each of which may hand the GIL to the RPC threads and back).
-        start = 0
-        while start < len(items):
-            key, profile, caller, x, _y = items[start]
-            end = start + 1
-            while end < len(items) and items[end][0] == key and items[end][1] is profile \
-                    and items[end][2] == caller and items[end][3].shape[1:] == x.shape[1:]:
-                end += 1
-            run = items[start:end]
+        # The requests of one caller to one model are scored as one batch: the detectors
+        # (all per caller) see the same rows in the same order, with a fraction of the numpy
+        # calls (each of which may hand the GIL to the RPC threads and back), also when
+        # concurrent callers' requests interleave in the queue.
+        runs: dict[tuple[str, int, str, tuple[int, ...]], list] = {}
+        for item in items:
+            runs.setdefault((item[0], id(item[1]), item[2], item[3].shape[1:]), []).append(item)
+        for run in runs.values():
+            key, profile, caller, x, _y = run[0]
             try:
                 rows = x if len(run) == 1 else np.concatenate([i[3] for i in run])
                 self.score(key, profile, caller, rows, requests=len(run))
@@ -285,7 +290,6 @@ class Monitor:
                     self.observe_output(key, np.concatenate(outputs), profile)
             except Exception:  # a bad row must not stop monitoring
                 log.exception("background anomaly scoring failed")
-            start = end
 
     # ------------------------------------------------------------------ quotas
 
@@ -340,7 +344,9 @@ class Monitor:
             self._thresholds[id(profile)] = cached
         threshold = cached[1]
         attrs["anomaly.input_threshold"] = threshold
-        rows = x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)
+        # Explicit widths: reshape(n, -1) cannot infer -1 for an empty batch.
+        rows = (x.reshape(x.shape[0], math.prod(x.shape[1:])) if x.ndim >= 2
+                else x.reshape(1, x.size))
         if not numeric or rows.shape[1] != profile.features:
             attrs.update({"anomaly.input_score": math.inf, "anomaly.input_alarm": True,
                           "anomaly.bounds_violation": True})
@@ -350,21 +356,31 @@ class Monitor:
             return attrs
         rows = rows.astype(np.float64, copy=False)
         scores, u, in_bounds = profile.assess(rows)
-        row_alarms = scores > threshold
-        top = float(scores.max()) if len(scores) else 0.0
-        alarm = bool(row_alarms.any())
-        oob = not in_bounds.all()
+        if len(scores) == 1:  # most requests: Python floats, no cold numpy calls
+            top = float(scores[0])
+            alarm, oob = top > threshold, not in_bounds[0]
+            row_alarms = _ROW_ALARM[alarm]
+        else:
+            row_alarms = scores > threshold
+            top = float(scores.max()) if len(scores) else 0.0
+            alarm = bool(row_alarms.any())
+            oob = not in_bounds.all()
         attrs["anomaly.input_score"] = top
         attrs["anomaly.input_alarm"] = alarm
         attrs["anomaly.bounds_violation"] = oob
         mx.child(mx.input_ratio, model_key).observe(top / threshold)
-        if oob:
-            self._alert("bounds", caller_id, model_key, top, threshold,
-                        {"rows": int((~in_bounds).sum()), "batch": len(rows)})
-        elif alarm:
-            mx.child(mx.caller_input_alarms, caller_id).inc()
-            self._alert("input", caller_id, model_key, top, threshold,
-                        {"rows": int(row_alarms.sum()), "batch": len(rows)})
+        if alarm:
+            # What drove the worst row: a hard bound, the joint distance or one feature.
+            component, feature = profile.explain(rows[int(np.argmax(scores))])
+            detail: dict[str, int | str] = {"batch": len(rows), "component": component,
+                                            "feature": feature}
+            if oob:
+                self._alert("bounds", caller_id, model_key, top, threshold,
+                            {"rows": int((~in_bounds).sum()), **detail})
+            else:
+                mx.child(mx.caller_input_alarms, caller_id).inc()
+                self._alert("input", caller_id, model_key, top, threshold,
+                            {"rows": int(row_alarms.sum()), **detail})
         if oob:
             rows, u, row_alarms = rows[in_bounds], u[in_bounds], row_alarms[in_bounds]
         if len(rows):

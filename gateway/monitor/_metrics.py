@@ -8,6 +8,7 @@ prefix, base units (seconds), ``_total`` counters, ``_info`` for labels-as-value
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections import OrderedDict
 from socketserver import ThreadingMixIn
@@ -22,6 +23,8 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _FSYNC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 _RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 4.0, 8.0, 16.0)
 STAGES = ("decision", "inference", "audit", "total")
+#: Seconds a /metrics client over TLS has to complete its handshake.
+_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class Metrics:
@@ -90,6 +93,11 @@ class Metrics:
         self.caller_input_alarms = Counter("gateway_caller_input_alarms",
                                            "Requests of the caller that raised the input alarm.",
                                            ("caller",), registry=r)
+        self.refusals_limited = Counter(
+            "gateway_refusals_limited",
+            "Refused calls over their caller's refusal rate: answered RESOURCE_EXHAUSTED and "
+            "counted into audit summaries instead of one record each, by refusal reason.",
+            ("reason",), registry=r)
         self._policy_digest: str | None = None
         self._lock = threading.Lock()
         self._max_callers = max_callers
@@ -104,6 +112,10 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def refusal_limited(self, reason: str) -> None:
+        """Count a refusal over the rate limit (``reason``: the guard's fixed reason codes)."""
+        self.child(self.refusals_limited, reason).inc()
 
     def caller(self, caller: str) -> None:
         """Note activity of ``caller``; the least recent beyond ``max_callers`` loses its
@@ -157,10 +169,35 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class MetricsServer:
-    """``GET /metrics`` in the Prometheus text format on a daemon thread; 404 elsewhere."""
+class _TlsServer(_Server):
+    """The listener with TLS; the handshake runs in the request's thread, bounded in time,
+    so a client stalling it holds only its own thread, never the accept loop."""
 
-    def __init__(self, registry: CollectorRegistry, listen: str) -> None:
+    tls: ssl.SSLContext
+
+    def get_request(self):  # type: ignore[no-untyped-def]
+        sock, address = self.socket.accept()
+        sock.settimeout(_HANDSHAKE_TIMEOUT_S)
+        return self.tls.wrap_socket(sock, server_side=True,
+                                    do_handshake_on_connect=False), address
+
+    def finish_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        try:
+            request.do_handshake()
+        except (OSError, ssl.SSLError):
+            return  # no certificate, a wrong one, or too slow: no answer at all
+        super().finish_request(request, client_address)
+
+
+class MetricsServer:
+    """``GET /metrics`` in the Prometheus text format on a daemon thread; 404 elsewhere.
+
+    With ``tls`` (an SSLContext that requires client certificates) it is served over HTTPS
+    to clients presenting an accepted certificate only.
+    """
+
+    def __init__(self, registry: CollectorRegistry, listen: str,
+                 tls: ssl.SSLContext | None = None) -> None:
         host, port = parse_listen(listen)
         metrics_app = make_wsgi_app(registry)
 
@@ -171,9 +208,13 @@ class MetricsServer:
             return metrics_app(environ, start_response)
 
         try:
-            self._httpd = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+            self._httpd = make_server(host, port, app, _Server if tls is None else _TlsServer,
+                                      handler_class=_QuietHandler)
         except OSError as err:
             raise ConfigError(f"[monitor] metrics_listen {listen}: cannot listen: {err}") from err
+        if tls is not None:
+            self._httpd.tls = tls
+        self.scheme = "http" if tls is None else "https"
         # A short poll interval makes stop() prompt (shutdown waits for the next poll).
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
                                         name="gateway-metrics", daemon=True)

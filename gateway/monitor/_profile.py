@@ -2,24 +2,25 @@
 
     profile = InputProfile.fit(reference_rows, fprs=(0.01, 0.001), seed=0, outputs=model_outputs)
     profile.save(version_dir / "profile.json")     # deterministic JSON: covered by the signature
-    scores = profile.score(rows)                      # Mahalanobis distance per row
+    scores = profile.score(rows)                      # surprise per row (-log10 tail probability)
 
 What is stored, and why:
 
-* per-feature mean, standard deviation and quantiles, and hard bounds (the reference range
-  widened by ``bound_margin`` of itself): schema-level checks that need no statistics;
-* each feature is mapped to a normal score through its reference quantiles (piecewise linear
-  between quantiles at evenly spaced normal scores, extended linearly beyond them), so skewed
-  and heavy-tailed features do not dominate the distance (a Gaussian-copula view; a feature
-  with tied quantiles, e.g. discrete, is standardised by mean and deviation instead);
-* a shrunk inverse covariance of those scores, kept as its Cholesky factor so a row's
+* per-feature mean, standard deviation and quantiles, with Gaussian tails fitted beyond the
+  outer quantiles, so each feature maps to an unbounded normal score (see :mod:`._scorer`;
+  a feature with tied quantiles, e.g. discrete, is standardised by mean and deviation);
+* hard bounds with calibrated margins: beyond the outer knot an exponential tail is fitted to
+  the fitting rows' excesses, and the bound sits where that tail leaves ``BOUND_TAIL`` of
+  probability (never inside the reference range widened by ``bound_margin``), so a value far
+  outside anything the reference held raises the alarm on its own;
+* a shrunk inverse covariance of the normal scores, kept as its Cholesky factor so a row's
   distance is one matrix product. Shrinkage is Ledoit & Wolf (2004), "A well-conditioned
   estimator for large-dimensional covariance matrices", J. Multivariate Analysis 88:365-411,
   Lemmas 3.2-3.4 (target ``mu * I``, intensity ``min(b^2, d^2) / d^2``);
-* thresholds of that distance at the configured false-positive rates, **calibrated on a held-out
-  split** the covariance never saw: the empirical quantile where at least 10 held-out rows lie
-  beyond it, a peaks-over-threshold extrapolation further out (not a chi-square folklore
-  value, which skewed or heavy-tailed data would not obey);
+* the two score components' surprise maps and the score's thresholds at the configured
+  false-positive rates, **calibrated on a held-out split** the covariance never saw, and the
+  rates those thresholds achieve out of sample (two-fold: calibrated on one half of the
+  held-out rows, measured on the other), which ``gateway model profile`` prints;
 * for the usage detector: the PRADA threshold on Shapiro-Wilk W, calibrated by simulating benign
   callers drawing held-out rows, and how often two reference rows differ in a single feature;
 * for output drift: the reference distribution of predictions (classes, or deciles of a value)
@@ -29,7 +30,7 @@ What is stored, and why:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -39,20 +40,31 @@ import rfc8785
 
 from gateway.errors import ModelUnavailable
 
+from ._scorer import (
+    Marginals,
+    RowScorer,
+    SurpriseMap,
+    calibrate,
+    components,
+    knot_grid,
+    tail_slopes,
+)
 from ._shapiro import shapiro_w
 
-FORMAT = "gateway.monitor.profile/v1"
+FORMAT = "gateway.monitor.profile/v2"
 #: FPRs always calibrated besides the requested ones, so settings can pick among them.
 STANDARD_FPRS = (0.05, 0.01, 0.005, 0.001)
 #: Beyond this many features the covariance is taken diagonal (JSON size and per-row cost).
 MAX_FULL_COVARIANCE = 512
 #: PRADA distances are computed in at most this many (randomly projected) dimensions.
 PROJECTION_DIM = 32
-#: Normal scores of the per-feature quantile knots (levels Phi(s): 0.00135 ... 0.99865).
-NORMAL_KNOTS = np.linspace(-3.0, 3.0, 25)
-_NORMAL_CDF = NormalDist().cdf
-#: Largest (rows x features x knots) block compared at once while scoring.
-_BLOCK = 1 << 22
+#: Probability, per feature and side, that a reference-like value falls beyond a hard bound
+#: under the exponential tail fitted beyond the outer knot (heavier than a Gaussian's, so the
+#: bound errs wide).
+BOUND_TAIL = 1e-7
+_NORMAL = NormalDist()
+_ONE_IN_BOUNDS = np.ones(1, dtype=bool)
+_ONE_IN_BOUNDS.flags.writeable = False
 _PSI_SIMULATIONS = 4000
 _PRADA_SIMULATIONS = 1000
 
@@ -97,7 +109,7 @@ def _rows(x: np.ndarray) -> np.ndarray:
         return x.reshape(1, 1)
     if x.ndim == 1:
         return x.reshape(1, -1)
-    return x.reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # -1 fails on an empty batch
 
 
 @dataclass(frozen=True)
@@ -158,11 +170,15 @@ class InputProfile:
     features: int
     mean: np.ndarray
     std: np.ndarray
-    knots: np.ndarray  # (features, len(NORMAL_KNOTS)) quantiles at the normal-score levels
+    grid: np.ndarray  # (K,) normal scores of the quantile knots
+    knots: np.ndarray  # (features, K) quantiles at those normal-score levels
+    tail_slopes: np.ndarray  # (features, 2) normal-score slope below / above the outer knots
     low: np.ndarray  # hard bounds
     high: np.ndarray
     whitening: np.ndarray  # (features, features) Cholesky factor of the precision, or (features,)
-    thresholds: tuple[tuple[float, float], ...]  # (fpr, distance threshold)
+    joint: SurpriseMap | None  # surprise of the Mahalanobis component (None: a draft)
+    single: SurpriseMap | None  # surprise of the one-feature component
+    thresholds: tuple[tuple[float, float], ...]  # (fpr, score threshold)
     prada_thresholds: tuple[tuple[float, float], ...]  # (fpr, W threshold: alarm below)
     usage_window: int
     usage_memory: int
@@ -171,6 +187,17 @@ class InputProfile:
     output: OutputProfile | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    marginals: Marginals = field(init=False, repr=False, compare=False)
+
+    row_scorer: RowScorer | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        marginals = Marginals(self.grid, self.knots, self.tail_slopes[:, 0],
+                              self.tail_slopes[:, 1])
+        object.__setattr__(self, "marginals", marginals)
+        object.__setattr__(self, "row_scorer", None if self.joint is None or self.single is None
+                           else RowScorer(marginals, self.low, self.high, self.whitening,
+                                          self.joint, self.single))
 
     # ------------------------------------------------------------------ fitting
 
@@ -219,13 +246,16 @@ class InputProfile:
         if constant.any():
             warnings.append(f"{int(constant.sum())} constant feature(s): any change is anomalous")
         std = np.where(constant, np.maximum(1e-9, 1e-9 * np.abs(mean)), std)
-        levels = [_NORMAL_CDF(v) for v in NORMAL_KNOTS]
-        knots = np.quantile(a, levels, axis=0).T
+        grid = np.asarray(_round(knot_grid(len(a))))
+        knots = np.quantile(a, [_NORMAL.cdf(float(v)) for v in grid], axis=0).T
         tied = ~(np.diff(knots, axis=1) > 0).all(axis=1)
         # Tied quantiles (discrete or constant features): the linear map (x - mean) / std.
-        knots[tied] = mean[tied, None] + std[tied, None] * NORMAL_KNOTS[None, :]
+        knots[tied] = mean[tied, None] + std[tied, None] * grid[None, :]
         knots = np.asarray(_matrix(knots))
-        z = _gaussianise(a, knots)
+        low_slope, high_slope = tail_slopes(a, knots, grid)
+        low_slope[tied] = high_slope[tied] = 1 / std[tied]
+        tails = np.stack([low_slope, high_slope], axis=1)
+        z = Marginals(grid, knots, low_slope, high_slope)(a)
         if d <= MAX_FULL_COVARIANCE:
             cov, shrinkage = ledoit_wolf(z)
             precision = np.linalg.inv(cov)
@@ -234,21 +264,25 @@ class InputProfile:
             shrinkage = 1.0
             whitening = np.ones(d)
             warnings.append(f"{d} features > {MAX_FULL_COVARIANCE}: diagonal covariance used")
-        span = rows.max(axis=0) - rows.min(axis=0)
-        low = rows.min(axis=0) - bound_margin * span
-        high = rows.max(axis=0) + bound_margin * span
+        low, high = _bounds(a, rows, knots, grid, bound_margin)
         projection = None
         if d > PROJECTION_DIM:
             projection = rng.standard_normal((d, PROJECTION_DIM)) / math.sqrt(PROJECTION_DIM)
 
-        draft = cls(features=d, mean=mean, std=std, knots=knots, low=low, high=high,
-                    whitening=whitening, thresholds=(), prada_thresholds=(),
-                    usage_window=usage_window,
+        draft = cls(features=d, mean=mean, std=std, grid=grid, knots=knots, tail_slopes=tails,
+                    low=low, high=high, whitening=whitening, joint=None, single=None,
+                    thresholds=(), prada_thresholds=(), usage_window=usage_window,
                     usage_memory=usage_memory, projection=projection, single_change_rate=0.0)
-        draft = cls.from_dict(draft.to_dict())  # score with exactly the stored (rounded) values
+        # Score with exactly the stored (rounded) values.
+        draft = cls.from_dict(draft.to_dict(), complete=False)
 
         all_fprs = tuple(sorted(set(STANDARD_FPRS) | {float(f) for f in fprs}))
-        thresholds = _calibrate_distance(draft.score(b), all_fprs)
+        joint_t, single_t = draft._components(b)
+        achieved = _cross_check(joint_t, single_t, all_fprs, rng)
+        scored = cls.from_dict(replace(draft, joint=SurpriseMap.fit(joint_t),
+                                       single=SurpriseMap.fit(single_t)).to_dict(),
+                               complete=False)
+        thresholds = calibrate(scored.score(b), all_fprs)
         for f in all_fprs:
             if n_hold * f < 1:
                 warnings.append(f"fewer than one held-out row expected beyond the {f} "
@@ -269,33 +303,35 @@ class InputProfile:
             "n_fit": int(n - n_hold), "n_holdout": int(n_hold), "seed": int(seed),
             "shrinkage": float(shrinkage), "bound_margin": float(bound_margin),
             "discrete_features": int(tied.sum()),
+            "heldout_fpr": [[f, r] for f, r in achieved],
         }
-        final = cls(features=d, mean=draft.mean, std=draft.std, knots=draft.knots,
-                    low=draft.low, high=draft.high,
-                    whitening=draft.whitening, thresholds=thresholds, prada_thresholds=prada,
-                    usage_window=usage_window, usage_memory=usage_memory,
-                    projection=draft.projection, single_change_rate=single_change_rate,
-                    output=output, meta=meta)
-        loaded = cls.from_dict(final.to_dict())
-        return InputProfile(**{**loaded.__dict__, "warnings": tuple(warnings)})
+        final = replace(scored, thresholds=thresholds, prada_thresholds=prada,
+                        single_change_rate=single_change_rate, output=output, meta=meta)
+        return replace(cls.from_dict(final.to_dict()), warnings=tuple(warnings))
 
     # ------------------------------------------------------------------ scoring
 
     def standardise(self, rows: np.ndarray) -> np.ndarray:
         """Rows mapped to the whitened space, where in-distribution data is about N(0, I)."""
-        z = _gaussianise(rows, self.knots)
-        if self.whitening.ndim == 1:
-            return z
-        return z @ self.whitening
+        z = self.marginals(rows)
+        return z if self.whitening.ndim == 1 else z @ self.whitening
+
+    def _components(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z = self.marginals(rows)
+        return components(z, z if self.whitening.ndim == 1 else z @ self.whitening)
+
+    def _surprise(self, joint: np.ndarray, single: np.ndarray) -> np.ndarray:
+        if self.joint is None or self.single is None:
+            raise ProfileError("the profile has no score calibration")
+        return np.maximum(self.joint(joint), self.single(single))
 
     def score(self, x: np.ndarray) -> np.ndarray:
-        """Mahalanobis distance of each row to the reference (float64, one per row)."""
+        """Per row, the score the alarm compares with :meth:`threshold`: ``inf`` out of bounds."""
         rows = _rows(x).astype(np.float64, copy=False)
         if rows.shape[1] != self.features:
             raise ProfileError(f"input has {rows.shape[1]} features per row, "
                                f"the profile {self.features}")
-        u = self.standardise(rows)
-        return np.sqrt(_row_sq(u))
+        return self.assess(rows)[0]
 
     def out_of_bounds(self, x: np.ndarray) -> np.ndarray:
         """Per row: any NaN, infinity, or value outside the hard bounds."""
@@ -305,26 +341,64 @@ class InputProfile:
         return ~ok.all(axis=1)
 
     def threshold(self, fpr: float) -> float:
-        """Distance threshold at ``fpr`` (exact if calibrated, else the nearest stricter)."""
+        """Score threshold at ``fpr`` (exact if calibrated, else the nearest stricter)."""
         return _pick(self.thresholds, fpr)
 
     def prada_threshold(self, fpr: float) -> float:
         return _pick(self.prada_thresholds, fpr)
 
     def assess(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One pass for the request path: (distance, whitened row, within bounds) per row.
+        """One pass for the request path: (score, whitened row, within bounds) per row.
 
-        Rows with NaN or infinity are out of bounds and score ``inf``.
+        A row out of bounds (NaN, infinity, beyond a hard bound) scores ``inf``: it raises the
+        alarm whatever the rest of it looks like. An empty batch gives empty arrays.
         """
+        if len(rows) == 1 and self.row_scorer is not None:
+            # One row (most requests): the same score in plain Python (see RowScorer).
+            scored = self.row_scorer(rows[0].tolist())
+            if scored is not None:
+                return np.array([scored[0]]), np.array([scored[1]]), _ONE_IN_BOUNDS
         in_bounds = ((rows >= self.low) & (rows <= self.high)).all(axis=1)
         if in_bounds.all():  # the common case: finite, so no floating-point warnings
-            u = self.standardise(rows)
-            return np.sqrt(_row_sq(u)), u, in_bounds
+            z = self.marginals(rows)
+            u = z if self.whitening.ndim == 1 else z @ self.whitening
+            return self._surprise(*components(z, u)), u, in_bounds
         with np.errstate(invalid="ignore", over="ignore"):
-            u = self.standardise(rows)
-            scores = np.sqrt(_row_sq(u))
-        scores[~np.isfinite(scores)] = np.inf
+            z = self.marginals(rows)
+            u = z if self.whitening.ndim == 1 else z @ self.whitening
+            scores = self._surprise(*components(z, u))
+        scores[~in_bounds | ~np.isfinite(scores)] = np.inf
         return scores, u, in_bounds
+
+    def explain(self, row: np.ndarray) -> tuple[str, int]:
+        """What drove one row's score: (``bounds``, ``joint`` or ``single``, feature index).
+
+        ``bounds``: the first feature outside its hard bounds (or not finite). ``single``: the
+        feature with the largest normal score. ``joint``: the feature contributing most to the
+        squared distance ``z' P z = sum_j z_j (P z)_j``.
+        """
+        row = np.asarray(row, dtype=np.float64).reshape(1, self.features)
+        with np.errstate(invalid="ignore"):
+            out = ~((row >= self.low) & (row <= self.high))[0]
+        if out.any():
+            return "bounds", int(np.argmax(out))
+        z = self.marginals(row)
+        if self.whitening.ndim == 1:
+            contribution = z * z
+        else:
+            contribution = z * ((z @ self.whitening) @ self.whitening.T)
+        joint, single = self._components(row)
+        if self.single is not None and self.joint is not None \
+                and self.single(single)[0] >= self.joint(joint)[0]:
+            return "single", int(np.argmax(z * z))
+        return "joint", int(np.argmax(contribution))
+
+    def heldout_fpr(self, fpr: float) -> float | None:
+        """The false-positive rate the ``fpr`` threshold achieved out of sample at fitting."""
+        for f, rate in self.meta.get("heldout_fpr", ()):
+            if math.isclose(f, fpr):
+                return float(rate)
+        return None
 
     def usage_space(self, u: np.ndarray) -> np.ndarray:
         """Whitened rows ``u`` as PRADA sees them (randomly projected for wide inputs).
@@ -343,14 +417,19 @@ class InputProfile:
             out = {"kind": o.kind, "classes": o.classes, "edges": _round(o.edges),
                    "reference": _round(o.reference), "window": o.window,
                    "psi_thresholds": [_round(p) for p in o.psi_thresholds]}
+        score = None
+        if self.joint is not None and self.single is not None:
+            score = {"joint": self.joint.to_dict(_round), "single": self.single.to_dict(_round)}
         return {
             "format": FORMAT,
             "features": self.features,
             "mean": _round(self.mean), "std": _round(self.std),
-            "quantiles": {"normal_scores": _round(NORMAL_KNOTS), "values": _matrix(self.knots)},
+            "quantiles": {"normal_scores": _round(self.grid), "values": _matrix(self.knots),
+                          "tail_slopes": _matrix(self.tail_slopes)},
             "bounds": {"low": _round(self.low), "high": _round(self.high)},
             "whitening": (_matrix(self.whitening) if self.whitening.ndim == 2
                           else _round(self.whitening)),
+            "score": score,
             "input_thresholds": [_round(p) for p in self.thresholds],
             "usage": {"window": self.usage_window, "memory": self.usage_memory,
                       "prada_thresholds": [_round(p) for p in self.prada_thresholds],
@@ -362,10 +441,12 @@ class InputProfile:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> InputProfile:
+    def from_dict(cls, data: dict[str, Any], *, complete: bool = True) -> InputProfile:
+        """Parse and check a profile (``complete=False``: a draft without calibration)."""
         try:
             if data.get("format") != FORMAT:
-                raise ProfileError(f"not a {FORMAT} profile (format {data.get('format')!r})")
+                raise ProfileError(f"not a {FORMAT} profile (format {data.get('format')!r}); "
+                                   "re-run `gateway model profile` and re-sign the model")
             d = int(data["features"])
             vec = lambda v: np.asarray(v, dtype=np.float64).reshape(d)  # noqa: E731
             whitening = np.asarray(data["whitening"], dtype=np.float64)
@@ -388,16 +469,29 @@ class InputProfile:
             if not (std > 0).all():
                 raise ProfileError("std must be positive")
             quantiles = data["quantiles"]
-            if not np.allclose(quantiles["normal_scores"], NORMAL_KNOTS):
-                raise ProfileError("quantile levels differ from this gateway's")
+            grid = np.asarray(quantiles["normal_scores"], dtype=np.float64)
             knots = np.asarray(quantiles["values"], dtype=np.float64).reshape(d, -1)
+            if grid.ndim != 1 or len(grid) < 2 or knots.shape[1] != len(grid) \
+                    or not (np.diff(grid) > 0).all():
+                raise ProfileError("quantile levels must be increasing, one per knot")
             if not (np.diff(knots, axis=1) > 0).all():
                 raise ProfileError("quantiles must be strictly increasing")
+            tails = np.asarray(quantiles["tail_slopes"], dtype=np.float64).reshape(d, 2)
+            if not (np.isfinite(tails) & (tails > 0)).all():
+                raise ProfileError("tail slopes must be positive")
+            score = data.get("score")
+            joint = single = None
+            if score is not None:
+                joint = SurpriseMap.from_dict(score["joint"])
+                single = SurpriseMap.from_dict(score["single"])
+            thresholds = tuple((float(f), float(t)) for f, t in data["input_thresholds"])
+            if complete and (score is None or not thresholds):
+                raise ProfileError("the profile has no calibrated score thresholds")
             return cls(
-                features=d, mean=vec(data["mean"]), std=std, knots=knots,
+                features=d, mean=vec(data["mean"]), std=std, grid=grid, knots=knots,
+                tail_slopes=tails,
                 low=vec(data["bounds"]["low"]), high=vec(data["bounds"]["high"]),
-                whitening=whitening,
-                thresholds=tuple((float(f), float(t)) for f, t in data["input_thresholds"]),
+                whitening=whitening, joint=joint, single=single, thresholds=thresholds,
                 prada_thresholds=tuple((float(f), float(t))
                                        for f, t in usage["prada_thresholds"]),
                 usage_window=int(usage["window"]), usage_memory=int(usage["memory"]),
@@ -450,88 +544,49 @@ class InputProfile:
         return cls.from_json(raw, str(path))
 
 
-#: Fewest held-out rows beyond a threshold for its empirical quantile to be used as is.
-_MIN_TAIL = 10
+def _bounds(fit: np.ndarray, every: np.ndarray, knots: np.ndarray, grid: np.ndarray,
+            margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """Hard bounds per feature, with margins calibrated on the tails of the fitting rows.
 
-
-def _calibrate_distance(scores: np.ndarray, fprs: tuple[float, ...]
-                        ) -> tuple[tuple[float, float], ...]:
-    """Distance thresholds at ``fprs`` from held-out scores.
-
-    Where at least ``_MIN_TAIL`` held-out rows lie beyond it, the threshold is the empirical
-    quantile. Further out it is extrapolated by peaks over threshold (Pickands-Balkema-de
-    Haan): excesses of the squared distance over a high quantile ``u`` are exponential (a
-    generalised Pareto with shape 0, the chi-square-like tail of a squared Mahalanobis
-    distance), so ``t^2 = u^2 + beta * ln(p_u / fpr)`` with ``beta`` the mean excess.
+    Beyond each outer knot (tail probability ``p``) the excesses of the fitting rows are taken
+    as exponential with their mean ``beta`` (a heavier tail than a Gaussian's), and the bound is
+    where that tail leaves ``BOUND_TAIL``: ``knot + beta * ln(p / BOUND_TAIL)``. A bound never
+    lies inside the whole reference range (``every``) widened by ``margin`` of itself, so every
+    reference row is in bounds and a discrete feature keeps some slack.
     """
-    n = len(scores)
-    p_u = min(0.05, 3 * _MIN_TAIL / n)
-    sq = np.sort(scores) ** 2
-    u2 = _quantile(sq, 1 - p_u)
-    beta = float(sq[sq > u2].mean() - u2) if (sq > u2).any() else 0.0
-    out = []
-    for f in fprs:
-        if n * f >= _MIN_TAIL:
-            out.append((f, _quantile(scores, 1 - f)))
-        else:
-            out.append((f, math.sqrt(u2 + beta * math.log(p_u / f))))
-    return tuple(out)
+    spread = math.log(_NORMAL.cdf(-float(grid[-1])) / BOUND_TAIL)
+
+    def mean_excess(values: np.ndarray, knot: np.ndarray) -> np.ndarray:
+        beyond = values > knot
+        return np.where(beyond, values - knot, 0.0).sum(axis=0) / np.maximum(beyond.sum(0), 1)
+
+    lo, hi = every.min(axis=0), every.max(axis=0)
+    span = hi - lo
+    high = np.maximum(knots[:, -1] + mean_excess(fit, knots[:, -1]) * spread, hi + margin * span)
+    low = np.minimum(knots[:, 0] - mean_excess(-fit, -knots[:, 0]) * spread, lo - margin * span)
+    # Stored with 10 significant digits: widen past the rounding, so a constant feature's
+    # own value stays in bounds.
+    slack = 1e-9 * np.maximum(np.abs(low), np.abs(high))
+    return low - slack, high + slack
 
 
-def _row_sq(u: np.ndarray) -> np.ndarray:
-    """Squared norm of each row.
+def _cross_check(joint: np.ndarray, single: np.ndarray, fprs: tuple[float, ...],
+                 rng: np.random.Generator) -> list[tuple[float, float]]:
+    """False-positive rates achieved out of sample, per target: two-fold on the held-out rows.
 
-    Plain ufuncs on purpose: einsum, take and searchsorted release and re-take the GIL even on
-    a handful of numbers, and with many RPC threads that contention tripled scoring's CPU.
+    Surprise maps and thresholds are calibrated on one half and the rate is measured on the
+    other, then the halves swap; the mean of the two is what ``gateway model profile``
+    prints beside each target (the profile's own thresholds use all held-out rows).
     """
-    return (u * u).sum(axis=1)
-
-
-def _gaussianise(rows: np.ndarray, knots: np.ndarray) -> np.ndarray:
-    """Normal score of each value: piecewise-linear through (knot, NORMAL_KNOTS) per feature.
-
-    Values beyond the outer knots follow the outer segments' lines, so far-out values get
-    far-out scores; NaN stays NaN.
-    """
-    return _Segments.of(knots)(rows)
-
-
-class _Segments:
-    """``z = a[j, i] + b[j, i] * x`` where ``i`` counts the knots of feature ``j`` below x.
-
-    Index 0 and K repeat the outer segments (linear extrapolation), so no clipping is needed:
-    seven numpy operations per call, which matters on the request path.
-    """
-
-    _cache: dict[int, _Segments] = {}
-
-    def __init__(self, knots: np.ndarray) -> None:
-        d, k = knots.shape
-        slope = np.diff(NORMAL_KNOTS)[None, :] / np.diff(knots, axis=1)  # (d, k-1)
-        a = NORMAL_KNOTS[None, :-1] - knots[:, :-1] * slope
-        self.a = np.concatenate([a[:, :1], a, a[:, -1:]], axis=1).ravel()
-        self.b = np.concatenate([slope[:, :1], slope, slope[:, -1:]], axis=1).ravel()
-        self.knots = knots
-        self.offsets = np.arange(d) * (k + 1)
-        self.k = k
-
-    @classmethod
-    def of(cls, knots: np.ndarray) -> _Segments:
-        seg = cls._cache.get(id(knots))
-        if seg is None or seg.knots is not knots:
-            seg = cls(knots)
-            if len(cls._cache) > 256:
-                cls._cache.clear()
-            cls._cache[id(knots)] = seg
-        return seg
-
-    def __call__(self, rows: np.ndarray) -> np.ndarray:
-        n, d = rows.shape
-        step = max(1, _BLOCK // max(1, d * self.k))
-        if n > step:
-            return np.concatenate([self(rows[i:i + step]) for i in range(0, n, step)])
-        i = (rows[:, :, None] > self.knots).sum(axis=2) + self.offsets
-        return self.a[i] + self.b[i] * rows
+    order = rng.permutation(len(joint))
+    halves = (order[: len(order) // 2], order[len(order) // 2:])
+    rates = np.zeros(len(fprs))
+    for cal, test in (halves, halves[::-1]):
+        jm, sm = SurpriseMap.fit(joint[cal]), SurpriseMap.fit(single[cal])
+        table = calibrate(np.maximum(jm(joint[cal]), sm(single[cal])), fprs)
+        scores = np.maximum(jm(joint[test]), sm(single[test]))
+        rates += [float((scores > t).mean()) for _, t in table]
+    return [(f, round(float(r) / 2, 6)) for f, r in zip(fprs, rates, strict=True)]
 
 
 def _min_prior_distances(u: np.ndarray, memory: int) -> np.ndarray:

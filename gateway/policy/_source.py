@@ -34,6 +34,7 @@ ACTIONS: tuple[str, ...] = (
     "policy.load",    # admin: reload the policy
     "policy.read",    # admin: read the live policy and its digest
     "audit.read",     # audit log checkpoints, entries and proofs
+    "reflect",        # gRPC server reflection (lists every service and message type)
 )
 
 #: The object server-level actions are decided on (requests with model "" or "*").

@@ -5,34 +5,34 @@
     gateway = Gateway.start(load_config(None))   # listening; returns once ready
     gateway.wait()                               # until SIGTERM/SIGINT (or gateway.stop())
 
-Start-up fails closed: without a valid policy or a writable, intact audit log the gateway
-does not start. While running, health turns NOT_SERVING whenever the audit log cannot make
-records durable, and back to SERVING when it recovers.
+Every service on the port, health checking and server reflection included, runs its RPCs
+through the guard (:mod:`gateway.server._guard`), held to the limits of
+:mod:`gateway.server._limits`. Start-up fails closed: without a valid policy or a writable,
+intact audit log the gateway does not start. While running, health turns NOT_SERVING
+whenever the audit log cannot make records durable, and back to SERVING when it recovers.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import socket
 import threading
-from concurrent import futures
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from gateway._proto.gateway.v1 import admin_pb2, audit_pb2, explain_pb2
-from gateway._proto.inference import grpc_service_pb2
 from gateway.audit import AuditLog, AuditServicer
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.explain import ExplainBudgets, ExplainServicer
-from gateway.identity import IdentityVerifier, server_credentials
-from gateway.inference.service import InferenceServicer
-from gateway.inference.service import add_to_server as add_inference
+from gateway.identity import IdentityVerifier, https_client_auth, server_credentials
 from gateway.models import ModelRepository
+from gateway.monitor import MetricsServer
 from gateway.policy import (
     PolicyStore,
     ReloadResult,
@@ -42,6 +42,9 @@ from gateway.policy import (
 )
 from gateway.server._admin import AdminServicer
 from gateway.server._guard import RECEIPT_INDEX, RECEIPT_LEAF, Guard
+from gateway.server._limits import Limits, WorkerPool
+from gateway.server._reads import BoundedReads
+from gateway.server._services import GuardedHealth, GuardedReflection
 from gateway.server._wiring import model_pipeline
 
 __all__ = ["RECEIPT_INDEX", "RECEIPT_LEAF", "Gateway", "Guard"]
@@ -66,6 +69,7 @@ class Gateway:
         self._done = threading.Event()
         self._stop_lock = threading.Lock()
         self._server: grpc.Server | None = None
+        self._health_status: tuple[int, int] | None = None
         self.port = 0
 
     @classmethod
@@ -75,6 +79,12 @@ class Gateway:
         return gateway
 
     def _start(self) -> None:
+        # The OIP descriptors load here, not at import: a process that also loads another
+        # copy of the `inference` proto package (tritonclient) can still use this package.
+        from gateway._proto.inference import grpc_service_pb2
+        from gateway.inference.service import InferenceServicer
+        from gateway.inference.service import add_to_server as add_inference
+
         config = self.config
         # Audit first: nothing may be served, or even refused, unrecorded.
         self.audit = AuditLog.open(config.audit, instance_id=self.instance_id)
@@ -84,7 +94,8 @@ class Gateway:
             source, on_reload=self._audit_reload, shadow=config.policy.shadow,
             on_shadow_summary=lambda fields: self.audit.append("policy_shadow", fields),
             shadow_summary_interval=config.policy.shadow_summary_interval)
-        self.verifier = IdentityVerifier(config.tls.trust_domains, config.tls.cn_issuers)
+        self.verifier = IdentityVerifier(config.tls.trust_domains, config.tls.cn_issuers,
+                                         trust_bundles=config.tls.trust_bundles)
         self.monitor = _monitor(config)
         if self.monitor is not None:
             self.audit.observe_commits(self.monitor.observe_audit_commit)
@@ -96,12 +107,15 @@ class Gateway:
             decrypt=decrypt, on_event=self._model_event)
         for entry in self.models.load_all():
             log.info("model %s/%s: %s %s", entry.name, entry.version, entry.state, entry.reason)
+        pool = WorkerPool(config.server.workers)
         self.guard = Guard(verifier=self.verifier, policy=self.policy, models=self.models,
-                           audit=self.audit, monitor=self.monitor)
+                           audit=self.audit, monitor=self.monitor,
+                           limits=Limits(config.server, pool,
+                                         peer_key=self.verifier.presented_pem))
 
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.server.workers,
-                                       thread_name_prefix="rpc"),
+            pool,
+            interceptors=(BoundedReads(self.guard),),
             options=[
                 ("grpc.max_receive_message_length", config.server.max_message_bytes),
                 ("grpc.max_send_message_length", config.server.max_message_bytes),
@@ -111,13 +125,15 @@ class Gateway:
         )
         add_inference(InferenceServicer(self.guard,
                                         max_tensor_elements=config.server.max_tensor_elements,
-                                        ready=self.ready), server)
+                                        ready=self.ready,
+                                        max_response_bytes=config.server.max_message_bytes),
+                      server)
         AdminServicer(self.guard).add_to_server(server)
         AuditServicer(self.audit, self.guard).add_to_server(server)
         self._add_explainer(server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((
+        self.health = GuardedHealth(self.guard)
+        self.health.add_to_server(server)
+        GuardedReflection(self.guard, (
             grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
             admin_pb2.DESCRIPTOR.services_by_name["ModelAdmin"].full_name,
             admin_pb2.DESCRIPTOR.services_by_name["PolicyAdmin"].full_name,
@@ -125,8 +141,9 @@ class Gateway:
             explain_pb2.DESCRIPTOR.services_by_name["Explainer"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
-        ), server)
-        credentials = server_credentials(config.tls.cert, config.tls.key, config.tls.ca)
+        )).add_to_server(server)
+        credentials = server_credentials(config.tls.cert, config.tls.key, config.tls.ca,
+                                         tuple(self.verifier.bundle_files))
         self.port = server.add_secure_port(config.server.listen, credentials)
         if not self.port:
             raise OSError(f"cannot listen on {config.server.listen}")
@@ -135,10 +152,29 @@ class Gateway:
         self._update_health()
         if config.policy.watch:
             self.policy.start_watching(config.policy.watch_interval)
-        self.metrics_address = self.monitor.start_http() if self.monitor is not None else None
+        self.metrics_address = self._start_metrics()
         threading.Thread(target=self._health_loop, name="health", daemon=True).start()
         if config.models.reverify_interval > 0:
             threading.Thread(target=self._reverify_loop, name="reverify", daemon=True).start()
+
+    def _start_metrics(self) -> tuple[str, int] | None:
+        """/metrics, over TLS with client certificates when ``[tls] metrics_tls`` says so."""
+        monitor, tls = self.monitor, self.config.tls
+        self._metrics_server = None
+        self.metrics_url = ""
+        if monitor is None or not monitor.settings.metrics_listen:
+            return None
+        listen = monitor.settings.metrics_listen
+        if tls.metrics_tls == "on" or (tls.metrics_tls == "auto" and not _loopback(listen)):
+            self._metrics_server = MetricsServer(
+                monitor.metrics.registry, listen,
+                tls=https_client_auth(tls.cert, tls.key, tls.ca))
+            address = self._metrics_server.address
+        else:
+            address = monitor.start_http()
+        scheme = "https" if self._metrics_server is not None else "http"
+        self.metrics_url = f"{scheme}://{address[0]}:{address[1]}/metrics"
+        return address
 
     def _add_explainer(self, server: grpc.Server) -> None:
         settings = self.config.explain
@@ -152,21 +188,26 @@ class Gateway:
         return bool(self.audit.healthy) and not self._stopped.is_set()
 
     def _update_health(self) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if self.ready()
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.health.set("", status)
-        self.health.set(_OIP_SERVICE, status)
+        serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                                health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = serving if self.ready() else not_serving
         # The policy source alone: while it is lost the installed policy stays in force (the
         # gateway serves), but a new version cannot arrive; monitors watch this service name.
-        up, _ = self.policy.source_status()
-        self.health.set(POLICY_SOURCE_SERVICE, health_pb2.HealthCheckResponse.SERVING if up
-                        and self.ready() else health_pb2.HealthCheckResponse.NOT_SERVING)
+        source = serving if status == serving and self.policy.source_status()[0] \
+            else not_serving
+        if (status, source) == self._health_status:
+            return  # set() messages every watcher, changed or not
+        self._health_status = (status, source)
+        self.health.set("", status)
+        self.health.set(_OIP_SERVICE, status)
+        self.health.set(POLICY_SOURCE_SERVICE, source)
 
     def _health_loop(self) -> None:
         while not self._stopped.wait(_HEALTH_INTERVAL):
             try:
                 self._update_health()
                 self._record_alerts()
+                self.guard.write_summaries()
                 if self.monitor is not None:
                     self.monitor.set_audit(self.audit.size, self.audit.checkpoint_age)
             except Exception:  # the loop must outlive any one failure, or health goes stale
@@ -234,10 +275,24 @@ class Gateway:
                 self.monitor.flush()  # what was queued still gets scored ...
                 self._record_alerts()  # ... and its alerts recorded, before the log closes
                 self.monitor.stop_http()
+            if self._metrics_server is not None:
+                self._metrics_server.stop()
+            self.guard.write_summaries(everything=True)
             self.audit.close()
             log.info("gateway stopped")
         finally:
             self._done.set()
+
+
+def _loopback(listen: str) -> bool:
+    """Whether ``listen`` (host:port) binds only the loopback interface."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _monitor(config: GatewayConfig):

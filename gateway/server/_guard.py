@@ -5,8 +5,12 @@
         ...                              # decode, run, encode
         return response                  # leaves only after the audit record is durable
 
-On enter the caller is authenticated (UNAUTHENTICATED) and policy decides (PERMISSION_DENIED);
-an unknown model is denied exactly like a forbidden one, so model names cannot be probed.
+On enter the caller's strings are checked against their length limits (INVALID_ARGUMENT),
+the caller is authenticated (UNAUTHENTICATED), held to its concurrency limits
+(RESOURCE_EXHAUSTED, see :mod:`gateway.server._limits`) and policy decides
+(PERMISSION_DENIED); an unknown model is denied exactly like a forbidden one, so model names
+cannot be probed. Refusals beyond a caller's refusal rate are answered RESOURCE_EXHAUSTED
+and summarised rather than recorded one by one.
 On exit one audit record is written and made durable before the response leaves; if that
 fails the call fails with UNAVAILABLE instead of being served unaudited (fail closed). A
 :class:`~gateway.errors.GatewayError` raised inside the block ends the call with its status;
@@ -19,13 +23,15 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import grpc
 
+from gateway.config import ServerSettings
 from gateway.errors import (
     AuditUnavailable,
     GatewayError,
+    InvalidRequest,
     ModelUnavailable,
     PermissionDenied,
     QuotaExceeded,
@@ -33,6 +39,7 @@ from gateway.errors import (
 )
 from gateway.models import LOADED, LoadedModel, ModelEntry
 from gateway.policy import GATEWAY_OBJECT
+from gateway.server._limits import Limits, Stream
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +48,16 @@ RECEIPT_INDEX = "gateway-audit-index"
 RECEIPT_LEAF = "gateway-audit-leaf-hash"
 #: Actions that consume the caller's quota (token bucket) in the monitor.
 METERED_ACTIONS = frozenset({"infer", "explain"})
-#: Longest request id accepted from a caller; longer ones are replaced, not truncated silently.
-_MAX_REQUEST_ID = 128
+#: Length limits, in bytes of UTF-8, on the strings a caller chooses; checked before
+#: anything else (INVALID_ARGUMENT beyond), so none of them is ever stored, logged or used
+#: as a metric label at an arbitrary size.
+MAX_MODEL_NAME = 255
+MAX_MODEL_VERSION = 64
+MAX_REQUEST_ID = 128
+#: Tensor names, datatypes and parameter keys (ModelInfer) and any other caller string.
+MAX_NAME = 255
+#: Metric label for a model the repository does not know (names are caller-chosen).
+UNKNOWN_MODEL = "(unknown)"
 # Ids for calls that bring none: a random per-process prefix and a counter. Unique across
 # restarts and replicas without a getrandom(2) per call, which releases the GIL and so costs
 # a thread hand-off on a busy server; ids need uniqueness, not unpredictability.
@@ -53,36 +68,64 @@ _id_counter = itertools.count(1)
 class Guard:
     """Identity, policy and audit for every handler, wired once at server start."""
 
-    def __init__(self, *, verifier, policy, models, audit, monitor=None) -> None:
+    def __init__(self, *, verifier, policy, models, audit, monitor=None,
+                 limits: Limits | None = None) -> None:
         self.verifier = verifier
         self.policy = policy
         self.models = models
         self.audit = audit
         self.monitor = monitor
+        self.limits = limits if limits is not None else Limits(ServerSettings())
 
     def call(self, context: grpc.ServicerContext, *, rpc: str, action: str | None,
              model: str = "", version: str = "", request_id: str = "",
              request_attributes: Mapping[str, object] | None = None,
-             must_exist: bool = True) -> Call:
+             must_exist: bool = True, stream: str = "", summarise: bool = False,
+             strings: Sequence[tuple[str, str]] = ()) -> Call:
         """A guarded call; ``action=None`` means a server-level RPC (certificate only).
 
         ``must_exist=False`` lets an allowed call name a model the repository does not know
         yet (loading a new version); otherwise unknown models are denied like forbidden ones.
+        ``stream`` ("bidi" or "server") makes it a stream, held to the stream limits;
+        ``summarise`` records only the caller's first such call per summary interval and
+        counts the rest (health probes). ``strings`` are other caller-chosen strings, as
+        (what, value) pairs, held to ``MAX_NAME`` bytes.
         """
         return Call(self, context, rpc, action, model, version, request_id,
-                    request_attributes or {}, must_exist)
+                    request_attributes or {}, must_exist, stream, summarise, strings)
+
+    def refuse(self, context: grpc.ServicerContext, rpc: str, error: GatewayError,
+               reason: str) -> None:
+        """Refuse a call before its handler runs (audited or, over the caller's refusal
+        rate, counted); always ends by aborting the call."""
+        call = Call(self, context, rpc, None, "", "", "", {}, True, "", False, ())
+        try:
+            call.identity = self.verifier.authenticate(context)
+        except Unauthenticated:
+            pass  # refused for ``error``; the record names the certificate, not an identity
+        call._refuse(error, reason)
+
+    def write_summaries(self, *, everything: bool = False) -> None:
+        """Append the ``call_summary`` records that are due (the health loop calls this)."""
+        for record in self.limits.drain(everything=everything):
+            try:
+                self.audit.append("call_summary", record)
+            except Exception:  # the log is unhealthy: health reports it; keep counting
+                log.exception("call summary not recorded")
 
 
 class Call:
     """One guarded RPC; see the module docstring."""
 
-    __slots__ = ("_attributes", "_context", "_guard", "_must_exist", "_request_attributes",
-                 "_t0", "action", "decision", "entry", "fields", "identity", "model_name",
-                 "request_id", "rpc", "timings", "version")
+    __slots__ = ("_attributes", "_context", "_guard", "_holding", "_must_exist",
+                 "_request_attributes", "_stream_kind", "_strings", "_summarise", "_t0",
+                 "action", "decision", "entry", "fields", "identity", "model_name",
+                 "request_id", "rpc", "stream", "timings", "version")
 
     def __init__(self, guard: Guard, context: grpc.ServicerContext, rpc: str,
                  action: str | None, model: str, version: str, request_id: str,
-                 request_attributes: Mapping[str, object], must_exist: bool) -> None:
+                 request_attributes: Mapping[str, object], must_exist: bool,
+                 stream: str, summarise: bool, strings: Sequence[tuple[str, str]]) -> None:
         self._guard = guard
         self._context = context
         self._t0 = time.perf_counter_ns()
@@ -90,8 +133,7 @@ class Call:
         self.action = action
         self.model_name = model
         self.version = version
-        self.request_id = (request_id if request_id and len(request_id) <= _MAX_REQUEST_ID
-                           else f"{_ID_PREFIX}-{next(_id_counter):08x}")
+        self.request_id = request_id or f"{_ID_PREFIX}-{next(_id_counter):08x}"
         self.identity = None
         self.decision = None
         self.entry: ModelEntry | None = None
@@ -100,7 +142,12 @@ class Call:
         self.fields: dict[str, object] = {}
         self._request_attributes = request_attributes
         self._must_exist = must_exist
-        guard.audit.announce()  # this call will append one record: let group commit wait
+        self._stream_kind = stream
+        self._summarise = summarise
+        self._strings = strings
+        self._holding = False  # holds one of the identity's unary call slots
+        #: The stream's slot (streams only), for :meth:`requests`.
+        self.stream: Stream | None = None
 
     # -- enter: identity, then policy ------------------------------------------------------
 
@@ -119,19 +166,34 @@ class Call:
 
     def _admit(self) -> Call:
         guard = self._guard
+        invalid = self._check_strings()
         try:
             self.identity = guard.verifier.authenticate(self._context)
         except Unauthenticated as err:
-            self._finish(err, "deny", "unauthenticated")
+            self._refuse(invalid or err, "invalid-argument" if invalid else "unauthenticated")
+        if invalid is not None:
+            self._refuse(invalid, "invalid-argument")
+        limits = guard.limits
+        if not self._stream_kind:
+            if not limits.enter_call(self.identity.id):
+                self._refuse(QuotaExceeded(
+                    f"too many calls in progress for {self.identity.id} (at most "
+                    f"{limits.settings.max_calls_per_identity} at once)"), "concurrency")
+            self._holding = True
         if self.action is None:
+            self._open_stream()
             self.timings["decision"] = _us_since(self._t0)
+            if self._summarise and not limits.first_in_window(self.identity.id, self.rpc):
+                return self  # counted on exit, not recorded one by one
+            self._summarise = False
+            guard.audit.announce()  # this call will append one record: let group commit wait
             return self
         monitor = guard.monitor
         if monitor is not None and self.action in METERED_ACTIONS:
             try:
                 monitor.admit(self.identity.id, guard.policy.snapshot.roles_of(self.identity.id))
             except QuotaExceeded as err:
-                self._finish(err, "deny", "quota")
+                self._refuse(err, "quota")
         if self.model_name:
             self.entry = guard.models.entry(self.model_name, self.version)
         self._attributes = self._base_attributes()
@@ -140,10 +202,92 @@ class Call:
         self.decision = decision
         self.timings["decision"] = _us_since(self._t0)
         if not decision.allowed:
-            self._finish(PermissionDenied(self.denied_message()), "deny", "policy")
+            self._refuse(PermissionDenied(self.denied_message()), "policy")
         if self.model_name and self.entry is None and self._must_exist:
-            self._finish(PermissionDenied(self.denied_message()), "deny", "unknown-model")
+            self._refuse(PermissionDenied(self.denied_message()), "unknown-model")
+        self._open_stream()
+        guard.audit.announce()  # this call will append one record: let group commit wait
         return self
+
+    def _check_strings(self) -> InvalidRequest | None:
+        """The first caller-chosen string over its limit, as the error (None: all fit).
+
+        An over-long string is replaced, in this call's record and metrics, by its first
+        characters and its length, so it is never kept whole anywhere.
+        """
+        # Fast path: UTF-8 takes at most 4 bytes a character, so short strings fit unencoded.
+        if len(self.model_name) <= MAX_MODEL_NAME // 4 and \
+                len(self.version) <= MAX_MODEL_VERSION // 4 and \
+                len(self.request_id) <= MAX_REQUEST_ID // 4 and \
+                all(len(value) <= MAX_NAME // 4 for _, value in self._strings):
+            return None
+        checks = [("model name", self.model_name, MAX_MODEL_NAME),
+                  ("model version", self.version, MAX_MODEL_VERSION),
+                  ("request id", self.request_id, MAX_REQUEST_ID)]
+        checks += [(what, value, MAX_NAME) for what, value in self._strings]
+        for what, value, limit in checks:
+            size = len(value.encode("utf-8", "replace"))
+            if size > limit:
+                self.model_name = _clip(self.model_name, MAX_MODEL_NAME)
+                self.version = _clip(self.version, MAX_MODEL_VERSION)
+                self.request_id = _clip(self.request_id, MAX_REQUEST_ID)
+                return InvalidRequest(f"{what} is {size} bytes; at most {limit} are accepted")
+        return None
+
+    def _open_stream(self) -> None:
+        if not self._stream_kind:
+            return
+        self.stream = self._guard.limits.open_stream(self.identity.id, self._context,
+                                                     idle=self._stream_kind == "bidi")
+        if self.stream is None:
+            settings = self._guard.limits.settings
+            self._refuse(QuotaExceeded(
+                f"too many streams open (at most {settings.max_streams_per_identity} per "
+                f"identity and {settings.max_streams} in all)"), "concurrency")
+
+    def requests(self, iterator):  # type: ignore[no-untyped-def]
+        """The caller's stream of messages; each one resets the stream's idle time.
+
+        When the stream ends early (cut by its idle or total limit, or cancelled by the
+        caller) this raises :class:`StreamEnded`, so the call's record says why.
+        """
+        stream = self.stream
+        try:
+            for message in iterator:
+                stream.touch()
+                yield message
+        except grpc.RpcError:
+            if stream.ended is None:
+                raise StreamEnded("stream cancelled by the caller") from None
+        if stream.ended is not None:  # cut by the watchdog, however gRPC reported it
+            limits = self._guard.limits.settings
+            raise StreamEnded(
+                f"stream idle for {limits.stream_idle_seconds:g} s; ended"
+                if stream.ended == "idle" else
+                f"stream open for {limits.stream_max_seconds:g} s; ended")
+
+    def _refuse(self, error: GatewayError, reason: str) -> None:
+        """Refuse the call: recorded, or beyond the caller's refusal rate only counted."""
+        guard = self._guard
+        identity = self.identity
+        cert = identity.cert_sha256 if identity is not None else \
+            guard.verifier.presented_sha256(self._context)
+        key = identity.id if identity is not None else (cert or "")
+        if guard.limits.refusal_allowed(key):
+            self._finish(error, "deny", reason)
+        self._release()
+        guard.limits.count(None if identity is None else identity.id, cert, self.rpc, reason,
+                           grpc.StatusCode.RESOURCE_EXHAUSTED.name)
+        if guard.monitor is not None:
+            guard.monitor.metrics.refusal_limited(reason)
+        self._abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{error} (refused calls from this caller are over their rate limit; "
+                    f"they are counted, not recorded one by one)")
+
+    def _release(self) -> None:
+        if self._holding:
+            self._holding = False
+            self._guard.limits.exit_call(self.identity.id)
 
     def authorize_with(self, attributes: Mapping[str, object]) -> None:
         """Ask policy again with attributes known only after decoding (anomaly scores).
@@ -194,6 +338,9 @@ class Call:
     # -- exit: audit, then the response ----------------------------------------------------
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None and self._summarise:
+            self._summarised()
+            return False
         if exc is None:
             self._finish(None, "allow", "policy" if self.action else "certificate")
             return False
@@ -215,6 +362,7 @@ class Call:
         """Write the audit record; then abort with ``error`` or let the response leave."""
         status = grpc.StatusCode.OK if error is None else error.status
         self.timings["total"] = _us_since(self._t0)
+        self._release()
         record = self._record(decision, reason, status)
         try:
             receipt = self._guard.audit.append("decision", record)
@@ -230,13 +378,33 @@ class Call:
             (RECEIPT_INDEX, str(receipt.index)),
             (RECEIPT_LEAF, receipt.leaf_hash.hex()),
         ))
-        monitor = self._guard.monitor
-        if monitor is not None:
-            monitor.observe_request(self.model_name, self.version, self.action or "server",
-                                    decision, status.name,
-                                    {k: v / 1e6 for k, v in self.timings.items()})
+        self._observe(decision, status)
         if error is not None:
             self._abort(status, str(error))
+
+    def _summarised(self) -> None:
+        """A call only counted into its summary (health probes after the interval's first)."""
+        self.timings["total"] = _us_since(self._t0)
+        self._release()
+        identity = self.identity
+        self._guard.limits.count(identity.id, identity.cert_sha256, self.rpc, "summarised",
+                                 grpc.StatusCode.OK.name)
+        self._observe("allow", grpc.StatusCode.OK)
+
+    def _observe(self, decision: str, status: grpc.StatusCode) -> None:
+        """Request metrics, labelled only with models the repository knows."""
+        monitor = self._guard.monitor
+        if monitor is None:
+            return
+        entry = self.entry
+        if entry is None and self.model_name:  # refused before the model was looked up
+            entry = self._guard.models.entry(self.model_name, self.version)
+        if entry is not None:
+            model, version = entry.name, entry.version
+        else:
+            model, version = (UNKNOWN_MODEL if self.model_name else ""), ""
+        monitor.observe_request(model, version, self.action or "server", decision,
+                                status.name, {k: v / 1e6 for k, v in self.timings.items()})
 
     def _abort(self, status: grpc.StatusCode, message: str) -> None:
         try:
@@ -244,13 +412,20 @@ class Call:
         except Exception as aborted:  # grpc signals abort by raising; keep it recognisable
             raise _Finished() from aborted
 
+    def _refused_caller(self) -> dict | None:
+        """A caller without an identity: the SHA-256 of the certificate it presented, if any,
+        so a refused certificate can still be named (None: it presented none)."""
+        cert = self._guard.verifier.presented_sha256(self._context)
+        return None if cert is None else {"id": None, "cert_sha256": cert, "issuer": None,
+                                          "serial": None}
+
     def _record(self, decision: str, reason: str, status: grpc.StatusCode) -> dict:
         identity = self.identity
         entry = self.entry
         model = entry.model if entry is not None else None
         policy = self.decision
         record = {
-            "caller": None if identity is None else {
+            "caller": self._refused_caller() if identity is None else {
                 "id": identity.id, "cert_sha256": identity.cert_sha256,
                 "issuer": identity.issuer, "serial": identity.serial,
             },
@@ -280,8 +455,19 @@ class PolicyUnavailable(GatewayError):
     status = grpc.StatusCode.UNAVAILABLE
 
 
+class StreamEnded(GatewayError):
+    """A stream ended before its caller closed it: a time limit, or the caller cancelled."""
+
+    status = grpc.StatusCode.CANCELLED
+
+
 class _Finished(Exception):
     """Raised through the handler after the call was audited and aborted."""
+
+
+def _clip(value: str, limit: int) -> str:
+    size = len(value.encode("utf-8", "replace"))
+    return value if size <= limit else f"{value[:32]}...({size} bytes)"
 
 
 def _us_since(t0: int) -> int:

@@ -1,0 +1,401 @@
+"""What keeps one caller from holding the server: concurrency, stream time and refusal limits.
+
+The gRPC server runs every call on one of ``[server] workers`` threads. Three limits keep
+any one identity (or certificate) from taking them all, each answered RESOURCE_EXHAUSTED:
+
+- **unary calls in progress** per identity (``max_calls_per_identity``), enforced while the
+  server is backed up (``workers`` calls or more wait for a worker; :class:`WorkerPool`
+  counts them): an identity may use idle workers, and a busy client is served at full
+  concurrency, but a flood queued ahead of other callers is cut back to its share and
+  answered at once, so their calls reach a worker;
+- **streams** (server reflection, health Watch) open at once, in all and per identity
+  (``max_streams``, ``max_streams_per_identity``); ``max_streams`` is at most half the
+  workers, so streams can never starve unary calls. A stream is ended (CANCELLED) when the
+  caller has sent nothing for ``stream_idle_seconds`` or it has been open for
+  ``stream_max_seconds``: a watchdog thread cancels it, which wakes the worker it held;
+- **calls waiting for their request message**: gRPC's threaded server reads a unary call's
+  message on the worker, so a client that opens calls and never sends the message would
+  hold a worker each, before any handler (or identity check) runs. Every unary method is
+  therefore served as a stream (:mod:`gateway.server._reads`) and its wait watched: a
+  message missing after a grace period makes the call *slow*, and at most
+  ``max_pending_requests_per_certificate`` slow calls of one client certificate, and
+  half the workers in all, may go on waiting, for at most ``request_timeout_seconds``;
+  the others are cancelled (CANCELLED, recorded with reason ``request-timeout``);
+- **refused calls** (unauthenticated, denied, over a limit, malformed) per identity or, for a
+  certificate that is not an identity, per certificate: a token bucket of ``refusal_rate``
+  a second and ``refusal_burst`` at once. Within it each refusal is an audit record as
+  before; beyond it the call is answered RESOURCE_EXHAUSTED, costs no durable write, and is
+  counted into a summary record instead.
+
+**Summaries**, not one record per call, are how refused floods and health probes reach the
+audit log without the log itself being the denial-of-service vector: per (caller, RPC,
+reason, status) a counter, written as one ``call_summary`` record per
+``summary_interval_seconds`` (the server's health loop drains them). Health checks are
+recorded individually once per identity per interval (the first), the rest are counted.
+Every table here is bounded (LRU); what no longer fits is folded into one entry.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+
+from gateway.config import ServerSettings
+
+log = logging.getLogger(__name__)
+
+#: Keys (identities, certificates) each table tracks; the least recently seen go first.
+MAX_KEYS = 4096
+#: Shortest sleep of the watchdog between passes (time limits are this coarse).
+_TICK_S = 0.1
+#: How long a unary call may wait for its request message before it counts as slow.
+_READ_GRACE_S = 0.25
+#: The key summaries fold into when the table is full.
+OTHER = "(other)"
+
+
+class WorkerPool(ThreadPoolExecutor):
+    """The server's worker threads, counting the calls that wait for one."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(max_workers=workers, thread_name_prefix="rpc")
+        self._count_lock = threading.Lock()
+        #: Calls submitted and not yet started.
+        self.waiting = 0
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[no-untyped-def]
+        with self._count_lock:
+            self.waiting += 1
+
+        def run():  # type: ignore[no-untyped-def]
+            with self._count_lock:
+                self.waiting -= 1
+            return fn(*args, **kwargs)
+
+        return super().submit(run)
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    last: float
+
+
+class Stream:
+    """One open stream's slot: ``touch`` on each message; ``ended`` says why it was cut."""
+
+    __slots__ = ("_limits", "context", "deadline", "ended", "idle_limit", "key", "last",
+                 "released")
+
+    def __init__(self, limits: Limits, key: str, context: grpc.ServicerContext,
+                 now: float, idle: bool, seconds: float | None = None) -> None:
+        self._limits = limits
+        self.key = key
+        self.context = context
+        self.last = now
+        self.deadline = now + (limits.settings.stream_max_seconds if seconds is None
+                               else seconds)
+        self.idle_limit = limits.settings.stream_idle_seconds if idle else None
+        #: "idle" or "total" once the watchdog has cut the stream.
+        self.ended: str | None = None
+        self.released = False
+
+    def touch(self) -> None:
+        self.last = self._limits.clock()
+
+    def release(self) -> None:
+        self._limits._release_stream(self)
+
+
+class PendingRead(Stream):
+    """A unary call waiting for its request message; ``release`` once it has arrived."""
+
+    __slots__ = ("slow",)
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        #: Past the grace period and counted against its certificate.
+        self.slow = False
+
+    def release(self) -> None:
+        self._limits._release_read(self)
+
+
+class Limits:
+    """The limits of the module docstring, for one server; every method is thread-safe."""
+
+    def __init__(self, settings: ServerSettings, pool: WorkerPool | None = None,
+                 clock: Callable[[], float] = time.monotonic, *,
+                 peer_key: Callable[[grpc.ServicerContext], bytes] = lambda context: b"",
+                 ) -> None:
+        self.settings = settings
+        self.pool = pool
+        #: The client certificate of a call, as the key of its slow-request count.
+        self.peer_key = peer_key
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._calls: dict[str, int] = {}
+        self._streams: dict[str, int] = {}
+        self._open: set[Stream] = set()
+        self._reads: dict[bytes, int] = {}
+        self._reading = 0
+        self._stalled: OrderedDict[bytes, float] = OrderedDict()
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._first: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # (caller id, certificate sha256, rpc, reason, status) -> [count, first wall ms]
+        self._summaries: dict[tuple[str | None, str | None, str, str, str], list[int]] = {}
+        self._wake = threading.Condition(self._lock)
+        self._heap: list[tuple[float, int, Stream]] = []
+        self._seq = 0
+        self._watchdog: threading.Thread | None = None
+
+    # -- unary calls -------------------------------------------------------------------------
+
+    def enter_call(self, key: str) -> bool:
+        """Take one of ``key``'s unary slots; False if it holds its share while the server is
+        backed up: at least ``workers`` calls wait for a worker (without a pool: whenever
+        it holds its share)."""
+        with self._lock:
+            held = self._calls.get(key, 0)
+            if held >= self.settings.max_calls_per_identity and (
+                    self.pool is None or self.pool.waiting >= self.settings.workers):
+                return False
+            self._calls[key] = held + 1
+            return True
+
+    def exit_call(self, key: str) -> None:
+        with self._lock:
+            _decrement(self._calls, key)
+
+    # -- streams ---------------------------------------------------------------------------
+
+    def open_stream(self, key: str, context: grpc.ServicerContext, *,
+                    idle: bool = True) -> Stream | None:
+        """A stream slot for ``key`` (released when the RPC ends), or None if over a limit.
+
+        ``idle=False`` for server-streaming RPCs, where the caller sends nothing after the
+        request: only the total time limit applies.
+        """
+        now = self.clock()
+        s = self.settings
+        with self._lock:
+            held = self._streams.get(key, 0)
+            if held >= s.max_streams_per_identity or len(self._open) >= s.max_streams:
+                return None
+            stream = Stream(self, key, context, now, idle)
+            self._streams[key] = held + 1
+            self._open.add(stream)
+            self._schedule(stream, now)
+            self._start_watchdog()
+        if not context.add_callback(stream.release):  # the RPC has ended already
+            stream.release()
+        return stream
+
+    def start_read(self, context: grpc.ServicerContext) -> PendingRead | None:
+        """A unary call starts waiting for its request message: watched from now on.
+
+        Nearly always the message is there already and :meth:`PendingRead.release` follows
+        at once. One still missing after ``_READ_GRACE_S`` is *slow*: it may stay only if its
+        client certificate has fewer than ``max_pending_requests_per_certificate`` slow
+        calls and the server fewer than half its workers; otherwise, and in any case after
+        ``request_timeout_seconds``, the watchdog cancels it. A certificate with a call
+        cancelled for being over its count is *stalling* for ``request_timeout_seconds``:
+        its new calls get None (to be refused at once), so it cannot keep every worker
+        waiting through grace periods either.
+        """
+        now = self.clock()
+        if self._stalled and self._stalling(self.peer_key(context), now):
+            return None
+        read = PendingRead(self, b"", context, now, False, _READ_GRACE_S)
+        with self._lock:
+            self._schedule(read, now)
+            self._start_watchdog()
+        return read
+
+    def _stalling(self, key: bytes, now: float) -> bool:
+        with self._lock:
+            until = self._stalled.get(key)
+            if until is None:
+                return False
+            if now < until:
+                return True
+            del self._stalled[key]
+            return False
+
+    def _slow_read(self, read: PendingRead, now: float) -> bool:
+        """With the lock held, at the grace deadline: keep ``read`` waiting (True) or not."""
+        s = self.settings
+        try:
+            read.key = self.peer_key(read.context)
+        except Exception:  # a call gone meanwhile: nothing to keep waiting
+            return False
+        held = self._reads.get(read.key, 0)
+        if held >= s.max_pending_requests_per_certificate or \
+                self._reading >= max(1, s.workers // 2):
+            self._stalled[read.key] = now + s.request_timeout_seconds
+            self._stalled.move_to_end(read.key)
+            if len(self._stalled) > MAX_KEYS:
+                self._stalled.popitem(last=False)
+            return False
+        self._reads[read.key] = held + 1
+        self._reading += 1
+        read.slow = True
+        read.deadline = read.last + s.request_timeout_seconds
+        self._schedule(read, now)
+        return True
+
+    def _release_read(self, read: PendingRead) -> None:
+        with self._lock:
+            if read.released:
+                return
+            read.released = True
+            if not read.slow:
+                return
+            self._reading -= 1
+            _decrement(self._reads, read.key)
+
+    def _start_watchdog(self) -> None:
+        """With the lock held: the watchdog thread runs from the first slot on."""
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watch, name="stream-limits",
+                                              daemon=True)
+            self._watchdog.start()
+
+    def open_streams(self) -> int:
+        return len(self._open)
+
+    def _schedule(self, stream: Stream, now: float) -> None:
+        """With the lock held: wake the watchdog when ``stream`` next needs a look."""
+        due = stream.deadline
+        if stream.idle_limit is not None:
+            due = min(due, stream.last + stream.idle_limit)
+        self._seq += 1
+        heapq.heappush(self._heap, (due, self._seq, stream))
+        if self._heap[0][2] is stream:  # else the watchdog wakes earlier anyway
+            self._wake.notify()
+
+    def _release_stream(self, stream: Stream) -> None:
+        with self._lock:
+            if stream.released:
+                return
+            stream.released = True
+            self._open.discard(stream)
+            _decrement(self._streams, stream.key)
+
+    def _watch(self) -> None:
+        """Cancel streams past their idle or total limit (the one thread that does)."""
+        while True:
+            cut: list[Stream] = []
+            with self._lock:
+                while not self._heap:
+                    self._wake.wait()
+                now = self.clock()
+                while self._heap and self._heap[0][0] <= now:
+                    _, _, stream = heapq.heappop(self._heap)
+                    if stream.released:
+                        continue
+                    if type(stream) is PendingRead and not stream.slow and \
+                            now >= stream.deadline:
+                        if self._slow_read(stream, now):
+                            continue
+                        stream.ended = "pending"
+                    elif now >= stream.deadline:
+                        stream.ended = "total"
+                    elif stream.idle_limit is not None and \
+                            now >= stream.last + stream.idle_limit:
+                        stream.ended = "idle"
+                    else:  # it was touched since: look again later
+                        self._schedule(stream, now)
+                        continue
+                    cut.append(stream)
+                if not cut:  # at most one pass a tick: slots come and go by the thousand
+                    self._wake.wait(max(_TICK_S, self._heap[0][0] - now) if self._heap
+                                    else None)
+            for stream in cut:
+                try:
+                    stream.context.cancel()  # wakes the worker blocked on the stream
+                except Exception:  # the watchdog must outlive any one call
+                    log.exception("could not cancel a stream past its limit")
+
+    # -- refusals and summaries ------------------------------------------------------------
+
+    def refusal_allowed(self, key: str) -> bool:
+        """Take a token from ``key``'s refusal bucket; False when it is empty."""
+        s = self.settings
+        now = self.clock()
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = _Bucket(float(s.refusal_burst), now)
+                if len(self._buckets) > MAX_KEYS:
+                    self._buckets.popitem(last=False)
+            else:
+                self._buckets.move_to_end(key)
+                bucket.tokens = min(float(s.refusal_burst),
+                                    bucket.tokens + (now - bucket.last) * s.refusal_rate)
+                bucket.last = now
+            if bucket.tokens >= 1.0:
+                bucket.tokens -= 1.0
+                return True
+            return False
+
+    def first_in_window(self, key: str, rpc: str) -> bool:
+        """True for ``key``'s first ``rpc`` call in the current summary interval."""
+        now = self.clock()
+        with self._lock:
+            start = self._first.get((key, rpc))
+            if start is not None and now - start < self.settings.summary_interval_seconds:
+                return False
+            self._first[(key, rpc)] = now
+            self._first.move_to_end((key, rpc))
+            if len(self._first) > MAX_KEYS:
+                self._first.popitem(last=False)
+            return True
+
+    def count(self, caller_id: str | None, cert_sha256: str | None, rpc: str, reason: str,
+              status: str) -> None:
+        """Count one call into its summary (written by :meth:`drain`)."""
+        key = (caller_id, cert_sha256, rpc, reason, status)
+        with self._lock:
+            entry = self._summaries.get(key)
+            if entry is None:
+                if len(self._summaries) >= MAX_KEYS:
+                    key = (OTHER, None, rpc, reason, status)
+                    entry = self._summaries.get(key)
+                if entry is None:
+                    entry = self._summaries[key] = [0, time.time_ns() // 1_000_000]
+            entry[0] += 1
+
+    def drain(self, *, everything: bool = False) -> list[dict[str, object]]:
+        """The ``call_summary`` records due (a full interval old), or all of them."""
+        now_ms = time.time_ns() // 1_000_000
+        interval_ms = int(self.settings.summary_interval_seconds * 1000)
+        out = []
+        with self._lock:
+            for key, (count, start_ms) in list(self._summaries.items()):
+                if everything or now_ms - start_ms >= interval_ms:
+                    del self._summaries[key]
+                    caller_id, cert_sha256, rpc, reason, status = key
+                    out.append({
+                        "caller": {"id": caller_id, "cert_sha256": cert_sha256},
+                        "rpc": rpc, "reason": reason, "status": status, "count": count,
+                        "window": {"start_ms": start_ms, "end_ms": now_ms},
+                    })
+        return out
+
+
+def _decrement(counts: dict, key) -> None:  # type: ignore[type-arg]
+    """One fewer for ``key``; a count that reaches 0 leaves the table (it stays bounded)."""
+    held = counts.get(key, 0) - 1
+    if held > 0:
+        counts[key] = held
+    else:
+        counts.pop(key, None)
