@@ -66,14 +66,16 @@ def make_demo_env(root: Path, **overrides: dict[str, object]) -> DemoEnv:
 
 def add_replica(env: DemoEnv, name: str) -> DemoEnv:
     """Another replica of ``env``'s deployment: the same PKI, models and settings, with its
-    own config file ``<name>.toml``, audit directory ``audit-<name>`` and instance id
-    ``name`` (start it with :func:`start_gateway`). Shared state (a PostgreSQL policy
-    source, say) is shared only if the configuration says so."""
+    own config file ``<name>.toml``, audit directory ``audit-<name>`` (and witness copy
+    beside it) and instance id ``name`` (start it with :func:`start_gateway`). Shared state
+    (a PostgreSQL policy source, say) is shared only if the configuration says so."""
     import tomllib
 
     sections = tomllib.loads(env.config.read_text())
     sections.setdefault("server", {})["instance_id"] = name
-    sections.setdefault("audit", {})["directory"] = f"audit-{name}"
+    audit = sections.setdefault("audit", {})
+    audit["directory"] = f"audit-{name}"
+    audit["witness"] = f"audit-{name}-witness/checkpoint"  # each log has its own witness
     config = env.root / f"{name}.toml"
     config.write_text(_render(sections))
     return DemoEnv(root=env.root, config=config, certs=env.certs, models=env.models,
