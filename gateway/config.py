@@ -136,6 +136,18 @@ class PolicySettings:
     shadow: Path | None = None
     #: Seconds between audit summaries of shadow disagreements (only when there are new ones).
     shadow_summary_interval: float = 60.0
+    #: Where the live policy comes from: "files" (``directory``, watched for changes) or
+    #: "postgresql" (the versions ``gateway policy push`` publishes, shared by every replica;
+    #: see "Running several replicas" in the README). ``watch_interval`` is then the polling
+    #: backstop beside LISTEN/NOTIFY.
+    source: str = "files"
+    #: PostgreSQL DSN for source "postgresql"; empty: the environment variable GATEWAY_DSN.
+    dsn: str = ""
+
+    def __post_init__(self) -> None:
+        if self.source not in ("files", "postgresql"):
+            raise ConfigError(f"[policy] source must be \"files\" or \"postgresql\", "
+                              f"not {self.source!r}")
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,17 @@
     d.allowed, d.rule, d.policy_digest        # True, "policy.csv:7", "1ca5..."
     store.start_watching(1.0)                 # reload on file change (or call store.reload())
 
+    # One policy for many replicas: the versions `gateway policy push` publishes to PostgreSQL
+    # (gateway.policy.postgres), watched by LISTEN/NOTIFY; the same reload installs them.
+    store = PolicyStore.open(open_source("postgresql", Path("policies"), dsn))
+
 The policy directory holds ``model.conf`` and ``policy.csv`` in casbin's formats and
 ``tests/*.yaml`` cases that every reload must pass; the language (subjects, roles, objects,
 actions, conditions, the deny-wins / default-deny rule) is documented in policies/README.md.
 The API defined here is what the server uses; everything else is private.
 """
 
-from gateway.policy._cases import Case, Report, load_cases, run_cases
+from gateway.policy._cases import Case, Report, load_cases, parse_cases, run_cases
 from gateway.policy._condition import ATTRIBUTE_PREFIXES, attribute_problem, did_you_mean
 from gateway.policy._engine import DEFAULT_DENY, Decision, Snapshot
 from gateway.policy._lint import Finding, lint
@@ -26,7 +30,18 @@ from gateway.policy._source import (
     PolicyError,
     Problem,
 )
-from gateway.policy._store import PolicyStore, ReloadResult, case_files, compile_directory
+from gateway.policy._store import (
+    Bundle,
+    DirectorySource,
+    PolicyStore,
+    ReloadResult,
+    Source,
+    SourceCollector,
+    case_files,
+    compile_bundle,
+    compile_directory,
+    open_source,
+)
 
 __all__ = [
     "ACTIONS",
@@ -35,8 +50,10 @@ __all__ = [
     "GATEWAY_OBJECT",
     "MODEL_FILE",
     "POLICY_FILE",
+    "Bundle",
     "Case",
     "Decision",
+    "DirectorySource",
     "Finding",
     "PolicyError",
     "PolicyStore",
@@ -45,11 +62,16 @@ __all__ = [
     "Report",
     "ShadowCollector",
     "Snapshot",
+    "Source",
+    "SourceCollector",
     "attribute_problem",
     "case_files",
+    "compile_bundle",
     "compile_directory",
     "did_you_mean",
     "lint",
     "load_cases",
+    "open_source",
+    "parse_cases",
     "run_cases",
 ]
