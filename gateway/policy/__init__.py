@@ -17,6 +17,7 @@ from gateway.policy._cases import Case, Report, load_cases, run_cases
 from gateway.policy._condition import ATTRIBUTE_PREFIXES, attribute_problem, did_you_mean
 from gateway.policy._engine import DEFAULT_DENY, Decision, Snapshot
 from gateway.policy._lint import Finding, lint
+from gateway.policy._settings import PolicySettings
 from gateway.policy._shadow import ShadowCollector
 from gateway.policy._source import (
     ACTIONS,
@@ -39,6 +40,7 @@ __all__ = [
     "Decision",
     "Finding",
     "PolicyError",
+    "PolicySettings",
     "PolicyStore",
     "Problem",
     "ReloadResult",
