@@ -30,7 +30,7 @@ from pathlib import Path
 from gateway.policy._cases import load_cases, run_cases
 from gateway.policy._condition import Attributes
 from gateway.policy._engine import Decision, Snapshot
-from gateway.policy._shadow import Shadow
+from gateway.policy._shadow import RequestRow, RulePair, Shadow, ShadowStats, ShadowSummary
 from gateway.policy._source import (
     CASES_DIR,
     MODEL_FILE,
@@ -126,12 +126,27 @@ def _compile(directory: Path, run_tests: bool, files: dict[str, bytes] | None) -
     return snapshot
 
 
+class ShadowSamples(ShadowStats):
+    """The shadow's totals and up to 100 of its disagreeing requests."""
+
+    live_digest: str
+    samples: list[RequestRow]
+
+
+class ShadowReport(ShadowStats):
+    """The shadow's totals and every disagreement, by rule pair and by request."""
+
+    live_digest: str
+    by_rule: list[RulePair]
+    by_request: list[RequestRow]
+
+
 class PolicyStore:
     """The live policy of one gateway (see the package docstring for the API)."""
 
     def __init__(self, directory: Path, snapshot: Snapshot,
                  on_reload: Callable[[ReloadResult], None] | None = None, *,
-                 on_shadow_summary: Callable[[dict[str, object]], None] | None = None,
+                 on_shadow_summary: Callable[[ShadowSummary], object] | None = None,
                  shadow_summary_interval: float = 60.0) -> None:
         self.directory = Path(directory)
         self._live = snapshot
@@ -152,7 +167,7 @@ class PolicyStore:
     def load(cls, directory: Path, *,
              on_reload: Callable[[ReloadResult], None] | None = None,
              shadow: Path | None = None,
-             on_shadow_summary: Callable[[dict[str, object]], None] | None = None,
+             on_shadow_summary: Callable[[ShadowSummary], object] | None = None,
              shadow_summary_interval: float = 60.0) -> PolicyStore:
         """Load and test the policy in ``directory``; PolicyError if it is not valid.
 
@@ -249,16 +264,16 @@ class PolicyStore:
                 _retire(old)  # after the callback: the audit record need not wait for this
             return result
 
-    def _stat_signature(self) -> tuple:
+    def _stat_signature(self) -> tuple[tuple[str, int | None, int | None, int | None], ...]:
         paths = [self.directory / MODEL_FILE, self.directory / POLICY_FILE,
                  *case_files(self.directory)]
-        out = []
+        out: list[tuple[str, int | None, int | None, int | None]] = []
         for path in paths:
             try:
                 st = path.stat()
                 out.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
             except OSError:
-                out.append((str(path), None))
+                out.append((str(path), None, None, None))
         return tuple(out)
 
     def start_watching(self, interval: float = 1.0) -> None:
@@ -307,7 +322,7 @@ class PolicyStore:
                  self._live.digest[:12])
         return snapshot.digest
 
-    def clear_shadow(self) -> dict[str, object] | None:
+    def clear_shadow(self) -> ShadowSummary | None:
         """Stop shadow evaluation; returns the final summary (None: there was no shadow)."""
         with self._reload_lock:
             previous, self._shadow = self._shadow, None
@@ -321,7 +336,7 @@ class PolicyStore:
         _retire(previous.snapshot)
         return summary
 
-    def shadow_stats(self) -> dict[str, object] | None:
+    def shadow_stats(self) -> ShadowSamples | None:
         """Counts of decisions and disagreements with the shadow policy (None: no shadow)."""
         shadow = self._shadow
         if shadow is None:
@@ -329,7 +344,7 @@ class PolicyStore:
         return {**shadow.stats(), "live_digest": self._live.digest,
                 "samples": shadow.requests()[:100]}
 
-    def shadow_report(self) -> dict[str, object] | None:
+    def shadow_report(self) -> ShadowReport | None:
         """Totals, disagreements by rule pair and by request (None: no shadow)."""
         shadow = self._shadow
         if shadow is None:
@@ -343,11 +358,11 @@ class PolicyStore:
         return self._shadow
 
     def _summarise(self, shadow: Shadow, *, final: bool, force: bool = False
-                   ) -> dict[str, object]:
+                   ) -> ShadowSummary:
         summary = shadow.summary(self._live.digest, final)
         if self._on_shadow_summary is not None and (
                 force or final or shadow.disagreements > shadow.reported):
-            shadow.reported = int(summary["disagreements"])
+            shadow.reported = summary["disagreements"]
             try:
                 self._on_shadow_summary(summary)
             except Exception:
