@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.audit import AuditSettings
 from gateway.client import ClientSettings
@@ -37,6 +37,11 @@ from gateway.policy import PolicySettings
 __all__ = ["SECTIONS", "GatewayConfig", "ModelSettings", "PolicySettings", "ServerSettings",
            "TlsSettings", "load_config", "parse_section"]
 
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Section = TypeVar("Section", bound="DataclassInstance")
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -124,20 +129,9 @@ class GatewayConfig:
     source: Path | None = None
 
 
-#: Each TOML section and the settings class it is read into (the fields of GatewayConfig).
-SECTIONS: dict[str, type] = {
-    "server": ServerSettings,
-    "tls": TlsSettings,
-    "models": ModelSettings,
-    "policy": PolicySettings,
-    "audit": AuditSettings,
-    "monitor": MonitorSettings,
-    "signing": SigningSettings,
-    "scan": ScanSettings,
-    "explain": ExplainSettings,
-    "robustness": RobustnessSettings,
-    "client": ClientSettings,
-}
+#: Each TOML section and the settings class it is read into: the fields of GatewayConfig.
+SECTIONS: dict[str, type[DataclassInstance]] = {
+    name: hint for name, hint in typing.get_type_hints(GatewayConfig).items() if name != "source"}
 
 
 def load_config(path: str | Path | None = None) -> GatewayConfig:
@@ -159,12 +153,14 @@ def load_config(path: str | Path | None = None) -> GatewayConfig:
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; "
                           f"known: {', '.join(SECTIONS)}")
-    built = {name: parse_section(cls, table.get(name, {}), base, f"{path}: [{name}]")
-             for name, cls in SECTIONS.items()}
+    # One settings object per section, each of its own class (checked by parse_section).
+    built: dict[str, Any] = {
+        name: parse_section(cls, table.get(name, {}), base, f"{path}: [{name}]")
+        for name, cls in SECTIONS.items()}
     return GatewayConfig(**built, source=source)
 
 
-def parse_section(cls: type, table: dict[str, Any], base: Path, where: str) -> Any:
+def parse_section(cls: type[Section], table: dict[str, Any], base: Path, where: str) -> Section:
     """Build settings dataclass ``cls`` from a TOML table, checking names and types.
 
     Relative ``Path`` fields, including defaults, are resolved against ``base``.
@@ -219,7 +215,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if type(value) is not hint:
             raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
         return value
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return parse_section(hint, value, Path("."), where)
     if origin is dict:
         if not isinstance(value, dict):

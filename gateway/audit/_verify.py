@@ -431,7 +431,7 @@ def _describe(region: list[tuple[int, int, int]]) -> tuple[str, int, str]:
 
 def verify_log(directory: Path, verifier: Verifier, *, since: str | None = None,
                witness: str | None = None, jobs: int | None = None, key_source: str = "",
-               progress: Callable[[int], None] | None = None) -> Report:
+               progress: Callable[[int], object] | None = None) -> Report:
     """Verify the log in ``directory`` against the log key ``verifier``; see the module doc.
 
     ``since`` and ``witness`` are signed checkpoint notes kept outside the log (an archived
