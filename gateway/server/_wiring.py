@@ -21,8 +21,10 @@ class ModelPipeline(NamedTuple):
 
     #: A fresh ONNX Runtime session configuration per loaded model.
     session_options: Callable[[], ort.SessionOptions]
-    #: (name, files, model.sig bytes or None) -> (digest, signer, rule), or None if unsigned.
-    verify: Callable[[str, dict[str, bytes], bytes | None], tuple[str, str, str] | None]
+    #: (name, version, files, digests, model.sig bytes or None) -> (digest, signer, rule), or
+    #: None if unsigned and allowed to be.
+    verify: Callable[[str, str, dict[str, bytes], dict[str, str], bytes | None],
+                     tuple[str, str, str] | None]
     #: (version directory, files): raises ModelUnavailable if the admission scan refuses.
     scan: Callable[[Path, dict[str, bytes]], None]
     #: An encrypted model file's bytes -> the plain ONNX bytes.
@@ -33,7 +35,7 @@ def model_pipeline(config: GatewayConfig) -> ModelPipeline:
     """``(session_options, verify, scan, decrypt)`` for :class:`~gateway.models.ModelRepository`."""
     from gateway.models.encryption import decrypt_bytes, load_kek
     from gateway.models.scan import scan_model, session_options
-    from gateway.models.signing import verify_files
+    from gateway.models.signing import verifier
 
     models, signing, scan_settings = config.models, config.signing, config.scan
 
@@ -43,21 +45,10 @@ def model_pipeline(config: GatewayConfig) -> ModelPipeline:
                                intra_op_threads=models.intra_op_threads,
                                inter_op_threads=models.inter_op_threads)
 
-    def verify(name: str, files: dict[str, bytes],
-               bundle: bytes | None) -> tuple[str, str, str] | None:
-        if bundle is None:
-            if signing.require_signature:
-                raise ModelUnavailable(f"model '{name}' is unsigned (no model.sig); refused")
-            return None  # served unverified, as [signing] require_signature = false says
-        verified = verify_files(name, files, bundle, signing)
-        return verified.digest, verified.signer, verified.rule
+    verify = verifier(signing)
 
     def scan(directory: Path, files: dict[str, bytes]) -> None:
-        report = scan_model(directory, scan_settings, files=files)
-        if report.refused:
-            worst = [f for f in report.findings if f.severity == "high"]
-            raise ModelUnavailable("admission scan refused the model: " + "; ".join(
-                f"{f.code}: {f.message}" for f in worst))
+        scan_model(directory, scan_settings, files=files).raise_if_refused()
 
     kek = load_kek(signing)
 
