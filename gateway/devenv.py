@@ -177,13 +177,15 @@ def start_gateway(env: DemoEnv, *, timeout: float = 60) -> GatewayProcess:
          "--log-level", "WARNING"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=env.root,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    stdout, stderr = proc.stdout, proc.stderr
+    assert stdout is not None and stderr is not None  # both are pipes (above)
     stderr_lines: list[str] = []
-    threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True).start()
+    threading.Thread(target=lambda: stderr_lines.extend(stderr), daemon=True).start()
     port, metrics = 0, ""
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
     try:
-        for line in proc.stdout:
+        for line in stdout:
             if line.startswith("gateway listening on "):
                 port = int(line.split()[3].rsplit(":", 1)[1])
             elif line.startswith("metrics on "):
@@ -197,7 +199,7 @@ def start_gateway(env: DemoEnv, *, timeout: float = 60) -> GatewayProcess:
         proc.wait()
         raise AssertionError("gateway did not start:\n" + "".join(stderr_lines))
     # Keep draining stdout so the process never blocks on a full pipe.
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+    threading.Thread(target=lambda: [None for _ in stdout], daemon=True).start()
     return GatewayProcess(env=env, proc=proc, port=port, metrics_url=metrics,
                           stderr_lines=stderr_lines)
 

@@ -21,6 +21,7 @@ import argparse
 import difflib
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.cli._output import ERROR, FAILED, OK, emit_json, shown, warn
@@ -31,6 +32,7 @@ from gateway.policy import (
     POLICY_FILE,
     PolicyError,
     Problem,
+    Snapshot,
     attribute_problem,
     case_files,
     compile_directory,
@@ -141,7 +143,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # --- shared ------------------------------------------------------------------------------
 
 
-def locator(directory: Path):
+def locator(directory: Path) -> Callable[[str], str]:
     """``policy.csv:N`` -> ``<directory>/policy.csv:N`` as shown from the working directory."""
     base = shown(directory)
 
@@ -158,7 +160,7 @@ def _relocated(err: PolicyError, directory: Path) -> PolicyError:
     return PolicyError([Problem(where(p.file), p.line, p.message) for p in err.problems])
 
 
-def compile_here(directory: Path):
+def compile_here(directory: Path) -> Snapshot:
     """Compile ``directory`` without its cases; problems located from the working dir."""
     try:
         return compile_directory(directory, run_tests=False)
@@ -309,7 +311,8 @@ def _model_attributes(root: Path, model: str, version: str | None) -> dict[str, 
     if not versions:
         warn(f"note: {shown(root)} has no model {model!r}; a gateway serving that repository "
              "denies every request for it (unknown models are denied like forbidden ones)")
-        return {"model.name": model} | ({"model.version": version} if version else {})
+        found: dict[str, object] = {"model.name": model}
+        return found | ({"model.version": version} if version else {})
     if version is None:
         version, attrs = max(versions, key=lambda item: _version_key(item[0]))
         warn(f"note: no --version: explaining {model} version {version}, the latest in "

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from gateway.identity._identity import Identity
 from gateway.identity._reload import https_client_auth, server_credentials
+from gateway.identity._settings import TlsSettings
 from gateway.identity._verifier import IdentityVerifier
 
-__all__ = ["Identity", "IdentityVerifier", "https_client_auth", "server_credentials"]
+__all__ = ["Identity", "IdentityVerifier", "TlsSettings", "https_client_auth",
+           "server_credentials"]

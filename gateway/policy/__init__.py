@@ -21,6 +21,7 @@ from gateway.policy._cases import Case, Report, load_cases, parse_cases, run_cas
 from gateway.policy._condition import ATTRIBUTE_PREFIXES, attribute_problem, did_you_mean
 from gateway.policy._engine import DEFAULT_DENY, Decision, Snapshot
 from gateway.policy._lint import Finding, lint
+from gateway.policy._settings import PolicySettings
 from gateway.policy._shadow import ShadowCollector
 from gateway.policy._source import (
     ACTIONS,
@@ -56,6 +57,7 @@ __all__ = [
     "DirectorySource",
     "Finding",
     "PolicyError",
+    "PolicySettings",
     "PolicyStore",
     "Problem",
     "ReloadResult",

@@ -142,7 +142,7 @@ def parse_cases(texts: list[tuple[str, bytes]], snapshot: Snapshot | None = None
     return cases
 
 
-def _case_lines(root: yaml.Node) -> list[tuple[int, dict[str, int]]]:
+def _case_lines(root: yaml.Node | None) -> list[tuple[int, dict[str, int]]]:
     """For each item of the top-level ``cases`` list: its line, and the line of each key
     (attribute keys as ``attributes.<name>``)."""
     out: list[tuple[int, dict[str, int]]] = []

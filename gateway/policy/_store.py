@@ -26,13 +26,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+from prometheus_client.metrics_core import Metric
 
 from gateway.errors import GatewayError
 from gateway.policy._cases import parse_cases, run_cases
 from gateway.policy._condition import Attributes
 from gateway.policy._engine import Decision, Snapshot
-from gateway.policy._shadow import Shadow
+from gateway.policy._shadow import RequestRow, RulePair, Shadow, ShadowStats, ShadowSummary
 from gateway.policy._source import (
     CASES_DIR,
     MODEL_FILE,
@@ -147,16 +149,16 @@ class DirectorySource:
     def close(self) -> None:
         pass
 
-    def _stat_signature(self) -> tuple:
+    def _stat_signature(self) -> tuple[tuple[str, int | None, int | None, int | None], ...]:
         paths = [self.directory / MODEL_FILE, self.directory / POLICY_FILE,
                  *case_files(self.directory)]
-        out = []
+        out: list[tuple[str, int | None, int | None, int | None]] = []
         for path in paths:
             try:
                 st = path.stat()
                 out.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
             except OSError:
-                out.append((str(path), None))
+                out.append((str(path), None, None, None))
         return tuple(out)
 
 
@@ -229,12 +231,27 @@ def _compile(bundle: Bundle, run_tests: bool) -> Snapshot:
     return snapshot
 
 
+class ShadowSamples(ShadowStats):
+    """The shadow's totals and up to 100 of its disagreeing requests."""
+
+    live_digest: str
+    samples: list[RequestRow]
+
+
+class ShadowReport(ShadowStats):
+    """The shadow's totals and every disagreement, by rule pair and by request."""
+
+    live_digest: str
+    by_rule: list[RulePair]
+    by_request: list[RequestRow]
+
+
 class PolicyStore:
     """The live policy of one gateway (see the package docstring for the API)."""
 
     def __init__(self, source: Source | Path, snapshot: Snapshot,
                  on_reload: Callable[[ReloadResult], None] | None = None, *,
-                 on_shadow_summary: Callable[[dict[str, object]], None] | None = None,
+                 on_shadow_summary: Callable[[ShadowSummary], object] | None = None,
                  shadow_summary_interval: float = 60.0) -> None:
         if isinstance(source, (str, Path)):
             source = DirectorySource(Path(source))
@@ -256,7 +273,7 @@ class PolicyStore:
         self._watcher: threading.Thread | None = None
 
     @classmethod
-    def load(cls, directory: Path, **options) -> PolicyStore:
+    def load(cls, directory: Path, **options: Any) -> PolicyStore:
         """Load and test the policy in ``directory``; PolicyError if it is not valid.
 
         ``options`` are those of :meth:`open`.
@@ -267,7 +284,7 @@ class PolicyStore:
     def open(cls, source: Source, *,
              on_reload: Callable[[ReloadResult], None] | None = None,
              shadow: Path | None = None,
-             on_shadow_summary: Callable[[dict[str, object]], None] | None = None,
+             on_shadow_summary: Callable[[ShadowSummary], object] | None = None,
              shadow_summary_interval: float = 60.0) -> PolicyStore:
         """Read, compile and test the policy of ``source``; PolicyError if it is not valid,
         another GatewayError (e.g. ``DatabaseUnavailable``) if the source cannot be read:
@@ -435,7 +452,7 @@ class PolicyStore:
                  self._live.digest[:12])
         return snapshot.digest
 
-    def clear_shadow(self) -> dict[str, object] | None:
+    def clear_shadow(self) -> ShadowSummary | None:
         """Stop shadow evaluation; returns the final summary (None: there was no shadow)."""
         with self._reload_lock:
             previous, self._shadow = self._shadow, None
@@ -449,7 +466,7 @@ class PolicyStore:
         _retire(previous.snapshot)
         return summary
 
-    def shadow_stats(self) -> dict[str, object] | None:
+    def shadow_stats(self) -> ShadowSamples | None:
         """Counts of decisions and disagreements with the shadow policy (None: no shadow)."""
         shadow = self._shadow
         if shadow is None:
@@ -457,7 +474,7 @@ class PolicyStore:
         return {**shadow.stats(), "live_digest": self._live.digest,
                 "samples": shadow.requests()[:100]}
 
-    def shadow_report(self) -> dict[str, object] | None:
+    def shadow_report(self) -> ShadowReport | None:
         """Totals, disagreements by rule pair and by request (None: no shadow)."""
         shadow = self._shadow
         if shadow is None:
@@ -471,11 +488,11 @@ class PolicyStore:
         return self._shadow
 
     def _summarise(self, shadow: Shadow, *, final: bool, force: bool = False
-                   ) -> dict[str, object]:
+                   ) -> ShadowSummary:
         summary = shadow.summary(self._live.digest, final)
         if self._on_shadow_summary is not None and (
                 force or final or shadow.disagreements > shadow.reported):
-            shadow.reported = int(summary["disagreements"])
+            shadow.reported = summary["disagreements"]
             try:
                 self._on_shadow_summary(summary)
             except Exception:
@@ -518,10 +535,10 @@ class SourceCollector:
     def __init__(self, store: PolicyStore) -> None:
         self._store = store
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily
 
         up, _ = self._store.source_status()

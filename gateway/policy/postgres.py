@@ -45,6 +45,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -237,8 +238,8 @@ def publish(dsn: str, files: dict[str, bytes], *, comment: str = "") -> tuple[in
             # Publications are serialized (one version number each); readers never wait.
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('gateway_policy_publish'))")
             conn.execute(SCHEMA)
-            version = conn.execute("SELECT coalesce(max(version), 0) + 1 "
-                                   "FROM gateway_policy_version").fetchone()[0]
+            version = _first(conn.execute("SELECT coalesce(max(version), 0) + 1 "
+                                          "FROM gateway_policy_version"))
             conn.execute("INSERT INTO gateway_policy_version (version, digest, comment) "
                          "VALUES (%s, %s, %s)", (version, digest, comment))
             with conn.cursor() as cur:
@@ -300,14 +301,15 @@ class PostgresSource:
         try:
             with self._pool.connection() as conn:
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                seq = conn.execute("SELECT seq FROM gateway_policy_change").fetchone()[0]
+                seq = _first(conn.execute("SELECT seq FROM gateway_policy_change"))
                 head = conn.execute("SELECT version, digest FROM gateway_policy_version "
                                     "ORDER BY version DESC LIMIT 1").fetchone()
                 if head is None:
                     raise _nothing_published(self.dsn)
                 version, digest = head
-                files = dict(conn.execute("SELECT path, content FROM gateway_policy_file "
-                                          "WHERE version = %s", (version,)).fetchall())
+                files: dict[str, bytes] = dict(conn.execute(
+                    "SELECT path, content FROM gateway_policy_file WHERE version = %s",
+                    (version,)).fetchall())
                 rows = conn.execute("SELECT ptype, v0, v1, v2, v3, v4, v5 FROM casbin_rule "
                                     "ORDER BY id").fetchall()
         except psycopg.errors.UndefinedTable:
@@ -335,7 +337,7 @@ class PostgresSource:
             try:
                 if listener is None:
                     listener = connect(self.dsn, name=f"{self._name} listen")
-                    channel = listener.execute(_CHANNEL).fetchone()[0]
+                    channel = _first(listener.execute(_CHANNEL))
                     listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                     self._mark(True)
                     backoff = 0.1
@@ -346,7 +348,7 @@ class PostgresSource:
                     trigger = "postgresql notify" if notified else "postgresql poll"
                     if not notified:
                         seq = listener.execute("SELECT seq FROM gateway_policy_change")
-                        if seq.fetchone()[0] == self._seq:
+                        if _first(seq) == self._seq:
                             continue
                 if not stop.is_set():
                     reload(trigger, if_changed=True)
@@ -362,6 +364,15 @@ class PostgresSource:
                 backoff = min(backoff * 2, _MAX_BACKOFF, max(interval, 0.1))
         if listener is not None:
             listener.close()
+
+
+def _first(cursor: psycopg.Cursor[Any]) -> Any:
+    """The first column of a query that always returns one row (an aggregate, a one-row
+    table): a missing row is a broken schema, not a value."""
+    row = cursor.fetchone()
+    if row is None:
+        raise PolicyError("the policy tables are damaged: a one-row query returned no row")
+    return row[0]
 
 
 def _nothing_published(dsn: str) -> PolicyError:

@@ -32,7 +32,7 @@ from gateway.errors import GatewayError
 from gateway.explain import ExplainBudgets, ExplainServicer
 from gateway.identity import IdentityVerifier, https_client_auth, server_credentials
 from gateway.models import ModelRepository
-from gateway.monitor import MetricsServer
+from gateway.monitor import MetricsServer, Monitor
 from gateway.policy import (
     PolicyStore,
     ReloadResult,
@@ -114,7 +114,7 @@ class Gateway:
 
         server = grpc.server(
             pool,
-            interceptors=(BoundedReads(self.guard),),
+            interceptors=[BoundedReads(self.guard)],
             options=[
                 ("grpc.max_receive_message_length", config.server.max_message_bytes),
                 ("grpc.max_send_message_length", config.server.max_message_bytes),
@@ -170,7 +170,10 @@ class Gateway:
                 tls=https_client_auth(tls.cert, tls.key, tls.ca))
             address = self._metrics_server.address
         else:
-            address = monitor.start_http()
+            started = monitor.start_http()
+            if started is None:  # metrics_listen is set (checked above): it always starts
+                return None
+            address = started
         scheme = "https" if self._metrics_server is not None else "http"
         self.metrics_url = f"{scheme}://{address[0]}:{address[1]}/metrics"
         return address
@@ -292,9 +295,7 @@ def _loopback(listen: str) -> bool:
         return False
 
 
-def _monitor(config: GatewayConfig):
-    from gateway.monitor import Monitor
-
+def _monitor(config: GatewayConfig) -> Monitor:
     return Monitor(config.monitor)
 
 
