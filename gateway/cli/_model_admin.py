@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from gateway.cli._client import call_once, client_verb
 from gateway.cli._output import FAILED, OK, emit_json
 from gateway.errors import ConfigError
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
+    from gateway._proto.gateway.v1 import admin_pb2
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -60,12 +66,12 @@ def _keygen(args: argparse.Namespace) -> int:
     return OK
 
 
-def _status(model) -> dict[str, str]:
+def _status(model: admin_pb2.ModelStatus) -> dict[str, str]:
     return {"name": model.name, "version": model.version, "state": model.state,
             "reason": model.reason, "digest": model.digest}
 
 
-def _call(args: argparse.Namespace, method: str, request, timeout: float = 60):
+def _call(args: argparse.Namespace, method: str, request: Message, timeout: float = 60) -> Any:
     from gateway._proto.gateway.v1 import admin_pb2_grpc
 
     return call_once(args, admin_pb2_grpc.ModelAdminStub, method, request, timeout=timeout)

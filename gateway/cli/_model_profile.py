@@ -158,7 +158,7 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def profile_demo_models(repository: Path, key: object, *, force: bool = False) -> list[Path]:
+def profile_demo_models(repository: Path, key: Path, *, force: bool = False) -> list[Path]:
     """Profile the demo models that have no valid profile yet (all with ``force``), re-sign
     them.
 

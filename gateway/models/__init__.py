@@ -14,6 +14,7 @@ admission scanner in :mod:`gateway.models.scan`.
 """
 
 from gateway.models._datatypes import NUMPY_DTYPES
+from gateway.models._files import FileData
 from gateway.models._pipeline import runtime_from_dir
 from gateway.models._repository import (
     LOADED,
@@ -30,6 +31,7 @@ __all__ = [
     "NUMPY_DTYPES",
     "REFUSED",
     "UNLOADED",
+    "FileData",
     "LoadedModel",
     "ModelEntry",
     "ModelRepository",

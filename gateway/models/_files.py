@@ -26,7 +26,7 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +84,7 @@ class ModelDir:
 
 
 def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
-                   on_bytes: Callable[[int], None] | None = None,
+                   on_bytes: Callable[[int], object] | None = None,
                    keep_only: frozenset[str] | None = None) -> ModelDir:
     """Read every file of ``directory`` into memory once, hashing each as it is read.
 
@@ -143,7 +143,7 @@ def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
             os.close(fd)
     signature = found.pop(SIGNATURE_FILE, (None, ""))[0]
     digests = {rel: found[rel][1] for rel in sorted(found)}
-    files = {rel: found[rel][0] for rel in digests if found[rel][0] is not None}
+    files = {rel: data for rel in digests if (data := found[rel][0]) is not None}
     sizes.pop(SIGNATURE_FILE, None)
     return ModelDir(files, digests, None if signature is None else bytes(signature),
                     tuple(ignored), str(directory), sizes)
@@ -151,7 +151,7 @@ def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
 
 def _read_batch(batch: list[tuple[int, int, str]],
                 found: dict[str, tuple[FileData | None, str]], directory: Path,
-                on_bytes: Callable[[int], None] | None,
+                on_bytes: Callable[[int], object] | None,
                 keep_only: frozenset[str] | None) -> None:
     """Read and hash the opened files of ``batch`` in parallel, closing each; empties it."""
     if on_bytes is not None:
@@ -213,7 +213,7 @@ def _check_regular(st: os.stat_result, rel: str, directory: Path) -> None:
 
 
 def _read_hashing(fd: int, size: int, rel: str, directory: Path,
-                  on_bytes: Callable[[int], None] | None) -> tuple[FileData, str]:
+                  on_bytes: Callable[[int], object] | None) -> tuple[FileData, str]:
     """The file's bytes and their SHA-256, read once.
 
     A small file is one ``bytes`` object. A large one is read into one buffer by a helper
@@ -221,6 +221,7 @@ def _read_hashing(fd: int, size: int, rel: str, directory: Path,
     memoryview of that buffer (no copy; nothing else holds the buffer).
     """
     h = hashlib.sha256()
+    pieces: Iterable[tuple[int, int]]
     if size <= _PIPELINE:
         with open(fd, "rb", buffering=0, closefd=False) as f:
             data: FileData = f.readall()
@@ -243,7 +244,7 @@ def _read_hashing(fd: int, size: int, rel: str, directory: Path,
 
 
 def _hash_only(fd: int, size: int, rel: str, directory: Path,
-               on_bytes: Callable[[int], None] | None) -> str:
+               on_bytes: Callable[[int], object] | None) -> str:
     """The file's SHA-256, streamed through one reused buffer (nothing kept)."""
     h = hashlib.sha256()
     buf = bytearray(min(size, _CHUNK) or 1)
@@ -264,7 +265,7 @@ class _ReadAhead:
 
     def __init__(self, fd: int, view: memoryview) -> None:
         self._fd, self._view = fd, view
-        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._ready: queue.SimpleQueue[tuple[int, int] | OSError | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._read, name="model-read", daemon=True)
         self._thread.start()
 
@@ -281,7 +282,7 @@ class _ReadAhead:
         except OSError as err:
             self._ready.put(err)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         try:
             while (item := self._ready.get()) is not None:
                 if isinstance(item, OSError):
@@ -291,14 +292,14 @@ class _ReadAhead:
             self._thread.join()
 
 
-def plaintext(model: ModelDir, decrypt: Callable[[bytes], bytes] | None
-              ) -> tuple[dict[str, bytes], dict[str, str], dict[str, int]]:
+def plaintext(model: ModelDir, decrypt: Callable[[FileData], bytes] | None
+              ) -> tuple[dict[str, FileData], dict[str, str], dict[str, int]]:
     """Files and digests under their plaintext names, ``X.enc`` decrypted in memory.
 
     Raises :class:`ModelUnavailable` if an encrypted file is present without a way to
     decrypt it, or a file is present both encrypted and in plaintext.
     """
-    files: dict[str, bytes] = {}
+    files: dict[str, FileData] = {}
     digests: dict[str, str] = {}
     sizes: dict[str, int] = {}
     for rel, digest in model.digests.items():
@@ -320,7 +321,7 @@ def plaintext(model: ModelDir, decrypt: Callable[[bytes], bytes] | None
     return files, digests, sizes
 
 
-def files_digest(files: Mapping[str, bytes]) -> str:
+def files_digest(files: Mapping[str, FileData]) -> str:
     """A digest naming an unsigned file set (served only with require_signature = false)."""
     h = hashlib.sha256()
     for rel in sorted(files):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from gateway.errors import ModelUnavailable
 from gateway.models import _files
+from gateway.models._files import FileData
 from gateway.models._tensors import (
     RuntimeModel,
     checked_external_data,
@@ -26,7 +27,7 @@ MODEL_FILE = "model.onnx"
 
 #: ``verify(name, version, files, digests, signature) -> (digest, signer, rule)`` or None
 #: when the model may be served unsigned; raises a ModelUnavailable subclass to refuse.
-Verify = Callable[[str, str, dict[str, bytes], dict[str, str], bytes | None],
+Verify = Callable[[str, str, dict[str, FileData], dict[str, str], bytes | None],
                   tuple[str, str, str] | None]
 
 
@@ -34,7 +35,7 @@ Verify = Callable[[str, str, dict[str, bytes], dict[str, str], bytes | None],
 class OpenedVersion:
     """A version whose files were read once, verified, and made loadable from memory."""
 
-    files: dict[str, bytes]
+    files: dict[str, FileData]
     digest: str
     signer: str
     rule: str
@@ -43,9 +44,9 @@ class OpenedVersion:
 
 
 def open_version(directory: Path, name: str, version: str, *, verify: Verify | None,
-                 decrypt: Callable[[bytes], bytes] | None,
+                 decrypt: Callable[[FileData], bytes] | None,
                  max_bytes: int = _files.DEFAULT_MAX_BYTES,
-                 on_bytes: Callable[[int], None] | None = None,
+                 on_bytes: Callable[[int], object] | None = None,
                  load: bool = True) -> OpenedVersion:
     """Read, decrypt, verify and resolve one version; raises ModelUnavailable (or a subclass).
 

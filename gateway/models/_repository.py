@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from gateway.errors import GatewayError, InvalidRequest, ModelUnavailable
 from gateway.models._datatypes import NUMPY_DTYPES, ORT_TO_OIP
+from gateway.models._files import FileData
 from gateway.models._messages import ort_message, redact
 from gateway.models._pipeline import OpenedVersion, Verify, open_version
 from gateway.models._tensors import RuntimeModel
@@ -116,8 +117,8 @@ class ModelRepository:
         *,
         session_options: Callable[[], ort.SessionOptions],
         verify: Verify | None,
-        scan: Callable[[Path, dict[str, bytes]], None] | None = None,
-        decrypt: Callable[[bytes], bytes] | None = None,
+        scan: Callable[[Path, dict[str, FileData]], None] | None = None,
+        decrypt: Callable[[FileData], bytes] | None = None,
         on_event: EventSink | None = None,
         max_model_bytes: int = 2 * 1024**3,
     ) -> None:
@@ -136,7 +137,7 @@ class ModelRepository:
 
     def discover(self) -> list[tuple[str, str]]:
         """Every ``(name, version)`` directory present in the repository, sorted."""
-        found = []
+        found: list[tuple[str, str]] = []
         if not self._root.is_dir():
             return found
         for model_dir in sorted(self._root.iterdir()):
@@ -234,6 +235,8 @@ class ModelRepository:
         if self._scan is not None:
             self._scan(directory, files)
         owner, labels = _parse_metadata(files.get(METADATA_FILE))
+        # _open loads (open_version's load=True), so the runtime model is always there.
+        assert opened.runtime is not None
         session = self._session(name, version, opened.runtime)
         inputs = _specs(session.get_inputs(), "input")
         outputs = _specs(session.get_outputs(), "output")
@@ -278,7 +281,7 @@ class ModelRepository:
 
 
 
-def _parse_metadata(data: bytes | None) -> tuple[str, dict[str, str]]:
+def _parse_metadata(data: FileData | None) -> tuple[str, dict[str, str]]:
     if data is None:
         return "", {}
     try:

@@ -20,14 +20,19 @@ by name before anything is read), so nothing is left for ONNX Runtime to resolve
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from google.protobuf.message import DecodeError
-from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
+from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, helper
 
 from gateway.errors import ModelUnavailable
+from gateway.models._files import FileData
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 #: The keys ONNX defines for external data; anything else is refused rather than guessed at.
@@ -68,11 +73,13 @@ class ExternalRef:
     length: int
 
 
-def parse_model(model_bytes: bytes) -> ModelProto:
+def parse_model(model_bytes: FileData) -> ModelProto:
     """Parse ``model.onnx`` bytes; a file that is not an ONNX model is a refusal, not a crash."""
     model = ModelProto()
     try:
-        model.ParseFromString(model_bytes)
+        # protobuf's stubs say bytes; ParseFromString takes any buffer (large files are
+        # read-only memoryviews, parsed without a copy).
+        model.ParseFromString(model_bytes)  # type: ignore[arg-type]
     except (DecodeError, RecursionError, ValueError) as err:
         raise ModelUnavailable(f"model.onnx is not a valid ONNX model: {err}") from err
     if not model.HasField("graph"):
@@ -107,7 +114,7 @@ def _label(where: str, node: NodeProto) -> str:
     return f"{where}/{node.op_type}:{node.name or (node.output[0] if node.output else '')}"
 
 
-def _subgraphs(attributes, label: str) -> list[tuple[str, GraphProto]]:
+def _subgraphs(attributes: Iterable[AttributeProto], label: str) -> list[tuple[str, GraphProto]]:
     found: list[tuple[str, GraphProto]] = []
     for attr in attributes:
         if attr.HasField("g"):
@@ -143,7 +150,7 @@ def tensors(model: ModelProto) -> Iterator[TensorSite]:
                                       f"function {fn.domain}:{fn.name} attribute defaults")
 
 
-def _attribute_tensors(attributes, label: str) -> Iterator[TensorSite]:
+def _attribute_tensors(attributes: Iterable[AttributeProto], label: str) -> Iterator[TensorSite]:
     for attr in attributes:
         what = f"attribute {attr.name!r}"
         if attr.HasField("t"):
@@ -268,7 +275,7 @@ def external_data(model: ModelProto, sizes: Mapping[str, int]
     return refs, problems
 
 
-def inline(t: TensorProto, data: bytes) -> None:
+def inline(t: TensorProto, data: FileData) -> None:
     """Make ``t`` an ordinary tensor holding ``data`` (no location left to resolve)."""
     del t.external_data[:]
     t.data_location = TensorProto.DEFAULT
@@ -294,7 +301,7 @@ class RuntimeModel:
     model: bytes
     initializers: tuple[tuple[str, np.ndarray], ...]
 
-    def session(self, options):
+    def session(self, options: ort.SessionOptions) -> ort.InferenceSession:
         """An ONNX Runtime session over these bytes (ORT's own exceptions propagate).
 
         The arrays are used in place: keep this object alive as long as the session.
@@ -319,7 +326,7 @@ _NUMPY_TYPES = frozenset({
     TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64})
 
 
-def runtime_model(model_bytes: bytes, files: Mapping[str, bytes]) -> RuntimeModel:
+def runtime_model(model_bytes: FileData, files: Mapping[str, FileData]) -> RuntimeModel:
     """The model as ONNX Runtime may load it: no external reference it could resolve on disk.
 
     Every tensor's external data must be a valid slice of a file in ``files`` (the verified,
@@ -354,5 +361,5 @@ def runtime_model(model_bytes: bytes, files: Mapping[str, bytes]) -> RuntimeMode
                 site.main_initializer and site.tensor.name in named):
             raise ExternalDataError("external-data-outside",  # pragma: no cover - invariant
                                     f"{site.kind} ({site.where}) still refers to a file")
-    data = model.SerializeToString() if refs else bytes(model_bytes)
-    return RuntimeModel(data, tuple(arrays))
+    serialized = model.SerializeToString() if refs else bytes(model_bytes)
+    return RuntimeModel(serialized, tuple(arrays))

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from gateway.config import GatewayConfig
 from gateway.errors import ModelUnavailable
+from gateway.models import FileData
 
 
 class ModelPipeline(NamedTuple):
@@ -23,12 +24,12 @@ class ModelPipeline(NamedTuple):
     session_options: Callable[[], ort.SessionOptions]
     #: (name, version, files, digests, model.sig bytes or None) -> (digest, signer, rule), or
     #: None if unsigned and allowed to be.
-    verify: Callable[[str, str, dict[str, bytes], dict[str, str], bytes | None],
+    verify: Callable[[str, str, dict[str, FileData], dict[str, str], bytes | None],
                      tuple[str, str, str] | None]
     #: (version directory, files): raises ModelUnavailable if the admission scan refuses.
-    scan: Callable[[Path, dict[str, bytes]], None]
+    scan: Callable[[Path, dict[str, FileData]], None]
     #: An encrypted model file's bytes -> the plain ONNX bytes.
-    decrypt: Callable[[bytes], bytes]
+    decrypt: Callable[[FileData], bytes]
 
 
 def model_pipeline(config: GatewayConfig) -> ModelPipeline:
@@ -47,12 +48,12 @@ def model_pipeline(config: GatewayConfig) -> ModelPipeline:
 
     verify = verifier(signing)
 
-    def scan(directory: Path, files: dict[str, bytes]) -> None:
+    def scan(directory: Path, files: dict[str, FileData]) -> None:
         scan_model(directory, scan_settings, files=files).raise_if_refused()
 
     kek = load_kek(signing)
 
-    def decrypt(blob: bytes) -> bytes:
+    def decrypt(blob: FileData) -> bytes:
         if kek is None:
             raise ModelUnavailable("model file is encrypted and no key-encryption key is "
                                    "configured ([signing] kek_file or kek_env)")

@@ -27,11 +27,15 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, NoReturn
 
 from gateway._atomic import fsync_dir, write_atomic
 from gateway.errors import ConfigError, ModelUnavailable
+from gateway.models._files import FileData
 from gateway.models.encryption import _stream
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = [
     "ENCRYPTED_SUFFIX",
@@ -132,7 +136,7 @@ def generate_kek(path: Path) -> Path:
     return path
 
 
-def decrypt_bytes(blob: bytes, kek: bytes) -> bytes:
+def decrypt_bytes(blob: FileData, kek: bytes) -> bytes:
     """Decrypt a whole encrypted file held in memory; nothing touches the disk."""
     view = memoryview(blob)
     try:
@@ -166,7 +170,7 @@ def iter_decrypt_file(path: Path, kek: bytes) -> Iterator[bytes]:
         raise EncryptionError(f"{path}: cannot decrypt: {err}") from err
 
 
-def _progress(total: int, label: str, enabled: bool):  # -> tqdm | None
+def _progress(total: int, label: str, enabled: bool) -> tqdm[NoReturn] | None:
     if not enabled:
         return None
     from tqdm import tqdm
@@ -200,7 +204,7 @@ def encrypt_file(path: Path, kek: bytes, *, keep: bool = False, progress: bool =
     return target
 
 
-def _counted(pieces: Iterator[bytes], bar) -> Iterator[bytes]:
+def _counted(pieces: Iterator[bytes], bar: tqdm[NoReturn] | None) -> Iterator[bytes]:
     for piece in pieces:
         if bar is not None:
             bar.update(len(piece))

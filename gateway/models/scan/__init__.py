@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from gateway.models._files import FileData
 from gateway.models.scan._report import Finding, ModelRefused, ScanReport
 from gateway.models.scan._scanner import scan as _scan
 from gateway.models.scan._session import run_options, session_options
@@ -40,7 +41,7 @@ __all__ = ["Finding", "ModelRefused", "ScanReport", "ScanSettings", "run_options
 
 
 def scan_model(version_dir: Path, settings: ScanSettings = _DEFAULT, *,
-               files: Mapping[str, bytes] | None = None) -> ScanReport:
+               files: Mapping[str, FileData] | None = None) -> ScanReport:
     """Scan ``version_dir`` (holding ``model.onnx``) and return every finding.
 
     ``files``: the already-read, verified bytes of the directory's files keyed by relative

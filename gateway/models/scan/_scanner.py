@@ -28,7 +28,7 @@ _DATA_SHAPED = frozenset({"ConstantOfShape", "Expand", "Tile", "Range", "Resize"
 
 
 def scan(version_dir: Path, settings: ScanSettings,
-         files: Mapping[str, bytes] | None) -> ScanReport:
+         files: Mapping[str, _files.FileData] | None) -> ScanReport:
     report = ScanReport(path=str(version_dir))
     if files is None:
         # The one reader: what the CLI scans is what the gateway would read.
@@ -37,9 +37,9 @@ def scan(version_dir: Path, settings: ScanSettings,
         except _files.ModelFilesError as err:
             report.add("high", err.code, str(err))
             return report
-    for rel, data in files.items():
-        if len(data) > settings.max_file_bytes:
-            report.add("high", "file-too-large", f"{rel} is {len(data)} bytes, over the limit "
+    for rel, content in files.items():
+        if len(content) > settings.max_file_bytes:
+            report.add("high", "file-too-large", f"{rel} is {len(content)} bytes, over the limit "
                        f"of {settings.max_file_bytes}", rel)
     data = files.get(MODEL_FILE)
     if data is None:
@@ -49,7 +49,9 @@ def scan(version_dir: Path, settings: ScanSettings,
         return report
     model = ModelProto()
     try:
-        model.ParseFromString(data)
+        # protobuf's stubs say bytes; ParseFromString takes any buffer (large files are
+        # read-only memoryviews, parsed without a copy).
+        model.ParseFromString(data)  # type: ignore[arg-type]
     except (DecodeError, RecursionError, ValueError) as err:
         report.add("high", "parse-error", f"not a valid ONNX model file: {err}")
         return report
@@ -115,7 +117,8 @@ def _check_operators(model: ModelProto, settings: ScanSettings, report: ScanRepo
     report.figures["nodes"] = count
 
 
-def _check_tensors(model: ModelProto, files: Mapping[str, bytes], settings: ScanSettings,
+def _check_tensors(model: ModelProto, files: Mapping[str, _files.FileData],
+                   settings: ScanSettings,
                    report: ScanReport) -> ModelProto | None:
     """Check declared sizes and external data; return the model prepared for analysis.
 

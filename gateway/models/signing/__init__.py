@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,6 +59,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway._atomic import write_atomic
 from gateway.errors import ConfigError
 from gateway.models import _files, _pipeline
+from gateway.models._files import FileData
 from gateway.models.signing import _bundle, _manifest, _trust
 from gateway.models.signing._errors import SignatureError
 
@@ -171,7 +172,7 @@ class VerifiedModel:
     files: tuple[str, ...] = ()
 
 
-def verify_files(model_name: str, files: Mapping[str, bytes], bundle: bytes,
+def verify_files(model_name: str, files: Mapping[str, FileData], bundle: bytes,
                  settings: SigningSettings, *, version: str = "",
                  digests: Mapping[str, str] | None = None,
                  now: datetime | None = None) -> VerifiedModel:
@@ -202,7 +203,7 @@ def verifier(settings: SigningSettings, *, now: datetime | None = None) -> _pipe
     admitted: dict[str, set[int]] = {}
     lock = threading.Lock()
 
-    def verify(name: str, version: str, files: dict[str, bytes], digests: dict[str, str],
+    def verify(name: str, version: str, files: dict[str, FileData], digests: dict[str, str],
                bundle: bytes | None) -> tuple[str, str, str] | None:
         if bundle is None:
             if settings.require_signature:
@@ -241,11 +242,14 @@ def verify_model(model_dir: Path, settings: SigningSettings, *, model_name: str 
     check = verifier(signed, now=now)
     result: list[VerifiedModel] = []
 
-    def verify(name: str, version: str, files: dict[str, bytes], digests: dict[str, str],
+    def verify(name: str, version: str, files: dict[str, FileData], digests: dict[str, str],
                bundle: bytes | None) -> tuple[str, str, str] | None:
         verified = check(name, version, files, digests, bundle)
+        # require_signature is set: an unsigned model raised instead of returning None.
+        assert verified is not None
+        digest, signer, rule = verified
         signed = tuple(sorted(digests, key=_manifest.sort_key))
-        result.append(VerifiedModel(*verified, files=signed))
+        result.append(VerifiedModel(digest, signer, rule, files=signed))
         return verified
 
     with _progress_bar(progress, f"verify {model_dir}") as on_bytes:
@@ -312,7 +316,7 @@ def default_subject(model_dir: Path) -> str:
     return resolved.name
 
 
-def read_model_files(model_dir: Path, *, kek: bytes | None = None) -> dict[str, bytes]:
+def read_model_files(model_dir: Path, *, kek: bytes | None = None) -> dict[str, FileData]:
     """The files :func:`verify_files` expects, read by the one reader, ``X.enc`` decrypted.
 
     Raises :class:`~gateway.errors.ModelUnavailable` (a subclass naming the offending file)
@@ -321,7 +325,7 @@ def read_model_files(model_dir: Path, *, kek: bytes | None = None) -> dict[str, 
     return _files.plaintext(_files.read_model_dir(model_dir), _decrypter(kek))[0]
 
 
-def _decrypter(kek: bytes | None):
+def _decrypter(kek: bytes | None) -> Callable[[FileData], bytes] | None:
     if kek is None:
         return None
     from gateway.models.encryption import decrypt_bytes
@@ -330,7 +334,7 @@ def _decrypter(kek: bytes | None):
 
 
 @contextlib.contextmanager
-def _progress_bar(enabled: bool, label: str):
+def _progress_bar(enabled: bool, label: str) -> Iterator[Callable[[int], object] | None]:
     """A tqdm byte counter on stderr (for the CLI), as an ``on_bytes`` callback or None."""
     if not enabled:
         yield None

@@ -27,6 +27,7 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +80,7 @@ def build_statement(subject_name: str, digests: dict[str, str],
                     ignore_paths: tuple[str, ...] = ("model.sig",)) -> bytes:
     """The canonical in-toto statement payload for ``digests`` (name -> sha256 hex)."""
     ordered = sorted(digests.items(), key=lambda item: sort_key(item[0]))
-    statement = {
+    statement: dict[str, Any] = {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": subject_name, "digest": {"sha256": root_digest(ordered)}}],
         "predicateType": PREDICATE_TYPE,
@@ -105,7 +106,7 @@ def build_bundle(payload: bytes, signature: bytes, *, key_hint: str | None = Non
     else:
         material = {"publicKey": {"hint": key_hint}}
     material["tlogEntries"] = []
-    bundle = {
+    bundle: dict[str, Any] = {
         "mediaType": BUNDLE_MEDIA_TYPE,
         "verificationMaterial": material,
         "dsseEnvelope": {"payload": _b64(payload), "payloadType": DSSE_PAYLOAD_TYPE,
@@ -146,7 +147,8 @@ def _strict_json(data: bytes, what: str) -> Any:
         raise BundleError(f"{what}: not valid UTF-8 JSON: {err}") from err
 
 
-def _obj(value: Any, where: str, required: set[str], optional: set[str] = frozenset()
+def _obj(value: Any, where: str, required: AbstractSet[str],
+         optional: AbstractSet[str] = frozenset()
          ) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BundleError(f"{where} must be a JSON object")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 
+from gateway.models._files import FileData
 from gateway.models.signing._errors import SignatureError
 
 #: The signature file's name; it is never part of the manifest it signs.
@@ -50,7 +51,7 @@ def root_digest(resources: Iterable[tuple[str, str]]) -> str:
     return h.hexdigest()
 
 
-def digests_of_bytes(files: Mapping[str, bytes]) -> dict[str, str]:
+def digests_of_bytes(files: Mapping[str, FileData]) -> dict[str, str]:
     """Name -> SHA-256 hex for files already in memory (the names are checked too)."""
     return {check_name(name, "file name"): hashlib.sha256(data).hexdigest()
             for name, data in files.items()}

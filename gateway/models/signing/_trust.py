@@ -22,6 +22,7 @@ admits nothing from T on, and an expired signing certificate is refused (re-sign
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from fnmatch import fnmatchcase
@@ -42,8 +43,8 @@ if TYPE_CHECKING:
     from gateway.models.signing import TrustRule
 
 #: ECDSA curves OMS allows (as ``model_signing``), each with the hash it is used with.
-_CURVE_HASHES = {"secp256r1": hashes.SHA256, "secp384r1": hashes.SHA384,
-                 "secp521r1": hashes.SHA512}
+_CURVE_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "secp256r1": hashes.SHA256, "secp384r1": hashes.SHA384, "secp521r1": hashes.SHA512}
 
 
 class TrustError(SignatureError):
