@@ -201,6 +201,51 @@ def verify_figures(root: Path, n: int) -> None:
           f"cores give at most {cpus / cpu_us * 1e6:,.0f} records/s")
 
 
+def verify_steps(n: int = 80_000) -> None:
+    """CPU time per record of each step of a verify worker, over the first (full) segment of
+    an ``n``-record log (``python -c "import bench.audit_bench as b; b.verify_steps()"``; gc
+    off, as in the workers). Best of three per step: the machine is shared."""
+    import gc
+
+    from gateway.audit._segment import parse_segment
+    from gateway.audit._verify import _BATCH, _check_batch, _scan, _suspects
+
+    with tempfile.TemporaryDirectory() as tmp:
+        s = _synthetic_log(Path(tmp), n)
+        path = min((s.directory / "segments").iterdir())
+        data = path.read_bytes()
+        records = parse_segment(data, last=False).records
+        n = len(records)
+        leaves = list(map(leaf_hash, records))
+        batches = [records[b:b + _BATCH] for b in range(0, n, _BATCH)]
+        steps = {
+            "read the segment": path.read_bytes,
+            "split it into records (the segment rule)": lambda: parse_segment(data, last=False),
+            "float and non-ASCII scan (one pass)": lambda: _suspects(data, records),
+            "canonical check: parse, re-encode, compare": lambda: [
+                _check_batch(batch, 0, []) for batch in batches],
+            "SHA-256 leaf hashes": lambda: list(map(leaf_hash, records)),
+            "hex of the leaves (prev links)": lambda: list(map(bytes.hex, leaves)),
+            "the tree over the leaves": lambda: Levels(0, leaves),
+            "the whole worker (_scan)": lambda: _scan(str(path), 0, False, ()),
+        }
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for label, fn in steps.items():
+                best = min(_cpu(fn) for _ in range(3))
+                print(f"  {label:45s} {best / n * 1e6:5.2f} us a record")
+        finally:
+            if enabled:
+                gc.enable()
+
+
+def _cpu(fn) -> float:
+    started = time.process_time()
+    fn()
+    return time.process_time() - started
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (verify's worker processes)."""
     me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
