@@ -467,3 +467,22 @@ def test_suspects_are_the_records_a_float_or_non_ascii_byte_is_in():
     assert _suspects(data, records) == [1, 3, 4, 5]
     assert [k for k, r in enumerate(records) if float_positions(r) or not r.isascii()] == \
         [1, 3, 4, 5]
+
+
+def test_suspect_records_are_walked_in_every_batch(tmp_path, monkeypatch):
+    """A segment scanned in small batches: each record with a float or a non-ASCII key is
+    named once, at its own index, and dotted strings alone are no damage."""
+    from gateway.audit import _verify
+    monkeypatch.setattr(_verify, "_BATCH", 7)
+    extra = {5: {"ip": "127.0.0.1"}, 6: {"x": 1.5}, 7: {"x": 1.0}, 13: {"\u00e9": 1},
+             14: {"v1": "1e-3"}, 20: {"x": 1e16}, 27: {"a": [2.5e-5]}, 29: {"ip": "10.0.0.1"}}
+    records, prev = [], "0" * 64
+    for i in range(30):
+        records.append(encode({"v": 1, "seq": i, "prev": prev, **extra.get(i, {})}))
+        prev = hashlib.sha256(b"\x00" + records[-1]).hexdigest()
+    seg = tmp_path / "seg.log"
+    _rewrite(seg, records)
+    part = _verify._scan(str(seg), 0, True, ())
+    assert [(kind, i) for kind, i, _msg in part.findings] == \
+        [("edited", i) for i in (6, 7, 13, 20, 27)]
+    assert (part.count, part.breaks, part.runs) == (30, [], [])

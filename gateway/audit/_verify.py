@@ -25,7 +25,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -365,8 +365,8 @@ def _scan(path: str, start: int, last: bool, cuts: tuple[int, ...]) -> _Part:
     prev_leaf: str | None = None
     for b in range(0, len(records), _BATCH):
         batch = records[b:b + _BATCH]
-        seqs, prevs, bad = _check_batch(batch, start + b, [k - b for k in suspects
-                                                           if b <= k < b + _BATCH])
+        here = suspects[bisect_left(suspects, b):bisect_left(suspects, b + _BATCH)]
+        seqs, prevs, bad = _check_batch(batch, start + b, [k - b for k in here])
         findings.extend(bad)
         damaged = {i - start - b for _kind, i, _msg in bad}
         hashes = list(map(leaf_hash, batch))
