@@ -284,9 +284,10 @@ def _check_batch(records: list[bytes], start: int, suspects: list[int]) -> tuple
     key even when they equal their re-encoding (:func:`_suspects`): those are also walked.
 
     Fast path: one comprehension that parses, re-encodes, compares and keeps only v, seq and
-    prev (each parsed record is freed at once: holding a batch of them alive costs 1.7x, in
-    cache misses). Any exception or mismatch sends the batch to the walk that names what is
-    wrong, record by record, with :func:`_canonical.decode_canonical` (the one rule).
+    prev (each parsed record is freed at once: holding a batch of them alive costs more, in
+    cache misses; bench/README.md). Any exception or mismatch sends the batch to the walk that
+    names what is wrong, record by record, with :func:`_canonical.decode_canonical` (the one
+    rule).
     """
     loads, dumps = _canonical.loads, _canonical.dumps
     try:
@@ -402,7 +403,7 @@ def _scan(path: str, start: int, last: bool, cuts: tuple[int, ...]) -> _Part:
 
 def _scan_task(task: tuple[str, int, bool, tuple[int, ...]]) -> _Part:
     # The scan makes no reference cycles (every parsed record is freed by its refcount), so
-    # the cycle collector only costs time here: about a tenth of the scan, measured.
+    # the cycle collector only costs time here (a measurable share of the scan).
     enabled = gc.isenabled()
     gc.disable()
     try:
