@@ -241,6 +241,34 @@ def verify_steps(n: int = 80_000) -> None:
                 gc.enable()
 
 
+def compare_verifiers(old: str, rounds: int = 2, n: int = 1_000_000) -> None:
+    """Before/after: the ``_verify.py`` at ``old`` (e.g. ``git show REV:gateway/audit/_verify.py
+    > /tmp/old_verify.py``) and the current one, alternated on one ``n``-record log, with CPU
+    time per record (user + system of this process and its finished workers)."""
+    import importlib.util
+    import sys
+
+    from gateway.audit import _verify
+
+    spec = importlib.util.spec_from_file_location("gateway.audit._verify_before", old)
+    before = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = before
+    spec.loader.exec_module(before)
+    with tempfile.TemporaryDirectory() as tmp:
+        s = _synthetic_log(Path(tmp), n)
+        vkey = offline.parse_verifier(load_signer(s.signing_key).vkey)
+        for r in range(rounds):
+            for jobs in (1, 2):
+                for name, module in (("before", before), ("after", _verify)):
+                    cpu0 = _cpu_seconds()
+                    report = module.verify_log(s.directory, vkey, jobs=jobs)
+                    assert report.ok, report.summary()
+                    cpu_us = (_cpu_seconds() - cpu0) / report.records * 1e6
+                    print(f"  round {r} {name:6s} {jobs} process(es) "
+                          f"{report.records / report.seconds:10,.0f} records/s "
+                          f"{cpu_us:5.2f} us CPU a record (load {os.getloadavg()[0]:.1f})")
+
+
 def _cpu(fn) -> float:
     started = time.process_time()
     fn()
