@@ -12,6 +12,7 @@ Figures are side by side in one run (the disk and CPUs are shared and noisy):
     the same run (before and after), beside the two other per-record costs of verify: the
     canonical-JSON check (parse and re-encode) and the tree over the leaves.
 Targets: >= 20,000 durable records/s (issue 5); verify >= 300,000 records/s (issue 14).
+:func:`verify_steps` splits a verify worker's CPU time per record into its steps.
 """
 
 from __future__ import annotations
@@ -199,6 +200,79 @@ def verify_figures(root: Path, n: int) -> None:
     print(f"  target >= 300,000 verify records/s ({300_000 / sha:.2f}x the SHA-256 rate "
           f"measured here); {cpus} CPU(s). At {cpu_us:.1f} us CPU a record, {cpus} idle "
           f"cores give at most {cpus / cpu_us * 1e6:,.0f} records/s")
+
+
+def verify_steps(n: int = 80_000) -> None:
+    """CPU time per record of each step of a verify worker, over the first (full) segment of
+    an ``n``-record log (``python -c "import bench.audit_bench as b; b.verify_steps()"``; gc
+    off, as in the workers). Best of three per step: the machine is shared."""
+    import gc
+
+    from gateway.audit._segment import parse_segment
+    from gateway.audit._verify import _BATCH, _check_batch, _scan, _suspects
+
+    with tempfile.TemporaryDirectory() as tmp:
+        s = _synthetic_log(Path(tmp), n)
+        path = min((s.directory / "segments").iterdir())
+        data = path.read_bytes()
+        records = parse_segment(data, last=False).records
+        n = len(records)
+        leaves = list(map(leaf_hash, records))
+        batches = [records[b:b + _BATCH] for b in range(0, n, _BATCH)]
+        steps = {
+            "read the segment": path.read_bytes,
+            "split it into records (the segment rule)": lambda: parse_segment(data, last=False),
+            "float and non-ASCII scan (one pass)": lambda: _suspects(data, records),
+            "canonical check: parse, re-encode, compare": lambda: [
+                _check_batch(batch, 0, []) for batch in batches],
+            "SHA-256 leaf hashes": lambda: list(map(leaf_hash, records)),
+            "hex of the leaves (prev links)": lambda: list(map(bytes.hex, leaves)),
+            "the tree over the leaves": lambda: Levels(0, leaves),
+            "the whole worker (_scan)": lambda: _scan(str(path), 0, False, ()),
+        }
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for label, fn in steps.items():
+                best = min(_cpu(fn) for _ in range(3))
+                print(f"  {label:45s} {best / n * 1e6:5.2f} us a record")
+        finally:
+            if enabled:
+                gc.enable()
+
+
+def compare_verifiers(old: str, rounds: int = 2, n: int = 1_000_000) -> None:
+    """Before/after: the ``_verify.py`` at ``old`` (e.g. ``git show REV:gateway/audit/_verify.py
+    > /tmp/old_verify.py``) and the current one, alternated on one ``n``-record log, with CPU
+    time per record (user + system of this process and its finished workers)."""
+    import importlib.util
+    import sys
+
+    from gateway.audit import _verify
+
+    spec = importlib.util.spec_from_file_location("gateway.audit._verify_before", old)
+    before = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = before
+    spec.loader.exec_module(before)
+    with tempfile.TemporaryDirectory() as tmp:
+        s = _synthetic_log(Path(tmp), n)
+        vkey = offline.parse_verifier(load_signer(s.signing_key).vkey)
+        for r in range(rounds):
+            for jobs in (1, 2):
+                for name, module in (("before", before), ("after", _verify)):
+                    cpu0 = _cpu_seconds()
+                    report = module.verify_log(s.directory, vkey, jobs=jobs)
+                    assert report.ok, report.summary()
+                    cpu_us = (_cpu_seconds() - cpu0) / report.records * 1e6
+                    print(f"  round {r} {name:6s} {jobs} process(es) "
+                          f"{report.records / report.seconds:10,.0f} records/s "
+                          f"{cpu_us:5.2f} us CPU a record (load {os.getloadavg()[0]:.1f})")
+
+
+def _cpu(fn) -> float:
+    started = time.process_time()
+    fn()
+    return time.process_time() - started
 
 
 def _cpu_seconds() -> float:

@@ -356,3 +356,133 @@ def test_a_record_with_a_boolean_version_or_a_stray_segment_file_fails(logdir, c
     code, rep = _verify_json(capsysbinary, tmp)
     assert code == 1 and any("unexpected file extra.log" in f["message"]
                              for f in rep["findings"])
+
+
+# -- the fast path of the record check equals the one rule, record by record --------------------
+
+_CHARS = ['a', 'Z', ' ', '"', '\\', '/', '\x00', '\x1f', '\x7f', '\n', '\t', '\u00e9', '\u2028',
+          '\U0001f600', '.', '-', '+', 'e', '1', '0', ':', ',', '{', '}']
+
+
+def _value(rnd, depth: int = 0):
+    kind = rnd.randrange(9 if depth < 3 else 6)
+    if kind == 0:
+        return "".join(rnd.choice(_CHARS) for _ in range(rnd.randrange(6)))
+    if kind == 1:
+        return rnd.choice([0, -1, 7, 2**53 - 1, -(2**53 - 1), 10**15])
+    if kind == 2:
+        return rnd.choice(["127.0.0.1", "1e-3 ok", "v1.0", "x-1", "e+5", "2.5"])
+    if kind in (3, 4):
+        return rnd.choice([True, False, None, "", "allow", "ab" * 32])
+    if kind == 5:
+        return rnd.choice([1.5, 1.0, 1e16, 2.5e-5, -0.0])  # never canonical: the walk says so
+    if kind == 6:
+        return [_value(rnd, depth + 1) for _ in range(rnd.randrange(3))]
+    return {rnd.choice(["k", "a", "b", "prev", "seq", "v", "\u00e9t\u00e9", "Z", "z"]):
+            _value(rnd, depth + 1) for _ in range(rnd.randrange(4))}
+
+
+def _mutations(data: bytes) -> list[bytes]:
+    """Variants of canonical bytes that are (mostly) not canonical any more."""
+    return [data.replace(b":", b": ", 1), data.replace(b",", b" ,", 1),
+            data.replace(b'"a"', b'"\\u0061"', 1), data.replace(b"/", b"\\/", 1),
+            data.replace(b"\\u001f", b"\\u001F", 1), data.replace(b"\\n", b"\\u000a", 1),
+            data.replace(b'"v":1', b'"v":true', 1), data.replace(b'"v":1', b'"v":1.0', 1),
+            data.replace(b'"v":1', b'"v":2', 1), data.replace(b'"seq":', b'"seq":-0,"x":', 1),
+            data.replace(b'"v":1', b'"v":1E0', 1), data.replace(b"{", b'{"a":1,', 1),
+            data.replace(b'"prev"', b'"pre\\u0076"', 1), data.replace(b'"seq"', b'"Seq"', 1),
+            data[:-1], data + b" ", b"[" + data + b"]", b'"' + data.hex().encode() + b'"',
+            data.replace(b"\\u00e9", "\u00e9".encode(), 1), data.replace(b"\xc3", b"\xff", 1),
+            data.replace(b'"k"', b'"\\ud800"', 1), data.replace(b"0,", b"9007199254740993,", 1)]
+
+
+def _reference(records: list[bytes], start: int) -> tuple[list, list, list]:
+    """The one rule, one record at a time: what the fast path must reproduce exactly."""
+    from gateway.audit import _canonical
+    seqs, prevs, findings = [], [], []
+    for k, data in enumerate(records):
+        try:
+            rec = _canonical.decode_canonical(data)
+            if rec.get("v") != 1 or rec.get("v") is True:
+                raise _canonical.EncodingError(f"schema version {rec.get('v')!r}, expected 1")
+        except _canonical.EncodingError as err:
+            findings.append(("edited", start + k, f"record {start + k} is damaged: {err}"))
+            seqs.append(start + k)
+            prevs.append(None)
+            continue
+        seqs.append(rec.get("seq"))
+        prevs.append(rec.get("prev"))
+    return seqs, prevs, findings
+
+
+def test_fast_record_check_equals_the_rule_on_every_record():
+    """Thousands of generated records, canonical and not (escapes, unicode, floats, huge and
+    boolean numbers, dotted strings, key order, whitespace): the batch check of ``verify``
+    (fast path, segment-wide float scan, walk of suspects) gives the verdict, seq and prev of
+    the record-by-record rule for every one of them, in batches of every mix."""
+    import random
+
+    import orjson
+
+    from gateway.audit._verify import _check_batch, _suspects
+    rnd = random.Random(14)
+    records: list[bytes] = []
+    for i in range(3000):
+        body = {"v": 1, "seq": i, "prev": f"{rnd.getrandbits(256):064x}"}
+        body.update({rnd.choice(["a", "k", "z", "w", "\u00e9"]): _value(rnd)
+                     for _ in range(rnd.randrange(4))})
+        if rnd.random() < 0.1:
+            del body[rnd.choice(["v", "seq", "prev"])]
+        try:
+            data = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+        except TypeError:
+            continue
+        records.append(data)
+        if rnd.random() < 0.3:
+            records.append(rnd.choice(_mutations(data)))
+    records = [r for r in records if b"\n" not in r]  # a segment line holds no newline
+    verdicts = {"canonical": 0, "damaged": 0, "suspect": 0}
+    sizes = [1] * len(records) + [rnd.choice([2, 7, 64, 500]) for _ in range(60)]
+    start = 0
+    for n in sizes:  # every record alone, then in batches of mixed records
+        start %= len(records)
+        batch = records[start:start + n]
+        suspects = _suspects(b"".join(r + b"\n" for r in batch), batch)
+        assert _check_batch(batch, 1000 + start, suspects) == _reference(batch, 1000 + start)
+        bad = {i for _kind, i, _msg in _reference(batch, 0)[2]}
+        verdicts["damaged"] += len(bad)
+        verdicts["canonical"] += len(batch) - len(bad)
+        verdicts["suspect"] += len(suspects)
+        start += n
+    # The generator reaches every branch: good records, bad ones, and records to walk.
+    assert min(verdicts.values()) > 200, verdicts
+
+
+def test_suspects_are_the_records_a_float_or_non_ascii_byte_is_in():
+    from gateway.audit._canonical import float_positions
+    from gateway.audit._verify import _suspects
+    records = [b'{"a":1}', b'{"a":1.5}', b'{"a":"x"}', '{"\u00e9":1}'.encode(), b'{"a":1e-7}',
+               b'{"a":"127.0.0.1"}', b'{"a":2}']
+    data = b"".join(r + b"\n" for r in records) + b'{"torn":1.5'
+    assert _suspects(data, records) == [1, 3, 4, 5]
+    assert [k for k, r in enumerate(records) if float_positions(r) or not r.isascii()] == \
+        [1, 3, 4, 5]
+
+
+def test_suspect_records_are_walked_in_every_batch(tmp_path, monkeypatch):
+    """A segment scanned in small batches: each record with a float or a non-ASCII key is
+    named once, at its own index, and dotted strings alone are no damage."""
+    from gateway.audit import _verify
+    monkeypatch.setattr(_verify, "_BATCH", 7)
+    extra = {5: {"ip": "127.0.0.1"}, 6: {"x": 1.5}, 7: {"x": 1.0}, 13: {"\u00e9": 1},
+             14: {"v1": "1e-3"}, 20: {"x": 1e16}, 27: {"a": [2.5e-5]}, 29: {"ip": "10.0.0.1"}}
+    records, prev = [], "0" * 64
+    for i in range(30):
+        records.append(encode({"v": 1, "seq": i, "prev": prev, **extra.get(i, {})}))
+        prev = hashlib.sha256(b"\x00" + records[-1]).hexdigest()
+    seg = tmp_path / "seg.log"
+    _rewrite(seg, records)
+    part = _verify._scan(str(seg), 0, True, ())
+    assert [(kind, i) for kind, i, _msg in part.findings] == \
+        [("edited", i) for i in (6, 7, 13, 20, 27)]
+    assert (part.count, part.breaks, part.runs) == (30, [], [])

@@ -25,10 +25,11 @@ from __future__ import annotations
 import gc
 import os
 import time
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from itertools import pairwise
+from itertools import accumulate, pairwise, repeat
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -275,27 +276,31 @@ class _Part:
     snapshots: dict[int, list[tuple[int, bytes]]]   # size -> subtrees of [start, size)
 
 
-def _check_batch(records: list[bytes], start: int) -> tuple[list, list, list]:
+def _check_batch(records: list[bytes], start: int, suspects: list[int]) -> tuple[list, list, list]:
     """Parse a batch: (seq per record, prev per record, findings); a record that is not a
     canonical v1 record gets a finding, seq ``start + k`` (in place) and prev ``None``.
 
-    Fast path: one comprehension that parses, re-encodes, compares and keeps only seq and prev
-    (each parsed record is freed at once: holding a batch of them alive costs several times
-    more, in cache misses and garbage collection). A batch that fails it is walked record by
-    record to name what is wrong.
+    ``suspects`` are the batch positions of records whose bytes may hide a float or a non-ASCII
+    key even when they equal their re-encoding (:func:`_suspects`): those are also walked.
+
+    Fast path: one comprehension that parses, re-encodes, compares and keeps only v, seq and
+    prev (each parsed record is freed at once: holding a batch of them alive costs more, in
+    cache misses; bench/README.md). Any exception or mismatch sends the batch to the walk that
+    names what is wrong, record by record, with :func:`_canonical.decode_canonical` (the one
+    rule).
     """
     loads, dumps = _canonical.loads, _canonical.dumps
     try:
-        rows = [(dumps(o) == r, o.get("v"), o.get("seq"), o.get("prev"))
-                for r in records for o in (loads(r),)]
-        same, versions, seqs, prevs = map(list, zip(*rows, strict=True)) if rows else \
-            ([], [], [], [])
+        rows = [(dumps(o := loads(r)) == r, o["v"], o["seq"], o["prev"]) for r in records]
+        same, versions, seqs, prevs = zip(*rows, strict=True) if rows else ((), (), (), ())
         # (a bool is an int equal to 1 or 0: check the type too)
         if False not in same and set(versions) <= {SCHEMA_VERSION} and \
-                set(map(type, versions)) <= {int} and not _suspect(records):
-            return seqs, prevs, []
-    except (ValueError, TypeError, AttributeError, RecursionError):
-        pass
+                set(map(type, versions)) <= {int}:
+            for k in suspects:
+                _canonical.check(loads(records[k]))
+            return list(seqs), list(prevs), []
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        pass  # _canonical.EncodingError is a ValueError
     seqs, prevs, findings = [], [], []
     for k, data in enumerate(records):
         i = start + k
@@ -314,13 +319,21 @@ def _check_batch(records: list[bytes], start: int) -> tuple[list, list, list]:
     return seqs, prevs, findings
 
 
-def _suspect(records: list[bytes]) -> bool:
-    """Whether equal bytes after a re-encode may still hide a float or a non-ASCII key (then
-    the batch is walked value by value; see ``_canonical.decode_canonical``)."""
+def _suspects(data: bytes, records: list[bytes]) -> list[int]:
+    """Positions of the records (``data``'s first ``len(records)`` lines) whose bytes may
+    still hide a float or a non-ASCII key after they equal their re-encoding (see
+    ``_canonical.decode_canonical``): one scan of the whole segment, which finds none in a log
+    the gateway wrote without dotted numbers in its strings."""
     if not _canonical.SCAN_ONLY_SUSPECTS:
-        return True
-    blob = b"\n".join(records)
-    return not blob.isascii() or bool(_canonical.float_positions(blob))
+        return list(range(len(records)))
+    hits = _canonical.float_positions(data)
+    out = set()
+    if hits:
+        ends = list(accumulate(len(r) + 1 for r in records))   # offset after each newline
+        out.update(k for k in map(bisect_right, repeat(ends), hits) if k < len(records))
+    if not data.isascii():
+        out.update(k for k, r in enumerate(records) if not r.isascii())
+    return sorted(out)
 
 
 def _scan(path: str, start: int, last: bool, cuts: tuple[int, ...]) -> _Part:
@@ -344,6 +357,7 @@ def _scan(path: str, start: int, last: bool, cuts: tuple[int, ...]) -> _Part:
         findings.append(("damaged", start + err.records, str(err)))
         records = data[:err.offset].split(b"\n")[:err.records]
         torn = 0
+    suspects = _suspects(data, records)
     del data
     leaves: list[bytes] = []
     runs: list[tuple[int, int, int]] = []
@@ -352,7 +366,8 @@ def _scan(path: str, start: int, last: bool, cuts: tuple[int, ...]) -> _Part:
     prev_leaf: str | None = None
     for b in range(0, len(records), _BATCH):
         batch = records[b:b + _BATCH]
-        seqs, prevs, bad = _check_batch(batch, start + b)
+        here = suspects[bisect_left(suspects, b):bisect_left(suspects, b + _BATCH)]
+        seqs, prevs, bad = _check_batch(batch, start + b, [k - b for k in here])
         findings.extend(bad)
         damaged = {i - start - b for _kind, i, _msg in bad}
         hashes = list(map(leaf_hash, batch))
@@ -361,7 +376,9 @@ def _scan(path: str, start: int, last: bool, cuts: tuple[int, ...]) -> _Part:
             first_prev = prevs[0] if prevs else None
         elif prevs[0] != prev_leaf and 0 not in damaged:
             breaks.append(start + b)
-        if seqs != list(range(start + b, start + b + len(batch))):
+        # (a bool is an int equal to 1 or 0: check the type too)
+        if seqs != list(range(start + b, start + b + len(batch))) or \
+                set(map(type, seqs)) != {int}:
             for k, seq in enumerate(seqs):
                 i = start + b + k
                 d = seq - i if type(seq) is int else None
