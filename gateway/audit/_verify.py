@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import accumulate, pairwise, repeat
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 from gateway.audit import _canonical
 from gateway.audit._merkle import EMPTY_ROOT, CompactRange, Levels, leaf_hash
@@ -301,7 +302,9 @@ def _check_batch(records: list[bytes], start: int, suspects: list[int]) -> tuple
             return list(seqs), list(prevs), []
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         pass  # _canonical.EncodingError is a ValueError
-    seqs, prevs, findings = [], [], []
+    walked_seqs: list[Any] = []
+    walked_prevs: list[Any] = []
+    findings: list[tuple[str, int, str]] = []
     for k, data in enumerate(records):
         i = start + k
         try:
@@ -311,12 +314,12 @@ def _check_batch(records: list[bytes], start: int, suspects: list[int]) -> tuple
                                                f"{SCHEMA_VERSION}")
         except _canonical.EncodingError as err:
             findings.append(("edited", i, f"record {i} is damaged: {err}"))
-            seqs.append(i)
-            prevs.append(None)
+            walked_seqs.append(i)
+            walked_prevs.append(None)
             continue
-        seqs.append(rec.get("seq"))
-        prevs.append(rec.get("prev"))
-    return seqs, prevs, findings
+        walked_seqs.append(rec.get("seq"))
+        walked_prevs.append(rec.get("prev"))
+    return walked_seqs, walked_prevs, findings
 
 
 def _suspects(data: bytes, records: list[bytes]) -> list[int]:
@@ -327,7 +330,7 @@ def _suspects(data: bytes, records: list[bytes]) -> list[int]:
     if not _canonical.SCAN_ONLY_SUSPECTS:
         return list(range(len(records)))
     hits = _canonical.float_positions(data)
-    out = set()
+    out: set[int] = set()
     if hits:
         ends = list(accumulate(len(r) + 1 for r in records))   # offset after each newline
         out.update(k for k in map(bisect_right, repeat(ends), hits) if k < len(records))
