@@ -27,6 +27,16 @@ from gateway.policy._source import (
     Problem,
 )
 from gateway.policy._store import PolicyStore, ReloadResult, case_files, compile_directory
+from gateway.policy._tools import (
+    access_diff,
+    compile_files,
+    conditional_changes,
+    explain,
+    format_directory,
+    load_revision,
+    repository_models,
+    write_atomically,
+)
 
 __all__ = [
     "ACTIONS",
@@ -45,11 +55,19 @@ __all__ = [
     "Report",
     "ShadowCollector",
     "Snapshot",
+    "access_diff",
     "attribute_problem",
     "case_files",
     "compile_directory",
+    "compile_files",
+    "conditional_changes",
     "did_you_mean",
+    "explain",
+    "format_directory",
     "lint",
     "load_cases",
+    "load_revision",
+    "repository_models",
     "run_cases",
+    "write_atomically",
 ]

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import grpc
 
-from gateway.errors import InvalidRequest, QuotaExceeded
-from gateway.server._guard import Guard, StreamEnded
+from gateway.errors import InvalidRequest, QuotaExceeded, StreamEnded
+from gateway.server._guard import Guard
 
 
 class BoundedReads(grpc.ServerInterceptor):

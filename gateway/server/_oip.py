@@ -10,7 +10,6 @@ guard makes the audit record durable before the response leaves, returning its r
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -18,8 +17,8 @@ import numpy as np
 from gateway import __version__
 from gateway._proto.inference import grpc_service_pb2 as pb
 from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from gateway.errors import GatewayError, InvalidRequest
-from gateway.inference._codec import (
+from gateway.errors import InvalidRequest, ResponseTooLarge
+from gateway.inference import (
     check_batch,
     decode_inputs,
     encode_outputs,
@@ -28,9 +27,7 @@ from gateway.inference._codec import (
 )
 from gateway.models import LoadedModel
 from gateway.monitor import PROFILE_FILE, InputProfile
-
-if TYPE_CHECKING:  # the server package imports this module; the guard is only a type here
-    from gateway.server._guard import Guard
+from gateway.server._guard import Call, Guard
 
 #: The only platform the gateway serves.
 PLATFORM = "onnxruntime_onnx"
@@ -125,7 +122,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                    "fewer rows or outputs")
         return response
 
-    def _score_now(self, call, model: LoadedModel,
+    def _score_now(self, call: Call, model: LoadedModel,
                    feeds: dict[str, np.ndarray]) -> tuple[np.ndarray | None, bool]:
         """Anomaly scores of the input, and policy again, when the policy decides on them.
 
@@ -147,7 +144,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                           rows))
         return rows, True
 
-    def _monitor_later(self, call, model: LoadedModel, rows: np.ndarray, scored: bool,
+    def _monitor_later(self, call: Call, model: LoadedModel, rows: np.ndarray, scored: bool,
                        y: np.ndarray | None) -> None:
         """Monitoring that no decision waits for runs on the monitor's thread, batched."""
         monitor = self._guard.monitor
@@ -184,12 +181,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             chunks = [t.contents.SerializeToString(deterministic=True) for t in request.inputs]
         return {"hmac": self._guard.audit.payload_digest(*chunks),
                 "size": sum(len(c) for c in chunks)}
-
-
-class ResponseTooLarge(GatewayError):
-    """The response is larger than the server may send."""
-
-    status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def _feature_rows(arrays: list[np.ndarray]) -> np.ndarray | None:
