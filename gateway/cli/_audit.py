@@ -32,15 +32,13 @@ import sys
 from pathlib import Path
 
 from gateway.audit import offline
-from gateway.errors import ConfigError, GatewayError
-
-
-class AuditToolError(GatewayError):
-    """An audit verb cannot be met (no such record, size or checkpoint; unreadable input)."""
+from gateway.errors import ConfigError
 
 
 def _tool(func):
-    """Run a verb: a failed check exits 1 with its message, an unmet request exits 2."""
+    """Run a verb: a failed check exits 1 with its message; an unmet request (any other
+    :class:`offline.Error`, a :class:`~gateway.errors.GatewayError`) reaches ``main``, which
+    exits 2."""
 
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
@@ -49,8 +47,6 @@ def _tool(func):
         except offline.VerificationError as err:
             print(f"gateway: FAILED: {err}", file=sys.stderr)
             return 1
-        except offline.Error as err:
-            raise AuditToolError(str(err)) from None
 
     return run
 
