@@ -94,6 +94,10 @@ class AuditUnavailable(GatewayError):
     status = _Status("UNAVAILABLE")
 
 
+# The classes here share one shape (a docstring and a status) on purpose: each is a distinct
+# status or audit reason a caller or the guard tells apart, so they are not folded into one.
+
+
 class PolicyUnavailable(GatewayError):
     """Authorization itself failed (not a denial): the call is refused, fail closed."""
 
