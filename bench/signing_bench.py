@@ -6,9 +6,11 @@ Writes a model of 1 GiB + a small ONNX file (model.onnx + weights.bin split in t
 to a temporary directory, removed afterwards. Each operation runs REPEAT times alternating
 with its baseline; the best run of each is compared (the machine is shared and noisy).
 
-- sign:   ``sign_model`` (walk, hash every file, sign, write model.sig) vs
+- sign:   ``sign_model`` (the one reader hashing every file, sign, write model.sig) vs
           ``hashlib.file_digest`` over the same files (page cache warm for both).
-- verify (disk): ``verify_model`` (stream-hash + check) vs the same hashlib baseline.
+- verify (disk): ``verify_model``, the serving pipeline's checks (the one reader hashing
+          every file, the signature, every external-data reference; only model.onnx kept
+          in memory) vs the same hashlib baseline.
 - verify (memory): ``verify_files`` over bytes already in memory (the gateway's path)
           vs ``hashlib.sha256(bytes)`` over the same bytes.
 - decrypt (memory): ``decrypt_bytes`` of one encrypted 512 MiB shard vs hashlib over its

@@ -77,9 +77,21 @@ class InvalidRequest(GatewayError):
 
 
 class ModelUnavailable(GatewayError):
-    """The model exists but may not be served (refused at load, unsigned, tampered)."""
+    """The model exists but may not be served (refused at load, unsigned, tampered).
+
+    Every signing, trust, scan and load error derives from this class. ``str(err)`` is the
+    reason a caller may see: no server paths, no ONNX Runtime internals. ``detail`` is the
+    full story (paths, library messages) for the server log, the audit record and the CLI.
+    """
 
     status = _Status("FAILED_PRECONDITION")
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail or message
+
+    def diagnostics(self) -> str:
+        return self.detail
 
 
 class QuotaExceeded(GatewayError):

@@ -17,6 +17,7 @@ import pytest
 
 from gateway.client import Receipt, ReceiptInterceptor, prove_receipt
 from gateway.devenv import REPO, make_demo_env, run_cli, start_gateway
+from gateway.models.demo import types_model
 from gateway.policy import compile_directory
 from tests.conftest import channel_credentials, triton_client
 from tests.test_readme_commands import readme_block
@@ -209,7 +210,7 @@ def test_model_keygen_makes_a_key_the_signing_tools_use(tmp_path):
     assert again.returncode == 2 and "exists; pass --force" in one_error_line(again)
     model = tmp_path / "m" / "1"
     model.mkdir(parents=True)
-    (model / "model.onnx").write_bytes(b"not really a model, but signed bytes")
+    (model / "model.onnx").write_bytes(types_model())  # verify checks it as serving does
     run_cli("model", "sign", str(model), "--key", str(key))
     run_cli("model", "verify", str(model), "--pubkey", str(tmp_path / "keys" / "release.pub"))
 

@@ -89,9 +89,12 @@ def test_a_model_tampered_on_disk_is_refused_on_reload_while_others_serve(admin_
         data[-1] ^= 0x01
         model.write_bytes(bytes(data))
         models, _, channel = _stubs(admin_gateway, "admin")
-        status = models.LoadModel(pb.LoadModelRequest(name="demo-types", version="1"))
-        assert status.state == "REFUSED"
-        assert "model.onnx" in status.reason  # names the changed file
+        with pytest.raises(grpc.RpcError) as refused:
+            models.LoadModel(pb.LoadModelRequest(name="demo-types", version="1"))
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "model.onnx" in refused.value.details()  # names the changed file
+        listed = {(m.name, m.version): m for m in models.ListModels(pb.ListModelsRequest()).models}
+        assert listed[("demo-types", "1")].state == "REFUSED"
         channel.close()
         scorer = triton_client(admin_gateway, "scorer")
         assert not scorer.is_model_ready("demo-types")

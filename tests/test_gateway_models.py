@@ -87,7 +87,12 @@ def test_swapping_the_file_during_loads_never_serves_unverified_bytes(tmp_path):
         channel = grpc.secure_channel(gw.target, channel_credentials(env, "admin"))
         admin = pb_grpc.ModelAdminStub(channel)
         for _ in range(30):
-            status = admin.LoadModel(pb.LoadModelRequest(name="demo-mlp", version="1"))
+            try:
+                status = admin.LoadModel(pb.LoadModelRequest(name="demo-mlp", version="1"))
+            except grpc.RpcError as refused:  # the impostor's bytes do not verify
+                assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+                states.append("REFUSED")
+                continue
             states.append(status.state)
             if status.state == "LOADED":
                 assert np.array_equal(_probabilities(gw), want)

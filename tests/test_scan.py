@@ -107,13 +107,13 @@ def corpus(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     _save_external(_linear(), d)
     (d / "weights.bin").unlink()
     (d / "weights.bin").symlink_to(outside)
-    made["symlink"] = (d, "external-data-symlink")
+    made["symlink"] = (d, "model-file-link")
 
     d = tmp_path / "hardlink" / "1"
     _save_external(_linear(), d)
     (d / "weights.bin").unlink()
     os.link(outside, d / "weights.bin")
-    made["hardlink"] = (d, "external-data-hardlink")
+    made["hardlink"] = (d, "model-file-link")
 
     node = helper.make_node("Evil", ["x"], ["y"], domain="com.evil")
     graph = helper.make_graph([node], "custom",
@@ -247,12 +247,6 @@ def test_verified_bytes_must_include_external_data(tmp_path: Path) -> None:
     assert "external-data-missing" in scan_model(d, files=files).codes()
     files["weights.bin"] = b"\0" * 8  # too short for the 48 bytes declared
     assert "external-data-range" in scan_model(d, files=files).codes()
-    # a symlink on disk is refused even when bytes are supplied
-    outside = _outside_file(tmp_path)
-    (d / "weights.bin").unlink()
-    (d / "weights.bin").symlink_to(outside)
-    files["weights.bin"] = outside.read_bytes()
-    assert "external-data-symlink" in scan_model(d, files=files).codes()
     assert "model-missing" in scan_model(d, files={}).codes()
 
 
@@ -265,16 +259,15 @@ def test_symlinked_directory_component_is_refused(tmp_path: Path) -> None:
     (d / "data" / "weights.bin").unlink()
     (d / "data").rmdir()
     (d / "data").symlink_to(elsewhere, target_is_directory=True)
-    assert "external-data-symlink" in _high_codes(d)
+    assert "model-file-link" in _high_codes(d)
 
 
-def test_hard_links_inside_the_directory_are_only_low(tmp_path: Path) -> None:
+def test_hard_links_are_refused_even_inside_the_directory(tmp_path: Path) -> None:
+    """The one reader refuses every hard-linked file: the serving path always did."""
     d = tmp_path / "m" / "1"
     _save_external(_linear(), d)
     os.link(d / "weights.bin", d / "copy.bin")
-    report = scan_model(d)
-    assert not report.refused
-    assert [f.severity for f in report.findings if f.code == "external-data-hardlink"] == ["low"]
+    assert "model-file-link" in _high_codes(d)
 
 
 def test_model_file_itself_may_not_be_a_link(tmp_path: Path) -> None:

@@ -72,11 +72,14 @@ def _run_model(model: Path, data: np.ndarray) -> np.ndarray:
     """The model's first output on ``data`` (in chunks; one thread, as the gateway runs it)."""
     import onnxruntime as ort
 
+    from gateway.models import runtime_from_dir
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
+    runtime = runtime_from_dir(model.parent)  # as the gateway loads it: no path opened by ORT
     try:
-        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        session = runtime.session(options)
     except Exception as err:  # onnxruntime raises its own untyped errors
         raise ProfileError(f"{model}: ONNX Runtime cannot load it ({err}); "
                            "use --no-outputs to profile inputs only") from err

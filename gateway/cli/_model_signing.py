@@ -28,6 +28,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
     sign.add_argument("--cert", type=Path, help="signing certificate (PEM) for certificate signing")
     sign.add_argument("--chain", type=Path, action="append", default=[],
                       help="intermediate/CA certificates (PEM) to include; repeatable")
+    sign.add_argument("--subject", help="what the signature names, NAME or NAME/VERSION "
+                      "(default: NAME/VERSION of a models/<name>/<version> directory); trust "
+                      "rules with `bind` require it to match what the model is served as")
     _common(sign)
     sign.set_defaults(func=_sign)
 
@@ -43,6 +46,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
                         help="with --chain: accepted certificate identity glob; repeatable")
     verify.add_argument("--name", help="model name for the trust policy (default: the parent "
                         "directory's name, as in models/<name>/<version>)")
+    verify.add_argument("--version", dest="model_version", help="model version it is served as "
+                        "(default: the directory's name)")
     _common(verify)
     verify.set_defaults(func=_verify)
 
@@ -93,13 +98,13 @@ def _sign(args: argparse.Namespace) -> int:
 
     def action() -> tuple[dict, str]:
         target = sign_model(args.model_dir, key=args.key, cert=args.cert, chain=args.chain,
-                            progress=_progress(args), kek=_kek(args))
+                            progress=_progress(args), kek=_kek(args), subject=args.subject)
         try:
             statement = parse_statement(parse_bundle(target.read_bytes()).payload)
         except BundleError as err:  # pragma: no cover - we just wrote it
             raise SignatureError(f"{target}: wrote an unreadable signature: {err}") from err
         result = {"signature": str(target), "digest": statement.root,
-                  "files": sorted(statement.resources)}
+                  "subject": statement.subject_name, "files": sorted(statement.resources)}
         return result, (f"signed {len(statement.resources)} file(s) of {args.model_dir}: "
                         f"{target} (manifest sha256:{statement.root})")
 
@@ -123,7 +128,8 @@ def _verify(args: argparse.Namespace) -> int:
             settings = SigningSettings(trust=tuple(
                 TrustRule(name=f"--chain {path}", ca=path, identities=identities)
                 for path in args.chain))
-        verified = verify_model(args.model_dir, settings, model_name=args.name, kek=_kek(args),
+        verified = verify_model(args.model_dir, settings, model_name=args.name,
+                                version=args.model_version, kek=_kek(args),
                                 progress=_progress(args))
         result = {"model_dir": str(args.model_dir), "digest": verified.digest,
                   "signer": verified.signer, "rule": verified.rule,

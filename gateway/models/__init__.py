@@ -14,6 +14,7 @@ admission scanner in :mod:`gateway.models.scan`.
 """
 
 from gateway.models._datatypes import NUMPY_DTYPES
+from gateway.models._pipeline import runtime_from_dir
 from gateway.models._repository import (
     LOADED,
     REFUSED,
@@ -33,4 +34,5 @@ __all__ = [
     "ModelEntry",
     "ModelRepository",
     "TensorSpec",
+    "runtime_from_dir",
 ]

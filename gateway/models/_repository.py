@@ -8,27 +8,25 @@ so ModelReady can say false and calls can say why, while other models keep servi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import threading
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from google.protobuf.message import DecodeError
 
-from gateway.errors import GatewayError, ModelUnavailable
+from gateway.errors import GatewayError, InvalidRequest, ModelUnavailable
 from gateway.models._datatypes import NUMPY_DTYPES, ORT_TO_OIP
-from gateway.models._files import ENCRYPTED_SUFFIX, read_version_dir
+from gateway.models._messages import ort_message, redact
+from gateway.models._pipeline import OpenedVersion, Verify, open_version
+from gateway.models._tensors import RuntimeModel
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.toml"
 PROFILE_FILE = "profile.json"
 
@@ -70,6 +68,8 @@ class LoadedModel:
     session: ort.InferenceSession = field(repr=False)
     #: ABAC attributes of this model, computed once.
     attributes: Mapping[str, object] = field(default_factory=dict)
+    #: The verified bytes the session's initializers live in (ONNX Runtime uses them in place).
+    runtime: RuntimeModel | None = field(default=None, repr=False)
 
     def input(self, name: str) -> TensorSpec | None:
         for spec in self.inputs:
@@ -81,7 +81,11 @@ class LoadedModel:
             output_names: list[str]) -> dict[str, np.ndarray]:
         """Run the session; returns the named outputs (all outputs when the list is empty)."""
         names = output_names or [spec.name for spec in self.outputs]
-        results = self.session.run(names, dict(feeds))
+        try:
+            results = self.session.run(names, dict(feeds))
+        except Exception as err:  # ORT's own types; its text may hold source locations
+            log.warning("model %s/%s: ONNX Runtime run failed: %s", self.name, self.version, err)
+            raise InvalidRequest(ort_message(err)) from err
         return dict(zip(names, results, strict=True))
 
 
@@ -92,8 +96,11 @@ class ModelEntry:
     name: str
     version: str
     state: str
+    #: Why it is refused or unloaded, as a caller may read it (no server paths).
     reason: str = ""
     model: LoadedModel | None = None
+    #: The full reason (paths, library messages) for the log and the audit record.
+    detail: str = ""
 
 
 #: Called with (event kind, fields) for every load, refusal and unload: the server audits them.
@@ -108,8 +115,7 @@ class ModelRepository:
         root: Path,
         *,
         session_options: Callable[[], ort.SessionOptions],
-        verify: Callable[[str, dict[str, bytes], bytes | None],
-                         tuple[str, str, str] | None] | None,
+        verify: Verify | None,
         scan: Callable[[Path, dict[str, bytes]], None] | None = None,
         decrypt: Callable[[bytes], bytes] | None = None,
         on_event: EventSink | None = None,
@@ -136,9 +142,10 @@ class ModelRepository:
         for model_dir in sorted(self._root.iterdir()):
             if not (model_dir.is_dir() and _NAME.match(model_dir.name)):
                 continue
-            for version_dir in sorted(model_dir.iterdir()):
-                if version_dir.is_dir() and _VERSION.match(version_dir.name):
-                    found.append((model_dir.name, version_dir.name))
+            versions = [v.name for v in model_dir.iterdir()
+                        if v.is_dir() and _VERSION.match(v.name)]
+            # Ascending by number: rollback protection admits versions in this order.
+            found.extend((model_dir.name, v) for v in sorted(versions, key=int))
         return found
 
     def load_all(self) -> list[ModelEntry]:
@@ -153,7 +160,7 @@ class ModelRepository:
         try:
             model = self._build(name, version, directory)
         except GatewayError as err:
-            return self._refuse(name, version, str(err))
+            return self._refuse(name, version, str(err), getattr(err, "detail", ""))
         entry = ModelEntry(name, version, LOADED, model=model)
         self._install(entry)
         self._on_event("model_load", {"model": {"name": name, "version": version,
@@ -161,12 +168,14 @@ class ModelRepository:
                                       "signer": model.signer, "trust_rule": model.trust_rule})
         return entry
 
-    def _refuse(self, name: str, version: str, reason: str) -> ModelEntry:
-        entry = ModelEntry(name, version, REFUSED, reason=reason)
+    def _refuse(self, name: str, version: str, reason: str, detail: str = "") -> ModelEntry:
+        detail = detail or reason
+        reason = redact(reason)  # the net under caller-safe messages: no server path leaves
+        entry = ModelEntry(name, version, REFUSED, reason=reason, detail=detail)
         self._install(entry)
         self._on_event("model_refused", {"model": {"name": name, "version": version},
-                                         "reason": reason})
-        log.warning("model %s/%s refused: %s", name, version, reason)
+                                         "reason": reason, "detail": detail})
+        log.warning("model %s/%s refused: %s", name, version, detail)
         return entry
 
     def unload(self, name: str, version: str, reason: str = "unloaded by request") -> ModelEntry:
@@ -200,79 +209,53 @@ class ModelRepository:
         for entry in [e for e in self._entries.values() if e.state == LOADED]:
             directory = self._root / entry.name / entry.version
             try:
-                _, digest, _, _ = self._verified_files(entry.name, entry.version, directory)
+                opened = self._open(entry.name, entry.version, directory)
             except GatewayError as err:
                 changed.append(self._refuse(entry.name, entry.version,
-                                            f"re-verification failed: {err}"))
+                                            f"re-verification failed: {err}",
+                                            getattr(err, "detail", "")))
                 continue
-            if entry.model is not None and digest != entry.model.digest:
+            if entry.model is not None and opened.digest != entry.model.digest:
                 changed.append(self.load(entry.name, entry.version))
         return changed
 
-    def _verified_files(self, name: str, version: str,
-                        directory: Path) -> tuple[dict[str, bytes], str, str, str]:
+    def _open(self, name: str, version: str, directory: Path) -> OpenedVersion:
         if (self._root / name).is_symlink():
             # The reader refuses links inside the version directory; the model directory
             # above it must not lead out of the repository either.
-            raise ModelUnavailable(f"{self._root / name} is a symbolic link; refused")
-        files, signature = read_version_dir(directory, max_bytes=self._max_bytes)
-        files = self._decrypted(files)
-        if MODEL_FILE not in files:
-            raise ModelUnavailable(f"{name}/{version}: no {MODEL_FILE} in {directory}")
-        verified = self._verify(name, files, signature) if self._verify is not None else None
-        if verified is None:
-            return files, _files_digest(files), "unverified", ""
-        return files, *verified
+            raise ModelUnavailable(f"the directory of model {name!r} is a symbolic link; "
+                                   "refused", detail=f"{self._root / name} is a symbolic link")
+        return open_version(directory, name, version, verify=self._verify,
+                            decrypt=self._decrypt, max_bytes=self._max_bytes)
 
     def _build(self, name: str, version: str, directory: Path) -> LoadedModel:
-        files, digest, signer, rule = self._verified_files(name, version, directory)
+        opened = self._open(name, version, directory)
+        files = opened.files
         if self._scan is not None:
             self._scan(directory, files)
-        owner, labels = _parse_metadata(name, version, files.get(METADATA_FILE))
-        session = self._session(name, version, files)
-        inputs = _specs(name, version, session.get_inputs(), "input")
-        outputs = _specs(name, version, session.get_outputs(), "output")
-        extras = {k: v for k, v in files.items() if k == PROFILE_FILE}
+        owner, labels = _parse_metadata(files.get(METADATA_FILE))
+        session = self._session(name, version, opened.runtime)
+        inputs = _specs(session.get_inputs(), "input")
+        outputs = _specs(session.get_outputs(), "output")
+        extras = {k: bytes(v) for k, v in files.items() if k == PROFILE_FILE}
         attributes = {"model.name": name, "model.version": version, "model.owner": owner,
                       **{f"model.labels.{k}": v for k, v in labels.items()}}
-        return LoadedModel(name=name, version=version, digest=digest, signer=signer,
-                           trust_rule=rule, owner=owner, labels=labels, inputs=inputs,
-                           outputs=outputs,
-                           extras=extras, session=session, attributes=attributes)
+        return LoadedModel(name=name, version=version, digest=opened.digest,
+                           signer=opened.signer, trust_rule=opened.rule, owner=owner,
+                           labels=labels, inputs=inputs, outputs=outputs,
+                           extras=extras, session=session, attributes=attributes,
+                           runtime=opened.runtime)
 
-    def _decrypted(self, files: dict[str, bytes]) -> dict[str, bytes]:
-        out: dict[str, bytes] = {}
-        for rel, data in files.items():
-            if rel.endswith(ENCRYPTED_SUFFIX):
-                if self._decrypt is None:
-                    raise ModelUnavailable(f"{rel} is encrypted and no key-encryption key "
-                                           "is configured ([signing] kek_file or kek_env)")
-                plain_name = rel[: -len(ENCRYPTED_SUFFIX)]
-                if plain_name in files:
-                    raise ModelUnavailable(f"both {rel} and {plain_name} are present")
-                out[plain_name] = self._decrypt(data)
-            else:
-                out[rel] = data
-        return out
-
-    def _session(self, name: str, version: str, files: dict[str, bytes]) -> ort.InferenceSession:
-        options = self._session_options()
-        externals = _external_data_names(files[MODEL_FILE])
-        missing = [loc for loc in externals if loc not in files]
-        if missing:
-            raise ModelUnavailable(f"{name}/{version}: external data {', '.join(missing)} is not "
-                                   "a file of the model directory")
-        if externals:
-            # Served from the verified in-memory bytes, never resolved against a path.
-            buffers = [files[loc] for loc in externals]
-            options.add_external_initializers_from_files_in_memory(
-                externals, buffers, [len(b) for b in buffers])
+    def _session(self, name: str, version: str, runtime: RuntimeModel) -> ort.InferenceSession:
+        """The session, from memory only: ``runtime`` has no reference ONNX Runtime could
+        resolve on disk (see :func:`gateway.models._tensors.runtime_model`)."""
         try:
-            return ort.InferenceSession(files[MODEL_FILE], sess_options=options,
-                                        providers=["CPUExecutionProvider"])
+            # Arrays used in place by ONNX Runtime: LoadedModel keeps `runtime` alive.
+            return runtime.session(self._session_options())
         except Exception as err:  # ORT raises its own exception types for bad graphs
-            raise ModelUnavailable(f"{name}/{version}: ONNX Runtime cannot load the model: "
-                                   f"{_first_line(err)}") from err
+            raise ModelUnavailable(f"ONNX Runtime cannot load the model: {ort_message(err)}",
+                                   detail=f"{name}/{version}: ONNX Runtime cannot load the "
+                                   f"model: {err}") from err
 
     # -- lookups (request path) ------------------------------------------------------------
 
@@ -295,78 +278,29 @@ class ModelRepository:
 
 
 
-def _files_digest(files: Mapping[str, bytes]) -> str:
-    h = hashlib.sha256()
-    for rel in sorted(files):
-        h.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
-    return h.hexdigest()
-
-
-def _parse_metadata(name: str, version: str, data: bytes | None) -> tuple[str, dict[str, str]]:
+def _parse_metadata(data: bytes | None) -> tuple[str, dict[str, str]]:
     if data is None:
         return "", {}
     try:
-        table = tomllib.loads(data.decode("utf-8"))
+        table = tomllib.loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ModelUnavailable(f"{name}/{version}: {METADATA_FILE} is not valid TOML: {err}") \
-            from err
+        raise ModelUnavailable(f"{METADATA_FILE} is not valid TOML: {err}") from err
     owner = table.get("owner", "")
     labels = table.get("labels", {})
     if not isinstance(owner, str) or not isinstance(labels, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-        raise ModelUnavailable(f"{name}/{version}: {METADATA_FILE}: owner must be a string and "
-                               "[labels] a table of strings")
+        raise ModelUnavailable(f"{METADATA_FILE}: owner must be a string and [labels] a table "
+                               "of strings")
     return owner, dict(sorted(labels.items()))
 
 
-def _specs(name: str, version: str, args: list, kind: str) -> tuple[TensorSpec, ...]:
+def _specs(args: list, kind: str) -> tuple[TensorSpec, ...]:
     specs = []
     for arg in args:
         datatype = ORT_TO_OIP.get(arg.type)
         if datatype is None:
-            raise ModelUnavailable(f"{name}/{version}: {kind} '{arg.name}' has type {arg.type}, "
-                                   "which the gateway does not serve")
+            raise ModelUnavailable(f"{kind} '{arg.name}' has type {arg.type}, which the "
+                                   "gateway does not serve")
         shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
         specs.append(TensorSpec(arg.name, datatype, shape))
     return tuple(specs)
-
-
-def _external_data_names(model_bytes: bytes) -> list[str]:
-    """Locations of external-data tensors, each checked to be a plain relative file name."""
-    try:
-        proto = onnx.ModelProto.FromString(model_bytes)
-    except DecodeError as err:
-        raise ModelUnavailable(f"model.onnx is not a valid ONNX protobuf: {_first_line(err)}") \
-            from err
-    names: list[str] = []
-    for tensor in _all_tensors(proto.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        parts = location.replace("\\", "/").split("/")
-        if location.startswith("/") or any(p in ("", ".", "..") for p in parts):
-            raise ModelUnavailable(f"external data location {location!r} leaves the model "
-                                   "directory; refused")
-        if location not in names:
-            names.append(location)
-    return names
-
-
-def _all_tensors(graph) -> Iterable:
-    """Initializers and constant tensors of a graph and of every subgraph in it."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _all_tensors(sub)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
-

@@ -93,12 +93,18 @@ def _serialize(graph: onnx.GraphProto) -> bytes:
 
 
 def build_demo_repository(root: Path, *, force: bool = False) -> list[Path]:
-    """Write the demo models under ``root`` (kept if present unless ``force``); returns dirs."""
+    """Write the demo models under ``root`` (kept if present unless ``force``); returns dirs.
+
+    A kept demo model whose ``model.sig`` predates signatures naming their model (subject
+    ``1`` instead of ``demo-mlp/1``, refused by the demo trust rule) loses that signature,
+    so ``gateway demo init`` signs it again.
+    """
     written = []
     for name, model, metadata in (("demo-mlp", mlp_model(), _MLP_METADATA),
                                   ("demo-types", types_model(), _TYPES_METADATA)):
         directory = root / name / "1"
         if (directory / "model.onnx").exists() and not force:
+            _drop_unbound_signature(directory, f"{name}/1")
             continue
         directory.mkdir(parents=True, exist_ok=True)
         write_atomic(directory / "model.onnx", model)
@@ -111,3 +117,15 @@ def demo_reference(rows: int = 4000, seed: int = 0, features: int = 4) -> np.nda
     """Seeded reference inputs of demo-mlp, N(0, 1) per feature: what its profile is fitted on
     (``gateway demo init``), so inputs far from it raise the anomaly alarm."""
     return np.random.default_rng(seed).normal(0, 1, (rows, features)).astype(np.float32)
+
+
+def _drop_unbound_signature(directory: Path, subject: str) -> None:
+    from gateway.models.signing import SignatureError, signed_subject
+
+    signature = directory / "model.sig"
+    try:
+        signed = signed_subject(signature.read_bytes())
+    except (OSError, SignatureError):
+        return
+    if signed != subject:
+        signature.unlink()

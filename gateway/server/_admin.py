@@ -14,7 +14,8 @@ import grpc
 
 from gateway._proto.gateway.v1 import admin_pb2 as pb
 from gateway._proto.gateway.v1 import admin_pb2_grpc as pb_grpc
-from gateway.errors import ConfigError, InvalidRequest
+from gateway.errors import ConfigError, InvalidRequest, ModelUnavailable
+from gateway.models import REFUSED
 from gateway.policy import PolicyError
 from gateway.server._guard import Guard
 
@@ -35,6 +36,9 @@ class AdminServicer(pb_grpc.ModelAdminServicer, pb_grpc.PolicyAdminServicer):
         with self._guard.call(context, rpc="LoadModel", action="model.load",
                               model=request.name, version=request.version, must_exist=False):
             entry = self._guard.models.load(request.name, _version(request.version))
+            if entry.state == REFUSED:  # audited as model_refused, with the full detail
+                raise ModelUnavailable(f"model '{entry.name}' version {entry.version} is "
+                                       f"refused: {entry.reason}")
             return _status(entry)
 
     def UnloadModel(self, request, context):

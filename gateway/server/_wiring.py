@@ -19,7 +19,7 @@ def model_pipeline(config: GatewayConfig) -> tuple[Callable[[], ort.SessionOptio
     """``(session_options, verify, scan, decrypt)`` for :class:`~gateway.models.ModelRepository`."""
     from gateway.models.encryption import decrypt_bytes, load_kek
     from gateway.models.scan import scan_model, session_options
-    from gateway.models.signing import verify_files
+    from gateway.models.signing import verifier
 
     models, signing, scan_settings = config.models, config.signing, config.scan
 
@@ -29,21 +29,10 @@ def model_pipeline(config: GatewayConfig) -> tuple[Callable[[], ort.SessionOptio
                                intra_op_threads=models.intra_op_threads,
                                inter_op_threads=models.inter_op_threads)
 
-    def verify(name: str, files: dict[str, bytes],
-               bundle: bytes | None) -> tuple[str, str, str] | None:
-        if bundle is None:
-            if signing.require_signature:
-                raise ModelUnavailable(f"model '{name}' is unsigned (no model.sig); refused")
-            return None  # served unverified, as [signing] require_signature = false says
-        verified = verify_files(name, files, bundle, signing)
-        return verified.digest, verified.signer, verified.rule
+    verify = verifier(signing)
 
     def scan(directory: Path, files: dict[str, bytes]) -> None:
-        report = scan_model(directory, scan_settings, files=files)
-        if report.refused:
-            worst = [f for f in report.findings if f.severity == "high"]
-            raise ModelUnavailable("admission scan refused the model: " + "; ".join(
-                f"{f.code}: {f.message}" for f in worst))
+        scan_model(directory, scan_settings, files=files).raise_if_refused()
 
     kek = load_kek(signing)
 

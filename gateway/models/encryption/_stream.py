@@ -34,6 +34,8 @@ from collections.abc import Iterable, Iterator
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from gateway.errors import ModelUnavailable
+
 MAGIC = b"GWENC1"
 STREAM_HEADER_LEN = 6 + 4 + 7
 KEY_SECTION_LEN = 8 + 12 + 48
@@ -45,7 +47,7 @@ MIN_CHUNK, MAX_CHUNK = 1 << 10, 1 << 26
 KEK_LEN = 32
 
 
-class StreamError(Exception):
+class StreamError(ModelUnavailable):
     """The envelope is malformed, was encrypted under another KEK, or fails authentication."""
 
 

@@ -143,7 +143,6 @@ def main() -> int:
     limit = int(job["address_space"])
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import numpy as np
-    import onnxruntime as ort
 
     from gateway.models.scan._session import session_options
 
@@ -151,7 +150,12 @@ def main() -> int:
     _emit(event="start", case="load")
     started = time.perf_counter()
     try:
-        sess = ort.InferenceSession(job["model"], opts, providers=["CPUExecutionProvider"])
+        from pathlib import Path
+
+        from gateway.models import runtime_from_dir
+
+        runtime = runtime_from_dir(Path(job["model"]).parent)
+        sess = runtime.session(opts)
     except Exception as err:
         _emit(event="result", case="load", status="error", seconds=time.perf_counter() - started,
               error=f"{type(err).__name__}: {err}"[:2000])
@@ -181,8 +185,7 @@ def main() -> int:
                     digests.append([o["sha256"] for o in _summary(sess.run(names, feeds),
                                                                    names)])
                 if kind == "random":
-                    fresh = ort.InferenceSession(job["model"], opts,
-                                                 providers=["CPUExecutionProvider"])
+                    fresh = runtime.session(opts)
                     digests.append([o["sha256"] for o in _summary(fresh.run(names, feeds),
                                                                    names)])
                     del fresh

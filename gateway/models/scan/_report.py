@@ -64,18 +64,19 @@ class ScanReport:
 
 
 class ModelRefused(ModelUnavailable):
-    """The admission scanner refused the model; ``report`` says why."""
+    """The admission scanner refused the model; ``report`` says why.
+
+    The message names the first high finding (what a caller sees); ``detail`` names the
+    directory and lists every finding.
+    """
 
     def __init__(self, report: ScanReport) -> None:
         self.report = report
         high = [f for f in report.sorted_findings() if f.severity == "high"]
         first = high[0]
         more = f" (and {len(high) - 1} more)" if len(high) > 1 else ""
-        super().__init__(f"model {report.path} refused by the admission scanner: "
-                         f"{first.code}: {first.message}{more}")
-
-    def diagnostics(self) -> str:
-        lines = [str(self)]
+        message = f"refused by the admission scanner: {first.code}: {first.message}{more}"
+        lines = [f"model {report.path} {message}"]
         lines += [f"  {f.severity:<6} {f.code}: {f.file}: {f.message}"
-                  for f in self.report.sorted_findings()]
-        return "\n".join(lines)
+                  for f in report.sorted_findings()]
+        super().__init__(message, detail="\n".join(lines))

@@ -12,8 +12,8 @@ from typing import Any
 from google.protobuf.message import DecodeError
 from onnx import ModelProto, TensorProto, helper
 
+from gateway.models import _files, _tensors
 from gateway.models.scan import _analysis, _graph
-from gateway.models.scan._files import Source
 from gateway.models.scan._report import ScanReport
 from gateway.models.scan._settings import ScanSettings
 
@@ -21,6 +21,7 @@ from gateway.models.scan._settings import ScanSettings
 # inference (shape constants live here); bigger main-graph initializers become graph
 # inputs of the same type and shape, so the child gets a small model.
 _FILL_LIMIT = 1 << 20
+MODEL_FILE = "model.onnx"
 # Operators whose output shape comes from the *values* of an input.
 _DATA_SHAPED = frozenset({"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample",
                           "Pad", "OneHot", "Col2Im", "CenterCropPad"})
@@ -29,28 +30,38 @@ _DATA_SHAPED = frozenset({"ConstantOfShape", "Expand", "Tile", "Range", "Resize"
 def scan(version_dir: Path, settings: ScanSettings,
          files: Mapping[str, bytes] | None) -> ScanReport:
     report = ScanReport(path=str(version_dir))
-    source = Source(Path(version_dir), files, settings.max_file_bytes, report)
-    try:
-        data = source.model_bytes()
-        if data is None:
-            return report
-        model = ModelProto()
+    if files is None:
+        # The one reader: what the CLI scans is what the gateway would read.
         try:
-            model.ParseFromString(data)
-        except (DecodeError, RecursionError, ValueError) as err:
-            report.add("high", "parse-error", f"not a valid ONNX model file: {err}")
+            files = _files.read_model_dir(version_dir).files
+        except _files.ModelFilesError as err:
+            report.add("high", err.code, str(err))
             return report
-        if not model.HasField("graph"):
-            report.add("high", "parse-error", "the file has no graph: not an ONNX model")
-            return report
-        _check_opsets(model, settings, report)
-        _check_operators(model, settings, report)
-        prepared = _check_tensors(model, source, settings, report)
-        if prepared is not None:
-            _analyse(prepared, settings, report)
+    for rel, data in files.items():
+        if len(data) > settings.max_file_bytes:
+            report.add("high", "file-too-large", f"{rel} is {len(data)} bytes, over the limit "
+                       f"of {settings.max_file_bytes}", rel)
+    data = files.get(MODEL_FILE)
+    if data is None:
+        report.add("high", "model-missing", f"no {MODEL_FILE} among the model's files")
         return report
-    finally:
-        source.close()
+    if len(data) > settings.max_file_bytes:
+        return report
+    model = ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RecursionError, ValueError) as err:
+        report.add("high", "parse-error", f"not a valid ONNX model file: {err}")
+        return report
+    if not model.HasField("graph"):
+        report.add("high", "parse-error", "the file has no graph: not an ONNX model")
+        return report
+    _check_opsets(model, settings, report)
+    _check_operators(model, settings, report)
+    prepared = _check_tensors(model, files, settings, report)
+    if prepared is not None:
+        _analyse(prepared, settings, report)
+    return report
 
 
 def _check_opsets(model: ModelProto, settings: ScanSettings, report: ScanReport) -> None:
@@ -104,7 +115,7 @@ def _check_operators(model: ModelProto, settings: ScanSettings, report: ScanRepo
     report.figures["nodes"] = count
 
 
-def _check_tensors(model: ModelProto, source: Source, settings: ScanSettings,
+def _check_tensors(model: ModelProto, files: Mapping[str, bytes], settings: ScanSettings,
                    report: ScanReport) -> ModelProto | None:
     """Check declared sizes and external data; return the model prepared for analysis.
 
@@ -116,10 +127,10 @@ def _check_tensors(model: ModelProto, source: Source, settings: ScanSettings,
     initializer_bytes = 0
     largest = ("", 0)
     complete = True
-    # Tensors are visited in the same order in both copies, so they can be zipped.
-    for (where, t, main), (_, pt, _) in zip(_graph.tensors(model), _graph.tensors(prepared),
-                                             strict=True):
-        size = _graph.declared_bytes(t)
+    sizes = {name: len(data) for name, data in files.items()}
+    for site in _tensors.tensors(prepared):
+        t, where, main = site.tensor, site.where, site.main_initializer
+        size = _tensors.declared_bytes(t)
         initializer_bytes += size
         if size > largest[1]:
             largest = (t.name, size)
@@ -132,16 +143,21 @@ def _check_tensors(model: ModelProto, source: Source, settings: ScanSettings,
                        f"tensor {t.name!r} ({where}) declares {list(t.dims)} "
                        f"{_dtype_name(t.data_type)} = {size} bytes, over the "
                        f"memory limit of {settings.memory_limit_bytes}")
-        if _graph.data_location_external(t):
+        if _tensors.is_external(t) or len(t.external_data):
+            data = None
+            try:
+                ref = _tensors.resolve_external(site, sizes)
+            except _tensors.ExternalDataError as err:
+                report.add("high", err.code, err.reason)
+            else:
+                data = files[ref.location][ref.offset:ref.offset + ref.length]
             # Main-graph tensors above the fill limit become graph inputs (no data needed);
             # the others are filled in with their bytes for the checker and shape inference.
-            wanted = (size <= _FILL_LIMIT or not main) and size <= settings.memory_limit_bytes
-            data = _external_data(t, size, source, report, wanted)
             if size <= _FILL_LIMIT or not main:
                 if data is None and size > _FILL_LIMIT:
                     complete = False  # already refused; do not invent gigabytes of zeros
                 else:
-                    _inline(pt, data if data is not None else b"\0" * size)
+                    _tensors.inline(t, data if data is not None else b"\0" * size)
         else:
             inline = _graph.inline_bytes(t)
             if inline is not None and inline != size:
@@ -158,51 +174,14 @@ def _check_tensors(model: ModelProto, source: Source, settings: ScanSettings,
     return prepared if complete else None
 
 
-def _external_data(t: TensorProto, size: int, source: Source, report: ScanReport,
-                   wanted: bool) -> bytes | None:
-    info = _graph.external_info(t)
-    location = info.get("location")
-    if location is None:
-        report.add("high", "external-data-outside",
-                   f"tensor {t.name!r} is stored externally but names no location")
-        return None
-    ext = source.external(location, t.name)
-    if ext is None:
-        return None
-    try:
-        offset = int(info.get("offset", "0"))
-        length = int(info["length"]) if "length" in info else size
-    except ValueError:
-        report.add("high", "external-data-range",
-                   f"tensor {t.name!r}: external-data offset/length are not integers", ext.rel)
-        return None
-    if offset < 0 or length < 0 or offset + length > ext.size:
-        report.add("high", "external-data-range",
-                   f"tensor {t.name!r}: bytes {offset}..{offset + length} are outside "
-                   f"{ext.rel} ({ext.size} bytes)", ext.rel)
-        return None
-    if length != size:
-        report.add("high", "external-data-range",
-                   f"tensor {t.name!r}: declares {size} bytes but its external data is "
-                   f"{length} bytes", ext.rel)
-        return None
-    return ext.read(offset, length) if wanted else None
-
-
-def _inline(t: TensorProto, data: bytes) -> None:
-    del t.external_data[:]
-    t.data_location = TensorProto.DEFAULT
-    t.raw_data = data
-
-
 def _initializers_to_inputs(model: ModelProto) -> None:
     """Turn big main-graph initializers into typed graph inputs (shape kept, data dropped)."""
     graph = model.graph
     inputs = {vi.name for vi in graph.input}
     keep = []
     for t in graph.initializer:
-        big = _graph.data_location_external(t) or len(t.raw_data) > _FILL_LIMIT \
-            or _graph.declared_bytes(t) > _FILL_LIMIT
+        big = _tensors.is_external(t) or len(t.raw_data) > _FILL_LIMIT \
+            or _tensors.declared_bytes(t) > _FILL_LIMIT
         if not big:
             keep.append(t)
             continue

@@ -44,6 +44,8 @@ The built-in default trusts the demo key made by :func:`ensure_demo_signing_key`
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -55,8 +57,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway._atomic import write_atomic
-from gateway.errors import ConfigError, ModelUnavailable
+from gateway.errors import ConfigError
+from gateway.models import _files, _pipeline
 from gateway.models.signing import _bundle, _manifest, _trust
+from gateway.models.signing._errors import SignatureError
 
 __all__ = [
     "SIGNATURE_NAME",
@@ -64,9 +68,12 @@ __all__ = [
     "SigningSettings",
     "TrustRule",
     "VerifiedModel",
+    "default_subject",
     "ensure_demo_signing_key",
     "read_model_files",
     "sign_model",
+    "signed_subject",
+    "verifier",
     "verify_files",
     "verify_model",
 ]
@@ -93,6 +100,15 @@ class TrustRule:
     identities: tuple[str, ...] = ("*",)
     #: ISO 8601 time with zone from which this rule admits nothing ("" = never revoked).
     revoked_at: str = ""
+    #: Bind signatures to what they are served as: "name" requires the signed subject to be
+    #: the model's name (``<name>``, or ``<name>/<version>`` with the loaded version);
+    #: "version" requires ``<name>/<version>`` exactly; "" binds nothing (``model_signing``
+    #: names the subject after the signed directory). A signed copy of one model placed
+    #: under another name or version is then refused.
+    bind: str = ""
+    #: Rollback protection: refuse a version lower than one this rule already admitted for
+    #: the same model name in this process (versions load in ascending order at start-up).
+    no_rollback: bool = False
 
     def __post_init__(self) -> None:
         where = f"[[signing.trust]] {self.name!r}"
@@ -110,10 +126,14 @@ class TrustRule:
                                   f"time") from err
             if when.tzinfo is None:
                 raise ConfigError(f"{where}: revoked_at needs a time zone (e.g. ...Z)")
+        if self.bind not in ("", "name", "version"):
+            raise ConfigError(f"{where}: bind must be \"name\", \"version\" or \"\" (not "
+                              f"{self.bind!r})")
 
 
 def _demo_rules() -> tuple[TrustRule, ...]:
-    return (TrustRule(name="demo", models=("*",), pubkey=DEMO_SIGNING_DIR / "demo-signer.pub"),)
+    return (TrustRule(name="demo", models=("*",), pubkey=DEMO_SIGNING_DIR / "demo-signer.pub",
+                      bind="version"),)
 
 
 @dataclass(frozen=True)
@@ -137,18 +157,6 @@ class SigningSettings:
             raise ConfigError(f"[signing]: duplicate trust rule name(s) {', '.join(dupes)}")
 
 
-class SignatureError(ModelUnavailable):
-    """The model may not be served: unsigned, tampered, malformed or untrusted signature.
-
-    The message lists the files that are extra, missing or changed by name, or names the
-    trust rule that refused (also in ``rule``, '' when no rule applied).
-    """
-
-    def __init__(self, message: str, rule: str = "") -> None:
-        super().__init__(message)
-        self.rule = rule
-
-
 @dataclass(frozen=True)
 class VerifiedModel:
     """What a successful verification proves."""
@@ -164,39 +172,90 @@ class VerifiedModel:
 
 
 def verify_files(model_name: str, files: Mapping[str, bytes], bundle: bytes,
-                 settings: SigningSettings, *, now: datetime | None = None) -> VerifiedModel:
+                 settings: SigningSettings, *, version: str = "",
+                 digests: Mapping[str, str] | None = None,
+                 now: datetime | None = None) -> VerifiedModel:
     """Verify ``bundle`` (model.sig bytes) over ``files`` (relative POSIX name -> plaintext).
 
-    ``files`` must hold every file of the version directory except ``model.sig``; one not in
-    the signed manifest is refused, never ignored. Raises :class:`SignatureError`.
+    ``files`` must hold every file of the version directory except ``model.sig`` and the
+    ignored git paths (as :func:`gateway.models._files.read_model_dir` returns them); one
+    not in the signed manifest is refused, never ignored. ``digests`` are the files'
+    SHA-256 if already computed while reading. Raises :class:`SignatureError`.
     """
-    try:
+    if digests is None:
         digests = _manifest.digests_of_bytes(files)
-    except _manifest.ManifestError as err:
-        raise SignatureError(f"model {model_name!r}: {err}") from err
-    return _verify(model_name, digests, bundle, settings, now)
+    else:
+        for name in digests:
+            _manifest.check_name(name, "file name")
+    return _verify(model_name, version, dict(digests), bundle, settings, now)
+
+
+def verifier(settings: SigningSettings, *, now: datetime | None = None) -> _pipeline.Verify:
+    """The signature step of the load pipeline for this trust policy (serving and the CLI).
+
+    A model without ``model.sig`` is refused when ``require_signature`` is set, and otherwise
+    served unverified (the step returns None); a present signature must always verify.
+    The step remembers the versions its ``no_rollback`` rules admitted, per model name, so
+    a version lower than one already admitted (and not admitted itself) is refused.
+    """
+    rules = {rule.name: rule for rule in settings.trust}
+    admitted: dict[str, set[int]] = {}
+    lock = threading.Lock()
+
+    def verify(name: str, version: str, files: dict[str, bytes], digests: dict[str, str],
+               bundle: bytes | None) -> tuple[str, str, str] | None:
+        if bundle is None:
+            if settings.require_signature:
+                raise SignatureError(f"model {name!r} is unsigned (no {SIGNATURE_NAME}); "
+                                     "refused")
+            return None
+        verified = verify_files(name, files, bundle, settings, version=version,
+                                digests=digests, now=now)
+        if rules[verified.rule].no_rollback and version.isdigit():
+            with lock:
+                seen = admitted.setdefault(name, set())
+                if seen and int(version) not in seen and int(version) < max(seen):
+                    raise SignatureError(
+                        f"model {name!r} version {version} is older than version {max(seen)}, "
+                        f"already trusted; rule {verified.rule!r} refuses rollback",
+                        verified.rule)
+                seen.add(int(version))
+        return verified.digest, verified.signer, verified.rule
+
+    return verify
 
 
 def verify_model(model_dir: Path, settings: SigningSettings, *, model_name: str | None = None,
-                 kek: bytes | None = None, now: datetime | None = None,
-                 progress: bool = False) -> VerifiedModel:
-    """Verify ``model_dir/model.sig`` over the files on disk (streamed; for the CLI).
+                 version: str | None = None, kek: bytes | None = None,
+                 now: datetime | None = None, progress: bool = False) -> VerifiedModel:
+    """Verify ``model_dir`` exactly as the gateway does before serving it (for the CLI).
 
-    The model name for the trust policy defaults to the repository layout's
-    ``models/<name>/<version>``: the parent directory's name.
+    The same pipeline as serving (:func:`gateway.models._pipeline.open_version`): the one
+    reader, in-memory decryption, the signature, then every external-data reference. The
+    name and version for the trust policy default to the repository layout's
+    ``models/<name>/<version>``. A signature is required whatever ``require_signature`` says.
     """
     name = model_name or model_dir.resolve().parent.name
-    try:
-        bundle = (model_dir / SIGNATURE_NAME).read_bytes()
-    except OSError as err:
-        raise SignatureError(f"model {name!r}: no readable {SIGNATURE_NAME} in {model_dir}: "
-                             f"{err.strerror}") from err
-    digests = _digest_dir(model_dir, kek, progress, "verify")
-    return _verify(name, digests, bundle, settings, now)
+    version = version if version is not None else model_dir.resolve().name
+    signed = SigningSettings(require_signature=True, trust=settings.trust)
+    check = verifier(signed, now=now)
+    result: list[VerifiedModel] = []
+
+    def verify(name: str, version: str, files: dict[str, bytes], digests: dict[str, str],
+               bundle: bytes | None) -> tuple[str, str, str] | None:
+        verified = check(name, version, files, digests, bundle)
+        signed = tuple(sorted(digests, key=_manifest.sort_key))
+        result.append(VerifiedModel(*verified, files=signed))
+        return verified
+
+    with _progress_bar(progress, f"verify {model_dir}") as on_bytes:
+        _pipeline.open_version(model_dir, name, version, verify=verify,
+                               decrypt=_decrypter(kek), on_bytes=on_bytes, load=False)
+    return result[0]
 
 
-def _verify(model_name: str, digests: dict[str, str], blob: bytes, settings: SigningSettings,
-            now: datetime | None) -> VerifiedModel:
+def _verify(model_name: str, version: str, digests: dict[str, str], blob: bytes,
+            settings: SigningSettings, now: datetime | None) -> VerifiedModel:
     now = now or datetime.now(UTC)
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
@@ -208,7 +267,8 @@ def _verify(model_name: str, digests: dict[str, str], blob: bytes, settings: Sig
     try:
         admitted = _trust.admit(model_name, bundle, settings.trust, now)
     except _trust.TrustError as err:
-        raise SignatureError(f"{where}: untrusted signature: {err}", err.rule) from err
+        raise SignatureError(f"{where}: untrusted signature: {err}", err.rule,
+                             detail=f"{where}: untrusted signature: {err.detail}") from err
     try:
         statement = _bundle.parse_statement(bundle.payload)
     except _bundle.BundleError as err:
@@ -217,45 +277,83 @@ def _verify(model_name: str, digests: dict[str, str], blob: bytes, settings: Sig
     if problems:
         raise SignatureError(f"{where} does not match its signature: " + "; ".join(problems),
                              admitted.rule)
+    rule = next(r for r in settings.trust if r.name == admitted.rule)
+    _check_subject(rule, statement.subject_name, model_name, version)
     return VerifiedModel(digest=statement.root, signer=admitted.signer, rule=admitted.rule,
                          files=tuple(statement.resources))
 
 
+def _check_subject(rule: TrustRule, subject: str, name: str, version: str) -> None:
+    """Refuse a signature whose subject names another model (or version) than the loaded one."""
+    if not rule.bind:
+        return
+    signed_name, _, signed_version = subject.partition("/")
+    wanted = f"{name}/{version}" if rule.bind == "version" else name
+    ok = signed_name == name and (signed_version == version if (
+        signed_version or rule.bind == "version") else True)
+    if not ok:
+        raise SignatureError(
+            f"model {name!r} version {version or '?'}: signed as {subject!r}, not as "
+            f"{wanted!r}; rule {rule.name!r} binds signatures to the model they are served as",
+            rule.name)
+
+
+def signed_subject(bundle: bytes) -> str:
+    """The subject a bundle names (not verified: for tools deciding whether to re-sign)."""
+    return _bundle.parse_statement(_bundle.parse_bundle(bundle).payload).subject_name
+
+
+def default_subject(model_dir: Path) -> str:
+    """``<name>/<version>`` for a repository layout ``.../<name>/<version>``, else the
+    directory's name (as ``model_signing`` names it)."""
+    resolved = model_dir.resolve()
+    if resolved.name.isdigit() and resolved.parent.name:
+        return f"{resolved.parent.name}/{resolved.name}"
+    return resolved.name
+
+
 def read_model_files(model_dir: Path, *, kek: bytes | None = None) -> dict[str, bytes]:
-    """Every file of ``model_dir`` except ``model.sig``, in memory, ``X.enc`` decrypted as ``X``.
+    """The files :func:`verify_files` expects, read by the one reader, ``X.enc`` decrypted.
 
-    A ready-made reader for :func:`verify_files`: opens every path component relative to its
-    parent directory's descriptor without following symlinks (a symlink, even one swapped in
-    while reading, is refused), refuses special files, and decrypts in memory only. Raises
-    :class:`SignatureError` (or ``EncryptionError``) naming the offending file.
+    Raises :class:`~gateway.errors.ModelUnavailable` (a subclass naming the offending file)
+    for links, special files and encrypted files without ``kek``.
     """
-    try:
-        tree = _manifest.read_tree(model_dir)
-    except _manifest.ManifestError as err:
-        raise SignatureError(f"{model_dir}: {err}") from err
-    out: dict[str, bytes] = {}
-    for name, (data, encrypted) in tree.items():
-        if not encrypted:
-            out[name] = data
-        elif kek is None:
-            raise SignatureError(f"{model_dir}: {name}{_manifest.ENCRYPTED_SUFFIX}: encrypted; "
-                                 f"a key-encryption key is needed")
-        else:
-            from gateway.models.encryption import decrypt_bytes
+    return _files.plaintext(_files.read_model_dir(model_dir), _decrypter(kek))[0]
 
-            out[name] = decrypt_bytes(data, kek)
-    return out
+
+def _decrypter(kek: bytes | None):
+    if kek is None:
+        return None
+    from gateway.models.encryption import decrypt_bytes
+
+    return lambda blob: decrypt_bytes(blob, kek)
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, label: str):
+    """A tqdm byte counter on stderr (for the CLI), as an ``on_bytes`` callback or None."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False) as bar:
+        yield bar.update
 
 
 def sign_model(model_dir: Path, *, key: Path, cert: Path | None = None,
                chain: Sequence[Path] = (), progress: bool = False,
-               kek: bytes | None = None) -> Path:
+               kek: bytes | None = None, subject: str | None = None) -> Path:
     """Sign every file of ``model_dir`` (``model.sig`` excluded) and write ``model_dir/model.sig``.
 
     ``key`` is an unencrypted PEM ECDSA private key (P-256/P-384/P-521). With ``cert`` (its
     X.509 certificate) and ``chain`` (intermediate/CA PEMs) the bundle carries the certificate
     chain; otherwise the key's hint. Output is deterministic (canonical JSON, RFC 6979
     ECDSA). ``kek`` decrypts ``*.enc`` files so their plaintext is what gets signed.
+    ``subject`` names what is signed (default :func:`default_subject`: ``<name>/<version>``
+    in a repository), which trust rules with ``bind`` check against what it is served as.
+    The signature leaves out, and records in its ignore paths, ``model_signing``'s default
+    ignore set (``.git``, ``.gitattributes``, ``.github``, ``.gitignore``, ``model.sig``).
     """
     private_key = _load_private_key(key)
     public_key = private_key.public_key()
@@ -267,8 +365,11 @@ def sign_model(model_dir: Path, *, key: Path, cert: Path | None = None,
         certs = (leaf, *(c for path in chain for c in _load_certs(path)))
     elif chain:
         raise SignatureError("--chain needs --cert (the signing certificate)")
-    digests = _digest_dir(model_dir, kek, progress, "sign")
-    payload = _bundle.build_statement(model_dir.resolve().name, digests)
+    with _progress_bar(progress, f"sign {model_dir}") as on_bytes:
+        model = _files.read_model_dir(model_dir, on_bytes=on_bytes, keep_only=frozenset())
+    _, digests, _ = _files.plaintext(model, _decrypter(kek))
+    payload = _bundle.build_statement(subject or default_subject(model_dir), digests,
+                                      _files.SIGNATURE_IGNORE_PATHS)
     try:
         algorithm = ec.ECDSA(_trust.ecdsa_hash(public_key), deterministic_signing=True)
     except _trust.TrustError as err:
@@ -279,28 +380,6 @@ def sign_model(model_dir: Path, *, key: Path, cert: Path | None = None,
     target = model_dir / SIGNATURE_NAME
     write_atomic(target, blob, mode=0o644)
     return target
-
-
-def _digest_dir(model_dir: Path, kek: bytes | None, progress: bool, label: str
-                ) -> dict[str, str]:
-    try:
-        files = _manifest.walk(model_dir)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            total = sum(path.stat().st_size for _, path in files)
-            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                       desc=f"{label} {model_dir}", leave=False)
-        try:
-            return _manifest.digests_of_tree(files, kek, bar.update if bar else None)
-        finally:
-            if bar is not None:
-                bar.close()
-    except _manifest.ManifestError as err:
-        raise SignatureError(f"{model_dir}: {err}") from err
-    except OSError as err:
-        raise SignatureError(f"{model_dir}: cannot read {err.filename}: {err.strerror}") from err
 
 
 def _load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:

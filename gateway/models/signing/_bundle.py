@@ -33,6 +33,7 @@ from typing import Any
 import rfc8785
 from cryptography import x509
 
+from gateway.models.signing._errors import SignatureError
 from gateway.models.signing._manifest import ManifestError, check_name, root_digest, sort_key
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -44,7 +45,7 @@ MAX_BUNDLE_BYTES = 64 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-class BundleError(Exception):
+class BundleError(SignatureError):
     """The bundle or its statement is malformed or uses something we do not accept."""
 
 
@@ -74,7 +75,8 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
 
 
-def build_statement(subject_name: str, digests: dict[str, str]) -> bytes:
+def build_statement(subject_name: str, digests: dict[str, str],
+                    ignore_paths: tuple[str, ...] = ("model.sig",)) -> bytes:
     """The canonical in-toto statement payload for ``digests`` (name -> sha256 hex)."""
     ordered = sorted(digests.items(), key=lambda item: sort_key(item[0]))
     statement = {
@@ -83,7 +85,8 @@ def build_statement(subject_name: str, digests: dict[str, str]) -> bytes:
         "predicateType": PREDICATE_TYPE,
         "predicate": {
             "serialization": {"method": "files", "hash_type": "sha256",
-                              "allow_symlinks": False, "ignore_paths": ["model.sig"]},
+                              "allow_symlinks": False,
+                              "ignore_paths": sorted(ignore_paths)},
             "resources": [{"name": name, "algorithm": "sha256", "digest": digest}
                           for name, digest in ordered],
         },

@@ -36,6 +36,7 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.models.signing._bundle import DSSE_PAYLOAD_TYPE, Bundle, pae
+from gateway.models.signing._errors import SignatureError
 
 if TYPE_CHECKING:
     from gateway.models.signing import TrustRule
@@ -45,12 +46,8 @@ _CURVE_HASHES = {"secp256r1": hashes.SHA256, "secp384r1": hashes.SHA384,
                  "secp521r1": hashes.SHA512}
 
 
-class TrustError(Exception):
+class TrustError(SignatureError):
     """Refused by the trust policy; ``rule`` names the deciding rule ('' if none applied)."""
-
-    def __init__(self, message: str, rule: str = "") -> None:
-        super().__init__(message)
-        self.rule = rule
 
 
 @dataclass(frozen=True)
@@ -84,9 +81,11 @@ def load_public_key(path: Path) -> ec.EllipticCurvePublicKey:
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
     except OSError as err:
-        raise TrustError(f"cannot read public key {path}: {err.strerror}") from err
+        raise TrustError("the rule's public key cannot be read",
+                         detail=f"cannot read public key {path}: {err.strerror}") from err
     except (ValueError, UnsupportedAlgorithm) as err:
-        raise TrustError(f"{path} is not a PEM public key") from err
+        raise TrustError("the rule's public key is not a PEM public key",
+                         detail=f"{path} is not a PEM public key") from err
     ecdsa_hash(key)
     return key  # type: ignore[return-value]
 
@@ -96,9 +95,11 @@ def load_ca(path: Path) -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(path.read_bytes())
     except OSError as err:
-        raise TrustError(f"cannot read CA bundle {path}: {err.strerror}") from err
+        raise TrustError("the rule's CA bundle cannot be read",
+                         detail=f"cannot read CA bundle {path}: {err.strerror}") from err
     except ValueError as err:
-        raise TrustError(f"{path} holds no PEM certificate") from err
+        raise TrustError("the rule's CA bundle holds no PEM certificate",
+                         detail=f"{path} holds no PEM certificate") from err
     return certs
 
 
@@ -171,6 +172,7 @@ def admit(model_name: str, bundle: Bundle, rules: tuple[TrustRule, ...], now: da
     if not any(_covers(r, model_name) for r in rules):
         raise TrustError("no [signing] trust rule covers this model name")
     problems: list[str] = []
+    details: list[str] = []
     candidates: list[tuple[TrustRule, ec.EllipticCurvePublicKey, str]] = []
     if bundle.key_hint is not None:
         who = f"key sha256:{bundle.key_hint}"
@@ -181,6 +183,7 @@ def admit(model_name: str, bundle: Bundle, rules: tuple[TrustRule, ...], now: da
                 key = load_public_key(rule.pubkey)
             except TrustError as err:
                 problems.append(f"rule {rule.name!r}: {err}")
+                details.append(f"rule {rule.name!r}: {err.detail}")
                 continue
             if key_hint(key) == bundle.key_hint:
                 candidates.append((rule, key, f"sha256:{bundle.key_hint}"))
@@ -198,16 +201,20 @@ def admit(model_name: str, bundle: Bundle, rules: tuple[TrustRule, ...], now: da
                 ecdsa_hash(public_key)
             except TrustError as err:
                 problems.append(f"rule {rule.name!r}: {err}")
+                details.append(f"rule {rule.name!r}: {err.detail}")
                 continue
             matched = [i for i in identities if any(fnmatchcase(i, g) for g in rule.identities)]
             if not matched:
                 problems.append(f"rule {rule.name!r}: identity {', '.join(identities) or '-'} "
                                 f"not in {', '.join(rule.identities)}")
+                details.append(problems[-1])
                 continue
             candidates.append((rule, public_key, matched[0]))  # type: ignore[arg-type]
     if not candidates:
-        detail = f" ({'; '.join(problems)})" if problems else ""
-        raise TrustError(f"signed by {who}, which no trust rule accepts{detail}")
+        shown = f" ({'; '.join(problems)})" if problems else ""
+        full = f" ({'; '.join(details)})" if details else ""
+        raise TrustError(f"signed by {who}, which no trust rule accepts{shown}",
+                         detail=f"signed by {who}, which no trust rule accepts{full}")
     # Revocation is about the signer (a leaked key), so it holds across every rule naming it.
     for rule, _, _ in candidates:
         if _revoked(rule, now):
