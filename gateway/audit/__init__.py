@@ -59,7 +59,7 @@ class AuditSettings:
     #: already in flight, so one write and one flush carry them all (0: commit at once).
     #: An idle log never waits: a lone call commits its own record immediately.
     group_commit_window_us: int = 1000
-    #: Preallocate segments (posix_fallocate) so commits do not grow the file: about 2x faster.
+    #: Preallocate segments (posix_fallocate) so commits do not grow the file (faster commits).
     preallocate: bool = True
     #: Witness copy of the latest signed checkpoint, byte for byte as ``<directory>/checkpoint``,
     #: kept outside the log directory (another path or volume): the gateway refuses to open a

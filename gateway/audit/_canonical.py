@@ -4,10 +4,10 @@ Records hold only objects, arrays, strings, booleans, null and integers in the I
 (|n| <= 2**53 - 1), with ASCII object keys. For exactly these values RFC 8785 reduces to "sorted
 keys, no whitespace, minimal string escaping, integers in decimal", which ``orjson`` with
 ``OPT_SORT_KEYS`` produces byte for byte (tests prove it against the ``rfc8785`` reference
-package). orjson is about 15x faster than both ``json.dumps`` and ``rfc8785``, which keeps the
-append path and ``verify`` cheap. Floats are refused because their RFC 8785 form (ES6 number
-serialisation) is not what orjson writes; ASCII keys keep the RFC's UTF-16 key order equal to
-orjson's code point order.
+package). orjson is much faster than both ``json.dumps`` and ``rfc8785`` (bench/README.md),
+which keeps the append path and ``verify`` cheap. Floats are refused because their RFC 8785 form
+(ES6 number serialisation) is not what orjson writes; ASCII keys keep the RFC's UTF-16 key order
+equal to orjson's code point order.
 
 Without orjson (the standalone verifier, :mod:`gateway.audit.offline`, needs only the standard
 library and ``cryptography``) the same rule runs on :mod:`json`: ``sort_keys``, no whitespace,

@@ -8,19 +8,18 @@ Layout of the log directory::
     commit-tags                              the last two commit tags (see ``_tags.py``)
 
 Segments are preallocated (``posix_fallocate``) so that a group commit is a ``pwrite`` plus an
-``fdatasync`` that does not have to grow the file: measured here, that halves commit latency
-against appending to a growing file. The end of data is therefore not the file size: it is the
+``fdatasync`` that does not have to grow the file, which commits sooner than appending to a
+growing file (figures in bench/README.md). The end of data is therefore not the file size: it is the
 last newline before the zero tail. Canonical JSON never contains a raw NUL or newline, so that
 boundary is unambiguous. A sealed (non-last) segment is truncated to its data.
 
 Preallocated blocks stay "unwritten" until first written, and the first durable write into one
 also commits its conversion to the filesystem journal. So the store writes zeros a megabyte
-ahead of the records (:data:`ZERO_AHEAD`), and a commit's flush then carries data alone:
-measured here, mean 113-118 µs against 128-163 µs per 1 kB commit, p90 144-159 against
-188-270 µs. The price is one 1 MiB write (about 1.3 ms) every megabyte of records.
+ahead of the records (:data:`ZERO_AHEAD`), and a commit's flush then carries data alone, at
+the price of one 1 MiB write every megabyte of records (figures in bench/README.md).
 
 Storage sits behind this small class so a PostgreSQL store for replicas can follow with the
-same five operations: ``open``, ``append``, ``read``, ``publish`` and ``checkpoints``.
+same methods: those of the :class:`Store` protocol below.
 """
 
 from __future__ import annotations
@@ -285,8 +284,8 @@ class FileStore:
         ``O_DSYNC``, whose flush then makes both durable: one flush and two system calls per
         commit. So a tag can outlive its records (a crash between the two writes, or a power
         loss before the flush); they were never acknowledged, and the previous tag still
-        covers everything that was (``AuditLog._last_tag``). Elsewhere the tag is a second
-        ``O_DSYNC`` write after the records' (two flushes per commit).
+        covers everything that was (``_recovery.Recovery.last_tag``). Elsewhere the tag is a
+        second ``O_DSYNC`` write after the records' (two flushes per commit).
         """
         path = self.directory / TAGS
         if not path.exists():

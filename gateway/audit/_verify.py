@@ -280,9 +280,9 @@ def _check_batch(records: list[bytes], start: int) -> tuple[list, list, list]:
     canonical v1 record gets a finding, seq ``start + k`` (in place) and prev ``None``.
 
     Fast path: one comprehension that parses, re-encodes, compares and keeps only seq and prev
-    (each parsed record is freed at once: holding a batch of them alive costs 3x, in cache
-    misses and garbage collection). A batch that fails it is walked record by record to name
-    what is wrong.
+    (each parsed record is freed at once: holding a batch of them alive costs several times
+    more, in cache misses and garbage collection). A batch that fails it is walked record by
+    record to name what is wrong.
     """
     loads, dumps = _canonical.loads, _canonical.dumps
     try:
@@ -386,7 +386,7 @@ def _scan(path: str, start: int, last: bool, cuts: tuple[int, ...]) -> _Part:
 
 def _scan_task(task: tuple[str, int, bool, tuple[int, ...]]) -> _Part:
     # The scan makes no reference cycles (every parsed record is freed by its refcount), so
-    # the cycle collector only costs time here: about a tenth of the scan, measured.
+    # the cycle collector only costs time here (a measurable share of the scan).
     enabled = gc.isenabled()
     gc.disable()
     try:

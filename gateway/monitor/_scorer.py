@@ -20,8 +20,8 @@ Two components catch two kinds of departure:
   spread over many features (shifts, scale changes, broken correlations).
 * ``single``: the largest squared normal score of any one feature. Against a departure in one
   feature of many, the distance dilutes the signal over all ``d`` degrees of freedom; the
-  maximum does not (at 64 features, a one-feature shift of 4 sd is caught about three times
-  as often by it).
+  maximum does not, so it catches a one-feature shift much more often (power figures in
+  bench/README.md).
 
 Each component's value becomes a **surprise**, ``-log10`` of the fraction of held-out
 reference rows at least as extreme (:class:`SurpriseMap`: empirical quantiles, then an

@@ -1,11 +1,11 @@
 """The compiled policy: an immutable, indexed snapshot that decides in microseconds.
 
-Why not casbin on the request path: pycasbin scans every rule per request (about 4 µs a
-line), re-parses its matcher per call (not thread safe: CPython gh-106905) and mutates its
-role manager in place on reload. A :class:`Snapshot` is built once per policy version and
-not mutated while it is live, so any number of threads may call :meth:`Snapshot.decide`
-while another thread compiles the next one; the store swaps snapshots by one reference
-assignment (and dismantles the old one afterwards, see :meth:`Snapshot.retire`).
+Why not casbin on the request path: pycasbin scans every rule per request (a cost per line;
+bench/README.md has the figures), re-parses its matcher per call (not thread safe: CPython
+gh-106905) and mutates its role manager in place on reload. A :class:`Snapshot` is built once
+per policy version and not mutated while it is live, so any number of threads may call
+:meth:`Snapshot.decide` while another thread compiles the next one; the store swaps snapshots by
+one reference assignment (and dismantles the old one afterwards, see :meth:`Snapshot.retire`).
 
 Indexes (all built at compile time), so a decision costs about the same at 100 and at
 100,000 rules:

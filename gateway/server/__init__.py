@@ -93,9 +93,8 @@ class Gateway:
         self.verifier = IdentityVerifier(config.tls.trust_domains, config.tls.cn_issuers,
                                          trust_bundles=config.tls.trust_bundles)
         self.monitor = _monitor(config)
-        if self.monitor is not None:
-            self.audit.observe_commits(self.monitor.observe_audit_commit)
-            self.monitor.metrics.registry.register(ShadowCollector(lambda: self.policy.shadow))
+        self.audit.observe_commits(self.monitor.observe_audit_commit)
+        self.monitor.metrics.registry.register(ShadowCollector(lambda: self.policy.shadow))
         options, verify, scan, decrypt = model_pipeline(config)
         self.models = ModelRepository(
             config.models.repository, session_options=options, verify=verify, scan=scan,
@@ -157,7 +156,7 @@ class Gateway:
         monitor, tls = self.monitor, self.config.tls
         self._metrics_server = None
         self.metrics_url = ""
-        if monitor is None or not monitor.settings.metrics_listen:
+        if not monitor.settings.metrics_listen:
             return None
         listen = monitor.settings.metrics_listen
         if tls.metrics_tls == "on" or (tls.metrics_tls == "auto" and not _loopback(listen)):
@@ -179,7 +178,11 @@ class Gateway:
     # -- state ------------------------------------------------------------------------------
 
     def ready(self) -> bool:
-        """Serving requires a live policy and an audit log that can make records durable."""
+        """Serving requires an audit log that can make records durable, and not stopping.
+
+        (A policy is always in force once started: a reload that fails keeps the last good
+        one, so policy is not part of readiness.)
+        """
         return bool(self.audit.healthy) and not self._stopped.is_set()
 
     def _update_health(self) -> None:
@@ -197,15 +200,12 @@ class Gateway:
                 self._update_health()
                 self._record_alerts()
                 self.guard.write_summaries()
-                if self.monitor is not None:
-                    self.monitor.set_audit(self.audit.size, self.audit.checkpoint_age)
+                self.monitor.set_audit(self.audit.size, self.audit.checkpoint_age)
             except Exception:  # the loop must outlive any one failure, or health goes stale
                 log.exception("health/alert pass failed")
 
     def _record_alerts(self) -> None:
         """Anomaly alerts become audit records (off the request path, in batches)."""
-        if self.monitor is None:
-            return
         for alert in self.monitor.alerts():
             try:
                 self.audit.append("anomaly", alert.as_fields())
@@ -215,10 +215,9 @@ class Gateway:
     def _model_event(self, kind: str, fields: dict) -> None:
         """Model loads, refusals and unloads: an audit record and the model-state metrics."""
         self.audit.append(kind, fields)
-        if self.monitor is not None:
-            model = fields["model"]
-            self.monitor.set_model_state(model["name"], model["version"], kind == "model_load",
-                                         kind != "model_refused")
+        model = fields["model"]
+        self.monitor.set_model_state(model["name"], model["version"], kind == "model_load",
+                                     kind != "model_refused")
 
     def _reverify_loop(self) -> None:
         while not self._stopped.wait(self.config.models.reverify_interval):
@@ -232,8 +231,7 @@ class Gateway:
             "accepted": result.accepted, "old_digest": result.old_digest,
             "new_digest": result.new_digest, "error": result.error or None,
             "trigger": result.reason, "duration_ms": int(result.duration_s * 1000)})
-        if self.monitor is not None:
-            self.monitor.set_policy(self.policy.digest, result.accepted)
+        self.monitor.set_policy(self.policy.digest, result.accepted)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -260,10 +258,9 @@ class Gateway:
                 self._server.stop(grace).wait()
             self.policy.stop_watching()
             self.policy.clear_shadow()  # its final summary goes into the log before it closes
-            if self.monitor is not None:
-                self.monitor.flush()  # what was queued still gets scored ...
-                self._record_alerts()  # ... and its alerts recorded, before the log closes
-                self.monitor.stop_http()
+            self.monitor.flush()  # what was queued still gets scored ...
+            self._record_alerts()  # ... and its alerts recorded, before the log closes
+            self.monitor.stop_http()
             if self._metrics_server is not None:
                 self._metrics_server.stop()
             self.guard.write_summaries(everything=True)

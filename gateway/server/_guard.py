@@ -70,7 +70,7 @@ _id_counter = itertools.count(1)
 class Guard:
     """Identity, policy and audit for every handler, wired once at server start."""
 
-    def __init__(self, *, verifier, policy, models, audit, monitor=None,
+    def __init__(self, *, verifier, policy, models, audit, monitor,
                  limits: Limits | None = None) -> None:
         self.verifier = verifier
         self.policy = policy
@@ -191,7 +191,7 @@ class Call:
             guard.audit.announce()  # this call will append one record: let group commit wait
             return self
         monitor = guard.monitor
-        if monitor is not None and self.action in METERED_ACTIONS:
+        if self.action in METERED_ACTIONS:
             try:
                 monitor.admit(self.identity.id, guard.policy.snapshot.roles_of(self.identity.id))
             except QuotaExceeded as err:
@@ -280,8 +280,7 @@ class Call:
         self._release()
         guard.limits.count(None if identity is None else identity.id, cert, self.rpc, reason,
                            grpc.StatusCode.RESOURCE_EXHAUSTED.name)
-        if guard.monitor is not None:
-            guard.monitor.metrics.refusal_limited(reason)
+        guard.monitor.metrics.refusal_limited(reason)
         self._abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"{error} (refused calls from this caller are over their rate limit; "
                     f"they are counted, not recorded one by one)")
@@ -396,8 +395,6 @@ class Call:
     def _observe(self, decision: str, status: grpc.StatusCode) -> None:
         """Request metrics, labelled only with models the repository knows."""
         monitor = self._guard.monitor
-        if monitor is None:
-            return
         entry = self.entry
         if entry is None and self.model_name:  # refused before the model was looked up
             entry = self._guard.models.entry(self.model_name, self.version)
