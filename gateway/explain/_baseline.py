@@ -7,6 +7,7 @@ import json
 import numpy as np
 
 from gateway.models import LoadedModel
+from gateway.monitor import PROFILE_FILE
 
 
 def profile_baseline(model: LoadedModel) -> np.ndarray | None:
@@ -16,7 +17,7 @@ def profile_baseline(model: LoadedModel) -> np.ndarray | None:
     ``gateway model profile``; its ``mean`` is per feature, flattened), so the default
     baseline is "an average input" rather than zeros, which may be far from any real input.
     """
-    raw = model.extras.get("profile.json")
+    raw = model.extras.get(PROFILE_FILE)
     if raw is None:
         return None
     try:

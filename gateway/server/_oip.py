@@ -26,7 +26,7 @@ from gateway.inference import (
     requested_outputs,
 )
 from gateway.models import LoadedModel
-from gateway.monitor import PROFILE_FILE, InputProfile
+from gateway.monitor import InputProfile, verified_profile
 from gateway.server._guard import Call, Guard
 
 #: The only platform the gateway serves.
@@ -132,8 +132,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         must be fitted on that layout), so ``anomaly.*`` rules apply to it too.
         """
         monitor = self._guard.monitor
-        if monitor is None:
-            return None, False
         rows = _feature_rows([feeds[spec.name] for spec in model.inputs])
         if rows is None:
             return None, False
@@ -169,8 +167,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """The model's reference profile, parsed once from its verified bytes."""
         key = (model.name, model.version, model.digest)
         if key not in self._profiles:
-            raw = model.extras.get(PROFILE_FILE)
-            self._profiles[key] = InputProfile.from_json(raw) if raw is not None else None
+            self._profiles[key] = verified_profile(model.extras)
         return self._profiles[key]
 
     def _payload(self, request) -> dict[str, object]:
