@@ -27,6 +27,7 @@ endif
 
 test: demo
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 	$(BIN)/gateway policy test policies policies/tests/*.yaml
 

@@ -27,10 +27,17 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import grpc
 
 from gateway.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gateway.audit.offline import Checkpoint
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
 
 #: Trailing-metadata keys of the receipt (the server's ``gateway.server.RECEIPT_*``).
 RECEIPT_INDEX = "gateway-audit-index"
@@ -103,7 +110,12 @@ class ReceiptInterceptor(grpc.UnaryUnaryClientInterceptor):
     def last(self) -> Receipt | None:
         return getattr(self._local, "receipt", None)
 
-    def intercept_unary_unary(self, continuation, client_call_details, request):
+    def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Request], grpc._CallFuture[Response]],
+        client_call_details: grpc.ClientCallDetails,
+        request: Request,
+    ) -> grpc._CallFuture[Response]:
         outcome = continuation(client_call_details, request)
         receipt = Receipt.from_metadata(outcome.trailing_metadata())  # waits for the call
         self._local.receipt = receipt
@@ -112,7 +124,7 @@ class ReceiptInterceptor(grpc.UnaryUnaryClientInterceptor):
         return outcome
 
     @classmethod
-    def attach(cls, client, on_receipt: Callable[[str, Receipt], None] | None = None
+    def attach(cls, client: _StubHolder, on_receipt: Callable[[str, Receipt], None] | None = None
                ) -> ReceiptInterceptor:
         """Intercept the calls of a ``tritonclient.grpc.InferenceServerClient``.
 
@@ -125,8 +137,19 @@ class ReceiptInterceptor(grpc.UnaryUnaryClientInterceptor):
         return interceptor
 
 
+class _Stub(Protocol):
+    def __init__(self, channel: grpc.Channel) -> None: ...
+
+
+class _StubHolder(Protocol):
+    """What :meth:`ReceiptInterceptor.attach` uses of a tritonclient InferenceServerClient."""
+
+    _channel: grpc.Channel
+    _client_stub: _Stub
+
+
 def prove_receipt(audit_channel: grpc.Channel, receipt: Receipt, verifier_key: str,
-                  *, timeout: float = 10.0):
+                  *, timeout: float = 10.0) -> Checkpoint:
     """Prove that ``receipt``'s record is in the log, under a checkpoint signed by the key.
 
     ``audit_channel`` must present an identity allowed ``audit.read``; ``verifier_key`` is

@@ -3,10 +3,14 @@
     from gateway.config import load_config
     config = load_config("gateway.toml")   # or load_config(None) for the demo defaults
 
-Each concern owns its settings dataclass (``ServerSettings`` here, ``AuditSettings`` in
-:mod:`gateway.audit`, ...); this module only reads the file, rejects unknown keys and wrong
-types by name, and resolves relative paths against the file's directory (or the working
-directory for the built-in defaults), so a config behaves the same from wherever it is run.
+Each package owns its settings dataclass, in a small settings module exported from the
+package (``TlsSettings`` in :mod:`gateway.identity`, ``PolicySettings`` in
+:mod:`gateway.policy`, ``AuditSettings`` in :mod:`gateway.audit`, ...), so no domain package
+imports this module, which sits above them. Two stay here: ``ServerSettings``, because the
+server package sits above this module, and ``ModelSettings`` until the model repository's
+rework settles. This module only reads the file, rejects unknown keys and wrong types by name,
+and resolves relative paths against the file's directory (or the working directory for the
+built-in defaults), so a config behaves the same from wherever it is run.
 """
 
 from __future__ import annotations
@@ -17,10 +21,27 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from gateway.audit import AuditSettings
+from gateway.client import ClientSettings
 from gateway.errors import ConfigError
+from gateway.explain import ExplainSettings
+from gateway.identity import TlsSettings
+from gateway.models.robustness import RobustnessSettings
+from gateway.models.scan import ScanSettings
+from gateway.models.signing import SigningSettings
+from gateway.monitor import MonitorSettings
+from gateway.policy import PolicySettings
 
+__all__ = ["SECTIONS", "GatewayConfig", "ModelSettings", "PolicySettings", "ServerSettings",
+           "TlsSettings", "load_config", "parse_section"]
+
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Section = TypeVar("Section", bound="DataclassInstance")
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -78,38 +99,6 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
-class TlsSettings:
-    """Server certificate and the client-certificate trust rules (re-read on change)."""
-
-    cert: Path = Path("certs/dev/server.pem")
-    key: Path = Path("certs/dev/server.key")
-    #: CA bundle client certificates must chain to.
-    ca: Path = Path("certs/dev/ca.pem")
-    #: SPIFFE trust domains whose identities are accepted (lower case).
-    trust_domains: tuple[str, ...] = ("demo.local",)
-    #: Issuer distinguished names (RFC 4514) whose CN-only certificates map to ``cn:<name>``.
-    cn_issuers: tuple[str, ...] = ()
-    #: SPIFFE trust bundles: trust domain -> its own CA bundle file. A certificate whose
-    #: SPIFFE ID names a domain listed here must chain to that domain's bundle (another
-    #: domain's CA cannot mint its identities); listed domains are accepted. Domains only
-    #: in ``trust_domains`` use ``ca``.
-    trust_bundles: dict[str, Path] = field(default_factory=dict, hash=False)
-    #: /metrics over TLS with this server certificate, requiring a client certificate that
-    #: chains to ``ca``: "on", "off", or "auto" (on unless metrics listen on loopback).
-    metrics_tls: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.metrics_tls not in ("auto", "on", "off"):
-            raise ConfigError(f"[tls] metrics_tls must be auto, on or off, not "
-                              f"{self.metrics_tls!r}")
-        shared = sorted(set(self.trust_domains) - set(self.trust_bundles))
-        if len(shared) > 1:
-            raise ConfigError(
-                f"[tls] trust domains {', '.join(shared)} would all be vouched for by any CA "
-                f"in {self.ca.name}: map each to its own bundle in [tls] trust_bundles")
-
-
-@dataclass(frozen=True)
 class ModelSettings:
     """The model repository: ``<repository>/<name>/<version>/model.onnx``."""
 
@@ -123,22 +112,6 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
-class PolicySettings:
-    """Where the Casbin model and policy live, and whether file changes reload them."""
-
-    directory: Path = Path("policies")
-    watch: bool = True
-    #: Seconds between checks of the policy files for changes.
-    watch_interval: float = 1.0
-    #: A candidate policy directory decided beside the live one (shadow mode): answers follow
-    #: the live policy, disagreements go to metrics and the audit log. Also set or cleared at
-    #: run time with `gateway policy shadow` (PolicyAdmin.SetShadowPolicy).
-    shadow: Path | None = None
-    #: Seconds between audit summaries of shadow disagreements (only when there are new ones).
-    shadow_summary_interval: float = 60.0
-
-
-@dataclass(frozen=True)
 class GatewayConfig:
     """The whole configuration; ``source`` is the file it came from (None: defaults)."""
 
@@ -146,39 +119,19 @@ class GatewayConfig:
     tls: TlsSettings = field(default_factory=TlsSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
-    audit: Any = None
-    monitor: Any = None
-    signing: Any = None
-    scan: Any = None
-    explain: Any = None
-    robustness: Any = None
-    client: Any = None
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    signing: SigningSettings = field(default_factory=SigningSettings)
+    scan: ScanSettings = field(default_factory=ScanSettings)
+    explain: ExplainSettings = field(default_factory=ExplainSettings)
+    robustness: RobustnessSettings = field(default_factory=RobustnessSettings)
+    client: ClientSettings = field(default_factory=ClientSettings)
     source: Path | None = None
 
 
-def _sections() -> dict[str, type]:
-    # Imported here so that `gateway.config` stays importable by every package it configures.
-    from gateway.audit import AuditSettings
-    from gateway.client import ClientSettings
-    from gateway.explain import ExplainSettings
-    from gateway.models.robustness import RobustnessSettings
-    from gateway.models.scan import ScanSettings
-    from gateway.models.signing import SigningSettings
-    from gateway.monitor import MonitorSettings
-
-    return {
-        "server": ServerSettings,
-        "tls": TlsSettings,
-        "models": ModelSettings,
-        "policy": PolicySettings,
-        "audit": AuditSettings,
-        "monitor": MonitorSettings,
-        "signing": SigningSettings,
-        "scan": ScanSettings,
-        "explain": ExplainSettings,
-        "robustness": RobustnessSettings,
-        "client": ClientSettings,
-    }
+#: Each TOML section and the settings class it is read into: the fields of GatewayConfig.
+SECTIONS: dict[str, type[DataclassInstance]] = {
+    name: hint for name, hint in typing.get_type_hints(GatewayConfig).items() if name != "source"}
 
 
 def load_config(path: str | Path | None = None) -> GatewayConfig:
@@ -196,17 +149,18 @@ def load_config(path: str | Path | None = None) -> GatewayConfig:
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from err
         base = source.parent
-    sections = _sections()
-    unknown = sorted(set(table) - set(sections))
+    unknown = sorted(set(table) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(sections)}")
-    built = {name: parse_section(cls, table.get(name, {}), base, f"{path}: [{name}]")
-             for name, cls in sections.items()}
+                          f"known: {', '.join(SECTIONS)}")
+    # One settings object per section, each of its own class (checked by parse_section).
+    built: dict[str, Any] = {
+        name: parse_section(cls, table.get(name, {}), base, f"{path}: [{name}]")
+        for name, cls in SECTIONS.items()}
     return GatewayConfig(**built, source=source)
 
 
-def parse_section(cls: type, table: dict[str, Any], base: Path, where: str) -> Any:
+def parse_section(cls: type[Section], table: dict[str, Any], base: Path, where: str) -> Section:
     """Build settings dataclass ``cls`` from a TOML table, checking names and types.
 
     Relative ``Path`` fields, including defaults, are resolved against ``base``.
@@ -261,7 +215,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if type(value) is not hint:
             raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
         return value
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return parse_section(hint, value, Path("."), where)
     if origin is dict:
         if not isinstance(value, dict):

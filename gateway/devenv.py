@@ -59,11 +59,45 @@ def make_demo_env(root: Path, **overrides: dict[str, object]) -> DemoEnv:
     }
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)
-    env.config.write_text("".join(
-        f"[{name}]\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in table.items())
-        for name, table in sections.items()))
+    env.config.write_text(_render(sections))
     run_cli("demo", "init", "--config", str(env.config))
     return env
+
+
+def add_replica(env: DemoEnv, name: str) -> DemoEnv:
+    """Another replica of ``env``'s deployment: the same PKI, models and settings, with its
+    own config file ``<name>.toml``, audit directory ``audit-<name>`` (and witness copy
+    beside it) and instance id ``name`` (start it with :func:`start_gateway`). Shared state
+    (a PostgreSQL policy source, say) is shared only if the configuration says so."""
+    import tomllib
+
+    sections = tomllib.loads(env.config.read_text())
+    sections.setdefault("server", {})["instance_id"] = name
+    audit = sections.setdefault("audit", {})
+    audit["directory"] = f"audit-{name}"
+    audit["witness"] = f"audit-{name}-witness/checkpoint"  # each log has its own witness
+    config = env.root / f"{name}.toml"
+    config.write_text(_render(sections))
+    return DemoEnv(root=env.root, config=config, certs=env.certs, models=env.models,
+                   policies=env.policies, audit=env.root / f"audit-{name}")
+
+
+def make_replicas(root: Path, count: int = 2, **overrides: dict[str, object]) -> list[DemoEnv]:
+    """``count`` replicas of one deployment (:func:`make_demo_env` with ``overrides``, then
+    :func:`add_replica`), with instance ids ``<random>-a``, ``-b``, ...: unique even on a
+    database server other runs share (they name connections in pg_stat_activity)."""
+    import secrets
+
+    tag = secrets.token_hex(4)
+    server = {**overrides.pop("server", {}), "instance_id": f"{tag}-a"}
+    env = make_demo_env(root, server=server, **overrides)
+    return [env, *(add_replica(env, f"{tag}-{chr(ord('a') + i)}") for i in range(1, count))]
+
+
+def _render(sections: dict[str, dict[str, object]]) -> str:
+    return "".join(f"[{name}]\n" + "".join(f"{key} = {_toml(value)}\n"
+                                           for key, value in table.items())
+                   for name, table in sections.items())
 
 
 def profile_demo_model(env: DemoEnv, *, seed: int = 0) -> Path:
@@ -143,13 +177,15 @@ def start_gateway(env: DemoEnv, *, timeout: float = 60) -> GatewayProcess:
          "--log-level", "WARNING"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=env.root,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    stdout, stderr = proc.stdout, proc.stderr
+    assert stdout is not None and stderr is not None  # both are pipes (above)
     stderr_lines: list[str] = []
-    threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True).start()
+    threading.Thread(target=lambda: stderr_lines.extend(stderr), daemon=True).start()
     port, metrics = 0, ""
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
     try:
-        for line in proc.stdout:
+        for line in stdout:
             if line.startswith("gateway listening on "):
                 port = int(line.split()[3].rsplit(":", 1)[1])
             elif line.startswith("metrics on "):
@@ -163,7 +199,7 @@ def start_gateway(env: DemoEnv, *, timeout: float = 60) -> GatewayProcess:
         proc.wait()
         raise AssertionError("gateway did not start:\n" + "".join(stderr_lines))
     # Keep draining stdout so the process never blocks on a full pipe.
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+    threading.Thread(target=lambda: [None for _ in stdout], daemon=True).start()
     return GatewayProcess(env=env, proc=proc, port=port, metrics_url=metrics,
                           stderr_lines=stderr_lines)
 

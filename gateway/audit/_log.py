@@ -15,7 +15,8 @@ from gateway._atomic import write_atomic
 from gateway.audit import _canonical, _keys, _tags
 from gateway.audit._merkle import Tree, leaf_hash
 from gateway.audit._note import Checkpoint, parse_vkey
-from gateway.audit._recovery import AuditLogDamaged, Recovery, chain_head
+from gateway.audit._recovery import AuditLogDamaged as AuditLogDamaged  # re-exported
+from gateway.audit._recovery import Recovery, chain_head
 from gateway.audit._store import FileStore, Store, StoreDamaged, read_checkpoints
 from gateway.audit._tags import CommitTag
 from gateway.audit._verify import GENESIS_PREV, SCHEMA_VERSION

@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -256,7 +257,7 @@ def parse_checkpoint(text: str, hash_len: int | None = 32) -> Checkpoint:
 
 
 def open_checkpoint(note: bytes | str, verifier: Verifier, origin: str,
-                    others: list[Verifier] = ()) -> tuple[Checkpoint, Note]:
+                    others: Sequence[Verifier] = ()) -> tuple[Checkpoint, Note]:
     """Verify a signed checkpoint: signed by the log's key, for the expected origin."""
     opened = open_note(note, [verifier, *others])
     if verifier.name not in opened.verified:

@@ -48,9 +48,9 @@ def parse_segment(data: bytes, *, last: bool, name: str = "segment", first: int 
     end = body.rfind(b"\n") + 1
     gap = body.find(b"\x00", 0, end)
     if gap >= 0:
-        records = body.count(b"\n", 0, gap)
+        before = body.count(b"\n", 0, gap)
         raise SegmentDamaged(f"{name}: data after a zero-filled gap at byte {gap} (record "
-                             f"{first + records})", gap, records)
+                             f"{first + before})", gap, before)
     records = (body if end == len(body) else body[:end]).split(b"\n")  # no copy if no tail
     records.pop()  # the empty string after the final newline
     tail = body[end:]

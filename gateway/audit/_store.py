@@ -305,10 +305,11 @@ class FileStore:
     def _put_tag(self, slot: int, data: bytes) -> None:
         """Write one slot: with O_DIRECT to the device (no flush), else durably (O_DSYNC)."""
         buf = self._tag_buf
+        out: bytes | mmap.mmap = data
         if buf is not None:
             buf[:] = data.ljust(SLOT_BYTES, b"\0")
-            data = buf
-        if os.pwrite(self._tag_fd, data, slot * SLOT_BYTES) != len(data):
+            out = buf
+        if os.pwrite(self._tag_fd, out, slot * SLOT_BYTES) != len(out):
             raise OSError(f"short write of commit tag slot {slot}")
 
     def write_tag(self, slot: int, data: bytes) -> None:
@@ -392,7 +393,7 @@ class FileStore:
             self._new_segment(self.size)
         direct = tag is not None and self._tag_buf is not None
         try:
-            if direct:
+            if tag is not None and direct:
                 self._put_tag(*tag)
             # The fd is O_DSYNC: each pwrite returns once its data (and, when the file grows,
             # its size) is on disk, so a commit is one system call, not write + fdatasync.
@@ -408,7 +409,7 @@ class FileStore:
                 self._put_tag(*tag)
         except OSError:
             self._dirty = len(data)
-            if direct:
+            if tag is not None and direct:
                 with contextlib.suppress(OSError):  # its records failed: erase the tag
                     self.write_tag(tag[0], b"")
             raise

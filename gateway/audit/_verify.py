@@ -431,7 +431,7 @@ def _describe(region: list[tuple[int, int, int]]) -> tuple[str, int, str]:
 
 def verify_log(directory: Path, verifier: Verifier, *, since: str | None = None,
                witness: str | None = None, jobs: int | None = None, key_source: str = "",
-               progress: Callable[[int], None] | None = None) -> Report:
+               progress: Callable[[int], object] | None = None) -> Report:
     """Verify the log in ``directory`` against the log key ``verifier``; see the module doc.
 
     ``since`` and ``witness`` are signed checkpoint notes kept outside the log (an archived
@@ -540,13 +540,13 @@ def _join(parts: list[_Part], signed: _Signed, sizes: list[int], found: _Finding
     # Roots: a mismatch after a record already named is the same damage, reported once.
     good = [s for s in sizes if s <= total and s not in mismatched]
     first_named = min((f.index for f in report.findings if f.index is not None), default=None)
-    size = min(mismatched, default=None)
-    if size is not None and (first_named is None or first_named >= size):
-        lo = max((s for s in good if s < size), default=0)
-        kind = "fork" if signed.external_only(size) else "edited"
-        found.add(kind, lo, f"the signed checkpoint of size {size} does not match records "
-                  f"{lo}..{size - 1}: one of them was changed (or re-chained), or this log is "
-                  "a fork of the one that signed it")
+    first_bad = min(mismatched, default=None)
+    if first_bad is not None and (first_named is None or first_named >= first_bad):
+        lo = max((s for s in good if s < first_bad), default=0)
+        kind = "fork" if signed.external_only(first_bad) else "edited"
+        found.add(kind, lo, f"the signed checkpoint of size {first_bad} does not match "
+                  f"records {lo}..{first_bad - 1}: one of them was changed (or re-chained), or "
+                  "this log is a fork of the one that signed it")
     deleted_at_end = (regions and regions[-1][-1][1] == total - 1 and regions[-1][-1][2] > 0
                       and total + regions[-1][-1][2] >= (sizes[-1] if sizes else 0))
     if sizes and sizes[-1] > total and not deleted_at_end:
@@ -563,9 +563,9 @@ def _join(parts: list[_Part], signed: _Signed, sizes: list[int], found: _Finding
         found.add("unsigned", 0, f"no signed checkpoint verifies: none of the {total} records "
                   "is vouched for (checkpoints deleted, replaced, or signed by another key)")
     for claimed, message in signed.bad:
-        index = None if claimed is None else min(claimed, covered) if claimed > covered \
+        claimed_at = None if claimed is None else min(claimed, covered) if claimed > covered \
             else max(claimed - 1, 0)
-        found.add("bad-checkpoint", index, message)
+        found.add("bad-checkpoint", claimed_at, message)
         report.bad_checkpoints += 1
     fresh = [f"{label} checkpoint of size {size}" for label, size in
              (("the witness", signed.witness), ("the archived (--since)", signed.since))

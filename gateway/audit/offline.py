@@ -29,7 +29,7 @@ checked against a checkpoint kept elsewhere: pass ``witness`` or ``since``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gateway.audit import _canonical
@@ -146,7 +146,7 @@ def verify_consistency_path(size1: int, size2: int, root1: bytes, root2: bytes,
 
 def verify_log(directory: str | Path, key: Verifier | None = None, *, since: str | None = None,
                witness: str | None = None, jobs: int | None = None, key_source: str = "given",
-               progress=None) -> Report:
+               progress: Callable[[int], object] | None = None) -> Report:
     """Check a whole log directory or export; ``key`` defaults to an export's own ``log.vkey``.
 
     ``since`` / ``witness``: signed checkpoint notes kept outside the log that it must extend.

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.cli._audit_live import attach
 
     audit = subparsers.choices["audit"]
-    attach(audit._subparsers._group_actions[0].choices["checkpoint"])
+    verbs = next(action for action in audit._actions
+                 if isinstance(action, argparse._SubParsersAction))
+    attach(verbs.choices["checkpoint"])
     return parser
 
 

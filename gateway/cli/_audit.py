@@ -29,16 +29,26 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.audit import offline
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, GatewayError
+
+if TYPE_CHECKING:
+    from gateway.audit import AuditSettings
+
+#: A verb's handler: the parsed arguments in, the exit code out.
+Handler = Callable[[argparse.Namespace], int]
 
 
-def _tool(func):
-    """Run a verb: a failed check exits 1 with its message; an unmet request (any other
-    :class:`offline.Error`, a :class:`~gateway.errors.GatewayError`) reaches ``main``, which
-    exits 2."""
+class AuditToolError(GatewayError):
+    """An audit verb cannot be met (no such record, size or checkpoint; unreadable input)."""
+
+
+def _tool(func: Handler) -> Handler:
+    """Run a verb: a failed check exits 1 with its message, an unmet request exits 2."""
 
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
@@ -47,6 +57,8 @@ def _tool(func):
         except offline.VerificationError as err:
             print(f"gateway: FAILED: {err}", file=sys.stderr)
             return 1
+        except offline.Error as err:
+            raise AuditToolError(str(err)) from None
 
     return run
 
@@ -56,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("audit", help="tamper-evident audit log: proofs, verify")
     verbs = parser.add_subparsers(dest="audit_verb", metavar="VERB", required=True)
 
-    def verb(name: str, func, help: str) -> argparse.ArgumentParser:
+    def verb(name: str, func: Handler, help: str) -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=help, description=help)
         p.add_argument("--config", type=Path, help="gateway config file (default: demo config)")
         p.add_argument("--dir", type=Path, help="log directory (overrides the config)")
@@ -123,7 +135,7 @@ def _index(text: str) -> int:
     return int(text)
 
 
-def _settings(args: argparse.Namespace):
+def _settings(args: argparse.Namespace) -> AuditSettings:
     import dataclasses
 
     from gateway.config import load_config
@@ -139,7 +151,7 @@ def _log_dir(args: argparse.Namespace) -> Path:
     return _settings(args).directory
 
 
-def _load_vkey(value: str | None, settings) -> tuple[offline.Verifier, str]:
+def _load_vkey(value: str | None, settings: AuditSettings) -> tuple[offline.Verifier, str]:
     """The key of --vkey (a key or a file), else the configured one; and where it came from."""
     from gateway.audit import verifier_key_path
 

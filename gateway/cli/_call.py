@@ -20,10 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from gateway.cli._client import add_client_arguments, connect
 from gateway.cli._output import OK, emit_json
 from gateway.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from gateway._proto.inference.grpc_service_pb2 import (
+        ModelInferRequest,
+        ModelInferResponse,
+        ModelMetadataResponse,
+    )
 
 _EPILOG = ("VALUE is JSON (a number or nested list), @FILE.npy or @FILE.json. Connection: "
            "--as NAME uses the demo identity NAME from the CA's directory (certs/dev/clients); "
@@ -93,7 +104,8 @@ def call(args: argparse.Namespace) -> int:
     return OK
 
 
-def _spec(tensor) -> dict[str, object]:
+def _spec(tensor: ModelMetadataResponse.TensorMetadata | ModelInferResponse.InferOutputTensor
+          ) -> dict[str, object]:
     return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
 
 
@@ -142,7 +154,8 @@ def _value(raw: str, what: str) -> object:
                           "@FILE.npy or @FILE.json") from None
 
 
-def _infer_request(pb, args: argparse.Namespace, metadata, given: dict[str, object]):
+def _infer_request(pb: ModuleType, args: argparse.Namespace, metadata: ModelMetadataResponse,
+                   given: dict[str, object]) -> ModelInferRequest:
     """A ModelInferRequest with each input converted to the model's datatype and shape."""
     import numpy as np
 
@@ -153,7 +166,8 @@ def _infer_request(pb, args: argparse.Namespace, metadata, given: dict[str, obje
     if unknown:
         raise ConfigError(f"model {args.model} has no input(s) {', '.join(unknown)}; its "
                           f"inputs: {', '.join(known)}")
-    request = pb.ModelInferRequest(model_name=args.model, model_version=args.version)
+    request: ModelInferRequest = pb.ModelInferRequest(model_name=args.model,
+                                                      model_version=args.version)
     for spec in metadata.inputs:
         dtype = NUMPY_DTYPES.get(spec.datatype)
         if dtype is None:
@@ -176,7 +190,7 @@ def _infer_request(pb, args: argparse.Namespace, metadata, given: dict[str, obje
     return request
 
 
-def _fit(name: str, array, shape: tuple[int, ...]):
+def _fit(name: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """``array`` in the model's shape: a missing dynamic batch dimension is added."""
     if array.ndim == len(shape) - 1 and shape and shape[0] < 0:
         array = array[None, ...]
@@ -188,7 +202,7 @@ def _fit(name: str, array, shape: tuple[int, ...]):
     return array
 
 
-def _example(dtype, shape: tuple[int, ...]):
+def _example(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     import numpy as np
 
     count = int(np.prod(shape)) if shape else 1
@@ -198,7 +212,7 @@ def _example(dtype, shape: tuple[int, ...]):
         (np.arange(count) % 5).astype(dtype).reshape(shape)
 
 
-def _outputs(response) -> list[dict[str, object]]:
+def _outputs(response: ModelInferResponse) -> list[dict[str, object]]:
     import numpy as np
 
     from gateway.models import NUMPY_DTYPES
@@ -218,18 +232,18 @@ def _print_table(doc: dict[str, object]) -> None:
     if "ready" in doc:
         print(f"ready: {str(doc['ready']).lower()}")
     for section in ("inputs", "outputs"):
-        rows = doc.get(section)
-        if not rows:
+        table = doc.get(section)
+        if not isinstance(table, list) or not table:
             continue
         rows = [(r["name"], r["datatype"], str(r["shape"]),
-                 "" if "data" not in r else json.dumps(r["data"])) for r in rows]
+                 "" if "data" not in r else json.dumps(r["data"])) for r in table]
         header = (section[:-1], "datatype", "shape", "values" if section == "outputs" else "")
         widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(3)]
         for row in [header, *rows]:
             print("  ".join(str(cell).ljust(widths[i]) for i, cell in enumerate(row[:3]))
                   + ("  " + row[3] if row[3] else ""))
     receipt = doc.get("receipt")
-    if receipt:
+    if isinstance(receipt, dict) and receipt:
         print(f"audit receipt: record {receipt['index']}, leaf hash {receipt['leaf_hash']}")
     else:
         print("audit receipt: none (the gateway sent no receipt)")

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from gateway.errors import ConfigError, GatewayError
 
@@ -47,7 +50,8 @@ def add_client_arguments(parser: argparse.ArgumentParser, *, default_as: str | N
     parser.set_defaults(default_identity=default_as)
 
 
-def client_verb(verbs: argparse._SubParsersAction, name: str, helptext: str, func, *,
+def client_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+                helptext: str, func: Callable[[argparse.Namespace], int | None], *,
                 default_as: str | None) -> argparse.ArgumentParser:
     """A verb that talks to a running gateway: connection options, --json, its handler."""
     p = verbs.add_parser(name, help=helptext)
@@ -102,9 +106,13 @@ def _demo_identity(name: str, ca: Path, config: Path | None) -> tuple[Path, Path
     return cert, key
 
 
-def call_once(args: argparse.Namespace, stub_class, method: str, request, *,
-              timeout: float):
-    """Connect as ``args`` say, make one unary call, close the channel; the reply."""
+def call_once(args: argparse.Namespace, stub_class: Callable[[grpc.Channel], object],
+              method: str, request: Message, *, timeout: float) -> Any:
+    """Connect as ``args`` say, make one unary call, close the channel; the reply.
+
+    The reply's message type is the one ``method`` (named as a string) returns: Any, since
+    no static type follows from a method name.
+    """
     channel, _ = connect(args)
     with channel:
         return getattr(stub_class(channel), method)(request, timeout=timeout)
@@ -131,7 +139,9 @@ class RpcFailed(GatewayError):
         from gateway.client import Receipt
 
         metadata = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
-        self.receipt = Receipt.from_metadata(metadata)
+        # The grpc stub types metadata items as a class with key and value; gRPC gives
+        # (key, value) named tuples, which is what from_metadata reads.
+        self.receipt = Receipt.from_metadata(metadata)  # type: ignore[arg-type]
 
     @property
     def exit_code(self) -> int:

@@ -1,4 +1,4 @@
-"""`gateway policy check|test|explain|diff|fmt`: the policy toolchain for security teams.
+"""`gateway policy check|test|explain|diff|fmt|push`: the policy toolchain for security teams.
 
     gateway policy check policies [--strict] [--json]
     gateway policy test policies [policies/tests/*.yaml] [-v] [--json]
@@ -6,9 +6,11 @@
         --action infer [--models models] [--attr model.labels.stage=retired] [--json]
     gateway policy diff HEAD~1 policies [--json]  # directories or git revisions
     gateway policy fmt policies [--check] [--diff]
+    gateway policy push policies [--dsn DSN | --config FILE] [--comment TEXT] [--strict]
 
 Exit codes: 0 success; 1 a finding (a warning under --strict, a failed case, a denied
-request in explain, an unformatted file under --check, changed access under --exit-code);
+request in explain, an unformatted file under --check, changed access under --exit-code, a
+failed case or warning under --strict that stopped a push);
 2 bad input, printed as ``file:line: problem`` lines (paths relative to the working directory).
 The live-gateway verbs (reload, show, shadow, shadow-report) are in :mod:`._policy_admin`.
 """
@@ -19,6 +21,7 @@ import argparse
 import difflib
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.cli._output import ERROR, FAILED, OK, emit_json, shown, warn
@@ -29,6 +32,7 @@ from gateway.policy import (
     POLICY_FILE,
     PolicyError,
     Problem,
+    Snapshot,
     access_diff,
     attribute_problem,
     case_files,
@@ -118,6 +122,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(exit 1 if there is one)")
     p.set_defaults(func=_fmt)
 
+    p = verbs.add_parser("push", help="check and test a policy directory, then publish it "
+                         "to PostgreSQL as a new version for every replica (atomically)")
+    p.add_argument("directory", type=Path, help=directory_help)
+    p.add_argument("--dsn", default="", help="PostgreSQL DSN (default: [policy] dsn of "
+                   "--config, else $GATEWAY_DSN)")
+    p.add_argument("--config", metavar="FILE", help="gateway configuration naming the DSN")
+    p.add_argument("--comment", default="", help="note stored with the version")
+    p.add_argument("--strict", action="store_true", help="refuse on any warning too")
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.set_defaults(func=_push)
+
     from gateway.cli import _policy_admin
 
     _policy_admin.register(verbs)
@@ -126,7 +141,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # --- shared ------------------------------------------------------------------------------
 
 
-def locator(directory: Path):
+def locator(directory: Path) -> Callable[[str], str]:
     """``policy.csv:N`` -> ``<directory>/policy.csv:N`` as shown from the working directory."""
     base = shown(directory)
 
@@ -143,7 +158,7 @@ def _relocated(err: PolicyError, directory: Path) -> PolicyError:
     return PolicyError([Problem(where(p.file), p.line, p.message) for p in err.problems])
 
 
-def compile_here(directory: Path):
+def compile_here(directory: Path) -> Snapshot:
     """Compile ``directory`` without its cases; problems located from the working dir."""
     try:
         return compile_directory(directory, run_tests=False)
@@ -294,7 +309,8 @@ def _model_attributes(root: Path, model: str, version: str | None) -> dict[str, 
     if not versions:
         warn(f"note: {shown(root)} has no model {model!r}; a gateway serving that repository "
              "denies every request for it (unknown models are denied like forbidden ones)")
-        return {"model.name": model} | ({"model.version": version} if version else {})
+        found: dict[str, object] = {"model.name": model}
+        return found | ({"model.version": version} if version else {})
     if version is None:
         version, attrs = max(versions, key=lambda item: _version_key(item[0]))
         warn(f"note: no --version: explaining {model} version {version}, the latest in "
@@ -368,3 +384,64 @@ def _fmt(args: argparse.Namespace) -> int:
         for path in changed:
             print(f"{'would reformat' if dry else 'reformatted'} {shown(path)}")
     return FAILED if dry and changed else OK
+
+
+# --- push --------------------------------------------------------------------------------
+
+
+def _push(args: argparse.Namespace) -> int:
+    """Check and test exactly the bytes to publish, through the code a replica's reload
+    runs (compile, the cases' own checks, the cases), then publish them in one transaction."""
+    from gateway.db import redact, resolve_dsn
+    from gateway.policy import Bundle, compile_bundle, parse_cases
+    from gateway.policy.postgres import bundle_of, directory_files, publish
+
+    dsn = args.dsn
+    if not dsn and args.config:
+        from gateway.config import load_config
+
+        dsn = load_config(args.config).policy.dsn
+    dsn = resolve_dsn(dsn)
+    if not args.directory.is_dir():
+        raise PolicyError(f"{shown(args.directory)}: not a directory")
+    files = directory_files(args.directory)
+    stored = bundle_of(files)
+    bundle = Bundle(stored.files, tuple((shown(args.directory / name), data)
+                                        for name, data in stored.cases))
+    try:
+        snapshot = compile_bundle(bundle, run_tests=False)
+        cases = parse_cases(list(bundle.cases), snapshot)
+    except PolicyError as err:
+        raise _relocated(err, args.directory) from None
+    if not cases:
+        raise PolicyError(f"{shown(args.directory)}: no test cases in tests/; a published "
+                          "policy must carry the cases every replica runs before installing it")
+    report = run_cases(snapshot, cases)
+    where = locator(args.directory)
+    findings = lint(snapshot, lambda line: where(f"{POLICY_FILE}:{line}"))
+    refused = bool(report.failures) or (args.strict and bool(findings))
+    version = 0
+    if not refused:
+        version, digest = publish(dsn, files, comment=args.comment)
+        assert digest == snapshot.digest
+    if args.json:
+        emit_json({"directory": shown(args.directory), "published": not refused,
+                   "version": version or None, "digest": snapshot.digest,
+                   "dsn": redact(dsn), "cases": report.total,
+                   "failures": [str(f) for f in report.failures],
+                   "warnings": [f"{where(POLICY_FILE)}:{f.line}: {f.message}"
+                                for f in findings]})
+        return FAILED if refused else OK
+    for f in findings:
+        print(f"{where(POLICY_FILE)}:{f.line}: warning: {f.message} [{f.kind}]")
+    for failure in report.failures:
+        print(f"FAIL {failure}")
+    if refused:
+        print(f"{shown(args.directory)}: not published ("
+              + (f"{len(report.failures)} of {report.total} cases failed" if report.failures
+                 else f"{len(findings)} warning(s) under --strict") + ")")
+        return FAILED
+    print(f"published policy version {version} (digest {snapshot.digest}) to {redact(dsn)}: "
+          f"{len(snapshot.source.rules)} rules, {len(snapshot.source.links)} role links, "
+          f"{report.total} cases passed")
+    return OK

@@ -14,9 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING, Any
 
 from gateway.cli._client import call_once, client_verb
 from gateway.cli._output import FAILED, OK, emit_json
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
+    from gateway._proto.gateway.v1.admin_pb2 import ShadowDisagreement
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -42,7 +48,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
                    help="exit 1 if the shadow disagrees with the live policy at all")
 
 
-def _call(args: argparse.Namespace, method: str, request, timeout: float = 60):
+def _call(args: argparse.Namespace, method: str, request: Message, timeout: float = 60
+          ) -> Any:  # the reply of ``method``, as in call_once
     from gateway._proto.gateway.v1 import admin_pb2_grpc
 
     return call_once(args, admin_pb2_grpc.PolicyAdminStub, method, request, timeout=timeout)
@@ -98,7 +105,7 @@ def _shadow(args: argparse.Namespace) -> int:
     return OK
 
 
-def _row(d) -> dict[str, object]:
+def _row(d: ShadowDisagreement) -> dict[str, object]:
     return {"subject": d.subject, "model": d.model, "action": d.action, "change": d.change,
             "live_rule": d.live_rule, "shadow_rule": d.shadow_rule, "count": d.count}
 

@@ -20,7 +20,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from cryptography.x509.verification import (
+    ClientVerifier,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
 from gateway.errors import ConfigError, Unauthenticated
 from gateway.identity._x509 import normalise_trust_domains
@@ -39,7 +44,7 @@ class TrustBundles:
         self._paths = {domain: Path(path) for domain, path in bundles.items()}
         self._lock = threading.Lock()
         self._stats: dict[str, tuple[int, int, int]] = {}
-        self._verifiers: dict[str, object] = {}
+        self._verifiers: dict[str, ClientVerifier] = {}
         #: Moves on at every (re)load; verdicts cached under another generation are stale.
         self.generation = 0
         self._checked = 0.0

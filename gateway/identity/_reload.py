@@ -128,7 +128,10 @@ def server_credentials(cert: Path, key: Path, ca: Path,
     """
     files = CertificateFiles(cert, key, ca, extra_cas)
     return grpc.dynamic_ssl_server_credentials(
-        files.initial, files.fetch, require_client_authentication=True)
+        files.initial,
+        # The stub wants a configuration every time; gRPC documents None as "no change".
+        files.fetch,  # type: ignore[arg-type]
+        require_client_authentication=True)
 
 
 def https_client_auth(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:

@@ -7,7 +7,7 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -73,7 +73,7 @@ class IdentityVerifier:
 
     def authenticate(self, context: grpc.ServicerContext) -> Identity:
         """The caller of this RPC; Unauthenticated (with the reason) if it has none valid."""
-        auth = context.auth_context()
+        auth = _auth_properties(context)
         pems = auth.get(_PEM_PROPERTY)
         if not pems:
             raise Unauthenticated("no client certificate: the gateway accepts only mutual "
@@ -84,7 +84,7 @@ class IdentityVerifier:
     def presented_pem(self, context: grpc.ServicerContext) -> bytes:
         """The PEM certificate the caller presented, accepted as an identity or not
         (b"" without one): the key limits count a client by."""
-        pems = context.auth_context().get(_PEM_PROPERTY)
+        pems = _auth_properties(context).get(_PEM_PROPERTY)
         return pems[0] if pems else b""
 
     def presented_sha256(self, context: grpc.ServicerContext) -> str | None:
@@ -118,7 +118,7 @@ class IdentityVerifier:
                 cache.move_to_end(pem)
             except KeyError:  # evicted by another thread meanwhile; harmless
                 pass
-        if type(entry) is str:
+        if isinstance(entry, str):
             raise Unauthenticated(entry)
         if entry.not_after <= time.time():
             raise Unauthenticated(f"client certificate expired at {entry.not_after} "
@@ -140,3 +140,9 @@ class IdentityVerifier:
     def cache_len(self) -> int:
         """Number of certificates cached (for tests and monitoring)."""
         return len(self._cache)
+
+
+def _auth_properties(context: grpc.ServicerContext) -> Mapping[str, Sequence[bytes]]:
+    """The TLS auth context: each property maps to a list of values (one PEM, one chain)."""
+    # The grpc stub types each property as one bytes value; gRPC returns a list of them.
+    return context.auth_context()  # type: ignore[return-value]

@@ -10,6 +10,7 @@ operator listed in ``[tls] cn_issuers``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable
@@ -79,12 +80,13 @@ def identity_from_pem(
         raise Unauthenticated(f"client certificate extensions cannot be parsed: "
                               f"{err}") from None
     issuer = cert.issuer.rfc4514_string()
-    common = {
-        "cert_sha256": hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
-        "issuer": issuer,
-        "serial": f"{cert.serial_number:x}",
-        "not_after": int(cert.not_valid_after_utc.timestamp()),
-    }
+    identity = functools.partial(
+        Identity,
+        cert_sha256=hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
+        issuer=issuer,
+        serial=f"{cert.serial_number:x}",
+        not_after=int(cert.not_valid_after_utc.timestamp()),
+    )
     if len(uris) > 1:
         raise Unauthenticated(
             f"client certificate has {len(uris)} URI SANs ({', '.join(uris)}); "
@@ -102,9 +104,9 @@ def identity_from_pem(
                                   f"(accepted: {allowed})")
         if bundles is not None:
             bundles.check(trust_domain, cert, _intermediates(chain))
-        return Identity(id=uris[0], trust_domain=trust_domain, path=path, **common)
-    return Identity(id=f"cn:{_common_name(cert, issuer, cn_issuers)}", trust_domain="",
-                    path=(), **common)
+        return identity(id=uris[0], trust_domain=trust_domain, path=path)
+    return identity(id=f"cn:{_common_name(cert, issuer, cn_issuers)}", trust_domain="",
+                    path=())
 
 
 def _intermediates(chain: bytes) -> list[x509.Certificate]:

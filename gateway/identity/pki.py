@@ -19,8 +19,9 @@ server re-reading its certificate never sees half a file; private keys are mode 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,7 +299,7 @@ def init_dev_pki(directory: Path, *, force: bool = False) -> dict:
         ca.write(ca_pem, ca_key)
         written.append(ca_pem)
 
-    def leaf(stem: Path, make) -> Path:
+    def leaf(stem: Path, make: Callable[[], CertifiedKey]) -> Path:
         cert_path, key_path = stem.with_suffix(".pem"), stem.with_suffix(".key")
         if not force and _still_good(cert_path, key_path, ca.cert):
             kept.append(cert_path)
@@ -310,7 +311,7 @@ def init_dev_pki(directory: Path, *, force: bool = False) -> dict:
     server = leaf(directory / "server", lambda: issue_server(ca))
     clients = {
         name: leaf(directory / "clients" / name,
-                   lambda uri=uri, name=name: issue_client(ca, uris=[uri], cn=name))
+                   functools.partial(issue_client, ca, uris=[uri], cn=name))
         for name, uri in DEMO_CLIENTS.items()
     }
     return {"directory": directory, "ca": ca_pem, "server": server, "clients": clients,

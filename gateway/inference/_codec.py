@@ -8,12 +8,20 @@ can be exercised with any wire-compatible message class. Every error is an
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gateway.errors import InvalidRequest
 from gateway.models import NUMPY_DTYPES, LoadedModel
+
+if TYPE_CHECKING:  # the OIP messages load with the servicer, not with this module
+    from gateway._proto.inference.grpc_service_pb2 import (
+        InferParameter,
+        ModelInferRequest,
+        ModelInferResponse,
+    )
 
 #: OIP datatype -> the InferTensorContents field that carries it when sent typed.
 #: FP16 has no typed field in the protocol: it travels only as raw bytes.
@@ -38,7 +46,7 @@ _OIP_BY_DTYPE = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 _TYPED_FIELDS = tuple(sorted(set(_CONTENTS_FIELD.values())))
 
 
-def request_size(request) -> tuple[int, int, tuple[tuple[str, str], ...]]:
+def request_size(request: ModelInferRequest) -> tuple[int, int, tuple[tuple[str, str], ...]]:
     """``(batch size, input bytes, longest names)`` over the whole request, without decoding.
 
     The first two are request attributes policy decides on before any tensor is decoded, so
@@ -99,7 +107,8 @@ def check_batch(feeds: dict[str, np.ndarray], ties: dict[str, str]) -> None:
                                  f"requires them to be equal")
 
 
-def decode_inputs(request, model: LoadedModel, *, max_elements: int) -> dict[str, np.ndarray]:
+def decode_inputs(request: ModelInferRequest, model: LoadedModel, *,
+                  max_elements: int) -> dict[str, np.ndarray]:
     """Validate the request's inputs against ``model`` and return them as numpy arrays."""
     raw = request.raw_input_contents
     typed = [t.name for t in request.inputs if t.HasField("contents")]
@@ -134,7 +143,7 @@ def decode_inputs(request, model: LoadedModel, *, max_elements: int) -> dict[str
     return feeds
 
 
-def requested_outputs(request, model: LoadedModel) -> list[str]:
+def requested_outputs(request: ModelInferRequest, model: LoadedModel) -> list[str]:
     """Names of the outputs to compute, in the order requested (all, when none are named)."""
     names: list[str] = []
     known = {spec.name for spec in model.outputs}
@@ -149,7 +158,8 @@ def requested_outputs(request, model: LoadedModel) -> list[str]:
     return names or [spec.name for spec in model.outputs]
 
 
-def encode_outputs(response, results: dict[str, np.ndarray], order: Sequence[str]) -> None:
+def encode_outputs(response: ModelInferResponse, results: dict[str, np.ndarray],
+                   order: Sequence[str]) -> None:
     """Append the outputs to ``response``, always as ``raw_output_contents`` (what tritonclient
     decodes), little-endian and row-major."""
     for name in order:
@@ -165,7 +175,7 @@ def encode_outputs(response, results: dict[str, np.ndarray], order: Sequence[str
                                             .tobytes())
 
 
-def _reject_shared_memory(parameters, what: str) -> None:
+def _reject_shared_memory(parameters: Mapping[str, InferParameter], what: str) -> None:
     for key in _SHARED_MEMORY_PARAMS:
         if key in parameters:
             raise InvalidRequest(f"{what}: shared-memory parameter '{key}' is not supported; "
@@ -206,8 +216,8 @@ def _from_raw(name: str, data: bytes, dtype: np.dtype, shape: tuple[int, ...],
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def _from_contents(name: str, tensor, datatype: str, shape: tuple[int, ...],
-                   count: int) -> np.ndarray:
+def _from_contents(name: str, tensor: ModelInferRequest.InferInputTensor, datatype: str,
+                   shape: tuple[int, ...], count: int) -> np.ndarray:
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidRequest(f"input '{name}': {datatype} has no typed contents field; "

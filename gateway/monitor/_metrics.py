@@ -8,15 +8,22 @@ prefix, base units (seconds), ``_total`` counters, ``_info`` for labels-as-value
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from socketserver import ThreadingMixIn
+from typing import TypeVar, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIEnvironment
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.metrics import MetricWrapperBase
 
 from gateway.errors import ConfigError
+
+Metric = TypeVar("Metric", bound=MetricWrapperBase)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0)
@@ -103,15 +110,16 @@ class Metrics:
         self._max_callers = max_callers
         self._callers: OrderedDict[str, None] = OrderedDict()
         # labels() costs a lock and a tuple hash; resolved children are cached here.
-        self._children: dict[tuple[int, tuple[str, ...]], object] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
 
-    def child(self, metric, *labels: str):  # type: ignore[no-untyped-def]
+    def child(self, metric: Metric, *labels: str) -> Metric:
         """``metric.labels(*labels)``, cached."""
         key = (id(metric), labels)
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*labels)
-        return found
+        # Keyed by the metric's id: what is cached is this metric's own labelled child.
+        return cast(Metric, found)
 
     def refusal_limited(self, reason: str) -> None:
         """Count a refusal over the rate limit (``reason``: the guard's fixed reason codes)."""
@@ -175,13 +183,15 @@ class _TlsServer(_Server):
 
     tls: ssl.SSLContext
 
-    def get_request(self):  # type: ignore[no-untyped-def]
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         sock, address = self.socket.accept()
         sock.settimeout(_HANDSHAKE_TIMEOUT_S)
         return self.tls.wrap_socket(sock, server_side=True,
                                     do_handshake_on_connect=False), address
 
-    def finish_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+    def finish_request(self, request: socket.socket | tuple[bytes, socket.socket],
+                       client_address: tuple[str, int]) -> None:
+        assert isinstance(request, ssl.SSLSocket)  # get_request wraps every connection
         try:
             request.do_handshake()
         except (OSError, ssl.SSLError):
@@ -201,7 +211,7 @@ class MetricsServer:
         host, port = parse_listen(listen)
         metrics_app = make_wsgi_app(registry)
 
-        def app(environ, start_response):  # type: ignore[no-untyped-def]
+        def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
             if environ.get("PATH_INFO") != "/metrics":
                 start_response("404 Not Found", [("Content-Type", "text/plain")])
                 return [b"metrics are served at /metrics\n"]
@@ -212,7 +222,7 @@ class MetricsServer:
                                       handler_class=_QuietHandler)
         except OSError as err:
             raise ConfigError(f"[monitor] metrics_listen {listen}: cannot listen: {err}") from err
-        if tls is not None:
+        if isinstance(self._httpd, _TlsServer) and tls is not None:
             self._httpd.tls = tls
         self.scheme = "http" if tls is None else "https"
         # A short poll interval makes stop() prompt (shutdown waits for the next poll).

@@ -338,7 +338,7 @@ class InputProfile:
         rows = _rows(x)
         with np.errstate(invalid="ignore"):
             ok = (rows >= self.low) & (rows <= self.high)
-        return ~ok.all(axis=1)
+        return np.asarray(~ok.all(axis=1))
 
     def threshold(self, fpr: float) -> float:
         """Score threshold at ``fpr`` (exact if calibrated, else the nearest stricter)."""
@@ -358,7 +358,7 @@ class InputProfile:
             scored = self.row_scorer(rows[0].tolist())
             if scored is not None:
                 return np.array([scored[0]]), np.array([scored[1]]), _ONE_IN_BOUNDS
-        in_bounds = ((rows >= self.low) & (rows <= self.high)).all(axis=1)
+        in_bounds = np.asarray(((rows >= self.low) & (rows <= self.high)).all(axis=1))
         if in_bounds.all():  # the common case: finite, so no floating-point warnings
             z = self.marginals(rows)
             u = z if self.whitening.ndim == 1 else z @ self.whitening
@@ -630,6 +630,7 @@ def _calibrate_prada(profile: InputProfile, held: np.ndarray, fprs: tuple[float,
 
 def _fit_output(fit_rows: np.ndarray, hold_rows: np.ndarray, window: int,
                 fprs: tuple[float, ...], rng: np.random.Generator) -> OutputProfile:
+    edges: tuple[float, ...]
     if fit_rows.shape[1] > 1:
         kind, classes, edges = "class", fit_rows.shape[1], ()
     else:

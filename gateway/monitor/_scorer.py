@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
 
@@ -153,7 +153,7 @@ class RowScorer:
         self.a = marginals.a.reshape(d, k + 1).tolist()
         self.b = marginals.b.reshape(d, k + 1).tolist()
         self.diagonal = whitening.ndim == 1
-        self.columns = None if self.diagonal else whitening.T.tolist()
+        self.columns: list[list[float]] = [] if self.diagonal else whitening.T.tolist()
         self.whitening = whitening
         self.small = d <= self.PYTHON_MATVEC
         self.joint, self.single = joint, single
@@ -173,8 +173,8 @@ class RowScorer:
             u = [sum(x * w for x, w in zip(z, col, strict=True)) for col in self.columns]
             joint = sum(x * x for x in u)
         else:
-            u = np.array(z) @ self.whitening
-            joint = float(u @ u)
+            w = np.array(z) @ self.whitening
+            u, joint = w, float(w @ w)
         single = max(x * x for x in z)
         return max(self.joint.one(joint), self.single.one(single)), u
 
@@ -202,6 +202,9 @@ class SurpriseMap:
     values: np.ndarray  # held-out quantiles of T at decreasing tail levels
     surprise: np.ndarray  # -log10 of those levels
     rate: float  # surprise per unit of T beyond values[-1]
+    # ``values`` and ``surprise`` as lists, for :meth:`one` (set in __post_init__).
+    _xs: list[float] = field(init=False, repr=False, compare=False)
+    _ys: list[float] = field(init=False, repr=False, compare=False)
 
     @classmethod
     def fit(cls, t: np.ndarray) -> SurpriseMap:

@@ -94,21 +94,33 @@ def load_cases(paths: list[Path], snapshot: Snapshot | None = None) -> list[Case
     With ``snapshot`` every case is also checked against that policy (see the module
     docstring), so a case that cannot mean anything fails instead of passing.
     """
-    cases: list[Case] = []
+    texts: list[tuple[str, bytes]] = []
     problems: list[Problem] = []
     for path in paths:
-        name = str(path)
         try:
-            text = path.read_text(encoding="utf-8")
-            loader = yaml.SafeLoader(text)
+            texts.append((str(path), path.read_bytes()))
+        except OSError as err:
+            problems.append(Problem(str(path), 0, f"cannot read: {err.strerror}"))
+    try:
+        return parse_cases(texts, snapshot)
+    except PolicyError as err:
+        problems.extend(err.problems)
+    raise PolicyError(problems)
+
+
+def parse_cases(texts: list[tuple[str, bytes]], snapshot: Snapshot | None = None) -> list[Case]:
+    """:func:`load_cases` for case files already read, as ``(name, bytes)`` pairs (a policy
+    stored in PostgreSQL keeps its cases there); ``name`` is what problems are located by."""
+    cases: list[Case] = []
+    problems: list[Problem] = []
+    for name, data in texts:
+        try:
+            loader = yaml.SafeLoader(data.decode("utf-8"))
             try:
                 node = loader.get_single_node()
                 doc = loader.construct_document(node) if node is not None else None
             finally:
                 loader.dispose()
-        except OSError as err:
-            problems.append(Problem(name, 0, f"cannot read: {err.strerror}"))
-            continue
         except (UnicodeDecodeError, yaml.YAMLError) as err:
             mark = getattr(err, "problem_mark", None)
             line = mark.line + 1 if mark is not None else 0
@@ -130,7 +142,7 @@ def load_cases(paths: list[Path], snapshot: Snapshot | None = None) -> list[Case
     return cases
 
 
-def _case_lines(root: yaml.Node) -> list[tuple[int, dict[str, int]]]:
+def _case_lines(root: yaml.Node | None) -> list[tuple[int, dict[str, int]]]:
     """For each item of the top-level ``cases`` list: its line, and the line of each key
     (attribute keys as ``attributes.<name>``)."""
     out: list[tuple[int, dict[str, int]]] = []

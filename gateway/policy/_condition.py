@@ -95,8 +95,9 @@ def parse_condition(text: str) -> Condition:
         raise ConditionError(f"condition longer than {_MAX_LENGTH} characters")
     parser = _Parser(_tokenize(text))
     node = parser.expr(0)
-    if parser.peek() is not None:
-        _, value, col = parser.peek()
+    extra = parser.peek()
+    if extra is not None:
+        _, value, col = extra
         raise ConditionError(f"unexpected {value!r} at column {col}"
                              + (" (unbalanced ')')" if value == ")" else ""))
     names = tuple(sorted(parser.names))
@@ -406,6 +407,7 @@ class _Parser:
             return _Node(text, lambda attrs: _compare(op, attrs.get(la), rl))
         if la is None and ra is not None:
             return _Node(text, lambda attrs: _compare(op, ll, attrs.get(ra)))
+        assert la is not None and ra is not None  # two constants are refused above
         return _Node(text, lambda attrs: _compare(op, attrs.get(la), attrs.get(ra)))
 
     def membership(self, left: _Value) -> _Node:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from gateway.policy._condition import KNOWN_TYPES, Condition, _tokenize
@@ -52,7 +52,8 @@ class Finding:
     related: tuple[str, ...] = field(default=())
 
 
-def lint(snapshot: Snapshot, where=lambda line: f"policy.csv:{line}") -> list[Finding]:
+def lint(snapshot: Snapshot,
+         where: Callable[[int], str] = lambda line: f"policy.csv:{line}") -> list[Finding]:
     """Every logic finding of ``snapshot``, in line order. ``where(line)`` renders a rule's
     location in messages (the CLI passes one relative to the working directory)."""
     model = snapshot.source.model
@@ -219,7 +220,7 @@ def _assignments(conds: list[Condition]) -> Iterable[dict[str, object]] | None:
     return [dict(zip(names, values, strict=True)) for values in itertools.product(*domains)]
 
 
-def _is_attribute(token) -> bool:
+def _is_attribute(token: tuple[str, object, int]) -> bool:
     return token[0] == "name" and token[1] not in ("true", "false", "in", "globMatch")
 
 
@@ -234,7 +235,7 @@ def _candidates(name: str, literals: list[object]) -> list[object]:
     strings = sorted({v for v in literals if isinstance(v, str)})
     out: list[object] = []
     if kind in (None, int):
-        points = set()
+        points: set[float] = set()
         for n in numbers:
             points.update({math.floor(n) - 1, math.floor(n), math.ceil(n), math.ceil(n) + 1})
         points.add(0)

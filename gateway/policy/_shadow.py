@@ -25,8 +25,11 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypedDict
+
+from prometheus_client.metrics_core import Metric
 
 from gateway.policy._condition import Attributes
 from gateway.policy._engine import Decision, Snapshot
@@ -35,6 +38,49 @@ log = logging.getLogger("gateway.policy")
 
 MAX_REQUESTS = 10_000
 TOP_PAIRS = 50
+
+
+class ShadowStats(TypedDict):
+    """Totals since the shadow was set."""
+
+    shadow_digest: str
+    directory: str
+    since: int
+    decisions: int
+    disagreements: int
+    shadow_allows_live_denies: int
+    shadow_denies_live_allows: int
+    dropped_requests: int
+
+
+class RulePair(TypedDict):
+    """Disagreements of one (live rule, shadow rule, change)."""
+
+    live_rule: str
+    shadow_rule: str
+    change: str
+    count: int
+
+
+class RequestRow(TypedDict):
+    """Disagreements of one request: who would gain or lose which access."""
+
+    subject: str
+    model: str
+    action: str
+    live_rule: str
+    shadow_rule: str
+    change: str
+    count: int
+
+
+class ShadowSummary(ShadowStats):
+    """A ``policy_shadow`` audit record's fields."""
+
+    live_digest: str
+    final: bool
+    by_rule: list[RulePair]
+    rule_pairs: int
 
 
 def _peek(counter: itertools.count) -> int:
@@ -93,28 +139,29 @@ class Shadow:
     def disagreements(self) -> int:
         return _peek(self._grants) + _peek(self._revokes)
 
-    def pairs(self) -> list[dict[str, object]]:
+    def pairs(self) -> list[RulePair]:
         """Disagreements by (live rule, shadow rule, change), most frequent first."""
-        rows = [{"live_rule": live, "shadow_rule": shadow,
+        rows: list[RulePair] = [{"live_rule": live, "shadow_rule": shadow,
                  "change": "grant" if allows else "revoke", "count": _peek(counter)}
                 for (live, shadow, allows), counter in list(self._pairs.items())]
-        return sorted(rows, key=lambda r: (-int(r["count"]), str(r["live_rule"])))
+        return sorted(rows, key=lambda r: (-r["count"], r["live_rule"]))
 
-    def requests(self) -> list[dict[str, object]]:
+    def requests(self) -> list[RequestRow]:
         """Disagreements by request: who would gain or lose which access, and how often."""
-        rows = [{"subject": s, "model": m, "action": a, "live_rule": lr, "shadow_rule": sr,
-                 "change": "grant" if allows else "revoke", "count": _peek(counter)}
+        rows: list[RequestRow] = [
+            {"subject": s, "model": m, "action": a, "live_rule": lr, "shadow_rule": sr,
+             "change": "grant" if allows else "revoke", "count": _peek(counter)}
                 for (s, m, a, lr, sr, allows), counter in list(self._requests.items())]
         return sorted(rows, key=lambda r: (r["change"], r["subject"], r["model"], r["action"]))
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> ShadowStats:
         grants, revokes = _peek(self._grants), _peek(self._revokes)
         return {"shadow_digest": self.snapshot.digest, "directory": str(self.directory),
                 "since": int(self.started), "decisions": _peek(self._decisions),
                 "disagreements": grants + revokes, "shadow_allows_live_denies": grants,
                 "shadow_denies_live_allows": revokes, "dropped_requests": _peek(self._dropped)}
 
-    def summary(self, live_digest: str, final: bool) -> dict[str, object]:
+    def summary(self, live_digest: str, final: bool) -> ShadowSummary:
         """The audit record's fields (cumulative since the shadow was set)."""
         pairs = self.pairs()
         return {**self.stats(), "live_digest": live_digest, "final": final,
@@ -127,10 +174,10 @@ class ShadowCollector:
     def __init__(self, shadow_of: Callable[[], Shadow | None]) -> None:
         self._shadow_of = shadow_of
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []  # collected lazily: the label sets depend on traffic
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         shadow = self._shadow_of()
@@ -148,7 +195,7 @@ class ShadowCollector:
         if shadow is not None:
             decisions.add_metric([], float(shadow.stats()["decisions"]))
             for row in shadow.pairs():
-                disagreements.add_metric([str(row["live_rule"]), str(row["shadow_rule"]),
-                                          str(row["change"])], float(row["count"]))
+                disagreements.add_metric([row["live_rule"], row["shadow_rule"], row["change"]],
+                                         row["count"])
         yield decisions
         yield disagreements

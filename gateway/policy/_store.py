@@ -26,11 +26,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
-from gateway.policy._cases import load_cases, run_cases
+from prometheus_client.metrics_core import Metric
+
+from gateway.errors import GatewayError
+from gateway.policy._cases import parse_cases, run_cases
 from gateway.policy._condition import Attributes
 from gateway.policy._engine import Decision, Snapshot
-from gateway.policy._shadow import Shadow
+from gateway.policy._shadow import RequestRow, RulePair, Shadow, ShadowStats, ShadowSummary
 from gateway.policy._source import (
     CASES_DIR,
     MODEL_FILE,
@@ -64,13 +68,114 @@ def case_files(directory: Path) -> list[Path]:
     return sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]) if folder.is_dir() else []
 
 
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """A complete candidate policy as read from its source: what one reload compiles.
+
+    ``files`` holds model.conf and policy.csv (what the digest covers), ``cases`` the test
+    case files as ``(name, bytes)``, ``label`` where it came from (e.g. ``postgresql
+    version 4``), recorded with the reload.
+    """
+
+    files: dict[str, bytes]
+    cases: tuple[tuple[str, bytes], ...] = ()
+    label: str = ""
+
+    @property
+    def digest(self) -> str:
+        """The policy digest decisions will name (of ``files`` only, as for a directory)."""
+        return digest_files(self.files)
+
+    @property
+    def key(self) -> str:
+        """Identifies the whole bundle, cases and label included: a watcher that saw this
+        key before (installed or refused) need not compile it again."""
+        return digest_files({**self.files, **{f"case:{n}": d for n, d in self.cases},
+                             "label": self.label.encode()})
+
+
+class Source(Protocol):
+    """Where a store's policy comes from: a directory, or PostgreSQL (``_postgres``)."""
+
+    #: "files" or "postgresql", for status and metrics.
+    kind: str
+
+    def read(self) -> Bundle:
+        """The current policy; PolicyError if it is incomplete, another GatewayError (e.g.
+        ``DatabaseUnavailable``) if the source cannot be read at all."""
+
+    def watch(self, stop: threading.Event, interval: float,
+              reload: Callable[..., ReloadResult | None]) -> None:
+        """Call ``reload(reason)`` on every change until ``stop`` is set (runs on a thread)."""
+
+    def status(self) -> tuple[bool, str]:
+        """(reachable, last error): the source's health, for metrics and health checks."""
+
+    def close(self) -> None:
+        """Release connections (nothing for a directory)."""
+
+
+class DirectorySource:
+    """A policy directory on disk, watched by polling file metadata."""
+
+    kind = "files"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._signature = self._stat_signature()
+
+    def read(self) -> Bundle:
+        self._signature = self._stat_signature()  # before reading: a later write is seen
+        files = read_directory(self.directory)
+        cases, problems = [], []
+        for path in case_files(self.directory):
+            try:
+                cases.append((str(path), path.read_bytes()))
+            except OSError as err:
+                problems.append(Problem(str(path), 0, f"cannot read: {err.strerror}"))
+        if problems:
+            raise PolicyError(problems)
+        return Bundle(files, tuple(cases))
+
+    def watch(self, stop: threading.Event, interval: float,
+              reload: Callable[..., ReloadResult | None]) -> None:
+        while not stop.wait(interval):
+            if self._stat_signature() != self._signature:
+                reload("file change")
+
+    def status(self) -> tuple[bool, str]:
+        return True, ""
+
+    def close(self) -> None:
+        pass
+
+    def _stat_signature(self) -> tuple[tuple[str, int | None, int | None, int | None], ...]:
+        paths = [self.directory / MODEL_FILE, self.directory / POLICY_FILE,
+                 *case_files(self.directory)]
+        out: list[tuple[str, int | None, int | None, int | None]] = []
+        for path in paths:
+            try:
+                st = path.stat()
+                out.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                out.append((str(path), None, None, None))
+        return tuple(out)
+
+
 def compile_directory(directory: Path, *, run_tests: bool = True,
-                      beside_traffic: bool = False,
-                      files: dict[str, bytes] | None = None) -> Snapshot:
+                      beside_traffic: bool = False) -> Snapshot:
     """Read, parse, validate and compile a policy directory, then run its own test cases.
 
     Raises :class:`PolicyError` listing every problem; nothing is installed anywhere.
-    ``files``: the policy files already read from ``directory`` (else they are read here).
+    """
+    return compile_bundle(DirectorySource(directory).read(), run_tests=run_tests,
+                          beside_traffic=beside_traffic)
+
+
+def compile_bundle(bundle: Bundle, *, run_tests: bool = True,
+                   beside_traffic: bool = False) -> Snapshot:
+    """Parse, validate and compile a bundle, then run its own test cases (every source's
+    one path to a snapshot: a push checks exactly what a replica's reload will check).
 
     ``beside_traffic`` (the store's choice: it compiles while requests are decided) does two
     things so that no request stalls for long while a 100k-rule policy compiles:
@@ -83,13 +188,13 @@ def compile_directory(directory: Path, *, run_tests: bool = True,
       thread waiting for the GIL gets it within about a millisecond.
     """
     if not beside_traffic:
-        return _compile(directory, run_tests, files)
+        return _compile(bundle, run_tests)
     paused = gc.isenabled()
     if paused:
         gc.disable()
     try:
         with _short_switch_interval():
-            snapshot = _compile(directory, run_tests, files)
+            snapshot = _compile(bundle, run_tests)
         gc.freeze()
     finally:
         if paused:
@@ -113,11 +218,11 @@ def _retire(snapshot: Snapshot) -> None:
         snapshot.retire()
 
 
-def _compile(directory: Path, run_tests: bool, files: dict[str, bytes] | None) -> Snapshot:
-    source = parse_files(read_directory(directory) if files is None else files)
+def _compile(bundle: Bundle, run_tests: bool) -> Snapshot:
+    source = parse_files(bundle.files)
     snapshot = Snapshot(source)
     if run_tests:
-        cases = load_cases(case_files(directory), snapshot)
+        cases = parse_cases(list(bundle.cases), snapshot)
         report = run_cases(snapshot, cases)
         if report.failures:
             raise PolicyError([Problem(f.case.file, f.case.line,
@@ -126,15 +231,35 @@ def _compile(directory: Path, run_tests: bool, files: dict[str, bytes] | None) -
     return snapshot
 
 
+class ShadowSamples(ShadowStats):
+    """The shadow's totals and up to 100 of its disagreeing requests."""
+
+    live_digest: str
+    samples: list[RequestRow]
+
+
+class ShadowReport(ShadowStats):
+    """The shadow's totals and every disagreement, by rule pair and by request."""
+
+    live_digest: str
+    by_rule: list[RulePair]
+    by_request: list[RequestRow]
+
+
 class PolicyStore:
     """The live policy of one gateway (see the package docstring for the API)."""
 
-    def __init__(self, directory: Path, snapshot: Snapshot,
+    def __init__(self, source: Source | Path, snapshot: Snapshot,
                  on_reload: Callable[[ReloadResult], None] | None = None, *,
-                 on_shadow_summary: Callable[[dict[str, object]], None] | None = None,
+                 on_shadow_summary: Callable[[ShadowSummary], object] | None = None,
                  shadow_summary_interval: float = 60.0) -> None:
-        self.directory = Path(directory)
+        if isinstance(source, (str, Path)):
+            source = DirectorySource(Path(source))
+        self.source: Source = source
+        #: The policy directory (files source only; None for PostgreSQL).
+        self.directory: Path | None = getattr(source, "directory", None)
         self._live = snapshot
+        self._seen = ""  # key of the last bundle a watcher compiled (installed or refused)
         self._shadow: Shadow | None = None
         self._on_reload = on_reload
         self._on_shadow_summary = on_shadow_summary
@@ -146,23 +271,34 @@ class PolicyStore:
         self._reload_lock = threading.Lock()
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._signature = self._stat_signature()
 
     @classmethod
-    def load(cls, directory: Path, *,
+    def load(cls, directory: Path, **options: Any) -> PolicyStore:
+        """Load and test the policy in ``directory``; PolicyError if it is not valid.
+
+        ``options`` are those of :meth:`open`.
+        """
+        return cls.open(DirectorySource(Path(directory)), **options)
+
+    @classmethod
+    def open(cls, source: Source, *,
              on_reload: Callable[[ReloadResult], None] | None = None,
              shadow: Path | None = None,
-             on_shadow_summary: Callable[[dict[str, object]], None] | None = None,
+             on_shadow_summary: Callable[[ShadowSummary], object] | None = None,
              shadow_summary_interval: float = 60.0) -> PolicyStore:
-        """Load and test the policy in ``directory``; PolicyError if it is not valid.
+        """Read, compile and test the policy of ``source``; PolicyError if it is not valid,
+        another GatewayError (e.g. ``DatabaseUnavailable``) if the source cannot be read:
+        the gateway does not start without a verified policy.
 
         ``shadow``: a candidate policy directory to decide beside it from the start (see
         :meth:`load_shadow`); ``on_shadow_summary`` receives the aggregated disagreements for
         the audit log (see :mod:`gateway.policy._shadow`).
         """
-        snapshot = compile_directory(Path(directory), beside_traffic=True)
-        store = cls(Path(directory), snapshot, on_reload, on_shadow_summary=on_shadow_summary,
+        bundle = source.read()
+        snapshot = compile_bundle(bundle, beside_traffic=True)
+        store = cls(source, snapshot, on_reload, on_shadow_summary=on_shadow_summary,
                     shadow_summary_interval=shadow_summary_interval)
+        store._seen = bundle.key
         store.configured_shadow = shadow
         if shadow is not None:
             store.load_shadow(shadow)
@@ -207,23 +343,35 @@ class PolicyStore:
 
     # --- reload -------------------------------------------------------------------------
 
-    def reload(self, reason: str = "") -> ReloadResult:
-        """Parse, validate, compile and test the directory; install it only if all pass.
+    def reload(self, reason: str = "", *, if_changed: bool = False) -> ReloadResult | None:
+        """Read, parse, validate, compile and test the source; install it only if all pass.
 
         Never raises for a bad policy: the result says why it was rejected, the last good
-        policy stays live, and ``on_reload`` hears about every attempt.
+        policy stays live, and ``on_reload`` hears about every attempt. ``if_changed`` (a
+        source's watcher): return None, recording nothing, when the source holds the bundle
+        last compiled (installed or refused), and let an unreadable source's error
+        propagate (the watcher reports and retries; it is not a policy change).
         """
         with self._reload_lock:
             started = time.perf_counter()
             old = self._live
-            self._signature = self._stat_signature()
             new_digest = ""
             try:
-                files = read_directory(self.directory)
-                new_digest = digest_files(files)  # of exactly the bytes compiled
-                snapshot = compile_directory(self.directory, beside_traffic=True, files=files)
+                bundle = self.source.read()
+                if bundle.label:
+                    reason = f"{reason or 'reload'}: {bundle.label}"
+                if if_changed and bundle.key == self._seen:
+                    return None
+                self._seen = bundle.key
+                new_digest = bundle.digest  # of exactly the bytes compiled
+                snapshot = compile_bundle(bundle, beside_traffic=True)
             except PolicyError as err:
                 result = ReloadResult(False, old.digest, new_digest, err.diagnostics(), reason,
+                                      time.perf_counter() - started)
+            except GatewayError as err:  # the source itself is unreadable (database down)
+                if if_changed:
+                    raise
+                result = ReloadResult(False, old.digest, new_digest, str(err), reason,
                                       time.perf_counter() - started)
             except Exception as err:  # never let a reload take the watcher or server down
                 log.exception("policy reload failed unexpectedly")
@@ -249,28 +397,20 @@ class PolicyStore:
                 _retire(old)  # after the callback: the audit record need not wait for this
             return result
 
-    def _stat_signature(self) -> tuple:
-        paths = [self.directory / MODEL_FILE, self.directory / POLICY_FILE,
-                 *case_files(self.directory)]
-        out = []
-        for path in paths:
-            try:
-                st = path.stat()
-                out.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                out.append((str(path), None))
-        return tuple(out)
+    def source_status(self) -> tuple[bool, str]:
+        """(reachable, last error) of the policy source; the live policy stays in force
+        while it is unreachable (it was verified when installed)."""
+        return self.source.status()
 
     def start_watching(self, interval: float = 1.0) -> None:
-        """Poll the policy files every ``interval`` seconds and reload when they change."""
+        """Watch the source (files: poll every ``interval`` s; PostgreSQL: LISTEN/NOTIFY,
+        polling every ``interval`` s as a backstop) and reload when it changes."""
         if self._watcher is not None:
             return
         self._watch_stop.clear()
 
         def watch() -> None:
-            while not self._watch_stop.wait(interval):
-                if self._stat_signature() != self._signature:
-                    self.reload("file change")
+            self.source.watch(self._watch_stop, interval, self.reload)
 
         self._watcher = threading.Thread(target=watch, name="policy-watch", daemon=True)
         self._watcher.start()
@@ -283,6 +423,11 @@ class PolicyStore:
         self._watch_stop.set()
         watcher.join()
         self._watcher = None
+
+    def close(self) -> None:
+        """Stop watching and release the source's connections."""
+        self.stop_watching()
+        self.source.close()
 
     # --- shadow mode --------------------------------------------------------------------
 
@@ -307,7 +452,7 @@ class PolicyStore:
                  self._live.digest[:12])
         return snapshot.digest
 
-    def clear_shadow(self) -> dict[str, object] | None:
+    def clear_shadow(self) -> ShadowSummary | None:
         """Stop shadow evaluation; returns the final summary (None: there was no shadow)."""
         with self._reload_lock:
             previous, self._shadow = self._shadow, None
@@ -321,7 +466,7 @@ class PolicyStore:
         _retire(previous.snapshot)
         return summary
 
-    def shadow_stats(self) -> dict[str, object] | None:
+    def shadow_stats(self) -> ShadowSamples | None:
         """Counts of decisions and disagreements with the shadow policy (None: no shadow)."""
         shadow = self._shadow
         if shadow is None:
@@ -329,7 +474,7 @@ class PolicyStore:
         return {**shadow.stats(), "live_digest": self._live.digest,
                 "samples": shadow.requests()[:100]}
 
-    def shadow_report(self) -> dict[str, object] | None:
+    def shadow_report(self) -> ShadowReport | None:
         """Totals, disagreements by rule pair and by request (None: no shadow)."""
         shadow = self._shadow
         if shadow is None:
@@ -343,11 +488,11 @@ class PolicyStore:
         return self._shadow
 
     def _summarise(self, shadow: Shadow, *, final: bool, force: bool = False
-                   ) -> dict[str, object]:
+                   ) -> ShadowSummary:
         summary = shadow.summary(self._live.digest, final)
         if self._on_shadow_summary is not None and (
                 force or final or shadow.disagreements > shadow.reported):
-            shadow.reported = int(summary["disagreements"])
+            shadow.reported = summary["disagreements"]
             try:
                 self._on_shadow_summary(summary)
             except Exception:
@@ -369,3 +514,36 @@ class PolicyStore:
 
         self._summarizer = threading.Thread(target=loop, name="shadow-summary", daemon=True)
         self._summarizer.start()
+
+
+def open_source(kind: str, directory: Path, dsn: str = "", *, name: str = "") -> Source:
+    """The policy source a configuration names: ``files`` (``directory``) or ``postgresql``
+    (``dsn``, else ``$GATEWAY_DSN``; ``name`` labels its connections in pg_stat_activity)."""
+    if kind == "files":
+        return DirectorySource(directory)
+    if kind == "postgresql":
+        from gateway.db import resolve_dsn
+        from gateway.policy.postgres import PostgresSource
+
+        return PostgresSource(resolve_dsn(dsn), name=name or "gateway-policy")
+    raise PolicyError(f"unknown policy source {kind!r}; known: files, postgresql")
+
+
+class SourceCollector:
+    """Prometheus collector of a store's source health (register it on a registry)."""
+
+    def __init__(self, store: PolicyStore) -> None:
+        self._store = store
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        up, _ = self._store.source_status()
+        gauge = GaugeMetricFamily("gateway_policy_source_up", "1 while the policy source (files "
+                                  "or PostgreSQL) can be read; at 0 the installed policy stays "
+                                  "live and changes wait until it is back.", labels=["source"])
+        gauge.add_metric([self._store.source.kind], 1 if up else 0)
+        yield gauge

@@ -36,8 +36,14 @@ from gateway.errors import GatewayError
 from gateway.explain import ExplainBudgets
 from gateway.identity import IdentityVerifier, https_client_auth, server_credentials
 from gateway.models import ModelRepository
-from gateway.monitor import MetricsServer
-from gateway.policy import PolicyStore, ReloadResult, ShadowCollector
+from gateway.monitor import MetricsServer, Monitor
+from gateway.policy import (
+    PolicyStore,
+    ReloadResult,
+    ShadowCollector,
+    SourceCollector,
+    open_source,
+)
 from gateway.server._admin import AdminServicer
 from gateway.server._audit import AuditServicer
 from gateway.server._explain import ExplainServicer
@@ -52,6 +58,8 @@ __all__ = ["RECEIPT_INDEX", "RECEIPT_LEAF", "Gateway", "Guard"]
 log = logging.getLogger(__name__)
 
 _OIP_SERVICE = "inference.GRPCInferenceService"
+#: Health service name reporting whether the policy source (files or PostgreSQL) is readable.
+POLICY_SOURCE_SERVICE = "gateway.policy.source"
 #: Seconds between health re-evaluations (state changes are also pushed immediately).
 _HEALTH_INTERVAL = 0.5
 
@@ -67,7 +75,7 @@ class Gateway:
         self._done = threading.Event()
         self._stop_lock = threading.Lock()
         self._server: grpc.Server | None = None
-        self._health_status: int | None = None
+        self._health_status: tuple[int, int] | None = None
         self.port = 0
 
     @classmethod
@@ -86,8 +94,10 @@ class Gateway:
         config = self.config
         # Audit first: nothing may be served, or even refused, unrecorded.
         self.audit = AuditLog.open(config.audit, instance_id=self.instance_id)
-        self.policy = PolicyStore.load(
-            config.policy.directory, on_reload=self._audit_reload, shadow=config.policy.shadow,
+        source = open_source(config.policy.source, config.policy.directory, config.policy.dsn,
+                             name=f"gateway-policy {self.instance_id}")
+        self.policy = PolicyStore.open(
+            source, on_reload=self._audit_reload, shadow=config.policy.shadow,
             on_shadow_summary=lambda fields: self.audit.append("policy_shadow", fields),
             shadow_summary_interval=config.policy.shadow_summary_interval)
         self.verifier = IdentityVerifier(config.tls.trust_domains, config.tls.cn_issuers,
@@ -95,6 +105,7 @@ class Gateway:
         self.monitor = _monitor(config)
         self.audit.observe_commits(self.monitor.observe_audit_commit)
         self.monitor.metrics.registry.register(ShadowCollector(lambda: self.policy.shadow))
+        self.monitor.metrics.registry.register(SourceCollector(self.policy))
         options, verify, scan, decrypt = model_pipeline(config)
         self.models = ModelRepository(
             config.models.repository, session_options=options, verify=verify, scan=scan,
@@ -109,7 +120,7 @@ class Gateway:
 
         server = grpc.server(
             pool,
-            interceptors=(BoundedReads(self.guard),),
+            interceptors=[BoundedReads(self.guard)],
             options=[
                 ("grpc.max_receive_message_length", config.server.max_message_bytes),
                 ("grpc.max_send_message_length", config.server.max_message_bytes),
@@ -165,7 +176,10 @@ class Gateway:
                 tls=https_client_auth(tls.cert, tls.key, tls.ca))
             address = self._metrics_server.address
         else:
-            address = monitor.start_http()
+            started = monitor.start_http()
+            if started is None:  # metrics_listen is set (checked above): it always starts
+                return None
+            address = started
         scheme = "https" if self._metrics_server is not None else "http"
         self.metrics_url = f"{scheme}://{address[0]}:{address[1]}/metrics"
         return address
@@ -186,13 +200,19 @@ class Gateway:
         return bool(self.audit.healthy) and not self._stopped.is_set()
 
     def _update_health(self) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if self.ready()
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        if status == self._health_status:
+        serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                                health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = serving if self.ready() else not_serving
+        # The policy source alone: while it is lost the installed policy stays in force (the
+        # gateway serves), but a new version cannot arrive; monitors watch this service name.
+        source = serving if status == serving and self.policy.source_status()[0] \
+            else not_serving
+        if (status, source) == self._health_status:
             return  # set() messages every watcher, changed or not
-        self._health_status = status
+        self._health_status = (status, source)
         self.health.set("", status)
         self.health.set(_OIP_SERVICE, status)
+        self.health.set(POLICY_SOURCE_SERVICE, source)
 
     def _health_loop(self) -> None:
         while not self._stopped.wait(_HEALTH_INTERVAL):
@@ -256,7 +276,7 @@ class Gateway:
             self.health.enter_graceful_shutdown()
             if self._server is not None:
                 self._server.stop(grace).wait()
-            self.policy.stop_watching()
+            self.policy.close()
             self.policy.clear_shadow()  # its final summary goes into the log before it closes
             self.monitor.flush()  # what was queued still gets scored ...
             self._record_alerts()  # ... and its alerts recorded, before the log closes
@@ -281,9 +301,7 @@ def _loopback(listen: str) -> bool:
         return False
 
 
-def _monitor(config: GatewayConfig):
-    from gateway.monitor import Monitor
-
+def _monitor(config: GatewayConfig) -> Monitor:
     return Monitor(config.monitor)
 
 

@@ -15,7 +15,7 @@ import grpc
 from gateway._proto.gateway.v1 import admin_pb2 as pb
 from gateway._proto.gateway.v1 import admin_pb2_grpc as pb_grpc
 from gateway.errors import ConfigError, InvalidRequest, ModelUnavailable
-from gateway.models import REFUSED
+from gateway.models import REFUSED, ModelEntry
 from gateway.policy import PolicyError
 from gateway.server._guard import Guard
 
@@ -32,7 +32,8 @@ class AdminServicer(pb_grpc.ModelAdminServicer, pb_grpc.PolicyAdminServicer):
 
     # -- models -----------------------------------------------------------------------------
 
-    def LoadModel(self, request, context):
+    def LoadModel(self, request: pb.LoadModelRequest,
+                  context: grpc.ServicerContext) -> pb.ModelStatus:
         with self._guard.call(context, rpc="LoadModel", action="model.load",
                               model=request.name, version=request.version, must_exist=False):
             entry = self._guard.models.load(request.name, _version(request.version))
@@ -41,12 +42,14 @@ class AdminServicer(pb_grpc.ModelAdminServicer, pb_grpc.PolicyAdminServicer):
                                        f"refused: {entry.reason}")
             return _status(entry)
 
-    def UnloadModel(self, request, context):
+    def UnloadModel(self, request: pb.UnloadModelRequest,
+                    context: grpc.ServicerContext) -> pb.ModelStatus:
         with self._guard.call(context, rpc="UnloadModel", action="model.unload",
                               model=request.name, version=request.version):
             return _status(self._guard.models.unload(request.name, _version(request.version)))
 
-    def ListModels(self, request, context):
+    def ListModels(self, request: pb.ListModelsRequest,
+                   context: grpc.ServicerContext) -> pb.ListModelsResponse:
         # Listing reveals model names, so it needs metadata access to every model ("*").
         with self._guard.call(context, rpc="ListModels", action="metadata", model=""):
             return pb.ListModelsResponse(models=[_status(e) for e in
@@ -54,16 +57,19 @@ class AdminServicer(pb_grpc.ModelAdminServicer, pb_grpc.PolicyAdminServicer):
 
     # -- policy -----------------------------------------------------------------------------
 
-    def ReloadPolicy(self, request, context):
+    def ReloadPolicy(self, request: pb.ReloadPolicyRequest,
+                     context: grpc.ServicerContext) -> pb.ReloadPolicyResponse:
         with self._guard.call(context, rpc="ReloadPolicy", action="policy.load") as call:
             result = self._guard.policy.reload("admin RPC")
+            assert result is not None  # only a watcher's if_changed reload returns None
             call.fields["policy_reload"] = {"accepted": result.accepted,
                                             "new_digest": result.new_digest}
             return pb.ReloadPolicyResponse(accepted=result.accepted,
                                            old_digest=result.old_digest,
                                            new_digest=result.new_digest, error=result.error)
 
-    def GetPolicy(self, request, context):
+    def GetPolicy(self, request: pb.GetPolicyRequest,
+                  context: grpc.ServicerContext) -> pb.GetPolicyResponse:
         with self._guard.call(context, rpc="GetPolicy", action="policy.read"):
             store = self._guard.policy
             files = store.files()
@@ -74,15 +80,17 @@ class AdminServicer(pb_grpc.ModelAdminServicer, pb_grpc.PolicyAdminServicer):
 
     # -- shadow mode ------------------------------------------------------------------------
 
-    def SetShadowPolicy(self, request, context):
+    def SetShadowPolicy(self, request: pb.SetShadowPolicyRequest,
+                        context: grpc.ServicerContext) -> pb.ShadowPolicyStatus:
         with self._guard.call(context, rpc="SetShadowPolicy", action="policy.load") as call:
             store = self._guard.policy
             if request.clear:
-                final = store.clear_shadow() or {}
+                final = store.clear_shadow()
                 call.fields["policy_shadow"] = {"cleared": True}
-                return pb.ShadowPolicyStatus(active=False, live_digest=store.digest,
-                                             decisions=int(final.get("decisions", 0)),
-                                             disagreements=int(final.get("disagreements", 0)))
+                return pb.ShadowPolicyStatus(
+                    active=False, live_digest=store.digest,
+                    decisions=final["decisions"] if final else 0,
+                    disagreements=final["disagreements"] if final else 0)
             directory = request.directory or store.configured_shadow
             if not directory:
                 raise InvalidRequest("no shadow directory given and none configured "
@@ -96,7 +104,8 @@ class AdminServicer(pb_grpc.ModelAdminServicer, pb_grpc.PolicyAdminServicer):
             return pb.ShadowPolicyStatus(active=True, shadow_digest=digest,
                                          directory=str(directory), live_digest=store.digest)
 
-    def GetShadowReport(self, request, context):
+    def GetShadowReport(self, request: pb.GetShadowReportRequest,
+                        context: grpc.ServicerContext) -> pb.ShadowReport:
         with self._guard.call(context, rpc="GetShadowReport", action="policy.read"):
             report = self._guard.policy.shadow_report()
             if report is None:
@@ -116,7 +125,7 @@ def _version(version: str) -> str:
     return version
 
 
-def _status(entry) -> pb.ModelStatus:
+def _status(entry: ModelEntry) -> pb.ModelStatus:
     model = entry.model
     return pb.ModelStatus(name=entry.name, version=entry.version, state=entry.state,
                           reason=entry.reason, digest=model.digest if model else "")

@@ -23,10 +23,13 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Literal, NoReturn, TypeVar
 
 import grpc
 
+from gateway.audit import AuditLog
 from gateway.config import ServerSettings
 from gateway.errors import (
     AuditUnavailable,
@@ -39,8 +42,10 @@ from gateway.errors import (
     StreamEnded,
     Unauthenticated,
 )
-from gateway.models import LOADED, LoadedModel, ModelEntry
-from gateway.policy import GATEWAY_OBJECT
+from gateway.identity import Identity, IdentityVerifier
+from gateway.models import LOADED, LoadedModel, ModelEntry, ModelRepository
+from gateway.monitor import Monitor
+from gateway.policy import GATEWAY_OBJECT, Decision, PolicyStore
 from gateway.server._limits import Limits, Stream
 
 log = logging.getLogger(__name__)
@@ -65,12 +70,14 @@ UNKNOWN_MODEL = "(unknown)"
 # a thread hand-off on a busy server; ids need uniqueness, not unpredictability.
 _ID_PREFIX = secrets.token_hex(8)
 _id_counter = itertools.count(1)
+Message = TypeVar("Message")
 
 
 class Guard:
     """Identity, policy and audit for every handler, wired once at server start."""
 
-    def __init__(self, *, verifier, policy, models, audit, monitor,
+    def __init__(self, *, verifier: IdentityVerifier, policy: PolicyStore,
+                 models: ModelRepository, audit: AuditLog, monitor: Monitor,
                  limits: Limits | None = None) -> None:
         self.verifier = verifier
         self.policy = policy
@@ -97,7 +104,7 @@ class Guard:
                     request_attributes or {}, must_exist, stream, summarise, strings)
 
     def refuse(self, context: grpc.ServicerContext, rpc: str, error: GatewayError,
-               reason: str) -> None:
+               reason: str) -> NoReturn:
         """Refuse a call before its handler runs (audited or, over the caller's refusal
         rate, counted); always ends by aborting the call."""
         call = Call(self, context, rpc, None, "", "", "", {}, True, "", False, ())
@@ -136,8 +143,8 @@ class Call:
         self.model_name = model
         self.version = version
         self.request_id = request_id or f"{_ID_PREFIX}-{next(_id_counter):08x}"
-        self.identity = None
-        self.decision = None
+        self.identity: Identity | None = None
+        self.decision: Decision | None = None
         self.entry: ModelEntry | None = None
         self.timings: dict[str, int] = {}
         #: Extra audit fields a handler adds (payload digest, cost, ...).
@@ -170,22 +177,22 @@ class Call:
         guard = self._guard
         invalid = self._check_strings()
         try:
-            self.identity = guard.verifier.authenticate(self._context)
+            identity = self.identity = guard.verifier.authenticate(self._context)
         except Unauthenticated as err:
             self._refuse(invalid or err, "invalid-argument" if invalid else "unauthenticated")
         if invalid is not None:
             self._refuse(invalid, "invalid-argument")
         limits = guard.limits
         if not self._stream_kind:
-            if not limits.enter_call(self.identity.id):
+            if not limits.enter_call(identity.id):
                 self._refuse(QuotaExceeded(
-                    f"too many calls in progress for {self.identity.id} (at most "
+                    f"too many calls in progress for {identity.id} (at most "
                     f"{limits.settings.max_calls_per_identity} at once)"), "concurrency")
             self._holding = True
         if self.action is None:
             self._open_stream()
             self.timings["decision"] = _us_since(self._t0)
-            if self._summarise and not limits.first_in_window(self.identity.id, self.rpc):
+            if self._summarise and not limits.first_in_window(identity.id, self.rpc):
                 return self  # counted on exit, not recorded one by one
             self._summarise = False
             guard.audit.announce()  # this call will append one record: let group commit wait
@@ -193,13 +200,13 @@ class Call:
         monitor = guard.monitor
         if self.action in METERED_ACTIONS:
             try:
-                monitor.admit(self.identity.id, guard.policy.snapshot.roles_of(self.identity.id))
+                monitor.admit(identity.id, guard.policy.snapshot.roles_of(identity.id))
             except QuotaExceeded as err:
                 self._refuse(err, "quota")
         if self.model_name:
             self.entry = guard.models.entry(self.model_name, self.version)
         self._attributes = self._base_attributes()
-        decision = guard.policy.decide(self.identity.id, self.model_name, self.action,
+        decision = guard.policy.decide(identity.id, self.model_name, self.action,
                                        self._attributes)
         self.decision = decision
         self.timings["decision"] = _us_since(self._t0)
@@ -239,7 +246,7 @@ class Call:
     def _open_stream(self) -> None:
         if not self._stream_kind:
             return
-        self.stream = self._guard.limits.open_stream(self.identity.id, self._context,
+        self.stream = self._guard.limits.open_stream(self._caller().id, self._context,
                                                      idle=self._stream_kind == "bidi")
         if self.stream is None:
             settings = self._guard.limits.settings
@@ -247,13 +254,14 @@ class Call:
                 f"too many streams open (at most {settings.max_streams_per_identity} per "
                 f"identity and {settings.max_streams} in all)"), "concurrency")
 
-    def requests(self, iterator):  # type: ignore[no-untyped-def]
+    def requests(self, iterator: Iterable[Message]) -> Iterator[Message]:
         """The caller's stream of messages; each one resets the stream's idle time.
 
         When the stream ends early (cut by its idle or total limit, or cancelled by the
         caller) this raises :class:`StreamEnded`, so the call's record says why.
         """
         stream = self.stream
+        assert stream is not None, "requests() is for calls opened with stream="
         try:
             for message in iterator:
                 stream.touch()
@@ -268,7 +276,7 @@ class Call:
                 if stream.ended == "idle" else
                 f"stream open for {limits.stream_max_seconds:g} s; ended")
 
-    def _refuse(self, error: GatewayError, reason: str) -> None:
+    def _refuse(self, error: GatewayError, reason: str) -> NoReturn:
         """Refuse the call: recorded, or beyond the caller's refusal rate only counted."""
         guard = self._guard
         identity = self.identity
@@ -288,7 +296,7 @@ class Call:
     def _release(self) -> None:
         if self._holding:
             self._holding = False
-            self._guard.limits.exit_call(self.identity.id)
+            self._guard.limits.exit_call(self._caller().id)
 
     def authorize_with(self, attributes: Mapping[str, object]) -> None:
         """Ask policy again with attributes known only after decoding (anomaly scores).
@@ -296,8 +304,9 @@ class Call:
         The first decision, before any tensor was decoded, stands for everything else; this
         one can only turn an allow into a deny (PERMISSION_DENIED, audited as ``anomaly``).
         """
+        assert self.action is not None, "server-level calls have nothing more to decide"
         self._attributes.update(attributes)
-        decision = self._guard.policy.decide(self.identity.id, self.model_name, self.action,
+        decision = self._guard.policy.decide(self._caller().id, self.model_name, self.action,
                                              self._attributes)
         self.decision = decision
         if not decision.allowed:
@@ -311,7 +320,7 @@ class Call:
         return f"permission denied: {self.action}{target}"
 
     def _base_attributes(self) -> dict[str, object]:
-        attributes = dict(self.identity.attributes())
+        attributes: dict[str, object] = dict(self._caller().attributes())
         entry = self.entry
         if entry is not None and entry.model is not None:
             attributes.update(entry.model.attributes)
@@ -323,6 +332,11 @@ class Call:
         attributes["request.hour"] = time.gmtime(now).tm_hour
         attributes.update(self._request_attributes)
         return attributes
+
+    def _caller(self) -> Identity:
+        """The authenticated caller: set on enter before anything that needs it runs."""
+        assert self.identity is not None, "the call was not admitted"
+        return self.identity
 
     # -- the handler's view -----------------------------------------------------------------
 
@@ -338,7 +352,8 @@ class Call:
 
     # -- exit: audit, then the response ----------------------------------------------------
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
         if exc is None and self._summarise:
             self._summarised()
             return False
@@ -387,7 +402,7 @@ class Call:
         """A call only counted into its summary (health probes after the interval's first)."""
         self.timings["total"] = _us_since(self._t0)
         self._release()
-        identity = self.identity
+        identity = self._caller()
         self._guard.limits.count(identity.id, identity.cert_sha256, self.rpc, "summarised",
                                  grpc.StatusCode.OK.name)
         self._observe("allow", grpc.StatusCode.OK)
@@ -405,25 +420,25 @@ class Call:
         monitor.observe_request(model, version, self.action or "server", decision,
                                 status.name, {k: v / 1e6 for k, v in self.timings.items()})
 
-    def _abort(self, status: grpc.StatusCode, message: str) -> None:
+    def _abort(self, status: grpc.StatusCode, message: str) -> NoReturn:
         try:
             self._context.abort(status, message)
         except Exception as aborted:  # grpc signals abort by raising; keep it recognisable
             raise _Finished() from aborted
 
-    def _refused_caller(self) -> dict | None:
+    def _refused_caller(self) -> dict[str, str | None] | None:
         """A caller without an identity: the SHA-256 of the certificate it presented, if any,
         so a refused certificate can still be named (None: it presented none)."""
         cert = self._guard.verifier.presented_sha256(self._context)
         return None if cert is None else {"id": None, "cert_sha256": cert, "issuer": None,
                                           "serial": None}
 
-    def _record(self, decision: str, reason: str, status: grpc.StatusCode) -> dict:
+    def _record(self, decision: str, reason: str, status: grpc.StatusCode) -> dict[str, object]:
         identity = self.identity
         entry = self.entry
         model = entry.model if entry is not None else None
         policy = self.decision
-        record = {
+        record: dict[str, object] = {
             "caller": self._refused_caller() if identity is None else {
                 "id": identity.id, "cert_sha256": identity.cert_sha256,
                 "issuer": identity.issuer, "serial": identity.serial,

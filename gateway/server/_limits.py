@@ -45,12 +45,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import grpc
 
 from gateway.config import ServerSettings
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
+Key = TypeVar("Key")
 
 #: Keys (identities, certificates) each table tracks; the least recently seen go first.
 MAX_KEYS = 4096
@@ -71,11 +75,11 @@ class WorkerPool(ThreadPoolExecutor):
         #: Calls submitted and not yet started.
         self.waiting = 0
 
-    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[no-untyped-def]
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         with self._count_lock:
             self.waiting += 1
 
-        def run():  # type: ignore[no-untyped-def]
+        def run() -> T:
             with self._count_lock:
                 self.waiting -= 1
             return fn(*args, **kwargs)
@@ -118,10 +122,13 @@ class Stream:
 class PendingRead(Stream):
     """A unary call waiting for its request message; ``release`` once it has arrived."""
 
-    __slots__ = ("slow",)
+    __slots__ = ("cert", "slow")
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(*args, **kwargs)
+    def __init__(self, limits: Limits, context: grpc.ServicerContext, now: float,
+                 seconds: float) -> None:
+        super().__init__(limits, "", context, now, False, seconds)
+        #: The client certificate's key (``Limits.peer_key``), read at the grace deadline.
+        self.cert = b""
         #: Past the grace period and counted against its certificate.
         self.slow = False
 
@@ -214,7 +221,7 @@ class Limits:
         now = self.clock()
         if self._stalled and self._stalling(self.peer_key(context), now):
             return None
-        read = PendingRead(self, b"", context, now, False, _READ_GRACE_S)
+        read = PendingRead(self, context, now, _READ_GRACE_S)
         with self._lock:
             self._schedule(read, now)
             self._start_watchdog()
@@ -234,18 +241,18 @@ class Limits:
         """With the lock held, at the grace deadline: keep ``read`` waiting (True) or not."""
         s = self.settings
         try:
-            read.key = self.peer_key(read.context)
+            read.cert = self.peer_key(read.context)
         except Exception:  # a call gone meanwhile: nothing to keep waiting
             return False
-        held = self._reads.get(read.key, 0)
+        held = self._reads.get(read.cert, 0)
         if held >= s.max_pending_requests_per_certificate or \
                 self._reading >= max(1, s.workers // 2):
-            self._stalled[read.key] = now + s.request_timeout_seconds
-            self._stalled.move_to_end(read.key)
+            self._stalled[read.cert] = now + s.request_timeout_seconds
+            self._stalled.move_to_end(read.cert)
             if len(self._stalled) > MAX_KEYS:
                 self._stalled.popitem(last=False)
             return False
-        self._reads[read.key] = held + 1
+        self._reads[read.cert] = held + 1
         self._reading += 1
         read.slow = True
         read.deadline = read.last + s.request_timeout_seconds
@@ -260,7 +267,7 @@ class Limits:
             if not read.slow:
                 return
             self._reading -= 1
-            _decrement(self._reads, read.key)
+            _decrement(self._reads, read.cert)
 
     def _start_watchdog(self) -> None:
         """With the lock held: the watchdog thread runs from the first slot on."""
@@ -392,7 +399,7 @@ class Limits:
         return out
 
 
-def _decrement(counts: dict, key) -> None:  # type: ignore[type-arg]
+def _decrement(counts: dict[Key, int], key: Key) -> None:
     """One fewer for ``key``; a count that reaches 0 leaves the table (it stays bounded)."""
     held = counts.get(key, 0) - 1
     if held > 0:

@@ -13,10 +13,18 @@ rate-limited).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
 import grpc
 
 from gateway.errors import InvalidRequest, QuotaExceeded, StreamEnded
 from gateway.server._guard import Guard
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+#: ``first(requests, context)``: a call's one request message, taken from its stream.
+First = Callable[[Iterator[Request], grpc.ServicerContext], Request]
 
 
 class BoundedReads(grpc.ServerInterceptor):
@@ -26,9 +34,14 @@ class BoundedReads(grpc.ServerInterceptor):
     def __init__(self, guard: Guard) -> None:
         self._guard = guard
         # Method handlers are registered once; their wrapped twins are made once each.
-        self._wrapped: dict[int, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[int, grpc.RpcMethodHandler[Any, Any]] = {}
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails],
+                               grpc.RpcMethodHandler[Request, Response] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Request, Response] | None:
         handler = continuation(handler_call_details)
         if handler is None or handler.request_streaming:
             return handler
@@ -38,34 +51,33 @@ class BoundedReads(grpc.ServerInterceptor):
                                                               handler_call_details.method)
         return wrapped
 
-    def _wrap(self, handler, method: str) -> grpc.RpcMethodHandler:  # type: ignore[no-untyped-def]
+    def _wrap(self, handler: grpc.RpcMethodHandler[Request, Response],
+              method: str) -> grpc.RpcMethodHandler[Request, Response]:
         """The stream-request twin of a unary-request ``handler``."""
-        first = self._first_message(method.rsplit("/", 1)[-1])
-        codec = {"request_deserializer": handler.request_deserializer,
-                 "response_serializer": handler.response_serializer}
+        first: First[Request] = self._first_message(method.rsplit("/", 1)[-1])
+        decode, encode = handler.request_deserializer, handler.response_serializer
         if not handler.response_streaming:
-            behavior = handler.unary_unary
+            unary = handler.unary_unary
+            assert unary is not None  # a unary-unary handler has its behaviour
             return grpc.stream_unary_rpc_method_handler(
-                lambda requests, context: behavior(first(requests, context), context), **codec)
+                lambda requests, context: unary(first(requests, context), context),
+                decode, encode)
         behavior = handler.unary_stream
+        assert behavior is not None  # a unary-stream handler has its behaviour
         if getattr(behavior, "experimental_non_blocking", False):
             # Health Watch answers from other threads: keep it holding no worker.
-            def watch(requests, context, send_response_callback=None):  # type: ignore[no-untyped-def]
-                return behavior(first(requests, context), context, send_response_callback)
-
-            watch.experimental_non_blocking = True
-            watch.experimental_thread_pool = getattr(behavior, "experimental_thread_pool",
-                                                     None)
-            return grpc.stream_stream_rpc_method_handler(watch, **codec)
+            return grpc.stream_stream_rpc_method_handler(_NonBlocking(behavior, first),
+                                                         decode, encode)
         return grpc.stream_stream_rpc_method_handler(
-            lambda requests, context: behavior(first(requests, context), context), **codec)
+            lambda requests, context: behavior(first(requests, context), context),
+            decode, encode)
 
-    def _first_message(self, rpc: str):  # type: ignore[no-untyped-def]
+    def _first_message(self, rpc: str) -> First[Any]:
         """``first(requests, context)``: the call's one request, waited for under watch."""
         guard = self._guard
         limits = guard.limits
 
-        def first(requests, context):  # type: ignore[no-untyped-def]
+        def first(requests: Iterator[Request], context: grpc.ServicerContext) -> Request:
             read = limits.start_read(context)
             if read is None:
                 guard.refuse(context, rpc, QuotaExceeded(
@@ -88,3 +100,21 @@ class BoundedReads(grpc.ServerInterceptor):
             return request
 
         return first
+
+
+class _NonBlocking:
+    """A non-blocking unary-stream behaviour (Health Watch) served from a request stream.
+
+    gRPC reads ``experimental_non_blocking`` and ``experimental_thread_pool`` off the
+    behaviour object itself, so the wrapper carries them over.
+    """
+
+    def __init__(self, behavior: Callable[..., object], first: First[Any]) -> None:
+        self._behavior = behavior
+        self._first = first
+        self.experimental_non_blocking = True
+        self.experimental_thread_pool = getattr(behavior, "experimental_thread_pool", None)
+
+    def __call__(self, requests: Iterator[object], context: grpc.ServicerContext,
+                 send_response_callback: Callable[[object], None] | None = None) -> object:
+        return self._behavior(self._first(requests, context), context, send_response_callback)

@@ -17,8 +17,12 @@ is audited:
 
 from __future__ import annotations
 
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from collections.abc import Callable, Iterable, Iterator
+from typing import overload
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from gateway.server._guard import Guard
 
@@ -30,14 +34,24 @@ class GuardedHealth(health.HealthServicer):
         super().__init__()
         self._guard = guard
 
-    def add_to_server(self, server) -> None:  # type: ignore[no-untyped-def]
+    def add_to_server(self, server: grpc.Server) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self, server)
 
-    def Check(self, request, context):
+    def Check(self, request: health_pb2.HealthCheckRequest,
+              context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
         with self._guard.call(context, rpc="HealthCheck", action=None, summarise=True):
             return super().Check(request, context)
 
-    def Watch(self, request, context, send_response_callback=None):
+    @overload
+    def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext,
+              send_response_callback: None = None) -> health._Watcher: ...
+    @overload
+    def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext,
+              send_response_callback: Callable[..., object]) -> None: ...
+
+    def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext,
+              send_response_callback: Callable[..., object] | None = None
+              ) -> health._Watcher | None:
         with self._guard.call(context, rpc="HealthWatch", action=None, stream="server"):
             return super().Watch(request, context, send_response_callback)
 
@@ -45,14 +59,18 @@ class GuardedHealth(health.HealthServicer):
 class GuardedReflection(reflection.ReflectionServicer):
     """Server reflection for callers the policy grants ``reflect``."""
 
-    def __init__(self, guard: Guard, service_names) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, guard: Guard, service_names: Iterable[str]) -> None:
         super().__init__(service_names)
         self._guard = guard
 
-    def add_to_server(self, server) -> None:  # type: ignore[no-untyped-def]
+    def add_to_server(self, server: grpc.Server) -> None:
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(self, server)
 
-    def ServerReflectionInfo(self, request_iterator, context):
+    def ServerReflectionInfo(
+            self, request_iterator: Iterable[reflection_pb2.ServerReflectionRequest],
+            # The stub also admits grpc.aio contexts; this servicer runs on the threaded server.
+            context: grpc.ServicerContext,  # type: ignore[override]
+    ) -> Iterator[reflection_pb2.ServerReflectionResponse]:
         with self._guard.call(context, rpc="ServerReflectionInfo", action="reflect",
                               stream="bidi") as call:
             yield from super().ServerReflectionInfo(call.requests(request_iterator), context)

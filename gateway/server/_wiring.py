@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import onnxruntime as ort
 
@@ -15,7 +16,22 @@ from gateway.config import GatewayConfig
 from gateway.errors import ModelUnavailable
 
 
-def model_pipeline(config: GatewayConfig) -> tuple[Callable[[], ort.SessionOptions], ...]:
+class ModelPipeline(NamedTuple):
+    """The steps :class:`~gateway.models.ModelRepository` runs, as its keyword arguments."""
+
+    #: A fresh ONNX Runtime session configuration per loaded model.
+    session_options: Callable[[], ort.SessionOptions]
+    #: (name, version, files, digests, model.sig bytes or None) -> (digest, signer, rule), or
+    #: None if unsigned and allowed to be.
+    verify: Callable[[str, str, dict[str, bytes], dict[str, str], bytes | None],
+                     tuple[str, str, str] | None]
+    #: (version directory, files): raises ModelUnavailable if the admission scan refuses.
+    scan: Callable[[Path, dict[str, bytes]], None]
+    #: An encrypted model file's bytes -> the plain ONNX bytes.
+    decrypt: Callable[[bytes], bytes]
+
+
+def model_pipeline(config: GatewayConfig) -> ModelPipeline:
     """``(session_options, verify, scan, decrypt)`` for :class:`~gateway.models.ModelRepository`."""
     from gateway.models.encryption import decrypt_bytes, load_kek
     from gateway.models.scan import scan_model, session_options
@@ -42,4 +58,4 @@ def model_pipeline(config: GatewayConfig) -> tuple[Callable[[], ort.SessionOptio
                                    "configured ([signing] kek_file or kek_env)")
         return decrypt_bytes(blob, kek)
 
-    return options, verify, scan, decrypt
+    return ModelPipeline(options, verify, scan, decrypt)
