@@ -48,12 +48,14 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             raise InvalidRequest(f"the log signed no checkpoint of size {size}")
         return found, size
 
-    def GetCheckpoint(self, request, context):
+    def GetCheckpoint(self, request: audit_pb2.GetCheckpointRequest,
+                      context: grpc.ServicerContext) -> audit_pb2.Checkpoint:
         with self._guard.call(context, rpc="GetCheckpoint", action=_ACTION):
             note, size, root = self._latest()
             return audit_pb2.Checkpoint(signed_note=note.encode(), size=size, root_hash=root)
 
-    def GetEntries(self, request, context):
+    def GetEntries(self, request: audit_pb2.GetEntriesRequest,
+                   context: grpc.ServicerContext) -> audit_pb2.GetEntriesResponse:
         with self._guard.call(context, rpc="GetEntries", action=_ACTION):
             size = self._log.size
             start, end = request.start, request.end
@@ -63,7 +65,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             end = min(end, size, start + MAX_ENTRIES)
             return audit_pb2.GetEntriesResponse(entries=self._log.entries(start, end))
 
-    def GetInclusionProof(self, request, context):
+    def GetInclusionProof(self, request: audit_pb2.GetInclusionProofRequest,
+                          context: grpc.ServicerContext) -> audit_pb2.InclusionProof:
         with self._guard.call(context, rpc="GetInclusionProof", action=_ACTION):
             note, size = self._note_for(request.tree_size)
             if request.index >= size:
@@ -74,7 +77,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             return audit_pb2.InclusionProof(index=request.index, tree_size=size, hashes=path,
                                             signed_note=note.encode())
 
-    def GetConsistencyProof(self, request, context):
+    def GetConsistencyProof(self, request: audit_pb2.GetConsistencyProofRequest,
+                            context: grpc.ServicerContext) -> audit_pb2.ConsistencyProof:
         with self._guard.call(context, rpc="GetConsistencyProof", action=_ACTION):
             first, second = request.first_size, request.second_size
             path = self._log.consistency_proof(first, second)

@@ -88,7 +88,9 @@ class ExplainServicer(explain_pb2_grpc.ExplainerServicer):
         planned = planned_evaluations(method, m, request.samples)
         call.fields["explain"] = {"method": method, "features": m, "baseline": source,
                                   "output": output_name, "index": index}
-        caller = call.identity.id
+        identity = call.identity
+        assert identity is not None  # admitted: the guard authenticated the caller
+        caller = identity.id
         self._budgets.reserve(caller, planned)
 
         def run(rows: np.ndarray) -> np.ndarray:

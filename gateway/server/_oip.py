@@ -10,6 +10,7 @@ guard makes the audit record durable before the response leaves, returning its r
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 
 import grpc
 import numpy as np
@@ -18,6 +19,7 @@ from gateway import __version__
 from gateway._proto.inference import grpc_service_pb2 as pb
 from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from gateway.errors import InvalidRequest, ResponseTooLarge
+from gateway.identity import Identity
 from gateway.inference import (
     check_batch,
     decode_inputs,
@@ -36,7 +38,8 @@ PLATFORM = "onnxruntime_onnx"
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """OIP v2 over verified ONNX Runtime sessions; Triton's extension RPCs are absent."""
 
-    def __init__(self, guard: Guard, *, max_tensor_elements: int, ready=lambda: True,
+    def __init__(self, guard: Guard, *, max_tensor_elements: int,
+                 ready: Callable[[], bool] = lambda: True,
                  max_response_bytes: int = 0) -> None:
         self._guard = guard
         self._models = guard.models
@@ -48,28 +51,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- server-level: a valid certificate is enough -------------------------------------
 
-    def ServerLive(self, request, context):
+    def ServerLive(self, request: pb.ServerLiveRequest,
+                   context: grpc.ServicerContext) -> pb.ServerLiveResponse:
         with self._guard.call(context, rpc="ServerLive", action=None):
             return pb.ServerLiveResponse(live=True)
 
-    def ServerReady(self, request, context):
+    def ServerReady(self, request: pb.ServerReadyRequest,
+                    context: grpc.ServicerContext) -> pb.ServerReadyResponse:
         with self._guard.call(context, rpc="ServerReady", action=None):
             return pb.ServerReadyResponse(ready=self._ready())
 
-    def ServerMetadata(self, request, context):
+    def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                       context: grpc.ServicerContext) -> pb.ServerMetadataResponse:
         with self._guard.call(context, rpc="ServerMetadata", action=None):
             # No Triton extensions are offered, so none are advertised.
             return pb.ServerMetadataResponse(name="gateway", version=__version__)
 
     # -- model-level: policy decides -----------------------------------------------------
 
-    def ModelReady(self, request, context):
+    def ModelReady(self, request: pb.ModelReadyRequest,
+                   context: grpc.ServicerContext) -> pb.ModelReadyResponse:
         with self._guard.call(context, rpc="ModelReady", action="ready",
                               model=request.name, version=request.version) as call:
             entry = call.entry
             return pb.ModelReadyResponse(ready=entry is not None and entry.model is not None)
 
-    def ModelMetadata(self, request, context):
+    def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                      context: grpc.ServicerContext) -> pb.ModelMetadataResponse:
         with self._guard.call(context, rpc="ModelMetadata", action="metadata",
                               model=request.name, version=request.version) as call:
             model = call.model()
@@ -81,7 +89,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     target.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
             return response
 
-    def ModelInfer(self, request, context):
+    def ModelInfer(self, request: pb.ModelInferRequest,
+                   context: grpc.ServicerContext) -> pb.ModelInferResponse:
         batch, input_bytes, names = request_size(request)
         with self._guard.call(
             context, rpc="ModelInfer", action="infer",
@@ -108,7 +117,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             encode_outputs(response, results, outputs)
             return self._fits(response)
 
-    def _fits(self, response):
+    def _fits(self, response: pb.ModelInferResponse) -> pb.ModelInferResponse:
         """Refuse, ourselves and audited as such, a response gRPC would refuse to send.
 
         Past the server's ``max_send_message_length`` the transport would fail the call with
@@ -138,7 +147,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not self._guard.policy.references("anomaly."):
             return rows, False
         # The decision needs the scores: compute them now, then ask policy again.
-        call.authorize_with(monitor.score(_key(model), self._profile(model), call.identity.id,
+        call.authorize_with(monitor.score(_key(model), self._profile(model), _caller(call).id,
                                           rows))
         return rows, True
 
@@ -150,7 +159,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if y is not None:
                 monitor.observe_output(_key(model), y, self._profile(model))
         else:
-            monitor.score_later(_key(model), self._profile(model), call.identity.id, rows, y)
+            monitor.score_later(_key(model), self._profile(model), _caller(call).id, rows, y)
 
     def _batch_ties(self, model: LoadedModel) -> dict[str, str]:
         """Input name -> the ONNX name of its first dimension, for inputs that name it."""
@@ -170,7 +179,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._profiles[key] = verified_profile(model.extras)
         return self._profiles[key]
 
-    def _payload(self, request) -> dict[str, object]:
+    def _payload(self, request: pb.ModelInferRequest) -> dict[str, object]:
         """Keyed digest and size of the input bytes as sent (never the tensors themselves)."""
         if request.raw_input_contents:
             chunks = list(request.raw_input_contents)
@@ -195,12 +204,19 @@ def _feature_rows(arrays: list[np.ndarray]) -> np.ndarray | None:
     return np.concatenate([a.reshape(batch, -1).astype(np.float64) for a in arrays], axis=1)
 
 
+def _caller(call: Call) -> Identity:
+    """The call's authenticated caller (the guard admitted it before the handler ran)."""
+    assert call.identity is not None
+    return call.identity
+
+
 def _key(model: LoadedModel) -> str:
     # The monitor's model key; `gateway monitor` joins request and anomaly metrics on it.
     return f"{model.name}/{model.version}"
 
 
-def _run(model, feeds, outputs):
+def _run(model: LoadedModel, feeds: Mapping[str, np.ndarray],
+         outputs: list[str]) -> dict[str, np.ndarray]:
     try:
         return model.run(feeds, outputs)
     except Exception as err:  # ORT reports shape/type problems the codec could not foresee
