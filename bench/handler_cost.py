@@ -26,8 +26,8 @@ import grpc
 from bench.load import _request
 from bench.plain_server import PlainServicer, _load
 from gateway.config import load_config
-from gateway.inference.service import InferenceServicer
 from gateway.server import Gateway
+from gateway.server._oip import InferenceServicer
 
 CALLS = 3000
 WARMUP = 300

@@ -36,7 +36,7 @@ from gateway._proto.inference import grpc_service_pb2 as pb
 from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from gateway.audit import AuditLog
 from gateway.config import load_config
-from gateway.inference._codec import decode_inputs, encode_outputs, requested_outputs
+from gateway.inference import decode_inputs, encode_outputs, requested_outputs
 from gateway.models import ModelRepository
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from bench.handler_cost import _Context
 from bench.load import _request
 from gateway.config import load_config
-from gateway.inference.service import InferenceServicer
 from gateway.server import Gateway
+from gateway.server._oip import InferenceServicer
 
 BLOCK = 250
 BLOCKS = 12

@@ -155,8 +155,8 @@ def prove_receipt(audit_channel: grpc.Channel, receipt: Receipt, verifier_key: s
     ``audit_channel`` must present an identity allowed ``audit.read``; ``verifier_key`` is
     the log's note verifier key (``gateway audit vkey``). The record may be newer than the
     latest checkpoint (they are signed about once a second): this waits for one that covers
-    it, up to ``timeout`` seconds. Returns the verified checkpoint; raises ``AuditToolError``
-    if the proof does not verify.
+    it, up to ``timeout`` seconds. Returns the verified checkpoint; raises
+    ``gateway.audit.offline.VerificationError`` if the proof does not verify.
     """
     import time
 

@@ -17,11 +17,12 @@ import grpc
 import pytest
 
 from gateway._proto.gateway.v1 import audit_pb2, audit_pb2_grpc
-from gateway.audit import AuditLog, AuditServicer, AuditSettings, ensure_keys
+from gateway.audit import AuditLog, AuditSettings, ensure_keys
 from gateway.audit._keys import load_signer
 from gateway.audit._merkle import verify_consistency, verify_inclusion
 from gateway.audit._note import open_checkpoint, parse_vkey
 from gateway.errors import GatewayError
+from gateway.server._audit import AuditServicer
 
 
 class _StandInGuard:

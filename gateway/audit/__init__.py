@@ -12,22 +12,23 @@ a record became durable (idle or not), and at close; each is copied to a witness
 the log directory, so a rolled-back log is refused at open. Auditors check the log offline
 with ``gateway audit verify`` and single records with inclusion proofs; see
 ``gateway/audit/README.md`` for the record schema and formats. The API defined here is what
-the server uses; everything else is private.
+the server and the CLI use (the serving layer's ``AuditService`` answers auditors with
+``AuditLog`` and ``parse_checkpoint``); everything else is private. Importing it loads no
+gRPC, so the standalone verifier (:mod:`gateway.audit.offline`) can import it too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from gateway.audit._log import AuditLog, AuditLogDamaged, Receipt
-    from gateway.audit._service import AuditServicer
+from gateway.audit._log import AuditLog, AuditLogDamaged, Receipt
+from gateway.audit._merkle import ProofError
+from gateway.audit._note import parse_checkpoint
 
-__all__ = ["RECORD_SCHEMA", "AuditLog", "AuditLogDamaged", "AuditServicer", "AuditSettings",
-           "Receipt", "ensure_keys", "export_log", "generate_keys", "signer_vkey",
-           "verifier_key_path"]
+__all__ = ["RECORD_SCHEMA", "AuditLog", "AuditLogDamaged", "AuditSettings", "ProofError",
+           "Receipt", "ensure_keys", "export_log", "generate_keys", "parse_checkpoint",
+           "signer_vkey", "verifier_key_path"]
 
 #: The JSON Schema every record the gateway writes satisfies (tests check each kind).
 RECORD_SCHEMA = Path(__file__).with_name("record.schema.json")
@@ -118,21 +119,3 @@ def export_log(settings: AuditSettings, dest: Path) -> int:
     from gateway.audit._export import export_log as export
 
     return export(settings.directory, dest, verifier_key_path(settings))
-
-
-# The CLI's verbs use the functions above; auditors use :mod:`gateway.audit.offline` (standard
-# library and ``cryptography`` only). Importing this package therefore loads no gRPC: the writer
-# and the servicer (which do) are loaded on first use of their names.
-_LAZY = {"AuditLog": "_log", "AuditLogDamaged": "_log", "Receipt": "_log",
-         "AuditServicer": "_service"}
-
-
-def __getattr__(name: str) -> object:
-    # The writer and the servicer pull in gRPC (errors, generated code): load them only when
-    # the server asks, so the offline verifier can import this package without them.
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(name)
-    import importlib
-
-    return getattr(importlib.import_module(f"gateway.audit.{module}"), name)

@@ -23,6 +23,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from gateway.errors import AuditDataError
+
 try:
     import orjson
 except ImportError:  # pragma: no cover - exercised by a subprocess test that hides orjson
@@ -50,7 +52,7 @@ def float_positions(data: bytes) -> list[int]:
     return [h for h in hits if h > 0 and 48 <= data[h - 1] <= 57]
 
 
-class EncodingError(ValueError):
+class EncodingError(AuditDataError, ValueError):
     """A value cannot be part of a canonical record (float, huge int, non-ASCII key, ...)."""
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 
+from gateway.errors import AuditDataError
+
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 _sha256 = hashlib.sha256
 
 
-class ProofError(ValueError):
+class ProofError(AuditDataError, ValueError):
     """A proof does not verify (or is malformed); the message says which check failed."""
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from gateway.errors import AuditDataError
+
 ALG_ED25519 = 0x01
 ALG_COSIGNATURE_V1 = 0x04
 _SIG_PREFIX = "— "  # EM DASH, space
@@ -32,7 +34,7 @@ _B64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
 _SIZE = re.compile(r"^(0|[1-9][0-9]{0,19})$")
 
 
-class NoteError(ValueError):
+class NoteError(AuditDataError, ValueError):
     """A note, key or checkpoint is malformed or does not verify; the message says which."""
 
 

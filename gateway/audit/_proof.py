@@ -35,13 +35,14 @@ from gateway.audit._merkle import ProofError, Tree, leaf_hash, verify_consistenc
 from gateway.audit._note import Checkpoint, NoteError, Verifier, open_checkpoint, parse_checkpoint
 from gateway.audit._segment import SegmentDamaged, parse_segment
 from gateway.audit._verify import CHECKPOINT, SEGMENTS, history_lines, list_segments
+from gateway.errors import AuditDataError
 
 PROOF_HEADER = "c2sp.org/tlog-proof@v1"
 CONSISTENCY_HEADER = "gateway.audit/consistency-proof@v1"
 _DECIMAL = re.compile(r"(0|[1-9][0-9]{0,19})")
 
 
-class Error(Exception):
+class Error(AuditDataError):
     """A request cannot be met: no such record, size or checkpoint, unreadable input."""
 
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.errors import AuditDataError
 
-class SegmentDamaged(ValueError):
+
+class SegmentDamaged(AuditDataError, ValueError):
     """A segment's bytes are not records plus at most one torn final record.
 
     ``offset`` is the byte where the damage starts and ``records`` the number of complete

@@ -38,6 +38,7 @@ from typing import Protocol
 from gateway._atomic import fsync_dir, private_dir, write_atomic
 from gateway.audit._segment import SegmentDamaged, parse_segment
 from gateway.audit._tags import SLOT_BYTES, SLOTS, TAGS
+from gateway.errors import AuditDataError
 
 SEGMENTS = "segments"
 CHECKPOINT = "checkpoint"
@@ -45,7 +46,7 @@ CHECKPOINTS = "checkpoints.jsonl"
 _NAME_DIGITS = 20
 
 
-class StoreDamaged(Exception):
+class StoreDamaged(AuditDataError):
     """The stored log is damaged in a way that is not a torn final record."""
 
 

@@ -57,8 +57,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _issue(args: argparse.Namespace) -> int:
-    from gateway.identity import pki
-    from gateway.identity._spiffe import SpiffeIdError, parse_spiffe_id
+    from gateway.identity import SpiffeIdError, parse_spiffe_id, pki
 
     if not _NAME_RE.fullmatch(args.name):
         raise ConfigError(f"NAME {args.name!r}: use 1-64 of [A-Za-z0-9._-], "

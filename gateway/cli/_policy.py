@@ -33,22 +33,20 @@ from gateway.policy import (
     PolicyError,
     Problem,
     Snapshot,
+    access_diff,
     attribute_problem,
     case_files,
     compile_directory,
-    did_you_mean,
-    lint,
-    load_cases,
-    run_cases,
-)
-from gateway.policy._tools import (
-    access_diff,
     compile_files,
     conditional_changes,
+    did_you_mean,
     explain,
     format_directory,
+    lint,
+    load_cases,
     load_revision,
     repository_models,
+    run_cases,
     write_atomically,
 )
 

@@ -8,11 +8,8 @@
 evaluations are batched. Methods: ``occlusion`` and ``kernel_shap`` (exact enumeration up
 to 12 features, seeded sampling beyond), computed with numpy over ONNX Runtime only.
 
-On the server, :class:`ExplainServicer` serves ``gateway.v1.Explainer/Explain`` under its
-own policy action ``explain`` (a caller allowed ``infer`` is not thereby allowed to
-explain: explanations reveal more of a model than predictions), charges each caller's
-:class:`ExplainBudgets` in model evaluations (RESOURCE_EXHAUSTED past it) and records the
-cost in the call's audit fields.
+The server's Explainer servicer (:mod:`gateway.server._explain`) governs and budgets each
+call with :class:`ExplainBudgets`; the default baseline is :func:`profile_baseline`.
 """
 
 from __future__ import annotations
@@ -23,12 +20,12 @@ import numpy as np
 
 from gateway.errors import InvalidRequest, QuotaExceeded
 from gateway.explain import _methods
+from gateway.explain._baseline import profile_baseline
 from gateway.explain._budget import ExplainBudgets
 from gateway.explain._methods import Run, planned_evaluations
-from gateway.explain._servicer import ExplainServicer, profile_baseline
 from gateway.explain._settings import ExplainSettings
 
-__all__ = ["ExplainBudgets", "ExplainResult", "ExplainServicer", "ExplainSettings", "explain",
+__all__ = ["ExplainBudgets", "ExplainResult", "ExplainSettings", "explain",
            "planned_evaluations", "profile_baseline"]
 
 METHODS = ("occlusion", "kernel_shap")

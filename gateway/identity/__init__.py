@@ -22,7 +22,8 @@ from __future__ import annotations
 from gateway.identity._identity import Identity
 from gateway.identity._reload import https_client_auth, server_credentials
 from gateway.identity._settings import TlsSettings
+from gateway.identity._spiffe import SpiffeIdError, parse_spiffe_id
 from gateway.identity._verifier import IdentityVerifier
 
-__all__ = ["Identity", "IdentityVerifier", "TlsSettings", "https_client_auth",
-           "server_credentials"]
+__all__ = ["Identity", "IdentityVerifier", "SpiffeIdError", "TlsSettings", "https_client_auth",
+           "parse_spiffe_id", "server_credentials"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import string
 
+from gateway.errors import IdentityError
+
 SCHEME_PREFIX = "spiffe://"
 
 #: Section 2.3: implementations must support IDs up to 2048 bytes; we refuse longer ones.
@@ -22,7 +24,7 @@ _TRUST_DOMAIN_CHARS = frozenset(string.ascii_lowercase + string.digits + ".-_")
 _SEGMENT_CHARS = frozenset(string.ascii_letters + string.digits + ".-_")
 
 
-class SpiffeIdError(ValueError):
+class SpiffeIdError(IdentityError, ValueError):
     """The string is not a valid SPIFFE ID; the message names the rule it breaks."""
 
 

@@ -1,5 +1,17 @@
-"""Inference: the Open Inference Protocol servicer and its tensor codec.
+"""Inference: the Open Inference Protocol tensor codec (plain numpy, no generated code).
 
-The servicer lives in :mod:`gateway.inference.service` (it imports the generated OIP code,
-so it is imported only by the server); the codec in ``_codec`` is plain numpy.
+The codec reads and writes the OIP messages by attribute only, so this package imports no
+gRPC or protobuf code; the servicer that uses it is the serving layer's
+(:mod:`gateway.server._oip`).
 """
+
+from gateway.inference._codec import (
+    check_batch,
+    decode_inputs,
+    encode_outputs,
+    request_size,
+    requested_outputs,
+)
+
+__all__ = ["check_batch", "decode_inputs", "encode_outputs", "request_size",
+           "requested_outputs"]

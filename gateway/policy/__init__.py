@@ -43,6 +43,16 @@ from gateway.policy._store import (
     compile_directory,
     open_source,
 )
+from gateway.policy._tools import (
+    access_diff,
+    compile_files,
+    conditional_changes,
+    explain,
+    format_directory,
+    load_revision,
+    repository_models,
+    write_atomically,
+)
 
 __all__ = [
     "ACTIONS",
@@ -66,14 +76,22 @@ __all__ = [
     "Snapshot",
     "Source",
     "SourceCollector",
+    "access_diff",
     "attribute_problem",
     "case_files",
     "compile_bundle",
     "compile_directory",
+    "compile_files",
+    "conditional_changes",
     "did_you_mean",
+    "explain",
+    "format_directory",
     "lint",
     "load_cases",
+    "load_revision",
     "open_source",
     "parse_cases",
+    "repository_models",
     "run_cases",
+    "write_atomically",
 ]

@@ -32,6 +32,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+from gateway.errors import ConfigError
 from gateway.policy._glob import compile_glob
 
 #: Attribute namespaces a condition may name; anything else is rejected at load.
@@ -65,7 +66,7 @@ _OPERATORS = ("==", "!=", "<=", ">=", "&&", "||", "<", ">", "!", "(", ")", ",")
 Attributes = Mapping[str, object]
 
 
-class ConditionError(ValueError):
+class ConditionError(ConfigError, ValueError):
     """A condition is not a well-formed expression over known attributes."""
 
 

@@ -1,5 +1,9 @@
 """The gateway server: wires identity, policy, models, inference and audit onto one mTLS port.
 
+This package is the serving layer: the servicers (OIP in ``_oip``, admin, audit and explain)
+sit on the guard (``_guard``), which alone combines identity, policy and audit around one
+call; the domain packages below never import it (``.importlinter``, run by ``make test``).
+
     from gateway.config import load_config
     from gateway.server import Gateway
     gateway = Gateway.start(load_config(None))   # listening; returns once ready
@@ -26,10 +30,10 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from gateway._proto.gateway.v1 import admin_pb2, audit_pb2, explain_pb2
-from gateway.audit import AuditLog, AuditServicer
+from gateway.audit import AuditLog
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
-from gateway.explain import ExplainBudgets, ExplainServicer
+from gateway.explain import ExplainBudgets
 from gateway.identity import IdentityVerifier, https_client_auth, server_credentials
 from gateway.models import ModelRepository
 from gateway.monitor import MetricsServer, Monitor
@@ -41,6 +45,8 @@ from gateway.policy import (
     open_source,
 )
 from gateway.server._admin import AdminServicer
+from gateway.server._audit import AuditServicer
+from gateway.server._explain import ExplainServicer
 from gateway.server._guard import RECEIPT_INDEX, RECEIPT_LEAF, Guard
 from gateway.server._limits import Limits, WorkerPool
 from gateway.server._reads import BoundedReads
@@ -82,8 +88,8 @@ class Gateway:
         # The OIP descriptors load here, not at import: a process that also loads another
         # copy of the `inference` proto package (tritonclient) can still use this package.
         from gateway._proto.inference import grpc_service_pb2
-        from gateway.inference.service import InferenceServicer
-        from gateway.inference.service import add_to_server as add_inference
+        from gateway.server._oip import InferenceServicer
+        from gateway.server._oip import add_to_server as add_inference
 
         config = self.config
         # Audit first: nothing may be served, or even refused, unrecorded.

@@ -37,7 +37,9 @@ from gateway.errors import (
     InvalidRequest,
     ModelUnavailable,
     PermissionDenied,
+    PolicyUnavailable,
     QuotaExceeded,
+    StreamEnded,
     Unauthenticated,
 )
 from gateway.identity import Identity, IdentityVerifier
@@ -459,18 +461,6 @@ class Call:
         }
         record.update(self.fields)
         return record
-
-
-class PolicyUnavailable(GatewayError):
-    """Authorization itself failed (not a denial): the call is refused, fail closed."""
-
-    status = grpc.StatusCode.UNAVAILABLE
-
-
-class StreamEnded(GatewayError):
-    """A stream ended before its caller closed it: a time limit, or the caller cancelled."""
-
-    status = grpc.StatusCode.CANCELLED
 
 
 class _Finished(Exception):

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from gateway.errors import InvalidRequest, QuotaExceeded
-from gateway.server._guard import Guard, StreamEnded
+from gateway.errors import InvalidRequest, QuotaExceeded, StreamEnded
+from gateway.server._guard import Guard
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")

@@ -10,7 +10,7 @@ guard makes the audit record durable before the response leaves, returning its r
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
 
 import grpc
 import numpy as np
@@ -18,8 +18,9 @@ import numpy as np
 from gateway import __version__
 from gateway._proto.inference import grpc_service_pb2 as pb
 from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from gateway.errors import GatewayError, InvalidRequest
-from gateway.inference._codec import (
+from gateway.errors import InvalidRequest, ResponseTooLarge
+from gateway.identity import Identity
+from gateway.inference import (
     check_batch,
     decode_inputs,
     encode_outputs,
@@ -27,10 +28,8 @@ from gateway.inference._codec import (
     requested_outputs,
 )
 from gateway.models import LoadedModel
-from gateway.monitor import PROFILE_FILE, InputProfile
-
-if TYPE_CHECKING:  # the server package imports this module; the guard is only a type here
-    from gateway.server._guard import Guard
+from gateway.monitor import InputProfile, verified_profile
+from gateway.server._guard import Call, Guard
 
 #: The only platform the gateway serves.
 PLATFORM = "onnxruntime_onnx"
@@ -39,7 +38,8 @@ PLATFORM = "onnxruntime_onnx"
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """OIP v2 over verified ONNX Runtime sessions; Triton's extension RPCs are absent."""
 
-    def __init__(self, guard: Guard, *, max_tensor_elements: int, ready=lambda: True,
+    def __init__(self, guard: Guard, *, max_tensor_elements: int,
+                 ready: Callable[[], bool] = lambda: True,
                  max_response_bytes: int = 0) -> None:
         self._guard = guard
         self._models = guard.models
@@ -51,28 +51,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- server-level: a valid certificate is enough -------------------------------------
 
-    def ServerLive(self, request, context):
+    def ServerLive(self, request: pb.ServerLiveRequest,
+                   context: grpc.ServicerContext) -> pb.ServerLiveResponse:
         with self._guard.call(context, rpc="ServerLive", action=None):
             return pb.ServerLiveResponse(live=True)
 
-    def ServerReady(self, request, context):
+    def ServerReady(self, request: pb.ServerReadyRequest,
+                    context: grpc.ServicerContext) -> pb.ServerReadyResponse:
         with self._guard.call(context, rpc="ServerReady", action=None):
             return pb.ServerReadyResponse(ready=self._ready())
 
-    def ServerMetadata(self, request, context):
+    def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                       context: grpc.ServicerContext) -> pb.ServerMetadataResponse:
         with self._guard.call(context, rpc="ServerMetadata", action=None):
             # No Triton extensions are offered, so none are advertised.
             return pb.ServerMetadataResponse(name="gateway", version=__version__)
 
     # -- model-level: policy decides -----------------------------------------------------
 
-    def ModelReady(self, request, context):
+    def ModelReady(self, request: pb.ModelReadyRequest,
+                   context: grpc.ServicerContext) -> pb.ModelReadyResponse:
         with self._guard.call(context, rpc="ModelReady", action="ready",
                               model=request.name, version=request.version) as call:
             entry = call.entry
             return pb.ModelReadyResponse(ready=entry is not None and entry.model is not None)
 
-    def ModelMetadata(self, request, context):
+    def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                      context: grpc.ServicerContext) -> pb.ModelMetadataResponse:
         with self._guard.call(context, rpc="ModelMetadata", action="metadata",
                               model=request.name, version=request.version) as call:
             model = call.model()
@@ -84,7 +89,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     target.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
             return response
 
-    def ModelInfer(self, request, context):
+    def ModelInfer(self, request: pb.ModelInferRequest,
+                   context: grpc.ServicerContext) -> pb.ModelInferResponse:
         batch, input_bytes, names = request_size(request)
         with self._guard.call(
             context, rpc="ModelInfer", action="infer",
@@ -111,7 +117,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             encode_outputs(response, results, outputs)
             return self._fits(response)
 
-    def _fits(self, response):
+    def _fits(self, response: pb.ModelInferResponse) -> pb.ModelInferResponse:
         """Refuse, ourselves and audited as such, a response gRPC would refuse to send.
 
         Past the server's ``max_send_message_length`` the transport would fail the call with
@@ -125,7 +131,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                    "fewer rows or outputs")
         return response
 
-    def _score_now(self, call, model: LoadedModel,
+    def _score_now(self, call: Call, model: LoadedModel,
                    feeds: dict[str, np.ndarray]) -> tuple[np.ndarray | None, bool]:
         """Anomaly scores of the input, and policy again, when the policy decides on them.
 
@@ -135,19 +141,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         must be fitted on that layout), so ``anomaly.*`` rules apply to it too.
         """
         monitor = self._guard.monitor
-        if monitor is None:
-            return None, False
         rows = _feature_rows([feeds[spec.name] for spec in model.inputs])
         if rows is None:
             return None, False
         if not self._guard.policy.references("anomaly."):
             return rows, False
         # The decision needs the scores: compute them now, then ask policy again.
-        call.authorize_with(monitor.score(_key(model), self._profile(model), call.identity.id,
+        call.authorize_with(monitor.score(_key(model), self._profile(model), _caller(call).id,
                                           rows))
         return rows, True
 
-    def _monitor_later(self, call, model: LoadedModel, rows: np.ndarray, scored: bool,
+    def _monitor_later(self, call: Call, model: LoadedModel, rows: np.ndarray, scored: bool,
                        y: np.ndarray | None) -> None:
         """Monitoring that no decision waits for runs on the monitor's thread, batched."""
         monitor = self._guard.monitor
@@ -155,7 +159,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if y is not None:
                 monitor.observe_output(_key(model), y, self._profile(model))
         else:
-            monitor.score_later(_key(model), self._profile(model), call.identity.id, rows, y)
+            monitor.score_later(_key(model), self._profile(model), _caller(call).id, rows, y)
 
     def _batch_ties(self, model: LoadedModel) -> dict[str, str]:
         """Input name -> the ONNX name of its first dimension, for inputs that name it."""
@@ -172,11 +176,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """The model's reference profile, parsed once from its verified bytes."""
         key = (model.name, model.version, model.digest)
         if key not in self._profiles:
-            raw = model.extras.get(PROFILE_FILE)
-            self._profiles[key] = InputProfile.from_json(raw) if raw is not None else None
+            self._profiles[key] = verified_profile(model.extras)
         return self._profiles[key]
 
-    def _payload(self, request) -> dict[str, object]:
+    def _payload(self, request: pb.ModelInferRequest) -> dict[str, object]:
         """Keyed digest and size of the input bytes as sent (never the tensors themselves)."""
         if request.raw_input_contents:
             chunks = list(request.raw_input_contents)
@@ -184,12 +187,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             chunks = [t.contents.SerializeToString(deterministic=True) for t in request.inputs]
         return {"hmac": self._guard.audit.payload_digest(*chunks),
                 "size": sum(len(c) for c in chunks)}
-
-
-class ResponseTooLarge(GatewayError):
-    """The response is larger than the server may send."""
-
-    status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def _feature_rows(arrays: list[np.ndarray]) -> np.ndarray | None:
@@ -207,12 +204,19 @@ def _feature_rows(arrays: list[np.ndarray]) -> np.ndarray | None:
     return np.concatenate([a.reshape(batch, -1).astype(np.float64) for a in arrays], axis=1)
 
 
+def _caller(call: Call) -> Identity:
+    """The call's authenticated caller (the guard admitted it before the handler ran)."""
+    assert call.identity is not None
+    return call.identity
+
+
 def _key(model: LoadedModel) -> str:
     # The monitor's model key; `gateway monitor` joins request and anomaly metrics on it.
     return f"{model.name}/{model.version}"
 
 
-def _run(model, feeds, outputs):
+def _run(model: LoadedModel, feeds: Mapping[str, np.ndarray],
+         outputs: list[str]) -> dict[str, np.ndarray]:
     try:
         return model.run(feeds, outputs)
     except Exception as err:  # ORT reports shape/type problems the codec could not foresee

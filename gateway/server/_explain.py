@@ -1,8 +1,13 @@
-"""The gateway.v1.Explainer gRPC service: thin glue from a request to :func:`explain`."""
+"""The gateway.v1.Explainer gRPC service: thin glue from a request to :func:`explain`.
+
+Serves ``gateway.v1.Explainer/Explain`` under its own policy action ``explain`` (a caller
+allowed ``infer`` is not thereby allowed to explain: explanations reveal more of a model
+than predictions), charges each caller's :class:`~gateway.explain.ExplainBudgets` in model
+evaluations (RESOURCE_EXHAUSTED past it) and records the cost in the call's audit fields.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -11,35 +16,23 @@ import numpy as np
 
 from gateway._proto.gateway.v1 import explain_pb2, explain_pb2_grpc
 from gateway.errors import InvalidRequest
-from gateway.explain._budget import ExplainBudgets
-from gateway.explain._methods import planned_evaluations
-from gateway.explain._settings import ExplainSettings
+from gateway.explain import (
+    ExplainBudgets,
+    ExplainSettings,
+    explain,
+    planned_evaluations,
+    profile_baseline,
+)
 from gateway.models import NUMPY_DTYPES, LoadedModel
+from gateway.server._guard import Call, Guard
 
 Baselines = Callable[[LoadedModel], "np.ndarray | None"]
-
-
-def profile_baseline(model: LoadedModel) -> np.ndarray | None:
-    """The per-feature mean of the model's reference profile, if it has one.
-
-    The profile is the verified ``profile.json`` beside the model (written by
-    ``gateway model profile``; its ``mean`` is per feature, flattened), so the default
-    baseline is "an average input" rather than zeros, which may be far from any real input.
-    """
-    raw = model.extras.get("profile.json")
-    if raw is None:
-        return None
-    try:
-        mean = json.loads(raw).get("mean")
-        return None if mean is None else np.asarray(mean, dtype=np.float64).reshape(-1)
-    except (ValueError, TypeError, AttributeError):
-        return None
 
 
 class ExplainServicer(explain_pb2_grpc.ExplainerServicer):
     """Explain RPCs: policy action ``explain``, a budget of model evaluations per caller."""
 
-    def __init__(self, guard: Any, budgets: ExplainBudgets | None = None,
+    def __init__(self, guard: Guard, budgets: ExplainBudgets | None = None,
                  settings: ExplainSettings | None = None, *,
                  baselines: Baselines = profile_baseline) -> None:
         self._guard = guard
@@ -61,9 +54,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainerServicer):
             return self._explain(request, call)
 
     def _explain(self, request: explain_pb2.ExplainRequest,
-                 call: Any) -> explain_pb2.ExplainResponse:
-        from gateway.explain import explain
-
+                 call: Call) -> explain_pb2.ExplainResponse:
         model = call.model()  # the model the policy decided on, or FAILED_PRECONDITION
         method = request.method or "kernel_shap"
         if len(model.inputs) != 1:
@@ -97,7 +88,9 @@ class ExplainServicer(explain_pb2_grpc.ExplainerServicer):
         planned = planned_evaluations(method, m, request.samples)
         call.fields["explain"] = {"method": method, "features": m, "baseline": source,
                                   "output": output_name, "index": index}
-        caller = call.identity.id
+        identity = call.identity
+        assert identity is not None  # admitted: the guard authenticated the caller
+        caller = identity.id
         self._budgets.reserve(caller, planned)
 
         def run(rows: np.ndarray) -> np.ndarray:
@@ -129,7 +122,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainerServicer):
         return tuple(given)
 
     @staticmethod
-    def _output(model: Any, request: explain_pb2.ExplainRequest) -> tuple[str, int]:
+    def _output(model: LoadedModel, request: explain_pb2.ExplainRequest) -> tuple[str, int]:
         names = [o.name for o in model.outputs]
         name = request.output_name or names[0]
         if name not in names:

@@ -10,26 +10,19 @@ from __future__ import annotations
 import grpc
 
 from gateway._proto.gateway.v1 import audit_pb2, audit_pb2_grpc
-from gateway.audit._log import AuditLog
-from gateway.audit._merkle import ProofError
-from gateway.audit._note import parse_checkpoint
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.audit import AuditLog, parse_checkpoint
+from gateway.errors import InvalidRequest, NotCheckpointed
+from gateway.server._guard import Guard
 
 #: Most entries one GetEntries call returns (the client pages with ``start``).
 MAX_ENTRIES = 1000
 _ACTION = "audit.read"
 
 
-class NotCheckpointed(GatewayError):
-    """The request needs a signed checkpoint the log has not published (yet)."""
-
-    status = grpc.StatusCode.FAILED_PRECONDITION
-
-
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     """Read access to the transparency log, gated by the policy action ``audit.read``."""
 
-    def __init__(self, log: AuditLog, guard) -> None:
+    def __init__(self, log: AuditLog, guard: Guard) -> None:
         self._log = log
         self._guard = guard
 
@@ -55,12 +48,14 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             raise InvalidRequest(f"the log signed no checkpoint of size {size}")
         return found, size
 
-    def GetCheckpoint(self, request, context):
+    def GetCheckpoint(self, request: audit_pb2.GetCheckpointRequest,
+                      context: grpc.ServicerContext) -> audit_pb2.Checkpoint:
         with self._guard.call(context, rpc="GetCheckpoint", action=_ACTION):
             note, size, root = self._latest()
             return audit_pb2.Checkpoint(signed_note=note.encode(), size=size, root_hash=root)
 
-    def GetEntries(self, request, context):
+    def GetEntries(self, request: audit_pb2.GetEntriesRequest,
+                   context: grpc.ServicerContext) -> audit_pb2.GetEntriesResponse:
         with self._guard.call(context, rpc="GetEntries", action=_ACTION):
             size = self._log.size
             start, end = request.start, request.end
@@ -70,25 +65,22 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             end = min(end, size, start + MAX_ENTRIES)
             return audit_pb2.GetEntriesResponse(entries=self._log.entries(start, end))
 
-    def GetInclusionProof(self, request, context):
+    def GetInclusionProof(self, request: audit_pb2.GetInclusionProofRequest,
+                          context: grpc.ServicerContext) -> audit_pb2.InclusionProof:
         with self._guard.call(context, rpc="GetInclusionProof", action=_ACTION):
             note, size = self._note_for(request.tree_size)
             if request.index >= size:
                 raise NotCheckpointed(f"record {request.index} is not covered by the signed "
                                       f"checkpoint of size {size} yet; retry shortly")
-            try:
-                path = self._log.inclusion_proof(request.index, size)
-            except ProofError as err:
-                raise InvalidRequest(str(err)) from None
+            # A ProofError is an AuditDataError: INVALID_ARGUMENT with its message.
+            path = self._log.inclusion_proof(request.index, size)
             return audit_pb2.InclusionProof(index=request.index, tree_size=size, hashes=path,
                                             signed_note=note.encode())
 
-    def GetConsistencyProof(self, request, context):
+    def GetConsistencyProof(self, request: audit_pb2.GetConsistencyProofRequest,
+                            context: grpc.ServicerContext) -> audit_pb2.ConsistencyProof:
         with self._guard.call(context, rpc="GetConsistencyProof", action=_ACTION):
             first, second = request.first_size, request.second_size
-            try:
-                path = self._log.consistency_proof(first, second)
-            except ProofError as err:
-                raise InvalidRequest(str(err)) from None
+            path = self._log.consistency_proof(first, second)
             return audit_pb2.ConsistencyProof(first_size=first, second_size=second,
                                               hashes=path)
