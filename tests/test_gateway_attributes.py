@@ -14,6 +14,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from gateway._proto.gateway.v1 import explain_pb2, explain_pb2_grpc
 from gateway.devenv import make_demo_env, start_gateway
 from tests.conftest import channel_credentials
 
@@ -28,6 +29,7 @@ RULES = """
 p, role:scorers, demo-mlp, infer, deny, request.input_bytes > 64
 p, role:scorers, demo-types, infer, deny, request.batch_size > 2
 p, role:scorers, demo-types, infer, deny, anomaly.bounds_violation
+p, role:explainers, demo-mlp, explain, deny, request.input_bytes > 16
 """
 
 
@@ -38,8 +40,12 @@ def stub(tmp_path_factory):
         policy.write(RULES)
     gw = start_gateway(env)
     channel = grpc.secure_channel(gw.target, channel_credentials(env, "scorer"))
-    yield pb_grpc.GRPCInferenceServiceStub(channel)
+    admin = grpc.secure_channel(gw.target, channel_credentials(env, "admin"))
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    stub.explainer = explain_pb2_grpc.ExplainerStub(admin)  # the admin holds role:explainers
+    yield stub
     channel.close()
+    admin.close()
     gw.stop()
 
 
@@ -108,3 +114,18 @@ def test_a_zero_batch_is_invalid_argument_not_internal(stub):
 def test_anomaly_rules_apply_to_multi_input_models(stub):
     assert _code(stub, _types({"*": 1})) == grpc.StatusCode.OK
     assert _code(stub, _types({"*": 1}, nan=True)) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_explain_gets_the_request_attributes_too(stub):
+    """A rule on request.input_bytes holds for explain, whose tensors arrive in another
+    message: the input and baseline bytes both count (an absent attribute would make the
+    deny rule's condition false and let the call through)."""
+    x = np.array([0.5, -1.0, 2.0, 0.25], dtype=np.float32).tobytes()
+    tensor = explain_pb2.Tensor(name="input", datatype="FP32", shape=[1, 4], raw=x)
+    request = explain_pb2.ExplainRequest(model_name="demo-mlp", method="occlusion",
+                                         input=tensor, output_name="probabilities")
+    assert stub.explainer.Explain(request, timeout=30).evaluations > 0  # 16 bytes
+    request.baseline.CopyFrom(tensor)  # 32 bytes
+    with pytest.raises(grpc.RpcError) as err:
+        stub.explainer.Explain(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED

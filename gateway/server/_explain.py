@@ -48,8 +48,15 @@ class ExplainServicer(explain_pb2_grpc.ExplainerServicer):
 
     def Explain(self, request: explain_pb2.ExplainRequest,
                 context: grpc.ServicerContext) -> explain_pb2.ExplainResponse:
+        # The same request attributes ModelInfer gives policy, so a rule on them holds for
+        # explain too (an absent attribute makes a deny rule's condition false).
+        size = len(request.input.raw) + len(request.baseline.raw)
         with self._guard.call(context, rpc="Explain", action="explain",
-                              model=request.model_name, version=request.model_version) as call:
+                              model=request.model_name, version=request.model_version,
+                              request_attributes={"request.batch_size": 1,
+                                                  "request.input_bytes": size},
+                              strings=(("method", request.method),
+                                       ("output name", request.output_name))) as call:
             call.fields["cost"] = {"evaluations": 0}
             return self._explain(request, call)
 
