@@ -16,7 +16,9 @@ from pathlib import Path
 
 from gateway._atomic import fsync_dir
 from gateway.audit._proof import Error, LogReader, checkpoint_size
-from gateway.audit._verify import CHECKPOINT, CHECKPOINTS, SEGMENTS, history_lines, list_segments
+from gateway.audit._store import CHECKPOINT, CHECKPOINTS, SEGMENTS
+from gateway.audit._store import scan_segments as list_segments
+from gateway.audit._verify import history_lines
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -34,7 +34,9 @@ from pathlib import Path
 from gateway.audit._merkle import ProofError, Tree, leaf_hash, verify_consistency, verify_inclusion
 from gateway.audit._note import Checkpoint, NoteError, Verifier, open_checkpoint, parse_checkpoint
 from gateway.audit._segment import SegmentDamaged, parse_segment
-from gateway.audit._verify import CHECKPOINT, SEGMENTS, history_lines, list_segments
+from gateway.audit._store import CHECKPOINT, SEGMENTS
+from gateway.audit._store import scan_segments as list_segments
+from gateway.audit._verify import history_lines
 from gateway.errors import AuditDataError
 
 PROOF_HEADER = "c2sp.org/tlog-proof@v1"

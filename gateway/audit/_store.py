@@ -65,21 +65,28 @@ def segment_name(first: int) -> str:
 
 
 
-def list_segments(directory: Path) -> list[tuple[int, Path]]:
-    """Segments in index order, checking their names."""
+def scan_segments(directory: Path) -> tuple[list[tuple[int, Path]], list[str]]:
+    """Segments in index order, and the names of files that are not segments (a ``.tmp``
+    file is a segment being made, neither): the one rule, for the log and for ``verify``."""
     seg_dir = directory / SEGMENTS
-    if not seg_dir.is_dir():
-        return []
-    out = []
-    for p in seg_dir.iterdir():
+    out, strays = [], []
+    for p in seg_dir.iterdir() if seg_dir.is_dir() else ():
         stem = p.name.removesuffix(".log")
-        if not (p.name.endswith(".log") and len(stem) == _NAME_DIGITS and stem.isdigit()):
-            if p.name.endswith(".tmp"):
-                continue
-            raise StoreDamaged(f"unexpected file {p} in the segment directory")
-        out.append((int(stem), p))
+        if p.name.endswith(".log") and len(stem) == _NAME_DIGITS and stem.isdigit():
+            out.append((int(stem), p))
+        elif not p.name.endswith(".tmp"):
+            strays.append(p.name)
     out.sort()
-    return out
+    return out, sorted(strays)
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    """Segments in index order; a file that is not one is damage."""
+    segments, strays = scan_segments(directory)
+    if strays:
+        raise StoreDamaged(f"unexpected file {directory / SEGMENTS / strays[0]} in the segment "
+                           "directory")
+    return segments
 
 
 def read_data(path: Path) -> bytes:

@@ -38,13 +38,11 @@ from gateway.audit import _canonical
 from gateway.audit._merkle import EMPTY_ROOT, CompactRange, Levels, leaf_hash
 from gateway.audit._note import NoteError, Verifier, open_checkpoint, parse_checkpoint
 from gateway.audit._segment import SegmentDamaged, parse_segment
+from gateway.audit._store import CHECKPOINT, CHECKPOINTS, SEGMENTS
+from gateway.audit._store import scan_segments as list_segments
 
 SCHEMA_VERSION = 1
 GENESIS_PREV = "0" * 64
-SEGMENTS = "segments"
-CHECKPOINT = "checkpoint"
-CHECKPOINTS = "checkpoints.jsonl"
-_NAME_DIGITS = 20
 
 #: Exit statuses of ``gateway audit verify`` (2 is a usage or input error, from the CLI).
 OK, DAMAGED, NOT_COVERED = 0, 1, 3
@@ -246,20 +244,6 @@ def _load_checkpoints(directory: Path, verifier: Verifier, extra: dict[str, str]
 
 
 # -- segments ---------------------------------------------------------------------------------
-
-def list_segments(directory: Path) -> tuple[list[tuple[int, Path]], list[str]]:
-    """Segments in index order, and the names of files that are not segments."""
-    seg_dir = directory / SEGMENTS
-    out, strays = [], []
-    for p in seg_dir.iterdir() if seg_dir.is_dir() else ():
-        stem = p.name.removesuffix(".log")
-        if p.name.endswith(".log") and len(stem) == _NAME_DIGITS and stem.isdigit():
-            out.append((int(stem), p))
-        elif not p.name.endswith(".tmp"):
-            strays.append(p.name)
-    out.sort()
-    return out, sorted(strays)
-
 
 @dataclass
 class _Part:
