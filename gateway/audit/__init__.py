@@ -25,10 +25,11 @@ from pathlib import Path
 from gateway.audit._log import AuditLog, AuditLogDamaged, Receipt
 from gateway.audit._merkle import ProofError
 from gateway.audit._note import parse_checkpoint
+from gateway.audit._sink import AuditSink
 
-__all__ = ["RECORD_SCHEMA", "AuditLog", "AuditLogDamaged", "AuditSettings", "ProofError",
-           "Receipt", "ensure_keys", "export_log", "generate_keys", "parse_checkpoint",
-           "signer_vkey", "verifier_key_path"]
+__all__ = ["RECORD_SCHEMA", "AuditLog", "AuditLogDamaged", "AuditSettings", "AuditSink",
+           "ProofError", "Receipt", "ensure_keys", "export_log", "generate_keys",
+           "parse_checkpoint", "signer_vkey", "verifier_key_path"]
 
 #: The JSON Schema every record the gateway writes satisfies (tests check each kind).
 RECORD_SCHEMA = Path(__file__).with_name("record.schema.json")

@@ -1,0 +1,13 @@
+"""State every process of a host, or every replica of a deployment, must share.
+
+Quotas and explain budgets (token buckets) and changes that must reach every member before an
+admin call returns (model load/unload, policy reloads). Three backends behind one API: this
+process only (the default), the processes of one host through their hub, or PostgreSQL for
+replicas. The domain packages take what they need from here; nothing here imports them.
+"""
+
+from __future__ import annotations
+
+from gateway.state._types import Applied, Buckets, Coordinator, Handler
+
+__all__ = ["Applied", "Buckets", "Coordinator", "Handler"]
