@@ -16,6 +16,7 @@ built-in defaults), so a config behaves the same from wherever it is run.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -56,7 +57,14 @@ class ServerSettings:
     #: Largest number of elements in one input tensor (INVALID_ARGUMENT beyond).
     max_tensor_elements: int = 16 * 1024 * 1024
     #: Name of this gateway instance in audit records; empty means host name and port.
+    #: Worker processes add ``/w<k>`` (and their hub ``/hub``) to it.
     instance_id: str = ""
+    #: Processes serving the port (SO_REUSEPORT): a supervisor, a hub owning the audit log and
+    #: the shared state, and this many workers. Default: the CPUs this process may use.
+    #: 1 is a single process (no supervisor, no hub).
+    processes: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    #: Worker processes' Unix sockets (audit log, shared state) and metrics files; mode 0700.
+    runtime_dir: Path = Path("var/run")
     #: Unary calls one identity may have in progress while the server is backed up
     #: (``workers`` calls waiting for a worker; RESOURCE_EXHAUSTED beyond); otherwise it may
     #: use every idle worker.
@@ -84,7 +92,7 @@ class ServerSettings:
     summary_interval_seconds: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("workers", "max_calls_per_identity", "max_streams",
+        for name in ("workers", "processes", "max_calls_per_identity", "max_streams",
                      "max_streams_per_identity", "refusal_burst",
                      "max_pending_requests_per_certificate"):
             if getattr(self, name) < 1:

@@ -48,7 +48,9 @@ def make_demo_env(root: Path, **overrides: dict[str, object]) -> DemoEnv:
                   models=root / "models", policies=root / "policies", audit=root / "audit")
     shutil.copytree(REPO / "policies", env.policies)
     sections: dict[str, dict[str, object]] = {
-        "server": {"listen": "127.0.0.1:0"},
+        # One process unless a test asks for workers (``server={"processes": 2}``): the
+        # default, one per CPU, would make every test's gateway a supervisor and a hub.
+        "server": {"listen": "127.0.0.1:0", "processes": 1},
         # certs/dev, as in the demo defaults, so the default signing trust rule applies.
         "tls": {"cert": "certs/dev/server.pem", "key": "certs/dev/server.key",
                 "ca": "certs/dev/ca.pem"},

@@ -1,10 +1,19 @@
-"""`gateway serve`: run the gateway in the foreground until SIGTERM or Ctrl-C."""
+"""`gateway serve`: run the gateway in the foreground until SIGTERM or Ctrl-C.
+
+With ``[server] processes`` above 1 this process becomes the supervisor of a hub and that many
+worker processes sharing the port (``gateway.server.Supervisor``); the lines printed once
+ready are the same either way.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,18 +30,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from gateway.config import load_config
-    from gateway.server import Gateway, client_hint
+    from gateway.server import Gateway, Supervisor, supervise
 
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.config)
+    if config.server.processes > 1:
+        def ready(supervisor: Supervisor) -> None:
+            _print_ready(config, supervisor.port, supervisor.metrics_url,
+                         f"{config.server.processes} worker processes")
+
+        return supervise(config, ready)
     gateway = Gateway.start(config)
     gateway.install_signal_handlers()
-    host = config.server.listen.rsplit(":", 1)[0]
-    print(f"gateway listening on {host}:{gateway.port} (mutual TLS; clients need a "
-          f"certificate from {config.tls.ca})", flush=True)
-    if gateway.metrics_address:
-        print(f"metrics on {gateway.metrics_url}", flush=True)
-    print("try:  " + client_hint(config, gateway.port), flush=True)
+    _print_ready(config, gateway.port, gateway.metrics_url if gateway.metrics_address else "",
+                 "one process")
     gateway.wait()
     return 0
+
+
+def _print_ready(config: GatewayConfig, port: int, metrics_url: str, processes: str) -> None:
+    from gateway.server import client_hint
+
+    host = config.server.listen.rsplit(":", 1)[0]
+    print(f"gateway listening on {host}:{port} (mutual TLS; clients need a "
+          f"certificate from {config.tls.ca}; {processes})", flush=True)
+    if metrics_url:
+        print(f"metrics on {metrics_url}", flush=True)
+    print("try:  " + client_hint(config, port), flush=True)

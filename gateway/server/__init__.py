@@ -9,6 +9,10 @@ call; the domain packages below never import it (``.importlinter``, run by ``mak
     gateway = Gateway.start(load_config(None))   # listening; returns once ready
     gateway.wait()                               # until SIGTERM/SIGINT (or gateway.stop())
 
+With ``[server] processes`` above 1, ``gateway serve`` runs :class:`Supervisor` instead: a hub
+process owning the audit log, the shared state and ``/metrics``, and that many workers, each
+a ``Gateway`` started with ``worker=True`` and the hub's audit log (``_supervisor``, ``_hub``).
+
 Every service on the port, health checking and server reflection included, runs its RPCs
 through the guard (:mod:`gateway.server._guard`), held to the limits of
 :mod:`gateway.server._limits`. Start-up fails closed: without a valid policy or a writable,
@@ -30,7 +34,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from gateway._proto.gateway.v1 import admin_pb2, audit_pb2, explain_pb2
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, AuditSink
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.explain import ExplainBudgets
@@ -51,9 +55,10 @@ from gateway.server._guard import RECEIPT_INDEX, RECEIPT_LEAF, Guard
 from gateway.server._limits import Limits, WorkerPool
 from gateway.server._reads import BoundedReads
 from gateway.server._services import GuardedHealth, GuardedReflection
+from gateway.server._supervisor import Supervisor, supervise
 from gateway.server._wiring import model_pipeline
 
-__all__ = ["RECEIPT_INDEX", "RECEIPT_LEAF", "Gateway", "Guard"]
+__all__ = ["RECEIPT_INDEX", "RECEIPT_LEAF", "Gateway", "Guard", "Supervisor", "supervise"]
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +70,18 @@ _HEALTH_INTERVAL = 0.5
 
 
 class Gateway:
-    """A running gateway; build it with :meth:`start`."""
+    """A running gateway; build it with :meth:`start`.
 
-    def __init__(self, config: GatewayConfig) -> None:
+    A worker process (``worker=True``, started by the supervisor) takes its audit log from
+    outside (the hub's, through ``RemoteAuditLog``), shares its port with the other workers
+    (``SO_REUSEPORT``) and leaves ``/metrics`` to the hub.
+    """
+
+    def __init__(self, config: GatewayConfig, *, audit: AuditSink | None = None,
+                 worker: bool = False) -> None:
         self.config = config
+        self._given_audit = audit
+        self.worker = worker
         self.instance_id = config.server.instance_id or f"{socket.gethostname()}:" \
             f"{config.server.listen.rsplit(':', 1)[-1]}"
         self._stopped = threading.Event()
@@ -79,8 +92,9 @@ class Gateway:
         self.port = 0
 
     @classmethod
-    def start(cls, config: GatewayConfig) -> Gateway:
-        gateway = cls(config)
+    def start(cls, config: GatewayConfig, *, audit: AuditSink | None = None,
+              worker: bool = False) -> Gateway:
+        gateway = cls(config, audit=audit, worker=worker)
         gateway._start()
         return gateway
 
@@ -93,7 +107,8 @@ class Gateway:
 
         config = self.config
         # Audit first: nothing may be served, or even refused, unrecorded.
-        self.audit = AuditLog.open(config.audit, instance_id=self.instance_id)
+        self.audit: AuditSink = self._given_audit or AuditLog.open(
+            config.audit, instance_id=self.instance_id)
         source = open_source(config.policy.source, config.policy.directory, config.policy.dsn,
                              name=f"gateway-policy {self.instance_id}")
         self.policy = PolicyStore.open(
@@ -124,7 +139,9 @@ class Gateway:
             options=[
                 ("grpc.max_receive_message_length", config.server.max_message_bytes),
                 ("grpc.max_send_message_length", config.server.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                # Workers share the port; a single process must not (a second gateway
+                # started by mistake on the same port fails instead of taking half the calls).
+                ("grpc.so_reuseport", 1 if self.worker else 0),
             ],
             maximum_concurrent_rpcs=config.server.workers * 8,
         )
@@ -167,7 +184,7 @@ class Gateway:
         monitor, tls = self.monitor, self.config.tls
         self._metrics_server = None
         self.metrics_url = ""
-        if not monitor.settings.metrics_listen:
+        if not monitor.settings.metrics_listen or self.worker:  # workers: the hub serves it
             return None
         listen = monitor.settings.metrics_listen
         if tls.metrics_tls == "on" or (tls.metrics_tls == "auto" and not _loopback(listen)):
