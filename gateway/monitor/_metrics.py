@@ -4,6 +4,14 @@ Each :class:`Metrics` owns a ``CollectorRegistry`` (no process-global state), so
 several gateways in one process. Per-caller series are bounded: the usage tracker's LRU
 removes an evicted caller's series. Names follow the Prometheus conventions: ``gateway_``
 prefix, base units (seconds), ``_total`` counters, ``_info`` for labels-as-values.
+
+With worker processes (``[server] processes``) every worker writes its values to
+prometheus-client's multiprocess directory and the hub serves their sum: counters and
+histograms add up; each gauge says how it combines (``multiprocess_mode``: ``livemax`` for
+"any worker", ``livemin`` for "every worker", e.g. a model is loaded only when loaded in all).
+The library's limits apply there: custom collectors registered in a worker (the policy shadow
+and policy source collectors) are not exported, and a removed series keeps its last value, so
+removed gauges are zeroed first (a removed counter series stays until the gateway restarts).
 """
 
 from __future__ import annotations
@@ -48,23 +56,26 @@ class Metrics:
             "inference, audit (durable record) and total.",
             ("stage",), buckets=_LATENCY_BUCKETS, registry=r)
         self.policy_info = Gauge("gateway_policy_info", "Digest of the policy in force (value 1).",
-                                 ("digest",), registry=r)
+                                 ("digest",), registry=r, multiprocess_mode="livemax")
         self.policy_reloads = Counter("gateway_policy_reloads", "Policy reloads by outcome.",
                                       ("outcome",), registry=r)
         self.policy_ok = Gauge("gateway_policy_last_reload_success",
-                               "1 if the last policy (re)load succeeded, else 0.", registry=r)
+                               "1 if the last policy (re)load succeeded, else 0.", registry=r,
+                               multiprocess_mode="livemin")
         self.audit_entries = Gauge("gateway_audit_log_entries",
-                                   "Entries in the audit log (Merkle tree size).", registry=r)
+                                   "Entries in the audit log (Merkle tree size).", registry=r,
+                                   multiprocess_mode="livemax")
         self.audit_fsync = Histogram("gateway_audit_fsync_duration_seconds",
                                      "Latency of audit log fsyncs.", buckets=_FSYNC_BUCKETS,
                                      registry=r)
         self.audit_checkpoint_age = Gauge("gateway_audit_checkpoint_age_seconds",
-                                          "Age of the latest signed audit checkpoint.", registry=r)
+                                          "Age of the latest signed audit checkpoint.", registry=r,
+                                          multiprocess_mode="livemin")
         self.model_loaded = Gauge("gateway_model_loaded", "1 if the model version is loaded.",
-                                  ("model", "version"), registry=r)
+                                  ("model", "version"), registry=r, multiprocess_mode="livemin")
         self.model_signature = Gauge("gateway_model_signature_valid",
                                      "1 if the model version's signature verified.",
-                                     ("model", "version"), registry=r)
+                                     ("model", "version"), registry=r, multiprocess_mode="livemin")
         self.input_ratio = Histogram(
             "gateway_anomaly_input_score_ratio",
             "Input anomaly score of each request divided by its calibrated threshold "
@@ -82,21 +93,22 @@ class Metrics:
                                 "was full.", registry=r)
         self.drift_psi = Gauge("gateway_output_drift_psi",
                                "PSI of the last closed output window against the reference.",
-                               ("model",), registry=r)
+                               ("model",), registry=r, multiprocess_mode="livemax")
         self.drift_threshold = Gauge("gateway_output_drift_psi_threshold",
-                                     "Calibrated PSI alarm threshold.", ("model",), registry=r)
+                                     "Calibrated PSI alarm threshold.", ("model",), registry=r,
+                                     multiprocess_mode="livemax")
         self.latency_ratio = Gauge("gateway_latency_baseline_ratio",
                                    "Median total latency of the last window over its baseline.",
-                                   ("model", "version"), registry=r)
+                                   ("model", "version"), registry=r, multiprocess_mode="livemax")
         self.caller_requests = Counter("gateway_caller_requests",
                                        "Requests per caller by quota outcome (LRU-bounded).",
                                        ("caller", "outcome"), registry=r)
         self.caller_rate_ratio = Gauge("gateway_caller_rate_ratio",
                                        "Caller's recent request rate over its own baseline.",
-                                       ("caller",), registry=r)
+                                       ("caller",), registry=r, multiprocess_mode="livemax")
         self.caller_extraction = Gauge("gateway_caller_extraction_alarm",
                                        "1 while an extraction detector is raised for the caller.",
-                                       ("caller",), registry=r)
+                                       ("caller",), registry=r, multiprocess_mode="livemax")
         self.caller_input_alarms = Counter("gateway_caller_input_alarms",
                                            "Requests of the caller that raised the input alarm.",
                                            ("caller",), registry=r)
@@ -142,6 +154,8 @@ class Metrics:
         with self._lock:
             if reload_ok and digest != self._policy_digest:
                 if self._policy_digest is not None:
+                    # Zeroed first: with worker processes a removed series keeps its value.
+                    self.policy_info.labels(self._policy_digest).set(0)
                     self.policy_info.remove(self._policy_digest)
                 self.policy_info.labels(digest).set(1)
                 self._policy_digest = digest
@@ -155,6 +169,8 @@ class Metrics:
                               (self.caller_requests, ("admitted",)),
                               (self.caller_requests, ("rejected",))):
             self._children.pop((id(metric), (caller, *extra)), None)
+            if isinstance(metric, Gauge):  # zeroed first (see the module docstring)
+                metric.labels(caller, *extra).set(0)
             try:
                 metric.remove(caller, *extra)
             except KeyError:

@@ -42,6 +42,11 @@ class RuntimePaths:
         return self.root / "state.sock"
 
     @property
+    def processes(self) -> Path:
+        """Which pid is which process (written by the supervisor)."""
+        return self.root / "processes.json"
+
+    @property
     def metrics(self) -> Path:
         """prometheus-client's multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``)."""
         return self.root / "metrics"

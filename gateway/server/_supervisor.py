@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from gateway._atomic import private_dir, write_atomic
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.server._hub import RuntimePaths, log_server_classes, run_hub
@@ -73,6 +74,7 @@ class _Child:
     ready_fd: int = -1
     ready: bool = False
     backoff: float = 0.0
+    restarts: int = 0
     restart_at: float | None = None
     buffer: bytes = field(default=b"", repr=False)
 
@@ -96,9 +98,15 @@ class Supervisor:
         """The host's instance id: ``[server] instance_id`` or host name and port."""
         return self.config.server.instance_id or f"{socket.gethostname()}:{self.port}"
 
-    def pids(self) -> dict[str, int]:
-        """The live processes by name (hub, w1, w2, ...)."""
-        return {c.name: c.pid for c in (self._hub, *self._workers) if c.pid}
+    def _publish(self) -> None:
+        """``<runtime_dir>/processes.json``: which pid is the supervisor, the hub and each
+        worker, and whether each is ready, for operators (and tests) to see at a glance."""
+        table: dict[str, object] = {"supervisor": {"pid": os.getpid(), "ready": True},
+                                    "port": self.port}
+        for child in self._children():
+            table[child.name] = {"pid": child.pid, "ready": child.ready, "restarts":
+                                 child.restarts}
+        write_atomic(self.paths.processes, json.dumps(table, indent=1).encode(), mode=0o600)
 
     # -- start ------------------------------------------------------------------------------
 
@@ -123,7 +131,7 @@ class Supervisor:
         """The sockets' directory, 0700 and ours; the metrics directory emptied (values left by
         a previous run would be added to this one's)."""
         root = self.paths.root
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(root)
         info = root.stat()
         if info.st_uid != os.getuid():
             raise GatewayError(f"[server] runtime_dir {root} belongs to another user")
@@ -163,6 +171,7 @@ class Supervisor:
         os.close(write_fd)
         child.pid, child.started, child.ready_fd = pid, time.monotonic(), read_fd
         child.ready, child.buffer, child.restart_at = False, b"", None
+        self._publish()
 
     def _await_ready(self, children: list[_Child]) -> None:
         deadline = time.monotonic() + _READY_TIMEOUT_S
@@ -199,6 +208,7 @@ class Supervisor:
         child.ready = bool(message.get("ok"))
         if child.name == _HUB and child.ready:
             self.metrics_url = str(message.get("metrics") or "")
+        self._publish()
         return message
 
     # -- the children -----------------------------------------------------------------------
@@ -307,7 +317,7 @@ class Supervisor:
             exited.append(child)
             lived = time.monotonic() - child.started
             how = _describe(status)
-            child.pid = 0
+            child.pid, child.ready = 0, False
             if child.ready_fd >= 0:
                 os.close(child.ready_fd)
                 child.ready_fd = -1
@@ -320,6 +330,7 @@ class Supervisor:
             child.backoff = 0.1 if lived >= _STABLE_S else min(
                 max(child.backoff * 2, 0.5), _MAX_BACKOFF_S)
             child.restart_at = time.monotonic() + child.backoff
+            child.restarts += 1
             if child.name == _HUB:
                 log.error("hub (pid %d) %s after %.1f s; restarting in %.1f s; until it is "
                           "back every worker answers UNAVAILABLE (health NOT_SERVING)",
@@ -327,6 +338,8 @@ class Supervisor:
             else:
                 log.error("worker %s (pid %d) %s after %.1f s; restarting in %.1f s",
                           child.name, pid, how, lived, child.backoff)
+        if exited:
+            self._publish()
         return exited
 
     def _restart_due(self) -> None:
@@ -348,6 +361,7 @@ class Supervisor:
         self._stop([self._hub] if self._hub.pid else [], 60.0)
         if self._reserved is not None:
             self._reserved.close()
+        self.paths.processes.unlink(missing_ok=True)
         if self._failed_drain:
             log.error("stopped, but not cleanly (see above)")
             return 1
@@ -381,6 +395,7 @@ class Supervisor:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(child.pid, 0)
                 child.pid = 0
+        self.paths.processes.unlink(missing_ok=True)
 
 
 def _describe(status: int) -> str:
