@@ -18,6 +18,9 @@ response leaves. The record holds just the request id and the status; there is n
 policy, quota or scoring. So this server is the floor the issue's requirements set: what
 mutual TLS plus a durable audit record cost, before any of the gateway's own decisions.
 
+``--processes N`` runs N such servers behind one port (SO_REUSEPORT, each forked before any
+gRPC object exists), as ``[server] processes`` does for the gateway: N against N.
+
 ``--aio`` serves the same ModelInfer from a grpc.aio server (handlers on one event loop):
 a reference for how much of the baseline is grpc-python's threaded server itself.
 """
@@ -26,6 +29,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
+import socket
 from concurrent import futures
 from pathlib import Path
 
@@ -92,9 +98,10 @@ def _load(repository: str) -> ModelRepository:
 
 
 def main(repository: str, certs: str | None = None, audit_config: str | None = None,
-         workers: int = 16) -> None:
+         workers: int = 16, port: int = 0, ready_fd: int = -1) -> None:
     models = _load(repository)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         options=[("grpc.so_reuseport", 1 if port else 0)])
     if audit_config:
         audit = AuditLog.open(load_config(audit_config).audit, instance_id="bench-floor")
         servicer: PlainServicer = DurableServicer(models, audit)
@@ -106,12 +113,48 @@ def main(repository: str, certs: str | None = None, audit_config: str | None = N
         credentials = grpc.ssl_server_credentials(
             [((directory / "server.key").read_bytes(), (directory / "server.pem").read_bytes())],
             root_certificates=(directory / "ca.pem").read_bytes(), require_client_auth=True)
-        port = server.add_secure_port("127.0.0.1:0", credentials)
+        port = server.add_secure_port(f"127.0.0.1:{port}", credentials)
     else:
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
-    print(f"listening on 127.0.0.1:{port}", flush=True)
+    if ready_fd >= 0:  # one of --processes: the parent announces the port
+        os.write(ready_fd, b"x")
+        os.close(ready_fd)
+    else:
+        print(f"listening on 127.0.0.1:{port}", flush=True)
     server.wait_for_termination()
+
+
+def serve_processes(processes: int, repository: str, certs: str | None) -> None:
+    """``processes`` plain servers on one port; the parent only reserves it and waits."""
+    reserved = socket.socket()
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserved.bind(("127.0.0.1", 0))
+    port = reserved.getsockname()[1]
+    children = []
+    for _ in range(processes):
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+            main(repository, certs, port=port, ready_fd=write_fd)
+            os._exit(0)
+        os.close(write_fd)
+        os.read(read_fd, 1)
+        os.close(read_fd)
+        children.append(pid)
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+
+    def stop(*_: object) -> None:
+        for child in children:
+            os.kill(child, signal.SIGTERM)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for _ in children:
+        os.wait()
 
 
 async def _serve_aio(repository: str) -> None:
@@ -130,10 +173,13 @@ if __name__ == "__main__":
     parser.add_argument("certs", nargs="?")
     parser.add_argument("--audit", metavar="CONFIG")
     parser.add_argument("--aio", action="store_true")
+    parser.add_argument("--processes", type=int, default=1)
     args = parser.parse_args()
     if args.audit and not args.certs:
         parser.error("--audit is the floor of the gateway: it needs CERTS_DIR (mutual TLS)")
-    if args.aio:
+    if args.processes > 1:
+        serve_processes(args.processes, args.repository, args.certs)
+    elif args.aio:
         asyncio.run(_serve_aio(args.repository))
     else:
         main(args.repository, args.certs, args.audit)
