@@ -113,6 +113,7 @@ class Supervisor:
     def start(self) -> None:
         """Reserve the port, start the hub, then the workers; return once all are ready."""
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        _label_logs("supervisor")
         self._prepare_runtime_dir()
         self._reserve_port()
         try:
@@ -414,10 +415,12 @@ def _die_with_parent() -> None:
 
 
 def _label_logs(name: str) -> None:
-    """Log lines say which process wrote them."""
+    """Log lines say which process wrote them (``[supervisor]``, ``[hub]``, ``[w1]``, ...)."""
     for handler in logging.getLogger().handlers:
         formatter = handler.formatter
-        fmt = formatter._fmt if formatter is not None and formatter._fmt else "%(message)s"
+        fmt = getattr(handler, "_gateway_fmt", None) or (
+            formatter._fmt if formatter is not None and formatter._fmt else "%(message)s")
+        handler._gateway_fmt = fmt  # type: ignore[attr-defined]  # the unlabelled format
         handler.setFormatter(logging.Formatter(fmt.replace("%(name)s", f"[{name}] %(name)s")))
 
 
