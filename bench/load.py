@@ -1,13 +1,16 @@
 """Load generator for `make bench`, run as its own process so it does not share the GIL.
 
     python -m bench.load TARGET --concurrency 16 --seconds 3 [--ca CA --cert C --key K]
-                            [--channels 4] [--server-pid PID]
+                            [--model NAME --features N] [--server-pid PID] [--channels K]
 
-Drives ModelInfer on demo-mlp with a grpc.aio client (N concurrent callers on one event
-loop) and prints one JSON line: calls, errors, seconds, throughput, p50 and p99 in µs.
-``--channels`` spreads the callers over that many connections (worker processes sharing a
-port with SO_REUSEPORT each get whole connections). ``--server-pid`` adds ``server_cpu_s``:
-user + system CPU seconds of that process and all its descendants during the timed part.
+Drives ModelInfer on demo-mlp (or ``--model``, one FP32 input of ``--features`` columns)
+with a grpc.aio client (N concurrent callers on one event loop) and prints one JSON line:
+calls, errors, seconds, throughput, p50 and p99 in µs. With ``--server-pid`` it also
+prints ``server_cpu_us``: the CPU time (user + system, from /proc) that process and all its
+descendants spent over the measured window (warm-up excluded), per call, and
+``server_switches``: the voluntary context switches of that process's threads per call.
+``--channels K`` spreads the callers over K connections (worker processes sharing a port
+with SO_REUSEPORT each get whole connections from the kernel).
 """
 
 from __future__ import annotations
@@ -26,50 +29,83 @@ from gateway._proto.inference import grpc_service_pb2 as pb
 from gateway._proto.inference import grpc_service_pb2_grpc as pb_grpc
 
 
-def _request() -> pb.ModelInferRequest:
-    x = np.linspace(-1, 1, 4, dtype=np.float32).reshape(1, 4)
-    request = pb.ModelInferRequest(model_name="demo-mlp", raw_input_contents=[x.tobytes()])
-    request.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+def _request(model: str = "demo-mlp", features: int = 4) -> pb.ModelInferRequest:
+    x = np.linspace(-1, 1, features, dtype=np.float32).reshape(1, features)
+    request = pb.ModelInferRequest(model_name=model, raw_input_contents=[x.tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=[1, features])
     return request
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and every live descendant, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total, todo = 0.0, [pid]
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and every living descendant, from /proc.
+
+    Every thread's time is in its process's ``stat``; worker processes are summed too, so
+    a server of N processes is measured whole.
+    """
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        stats[int(entry)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo = 0, [pid]
     while todo:
         p = todo.pop()
+        if p in stats:
+            total += int(stats[p][11]) + int(stats[p][12])  # utime, stime (fields 14, 15)
+        todo.extend(children.get(p, ()))
+    return total / _TICKS
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary context switches of every thread of ``pid`` (each is a thread that blocked:
+    a hand-off between threads costs one or two)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for task in tasks:
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-        except (FileNotFoundError, ProcessLookupError):
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        total += int(line.split()[1])
+        except OSError:
             continue
     return total
 
 
+def _channel(args: argparse.Namespace, n: int) -> grpc.aio.Channel:
+    # A distinct channel argument per channel: its own connection, not a shared subchannel.
+    options = [("gateway.bench.channel", n)]
+    if args.ca:
+        creds = grpc.ssl_channel_credentials(Path(args.ca).read_bytes(),
+                                             Path(args.key).read_bytes(),
+                                             Path(args.cert).read_bytes())
+        return grpc.aio.secure_channel(args.target, creds, options=options)
+    return grpc.aio.insecure_channel(args.target, options=options)
+
+
 async def _drive(args: argparse.Namespace) -> dict:
-    channels = []
-    for _ in range(args.channels):
-        # Distinct channel arguments: one connection each, not one shared subchannel.
-        options = [("grpc.channel_id", len(channels))]
-        if args.ca:
-            creds = grpc.ssl_channel_credentials(Path(args.ca).read_bytes(),
-                                                 Path(args.key).read_bytes(),
-                                                 Path(args.cert).read_bytes())
-            channels.append(grpc.aio.secure_channel(args.target, creds, options=options))
-        else:
-            channels.append(grpc.aio.insecure_channel(args.target, options=options))
+    channels = [_channel(args, n) for n in range(args.channels)]
     stubs = [pb_grpc.GRPCInferenceServiceStub(channel) for channel in channels]
-    request = _request()
+    request = _request(args.model, args.features)
     for i in range(200):  # warm-up: connections, TLS sessions, server caches
         await stubs[i % len(stubs)].ModelInfer(request)
+    callers = iter(range(args.concurrency))
     latencies: list[int] = []
     errors = 0
-    cpu_before = tree_cpu_seconds(args.server_pid) if args.server_pid else 0.0
     deadline = time.perf_counter() + args.seconds
-    callers = iter(range(args.concurrency))
 
     async def caller() -> None:
         nonlocal errors
@@ -83,18 +119,23 @@ async def _drive(args: argparse.Namespace) -> dict:
                 continue
             latencies.append(time.perf_counter_ns() - t0)
 
+    cpu0 = process_tree_cpu(args.server_pid) if args.server_pid else 0.0
+    switches0 = context_switches(args.server_pid) if args.server_pid else 0
     start = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(args.concurrency)))
     elapsed = time.perf_counter() - start
-    cpu = tree_cpu_seconds(args.server_pid) - cpu_before if args.server_pid else 0.0
+    cpu = process_tree_cpu(args.server_pid) - cpu0 if args.server_pid else 0.0
+    switches = context_switches(args.server_pid) - switches0 if args.server_pid else 0
     for channel in channels:
         await channel.close()
     lat = np.array(latencies) / 1000
-    return {"server_cpu_s": cpu, "calls": len(latencies), "errors": errors,
-            "seconds": round(elapsed, 3),
+    return {"calls": len(latencies), "errors": errors, "seconds": round(elapsed, 3),
             "throughput": len(latencies) / elapsed,
             "p50_us": float(np.percentile(lat, 50)) if len(lat) else 0.0,
-            "p99_us": float(np.percentile(lat, 99)) if len(lat) else 0.0}
+            "p99_us": float(np.percentile(lat, 99)) if len(lat) else 0.0,
+            "server_cpu_us": 1e6 * cpu / max(1, len(latencies) + errors),
+            "server_switches": switches / max(1, len(latencies) + errors),
+            "load": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -105,8 +146,10 @@ def main() -> None:
     parser.add_argument("--ca")
     parser.add_argument("--cert")
     parser.add_argument("--key")
-    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--model", default="demo-mlp")
+    parser.add_argument("--features", type=int, default=4)
     parser.add_argument("--server-pid", type=int, default=0)
+    parser.add_argument("--channels", type=int, default=1)
     print(json.dumps(asyncio.run(_drive(parser.parse_args()))), flush=True)
 
 

@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.load import process_tree_cpu
 from gateway.devenv import (
     DemoEnv,
     GatewayProcess,
@@ -39,13 +40,18 @@ SECONDS = 3.0
 PROCESSES = (1, 2)
 
 
-def _load(target: str, pid: int, tls: list[str]) -> dict:
+def _load(target: str, pid: int, tls: list[str], hub: int = 0) -> dict:
+    hub_before = process_tree_cpu(hub) if hub else 0.0
     out = subprocess.run([sys.executable, "-m", "bench.load", target, "--concurrency",
                           str(CONCURRENCY), "--channels", str(CHANNELS), "--seconds",
                           str(SECONDS), "--server-pid", str(pid), *tls],
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["cpu_us"] = result["server_cpu_s"] * 1e6 / max(result["calls"], 1)
+    calls = max(result["calls"] + result["errors"], 1)
+    result["cpu_us"] = result["server_cpu_us"]
+    # The hub's part (audit log, shared state, scoring), over the whole load run (warm-up
+    # included), so an upper bound of its share.
+    result["hub_us"] = (process_tree_cpu(hub) - hub_before) * 1e6 / calls if hub else 0.0
     return result
 
 
@@ -58,7 +64,7 @@ def _spawn_plain(models: Path, processes: int, *args: str) -> tuple[subprocess.P
 
 def _median(rounds: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rounds)
-            for k in ("throughput", "p50_us", "cpu_us", "errors")}
+            for k in ("throughput", "p50_us", "cpu_us", "hub_us", "errors")}
 
 
 def _env(root: Path, processes: int) -> DemoEnv:
@@ -80,13 +86,17 @@ def run() -> None:
             plain_tls, plain_tls_target = _spawn_plain(env.models, processes, str(env.certs))
             gateway: GatewayProcess = start_gateway(env)
             try:
-                sides = {"plain": (plain_target, plain.pid, []),
-                         "plain_tls": (plain_tls_target, plain_tls.pid, tls),
-                         "gateway": (gateway.target, gateway.proc.pid, tls)}
+                hub = 0
+                if processes > 1:
+                    table = json.loads((env.root / "run" / "processes.json").read_text())
+                    hub = table["hub"]["pid"]
+                sides = {"plain": (plain_target, plain.pid, [], 0),
+                         "plain_tls": (plain_tls_target, plain_tls.pid, tls, 0),
+                         "gateway": (gateway.target, gateway.proc.pid, tls, hub)}
                 rounds: dict[str, list[dict]] = {name: [] for name in sides}
                 for _ in range(ROUNDS):
-                    for name, (target, pid, args) in sides.items():
-                        rounds[name].append(_load(target, pid, args))
+                    for name, (target, pid, args, hub_pid) in sides.items():
+                        rounds[name].append(_load(target, pid, args, hub_pid))
                 results[processes] = {name: _median(r) for name, r in rounds.items()}
             finally:
                 gateway.stop()
@@ -111,6 +121,9 @@ def _print(processes: int, r: dict[str, dict]) -> None:
         print(f"{name:>10} {row['throughput']:>9.0f} {row['p50_us']:>8.0f} "
               f"{row['cpu_us']:>12.0f} {int(row['errors']):>6}")
     gw = r["gateway"]
+    if gw["hub_us"]:
+        print(f"  of the gateway's CPU per call, the hub (log, state, scoring): at most "
+              f"{gw['hub_us']:.0f} µs")
     for base in ("plain", "plain_tls"):
         added = gw["cpu_us"] - r[base]["cpu_us"]
         print(f"  gateway vs {base}: adds {added:.0f} µs CPU per call = {added / 1000:.2f} vCPU "

@@ -82,7 +82,7 @@ def run_hub(config: GatewayConfig, paths: RuntimePaths, instance_id: str,
         return 2
     report({"ok": True, "metrics": url})
     received = signal.sigwait({signal.SIGTERM, signal.SIGINT})
-    log.info("hub: %s: closing the audit log", signal.Signals(received).name)
+    log.info("%s: closing the audit log", signal.Signals(received).name)
     if metrics is not None:
         metrics.stop()
     log_server.stop()  # pending commits finish; a final signed checkpoint
