@@ -215,6 +215,9 @@ class Supervisor:
     # -- the children -----------------------------------------------------------------------
 
     def _child_main(self, name: str, ready_fd: int) -> int:
+        # A process group of its own: Ctrl-C in a terminal reaches the supervisor alone,
+        # which drains workers before the hub (the hub must not close the log first).
+        os.setpgid(0, 0)
         _die_with_parent()
         _label_logs(name)
         _child_metrics()
