@@ -346,3 +346,17 @@ def test_a_hub_that_cannot_open_the_log_stops_the_start_with_its_reason(tmp_path
         start_gateway(env)
     assert "hub did not start" in str(info.value), str(info.value)
     assert not (env.root / "run" / "processes.json").exists()
+
+
+def test_ctrl_c_reaches_the_supervisor_alone_and_drains(started):
+    env, gw = started
+    assert _call(gw, "before")[0] == grpc.StatusCode.OK
+    procs = _processes(env)
+    # Each child leads a process group of its own: a terminal's Ctrl-C (SIGINT to the
+    # foreground group) reaches only the supervisor, which stops workers before the hub.
+    assert os.getpgid(gw.proc.pid) != os.getpgid(procs["hub"]["pid"])
+    assert {os.getpgid(procs[w]["pid"]) for w in ("w1", "w2")} == \
+        {procs["w1"]["pid"], procs["w2"]["pid"]}
+    gw.proc.send_signal(signal.SIGINT)
+    assert gw.proc.wait(timeout=60) == 0, "".join(gw.stderr_lines)
+    _verify(env)

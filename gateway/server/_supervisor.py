@@ -11,8 +11,10 @@ the shared state, ``/metrics``), waits until it serves, then forks the workers; 
 its own gRPC server after the fork and listens on the same port, the kernel spreading
 connections among them.
 
-Signals are taken synchronously (blocked, then ``sigtimedwait``), so none interrupts the
-supervisor half-way through a restart:
+Signals are taken synchronously: their handlers do nothing, the numbers arrive on a wakeup
+pipe (``signal.set_wakeup_fd``) that the supervisor's one loop reads with the children's
+ready pipes, so none interrupts it half-way through a restart, whichever thread of the
+process the kernel delivered it to:
 
 - a worker or the hub that exits is restarted (after a back-off that grows while it keeps
   failing soon after start); while the hub is down workers fail closed (UNAVAILABLE, health
@@ -92,6 +94,8 @@ class Supervisor:
         self._workers = [_Child(f"w{k}") for k in range(1, config.server.processes + 1)]
         self._draining = False
         self._failed_drain = False
+        self._wake_r = self._wake_w = -1
+        self._early: list[int] = []
 
     @property
     def instance_id(self) -> str:
@@ -112,7 +116,10 @@ class Supervisor:
 
     def start(self) -> None:
         """Reserve the port, start the hub, then the workers; return once all are ready."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in _SIGNALS:
+            signal.signal(sig, _ignore)
         _label_logs("supervisor")
         self._prepare_runtime_dir()
         self._reserve_port()
@@ -182,7 +189,8 @@ class Supervisor:
             if remaining <= 0:
                 raise GatewayError(f"{', '.join(c.name for c in waiting)} not ready after "
                                    f"{_READY_TIMEOUT_S:.0f} s")
-            readable, _, _ = select.select([c.ready_fd for c in waiting], [], [], remaining)
+            signals, readable = self._wait(remaining, [c.ready_fd for c in waiting])
+            self._early.extend(signals)  # taken once running (a drain needs the children)
             for child in [c for c in waiting if c.ready_fd in readable]:
                 message = self._read_ready(child)
                 if message is None:
@@ -218,6 +226,11 @@ class Supervisor:
         # A process group of its own: Ctrl-C in a terminal reaches the supervisor alone,
         # which drains workers before the hub (the hub must not close the log first).
         os.setpgid(0, 0)
+        signal.set_wakeup_fd(-1)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        for sig in _SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
         _die_with_parent()
         _label_logs(name)
         _child_metrics()
@@ -228,8 +241,9 @@ class Supervisor:
             os.close(ready_fd)
 
         if name == _HUB:
-            # The hub takes SIGTERM/SIGINT with sigwait: they stay blocked in it.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGCHLD})
+            # The hub takes SIGTERM/SIGINT with sigtimedwait: blocked now, while this
+            # process has one thread, so in every thread it starts.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             return run_hub(self.config, self.paths, f"{self.instance_id}/hub", report)
         return self._run_worker(name, report)
@@ -237,8 +251,6 @@ class Supervisor:
     def _run_worker(self, name: str, report: Callable[[dict[str, object]], None]) -> int:
         from gateway.server import Gateway
 
-        for sig in _SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
         instance = f"{self.instance_id}/{name}"
         host = self.config.server.listen.rpartition(":")[0]
         config = dataclasses.replace(self.config, server=dataclasses.replace(
@@ -253,7 +265,6 @@ class Supervisor:
                     else str(err)})
             return 2
         gateway.install_signal_handlers()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         report({"ok": True, "port": gateway.port})
         gateway.wait()
         return 0
@@ -262,23 +273,33 @@ class Supervisor:
 
     def run(self) -> int:
         """Supervise until SIGTERM/SIGINT has drained everything; return the exit status."""
+        signals, self._early = self._early, []
         while True:
-            pending = [c for c in self._children() if c.ready_fd >= 0]
-            if pending:  # restarted children that have not said they are ready yet
-                readable, _, _ = select.select([c.ready_fd for c in pending], [], [], 0)
-                for child in (c for c in pending if c.ready_fd in readable):
-                    self._note_ready(child)
-            timeout = min(self._next_restart_in(), 0.1 if pending else 1.0)
-            info = signal.sigtimedwait(_SIGNALS, timeout)
-            if info is not None:
-                if info.si_signo in (signal.SIGTERM, signal.SIGINT):
-                    log.info("%s: draining %d workers", signal.Signals(info.si_signo).name,
+            for signum in signals:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    log.info("%s: draining %d workers", signal.Signals(signum).name,
                              len(self._workers))
                     return self._drain()
-                if info.si_signo == signal.SIGHUP:
+                if signum == signal.SIGHUP:
                     self._forward(signal.SIGHUP)
             self._reap()
             self._restart_due()
+            pending = [c for c in self._children() if c.ready_fd >= 0]
+            # Restarted children that have not said they are ready yet are read as they do.
+            signals, readable = self._wait(self._next_restart_in(),
+                                           [c.ready_fd for c in pending])
+            for child in (c for c in pending if c.ready_fd in readable):
+                self._note_ready(child)
+
+    def _wait(self, timeout: float, fds: list[int]) -> tuple[list[int], list[int]]:
+        """Wait up to ``timeout`` for a signal or one of ``fds``; the signals that arrived
+        (their numbers, from the wakeup pipe) and the readable fds."""
+        readable, _, _ = select.select([self._wake_r, *fds], [], [], max(timeout, 0.0))
+        signals: list[int] = []
+        if self._wake_r in readable:
+            with contextlib.suppress(BlockingIOError):
+                signals = list(os.read(self._wake_r, 512))
+        return signals, [fd for fd in readable if fd != self._wake_r]
 
     def _children(self) -> list[_Child]:
         return [self._hub, *self._workers]
@@ -387,7 +408,7 @@ class Supervisor:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(child.pid, signal.SIGKILL)
                 deadline = time.monotonic() + 10
-            signal.sigtimedwait({signal.SIGCHLD}, min(max(remaining, 0.01), 0.5))
+            self._wait(min(max(remaining, 0.01), 0.5), [])  # SIGCHLD, or time to look again
             self._reap()
 
     def _kill_all(self) -> None:
@@ -400,6 +421,10 @@ class Supervisor:
                     os.waitpid(child.pid, 0)
                 child.pid = 0
         self.paths.processes.unlink(missing_ok=True)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """The supervisor's signal handler: the number already went to the wakeup pipe."""
 
 
 def _describe(status: int) -> str:
