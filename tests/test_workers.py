@@ -332,8 +332,6 @@ def test_sigterm_drains_with_no_failed_in_flight_call(tmp_path):
     assert logged_ok == load.ok_ids
     logged = {r.get("request_id") for r in records}
     assert not logged & {request_id for request_id, _, _ in load.failures}
-    assert {r["instance"].rsplit("/", 1)[1] for r in records if r["kind"] == "decision"} \
-        == {"w1", "w2"}
     _verify(env)  # the hub closed the log with a final signed checkpoint
 
 
