@@ -12,15 +12,16 @@ indices are assigned under the head row's lock: one transaction locks the head, 
 batch (every record the process's callers queued meanwhile: group commit), inserts it and
 moves the head. That transaction commits with ``synchronous_commit = off``, so the lock is
 released without waiting for the WAL flush, and the next batch, from this process or another,
-can be sequenced at once. Durability comes from a *barrier* right after it on the same
-connection: a tiny transaction of this process's own (its ``gateway_audit_writer`` row) that
-commits synchronously. PostgreSQL flushes WAL in order, so when the barrier's commit is
-durable so is the batch before it, and concurrent barriers of all processes share flushes.
-Only then are the callers answered. A record is therefore never acknowledged before it is
-durable, and a database crash can lose only a suffix of records nobody was answered for (a
-later commit is never durable without the earlier ones). Batches go through
-``COMMITTERS`` connections per process, so one batch's flush overlaps the next one's
-sequencing.
+can be sequenced at once. Durability comes from a *barrier* on a second connection: a tiny
+transaction of this process's own (its ``gateway_audit_writer`` row) that commits
+synchronously, started after the batches it covers committed. PostgreSQL flushes WAL in
+order, so when the barrier's commit is durable so are they; one barrier covers every batch
+sequenced while the previous flush was under way, and concurrent barriers of all processes
+share flushes. Only then are the callers answered. A record is therefore never acknowledged
+before it is durable, and a database crash can lose only a suffix of records nobody was
+answered for (a later commit is never durable without the earlier ones). Two threads per
+process, the sequencer and the flusher, each with its own connection; with the integrator's
+and two for reads, a process holds at most five.
 
 **Checkpoints.** Exactly one process signs: the holder of the lease row
 (``gateway_audit_lease``), which every process tries to take when it has expired and its
@@ -76,9 +77,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.audit")
 
-#: Connections (and threads) committing batches per process: one batch's WAL flush overlaps
-#: the next one's sequencing.
-COMMITTERS = 2
+#: The connections of a process's two committing threads.
+_SEQUENCER, _FLUSHER = 0, 1
 
 _sha256 = hashlib.sha256
 _loads = _canonical._json_loads
@@ -105,14 +105,16 @@ _LATEST = ("SELECT size, note, extract(epoch FROM now() - signed_at)::float8 "
 class _Batch:
     """The records of one commit; callers wait in :meth:`wait` (see ``_log._Batch``)."""
 
-    __slots__ = ("_lock", "error", "first", "leaves")
+    __slots__ = ("_lock", "count", "error", "first", "leaves", "started")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self.error: BaseException | None = None
         self.first = 0
+        self.count = 0
         self.leaves: list[bytes] = []
+        self.started = 0.0
 
     def wait(self) -> None:
         self._lock.acquire()
@@ -170,12 +172,16 @@ class PgAuditLog:
         self._epoch: int | None = None  # lease epoch while this process is the integrator
         self._sign_now = threading.Event()
         self._stop = threading.Event()
-        self._conns: list[psycopg.Connection | None] = [None] * COMMITTERS
+        self._conns: list[psycopg.Connection | None] = [None, None]
+        self._flush_wake = threading.Condition(threading.Lock())
+        self._flushing: list[_Batch] = []      # sequenced, not yet durable
+        self._sequencer_done = False
         self._service: psycopg.Connection | None = None
         self._pool: ConnectionPool | None = None
-        self._threads = [threading.Thread(target=self._committer, args=(i,), daemon=True,
-                                          name=f"audit-pg-commit-{i}")
-                         for i in range(COMMITTERS)]
+        self._threads = [threading.Thread(target=self._sequencer, daemon=True,
+                                          name="audit-pg-sequencer"),
+                         threading.Thread(target=self._flusher, daemon=True,
+                                          name="audit-pg-flusher")]
         self._integrator = threading.Thread(target=self._run_integrator, daemon=True,
                                             name="audit-pg-integrator")
 
@@ -295,25 +301,34 @@ class PgAuditLog:
             mac.update(c)
         return mac.hexdigest()
 
-    def _committer(self, i: int) -> None:
+    def _connection(self, i: int) -> psycopg.Connection:
+        conn = self._conns[i]
+        if conn is None or conn.closed:
+            conn = self._conns[i] = _session(connect(
+                self._dsn, name=f"gateway-audit {self._instance}"))
+        return conn
+
+    def _sequencer(self) -> None:
+        """Assign indices to what callers queued, batch by batch; hand each to the flusher."""
         while True:
             with self._lock:
                 while not self._pending and not self._closing:
                     self._wake.wait()
                 if not self._pending:
-                    return
+                    break
                 items, batch = self._pending, self._batch
                 self._pending, self._batch = [], _Batch()
-            self._commit(i, items, batch)
+            self._sequence(items, batch)
+        with self._flush_wake:
+            self._sequencer_done = True
+            self._flush_wake.notify()
 
-    def _commit(self, i: int, items: list[tuple[str, dict[str, object]]],
-                batch: _Batch) -> None:
-        started = time.perf_counter()
+    def _sequence(self, items: list[tuple[str, dict[str, object]]], batch: _Batch) -> None:
+        """One short transaction under the head row's lock, committed without waiting for
+        the WAL flush (module doc); the flusher makes it durable."""
+        batch.started = time.perf_counter()
         try:
-            conn = self._conns[i]
-            if conn is None or conn.closed:
-                conn = self._conns[i] = _session(connect(
-                    self._dsn, name=f"gateway-audit {self._instance}"))
+            conn = self._connection(_SEQUENCER)
             with conn.pipeline() as pipe:
                 conn.execute("BEGIN")
                 conn.execute("SET LOCAL synchronous_commit TO off")
@@ -327,29 +342,57 @@ class PgAuditLog:
                 conn.execute(_INSERT, (seqs, datas))
                 conn.execute(_MOVE_HEAD, (size + len(items), leaves[-1].hex()))
                 conn.execute("COMMIT")
-                # The barrier: its synchronous commit flushes the WAL past the batch's.
-                conn.execute("BEGIN")
-                conn.execute(_BARRIER, (self._instance,))
-                conn.execute("COMMIT")
         except (psycopg.Error, OSError, DatabaseUnavailable, AuditLogDamaged) as err:
-            self._drop(i)
-            if not isinstance(err, AuditLogDamaged):
-                self._mark(False, err)
-            log.error("audit batch of %d records not committed: %s", len(items),
-                      str(err).strip())
-            batch.finish(err)
+            self._fail(_SEQUENCER, [batch], err)
             return
-        end = size + len(items)
-        with self._lock:
-            self._known = max(self._known, end)
-            self._own_end = max(self._own_end, end)
-        self._mark(True)
-        batch.first, batch.leaves = size, leaves
-        batch.finish()
-        if self._on_commit is not None:
-            self._on_commit(time.perf_counter() - started, len(items))
-        if end - self._cp_size >= self._settings.checkpoint_records and self._epoch is not None:
-            self._sign_now.set()
+        batch.first, batch.leaves, batch.count = size, leaves, len(items)
+        with self._flush_wake:
+            self._flushing.append(batch)
+            self._flush_wake.notify()
+
+    def _flusher(self) -> None:
+        """Make sequenced batches durable, all those waiting with one barrier, then answer
+        their callers."""
+        while True:
+            with self._flush_wake:
+                while not self._flushing and not self._sequencer_done:
+                    self._flush_wake.wait()
+                if not self._flushing:
+                    return
+                batches, self._flushing = self._flushing, []
+            try:
+                conn = self._connection(_FLUSHER)
+                # Its synchronous commit flushes the WAL past every batch committed before.
+                with conn.transaction():
+                    conn.execute(_BARRIER, (self._instance,))
+            except (psycopg.Error, OSError, DatabaseUnavailable) as err:
+                self._fail(_FLUSHER, batches, err)
+                continue
+            end = max(b.first + b.count for b in batches)
+            with self._lock:
+                self._known = max(self._known, end)
+                self._own_end = max(self._own_end, end)
+            self._mark(True)
+            for b in batches:
+                b.finish()
+            if self._on_commit is not None:
+                now = time.perf_counter()
+                for b in batches:
+                    self._on_commit(now - b.started, b.count)
+            if end - self._cp_size >= self._settings.checkpoint_records \
+                    and self._epoch is not None:
+                self._sign_now.set()
+
+    def _fail(self, i: int, batches: list[_Batch], err: BaseException) -> None:
+        """A statement failed: drop the connection (the next batch opens a new one) and fail
+        the batches' calls. Their records may be in the log, but nobody is answered."""
+        self._drop(i)
+        if not isinstance(err, AuditLogDamaged):
+            self._mark(False, err)
+        log.error("audit records not committed (%d batches): %s", len(batches),
+                  str(err).strip())
+        for b in batches:
+            b.finish(err)
 
     def _encode(self, items: list[tuple[str, dict[str, object]]], size: int,
                 prev: str) -> tuple[list[int], list[bytes], list[bytes]]:
@@ -669,7 +712,7 @@ class PgAuditLog:
         self._close_connections()
 
     def _close_connections(self) -> None:
-        for i in range(COMMITTERS):
+        for i in (_SEQUENCER, _FLUSHER):
             self._drop(i)
         if self._service is not None:
             self._service.close()
