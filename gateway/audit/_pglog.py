@@ -327,24 +327,36 @@ class PgAuditLog:
         """One short transaction under the head row's lock, committed without waiting for
         the WAL flush (module doc); the flusher makes it durable."""
         batch.started = time.perf_counter()
-        try:
-            conn = self._connection(_SEQUENCER)
-            with conn.pipeline() as pipe:
-                conn.execute("BEGIN")
-                conn.execute("SET LOCAL synchronous_commit TO off")
-                head = conn.execute(_SEQUENCE_HEAD)
-                pipe.sync()
-                row = head.fetchone()
-                if row is None:
-                    raise AuditLogDamaged("the audit log's head row is missing")
-                size, prev = int(row[0]), str(row[1])
-                seqs, datas, leaves = self._encode(items, size, prev)
-                conn.execute(_INSERT, (seqs, datas))
-                conn.execute(_MOVE_HEAD, (size + len(items), leaves[-1].hex()))
-                conn.execute("COMMIT")
-        except (psycopg.Error, OSError, DatabaseUnavailable, AuditLogDamaged) as err:
-            self._fail(_SEQUENCER, [batch], err)
-            return
+        for attempt in (1, 2):
+            locked = False
+            try:
+                conn = self._connection(_SEQUENCER)
+                with conn.pipeline() as pipe:
+                    conn.execute("BEGIN")
+                    conn.execute("SET LOCAL synchronous_commit TO off")
+                    head = conn.execute(_SEQUENCE_HEAD)
+                    pipe.sync()
+                    row = head.fetchone()
+                    locked = True
+                    if row is None:
+                        raise AuditLogDamaged("the audit log's head row is missing")
+                    size, prev = int(row[0]), str(row[1])
+                    seqs, datas, leaves = self._encode(items, size, prev)
+                    conn.execute(_INSERT, (seqs, datas))
+                    conn.execute(_MOVE_HEAD, (size + len(items), leaves[-1].hex()))
+                    conn.execute("COMMIT")
+                break
+            except psycopg.OperationalError as err:
+                if attempt == 1 and not locked:
+                    # Nothing was written: the connection had been ended while idle (a
+                    # restart, pg_terminate_backend). Once more on a new one.
+                    self._drop(_SEQUENCER)
+                    continue
+                self._fail(_SEQUENCER, [batch], err)
+                return
+            except (psycopg.Error, OSError, DatabaseUnavailable, AuditLogDamaged) as err:
+                self._fail(_SEQUENCER, [batch], err)
+                return
         batch.first, batch.leaves, batch.count = size, leaves, len(items)
         with self._flush_wake:
             self._flushing.append(batch)
@@ -360,13 +372,20 @@ class PgAuditLog:
                 if not self._flushing:
                     return
                 batches, self._flushing = self._flushing, []
-            try:
-                conn = self._connection(_FLUSHER)
-                # Its synchronous commit flushes the WAL past every batch committed before.
-                with conn.transaction():
-                    conn.execute(_BARRIER, (self._instance,))
-            except (psycopg.Error, OSError, DatabaseUnavailable) as err:
-                self._fail(_FLUSHER, batches, err)
+            error = None
+            for _attempt in (1, 2):  # a barrier may be repeated: it only flushes
+                try:
+                    conn = self._connection(_FLUSHER)
+                    # Its synchronous commit flushes the WAL past every batch before it.
+                    with conn.transaction():
+                        conn.execute(_BARRIER, (self._instance,))
+                    error = None
+                    break
+                except (psycopg.Error, OSError, DatabaseUnavailable) as err:
+                    error = err
+                    self._drop(_FLUSHER)
+            if error is not None:
+                self._fail(_FLUSHER, batches, error)
                 continue
             end = max(b.first + b.count for b in batches)
             with self._lock:
@@ -700,8 +719,10 @@ class PgAuditLog:
         self._sign_now.set()
         if self._integrator.is_alive():
             self._integrator.join()
+        # The final checkpoint, covering log_close: as the integrator, or by taking the
+        # lease if the integrator is gone (a live one signs it within its tick anyway).
+        self._integrate()
         if self._epoch is not None:
-            self._integrate()  # the final checkpoint, covering log_close
             try:
                 if self._service is not None:
                     self._service.execute("UPDATE gateway_audit_lease SET expires = "
