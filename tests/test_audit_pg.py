@@ -259,7 +259,7 @@ def test_database_unreachable_fails_closed_and_recovers(demo_env, pg_fresh_dsn, 
 
 
 def test_unreachable_at_open_and_foreign_key_refused(demo_env, pg_fresh_dsn, tmp_path):
-    with pytest.raises(AuditUnavailable, match="unreachable|cannot open"):
+    with pytest.raises(AuditUnavailable, match=r"unreachable|cannot open"):
         open_log(pg_settings(demo_env, "host=127.0.0.1 port=1 user=postgres dbname=test",
                              tmp_path), instance_id="x")
     open_log(pg_settings(demo_env, pg_fresh_dsn, tmp_path), instance_id="k").close()
@@ -376,7 +376,7 @@ def test_two_gateways_one_log(cluster, tmp_path):
     dsn, gateways = cluster
     receipts = [(gw, *r) for gw in gateways for _ in range(3) if (r := infer(gw))]
     assert len(receipts) == 6
-    for origin, index, leaf in receipts:
+    for _origin, index, leaf in receipts:
         sizes = {prove_from(gw, index, leaf) for gw in gateways}  # provable from either
         assert all(size > index for size in sizes)
     check_receipts(dsn, [(i, leaf) for _, i, leaf in receipts])
@@ -394,7 +394,8 @@ def test_two_gateways_one_log(cluster, tmp_path):
     assert offline.verify_inclusion(proof, vkey, leaf=receipts[0][2])[0] == receipts[0][1]
 
 
-def _load(gateways, stop: threading.Event, receipts: list, failures: list) -> list[threading.Thread]:
+def _load(gateways, stop: threading.Event, receipts: list,
+          failures: list) -> list[threading.Thread]:
     def caller(gw) -> None:
         channel = grpc.secure_channel(gw.target, channel_credentials(gw.env, "scorer"))
         try:

@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     from gateway.audit._pgread import PgLogReader
 
 __all__ = ["RECORD_SCHEMA", "AuditLog", "AuditLogDamaged", "AuditSettings", "AuditSink",
-           "ProofError", "Receipt", "ensure_keys", "export_log", "generate_keys", "open_log",
-           "parse_checkpoint", "pg_log_reader", "signer_vkey", "verifier_key_path"]
+           "PgLogReader", "ProofError", "Receipt", "ensure_keys", "export_log",
+           "generate_keys", "open_log", "parse_checkpoint", "pg_log_reader", "signer_vkey",
+           "verifier_key_path"]
 
 #: The JSON Schema every record the gateway writes satisfies (tests check each kind).
 RECORD_SCHEMA = Path(__file__).with_name("record.schema.json")
@@ -162,6 +163,15 @@ def export_log(settings: AuditSettings, dest: Path) -> int:
     from gateway.audit._export import export_log as export
 
     return export(settings.directory, dest, verifier_key_path(settings))
+
+
+def __getattr__(name: str) -> object:
+    # PgLogReader is imported on first use, so a file-log gateway never loads the driver.
+    if name == "PgLogReader":
+        from gateway.audit._pgread import PgLogReader
+
+        return PgLogReader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def pg_log_reader(dsn: str = "") -> PgLogReader:

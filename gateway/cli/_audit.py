@@ -38,7 +38,7 @@ from gateway.audit import offline
 from gateway.errors import ConfigError, GatewayError
 
 if TYPE_CHECKING:
-    from gateway.audit import AuditSettings
+    from gateway.audit import AuditSettings, PgLogReader
 
 #: A verb's handler: the parsed arguments in, the exit code out.
 Handler = Callable[[argparse.Namespace], int]
@@ -155,7 +155,7 @@ def _pg_dsn(args: argparse.Namespace) -> str | None:
     return resolve_dsn(settings.dsn)
 
 
-def _pg_reader(args: argparse.Namespace) -> offline.LogReader | None:
+def _pg_reader(args: argparse.Namespace) -> PgLogReader | None:
     dsn = _pg_dsn(args)
     if dsn is None:
         return None
@@ -277,9 +277,6 @@ def _verify(args: argparse.Namespace) -> int:
     # The log in PostgreSQL, every record (unsigned ones too), as a log directory verified
     # by the same code as any other; the key: --vkey, else the configured one, else the
     # key the log's head row names (the summary says which).
-    from gateway.audit._pgread import PgLogReader
-
-    assert isinstance(reader, PgLogReader)
     settings = _settings(args)
     with reader, reader.snapshot() as tmp:
         directory = Path(tmp) / "log"
