@@ -482,3 +482,39 @@ def test_backends_terminated_under_load(cluster, tmp_path):
         (max(i for i, _ in receipts),)))
     report = export_and_verify(dsn, tmp_path / "export")
     assert report.ok, report.summary()
+
+
+def health(gw) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.secure_channel(gw.target, channel_credentials(gw.env, "scorer")) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10).status
+
+
+def test_gateway_not_serving_while_database_unreachable(pg_fresh_dsn, tmp_path):
+    from grpc_health.v1 import health_pb2
+    from psycopg import conninfo
+
+    serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                            health_pb2.HealthCheckResponse.NOT_SERVING)
+    proxy = Proxy(int(conninfo.conninfo_to_dict(pg_fresh_dsn).get("port", 5432)))
+    dsn = conninfo.make_conninfo(pg_fresh_dsn, host="127.0.0.1", port=str(proxy.port))
+    env = make_replicas(tmp_path / "gw", 1, audit={"backend": "postgresql", "dsn": dsn,
+                                                   "lease_ms": 600, "checkpoint_ms": 200})[0]
+    gw = start_gateway(env)
+    try:
+        before = infer(gw)
+        assert before is not None and health(gw) == serving
+        proxy.cut()
+        wait_for("health NOT_SERVING", lambda: health(gw) == not_serving)
+        assert infer(gw) is None  # UNAVAILABLE: no call without its durable record
+        proxy.restore()
+        wait_for("health SERVING again, without a restart", lambda: health(gw) == serving)
+        after = wait_for("a call to succeed again", lambda: infer(gw))
+        assert after[0] > before[0]
+        assert gw.proc.poll() is None
+    finally:
+        gw.stop()
+        proxy.close()
+    check_receipts(pg_fresh_dsn, [before, after])
