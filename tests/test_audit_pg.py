@@ -122,6 +122,40 @@ def test_two_writers_one_chain_provable_from_either(demo_env, pg_fresh_dsn, tmp_
     assert records[-1]["kind"] == "log_close" and records[-1]["records"] == len(records)
 
 
+def test_cli_reads_the_database(demo_env, pg_fresh_dsn, tmp_path):
+    log = open_log(pg_settings(demo_env, pg_fresh_dsn, tmp_path), instance_id="c")
+    receipt = log.append("decision", {"rpc": "X"})
+    first = log.fresh_checkpoint()
+    for i in range(10):
+        log.append("decision", {"rpc": "X", "request_id": str(i)})
+    log.close()
+    notes = [n for (n,) in stored(pg_fresh_dsn, "SELECT note FROM gateway_audit_checkpoint "
+                                                "ORDER BY size")]
+    config = ("--config", str(demo_env.config))
+    vkey = offline.load_verifier(demo_env.root / "var" / "audit" / "keys" / "log.vkey")
+
+    def cli(*args: str, check: bool = True):
+        return run_cli("audit", *args, "--dsn", pg_fresh_dsn, *config, check=check)
+
+    assert cli("checkpoint").stdout == notes[-1]
+    assert cli("checkpoint", "--size", notes[0].split("\n")[1]).stdout == notes[0]
+    entry = cli("entry", str(receipt.index)).stdout.encode()
+    assert leaf_hash(entry) == receipt.leaf_hash
+    lines = cli("entries", "--from", "0", "--to", "3").stdout.splitlines()
+    assert [json.loads(line)["seq"] for line in lines] == [0, 1, 2]
+    proof = cli("prove", str(receipt.index)).stdout
+    assert offline.verify_inclusion(proof, vkey, entry=entry)[0] == receipt.index
+    old_size, new_size = (int(n.split("\n")[1]) for n in (first, notes[-1]))
+    consistency = cli("prove-consistency", str(old_size), str(new_size)).stdout
+    offline.verify_consistency(first, notes[-1], consistency, vkey)
+    verified = cli("verify", "--quiet", "--json")
+    assert json.loads(verified.stdout)["ok"] is True
+    assert cli("entry", "10000", check=False).returncode == 2  # no such record
+    unreachable = run_cli("audit", "checkpoint", "--dsn",
+                          "host=127.0.0.1 port=1 user=postgres dbname=test", check=False)
+    assert unreachable.returncode != 0 and "unreachable" in unreachable.stderr
+
+
 def test_integrator_is_fenced_and_replaced(demo_env, pg_fresh_dsn, tmp_path):
     a = open_log(pg_settings(demo_env, pg_fresh_dsn, tmp_path, "a"), instance_id="a")
     b = open_log(pg_settings(demo_env, pg_fresh_dsn, tmp_path, "b"), instance_id="b")

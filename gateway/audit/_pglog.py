@@ -218,7 +218,12 @@ class PgAuditLog:
         records = self._known
         for t in self._threads:
             t.start()
-        self.append("log_open", {"records": records, "origin": self._origin})
+        try:
+            self.append("log_open", {"records": records, "origin": self._origin})
+        except AuditUnavailable:
+            self._shutdown()
+            self._close_connections()
+            raise
         self._integrate()  # a running log has a signed checkpoint to show, if it can sign
         self._integrator.start()
         return self
@@ -572,8 +577,12 @@ class PgAuditLog:
                              "VALUES (%s, %s, %s, %s)", (size, note, epoch, self._me))
             self._cp_size, self._cp_note = size, note
             self._cp_age_at, self._cp_read_at = 0.0, time.monotonic()
+        self._keep_witness(note)
+
+    def _keep_witness(self, note: str) -> None:
+        """Copy a stored (never a merely signed) checkpoint to this replica's witness file,
+        so that a database later rolled back behind it is refused at open."""
         try:
-            # After the database, so the witness is never newer than the log it vouches for.
             self._witness.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             write_atomic(self._witness, note.encode())
         except OSError as err:
@@ -601,10 +610,12 @@ class PgAuditLog:
             return
         size, note = int(row[0]), str(row[1])
         with self._cp_lock:
-            if size > self._cp_size:
-                self._check_extends(note, conn)
-                self._cp_size, self._cp_note = size, note
-                self._cp_age_at, self._cp_read_at = float(row[2]), time.monotonic()
+            if size <= self._cp_size:
+                return
+            self._check_extends(note, conn)
+            self._cp_size, self._cp_note = size, note
+            self._cp_age_at, self._cp_read_at = float(row[2]), time.monotonic()
+        self._keep_witness(note)
 
     @property
     def checkpoint_age(self) -> float:
@@ -709,16 +720,7 @@ class PgAuditLog:
             self.append("log_close", {"records": 0})  # the size is filled in at sequencing
         except AuditUnavailable as err:
             log.error("audit log_close record not written: %s", err)
-        with self._lock:
-            self._closing = True
-            self._wake.notify_all()
-        for t in self._threads:
-            if t.is_alive():
-                t.join()
-        self._stop.set()
-        self._sign_now.set()
-        if self._integrator.is_alive():
-            self._integrator.join()
+        self._shutdown()
         # The final checkpoint, covering log_close: as the integrator, or by taking the
         # lease if the integrator is gone (a live one signs it within its tick anyway).
         self._integrate()
@@ -731,6 +733,19 @@ class PgAuditLog:
                 log.error("audit lease not released (it expires by itself): %s", err)
         self._closed = True
         self._close_connections()
+
+    def _shutdown(self) -> None:
+        """Stop taking records, commit what is queued, stop the threads."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify_all()
+        for t in self._threads:
+            if t.is_alive():
+                t.join()
+        self._stop.set()
+        self._sign_now.set()
+        if self._integrator.is_alive():
+            self._integrator.join()
 
     def _close_connections(self) -> None:
         for i in (_SEQUENCER, _FLUSHER):
