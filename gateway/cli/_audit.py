@@ -13,8 +13,12 @@
     gateway audit export DIR                  backup up to the latest checkpoint
 
 All read the log directory of ``--config FILE`` (default: the demo config) or ``--dir DIR``,
-whether the gateway is running or not. Reading and checking go through the auditor's API,
-:mod:`gateway.audit.offline`; keys and export through :mod:`gateway.audit`.
+whether the gateway is running or not; ``checkpoint``, ``entry``, ``entries``, ``prove``,
+``prove-consistency``, ``verify`` and ``export`` read the log in PostgreSQL instead with
+``--dsn DSN``, or when the config's ``[audit] backend`` is postgresql (``verify`` and
+``export`` write it out as a log directory first, so it is checked by the same code).
+Reading and checking go through the auditor's API, :mod:`gateway.audit.offline`; keys and
+export through :mod:`gateway.audit`.
 
 Exit statuses: 0 success; 1 something checked does not hold (a proof, a signature, damage in
 the log); 2 a usage or input error; 3 (``verify`` only) no damage, but the newest records are
