@@ -438,6 +438,9 @@ def _load(gateways, stop: threading.Event, receipts: list,
                     r = infer(gw, channel)
                 except grpc.RpcError:  # the gateway was killed: its calls end
                     return
+                except AssertionError as err:  # a status other than UNAVAILABLE
+                    failures.append(err)
+                    return
                 (receipts if r else failures).append(r)
                 if r is None and gw.proc.poll() is not None:
                     return
@@ -474,6 +477,7 @@ def test_integrator_killed_under_load(cluster, tmp_path):
         stop.set()
         for t in threads:
             t.join()
+    assert not [f for f in failures if f is not None], failures
     last = max(i for i, _ in receipts)
     wait_for("a checkpoint by the new integrator covering every receipt", lambda: stored(
         dsn, "SELECT 1 FROM gateway_audit_checkpoint WHERE size > %s AND epoch = %s",
@@ -508,6 +512,7 @@ def test_backends_terminated_under_load(cluster, tmp_path):
         for t in threads:
             t.join()
     assert ended >= 6
+    assert not [f for f in failures if f is not None], failures
     for gw in gateways:
         assert gw.proc.poll() is None, "a gateway died"
     check_receipts(dsn, receipts)

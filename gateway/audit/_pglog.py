@@ -359,7 +359,7 @@ class PgAuditLog:
                     continue
                 self._fail(_SEQUENCER, [batch], err)
                 return
-            except (psycopg.Error, OSError, DatabaseUnavailable, AuditLogDamaged) as err:
+            except Exception as err:  # whatever it is, its callers must not hang
                 self._fail(_SEQUENCER, [batch], err)
                 return
         batch.first, batch.leaves, batch.count = size, leaves, len(items)
@@ -386,7 +386,7 @@ class PgAuditLog:
                         conn.execute(_BARRIER, (self._instance,))
                     error = None
                     break
-                except (psycopg.Error, OSError, DatabaseUnavailable) as err:
+                except Exception as err:  # whatever it is, its callers must not hang
                     error = err
                     self._drop(_FLUSHER)
             if error is not None:
