@@ -358,3 +358,27 @@ def test_ctrl_c_reaches_the_supervisor_alone_and_drains(started):
     gw.proc.send_signal(signal.SIGINT)
     assert gw.proc.wait(timeout=60) == 0, "".join(gw.stderr_lines)
     _verify(env)
+
+
+def test_workers_write_a_postgresql_log_themselves(pg_fresh_dsn, tmp_path):
+    from tests.test_audit_pg import check_receipts, stored
+
+    env = _env(tmp_path / "env", audit={"backend": "postgresql", "dsn": pg_fresh_dsn,
+                                        "checkpoint_ms": 200})
+    gw = start_gateway(env)
+    try:
+        receipts = []
+        for n in range(24):
+            status, md = _call(gw, f"pg-{n}")
+            assert status == grpc.StatusCode.OK
+            receipts.append((int(md[RECEIPT_INDEX]), bytes.fromhex(md[RECEIPT_LEAF])))
+        # No hub log: the hub serves no audit socket, and the file log was never created.
+        assert not (env.root / "run" / "audit.sock").exists()
+    finally:
+        assert gw.stop() == 0, "".join(gw.stderr_lines)
+    assert not list(env.audit.glob("**/*.log")) and not (env.audit / "checkpoint").exists()
+    check_receipts(pg_fresh_dsn, receipts)
+    served = {json.loads(bytes(data))["instance"].rsplit("/", 1)[1]
+              for (data,) in stored(pg_fresh_dsn, "SELECT data FROM gateway_audit_record")
+              if json.loads(bytes(data)).get("request_id", "").startswith("pg-")}
+    assert served == {"w1", "w2"}, served

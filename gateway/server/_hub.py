@@ -55,7 +55,7 @@ class RuntimePaths:
 def log_server_classes() -> tuple[Any, Any]:
     """``(LogServer, RemoteAuditLog)``: the audit package's, or the stand-in until it lands."""
     try:
-        from gateway.audit import LogServer, RemoteAuditLog  # type: ignore[attr-defined]
+        from gateway.audit import LogServer, RemoteAuditLog
     except ImportError:
         from gateway.server._hostlog_standin import LogServer, RemoteAuditLog
     return LogServer, RemoteAuditLog
@@ -69,10 +69,13 @@ def run_hub(config: GatewayConfig, paths: RuntimePaths, instance_id: str,
     ``{"ok": False, "error": text}`` when the log (or anything else) cannot be opened.
     """
     log_server_cls, _ = log_server_classes()
-    log_server = log_server_cls(config.audit, paths.audit_socket, instance_id=instance_id)
+    # With [audit] backend = "postgresql" every worker writes to the database itself.
+    log_server = None if config.audit.backend == "postgresql" else \
+        log_server_cls(config.audit, paths.audit_socket, instance_id=instance_id)
     metrics: MetricsServer | None = None
     try:
-        log_server.start()
+        if log_server is not None:
+            log_server.start()
         metrics, url = _serve_metrics(config, paths)
     except (GatewayError, OSError) as err:
         text = err.diagnostics() if isinstance(err, GatewayError) else str(err)
@@ -85,8 +88,9 @@ def run_hub(config: GatewayConfig, paths: RuntimePaths, instance_id: str,
     log.info("%s: closing the audit log", signal.Signals(received).name)
     if metrics is not None:
         metrics.stop()
-    log_server.stop()  # pending commits finish; a final signed checkpoint
-    log.info("hub stopped: final checkpoint signed")
+    if log_server is not None:
+        log_server.stop()  # pending commits finish; a final signed checkpoint
+    log.info("hub stopped")
     return 0
 
 

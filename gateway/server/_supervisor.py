@@ -257,8 +257,9 @@ class Supervisor:
             self.config.server, listen=f"{host}:{self.port}", instance_id=instance))
         _, remote_cls = log_server_classes()
         try:
-            audit = remote_cls.connect(self.paths.audit_socket, config.audit,
-                                       instance_id=instance)
+            # The hub's file log; a PostgreSQL log each worker writes itself (Gateway opens it).
+            audit = None if config.audit.backend == "postgresql" else remote_cls.connect(
+                self.paths.audit_socket, config.audit, instance_id=instance)
             gateway = Gateway.start(config, audit=audit, worker=True)
         except (GatewayError, OSError) as err:
             report({"ok": False, "error": err.diagnostics() if isinstance(err, GatewayError)
