@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError
+from gateway.errors import ConfigError, GatewayError
 
 if TYPE_CHECKING:
     from gateway.monitor import MetricsServer
@@ -79,7 +79,7 @@ def run_hub(config: GatewayConfig, paths: RuntimePaths, instance_id: str,
         metrics, url = _serve_metrics(config, paths)
     except (GatewayError, OSError) as err:
         text = err.diagnostics() if isinstance(err, GatewayError) else str(err)
-        report({"ok": False, "error": text})
+        report({"ok": False, "error": text, "config": isinstance(err, ConfigError)})
         if metrics is not None:
             metrics.stop()
         return 2

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 from gateway._atomic import private_dir, write_atomic
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError
+from gateway.errors import ConfigError, GatewayError
 from gateway.server._hub import RuntimePaths, log_server_classes, run_hub
 
 if TYPE_CHECKING:
@@ -197,7 +197,9 @@ class Supervisor:
                     continue
                 if not message.get("ok"):
                     what = "the hub" if child.name == _HUB else f"worker {child.name}"
-                    raise GatewayError(f"{what} did not start: {message.get('error')}")
+                    # A configuration error stays one (the CLI then says how paths resolved).
+                    error = ConfigError if message.get("config") else GatewayError
+                    raise error(f"{what} did not start: {message.get('error')}")
                 waiting.remove(child)
 
     def _read_ready(self, child: _Child) -> dict | None:
@@ -263,7 +265,7 @@ class Supervisor:
             gateway = Gateway.start(config, audit=audit, worker=True)
         except (GatewayError, OSError) as err:
             report({"ok": False, "error": err.diagnostics() if isinstance(err, GatewayError)
-                    else str(err)})
+                    else str(err), "config": isinstance(err, ConfigError)})
             return 2
         gateway.install_signal_handlers()
         report({"ok": True, "port": gateway.port})
