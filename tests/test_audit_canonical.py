@@ -206,3 +206,34 @@ def test_decoding_the_encoders_bytes_gives_the_value_back_and_mutations_fail():
                 decode_canonical(variant)
         checked += 1
     assert checked > 500
+
+
+def test_the_log_refuses_a_record_it_cannot_encode_and_stays_consistent(tmp_path):
+    """A float, a non-ASCII key or a lone surrogate in the fields: EncodingError naming it,
+    nothing appended, and the next record chains onto the last good one."""
+    from gateway.audit import AuditLog, AuditSettings, ensure_keys
+    from gateway.audit._merkle import leaf_hash
+    from gateway.audit._store import list_segments, split_records
+
+    s = AuditSettings(directory=tmp_path / "log", signing_key=tmp_path / "keys" / "log.skey",
+                      payload_key=tmp_path / "keys" / "payload.key", name="test.local/audit",
+                      segment_bytes=1 << 20)
+    ensure_keys(s)
+    with AuditLog.open(s, instance_id="t") as log:
+        log.append("decision", {"request_id": "a"})
+        size = log.size
+        for fields, match in (({"score": 0.5}, r"decision\.score: floats"),
+                              ({"\u00e9": 1}, "not an ASCII string"),
+                              ({"note": "x\ud800"}, "lone surrogate"),
+                              ({"n": 2**53}, "I-JSON range")):
+            with pytest.raises(EncodingError, match=match):
+                log.append("decision", fields)
+            assert log.size == size
+        log.append("decision", {"request_id": "b"})
+    records = [r for _first, path in list_segments(s.directory)
+               for r in split_records(path.read_bytes())[0]]
+    ours = [(k, decode_canonical(r)) for k, r in enumerate(records)
+            if decode_canonical(r).get("request_id") in ("a", "b")]
+    (k, a), (m, b) = ours
+    assert (a["request_id"], b["request_id"], m) == ("a", "b", k + 1)
+    assert b["seq"] == a["seq"] + 1 and b["prev"] == leaf_hash(records[k]).hex()

@@ -154,7 +154,7 @@ def test_a_re_chained_record_that_is_not_canonical_is_named_once(logdir, capsysb
     seg, recs = _records(s)
     bad = _NOT_CANONICAL[how](recs[20])
     assert bad != recs[20]
-    out = recs[:20] + [bad]
+    out = [*recs[:20], bad]
     for r in recs[21:]:
         rec = json.loads(r)
         rec["prev"] = hashlib.sha256(b"\x00" + out[-1]).hexdigest()

@@ -219,7 +219,9 @@ class AuditLog:
         """Add a record; block until it is durable (``AuditUnavailable`` if it cannot be)."""
         if type(fields) is not dict:
             fields = dict(fields)
-        if not RESERVED.isdisjoint(fields):
+        if RESERVED.isdisjoint(fields):
+            _canonical.check(fields, kind)
+        else:
             raise ValueError(f"audit fields may not use the reserved keys "
                              f"{sorted(RESERVED.intersection(fields))}")
         if type(kind) is not str or not kind:
@@ -238,7 +240,9 @@ class AuditLog:
             record = {**fields, "v": SCHEMA_VERSION, "seq": seq,
                       "time_ms": time.time_ns() // 1_000_000, "kind": kind,
                       "instance": self._instance, "prev": self._prev}
-            data = _canonical.encode(record, kind)  # checked: EncodingError, nothing changed
+            # Fields and kind checked above; v, seq and time_ms are ints, instance and prev
+            # strings. EncodingError (a lone surrogate) leaves nothing changed.
+            data = _canonical.encode_checked(record, kind)
             leaf = leaf_hash(data)
             self._prev = leaf.hex()
             self._size = seq + 1
