@@ -8,13 +8,12 @@ reference package on seeded random and adversarial values). Floats are refused b
 RFC 8785 form (ES6 number serialisation: 1.0 is "1", 1e16 is "10000000000000000") is not what
 orjson writes; ASCII keys keep the RFC's UTF-16 key order equal to orjson's code point order.
 
-Both directions are one C call plus cheap checks of the result, with the Python walk
-(:func:`check`) only when those checks cannot rule a value out:
+Both directions are one orjson call plus the Python walk (:func:`check`) where it is needed:
 
-- :func:`encode` (the log's append path) writes with orjson and accepts the bytes when reading
-  them back gives a value equal to the one given, with no float, non-ASCII byte or deep nesting
-  in them; anything else (a float, NaN, a non-ASCII key, a tuple, a ``UUID``) goes to the walk,
-  which names what is wrong or, for a record-safe value, accepts orjson's bytes.
+- :func:`encode` (the log's append path) walks the value, then writes it with orjson. The walk
+  is what makes it exact: orjson writes NaN as ``null`` and a ``UUID`` or an enum member as a
+  string, which nothing in its output tells from a real ``null`` or string. The log walks only
+  the caller's fields (:func:`encode_checked` for the record it builds around them).
 - :func:`decode_canonical` (``verify``) parses, writes back and compares byte for byte; the walk
   runs only when the bytes could hide a float or a non-ASCII key.
 
@@ -103,8 +102,8 @@ if orjson is not None:
     #: Canonical bytes of a parsed value; raises on integers beyond ±(2**53-1) (orjson).
     dumps: Callable[[Any], bytes] = functools.partial(
         orjson.dumps, option=orjson.OPT_SORT_KEYS | orjson.OPT_STRICT_INTEGER)
-    # The append path's first try: subclasses of str/int/dict/list, dataclasses and datetimes
-    # are not written as JSON by orjson here (they raise and go to the walk, which refuses them).
+    # The walk refuses them first; should one reach orjson, subclasses of str/int/dict/list,
+    # dataclasses and datetimes raise here instead of being written as JSON.
     _encode: Callable[[Any], bytes] = functools.partial(
         orjson.dumps, option=orjson.OPT_SORT_KEYS | orjson.OPT_STRICT_INTEGER
         | orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATACLASS
