@@ -12,6 +12,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import orjson
 import pytest
 
 from gateway.audit import AuditLog, AuditLogDamaged, AuditSettings, ensure_keys
@@ -517,7 +518,9 @@ def test_suspect_records_are_walked_in_every_batch(tmp_path, monkeypatch):
              14: {"v1": "1e-3"}, 20: {"x": 1e16}, 27: {"a": [2.5e-5]}, 29: {"ip": "10.0.0.1"}}
     records, prev = [], "0" * 64
     for i in range(30):
-        records.append(encode({"v": 1, "seq": i, "prev": prev, **extra.get(i, {})}))
+        # orjson's bytes as a forger would write them (encode() refuses floats itself)
+        records.append(orjson.dumps({"v": 1, "seq": i, "prev": prev, **extra.get(i, {})},
+                                    option=orjson.OPT_SORT_KEYS))
         prev = hashlib.sha256(b"\x00" + records[-1]).hexdigest()
     seg = tmp_path / "seg.log"
     _rewrite(seg, records)
