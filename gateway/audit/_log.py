@@ -240,7 +240,9 @@ class AuditLog:
             record = {**fields, "v": SCHEMA_VERSION, "seq": seq,
                       "time_ms": time.time_ns() // 1_000_000, "kind": kind,
                       "instance": self._instance, "prev": self._prev}
-            data = _canonical.encode(record)
+            # Fields and kind checked above; v, seq and time_ms are ints, instance and prev
+            # strings. EncodingError (a lone surrogate) leaves nothing changed.
+            data = _canonical.encode_checked(record, kind)
             leaf = leaf_hash(data)
             self._prev = leaf.hex()
             self._size = seq + 1
