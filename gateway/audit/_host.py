@@ -1,0 +1,393 @@
+"""One audit log per host: the hub process serves its file log to the worker processes.
+
+    server = LogServer(settings, Path("var/run/audit.sock"), instance_id="gw.local:8443/hub")
+    server.start()                      # opens the AuditLog, then serves it
+    server.log.append("anomaly", {...}) # the hub's own records, in the same index space
+    server.stop()                       # answers what is pending, then the final checkpoint
+
+Workers hand records over with :class:`~gateway.audit.RemoteAuditLog`. The hub's one
+:class:`~gateway.audit.AuditLog` does all the sequencing, so there is one index space, one
+chain, one tree and one checkpoint signer for the host. A worker sends each record's fields as
+their RFC 8785 bytes; the hub checks them with the verifier's own rule
+(``_canonical.decode_canonical``: what the hub accepts, ``gateway audit verify`` accepts), adds
+the reserved keys (sequence, time, kind, instance, chain) and hashes the leaf. Every record of
+one APPEND frame goes to disk in one commit, and the reply carrying their receipts is sent
+only once that commit is durable.
+
+A connection whose peer is not this user, or that sends a malformed or oversized frame, is
+closed; the others are not affected. The socket is created mode 0600 in a 0700 directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import stat
+import struct
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gateway._atomic import private_dir
+from gateway.audit import _canonical, _frames
+from gateway.audit._frames import FrameError
+from gateway.audit._log import RESERVED, AuditLog
+from gateway.audit._merkle import ProofError
+from gateway.errors import AuditDataError, AuditUnavailable
+
+if TYPE_CHECKING:
+    from gateway.audit import AuditSettings
+    from gateway.audit._log import _Batch
+
+log = logging.getLogger("gateway.audit.host")
+
+#: A peer must name itself (HELLO) this soon after connecting.
+HANDSHAKE_SECONDS = 5.0
+#: A worker that does not take its replies for this long is disconnected.
+SEND_SECONDS = 30.0
+
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid (Linux struct ucred)
+_END = object()
+
+
+class LogServer:
+    """Owns the host's file :class:`AuditLog` and serves it on a Unix socket to the workers."""
+
+    def __init__(self, settings: AuditSettings, socket_path: Path, *, instance_id: str) -> None:
+        self._settings = settings
+        self._path = Path(socket_path)
+        self._instance = instance_id
+        self._log: AuditLog | None = None
+        self._listener: socket.socket | None = None
+        self._inode = 0
+        self._lock = threading.Lock()
+        self._connections: set[_Connection] = set()
+        self._stopping = threading.Event()
+        self._acceptor = threading.Thread(target=self._accept, name="audit-hub-accept",
+                                          daemon=True)
+
+    @property
+    def log(self) -> AuditLog:
+        """The log itself, for the hub's own records (they share the workers' index space)."""
+        if self._log is None:
+            raise AuditUnavailable("the audit log server has not been started")
+        return self._log
+
+    @property
+    def socket_path(self) -> Path:
+        return self._path
+
+    def start(self) -> None:
+        """Open the log (failing as :meth:`AuditLog.open` does), bind the socket, serve."""
+        self._check_directory()
+        self._refuse_live_peer()
+        self._log = AuditLog.open(self._settings, instance_id=self._instance)
+        try:
+            self._listener = self._bind()
+        except OSError as err:
+            self._log.close()
+            raise AuditUnavailable(f"cannot serve the audit log on {self._path}: {err}") from None
+        self._acceptor.start()
+        log.info("audit log %s served on %s", self._settings.directory, self._path)
+
+    def _check_directory(self) -> None:
+        directory = self._path.parent
+        private_dir(directory)
+        st = directory.stat()
+        if st.st_mode & 0o077 or st.st_uid != os.getuid():
+            raise AuditUnavailable(
+                f"the audit socket's directory {directory} must be owned by this user and "
+                f"mode 0700 (it is {stat.filemode(st.st_mode)}, uid {st.st_uid}): another "
+                "user could reach the socket; fix it with chmod 700")
+
+    def _refuse_live_peer(self) -> None:
+        """A socket another hub still answers on is not ours to replace (two writers of one
+        log would fork it); one nobody answers on is a dead hub's, replaced on bind."""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(str(self._path))
+        except OSError:
+            return
+        finally:
+            probe.close()
+        raise AuditUnavailable(f"another audit log server is serving on {self._path}")
+
+    def _bind(self) -> socket.socket:
+        """Bind under a temporary name, make it 0600, then rename it into place (atomic, so a
+        worker never finds a socket with a looser mode, or none while a stale one is replaced)."""
+        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(tmp))
+            os.chmod(tmp, 0o600)
+            sock.listen(128)
+            os.replace(tmp, self._path)
+            self._inode = self._path.stat().st_ino
+        except OSError:
+            sock.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        return sock
+
+    def _accept(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, _ = listener.accept()
+            except OSError as err:
+                if self._stopping.is_set():
+                    return
+                log.error("audit socket accept failed: %s", err)
+                self._stopping.wait(0.1)  # e.g. out of file descriptors: not a busy loop
+                continue
+            pid, uid, _gid = _PEERCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            if uid != os.getuid():
+                log.warning("audit socket: refused a connection from uid %d (pid %d)", uid, pid)
+                sock.close()
+                continue
+            conn = _Connection(self, sock, pid)
+            with self._lock:
+                if self._stopping.is_set():
+                    sock.close()
+                    return
+                self._connections.add(conn)
+            conn.start()
+
+    def _forget(self, conn: _Connection) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+
+    def stop(self) -> None:
+        """Stop serving, answer every record already handed over (once durable), then close
+        the log (its ``log_close`` record and final signed checkpoint)."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+            except OSError:
+                pass
+            self._listener.close()
+            try:
+                if self._path.stat().st_ino == self._inode:
+                    self._path.unlink()
+            except OSError:
+                pass
+        if self._acceptor.is_alive():
+            self._acceptor.join()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            conn.stop_reading()
+        for conn in connections:
+            conn.join()
+        if self._log is not None:
+            self._log.close()
+
+
+class _Reply:
+    """An APPEND's answer, built once its commit has ended."""
+
+    __slots__ = ("batch", "first", "leaves", "plan", "request", "unavailable")
+
+    def __init__(self, request: int, plan: list[bytes | None]) -> None:
+        self.request = request
+        self.plan = plan          # per record: None (submitted) or its failure, encoded
+        self.first = 0
+        self.leaves: list[bytes] = []
+        self.batch: _Batch | None = None
+        self.unavailable = ""
+
+    def frame(self, healthy: bool) -> bytes:
+        batch = self.batch
+        error = self.unavailable
+        if batch is not None:
+            batch.wait()
+            if batch.error is not None:
+                error = f"audit record could not be made durable: {batch.error}"
+        out: list[bytes] = []
+        index = self.first
+        leaves = iter(self.leaves)
+        for planned in self.plan:
+            if planned is not None:
+                out.append(planned)
+            elif error:
+                out.append(_frames.failed(_frames.UNAVAILABLE, error))
+            else:
+                out.append(_frames.receipt(index, next(leaves)))
+                index += 1
+        return _frames.appended(self.request, healthy and not error,
+                                batch.seconds if batch is not None else 0.0, out)
+
+
+class _Connection:
+    """One worker: a reader thread takes its frames (records go to the log at once, so the
+    next frame is read while the commit is on disk) and a replier thread sends the answers in
+    order, each once its commit is durable."""
+
+    def __init__(self, server: LogServer, sock: socket.socket, pid: int) -> None:
+        self._server = server
+        self._log = server.log
+        self._sock = sock
+        self._name = f"pid {pid}"
+        self.instance = ""
+        self._replies: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._reader = threading.Thread(target=self._read, name="audit-hub-read", daemon=True)
+        self._replier = threading.Thread(target=self._reply, name="audit-hub-reply",
+                                         daemon=True)
+
+    def start(self) -> None:
+        sec = int(SEND_SECONDS)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, 0))
+        self._reader.start()
+        self._replier.start()
+
+    def stop_reading(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def join(self) -> None:
+        self._reader.join()
+        self._replier.join()
+
+    # -- the reader thread ------------------------------------------------------------------
+
+    def _read(self) -> None:
+        reader = _frames.FrameReader(self._sock, _frames.MAX_REQUEST)
+        try:
+            self._sock.settimeout(HANDSHAKE_SECONDS)
+            first = reader.read()
+            if first is None:
+                return
+            if first[0] != _frames.HELLO:
+                raise FrameError("the first frame must be HELLO")
+            self.instance = _frames.parse_hello(first[1])
+            self._name = f"{self.instance} ({self._name})"
+            self._sock.settimeout(None)
+            self._replies.put(_frames.welcome())
+            while True:
+                got = reader.read()
+                if got is None:
+                    return
+                kind, body = got
+                if kind == _frames.APPEND:
+                    self._append(body)
+                elif kind == _frames.CALL:
+                    self._call(body)
+                else:
+                    raise FrameError(f"unexpected frame type {kind}")
+        except FrameError as err:
+            log.warning("audit socket: closing the connection of %s: %s", self._name, err)
+            self._replies.put(_frames.error(str(err)))
+        except TimeoutError:
+            log.warning("audit socket: %s did not say HELLO in time", self._name)
+        except OSError as err:
+            if not self._server._stopping.is_set():
+                log.info("audit socket: connection of %s ended: %s", self._name, err)
+        finally:
+            self._replies.put(_END)
+
+    def _append(self, body: bytes) -> None:
+        request, items = _frames.parse_append(body)
+        plan: list[bytes | None] = []
+        records: list[tuple[str, dict[str, object]]] = []
+        for raw_kind, raw_fields in items:
+            try:
+                kind = raw_kind.decode()
+                if not kind:
+                    raise AuditDataError("audit record kind must be a non-empty string")
+                fields = _canonical.decode_canonical(raw_fields)
+                if not RESERVED.isdisjoint(fields):
+                    raise AuditDataError(f"audit fields may not use the reserved keys "
+                                         f"{sorted(RESERVED.intersection(fields))}")
+            except (AuditDataError, UnicodeDecodeError) as err:
+                plan.append(_frames.failed(_frames.DATA, f"{raw_kind[:64]!r}: {err}"))
+                continue
+            plan.append(None)
+            records.append((kind, fields))
+        reply = _Reply(request, plan)
+        if records:
+            try:
+                reply.first, reply.leaves, reply.batch = self._log.submit(records,
+                                                                          self.instance)
+            except AuditUnavailable as err:
+                reply.unavailable = str(err)
+        self._replies.put(reply)
+
+    def _call(self, body: bytes) -> None:
+        request, method, a, b = _frames.parse_call(body)
+        if not _frames.CHECKPOINT <= method <= _frames.STATUS:
+            raise FrameError(f"unknown CALL method {method}")
+        try:
+            items = self._answer(method, a, b)
+            code = _frames.OK
+        except ProofError as err:
+            code, items = _frames.PROOF, [str(err).encode()]
+        except (AuditDataError, ValueError, IndexError) as err:
+            code, items = _frames.DATA, [str(err).encode()]
+        except (AuditUnavailable, OSError) as err:
+            code, items = _frames.UNAVAILABLE, [str(err).encode()]
+        except Exception:
+            log.exception("audit socket: read %d for %s failed", method, self._name)
+            code, items = _frames.UNAVAILABLE, [b"internal error in the audit hub"]
+        self._replies.put(_frames.result(request, self._log.healthy, code, items))
+
+    def _answer(self, method: int, a: int, b: int) -> list[bytes]:
+        lg = self._log
+        if method in (_frames.CHECKPOINT, _frames.FRESH_CHECKPOINT, _frames.CHECKPOINT_NOTE):
+            note = (lg.checkpoint() if method == _frames.CHECKPOINT
+                    else lg.fresh_checkpoint() if method == _frames.FRESH_CHECKPOINT
+                    else lg.checkpoint_note(a))
+            return [] if note is None else [note.encode()]
+        if method == _frames.ENTRIES:
+            if not 0 <= a <= b or b - a > _frames.MAX_ENTRIES:
+                raise AuditDataError(f"entries [{a}, {b}): ask for at most {_frames.MAX_ENTRIES} "
+                                     "records from a non-negative start")
+            return lg.entries(a, b)
+        if method == _frames.INCLUSION_PROOF:
+            return lg.inclusion_proof(a, b)
+        if method == _frames.CONSISTENCY_PROOF:
+            return lg.consistency_proof(a, b)
+        if method == _frames.ROOT:
+            return [lg.root(a)]
+        return [_frames.status(lg.size, lg.checkpoint_age)]
+
+    # -- the replier thread -----------------------------------------------------------------
+
+    def _reply(self) -> None:
+        alive = True
+        try:
+            while True:
+                item = self._replies.get()
+                if item is _END:
+                    return
+                if isinstance(item, _Reply):
+                    data = item.frame(self._log.healthy)
+                else:
+                    assert isinstance(item, bytes)
+                    data = item
+                if not alive:
+                    continue  # drain: every commit still ends, nobody to tell
+                try:
+                    self._sock.sendall(data)
+                except OSError as err:
+                    log.warning("audit socket: cannot answer %s (%s); disconnecting it",
+                                self._name, err)
+                    alive = False
+                    try:
+                        self._sock.shutdown(socket.SHUT_RDWR)  # the reader ends too
+                    except OSError:
+                        pass
+        finally:
+            self._reader.join()
+            self._sock.close()
+            self._server._forget(self)
