@@ -29,7 +29,7 @@ from typing import Literal, NoReturn, TypeVar
 
 import grpc
 
-from gateway.audit import AuditLog
+from gateway.audit import AuditSink
 from gateway.config import ServerSettings
 from gateway.errors import (
     AuditUnavailable,
@@ -77,7 +77,7 @@ class Guard:
     """Identity, policy and audit for every handler, wired once at server start."""
 
     def __init__(self, *, verifier: IdentityVerifier, policy: PolicyStore,
-                 models: ModelRepository, audit: AuditLog, monitor: Monitor,
+                 models: ModelRepository, audit: AuditSink, monitor: Monitor,
                  limits: Limits | None = None) -> None:
         self.verifier = verifier
         self.policy = policy
