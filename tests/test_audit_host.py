@@ -29,10 +29,10 @@ from gateway.audit import (
     ProofError,
     Receipt,
     RemoteAuditLog,
+    _frames,
     ensure_keys,
     offline,
 )
-from gateway.audit import _frames
 from gateway.audit._canonical import EncodingError
 from gateway.audit._keys import load_signer
 from gateway.audit._store import list_segments, split_records
