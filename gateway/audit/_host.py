@@ -193,25 +193,17 @@ class LogServer:
 
 
 class _Reply:
-    """An APPEND's answer, built once its commit has ended."""
+    """An APPEND's answer: per record a failure found on arrival, or a place in the batch."""
 
-    __slots__ = ("batch", "first", "leaves", "plan", "request", "unavailable")
+    __slots__ = ("first", "leaves", "plan", "request")
 
     def __init__(self, request: int, plan: list[bytes | None]) -> None:
         self.request = request
         self.plan = plan          # per record: None (submitted) or its failure, encoded
         self.first = 0
         self.leaves: list[bytes] = []
-        self.batch: _Batch | None = None
-        self.unavailable = ""
 
-    def frame(self, healthy: bool) -> bytes:
-        batch = self.batch
-        error = self.unavailable
-        if batch is not None:
-            batch.wait()
-            if batch.error is not None:
-                error = f"audit record could not be made durable: {batch.error}"
+    def frame(self, healthy: bool, error: str = "", seconds: float = 0.0) -> bytes:
         out: list[bytes] = []
         index = self.first
         leaves = iter(self.leaves)
@@ -223,14 +215,15 @@ class _Reply:
             else:
                 out.append(_frames.receipt(index, next(leaves)))
                 index += 1
-        return _frames.appended(self.request, healthy and not error,
-                                batch.seconds if batch is not None else 0.0, out)
+        return _frames.appended(self.request, healthy and not error, seconds, out)
 
 
 class _Connection:
-    """One worker: a reader thread takes its frames (records go to the log at once, so the
-    next frame is read while the commit is on disk) and a replier thread sends the answers in
-    order, each once its commit is durable."""
+    """One worker. Its reader thread takes the frames: records go to the log at once (so the
+    next frame is read while the commit is on disk), reads are answered in place. The thread
+    that made a commit durable sends its APPENDED replies without blocking (no thread
+    hand-off per frame); only what a full socket buffer leaves over goes to the connection's
+    replier thread."""
 
     def __init__(self, server: LogServer, sock: socket.socket, pid: int) -> None:
         self._server = server
@@ -238,7 +231,10 @@ class _Connection:
         self._sock = sock
         self._name = f"pid {pid}"
         self.instance = ""
-        self._replies: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._send_lock = threading.Lock()   # one frame on the wire at a time
+        self._outstanding = 0                # APPENDs submitted, not yet answered
+        self._idle = threading.Condition()
+        self._leftovers: queue.SimpleQueue[tuple[bytes, bool] | None] = queue.SimpleQueue()
         self._reader = threading.Thread(target=self._read, name="audit-hub-read", daemon=True)
         self._replier = threading.Thread(target=self._reply, name="audit-hub-reply",
                                          daemon=True)
@@ -273,7 +269,7 @@ class _Connection:
             self.instance = _frames.parse_hello(first[1])
             self._name = f"{self.instance} ({self._name})"
             self._sock.settimeout(None)
-            self._replies.put(_frames.welcome())
+            self._send(_frames.welcome())
             while True:
                 got = reader.read()
                 if got is None:
@@ -287,17 +283,19 @@ class _Connection:
                     raise FrameError(f"unexpected frame type {kind}")
         except FrameError as err:
             log.warning("audit socket: closing the connection of %s: %s", self._name, err)
-            self._replies.put(_frames.error(str(err)))
+            self._send(_frames.error(str(err)))
         except TimeoutError:
             log.warning("audit socket: %s did not say HELLO in time", self._name)
         except OSError as err:
             if not self._server._stopping.is_set():
                 log.info("audit socket: connection of %s ended: %s", self._name, err)
         finally:
-            self._replies.put(_END)
+            with self._idle:  # every commit still ends; answer what can be answered
+                self._idle.wait_for(lambda: self._outstanding == 0)
+            self._leftovers.put(None)
 
     def _append(self, body: bytes) -> None:
-        request, items = _frames.parse_append(body)
+        request, announced, items = _frames.parse_append(body)
         plan: list[bytes | None] = []
         records: list[tuple[str, dict[str, object]]] = []
         for raw_kind, raw_fields in items:
@@ -315,13 +313,23 @@ class _Connection:
             plan.append(None)
             records.append((kind, fields))
         reply = _Reply(request, plan)
-        if records:
-            try:
-                reply.first, reply.leaves, reply.batch = self._log.submit(records,
-                                                                          self.instance)
-            except AuditUnavailable as err:
-                reply.unavailable = str(err)
-        self._replies.put(reply)
+        if not records:
+            self._send(reply.frame(self._log.healthy))
+            return
+
+        def committed(first: int, leaves: list[bytes], batch: _Batch) -> None:
+            reply.first, reply.leaves = first, leaves
+            error = "" if batch.error is None else \
+                f"audit record could not be made durable: {batch.error}"
+            self._deliver(reply.frame(self._log.healthy, error, batch.seconds))
+
+        with self._idle:
+            self._outstanding += 1
+        try:
+            self._log.submit(records, self.instance, committed, announced)
+        except AuditUnavailable as err:
+            self._send(reply.frame(False, str(err)))
+            self._answered()
 
     def _call(self, body: bytes) -> None:
         request, method, a, b = _frames.parse_call(body)
@@ -339,7 +347,7 @@ class _Connection:
         except Exception:
             log.exception("audit socket: read %d for %s failed", method, self._name)
             code, items = _frames.UNAVAILABLE, [b"internal error in the audit hub"]
-        self._replies.put(_frames.result(request, self._log.healthy, code, items))
+        self._send(_frames.result(request, self._log.healthy, code, items))
 
     def _answer(self, method: int, a: int, b: int) -> list[bytes]:
         lg = self._log
@@ -350,8 +358,8 @@ class _Connection:
             return [] if note is None else [note.encode()]
         if method == _frames.ENTRIES:
             if not 0 <= a <= b or b - a > _frames.MAX_ENTRIES:
-                raise AuditDataError(f"entries [{a}, {b}): ask for at most {_frames.MAX_ENTRIES} "
-                                     "records from a non-negative start")
+                raise AuditDataError(f"entries [{a}, {b}): ask for at most "
+                                     f"{_frames.MAX_ENTRIES} records from a non-negative start")
             return lg.entries(a, b)
         if method == _frames.INCLUSION_PROOF:
             return lg.inclusion_proof(a, b)
@@ -361,32 +369,68 @@ class _Connection:
             return [lg.root(a)]
         return [_frames.status(lg.size, lg.checkpoint_age)]
 
-    # -- the replier thread -----------------------------------------------------------------
+    # -- sending ----------------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        """Send from the reader thread (blocking, bounded by SO_SNDTIMEO)."""
+        with self._send_lock:
+            try:
+                self._sock.sendall(data)
+            except OSError as err:
+                self._drop(err)
+
+    def _deliver(self, data: bytes) -> None:
+        """Send from the committing thread: never block it. If the socket is busy or full,
+        the replier thread sends (the rest of) the frame."""
+        try:
+            if self._send_lock.acquire(blocking=False):
+                try:
+                    sent = self._sock.send(data, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as err:
+                    self._send_lock.release()
+                    self._drop(err)
+                    return
+                if sent == len(data):
+                    self._send_lock.release()
+                else:  # the replier sends the rest, then releases the lock
+                    self._leftovers.put((data[sent:], True))
+            else:
+                self._leftovers.put((data, False))
+        finally:
+            self._answered()
+
+    def _answered(self) -> None:
+        with self._idle:
+            self._outstanding -= 1
+            if self._outstanding == 0:
+                self._idle.notify_all()
+
+    def _drop(self, err: OSError) -> None:
+        if not self._server._stopping.is_set():
+            log.warning("audit socket: cannot answer %s (%s); disconnecting it", self._name, err)
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # the reader ends too
+        except OSError:
+            pass
 
     def _reply(self) -> None:
-        alive = True
+        """The replier thread: what the committing thread could not send at once."""
         try:
             while True:
-                item = self._replies.get()
-                if item is _END:
+                item = self._leftovers.get()
+                if item is None:
                     return
-                if isinstance(item, _Reply):
-                    data = item.frame(self._log.healthy)
-                else:
-                    assert isinstance(item, bytes)
-                    data = item
-                if not alive:
-                    continue  # drain: every commit still ends, nobody to tell
+                data, locked = item
+                if not locked:
+                    self._send_lock.acquire()
                 try:
                     self._sock.sendall(data)
                 except OSError as err:
-                    log.warning("audit socket: cannot answer %s (%s); disconnecting it",
-                                self._name, err)
-                    alive = False
-                    try:
-                        self._sock.shutdown(socket.SHUT_RDWR)  # the reader ends too
-                    except OSError:
-                        pass
+                    self._drop(err)
+                finally:
+                    self._send_lock.release()
         finally:
             self._reader.join()
             self._sock.close()

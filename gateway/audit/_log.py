@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -59,7 +60,7 @@ class _Batch:
     C-level lock hand-offs instead of a Python ``Condition.notify_all`` loop.
     """
 
-    __slots__ = ("_lock", "error", "records", "seconds")
+    __slots__ = ("_lock", "error", "records", "seconds", "then")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -69,21 +70,21 @@ class _Batch:
         #: remote appender's ``observe_commits``); set before the batch finishes.
         self.records = 0
         self.seconds = 0.0
+        #: Called by the committing thread once the batch has finished (see ``submit``).
+        self.then: list[Callable[[_Batch], None]] = []
 
     def wait(self) -> None:
         self._lock.acquire()
         self._lock.release()
 
-    def done(self) -> bool:
-        """Whether the commit has ended (durable or failed); never blocks."""
-        if self._lock.acquire(blocking=False):
-            self._lock.release()
-            return True
-        return False
-
     def finish(self, error: BaseException | None = None) -> None:
         self.error = error
         self._lock.release()
+        for callback in self.then:
+            try:
+                callback(self)
+            except Exception:  # a callback must not take the writer thread down
+                log.exception("audit commit callback failed")
 
 
 class AuditLog:
@@ -290,16 +291,19 @@ class AuditLog:
         self._pending_hashes.append(leaf)
         return leaf
 
-    def submit(self, records: Sequence[tuple[str, Mapping[str, object]]],
-               instance: str) -> tuple[int, list[bytes], _Batch]:
+    def submit(self, records: Sequence[tuple[str, Mapping[str, object]]], instance: str,
+               then: Callable[[int, list[bytes], _Batch], None], announced: int = 0) -> None:
         """Queue records of another process (the hub's LogServer); do not wait for them.
 
         ``records`` are ``(kind, fields)`` already checked by the caller (canonical values,
         no reserved key, non-empty kind); ``instance`` is the worker that wrote them. They
         get consecutive indexes and go to disk in one commit, made by the writer thread so
-        the submitting thread can read the worker's next frame meanwhile. Returns the first
-        index, the leaf hashes and the batch: ``wait()`` on it, then ``error`` is None once
-        the records are durable (only then may they be acknowledged).
+        the submitting thread can read the worker's next frame meanwhile. When the commit
+        has ended, the committing thread calls ``then(first index, leaf hashes, batch)``:
+        ``batch.error`` is None once the records are durable (only then may they be
+        acknowledged). It runs on the writer's path, so it must not block. ``announced``:
+        calls the worker started since its last submission (see :meth:`announce`); each
+        record consumes one announcement, as an ``append`` does.
         """
         if self._publish_error is not None:
             self._checkpoint()
@@ -312,11 +316,13 @@ class AuditLog:
                 raise AuditUnavailable("audit log is closed")
             first = self._size
             leaves = [self._queue(kind, fields, instance, time_ms) for kind, fields in records]
-            batch = self._batch
+            self._batch.then.append(functools.partial(then, first, leaves))
+            self._expected = max(self._expected + announced - len(records), 0)
+            if self._gathering and self._expected == 0:
+                self._wake.notify_all()
             if self._committer is None:
                 self._committer = _WRITER
                 self._wake.notify()
-        return first, leaves, batch
 
     def payload_digest(self, *chunks: bytes) -> str:
         """Keyed HMAC-SHA256 of the request payload, hex: records show equality, never content."""
