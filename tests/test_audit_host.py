@@ -469,3 +469,22 @@ def test_announced_calls_are_gathered_into_one_hub_commit(tmp_path, sock_path):
             assert commits[-1] == 3, commits
     finally:
         server.stop()
+
+
+def test_a_stuck_hub_makes_clients_unhealthy_until_it_moves(settings, sock_path):
+    """SIGSTOP: the hub holds its socket but answers nothing; health must not wait for it."""
+    hub = _hub(settings, sock_path)
+    client = RemoteAuditLog.connect(sock_path, settings, instance_id="w0")
+    try:
+        assert client.wait_connected(DEADLINE) and client.healthy
+        hub.send_signal(signal.SIGSTOP)
+        _wait_for(lambda: not client.healthy, "health to turn with the hub stopped")
+        hub.send_signal(signal.SIGCONT)
+        _wait_for(lambda: client.healthy, "health to come back when the hub moves again")
+        assert client.append("decision", {"request_id": "after"}).index > 0
+        client.close()
+    finally:
+        hub.send_signal(signal.SIGCONT)
+        hub.stdin.close()
+        hub.wait(DEADLINE)
+    assert hub.returncode == 0

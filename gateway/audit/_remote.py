@@ -51,6 +51,9 @@ ANSWER_SECONDS = 30.0
 FIRST_CONNECT_SECONDS = 2.0
 #: Reconnection backoff: first wait, longest wait (each failure doubles it, with jitter).
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 2.0
+#: How long ``healthy``, ``size`` and ``checkpoint_age`` wait for the hub (a stuck hub must
+#: not stall the health loop): no answer in time means unhealthy.
+STATUS_SECONDS = 2.0
 #: A hub health flag fresher than this (from any reply) answers ``healthy`` without asking.
 HEALTH_FRESH_SECONDS = 0.2
 #: Frame budget of one APPEND: records beyond it go in the next frame.
@@ -261,7 +264,8 @@ class RemoteAuditLog:
 
     # -- reads (forwarded) --------------------------------------------------------------------
 
-    def _call(self, method: int, a: int = 0, b: int = 0) -> list[bytes]:
+    def _call(self, method: int, a: int = 0, b: int = 0,
+              timeout: float = ANSWER_SECONDS) -> list[bytes]:
         call = _Call()
         with self._lock:
             sock = self._sock
@@ -270,11 +274,10 @@ class RemoteAuditLog:
             request = self._request = (self._request + 1) & 0xFFFFFFFF
             self._inflight[request] = call
         self._send(sock, _frames.call(request, method, a, b))
-        if not call.wait(ANSWER_SECONDS):
+        if not call.wait(timeout):
             with self._lock:
                 self._inflight.pop(request, None)
-            raise AuditUnavailable(f"the audit log hub did not answer within "
-                                   f"{ANSWER_SECONDS:.0f} s")
+            raise AuditUnavailable(f"the audit log hub did not answer within {timeout:.0f} s")
         if call.error:
             raise AuditUnavailable(call.error)
         if call.code != _frames.OK:
@@ -318,7 +321,8 @@ class RemoteAuditLog:
         return root
 
     def _status(self) -> None:
-        size, age = _frames.parse_status(self._call(_frames.STATUS)[0])
+        raw = self._call(_frames.STATUS, timeout=STATUS_SECONDS)[0]
+        size, age = _frames.parse_status(raw)
         self._size, self._age, self._age_at = size, age, time.monotonic()
 
     @property
