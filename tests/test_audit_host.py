@@ -315,7 +315,7 @@ def test_a_malformed_frame_closes_only_its_connection(settings, sock_path, serve
         _refused(s, "unexpected frame type 99")
     elif attack == "short-append":  # says 3 records, holds 1
         s = _raw(sock_path)
-        s.sendall(_frames.frame(_frames.APPEND, struct.pack("!III", 1, 0, 3) + item))
+        s.sendall(_frames.frame(_frames.APPEND, struct.pack("!II", 1, 3) + item))
         _refused(s, "fewer records")
     elif attack == "no-hello":
         s = _raw(sock_path, hello=False)
@@ -323,7 +323,7 @@ def test_a_malformed_frame_closes_only_its_connection(settings, sock_path, serve
         _refused(s, "HELLO")
     elif attack == "trailing-bytes":
         s = _raw(sock_path)
-        s.sendall(_frames.frame(_frames.APPEND, struct.pack("!III", 1, 0, 1) + item + b"xx"))
+        s.sendall(_frames.frame(_frames.APPEND, struct.pack("!II", 1, 1) + item + b"xx"))
         _refused(s, "after its last record")
     else:
         s = _raw(sock_path, hello=False)
@@ -442,10 +442,10 @@ def test_without_a_hub_clients_fail_closed_then_connect(settings, sock_path):
         client.close()
 
 
-def test_announced_calls_are_gathered_into_one_hub_commit(tmp_path, sock_path):
-    """A worker's announcements travel with its next frame, so the hub's group commit waits
-    for the records of calls in flight (here with a window long enough that only the gather,
-    never the clock, decides) and one commit carries them all."""
+def test_announced_calls_are_gathered_into_one_frame_and_commit(tmp_path, sock_path):
+    """The worker's sender waits for the records of calls announced in flight (here with a
+    window long enough that only the gather, never the clock, decides): one frame, one
+    reply and one hub commit carry them all."""
     s = AuditSettings(directory=tmp_path / "log", signing_key=tmp_path / "keys" / "log.skey",
                       payload_key=tmp_path / "keys" / "payload.key", name="test.local/audit",
                       group_commit_window_us=30_000_000)

@@ -9,8 +9,7 @@ layouts, so a socket peer cannot make the hub run code, and a malformed frame ra
     worker (RemoteAuditLog)                 hub (LogServer)
     HELLO    version, instance id       ->
                                         <-  WELCOME  version
-    APPEND   id, announced,             ->  sequenced into the hub's log, one commit
-             [(kind, fields)]
+    APPEND   id, [(kind, fields)]       ->  sequenced into the hub's log, one commit
                                         <-  APPENDED id, healthy, commit seconds,
                                                      [(index, leaf hash) | (code, message)]
     CALL     id, method, a, b           ->
@@ -55,7 +54,7 @@ MAX_INSTANCE = 256
 HEADER = struct.Struct("!IB")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
-_APPEND = struct.Struct("!III")          # request id, calls announced since, records
+_APPEND = struct.Struct("!II")           # request id, records
 _ITEM = struct.Struct("!BI")             # kind length, fields length
 _APPENDED = struct.Struct("!IBdI")       # request id, healthy, commit seconds, records
 _RECEIPT = struct.Struct("!BQ32s")       # OK, index, leaf hash
@@ -144,19 +143,16 @@ def item(kind: bytes, fields: bytes) -> bytes:
     return _ITEM.pack(len(kind), len(fields)) + kind + fields
 
 
-def append(request: int, items: list[bytes], announced: int = 0) -> bytes:
-    """An APPEND frame; ``announced``: calls the worker started since its last frame (each
-    will append a record soon: the hub's group commit waits briefly for them)."""
-    body = b"".join((_APPEND.pack(request, announced, len(items)), *items))
+def append(request: int, items: list[bytes]) -> bytes:
+    body = b"".join((_APPEND.pack(request, len(items)), *items))
     return HEADER.pack(len(body), APPEND) + body
 
 
-def parse_append(body: bytes) -> tuple[int, int, list[tuple[bytes, bytes]]]:
-    """The request id, the calls announced and the ``(kind, fields)`` byte strings of an
-    APPEND frame."""
+def parse_append(body: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """The request id and the ``(kind, fields)`` byte strings of an APPEND frame."""
     if len(body) < _APPEND.size:
         raise FrameError("APPEND frame too short")
-    request, announced, count = _APPEND.unpack_from(body)
+    request, count = _APPEND.unpack_from(body)
     pos, end = _APPEND.size, len(body)
     out = []
     for _ in range(count):
@@ -170,7 +166,7 @@ def parse_append(body: bytes) -> tuple[int, int, list[tuple[bytes, bytes]]]:
         pos += klen + flen
     if pos != end:
         raise FrameError("APPEND frame has bytes after its last record")
-    return request, announced, out
+    return request, out
 
 
 def receipt(index: int, leaf: bytes) -> bytes:

@@ -295,7 +295,7 @@ class _Connection:
             self._leftovers.put(None)
 
     def _append(self, body: bytes) -> None:
-        request, announced, items = _frames.parse_append(body)
+        request, items = _frames.parse_append(body)
         plan: list[bytes | None] = []
         records: list[tuple[str, dict[str, object]]] = []
         for raw_kind, raw_fields in items:
@@ -326,7 +326,7 @@ class _Connection:
         with self._idle:
             self._outstanding += 1
         try:
-            self._log.submit(records, self.instance, committed, announced)
+            self._log.submit(records, self.instance, committed)
         except AuditUnavailable as err:
             self._send(reply.frame(False, str(err)))
             self._answered()

@@ -292,7 +292,7 @@ class AuditLog:
         return leaf
 
     def submit(self, records: Sequence[tuple[str, Mapping[str, object]]], instance: str,
-               then: Callable[[int, list[bytes], _Batch], None], announced: int = 0) -> None:
+               then: Callable[[int, list[bytes], _Batch], None]) -> None:
         """Queue records of another process (the hub's LogServer); do not wait for them.
 
         ``records`` are ``(kind, fields)`` already checked by the caller (canonical values,
@@ -301,9 +301,8 @@ class AuditLog:
         the submitting thread can read the worker's next frame meanwhile. When the commit
         has ended, the committing thread calls ``then(first index, leaf hashes, batch)``:
         ``batch.error`` is None once the records are durable (only then may they be
-        acknowledged). It runs on the writer's path, so it must not block. ``announced``:
-        calls the worker started since its last submission (see :meth:`announce`); each
-        record consumes one announcement, as an ``append`` does.
+        acknowledged). It runs on the writer's path, so it must not block. (The worker
+        gathered its calls' records before sending them: no announcement is involved.)
         """
         if self._publish_error is not None:
             self._checkpoint()
@@ -317,9 +316,6 @@ class AuditLog:
             first = self._size
             leaves = [self._queue(kind, fields, instance, time_ms) for kind, fields in records]
             self._batch.then.append(functools.partial(then, first, leaves))
-            self._expected = max(self._expected + announced - len(records), 0)
-            if self._gathering and self._expected == 0:
-                self._wake.notify_all()
             if self._committer is None:
                 self._committer = _WRITER
                 self._wake.notify()

@@ -7,10 +7,12 @@ The worker does the least it can per call: the reserved-key test and one C call 
 the caller's fields into their RFC 8785 bytes (orjson, sorted keys); the hub checks those
 bytes with the verifier's rule, adds the reserved keys and hashes the leaf
 (:mod:`gateway.audit._host`). Appends of concurrent calls are batched without a thread
-hand-off: whichever appender finds nobody sending sends every record queued so far as one
-frame (and whatever queued meanwhile, as the next), then waits for its own receipt like the
-others. One reply frame carries a frame's receipts, all from one durable commit; the
-connection's reader thread wakes the frame's appenders with one lock release each.
+hand-off: whichever appender finds nobody sending gathers, as the file log's committer
+does, the records of the calls announced in flight (``announce``; at most
+``group_commit_window_us``), sends them as one frame (and whatever queued meanwhile, as the
+next), then waits for its own receipt like the others. One reply frame carries a frame's
+receipts, all from one durable commit; the connection's reader thread wakes the frame's
+appenders with one lock release each.
 
 The payload digest stays here (the worker has the key file). Reads are forwarded to the hub.
 If the hub goes away, every append waiting for a receipt and every new one raises
@@ -126,7 +128,8 @@ class _Call(_Waiter):
 class RemoteAuditLog:
     """The host's audit log as a worker process sees it (an ``AuditSink``)."""
 
-    def __init__(self, socket_path: Path, instance_id: str, payload_key: bytes) -> None:
+    def __init__(self, socket_path: Path, instance_id: str, payload_key: bytes,
+                 window_us: int = 0) -> None:
         self._path = str(socket_path)
         self._instance = instance_id
         self._payload_key = payload_key
@@ -135,7 +138,11 @@ class RemoteAuditLog:
         self._sock: socket.socket | None = None
         self._queue: collections.deque[_Outgoing] = collections.deque()
         self._sending = False
-        self._announced = 0           # calls announced since the last APPEND frame
+        # Calls announced that will append soon, and whether a sender waits for them.
+        self._expected = 0
+        self._gathering = False
+        self._gathered = threading.Condition(self._lock)
+        self._window = window_us / 1e6
         self._inflight: dict[int, _Waiter] = {}
         self._request = 0
         self._on_commit: Callable[[float, int], None] | None = None
@@ -158,7 +165,8 @@ class RemoteAuditLog:
         absent hub: it waits up to ``FIRST_CONNECT_SECONDS`` for the first connection, then
         returns anyway, unhealthy, and keeps connecting in the background.
         """
-        self = cls(socket_path, instance_id, _keys.load_hmac_key(settings.payload_key))
+        self = cls(socket_path, instance_id, _keys.load_hmac_key(settings.payload_key),
+                   settings.group_commit_window_us)
         self._thread.start()
         self._connected.wait(FIRST_CONNECT_SECONDS)
         return self
@@ -198,6 +206,10 @@ class RemoteAuditLog:
             slot = len(out.items)
             out.items.append(rec)
             out.size += len(rec)
+            if self._expected > 0:
+                self._expected -= 1
+            if self._gathering and self._expected == 0:
+                self._gathered.notify()
             lead = not self._sending
             if lead:
                 self._sending = True
@@ -216,9 +228,15 @@ class RemoteAuditLog:
         raise AuditUnavailable(str(value))
 
     def _send_queued(self) -> None:
-        """Send every queued frame, including those queued while sending; then step down."""
+        """Send the queued frame (after gathering announced calls' records into it), then
+        whatever queued meanwhile (at once: each further frame is one quick write, while
+        the caller's own record is already on its way); then step down."""
+        gather = True
         while True:
             with self._lock:
+                if gather:
+                    self._gather()
+                    gather = False
                 if not self._queue:
                     self._sending = False
                     return
@@ -229,8 +247,7 @@ class RemoteAuditLog:
                     continue
                 request = self._request = (self._request + 1) & 0xFFFFFFFF
                 self._inflight[request] = out
-                announced, self._announced = min(self._announced, 0xFFFFFFFF), 0
-            self._send(sock, _frames.append(request, out.items, announced))
+            self._send(sock, _frames.append(request, out.items))
 
     def _send(self, sock: socket.socket, data: bytes) -> None:
         """Put one frame on the wire; on failure drop the connection (the reader thread then
@@ -246,12 +263,30 @@ class RemoteAuditLog:
                 pass
 
     def announce(self) -> None:
-        """A call has started that will append a record: counted here, and the count goes to
-        the hub with the next APPEND frame, so the hub's group commit can wait (at most
-        ``group_commit_window_us``) for the records of calls in flight, as the file log does
-        for its own process's calls. No frame of its own: an announcement costs no syscall."""
+        """A call has started that will append a record soon: the appender about to send a
+        frame waits (at most ``group_commit_window_us``) until every announced call has queued
+        its record, so that under load one frame, one reply and one commit carry many
+        records. The file log gathers its commits the same way."""
         with self._lock:
-            self._announced += 1
+            self._expected += 1
+
+    def _gather(self) -> None:
+        """With the lock held: wait briefly for announced calls' records to join the frame."""
+        if self._window <= 0 or self._expected == 0:
+            return
+        deadline = time.monotonic() + self._window
+        self._gathering = True
+        try:
+            while self._expected > 0 and self._sock is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    # Calls announced but not appending (yet) must not delay every frame:
+                    # forget them; the next announcements start afresh.
+                    self._expected = 0
+                    break
+                self._gathered.wait(remaining)
+        finally:
+            self._gathering = False
 
     def payload_digest(self, *chunks: bytes) -> str:
         """Keyed HMAC-SHA256 of the request payload (computed here, with the worker's key)."""
@@ -475,6 +510,7 @@ class RemoteAuditLog:
             waiting = [*self._inflight.values(), *self._queue]
             self._inflight.clear()
             self._queue.clear()
+            self._gathered.notify_all()  # a sender gathering records: nothing more will come
         for w in waiting:
             w.fail(f"audit log hub connection lost: {reason}")
         try:
