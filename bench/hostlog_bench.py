@@ -6,6 +6,9 @@ Side by side in one run, alternating, ``ROUNDS`` times:
   * baseline: one process, the file ``AuditLog``, 16 threads appending decision records;
   * host: a ``LogServer`` in this process (the hub) and 2 worker processes x 8 threads
     appending the same records through ``RemoteAuditLog``.
+Two shapes of load: back to back (each thread appends again as soon as it has its receipt),
+and call-shaped (each thread announces a call, waits ``WORK_US`` with the GIL released as
+inference would, then appends: what the gateway's guard does, so group commit can gather).
 Printed: durable records/s and its ratio to the baseline, and the CPU per record (user +
 system) of ALL the processes involved, split into the workers' share (what a call pays on
 the request path) and the hub's. Figures go in bench/README.md with the load average.
@@ -27,6 +30,8 @@ from gateway.audit import AuditLog, LogServer
 
 SECONDS = 3.0
 ROUNDS = 3
+#: Simulated inference per call in the call-shaped rows (microseconds, GIL released).
+WORK_US = 300
 WORKERS, THREADS = 2, 8
 
 _WORKER = r"""
@@ -34,21 +39,26 @@ import resource, sys, threading, time
 from pathlib import Path
 from gateway.audit import AuditSettings, RemoteAuditLog
 from bench.audit_bench import DECISION
-sock, key, instance, threads, seconds = sys.argv[1:6]
+sock, key, instance, threads, seconds, work = sys.argv[1:7]
+work = float(work) / 1e6
 log = RemoteAuditLog.connect(Path(sock), AuditSettings(payload_key=Path(key)),
                              instance_id=instance)
+pause = threading.Event()
 assert log.wait_connected(60)
 print("ready", flush=True)
 sys.stdin.readline()
 counts = [0] * int(threads)
 stop = threading.Event()
-def work(i):
+def run(i):
     n = 0
     while not stop.is_set():
+        if work:
+            log.announce()
+            pause.wait(work)
         log.append("decision", DECISION)
         n += 1
     counts[i] = n
-ts = [threading.Thread(target=work, args=(i,)) for i in range(int(threads))]
+ts = [threading.Thread(target=run, args=(i,)) for i in range(int(threads))]
 r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
 for t in ts: t.start()
 stop.wait(float(seconds))
@@ -66,15 +76,18 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _in_process(root: Path) -> tuple[float, float]:
+def _in_process(root: Path, work_us: int) -> tuple[float, float]:
     """records/s and CPU seconds per record of 16 threads on the in-process log."""
     log = AuditLog.open(_settings(root), instance_id="bench")
     counts = [0] * (WORKERS * THREADS)
-    stop = threading.Event()
+    stop, pause = threading.Event(), threading.Event()
 
     def work(i: int) -> None:
         n = 0
         while not stop.is_set():
+            if work_us:
+                log.announce()
+                pause.wait(work_us / 1e6)
             log.append("decision", DECISION)
             n += 1
         counts[i] = n
@@ -93,13 +106,14 @@ def _in_process(root: Path) -> tuple[float, float]:
     return n / (t1 - t0), (c1 - c0) / n
 
 
-def _host(root: Path) -> tuple[float, float, float]:
+def _host(root: Path, work_us: int) -> tuple[float, float, float]:
     """records/s, workers' and hub's CPU seconds per record through one LogServer."""
     s = _settings(root)
     server = LogServer(s, root / "run" / "audit.sock", instance_id="bench/hub")
     server.start()
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(root / "run" / "audit.sock"),
-                               str(s.payload_key), f"bench/w{k}", str(THREADS), str(SECONDS)],
+                               str(s.payload_key), f"bench/w{k}", str(THREADS), str(SECONDS),
+                               str(work_us)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parent.parent)
              for k in range(WORKERS)]
@@ -135,15 +149,18 @@ def run() -> None:
         print(f"durable decision records, {SECONDS:.0f} s each: in-process AuditLog "
               f"({WORKERS * THREADS} threads) vs {WORKERS} worker processes x {THREADS} "
               f"threads through one LogServer; load average {os.getloadavg()[0]:.1f}")
-        print("  round  in-process rec/s  cpu/rec | host rec/s  ratio  cpu/rec (workers + hub)"
-              "  cpu ratio")
-        for r in range(ROUNDS):
-            (root / f"i{r}").mkdir()
-            base, base_cpu = _in_process(root / f"i{r}")
-            (root / f"h{r}").mkdir()
-            rate, worker_cpu, hub_cpu = _host(root / f"h{r}")
-            total = worker_cpu + hub_cpu
-            print(f"  {r + 1:5d}  {base:16,.0f}  {base_cpu * 1e6:5.1f} us | {rate:10,.0f} "
-                  f"{rate / base:5.2f}x  {total * 1e6:5.1f} us ({worker_cpu * 1e6:4.1f} + "
-                  f"{hub_cpu * 1e6:4.1f})  {total / base_cpu:5.2f}x")
+        for work_us in (0, WORK_US):
+            shape = f"call-shaped, {work_us} us of work a call" if work_us else "back to back"
+            print(f"  {shape}:")
+            print("  round  in-process rec/s  cpu/rec | host rec/s  ratio  cpu/rec "
+                  "(workers + hub)  cpu ratio")
+            for r in range(ROUNDS):
+                (root / f"i{work_us}.{r}").mkdir()
+                base, base_cpu = _in_process(root / f"i{work_us}.{r}", work_us)
+                (root / f"h{work_us}.{r}").mkdir()
+                rate, worker_cpu, hub_cpu = _host(root / f"h{work_us}.{r}", work_us)
+                total = worker_cpu + hub_cpu
+                print(f"  {r + 1:5d}  {base:16,.0f}  {base_cpu * 1e6:5.1f} us | {rate:10,.0f} "
+                      f"{rate / base:5.2f}x  {total * 1e6:5.1f} us ({worker_cpu * 1e6:4.1f} + "
+                      f"{hub_cpu * 1e6:4.1f})  {total / base_cpu:5.2f}x")
         print(f"  load average after: {os.getloadavg()[0]:.1f}")
