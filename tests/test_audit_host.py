@@ -300,7 +300,7 @@ def _refused(s: socket.socket, reason: str) -> None:
 
 
 @pytest.mark.parametrize("attack", ["oversized", "unknown-type", "short-append", "no-hello",
-                                    "trailing-bytes", "bad-version"])
+                                    "trailing-bytes", "bad-version", "too-many-records"])
 def test_a_malformed_frame_closes_only_its_connection(settings, sock_path, server, attack):
     good = RemoteAuditLog.connect(sock_path, settings, instance_id="w0")
     before = good.append("decision", {"request_id": "before"})
@@ -321,6 +321,10 @@ def test_a_malformed_frame_closes_only_its_connection(settings, sock_path, serve
         s = _raw(sock_path, hello=False)
         s.sendall(_frames.append(1, [item]))
         _refused(s, "HELLO")
+    elif attack == "too-many-records":
+        s = _raw(sock_path)
+        s.sendall(_frames.frame(_frames.APPEND, struct.pack("!II", 1, 1 << 20) + item))
+        _refused(s, "exceeds the limit")
     elif attack == "trailing-bytes":
         s = _raw(sock_path)
         s.sendall(_frames.frame(_frames.APPEND, struct.pack("!II", 1, 1) + item + b"xx"))

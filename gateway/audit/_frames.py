@@ -46,6 +46,8 @@ MAX_REQUEST = 16 << 20
 MAX_REPLY = 256 << 20
 #: Most bytes of one record's fields (so any single record fits a frame).
 MAX_FIELDS = MAX_REQUEST - 1024
+#: Most records one APPEND frame may carry (bounds the work and the reply one frame causes).
+MAX_RECORDS = 16384
 #: Most records one ENTRIES read returns (the worker pages).
 MAX_ENTRIES = 1000
 #: Longest instance id a worker may name itself with.
@@ -153,6 +155,8 @@ def parse_append(body: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
     if len(body) < _APPEND.size:
         raise FrameError("APPEND frame too short")
     request, count = _APPEND.unpack_from(body)
+    if count > MAX_RECORDS:
+        raise FrameError(f"APPEND frame of {count} records exceeds the limit of {MAX_RECORDS}")
     pos, end = _APPEND.size, len(body)
     out = []
     for _ in range(count):
@@ -174,7 +178,7 @@ def receipt(index: int, leaf: bytes) -> bytes:
 
 
 def failed(code: int, message: str) -> bytes:
-    raw = message.encode()[:4096]
+    raw = message.encode()[:512]
     return _FAILED.pack(code, len(raw)) + raw
 
 

@@ -200,7 +200,8 @@ class RemoteAuditLog:
             if self._sock is None:
                 raise AuditUnavailable(f"audit log hub unreachable: {self._reason}")
             out = self._queue[-1] if self._queue else None
-            if out is None or out.size + len(rec) > _FRAME_BUDGET:
+            if (out is None or out.size + len(rec) > _FRAME_BUDGET
+                    or len(out.items) == _frames.MAX_RECORDS):
                 out = _Outgoing()
                 self._queue.append(out)
             slot = len(out.items)
