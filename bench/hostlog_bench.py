@@ -8,7 +8,9 @@ Side by side in one run, alternating, ``ROUNDS`` times:
     appending the same records through ``RemoteAuditLog``.
 Two shapes of load: back to back (each thread appends again as soon as it has its receipt),
 and call-shaped (each thread announces a call, waits ``WORK_US`` with the GIL released as
-inference would, then appends: what the gateway's guard does, so group commit can gather).
+inference would, then appends: what the gateway's guard does, so group commit can gather);
+for the latter, the CPU of the simulated calls alone (no log) is printed beside, to subtract.
+Last, one caller appending back to back: the median append latency, in-process vs socket.
 Printed: durable records/s and its ratio to the baseline, and the CPU per record (user +
 system) of ALL the processes involved, split into the workers' share (what a call pays on
 the request path) and the hub's. Figures go in bench/README.md with the load average.
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 
 from bench.audit_bench import DECISION, _settings
-from gateway.audit import AuditLog, LogServer
+from gateway.audit import AuditLog, AuditSink, LogServer
 
 SECONDS = 3.0
 ROUNDS = 3
@@ -35,38 +37,17 @@ WORK_US = 300
 WORKERS, THREADS = 2, 8
 
 _WORKER = r"""
-import resource, sys, threading, time
+import sys
 from pathlib import Path
 from gateway.audit import AuditSettings, RemoteAuditLog
-from bench.audit_bench import DECISION
-sock, key, instance, threads, seconds, work = sys.argv[1:7]
-work = float(work) / 1e6
+from bench.hostlog_bench import loop
+sock, key, instance, threads, work = sys.argv[1:6]
 log = RemoteAuditLog.connect(Path(sock), AuditSettings(payload_key=Path(key)),
                              instance_id=instance)
-pause = threading.Event()
 assert log.wait_connected(60)
 print("ready", flush=True)
 sys.stdin.readline()
-counts = [0] * int(threads)
-stop = threading.Event()
-def run(i):
-    n = 0
-    while not stop.is_set():
-        if work:
-            log.announce()
-            pause.wait(work)
-        log.append("decision", DECISION)
-        n += 1
-    counts[i] = n
-ts = [threading.Thread(target=run, args=(i,)) for i in range(int(threads))]
-r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-for t in ts: t.start()
-stop.wait(float(seconds))
-stop.set()
-for t in ts: t.join()
-r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
-print(sum(counts), t1 - t0, cpu, flush=True)
+print(*loop(log, int(threads), int(work)), flush=True)
 log.close()
 """
 
@@ -76,23 +57,28 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _in_process(root: Path, work_us: int) -> tuple[float, float]:
-    """records/s and CPU seconds per record of 16 threads on the in-process log."""
-    log = AuditLog.open(_settings(root), instance_id="bench")
-    counts = [0] * (WORKERS * THREADS)
+def loop(log: AuditSink | None, threads: int, work_us: int) -> tuple[int, float, float, float]:
+    """``threads`` callers for SECONDS: records, seconds, CPU seconds of this process, and the
+    median append latency (s). ``log`` None: the simulated calls alone."""
+    counts = [0] * threads
+    latencies: list[list[float]] = [[] for _ in range(threads)]
     stop, pause = threading.Event(), threading.Event()
 
-    def work(i: int) -> None:
-        n = 0
+    def run(i: int) -> None:
+        n, lat, clock = 0, latencies[i], time.perf_counter
         while not stop.is_set():
             if work_us:
-                log.announce()
+                if log is not None:
+                    log.announce()
                 pause.wait(work_us / 1e6)
-            log.append("decision", DECISION)
+            if log is not None:
+                t = clock()
+                log.append("decision", DECISION)
+                lat.append(clock() - t)
             n += 1
         counts[i] = n
 
-    ts = [threading.Thread(target=work, args=(i,)) for i in range(len(counts))]
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
     c0, t0 = _cpu(), time.perf_counter()
     for t in ts:
         t.start()
@@ -101,22 +87,32 @@ def _in_process(root: Path, work_us: int) -> tuple[float, float]:
     for t in ts:
         t.join()
     c1, t1 = _cpu(), time.perf_counter()
-    log.close()
-    n = sum(counts)
-    return n / (t1 - t0), (c1 - c0) / n
+    every = sorted(x for lat in latencies for x in lat)
+    return sum(counts), t1 - t0, c1 - c0, every[len(every) // 2] if every else 0.0
 
 
-def _host(root: Path, work_us: int) -> tuple[float, float, float]:
-    """records/s, workers' and hub's CPU seconds per record through one LogServer."""
+def _in_process(root: Path, threads: int, work_us: int) -> tuple[float, float, float]:
+    """records/s, CPU seconds per record and median latency on the in-process log."""
+    log = AuditLog.open(_settings(root), instance_id="bench")
+    try:
+        n, elapsed, cpu, p50 = loop(log, threads, work_us)
+    finally:
+        log.close()
+    return n / elapsed, cpu / n, p50
+
+
+def _host(root: Path, workers: int, threads: int,
+          work_us: int) -> tuple[float, float, float, float]:
+    """records/s, the workers' and the hub's CPU seconds per record, and the workers' median
+    latency, through one LogServer."""
     s = _settings(root)
     server = LogServer(s, root / "run" / "audit.sock", instance_id="bench/hub")
     server.start()
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(root / "run" / "audit.sock"),
-                               str(s.payload_key), f"bench/w{k}", str(THREADS), str(SECONDS),
-                               str(work_us)],
+                               str(s.payload_key), f"bench/w{k}", str(threads), str(work_us)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parent.parent)
-             for k in range(WORKERS)]
+             for k in range(workers)]
     try:
         for p in procs:
             assert p.stdout is not None and p.stdout.readline().strip() == "ready"
@@ -128,8 +124,8 @@ def _host(root: Path, work_us: int) -> tuple[float, float, float]:
         results = []
         for p in procs:
             assert p.stdout is not None
-            n, elapsed, cpu = p.stdout.readline().split()
-            results.append((int(n), float(elapsed), float(cpu)))
+            n, elapsed, cpu, p50 = p.stdout.readline().split()
+            results.append((int(n), float(elapsed), float(cpu), float(p50)))
         hub_cpu = _cpu() - c0
         for p in procs:
             p.wait(60)
@@ -139,7 +135,8 @@ def _host(root: Path, work_us: int) -> tuple[float, float, float]:
                 p.kill()
         server.stop()
     n = sum(r[0] for r in results)
-    return (n / max(r[1] for r in results), sum(r[2] for r in results) / n, hub_cpu / n)
+    return (n / max(r[1] for r in results), sum(r[2] for r in results) / n, hub_cpu / n,
+            max(r[3] for r in results))
 
 
 def run() -> None:
@@ -153,14 +150,28 @@ def run() -> None:
             shape = f"call-shaped, {work_us} us of work a call" if work_us else "back to back"
             print(f"  {shape}:")
             print("  round  in-process rec/s  cpu/rec | host rec/s  ratio  cpu/rec "
-                  "(workers + hub)  cpu ratio")
+                  "(workers + hub)  cpu ratio" + ("  | calls alone cpu/call" if work_us else ""))
             for r in range(ROUNDS):
                 (root / f"i{work_us}.{r}").mkdir()
-                base, base_cpu = _in_process(root / f"i{work_us}.{r}", work_us)
+                base, base_cpu, _ = _in_process(root / f"i{work_us}.{r}", WORKERS * THREADS,
+                                                work_us)
                 (root / f"h{work_us}.{r}").mkdir()
-                rate, worker_cpu, hub_cpu = _host(root / f"h{work_us}.{r}", work_us)
+                rate, worker_cpu, hub_cpu, _ = _host(root / f"h{work_us}.{r}", WORKERS, THREADS,
+                                                     work_us)
                 total = worker_cpu + hub_cpu
+                alone = ""
+                if work_us:
+                    n, _, cpu, _ = loop(None, WORKERS * THREADS, work_us)
+                    alone = f"  | {cpu / n * 1e6:5.1f} us"
                 print(f"  {r + 1:5d}  {base:16,.0f}  {base_cpu * 1e6:5.1f} us | {rate:10,.0f} "
                       f"{rate / base:5.2f}x  {total * 1e6:5.1f} us ({worker_cpu * 1e6:4.1f} + "
-                      f"{hub_cpu * 1e6:4.1f})  {total / base_cpu:5.2f}x")
+                      f"{hub_cpu * 1e6:4.1f})  {total / base_cpu:5.2f}x{alone}")
+        print("  one caller, back to back: median append latency in-process | socket (ratio)")
+        for r in range(ROUNDS):
+            (root / f"i1.{r}").mkdir()
+            _, _, p50 = _in_process(root / f"i1.{r}", 1, 0)
+            (root / f"h1.{r}").mkdir()
+            _, _, _, host_p50 = _host(root / f"h1.{r}", 1, 1, 0)
+            print(f"  {r + 1:5d}  {p50 * 1e6:7.0f} us | {host_p50 * 1e6:7.0f} us "
+                  f"({host_p50 / p50:4.2f}x)")
         print(f"  load average after: {os.getloadavg()[0]:.1f}")
