@@ -20,6 +20,7 @@ closed; the others are not affected. The socket is created mode 0600 in a 0700 d
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import queue
@@ -62,6 +63,7 @@ class LogServer:
         self._log: AuditLog | None = None
         self._listener: socket.socket | None = None
         self._inode = 0
+        self._lock_fd = -1
         self._lock = threading.Lock()
         self._connections: set[_Connection] = set()
         self._stopping = threading.Event()
@@ -82,12 +84,17 @@ class LogServer:
     def start(self) -> None:
         """Open the log (failing as :meth:`AuditLog.open` does), bind the socket, serve."""
         self._check_directory()
-        self._refuse_live_peer()
-        self._log = AuditLog.open(self._settings, instance_id=self._instance)
+        self._take_lock()
+        try:
+            self._log = AuditLog.open(self._settings, instance_id=self._instance)
+        except BaseException:
+            self._release_lock()
+            raise
         try:
             self._listener = self._bind()
         except OSError as err:
             self._log.close()
+            self._release_lock()
             raise AuditUnavailable(f"cannot serve the audit log on {self._path}: {err}") from None
         self._acceptor.start()
         log.info("audit log %s served on %s", self._settings.directory, self._path)
@@ -102,18 +109,24 @@ class LogServer:
                 f"mode 0700 (it is {stat.filemode(st.st_mode)}, uid {st.st_uid}): another "
                 "user could reach the socket; fix it with chmod 700")
 
-    def _refuse_live_peer(self) -> None:
-        """A socket another hub still answers on is not ours to replace (two writers of one
-        log would fork it); one nobody answers on is a dead hub's, replaced on bind."""
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def _take_lock(self) -> None:
+        """One hub per socket: a second one (two writers of one log would fork it) is refused
+        while the first holds the lock file beside the socket. The kernel releases it when
+        its holder dies, so a killed hub's successor starts at once."""
+        path = self._path.with_name(self._path.name + ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            probe.settimeout(1.0)
-            probe.connect(str(self._path))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            return
-        finally:
-            probe.close()
-        raise AuditUnavailable(f"another audit log server is serving on {self._path}")
+            os.close(fd)
+            raise AuditUnavailable(f"another audit log server is serving on {self._path} "
+                                   f"(it holds {path})") from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def _bind(self) -> socket.socket:
         """Bind under a temporary name, make it 0600, then rename it into place (atomic, so a
@@ -190,6 +203,7 @@ class LogServer:
             conn.join()
         if self._log is not None:
             self._log.close()
+        self._release_lock()
 
 
 class _Reply:
