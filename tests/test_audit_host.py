@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -98,6 +100,7 @@ def _wait_for(condition, what: str, deadline: float = DEADLINE) -> None:
 
 _WORKER = r"""
 import sys, threading
+from dataclasses import replace
 from pathlib import Path
 from gateway.audit import AuditSettings, RemoteAuditLog
 sock, key, instance, threads, count = sys.argv[1:6]
@@ -122,6 +125,7 @@ print("\n".join(out), flush=True)
 
 _HUB = r"""
 import sys
+from dataclasses import replace
 from pathlib import Path
 from gateway.audit import AuditSettings, LogServer
 d, skey, pkey, name, sock = sys.argv[1:6]
@@ -492,3 +496,34 @@ def test_a_stuck_hub_makes_clients_unhealthy_until_it_moves(settings, sock_path)
         hub.stdin.close()
         hub.wait(DEADLINE)
     assert hub.returncode == 0
+
+
+def test_a_hub_log_that_cannot_write_fails_workers_closed_then_recovers(settings, sock_path):
+    """The hub's disk refuses a write (file size limit): the worker's append fails closed,
+    its health turns, and both come back with the next commit that lands."""
+    s = replace(settings, preallocate=False, checkpoint_ms=60_000)
+    server = LogServer(s, sock_path, instance_id="hub")
+    server.start()
+    client = RemoteAuditLog.connect(sock_path, s, instance_id="w0")
+    try:
+        acked = [client.append("decision", {"request_id": f"r{i}"}) for i in range(5)]
+        seg = list_segments(s.directory)[-1][1]
+        old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (seg.stat().st_size + 40, hard))
+        try:
+            with pytest.raises(AuditUnavailable, match="durable"):
+                client.append("decision", {"request_id": "refused", "note": "x" * 200})
+            assert not client.healthy
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, old)
+        acked.append(client.append("decision", {"request_id": "after"}))
+        assert client.healthy
+        client.close()
+    finally:
+        server.stop()
+    records = _records(s)
+    for r in acked:
+        assert _leaf(records[r.index]) == r.leaf_hash
+    assert not any(b'"refused"' in r for r in records)
