@@ -527,3 +527,47 @@ def test_a_hub_log_that_cannot_write_fails_workers_closed_then_recovers(settings
     for r in acked:
         assert _leaf(records[r.index]) == r.leaf_hash
     assert not any(b'"refused"' in r for r in records)
+
+
+_LOOPING_WORKER = r"""
+import sys
+from pathlib import Path
+from gateway.audit import AuditSettings, RemoteAuditLog
+log = RemoteAuditLog.connect(Path(sys.argv[1]), AuditSettings(payload_key=Path(sys.argv[2])),
+                             instance_id="doomed")
+assert log.wait_connected(60)
+i = 0
+while True:
+    r = log.append("decision", {"request_id": f"doomed-{i}"})
+    print(r.index, r.leaf_hash.hex(), flush=True)
+    i += 1
+"""
+
+
+def test_a_worker_killed_mid_append_harms_neither_the_hub_nor_other_workers(
+        settings, sock_path, server, tmp_path):
+    good = RemoteAuditLog.connect(sock_path, settings, instance_id="w0")
+    doomed = _spawn(_LOOPING_WORKER, sock_path, settings.payload_key)
+    try:
+        assert doomed.stdout is not None
+        acked = {}
+        for _ in range(50):  # its receipts, as they come
+            ready, _, _ = select.select([doomed.stdout], [], [], DEADLINE)
+            assert ready, doomed.stderr.read()
+            index, leaf = doomed.stdout.readline().split()
+            acked[int(index)] = bytes.fromhex(leaf)
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(DEADLINE)
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+    after = [good.append("decision", {"request_id": f"after-{i}"}) for i in range(5)]
+    assert good.healthy and server.log.healthy
+    good.close()
+    server.stop()
+    records = _records(settings)
+    for index, leaf in acked.items():
+        assert _leaf(records[index]) == leaf
+    for r in after:
+        assert _leaf(records[r.index]) == r.leaf_hash
+    _verify_cli(settings, tmp_path)
