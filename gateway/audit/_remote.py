@@ -552,3 +552,12 @@ class RemoteAuditLog:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+
+if TYPE_CHECKING:
+    from gateway.audit._log import AuditLog
+    from gateway.audit._sink import AuditSink
+
+    def _satisfies_the_sink(remote: RemoteAuditLog, local: AuditLog) -> list[AuditSink]:
+        """mypy checks here that both backends keep the serving layer's protocol."""
+        return [remote, local]
