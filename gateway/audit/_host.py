@@ -303,6 +303,8 @@ class _Connection:
         except OSError as err:
             if not self._server._stopping.is_set():
                 log.info("audit socket: connection of %s ended: %s", self._name, err)
+        except Exception:  # a bug must close this connection, never leave it hanging
+            log.exception("audit socket: closing the connection of %s", self._name)
         finally:
             with self._idle:  # every commit still ends; answer what can be answered
                 self._idle.wait_for(lambda: self._outstanding == 0)
@@ -341,8 +343,10 @@ class _Connection:
             self._outstanding += 1
         try:
             self._log.submit(records, self.instance, committed)
-        except AuditUnavailable as err:
-            self._send(reply.frame(False, str(err)))
+        except Exception as err:  # the log refused them all: none is queued, answer now
+            if not isinstance(err, AuditUnavailable):
+                log.exception("audit socket: records of %s not taken", self._name)
+            self._send(reply.frame(False, str(err) or "internal error in the audit hub"))
             self._answered()
 
     def _call(self, body: bytes) -> None:
