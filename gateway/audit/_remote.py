@@ -481,12 +481,15 @@ class RemoteAuditLog:
             raise FrameError(f"the hub answered request {request}, which is not an append "
                              "in flight (or with the wrong number of results)")
         out.results = results
-        out.finish()
         callback = self._on_commit
-        if callback is not None:
+        if callback is not None:  # before the appenders wake: their metrics are in by then
             durable = sum(1 for r in results if r[0] == _frames.OK)
             if durable:
-                callback(seconds, durable)
+                try:
+                    callback(seconds, durable)
+                except Exception:
+                    log.exception("audit commit observer failed")
+        out.finish()
 
     def _result(self, body: bytes) -> None:
         request, healthy, code, items = _frames.parse_result(body)
