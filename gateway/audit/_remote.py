@@ -478,6 +478,7 @@ class RemoteAuditLog:
         if out is None:
             return  # answered after its appenders gave up waiting
         if not isinstance(out, _Outgoing) or len(results) != len(out.items):
+            out.fail("the audit log hub's answer does not match the request")
             raise FrameError(f"the hub answered request {request}, which is not an append "
                              "in flight (or with the wrong number of results)")
         out.results = results
@@ -499,6 +500,7 @@ class RemoteAuditLog:
         if call is None:
             return  # answered after the reader gave up waiting
         if not isinstance(call, _Call):
+            call.fail("the audit log hub's answer does not match the request")
             raise FrameError(f"the hub answered request {request}, which is not a read "
                              "in flight")
         call.code, call.items = code, items
