@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
@@ -64,27 +65,253 @@ _TICK_S = 0.1
 _READ_GRACE_S = 0.25
 #: The key summaries fold into when the table is full.
 OTHER = "(other)"
+#: The most of one worker's time a throttled connection keeps busy while others are served.
+THROTTLED_SHARE = 0.1
+_PAUSE = 1 / THROTTLED_SHARE - 1
+#: How long no other call must have run for a throttled connection to be served unpaused.
+_IDLE_S = 0.01
 
 
 class WorkerPool(ThreadPoolExecutor):
-    """The server's worker threads, counting the calls that wait for one."""
+    """The server's worker threads, shared among client connections rather than first come,
+    first served; connections over their refusal rate are *throttled*.
 
-    def __init__(self, workers: int) -> None:
-        super().__init__(max_workers=workers, thread_name_prefix="rpc")
-        self._count_lock = threading.Lock()
+    gRPC hands every call to ``submit`` as ``(context.run, <in-pool function>, rpc_event,
+    ...)``; the event's call names the connection (its peer address), read without a lock
+    or a copy of the certificate. Each connection has its own queue and free workers take
+    the connections' first calls in turn, so a flood queued on one connection does not
+    stand ahead of another connection's call.
+
+    One Python process executes one thread at a time: a flood that keeps workers busy
+    takes the others' turns at the interpreter however the queue is ordered, so its calls
+    must not start as fast as it sends them. A connection with a call refused beyond its
+    caller's refusal rate (:meth:`throttle`) is throttled until it has had no refused call
+    for ``refusal_burst / refusal_rate`` seconds (the time its bucket takes to refill):
+
+    - its calls run one at a time, and the next starts only after a pause of
+      ``(1 / THROTTLED_SHARE - 1)`` times the last one's duration, so that it keeps a worker
+      busy at most that share of the time;
+    - but while no other connection's call has run for ``_IDLE_S`` it is served without
+      the pause (nobody is waiting: a lone client is not slowed);
+    - at most ``workers`` of its calls are held; beyond that they are served as if it were
+      not throttled, so a client that sends without waiting for answers cannot make the
+      gateway hold calls without bound (grpc's ``maximum_concurrent_rpcs`` counts them).
+
+    Nothing is refused here: calls wait. Streams (responses streamed: reflection, health
+    Watch) are not throttled or counted; the stream limits bound them.
+
+    A ``ThreadPoolExecutor`` to grpc (which asks for one), with its own workers and queues.
+    """
+
+    def __init__(self, workers: int, *, throttle_seconds: float = 4.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(max_workers=workers)  # unused: submit and shutdown are replaced
+        self._max = workers
+        self.throttle_seconds = throttle_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        #: Connections with calls waiting, in the order they are served next.
+        self._queues: OrderedDict[bytes, deque[_Job]] = OrderedDict()
+        self._throttled: OrderedDict[bytes, _Throttle] = OrderedDict()
+        self._workers: list[threading.Thread] = []
+        self._idle = 0  # workers waiting for a call
+        self._shutdown = False
+        self._timer = math.inf  # when the worker waiting on a throttled call's pause wakes
+        self._busy = 0  # calls running, throttled connections' not counted
+        self._quiet_since = clock()  # when _busy last fell to 0
         #: Calls submitted and not yet started.
         self.waiting = 0
 
+    # -- what grpc calls -------------------------------------------------------------------
+
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        with self._count_lock:
+        peer, counted = _connection(args)
+        future: Future[T] = Future()
+        job = _Job(future, fn, args, kwargs, peer, counted)
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new calls after shutdown")
+            queue = self._queues.get(peer)
+            if queue is None:
+                queue = self._queues[peer] = deque()
+            queue.append(job)
             self.waiting += 1
+            if self._idle:
+                self._ready.notify()
+            elif len(self._workers) < self._max:
+                thread = threading.Thread(target=self._work, daemon=True,
+                                          name=f"rpc-{len(self._workers)}")
+                self._workers.append(thread)
+                thread.start()
+        return future
 
-        def run() -> T:
-            with self._count_lock:
-                self.waiting -= 1
-            return fn(*args, **kwargs)
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop once every submitted call has run (``cancel_futures``: drop those waiting)."""
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                for queue in self._queues.values():
+                    for job in queue:
+                        job.future.cancel()
+                self._queues.clear()
+                self.waiting = 0
+            self._throttled.clear()
+            self._ready.notify_all()
+            threads = list(self._workers)
+        if wait:
+            for thread in threads:
+                thread.join()
 
-        return super().submit(run)
+    # -- throttling ------------------------------------------------------------------------
+
+    def throttle(self, peer: bytes, *, extend_only: bool = False) -> None:
+        """Throttle ``peer``'s connection from now (``extend_only``: only if it already is)."""
+        until = self._clock() + self.throttle_seconds
+        with self._lock:
+            throttle = self._throttled.get(peer)
+            if throttle is not None:
+                throttle.until = until
+                self._throttled.move_to_end(peer)
+            elif not extend_only:
+                self._throttled[peer] = _Throttle(until)
+                if len(self._throttled) > MAX_KEYS:
+                    self._throttled.popitem(last=False)
+
+    def is_throttled(self, peer: bytes) -> bool:
+        return peer in self._throttled
+
+    def backlog(self) -> int:
+        """Calls waiting for a worker, not counting those held back by throttling."""
+        with self._lock:
+            return self.waiting - sum(
+                len(q) for p, q in self._queues.items()
+                if p in self._throttled and q[0].counted and len(q) <= self._max)
+
+    # -- the workers -----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        job: _Job | None = None
+        while True:
+            with self._lock:
+                if job is not None:
+                    self._finished(job)
+                while True:
+                    job, due = self._pick()
+                    if job is not None:
+                        break
+                    if self._shutdown and not self._queues:
+                        return
+                    self._idle += 1
+                    if due is not None and due < self._timer:
+                        self._timer = due  # this worker wakes for the paused call
+                        self._ready.wait(max(0.0, due - self._clock()))
+                        if self._timer == due:
+                            self._timer = math.inf
+                    else:
+                        self._ready.wait()
+                    self._idle -= 1
+            if job.future.set_running_or_notify_cancel():
+                try:
+                    result = job.fn(*job.args, **job.kwargs)
+                except BaseException as err:  # the future carries it, as in ThreadPoolExecutor
+                    job.future.set_exception(err)
+                else:
+                    job.future.set_result(result)
+            job.fn = job.args = job.kwargs = None  # type: ignore[assignment]
+
+    def _pick(self) -> tuple[_Job | None, float | None]:
+        """With the lock held: the next call to start, or when to look again (None: when a
+        call arrives or ends)."""
+        throttled = self._throttled
+        held: list[bytes] = []
+        for peer, queue in self._queues.items():
+            if throttled and queue[0].counted and peer in throttled and len(queue) <= self._max:
+                held.append(peer)
+                continue
+            return self._take(peer, queue), None
+        due = None
+        if held:
+            now = self._clock()
+            for peer in held:
+                throttle = throttled[peer]
+                if now >= throttle.until:  # served normally from now on
+                    del throttled[peer]
+                    return self._take(peer, self._queues[peer]), None
+                if throttle.running:
+                    continue
+                start = throttle.next_start
+                if not self._busy:
+                    start = min(start, self._quiet_since + _IDLE_S)
+                if now >= start:
+                    throttle.running = True
+                    return self._take(peer, self._queues[peer], now), None
+                due = start if due is None else min(due, start)
+        return None, due
+
+    def _take(self, peer: bytes, queue: deque[_Job], throttled_at: float = 0.0) -> _Job:
+        """With the lock held: start ``queue``'s first call (``throttled_at``: as a throttled
+        connection's, at that time)."""
+        job = queue.popleft()
+        if queue:
+            self._queues.move_to_end(peer)
+        else:
+            del self._queues[peer]
+        self.waiting -= 1
+        if throttled_at:
+            job.low, job.started = True, throttled_at
+        elif job.counted:
+            self._busy += 1
+        return job
+
+    def _finished(self, job: _Job) -> None:
+        """With the lock held: ``job`` has run."""
+        if job.low:
+            throttle = self._throttled.get(job.peer)
+            if throttle is not None:
+                now = self._clock()
+                throttle.running = False
+                throttle.next_start = now + (now - job.started) * _PAUSE
+        elif job.counted:
+            self._busy -= 1
+            if not self._busy:
+                self._quiet_since = self._clock()
+
+
+class _Job:
+    __slots__ = ("args", "counted", "fn", "future", "kwargs", "low", "peer", "started")
+
+    def __init__(self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any], peer: bytes, counted: bool) -> None:
+        self.future = future
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.peer = peer
+        #: Takes part in scheduling (False: a stream, bounded by the stream limits).
+        self.counted = counted
+        #: Started as a throttled connection's call, at ``started``.
+        self.low = False
+        self.started = 0.0
+
+
+class _Throttle:
+    __slots__ = ("next_start", "running", "until")
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+        self.next_start = 0.0
+        self.running = False
+
+
+def _connection(args: tuple[Any, ...]) -> tuple[bytes, bool]:
+    """The connection (peer address) of a call grpc submits, and whether it is scheduled
+    as a call (False for streamed responses); ``(b"", True)`` for anything else."""
+    try:
+        peer = args[1].call.peer()
+    except (IndexError, AttributeError):
+        return b"", True
+    return peer, getattr(args[0], "__name__", "") != "_stream_response_in_pool"
 
 
 @dataclass
@@ -145,6 +372,8 @@ class Limits:
                  ) -> None:
         self.settings = settings
         self.pool = pool
+        if pool is not None:  # throttled until the connection's refusal bucket is full again
+            pool.throttle_seconds = settings.refusal_burst / settings.refusal_rate
         #: The client certificate of a call, as the key of its slow-request count.
         self.peer_key = peer_key
         self.clock = clock
@@ -173,7 +402,7 @@ class Limits:
         with self._lock:
             held = self._calls.get(key, 0)
             if held >= self.settings.max_calls_per_identity and (
-                    self.pool is None or self.pool.waiting >= self.settings.workers):
+                    self.pool is None or self.pool.backlog() >= self.settings.workers):
                 return False
             self._calls[key] = held + 1
             return True
@@ -334,8 +563,19 @@ class Limits:
 
     # -- refusals and summaries ------------------------------------------------------------
 
-    def refusal_allowed(self, key: str) -> bool:
-        """Take a token from ``key``'s refusal bucket; False when it is empty."""
+    def refusal_allowed(self, key: str, context: grpc.ServicerContext | None = None) -> bool:
+        """Take a token from ``key``'s refusal bucket; False when it is empty.
+
+        With the refused call's ``context``, its connection is throttled when the bucket
+        is empty (see :class:`WorkerPool`), and stays throttled while it is refused.
+        """
+        allowed = self._take_token(key)
+        pool = self.pool
+        if context is not None and pool is not None and (not allowed or pool._throttled):
+            pool.throttle(context.peer().encode(), extend_only=allowed)
+        return allowed
+
+    def _take_token(self, key: str) -> bool:
         s = self.settings
         now = self.clock()
         with self._lock:
