@@ -83,22 +83,22 @@ class WorkerPool(ThreadPoolExecutor):
     stand ahead of another connection's call.
 
     One Python process executes one thread at a time: a flood that keeps workers busy
-    takes the others' turns at the interpreter however the queue is ordered, so its calls
-    must not start as fast as it sends them. A connection with a call refused beyond its
-    caller's refusal rate (:meth:`throttle`) is throttled until it has had no refused call
-    for ``refusal_burst / refusal_rate`` seconds (the time its bucket takes to refill):
+    takes the other callers' turns at the interpreter however the queue is ordered, so its
+    calls must not start as fast as it sends them. A connection with a call refused beyond
+    its caller's refusal rate (:meth:`throttle`) stays throttled until it has had no
+    refused call for ``throttle_seconds``:
 
-    - its calls run one at a time, and the next starts only after a pause of
-      ``(1 / THROTTLED_SHARE - 1)`` times the last one's duration, so that it keeps a worker
-      busy at most that share of the time;
+    - its calls run one at a time, and after each the next waits ``_PAUSE`` times as long
+      as that call took, so it keeps at most ``THROTTLED_SHARE`` of one worker's time;
     - but while no other connection's call has run for ``_IDLE_S`` it is served without
-      the pause (nobody is waiting: a lone client is not slowed);
-    - at most ``workers`` of its calls are held; beyond that they are served as if it were
-      not throttled, so a client that sends without waiting for answers cannot make the
-      gateway hold calls without bound (grpc's ``maximum_concurrent_rpcs`` counts them).
+      pausing: nobody waits for the worker, so a lone client is not slowed;
+    - at most ``workers`` of its calls are held back; beyond that they are served as if it
+      were not throttled, so a client that sends without waiting for answers cannot make
+      the gateway hold calls without bound (grpc's ``maximum_concurrent_rpcs`` counts them).
 
-    Nothing is refused here: calls wait. Streams (responses streamed: reflection, health
-    Watch) are not throttled or counted; the stream limits bound them.
+    Nothing is refused here: calls wait, and the guard answers them as before. Streamed
+    responses (reflection, health Watch) are scheduled like any call but never held or
+    counted as busy: the stream limits bound them, and they last.
 
     A ``ThreadPoolExecutor`` to grpc (which asks for one), with its own workers and queues.
     """
@@ -110,16 +110,16 @@ class WorkerPool(ThreadPoolExecutor):
         self.throttle_seconds = throttle_seconds
         self._clock = clock
         self._lock = threading.Lock()
-        self._ready = threading.Condition(self._lock)
         #: Connections with calls waiting, in the order they are served next.
         self._queues: OrderedDict[bytes, deque[_Job]] = OrderedDict()
         self._throttled: OrderedDict[bytes, _Throttle] = OrderedDict()
         self._workers: list[threading.Thread] = []
-        self._idle = 0  # workers waiting for a call
-        self._shutdown = False
-        self._timer = math.inf  # when the worker waiting on a throttled call's pause wakes
-        self._busy = 0  # calls running, throttled connections' not counted
+        #: Idle workers, each blocked on its own held lock until released (a call arrived).
+        self._sleeping: list[threading.Lock] = []
+        self._timer = math.inf  # when the idle worker watching the throttled pauses wakes
+        self._busy = 0  # calls running, not counting throttled ones and streams
         self._quiet_since = clock()  # when _busy last fell to 0
+        self._shutdown = False
         #: Calls submitted and not yet started.
         self.waiting = 0
 
@@ -137,13 +137,14 @@ class WorkerPool(ThreadPoolExecutor):
                 queue = self._queues[peer] = deque()
             queue.append(job)
             self.waiting += 1
-            if self._idle:
-                self._ready.notify()
-            elif len(self._workers) < self._max:
+            sleeper = self._sleeping.pop() if self._sleeping else None
+            if sleeper is None and len(self._workers) < self._max:
                 thread = threading.Thread(target=self._work, daemon=True,
                                           name=f"rpc-{len(self._workers)}")
                 self._workers.append(thread)
                 thread.start()
+        if sleeper is not None:
+            sleeper.release()
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -157,8 +158,10 @@ class WorkerPool(ThreadPoolExecutor):
                 self._queues.clear()
                 self.waiting = 0
             self._throttled.clear()
-            self._ready.notify_all()
+            sleeping, self._sleeping = self._sleeping, []
             threads = list(self._workers)
+        for sleeper in sleeping:
+            sleeper.release()
         if wait:
             for thread in threads:
                 thread.join()
@@ -182,7 +185,7 @@ class WorkerPool(ThreadPoolExecutor):
         return peer in self._throttled
 
     def backlog(self) -> int:
-        """Calls waiting for a worker, not counting those held back by throttling."""
+        """Calls waiting for a worker, not counting those throttling holds back."""
         with self._lock:
             return self.waiting - sum(
                 len(q) for p, q in self._queues.items()
@@ -191,38 +194,50 @@ class WorkerPool(ThreadPoolExecutor):
     # -- the workers -----------------------------------------------------------------------
 
     def _work(self) -> None:
+        wake = threading.Lock()
+        wake.acquire()
         job: _Job | None = None
         while True:
             with self._lock:
                 if job is not None:
                     self._finished(job)
-                while True:
-                    job, due = self._pick()
-                    if job is not None:
-                        break
+                job, due = self._pick()
+                if job is None:
                     if self._shutdown and not self._queues:
                         return
-                    self._idle += 1
+                    self._sleeping.append(wake)
+                    timeout = -1.0
                     if due is not None and due < self._timer:
-                        self._timer = due  # this worker wakes for the paused call
-                        self._ready.wait(max(0.0, due - self._clock()))
+                        self._timer = due  # this worker wakes for the next pause's end
+                        timeout = max(0.0, due - self._clock())
+            if job is None:
+                woken = wake.acquire(timeout=timeout)
+                if not woken or timeout >= 0:
+                    with self._lock:
+                        popped = wake not in self._sleeping
+                        if not popped:
+                            self._sleeping.remove(wake)
                         if self._timer == due:
                             self._timer = math.inf
-                    else:
-                        self._ready.wait()
-                    self._idle -= 1
+                    if not woken and popped:  # a caller took it as it timed out: its
+                        wake.acquire()  # release is on its way (a lock is released once)
+                continue
             if job.future.set_running_or_notify_cancel():
                 try:
                     result = job.fn(*job.args, **job.kwargs)
                 except BaseException as err:  # the future carries it, as in ThreadPoolExecutor
+                    job.ended = self._clock() if job.low else 0.0
                     job.future.set_exception(err)
                 else:
+                    job.ended = self._clock() if job.low else 0.0
                     job.future.set_result(result)
-            job.fn = job.args = job.kwargs = None  # type: ignore[assignment]
+            elif job.low:
+                job.ended = job.started
+            job.fn = job.args = job.kwargs = None  # type: ignore[assignment]  # free them now
 
     def _pick(self) -> tuple[_Job | None, float | None]:
-        """With the lock held: the next call to start, or when to look again (None: when a
-        call arrives or ends)."""
+        """With the lock held: the next call to start; else when to look again (None: when
+        a call arrives or ends)."""
         throttled = self._throttled
         held: list[bytes] = []
         for peer, queue in self._queues.items():
@@ -235,7 +250,7 @@ class WorkerPool(ThreadPoolExecutor):
             now = self._clock()
             for peer in held:
                 throttle = throttled[peer]
-                if now >= throttle.until:  # served normally from now on
+                if now >= throttle.until:  # served as usual from now on
                     del throttled[peer]
                     return self._take(peer, self._queues[peer]), None
                 if throttle.running:
@@ -269,9 +284,8 @@ class WorkerPool(ThreadPoolExecutor):
         if job.low:
             throttle = self._throttled.get(job.peer)
             if throttle is not None:
-                now = self._clock()
                 throttle.running = False
-                throttle.next_start = now + (now - job.started) * _PAUSE
+                throttle.next_start = job.ended + (job.ended - job.started) * _PAUSE
         elif job.counted:
             self._busy -= 1
             if not self._busy:
@@ -279,7 +293,8 @@ class WorkerPool(ThreadPoolExecutor):
 
 
 class _Job:
-    __slots__ = ("args", "counted", "fn", "future", "kwargs", "low", "peer", "started")
+    __slots__ = ("args", "counted", "ended", "fn", "future", "kwargs", "low", "peer",
+                 "started")
 
     def __init__(self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any], peer: bytes, counted: bool) -> None:
@@ -288,11 +303,11 @@ class _Job:
         self.args = args
         self.kwargs = kwargs
         self.peer = peer
-        #: Takes part in scheduling (False: a stream, bounded by the stream limits).
+        #: Held and counted as busy like any call (False: a streamed response).
         self.counted = counted
-        #: Started as a throttled connection's call, at ``started``.
+        #: Run as a throttled connection's call, from ``started`` to ``ended``.
         self.low = False
-        self.started = 0.0
+        self.started = self.ended = 0.0
 
 
 class _Throttle:
