@@ -286,11 +286,25 @@ def test_streams_over_the_limit_are_resource_exhausted(defaults):
 def test_one_identity_flooding_leaves_another_served(defaults, record_property):
     """200 idle streams and 16 threads of denied calls from the admin; the scorer is served.
 
-    The functional effect is asserted: every scorer call succeeds within its deadline, the
-    flooder's streams beyond its limit and its refusals beyond its rate are
-    RESOURCE_EXHAUSTED. The scorer's p50 under the flood over its quiet p50 is measured and
-    reported (``-s`` prints it), not asserted: on a shared 2-core machine it is a figure.
+    Asserted: every scorer call succeeds within its deadline; every flooder call is answered
+    (PERMISSION_DENIED, or RESOURCE_EXHAUSTED beyond its refusal rate or stream limit), and
+    every refusal is either an audit record or counted in ``gateway_refusals_limited``. The
+    scorer's p50 under the flood over its quiet p50 is measured and reported (``-s`` prints
+    it; bench/README.md has the figures), not asserted: on a shared 2-core machine it is a
+    figure, not a property.
     """
+    admin = "spiffe://demo.local/team/security/admin"
+
+    def refusals_so_far() -> tuple[int, float]:
+        audited = sum(1 for r in _records(defaults) if r["kind"] == "decision"
+                      and (r["caller"] or {}).get("id") == admin
+                      and r["status"] in ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED"))
+        limited = sum(float(line.rsplit(" ", 1)[1]) for line in
+                      _metrics_text(defaults).splitlines()
+                      if line.startswith("gateway_refusals_limited_total{"))
+        return audited, limited
+
+    audited0, limited0 = refusals_so_far()
     with _channel(defaults, "scorer") as victim, _channel(defaults, "admin") as flooder:
         stub = pb_grpc.GRPCInferenceServiceStub(victim)
         _latencies(stub, 20)  # warm up the connection and the model
@@ -304,7 +318,7 @@ def test_one_identity_flooding_leaves_another_served(defaults, record_property):
             denied = pb_grpc.GRPCInferenceServiceStub(flooder)
             while not stop.is_set():
                 try:
-                    denied.ModelInfer(_infer_request(), timeout=10)
+                    denied.ModelInfer(_infer_request(), timeout=WAIT)
                     code = grpc.StatusCode.OK
                 except grpc.RpcError as err:
                     code = err.code()
@@ -323,16 +337,18 @@ def test_one_identity_flooding_leaves_another_served(defaults, record_property):
                 t.join(WAIT)
             for s in streams:
                 s.close()
+    assert not any(t.is_alive() for t in threads)
     assert opened.count(grpc.StatusCode.OK) == 2
     assert opened.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 198
-    assert grpc.StatusCode.OK not in codes
-    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > codes.count(
-        grpc.StatusCode.PERMISSION_DENIED) > 0
+    assert set(codes) <= {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert codes.count(grpc.StatusCode.PERMISSION_DENIED) > 0
+    # Every refusal (198 streams, every flood call) is one record or one count, none lost.
+    audited, limited = refusals_so_far()
+    assert (audited - audited0) + (limited - limited0) == 198 + len(codes)
     ratio = loaded / quiet
     record_property("p50_ratio", ratio)
     print(f"\nscorer p50 quiet {quiet * 1e3:.2f} ms, under the flood {loaded * 1e3:.2f} ms "
           f"({ratio:.2f}x); flooder calls {len(codes)}")
-
 
 
 # --- item 3: a trust domain is bound to its own CA bundle -----------------------------
