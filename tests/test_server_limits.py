@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import types
 from concurrent.futures import Future, wait
 
 import grpc
@@ -66,14 +67,18 @@ class _Event:
 
     def __init__(self, peer: bytes) -> None:
         self.call = _Call(peer)
+        self.call_details = types.SimpleNamespace(method=b"/t.T/M")
 
 
-def _in_pool(job, event):  # stands in for grpc's per-call function (args[0])
-    return job()
+def _in_pool(event, state, behavior, request):  # stands in for grpc's per-call function
+    return behavior(request(), event)
 
 
 def _submit(pool: WorkerPool, peer: bytes, job) -> Future:
-    return pool.submit(_in_pool, job, _Event(peer))
+    """Submit ``job`` as grpc submits a call: ``(context.run, in-pool function, event, state,
+    behaviour, request thunk)``."""
+    return pool.submit(lambda f, *args: f(*args), _in_pool, _Event(peer), None,
+                       lambda request, context: job(), lambda: None)
 
 
 class _Clock:
@@ -180,9 +185,11 @@ def test_a_throttled_connection_is_served_again_once_its_throttle_ends():
         pool.shutdown()
 
 
-def test_a_throttled_connection_never_has_more_than_workers_calls_held():
+def test_throttled_calls_beyond_those_held_are_refused_unread():
     clock = _Clock()
-    pool = WorkerPool(3, throttle_seconds=60.0, clock=clock)
+    pool = WorkerPool(3, hold=3, throttle_seconds=60.0, clock=clock)
+    refused: list[str] = []
+    pool.overflow = lambda method, requests, context: refused.append(method)
     release = threading.Event()
     try:
         pool.throttle(b"a")
@@ -194,10 +201,12 @@ def test_a_throttled_connection_never_has_more_than_workers_calls_held():
         assert one.wait(WAIT)
         held = [_submit(pool, b"a", lambda: None) for _ in range(3)]
         assert pool.backlog() == 0 and pool.waiting == 3  # held back, and not a backlog
-        beyond = _submit(pool, b"a", lambda: None)  # a fourth: over `workers` held ...
-        held[0].result(WAIT)  # ... so the first is served as if unthrottled
-        assert pool.backlog() == 0 and pool.waiting == 3
-        assert not any(c.done() for c in (*held[1:], beyond))
+        beyond = _submit(pool, b"a", lambda: None)  # a fourth waiting: over `hold` ...
+        held[0].result(WAIT)  # ... so the first in line is refused instead of its handler
+        assert refused == ["/t.T/M"]
+        assert pool.waiting == 3 and not any(c.done() for c in (*held[1:], beyond))
+        unthrottled = _submit(pool, b"c", lambda: None)  # never held, whatever waits
+        unthrottled.result(WAIT)
     finally:
         release.set()
         pool.shutdown()

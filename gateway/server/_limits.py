@@ -92,21 +92,27 @@ class WorkerPool(ThreadPoolExecutor):
       as that call took, so it keeps at most ``THROTTLED_SHARE`` of one worker's time;
     - but while no other connection's call has run for ``_IDLE_S`` it is served without
       pausing: nobody waits for the worker, so a lone client is not slowed;
-    - at most ``workers`` of its calls are held back; beyond that they are served as if it
-      were not throttled, so a client that sends without waiting for answers cannot make
-      the gateway hold calls without bound (grpc's ``maximum_concurrent_rpcs`` counts them).
+    - at most ``hold`` calls (``4 * workers`` unless given; half of the server's
+      ``maximum_concurrent_rpcs``) wait on throttled connections in all; beyond that the
+      first call of the longest line is answered, without its handler or its request
+      message, by :attr:`overflow` (the serving layer's refusal: RESOURCE_EXHAUSTED,
+      recorded or counted like any refusal), so throttled clients cannot make the gateway
+      hold calls without bound (grpc counts them against ``maximum_concurrent_rpcs``).
+      A client with more calls in flight than that gets those refusals as fast as it
+      sends, and the pauses no longer bound what its calls cost (bench/README.md).
 
-    Nothing is refused here: calls wait, and the guard answers them as before. Streamed
-    responses (reflection, health Watch) are scheduled like any call but never held or
-    counted as busy: the stream limits bound them, and they last.
+    Otherwise nothing is refused here: calls wait, and the guard answers them as before.
+    Streamed responses (reflection, health Watch) are scheduled like any call but never
+    held or counted as busy: the stream limits bound them, and they last.
 
     A ``ThreadPoolExecutor`` to grpc (which asks for one), with its own workers and queues.
     """
 
-    def __init__(self, workers: int, *, throttle_seconds: float = 4.0,
+    def __init__(self, workers: int, *, hold: int = 0, throttle_seconds: float = 4.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(max_workers=workers)  # unused: submit and shutdown are replaced
         self._max = workers
+        self._hold = hold or workers * 4
         self.throttle_seconds = throttle_seconds
         self._clock = clock
         self._lock = threading.Lock()
@@ -122,6 +128,9 @@ class WorkerPool(ThreadPoolExecutor):
         self._shutdown = False
         #: Calls submitted and not yet started.
         self.waiting = 0
+        #: ``overflow(method, requests, context)``: run instead of the handler of a throttled
+        #: connection's call beyond the ``hold`` that may wait; it must end the call.
+        self.overflow: Callable[[str, Any, grpc.ServicerContext], Any] | None = None
 
     # -- what grpc calls -------------------------------------------------------------------
 
@@ -189,7 +198,7 @@ class WorkerPool(ThreadPoolExecutor):
         with self._lock:
             return self.waiting - sum(
                 len(q) for p, q in self._queues.items()
-                if p in self._throttled and q[0].counted and len(q) <= self._max)
+                if p in self._throttled and q[0].counted)
 
     # -- the workers -----------------------------------------------------------------------
 
@@ -222,6 +231,8 @@ class WorkerPool(ThreadPoolExecutor):
                     if not woken and popped:  # a caller took it as it timed out: its
                         wake.acquire()  # release is on its way (a lock is released once)
                 continue
+            if job.overflow and self.overflow is not None:
+                job.args = _refusing(job.args, self.overflow)
             if job.future.set_running_or_notify_cancel():
                 try:
                     result = job.fn(*job.args, **job.kwargs)
@@ -240,33 +251,41 @@ class WorkerPool(ThreadPoolExecutor):
         a call arrives or ends)."""
         throttled = self._throttled
         held: list[bytes] = []
+        waiting = 0  # calls throttling holds back
         for peer, queue in self._queues.items():
-            if throttled and queue[0].counted and peer in throttled and len(queue) <= self._max:
+            if throttled and queue[0].counted and peer in throttled:
                 held.append(peer)
+                waiting += len(queue)
                 continue
             return self._take(peer, queue), None
+        if not held:
+            return None, None
+        now = self._clock()
+        for peer in held:
+            if now >= throttled[peer].until:  # served as usual from now on
+                del throttled[peer]
+                return self._take(peer, self._queues[peer]), None
+        if waiting > self._hold:  # refuse, unread, the first call of the longest line
+            peer = max(held, key=lambda p: len(self._queues[p]))
+            return self._take(peer, self._queues[peer], overflow=True), None
         due = None
-        if held:
-            now = self._clock()
-            for peer in held:
-                throttle = throttled[peer]
-                if now >= throttle.until:  # served as usual from now on
-                    del throttled[peer]
-                    return self._take(peer, self._queues[peer]), None
-                if throttle.running:
-                    continue
-                start = throttle.next_start
-                if not self._busy:
-                    start = min(start, self._quiet_since + _IDLE_S)
-                if now >= start:
-                    throttle.running = True
-                    return self._take(peer, self._queues[peer], now), None
-                due = start if due is None else min(due, start)
+        for peer in held:
+            throttle = throttled[peer]
+            if throttle.running:
+                continue
+            start = throttle.next_start
+            if not self._busy:
+                start = min(start, self._quiet_since + _IDLE_S)
+            if now >= start:
+                throttle.running = True
+                return self._take(peer, self._queues[peer], now), None
+            due = start if due is None else min(due, start)
         return None, due
 
-    def _take(self, peer: bytes, queue: deque[_Job], throttled_at: float = 0.0) -> _Job:
+    def _take(self, peer: bytes, queue: deque[_Job], throttled_at: float = 0.0, *,
+              overflow: bool = False) -> _Job:
         """With the lock held: start ``queue``'s first call (``throttled_at``: as a throttled
-        connection's, at that time)."""
+        connection's, at that time; ``overflow``: to be refused at once)."""
         job = queue.popleft()
         if queue:
             self._queues.move_to_end(peer)
@@ -275,6 +294,8 @@ class WorkerPool(ThreadPoolExecutor):
         self.waiting -= 1
         if throttled_at:
             job.low, job.started = True, throttled_at
+        elif overflow:
+            job.overflow = True
         elif job.counted:
             self._busy += 1
         return job
@@ -286,15 +307,15 @@ class WorkerPool(ThreadPoolExecutor):
             if throttle is not None:
                 throttle.running = False
                 throttle.next_start = job.ended + (job.ended - job.started) * _PAUSE
-        elif job.counted:
+        elif job.counted and not job.overflow:
             self._busy -= 1
             if not self._busy:
                 self._quiet_since = self._clock()
 
 
 class _Job:
-    __slots__ = ("args", "counted", "ended", "fn", "future", "kwargs", "low", "peer",
-                 "started")
+    __slots__ = ("args", "counted", "ended", "fn", "future", "kwargs", "low", "overflow",
+                 "peer", "started")
 
     def __init__(self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any], peer: bytes, counted: bool) -> None:
@@ -308,6 +329,8 @@ class _Job:
         #: Run as a throttled connection's call, from ``started`` to ``ended``.
         self.low = False
         self.started = self.ended = 0.0
+        #: Beyond what its throttled connection may have waiting: refused unread.
+        self.overflow = False
 
 
 class _Throttle:
@@ -317,6 +340,19 @@ class _Throttle:
         self.until = until
         self.next_start = 0.0
         self.running = False
+
+
+def _refusing(args: tuple[Any, ...], overflow: Callable[[str, Any, grpc.ServicerContext], Any],
+              ) -> tuple[Any, ...]:
+    """grpc's arguments for one call with its behaviour replaced by ``overflow``:
+    ``(<in-pool function>, rpc_event, state, behaviour, request thunk, ...)``."""
+    method = args[1].call_details.method
+    name = method.decode("utf-8", "replace") if isinstance(method, bytes) else str(method)
+
+    def refuse(requests: Any, context: grpc.ServicerContext) -> Any:
+        return overflow(name, requests, context)
+
+    return (*args[:3], refuse, *args[4:])
 
 
 def _connection(args: tuple[Any, ...]) -> tuple[bytes, bool]:
