@@ -351,6 +351,58 @@ def test_one_identity_flooding_leaves_another_served(defaults, record_property):
           f"({ratio:.2f}x); flooder calls {len(codes)}")
 
 
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    """A gateway with two workers: throttled calls beyond 8 waiting are refused unread."""
+    env = make_demo_env(tmp_path_factory.mktemp("two-workers"),
+                        server={"workers": 2, "max_streams": 1})
+    gw = start_gateway(env)
+    yield gw
+    gw.stop()
+
+
+def test_a_throttled_connection_beyond_the_calls_held_is_refused_unread(two_workers):
+    """Once the admin's denials are over its rate its connection is throttled; of 100 calls
+    sent at once at most 4 x workers wait, the others are refused without their handler
+    running (reason ``throttled``); every call is answered and every refusal recorded or
+    counted. Another identity is served meanwhile."""
+    with _channel(two_workers, "admin") as flooder, _channel(two_workers, "scorer") as other:
+        denied = pb_grpc.GRPCInferenceServiceStub(flooder)
+        first = []
+        for _ in range(30):  # a burst of 20 recorded, then limited: the connection throttled
+            try:
+                denied.ModelInfer(_infer_request(), timeout=WAIT)
+            except grpc.RpcError as err:
+                first.append(err.code())
+        assert first[:20] == [grpc.StatusCode.PERMISSION_DENIED] * 20
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in first
+        before = _metrics_text(two_workers)
+        calls = [denied.ModelInfer.future(_infer_request(), timeout=WAIT) for _ in range(100)]
+        served = pb_grpc.GRPCInferenceServiceStub(other).ModelInfer(_infer_request(),
+                                                                   timeout=WAIT)
+        answers = [c.exception() for c in calls]
+        after = _metrics_text(two_workers)
+    assert served.model_name == "demo-mlp"
+    assert all(isinstance(a, grpc.RpcError) for a in answers)
+    codes = [a.code() for a in answers]  # type: ignore[union-attr]
+    assert set(codes) <= {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    # How many arrive while 8 wait depends on timing; that some do, on 100 sent at once.
+    unread = [a for a in answers if "too many calls waiting" in a.details()]  # type: ignore[union-attr]
+    assert unread
+
+    def limited(text: str, reason: str) -> float:
+        key = f'gateway_refusals_limited_total{{reason="{reason}"}} '
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(key))
+
+    # Refused unread: each one a record or (over the rate) a count, under its own reason.
+    recorded = [r for r in _records(two_workers) if r["kind"] == "decision"
+                and r["reason"] == "throttled"]
+    assert {(r["rpc"], r["status"]) for r in recorded} <= {("ModelInfer", "RESOURCE_EXHAUSTED")}
+    assert len(recorded) + limited(after, "throttled") - limited(before, "throttled") == \
+        len(unread)
+
+
 # --- item 3: a trust domain is bound to its own CA bundle -----------------------------
 
 @pytest.fixture(scope="module")
