@@ -4,10 +4,11 @@ The gRPC server runs every call on one of ``[server] workers`` threads. Three li
 any one identity (or certificate) from taking them all, each answered RESOURCE_EXHAUSTED:
 
 - **unary calls in progress** per identity (``max_calls_per_identity``), enforced while the
-  server is backed up (``workers`` calls or more wait for a worker; :class:`WorkerPool`
-  counts them): an identity may use idle workers, and a busy client is served at full
-  concurrency, but a flood queued ahead of other callers is cut back to its share and
-  answered at once, so their calls reach a worker;
+  server is backed up (``workers`` calls or more wait for a worker, not counting those a
+  throttled connection has waiting; :meth:`WorkerPool.backlog`): an identity may use
+  idle workers, and a busy client is served at full concurrency, but a flood queued ahead
+  of other callers is cut back to its share and answered at once, so their calls reach a
+  worker;
 - **streams** (server reflection, health Watch) open at once, in all and per identity
   (``max_streams``, ``max_streams_per_identity``); ``max_streams`` is at most half the
   workers, so streams can never starve unary calls. A stream is ended (CANCELLED) when the
@@ -26,6 +27,11 @@ any one identity (or certificate) from taking them all, each answered RESOURCE_E
   a second and ``refusal_burst`` at once. Within it each refusal is an audit record as
   before; beyond it the call is answered RESOURCE_EXHAUSTED, costs no durable write, and is
   counted into a summary record instead.
+
+**Scheduling** (:class:`WorkerPool`): the workers take the client connections' calls in
+turn, and a connection over its refusal rate is *throttled*: its calls wait and run one at
+a time with pauses, so that a flood of refused calls, which costs the interpreter about as
+much as a served one, cannot take the other callers' turns at it.
 
 **Summaries**, not one record per call, are how refused floods and health probes reach the
 audit log without the log itself being the denial-of-service vector: per (caller, RPC,
