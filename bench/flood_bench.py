@@ -108,10 +108,11 @@ def flood(target: str, certs: Path) -> None:
         print(sum(answers), flush=True)
     stop.set()
     release.set()
-    for t in threads:
-        t.join(30)
     for stream in streams:
         stream.cancel()
+    for t in threads:
+        t.join(30)
+    os._exit(0)  # without waiting for grpc's own threads to wind down
 
 
 def _round(tmp: Path) -> dict[str, float]:
@@ -148,7 +149,11 @@ def _round(tmp: Path) -> dict[str, float]:
                 n2, c2, t2 = answered(), _cpu_seconds(pid), time.perf_counter()
             finally:
                 flooder.stdin.close()
-                flooder.wait(60)
+                try:
+                    flooder.wait(60)
+                except subprocess.TimeoutExpired:
+                    flooder.kill()
+                    flooder.wait()
             quiet += _latencies(stub, CALLS)  # alone again: the baseline brackets the flood
     finally:
         gw.stop()
