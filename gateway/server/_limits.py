@@ -228,12 +228,19 @@ class WorkerPool(ThreadPoolExecutor):
             if job is None:
                 woken = wake.acquire(timeout=timeout)
                 if not woken or timeout >= 0:
+                    relay = None
                     with self._lock:
                         popped = wake not in self._sleeping
                         if not popped:
                             self._sleeping.remove(wake)
                         if self._timer == due:
                             self._timer = math.inf
+                            if woken and self._sleeping and self._queues:
+                                # Woken for a call while watching a pause: another idle
+                                # worker takes over the watch (this one may be long busy).
+                                relay = self._sleeping.pop()
+                    if relay is not None:
+                        relay.release()
                     if not woken and popped:  # a caller took it as it timed out: its
                         wake.acquire()  # release is on its way (a lock is released once)
                 continue
