@@ -288,7 +288,7 @@ class Call:
         cert = identity.cert_sha256 if identity is not None else \
             guard.verifier.presented_sha256(self._context)
         key = identity.id if identity is not None else (cert or "")
-        if guard.limits.refusal_allowed(key):
+        if guard.limits.refusal_allowed(key, self._context):
             self._finish(error, "deny", reason)
         self._release()
         guard.limits.count(None if identity is None else identity.id, cert, self.rpc, reason,
