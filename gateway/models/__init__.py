@@ -17,24 +17,34 @@ from gateway.models._datatypes import NUMPY_DTYPES
 from gateway.models._files import FileData
 from gateway.models._pipeline import runtime_from_dir
 from gateway.models._repository import (
+    LOAD,
     LOADED,
+    MODELS_TOPIC,
     REFUSED,
+    UNLOAD,
     UNLOADED,
     LoadedModel,
     ModelEntry,
     ModelRepository,
     TensorSpec,
+    model_change,
+    model_key,
 )
 
 __all__ = [
+    "LOAD",
     "LOADED",
+    "MODELS_TOPIC",
     "NUMPY_DTYPES",
     "REFUSED",
+    "UNLOAD",
     "UNLOADED",
     "FileData",
     "LoadedModel",
     "ModelEntry",
     "ModelRepository",
     "TensorSpec",
+    "model_change",
+    "model_key",
     "runtime_from_dir",
 ]

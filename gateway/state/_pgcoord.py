@@ -241,7 +241,7 @@ class PgCoordinator:
                     (topic, key, version, pending)):
                 answers[member] = Applied(member, ok, detail)
             pending = [m for m in live if m not in answers]
-            ages = dict(conn.execute(
+            ages: dict[str, float] = dict(conn.execute(
                 "SELECT member, extract(epoch FROM clock_timestamp() - heartbeat)::float8 "
                 "FROM gateway_state_member WHERE topic = %s AND member = ANY(%s)",
                 (topic, pending)).fetchall())
