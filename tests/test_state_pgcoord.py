@@ -240,6 +240,37 @@ def test_an_unreachable_database_refuses_to_construct():
 # --- the models' desired state across two gateway replicas -----------------------------------
 
 
+def test_the_models_handler_applies_only_well_formed_changes(tmp_path):
+    """A payload comes from a database others can write: checked before anything is read."""
+    import onnxruntime as ort
+
+    from gateway.models import LOADED, UNLOADED, ModelRepository, model_change, model_key
+    from gateway.models.demo import build_demo_repository
+
+    build_demo_repository(tmp_path / "models")
+    (tmp_path / "secret" / "1").mkdir(parents=True)
+    repo = ModelRepository(tmp_path / "models", session_options=ort.SessionOptions,
+                           verify=None)
+    key = model_key("demo-mlp", "1")
+    assert repo.apply_change(key, model_change("load", "demo-mlp", "1")) is None
+    assert repo.entry("demo-mlp", "1").state == LOADED
+    assert repo.apply_change(key, model_change("unload", "demo-mlp", "1")) is None
+    assert repo.entry("demo-mlp", "1").state == UNLOADED
+    for bad_key, payload, error in (
+            (key, {"op": "load", "name": "demo-types", "version": "1"}, "malformed"),
+            (key, {"op": "load", "name": "demo-mlp"}, "malformed"),
+            ("../secret/1", {"op": "load", "name": "../secret", "version": "1"},
+             "invalid model name"),
+            (key, {"op": "delete", "name": "demo-mlp", "version": "1"}, "unknown model change")):
+        assert error in (repo.apply_change(bad_key, payload) or ""), payload
+    assert repo.entry("demo-types", "1") is None and repo.entry("../secret", "1") is None
+    assert repo.entry("demo-mlp", "1").state == UNLOADED
+    missing = repo.apply_change(model_key("absent", "1"), model_change("load", "absent", "1"))
+    assert missing is not None and missing.startswith("refused: ")
+    with pytest.raises(ValueError):
+        model_change("delete", "demo-mlp", "1")
+
+
 def _models(gw) -> tuple:
     from gateway._proto.gateway.v1 import admin_pb2_grpc as pb_grpc
 
@@ -344,3 +375,40 @@ def test_a_replica_does_not_start_without_its_state_database(tmp_path):
     with pytest.raises(AssertionError, match="unreachable"):
         start_gateway(env)
 
+
+
+def test_state_database_lost_fails_model_changes_closed_and_keeps_serving(pg_fresh_dsn,
+                                                                         tmp_path):
+    from gateway._proto.gateway.v1 import admin_pb2 as pb
+    from gateway.devenv import make_demo_env
+
+    params = conninfo.conninfo_to_dict(pg_fresh_dsn)
+    proxy = Cuttable(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
+    through = conninfo.make_conninfo(pg_fresh_dsn, host="127.0.0.1", port=str(proxy.port))
+    env = make_demo_env(tmp_path / "gw", state={"backend": "postgresql", "dsn": through},
+                        models={"reverify_interval": 0.0})
+    gw = start_gateway(env)
+    stub, channel = _models(gw)
+    try:
+        proxy.cut()
+        with pytest.raises(grpc.RpcError) as lost:
+            stub.UnloadModel(pb.UnloadModelRequest(name="demo-types", version="1"))
+        assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "unreachable" in lost.value.details()
+        assert _ready(gw, "demo-types")  # what is loaded keeps serving
+        proxy.restore()
+        assert wait_for("the state database back", lambda: _unload_answer(stub, pb)) == \
+            "UNLOADED"
+        assert not _ready(gw, "demo-types")
+    finally:
+        channel.close()
+        gw.stop()
+        proxy.cut()
+
+
+def _unload_answer(stub, pb) -> str:
+    try:
+        return stub.UnloadModel(pb.UnloadModelRequest(name="demo-types", version="1")).state
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+        return ""

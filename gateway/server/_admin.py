@@ -28,6 +28,7 @@ from gateway.models import (
     LOADED,
     MODELS_TOPIC,
     UNLOAD,
+    UNLOADED,
     ModelEntry,
     model_change,
     model_key,
@@ -64,15 +65,20 @@ class AdminServicer(pb_grpc.ModelAdminServicer, pb_grpc.PolicyAdminServicer):
             entry = self._everywhere(call, context, LOAD, request.name, request.version)
             if entry.state != LOADED:  # only if a later change overtook this one
                 raise ModelUnavailable(f"model '{entry.name}' version {entry.version} is "
-                                       f"{entry.state.lower()}: {entry.reason}")
+                                       f"{entry.state.lower()} after this load: a later "
+                                       f"change overtook it ({entry.reason})")
             return _status(entry)
 
     def UnloadModel(self, request: pb.UnloadModelRequest,
                     context: grpc.ServicerContext) -> pb.ModelStatus:
         with self._guard.call(context, rpc="UnloadModel", action="model.unload",
                               model=request.name, version=request.version) as call:
-            return _status(self._everywhere(call, context, UNLOAD, request.name,
-                                            request.version))
+            entry = self._everywhere(call, context, UNLOAD, request.name, request.version)
+            if entry.state != UNLOADED:  # only if a later change overtook this one
+                raise ModelUnavailable(f"model '{entry.name}' version {entry.version} is "
+                                       f"{entry.state.lower()} after this unload: a later "
+                                       "change overtook it")
+            return _status(entry)
 
     def _everywhere(self, call: Call, context: grpc.ServicerContext, op: str, name: str,
                     version: str) -> ModelEntry:

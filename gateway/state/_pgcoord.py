@@ -187,6 +187,10 @@ class PgCoordinator:
                         "heartbeat > clock_timestamp() - make_interval(secs => %s)",
                         (topic, self._live))]
                     conn.execute("SELECT pg_notify(%s, %s)", (self._channel, _CHANGE))
+                if topic in self._handlers and self.member not in live:
+                    # This member is alive (it is asking) even if its heartbeat has not
+                    # caught up after an outage: its caller relies on its answer.
+                    live.append(self.member)
                 return self._answers(conn, topic, key, version, live, deadline, timeout)
         except (psycopg.Error, OSError) as err:
             raise self._unavailable(err) from None
@@ -354,8 +358,12 @@ class PgCoordinator:
                     self._dirty.set()  # whatever changed while not listening
                 now = time.monotonic()
                 if now >= beat:
-                    listener.execute("UPDATE gateway_state_member SET heartbeat = "
-                                     "clock_timestamp() WHERE member = %s", (self.member,))
+                    # An upsert: rows removed behind this member's back (a restored
+                    # backup, pruning after a long outage) come back.
+                    listener.execute("INSERT INTO gateway_state_member (topic, member) "
+                                     "SELECT unnest(%s::text[]), %s ON CONFLICT (topic, member) "
+                                     "DO UPDATE SET heartbeat = clock_timestamp()",
+                                     (list(self._handlers), self.member))
                     beat = now + self._heartbeat
                     self._mark(True)
                 for notify in listener.notifies(timeout=max(beat - time.monotonic(), 0.01)):
