@@ -1,7 +1,9 @@
-"""How a model version becomes servable: the verify/scan/decrypt steps the repository runs.
+"""How a model version becomes servable: the verify/scan/decrypt steps the repository runs,
+and the coordinator through which a load or unload reaches every replica.
 
 Kept apart from the repository so that :mod:`gateway.models` stays free of configuration:
-this is the one place that turns ``[models]``/``[signing]`` settings into the pipeline.
+this is the one place that turns ``[models]``/``[signing]`` settings into the pipeline, and
+``[state]`` into the coordinator (until ``gateway.state.open_state`` provides it).
 """
 
 from __future__ import annotations
