@@ -128,6 +128,27 @@ def test_a_member_that_is_gone_is_named_after_its_heartbeat_lapses(members, call
     assert len(a.applied()) == 1
 
 
+def test_a_name_live_in_another_process_is_refused_and_a_dead_ones_is_taken_over(
+        members, pg_fresh_dsn, caller):
+    from gateway.errors import ConfigError
+
+    a = members("a")
+    twin = PgCoordinator(pg_fresh_dsn, "a")
+    try:
+        with pytest.raises(ConfigError, match="'a' is in use by another live process"):
+            twin.subscribe("models", lambda key, payload: None)
+    finally:
+        twin.close()
+    assert caller.apply_everywhere("models", "m/1", {"op": "load"}, WAIT) == \
+        [Applied("a", True, "")]  # the twin's failed attempt took nothing from "a"
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait()
+    again = members("a")  # its predecessor's heartbeat stopped: taken over
+    assert again.applied()[-1] == {"key": "m/1", "payload": {"op": "load"}}
+    assert caller.apply_everywhere("models", "m/2", {"op": "load"}, WAIT) == \
+        [Applied("a", True, "")]
+
+
 def test_a_member_that_closed_is_not_waited_for(members, caller):
     members("a").stop()  # a clean stop removes the member
     b = members("b")

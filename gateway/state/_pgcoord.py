@@ -9,11 +9,15 @@ Tables (created if absent, in the schema the DSN's ``search_path`` names):
 ``gateway_state_desired (topic, key, version, payload, updated_at, updated_by)``
     The desired payload (JSON object) of every key; ``version`` comes from one sequence and
     is new with every change, so "has this member applied it" is one comparison.
-``gateway_state_member (topic, member, heartbeat)``
+``gateway_state_member (topic, member, heartbeat, incarnation)``
     Who follows which topic. Each member refreshes ``heartbeat`` every
     ``heartbeat_seconds`` (by the database clock, so replicas' clocks need not agree); it is
     *live* while its heartbeat is younger than ``live_seconds``. A member that closes
-    deletes its rows; one that dies leaves them to lapse.
+    deletes its rows; one that dies leaves them to lapse. Member names must be unique: a
+    member that finds its name live in another process (``incarnation`` differs, its
+    heartbeat still advancing) refuses to subscribe (ConfigError), since two processes
+    answering under one name would hide each other's refusals. A predecessor that died is
+    taken over once its heartbeat has stopped for two intervals.
 ``gateway_state_ack (topic, key, member, version, ok, detail, at)``
     Each member's answer for the newest version of each key it applied.
 
@@ -38,6 +42,7 @@ meanwhile and send the answers they could not.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Mapping
@@ -48,6 +53,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from gateway.db import DatabaseUnavailable, connect, open_pool, redact
+from gateway.errors import ConfigError
 from gateway.state._types import Applied, Handler
 
 __all__ = ["PgCoordinator"]
@@ -68,6 +74,7 @@ CREATE TABLE IF NOT EXISTS gateway_state_member (
     topic TEXT NOT NULL,
     member TEXT NOT NULL,
     heartbeat TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    incarnation TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (topic, member));
 CREATE TABLE IF NOT EXISTS gateway_state_ack (
     topic TEXT NOT NULL,
@@ -113,6 +120,7 @@ class PgCoordinator:
         self._live = live_seconds
         self._poll = poll_seconds
         self._name = f"gateway-state {member}"
+        self._incarnation = secrets.token_hex(8)
         self._handlers: dict[str, Handler] = {}
         self._applied: dict[tuple[str, str], int] = {}
         #: Answers applied but not yet written (the database was unreachable).
@@ -143,15 +151,13 @@ class PgCoordinator:
             with self._pool.connection() as conn:
                 conn.execute("DELETE FROM gateway_state_member WHERE heartbeat < "
                              "clock_timestamp() - make_interval(secs => %s)", (_FORGET_SECONDS,))
-                conn.execute("INSERT INTO gateway_state_member (topic, member) VALUES (%s, %s) "
-                             "ON CONFLICT (topic, member) DO UPDATE "
-                             "SET heartbeat = clock_timestamp()", (topic, self.member))
+            self._claim(topic)
             self._sync([topic])
         except (psycopg.Error, OSError) as err:
             with self._apply_lock:
                 del self._handlers[topic]
             raise self._unavailable(err) from None
-        except DatabaseUnavailable:
+        except (DatabaseUnavailable, ConfigError):
             with self._apply_lock:
                 del self._handlers[topic]
             raise
@@ -168,7 +174,10 @@ class PgCoordinator:
         """Store ``payload`` as ``key``'s desired state and wait for the live members'
         answers (module docstring); one :class:`Applied` per member, sorted by member."""
         deadline = time.monotonic() + max(timeout, 0.0)
-        conn = connect(self.dsn, name=f"{self._name} apply")
+        try:
+            conn = connect(self.dsn, name=f"{self._name} apply")
+        except DatabaseUnavailable as err:
+            raise self._unavailable(err) from None
         try:
             with conn:
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
@@ -203,8 +212,8 @@ class PgCoordinator:
             thread.join(timeout=10)
         try:
             with self._pool.connection() as conn:
-                conn.execute("DELETE FROM gateway_state_member WHERE member = %s",
-                             (self.member,))
+                conn.execute("DELETE FROM gateway_state_member WHERE member = %s AND "
+                             "incarnation = %s", (self.member, self._incarnation))
         except (psycopg.Error, OSError) as err:
             log.warning("coordinator member %s not removed: %s (its rows lapse)", self.member,
                         str(err).strip())
@@ -281,6 +290,32 @@ class PgCoordinator:
             raise self._unavailable(err) from None
         assert row is not None  # the table was just created
         return str(row[0])
+
+    def _claim(self, topic: str) -> None:
+        """Register as ``topic``'s member, unless another live process goes by this name."""
+        first: object = None
+        until = 0.0
+        while True:
+            with self._pool.connection() as conn:
+                row = conn.execute(
+                    "SELECT heartbeat, incarnation, extract(epoch FROM clock_timestamp() - "
+                    "heartbeat)::float8 FROM gateway_state_member WHERE topic = %s AND "
+                    "member = %s", (topic, self.member)).fetchone()
+                if row is None or row[1] == self._incarnation or row[2] >= self._live \
+                        or (first is not None and time.monotonic() > until):
+                    conn.execute("INSERT INTO gateway_state_member (topic, member, "
+                                 "incarnation) VALUES (%s, %s, %s) ON CONFLICT (topic, member) "
+                                 "DO UPDATE SET heartbeat = clock_timestamp(), "
+                                 "incarnation = EXCLUDED.incarnation",
+                                 (topic, self.member, self._incarnation))
+                    return
+            if first is None:
+                first, until = row[0], time.monotonic() + 2 * self._heartbeat + 0.5
+            elif row[0] != first:
+                raise ConfigError(f"the member name {self.member!r} is in use by another live "
+                                  f"process (its heartbeat advances): every replica needs an "
+                                  f"[server] instance_id of its own")
+            self._stop.wait(0.1)
 
     def _sync(self, topics: list[str] | None = None) -> None:
         """Apply every stored change this member has not applied; send the answers."""
@@ -360,10 +395,11 @@ class PgCoordinator:
                 if now >= beat:
                     # An upsert: rows removed behind this member's back (a restored
                     # backup, pruning after a long outage) come back.
-                    listener.execute("INSERT INTO gateway_state_member (topic, member) "
-                                     "SELECT unnest(%s::text[]), %s ON CONFLICT (topic, member) "
+                    listener.execute("INSERT INTO gateway_state_member (topic, member, "
+                                     "incarnation) SELECT unnest(%s::text[]), %s, %s "
+                                     "ON CONFLICT (topic, member) "
                                      "DO UPDATE SET heartbeat = clock_timestamp()",
-                                     (list(self._handlers), self.member))
+                                     (list(self._handlers), self.member, self._incarnation))
                     beat = now + self._heartbeat
                     self._mark(True)
                 for notify in listener.notifies(timeout=max(beat - time.monotonic(), 0.01)):
