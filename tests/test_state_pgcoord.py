@@ -433,3 +433,18 @@ def _unload_answer(stub, pb) -> str:
     except grpc.RpcError as err:
         assert err.code() == grpc.StatusCode.UNAVAILABLE, err
         return ""
+
+
+def test_the_readme_replica_configuration_is_a_valid_configuration(tmp_path):
+    import re
+
+    from gateway.config import load_config
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Running several replicas"):]
+    block = re.search(r"```toml\n(.*?)```", section, re.S)
+    assert block is not None
+    (tmp_path / "gateway.toml").write_text(block.group(1))
+    config = load_config(tmp_path / "gateway.toml")
+    assert (config.policy.source, config.state.backend) == ("postgresql", "postgresql")
+    assert config.state.dsn == config.policy.dsn and config.server.instance_id == "gw-a"
