@@ -19,6 +19,7 @@ a change with :meth:`ModelRepository.apply_change`, verifying its own copy of th
 
 from gateway.models._datatypes import NUMPY_DTYPES
 from gateway.models._files import FileData
+from gateway.models._metadata import repository_attributes
 from gateway.models._pipeline import runtime_from_dir
 from gateway.models._repository import (
     LOAD,
@@ -50,5 +51,6 @@ __all__ = [
     "TensorSpec",
     "model_change",
     "model_key",
+    "repository_attributes",
     "runtime_from_dir",
 ]

@@ -98,6 +98,7 @@ class Gateway:
                              name=f"gateway-policy {self.instance_id}")
         self.policy = PolicyStore.open(
             source, on_reload=self._audit_reload, shadow=config.policy.shadow,
+            shadow_root=config.policy.shadow_root_path(),
             on_shadow_summary=lambda fields: self.audit.append("policy_shadow", fields),
             shadow_summary_interval=config.policy.shadow_summary_interval)
         self.verifier = IdentityVerifier(config.tls.trust_domains, config.tls.cn_issuers,
