@@ -12,6 +12,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import orjson
 import pytest
 
 from gateway.audit import AuditLog, AuditLogDamaged, AuditSettings, ensure_keys
@@ -125,6 +126,45 @@ def test_edit_breaking_encoding_is_named(logdir, capsysbinary):
     code, rep = _verify_json(capsysbinary, tmp)
     assert code == 1 and rep["first_bad_index"] == 9 and _kinds(rep) == ["edited"]
     assert "canonical" in rep["findings"][0]["message"]
+
+
+_NOT_CANONICAL = {
+    "whitespace": lambda r: r.replace(b'"decision":"allow"', b'"decision": "allow"'),
+    "key order": lambda r: b'{"v":1,' + r[1:].replace(b',"v":1}', b"}"),
+    "escaped e-acute": lambda r: r.replace(b'"allow"', b'"\\u00e9"'),
+    "escaped ASCII": lambda r: r.replace(b'"allow"', b'"\\u0061llow"'),
+    "1.0 for 1": lambda r: r.replace(b'"v":1', b'"v":1.0'),
+    "1e0 for 1": lambda r: r.replace(b'"v":1', b'"v":1e0'),
+    "-0": lambda r: r.replace(b'"decision":"allow"', b'"decision":-0'),
+    "duplicate key": lambda r: r.replace(b'"decision":"allow"',
+                                         b'"decision":"allow","decision":"allow"'),
+    "lone surrogate": lambda r: r.replace(b'"allow"', b'"\\ud800"'),
+    "integer past 2**53": lambda r: r.replace(b'"decision":"allow"',
+                                              b'"decision":9007199254740993'),
+    "float that is an integer": lambda r: r.replace(b'"decision":"allow"',
+                                                    b'"decision":1e+16'),
+}
+
+
+@pytest.mark.parametrize("how", sorted(_NOT_CANONICAL))
+def test_a_re_chained_record_that_is_not_canonical_is_named_once(logdir, capsysbinary, how):
+    """Record 20 holds the same JSON value in a non-canonical spelling (or a value a record
+    may not hold), and every record after it is re-chained onto it: only the canonical check
+    can name it, at its own index, once; the checkpoints over it fail with it."""
+    tmp, s = logdir
+    seg, recs = _records(s)
+    bad = _NOT_CANONICAL[how](recs[20])
+    assert bad != recs[20]
+    out = [*recs[:20], bad]
+    for r in recs[21:]:
+        rec = json.loads(r)
+        rec["prev"] = hashlib.sha256(b"\x00" + out[-1]).hexdigest()
+        out.append(encode(rec))
+    _rewrite(seg, out)
+    code, rep = _verify_json(capsysbinary, tmp)
+    assert code == 1 and [(f["kind"], f["index"]) for f in rep["findings"]] == [("edited", 20)]
+    assert "record 20 is damaged" in rep["findings"][0]["message"]
+    assert rep["covered"] <= 20
 
 
 def test_deleted_record_is_named_once(logdir, capsysbinary):
@@ -478,7 +518,9 @@ def test_suspect_records_are_walked_in_every_batch(tmp_path, monkeypatch):
              14: {"v1": "1e-3"}, 20: {"x": 1e16}, 27: {"a": [2.5e-5]}, 29: {"ip": "10.0.0.1"}}
     records, prev = [], "0" * 64
     for i in range(30):
-        records.append(encode({"v": 1, "seq": i, "prev": prev, **extra.get(i, {})}))
+        # orjson's bytes as a forger would write them (encode() refuses floats itself)
+        records.append(orjson.dumps({"v": 1, "seq": i, "prev": prev, **extra.get(i, {})},
+                                    option=orjson.OPT_SORT_KEYS))
         prev = hashlib.sha256(b"\x00" + records[-1]).hexdigest()
     seg = tmp_path / "seg.log"
     _rewrite(seg, records)

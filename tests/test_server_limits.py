@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import threading
+import types
+from concurrent.futures import Future, wait
+
+import grpc
 
 from gateway.config import ServerSettings
-from gateway.server._limits import Limits, WorkerPool
+from gateway.server._limits import Limits, WorkerPool, _connection
+
+WAIT = 30.0  # bound on every wait; a test that reaches it has failed
 
 
 def test_limits_count_calls_and_streams_per_identity():
@@ -31,7 +37,7 @@ def test_an_identity_over_its_share_is_refused_only_while_others_wait():
     try:
         assert limits.enter_call("a") and limits.enter_call("a")  # idle workers: no cap
         pool.submit(hold)
-        assert first_started.wait(30)
+        assert first_started.wait(WAIT)
         pool.submit(second_started.set)  # waits for the only worker ...
         assert pool.waiting == 1 and limits.enter_call("a")  # ... not yet backed up
         pool.submit(lambda: None)
@@ -43,4 +49,224 @@ def test_an_identity_over_its_share_is_refused_only_while_others_wait():
         assert limits.enter_call("a")
     finally:
         release.set()
+        pool.shutdown()
+
+
+# --- the worker pool: connections in turn, throttled connections paused ---------------------
+
+class _Call:
+    def __init__(self, peer: bytes) -> None:
+        self._peer = peer
+
+    def peer(self) -> bytes:
+        return self._peer
+
+
+class _Event:
+    """What grpc passes the pool for each call: an event whose call names the connection."""
+
+    def __init__(self, peer: bytes) -> None:
+        self.call = _Call(peer)
+        self.call_details = types.SimpleNamespace(method=b"/t.T/M")
+
+
+def _in_pool(event, state, behavior, request):  # stands in for grpc's per-call function
+    return behavior(request(), event)
+
+
+def _submit(pool: WorkerPool, peer: bytes, job) -> Future:
+    """Submit ``job`` as grpc submits a call: ``(context.run, in-pool function, event, state,
+    behaviour, request thunk)``."""
+    return pool.submit(lambda f, *args: f(*args), _in_pool, _Event(peer), None,
+                       lambda request, context: job(), lambda: None)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_pool_serves_connections_in_turn():
+    pool = WorkerPool(1)
+    release, holding = threading.Event(), threading.Event()
+    order: list[str] = []
+    try:
+        _submit(pool, b"a", lambda: (holding.set(), release.wait(WAIT)))
+        assert holding.wait(WAIT)
+        done = [_submit(pool, b"a", lambda i=i: order.append(f"a{i}")) for i in range(4)]
+        done.append(_submit(pool, b"b", lambda: order.append("b")))
+        assert pool.waiting == 5
+        release.set()
+        wait(done, WAIT)
+        # First come, first served would run b last, behind a's whole queue.
+        assert order == ["a0", "b", "a1", "a2", "a3"]
+        assert pool.waiting == 0
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_a_throttled_connection_runs_one_call_at_a_time_after_a_pause():
+    clock = _Clock()
+    pool = WorkerPool(4, throttle_seconds=60.0, clock=clock)
+    release = threading.Event()
+    running: list[str] = []
+    started = {name: threading.Event() for name in ("a1", "a2")}
+
+    def call(name: str, seconds: float = 0.0):
+        def run() -> None:
+            started[name].set()
+            running.append(name)
+            clock.now += seconds  # the call "takes" this long
+        return run
+
+    try:
+        pool.throttle(b"a")
+        busy = threading.Event()
+        _submit(pool, b"b", lambda: (busy.set(), release.wait(WAIT)))  # another is served
+        assert busy.wait(WAIT)
+        first = _submit(pool, b"a", call("a1", 1.0))
+        second = _submit(pool, b"a", call("a2"))
+        first.result(WAIT)
+        # The pause after a 1 s call is 9 s (a tenth of a worker's time at most); a call of
+        # another connection wakes the workers meanwhile, and a2 still waits.
+        clock.now += 8.9
+        _submit(pool, b"c", lambda: None).result(WAIT)
+        assert not started["a2"].is_set() and pool.backlog() == 0 and pool.waiting == 1
+        clock.now += 0.2
+        _submit(pool, b"c", lambda: None).result(WAIT)
+        second.result(WAIT)
+        assert running == ["a1", "a2"]
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_a_throttled_connection_alone_is_not_paused():
+    clock = _Clock()
+    pool = WorkerPool(2, throttle_seconds=60.0, clock=clock)
+    try:
+        pool.throttle(b"a")
+        calls = [_submit(pool, b"a", lambda: setattr(clock, "now", clock.now + 1.0))
+                 for _ in range(3)]
+        wait(calls, WAIT)  # no other connection's call ran: nobody waits for a's pauses
+        assert all(c.done() and c.exception() is None for c in calls)
+    finally:
+        pool.shutdown()
+
+
+def test_a_throttled_connection_is_served_again_once_its_throttle_ends():
+    clock = _Clock()
+    pool = WorkerPool(2, throttle_seconds=5.0, clock=clock)
+    release = threading.Event()
+    try:
+        pool.throttle(b"a")
+        assert pool.is_throttled(b"a")
+        busy = threading.Event()
+        _submit(pool, b"b", lambda: (busy.set(), release.wait(WAIT)))
+        assert busy.wait(WAIT)
+        _submit(pool, b"a", lambda: setattr(clock, "now", clock.now + 1.0)).result(WAIT)
+        held = _submit(pool, b"a", lambda: None)
+        pool.throttle(b"a", extend_only=True)  # refused again at 101: throttled until 106
+        clock.now = 105.9
+        _submit(pool, b"c", lambda: None).result(WAIT)
+        assert not held.done()
+        clock.now = 106.0
+        _submit(pool, b"c", lambda: None).result(WAIT)
+        held.result(WAIT)
+        assert not pool.is_throttled(b"a")
+        pool.throttle(b"a", extend_only=True)  # not throttled: nothing to extend
+        assert not pool.is_throttled(b"a")
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_throttled_calls_beyond_those_held_are_refused_unread():
+    clock = _Clock()
+    pool = WorkerPool(3, hold=3, throttle_seconds=60.0, clock=clock)
+    refused: list[str] = []
+    pool.overflow = lambda method, requests, context: refused.append(method)
+    release = threading.Event()
+    try:
+        pool.throttle(b"a")
+        busy = threading.Event()
+        _submit(pool, b"b", lambda: (busy.set(), release.wait(WAIT)))
+        assert busy.wait(WAIT)
+        one = threading.Event()
+        _submit(pool, b"a", lambda: (one.set(), release.wait(WAIT)))
+        assert one.wait(WAIT)
+        held = [_submit(pool, b"a", lambda: None) for _ in range(3)]
+        assert pool.backlog() == 0 and pool.waiting == 3  # held back, and not a backlog
+        beyond = _submit(pool, b"a", lambda: None)  # a fourth waiting: over `hold` ...
+        held[0].result(WAIT)  # ... so the first in line is refused instead of its handler
+        assert refused == ["/t.T/M"]
+        assert pool.waiting == 3 and not any(c.done() for c in (*held[1:], beyond))
+        unthrottled = _submit(pool, b"c", lambda: None)  # never held, whatever waits
+        unthrottled.result(WAIT)
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_the_pool_reads_the_connection_of_each_grpc_call():
+    """The pool's scheduling rests on what grpc passes ``submit``: checked on a real server,
+    so a grpc upgrade that changes it fails here rather than turning fairness off."""
+    seen: list[tuple[bytes, bool]] = []
+
+    class Spy(WorkerPool):
+        def submit(self, fn, /, *args, **kwargs):
+            seen.append(_connection(args))
+            return super().submit(fn, *args, **kwargs)
+
+    peers: list[str] = []
+
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        peers.append(context.peer())
+        return request
+
+    def streamed(request: bytes, context: grpc.ServicerContext):
+        yield request
+
+    handler = grpc.method_handlers_generic_handler("t.T", {
+        "U": grpc.unary_unary_rpc_method_handler(unary),
+        "S": grpc.unary_stream_rpc_method_handler(streamed)})
+    pool = Spy(2)
+    server = grpc.server(pool, handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert channel.unary_unary("/t.T/U")(b"x", timeout=WAIT) == b"x"
+            assert list(channel.unary_stream("/t.T/S")(b"y", timeout=WAIT)) == [b"y"]
+    finally:
+        server.stop(None)
+        pool.shutdown()
+    assert seen == [(peers[0].encode(), True), (peers[0].encode(), False)]
+    assert peers[0].startswith("ipv4:127.0.0.1:")
+
+
+def test_a_refusal_over_the_rate_throttles_its_connection_and_later_ones_extend_it():
+    class Context:
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:5"
+
+    clock = _Clock()
+    pool = WorkerPool(2, clock=clock)
+    limits = Limits(ServerSettings(refusal_rate=1.0, refusal_burst=2), pool, clock=clock)
+    try:
+        assert pool.throttle_seconds == 2.0  # one refill of the bucket
+        assert limits.refusal_allowed("x", Context()) and limits.refusal_allowed("x", Context())
+        assert not pool.is_throttled(b"ipv4:127.0.0.1:5")
+        assert not limits.refusal_allowed("x", Context())
+        assert pool.is_throttled(b"ipv4:127.0.0.1:5")
+        clock.now += 1.5  # one token back: recorded, and the throttle runs from now
+        assert limits.refusal_allowed("x", Context())
+        clock.now += 1.9
+        _submit(pool, b"ipv4:127.0.0.1:5", lambda: None).result(WAIT)
+        assert pool.is_throttled(b"ipv4:127.0.0.1:5")
+    finally:
         pool.shutdown()

@@ -13,8 +13,11 @@ the log directory, so a rolled-back log is refused at open. Auditors check the l
 with ``gateway audit verify`` and single records with inclusion proofs; see
 ``gateway/audit/README.md`` for the record schema and formats. The API defined here is what
 the server and the CLI use (the serving layer's ``AuditService`` answers auditors with
-``AuditLog`` and ``parse_checkpoint``); everything else is private. Importing it loads no
-gRPC, so the standalone verifier (:mod:`gateway.audit.offline`) can import it too.
+``AuditLog`` and ``parse_checkpoint``); everything else is private. Worker processes of one
+host share one log: the hub process serves it with :class:`LogServer`, each worker appends
+through :class:`RemoteAuditLog`; the serving layer sees either as an :class:`AuditSink`.
+Importing it loads no gRPC, so the standalone verifier (:mod:`gateway.audit.offline`) can
+import it too.
 """
 
 from __future__ import annotations
@@ -23,18 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gateway.audit._host import LogServer
 from gateway.audit._log import AuditLog, AuditLogDamaged, Receipt
 from gateway.audit._merkle import ProofError
 from gateway.audit._note import parse_checkpoint
+from gateway.audit._remote import RemoteAuditLog
 from gateway.audit._sink import AuditSink
 
 if TYPE_CHECKING:
     from gateway.audit._pgread import PgLogReader
 
 __all__ = ["RECORD_SCHEMA", "AuditLog", "AuditLogDamaged", "AuditSettings", "AuditSink",
-           "PgLogReader", "ProofError", "Receipt", "ensure_keys", "export_log",
-           "generate_keys", "open_log", "parse_checkpoint", "pg_log_reader", "signer_vkey",
-           "verifier_key_path"]
+           "LogServer", "PgLogReader", "ProofError", "Receipt", "RemoteAuditLog",
+           "ensure_keys", "export_log", "generate_keys", "open_log", "parse_checkpoint",
+           "pg_log_reader", "signer_vkey", "verifier_key_path"]
 
 #: The JSON Schema every record the gateway writes satisfies (tests check each kind).
 RECORD_SCHEMA = Path(__file__).with_name("record.schema.json")

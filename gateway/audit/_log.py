@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,14 @@ class Receipt:
     leaf_hash: bytes
 
 
+def payload_digest(key: bytes, chunks: Iterable[bytes]) -> str:
+    """Keyed HMAC-SHA256 of a request's payload bytes, hex (every audit backend's digest)."""
+    mac = hmac.new(key, digestmod=_sha256)
+    for c in chunks:
+        mac.update(c)
+    return mac.hexdigest()
+
+
 class _Batch:
     """Records committed together; waiters block in :meth:`wait` until the commit is done.
 
@@ -51,12 +60,18 @@ class _Batch:
     C-level lock hand-offs instead of a Python ``Condition.notify_all`` loop.
     """
 
-    __slots__ = ("_lock", "error")
+    __slots__ = ("_lock", "error", "records", "seconds", "then")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self.error: BaseException | None = None
+        #: The commit that carried this batch: its records and how long it took (for a
+        #: remote appender's ``observe_commits``); set before the batch finishes.
+        self.records = 0
+        self.seconds = 0.0
+        #: Called by the committing thread once the batch has finished (see ``submit``).
+        self.then: list[Callable[[_Batch], None]] = []
 
     def wait(self) -> None:
         self._lock.acquire()
@@ -65,6 +80,11 @@ class _Batch:
     def finish(self, error: BaseException | None = None) -> None:
         self.error = error
         self._lock.release()
+        for callback in self.then:
+            try:
+                callback(self)
+            except Exception:  # a callback must not take the writer thread down
+                log.exception("audit commit callback failed")
 
 
 class AuditLog:
@@ -237,15 +257,7 @@ class AuditLog:
             if self._closing:
                 raise AuditUnavailable("audit log is closed")
             seq = self._size
-            record = {**fields, "v": SCHEMA_VERSION, "seq": seq,
-                      "time_ms": time.time_ns() // 1_000_000, "kind": kind,
-                      "instance": self._instance, "prev": self._prev}
-            data = _canonical.encode(record)
-            leaf = leaf_hash(data)
-            self._prev = leaf.hex()
-            self._size = seq + 1
-            self._pending.append(data)
-            self._pending_hashes.append(leaf)
+            leaf = self._queue(kind, fields, self._instance, time.time_ns() // 1_000_000)
             if self._expected > 0:
                 self._expected -= 1
             if self._gathering and self._expected == 0:
@@ -261,12 +273,59 @@ class AuditLog:
             raise AuditUnavailable(f"audit record could not be made durable: {batch.error}")
         return Receipt(seq, leaf)
 
+    def _queue(self, kind: str, fields: Mapping[str, object], instance: str,
+               time_ms: int) -> bytes:
+        """With the lock held: sequence, chain, encode and queue one record; its leaf hash.
+
+        The one place a record's envelope (the reserved keys) is written, for this process's
+        records and for those the hub's LogServer takes from worker processes alike.
+        """
+        seq = self._size
+        # The caller checked fields and kind (append: _canonical.check; the hub: the
+        # verifier's canonical rule on the worker's bytes); v, seq and time_ms are ints,
+        # instance and prev strings. EncodingError (a lone surrogate) leaves nothing changed.
+        data = _canonical.encode_checked({**fields, "v": SCHEMA_VERSION, "seq": seq,
+                                          "time_ms": time_ms, "kind": kind,
+                                          "instance": instance, "prev": self._prev}, kind)
+        leaf = leaf_hash(data)
+        self._prev = leaf.hex()
+        self._size = seq + 1
+        self._pending.append(data)
+        self._pending_hashes.append(leaf)
+        return leaf
+
+    def submit(self, records: Sequence[tuple[str, Mapping[str, object]]], instance: str,
+               then: Callable[[int, list[bytes], _Batch], None]) -> None:
+        """Queue records of another process (the hub's LogServer); do not wait for them.
+
+        ``records`` are ``(kind, fields)`` already checked by the caller (canonical values,
+        no reserved key, non-empty kind); ``instance`` is the worker that wrote them. They
+        get consecutive indexes and go to disk in one commit, made by the writer thread so
+        the submitting thread can read the worker's next frame meanwhile. When the commit
+        has ended, the committing thread calls ``then(first index, leaf hashes, batch)``:
+        ``batch.error`` is None once the records are durable (only then may they be
+        acknowledged). It runs on the writer's path, so it must not block. (The worker
+        gathered its calls' records before sending them: no announcement is involved.)
+        """
+        if self._publish_error is not None:
+            self._checkpoint()
+            if self._publish_error is not None:
+                raise AuditUnavailable("audit log cannot publish its signed checkpoint: "
+                                       f"{self._publish_error}")
+        time_ms = time.time_ns() // 1_000_000
+        with self._lock:
+            if self._closing:
+                raise AuditUnavailable("audit log is closed")
+            first = self._size
+            leaves = [self._queue(kind, fields, instance, time_ms) for kind, fields in records]
+            self._batch.then.append(functools.partial(then, first, leaves))
+            if self._committer is None:
+                self._committer = _WRITER
+                self._wake.notify()
+
     def payload_digest(self, *chunks: bytes) -> str:
         """Keyed HMAC-SHA256 of the request payload, hex: records show equality, never content."""
-        mac = hmac.new(self._payload_key, digestmod=_sha256)
-        for c in chunks:
-            mac.update(c)
-        return mac.hexdigest()
+        return payload_digest(self._payload_key, chunks)
 
     def announce(self) -> None:
         """Say that a call has started which will append one record when it ends.
@@ -403,9 +462,10 @@ class AuditLog:
             self._durable += len(records)
         self._durable_prev = hashes[-1].hex()
         self._healthy = True
+        batch.records, batch.seconds = len(records), time.perf_counter() - started
         batch.finish()
         if self._on_commit is not None:
-            self._on_commit(time.perf_counter() - started, len(records))
+            self._on_commit(batch.seconds, len(records))
         if first_unsigned:
             self._unsigned_since = time.monotonic()
         if first_unsigned or self._durable - self._cp_size >= self._settings.checkpoint_records:

@@ -35,6 +35,30 @@ _VERSION = re.compile(r"^[0-9]{1,9}$")
 
 LOADED, UNLOADED, REFUSED = "LOADED", "UNLOADED", "REFUSED"
 
+#: The desired state of models shared by every replica: its topic, and what a change does.
+MODELS_TOPIC = "models"
+LOAD, UNLOAD = "load", "unload"
+
+
+def check_name(name: str, version: str) -> None:
+    """ModelUnavailable unless ``name`` and ``version`` are a valid repository path."""
+    if not (_NAME.match(name) and _VERSION.match(version)):
+        raise ModelUnavailable(f"invalid model name or version: {name!r} {version!r}")
+
+
+def model_key(name: str, version: str) -> str:
+    """The key of a version in the ``models`` desired state."""
+    return f"{name}/{version}"
+
+
+def model_change(op: str, name: str, version: str, *, by: str = "") -> dict[str, object]:
+    """The payload of a load or unload, checked before it is shared with every replica
+    (``by``: who asked, kept with the desired state)."""
+    if op not in (LOAD, UNLOAD):
+        raise ValueError(f"unknown model change {op!r}")
+    check_name(name, version)
+    return {"op": op, "name": name, "version": version, "by": by}
+
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
@@ -148,14 +172,34 @@ class ModelRepository:
             found.extend((model_dir.name, v) for v in sorted(versions, key=int))
         return found
 
-    def load_all(self) -> list[ModelEntry]:
-        """Load every version found; refusals are recorded, not raised."""
-        return [self.load(name, version) for name, version in self.discover()]
+    def load_all(self, *, skip_known: bool = False) -> list[ModelEntry]:
+        """Load every version found; refusals are recorded, not raised. ``skip_known``: only
+        versions without an entry yet (those the desired state has not already decided)."""
+        return [self.load(name, version) for name, version in self.discover()
+                if not (skip_known and (name, version) in self._entries)]
+
+    def apply_change(self, key: str, payload: Mapping[str, object]) -> str | None:
+        """The handler of the ``models`` desired state (:mod:`gateway.models._desired`):
+        load (verify-then-load, as :meth:`load`) or unload one version; None when done,
+        else why not (a refusal's caller-safe reason)."""
+        op, name, version = payload.get("op"), payload.get("name"), payload.get("version")
+        if not isinstance(name, str) or not isinstance(version, str) \
+                or key != model_key(name, version):
+            return f"malformed model change for {key!r}; not applied"
+        try:
+            if op == LOAD:
+                entry = self.load(name, version)
+                return None if entry.state == LOADED else f"refused: {entry.reason}"
+            if op == UNLOAD:
+                self.unload(name, version)
+                return None
+        except GatewayError as err:
+            return str(err)
+        return f"unknown model change {op!r} for {key!r}; not applied"
 
     def load(self, name: str, version: str) -> ModelEntry:
         """(Re)load one version through the whole pipeline; returns its new entry."""
-        if not (_NAME.match(name) and _VERSION.match(version)):
-            raise ModelUnavailable(f"invalid model name or version: {name!r} {version!r}")
+        check_name(name, version)
         directory = self._root / name / version
         try:
             model = self._build(name, version, directory)

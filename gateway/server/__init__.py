@@ -39,7 +39,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.explain import ExplainBudgets
 from gateway.identity import IdentityVerifier, https_client_auth, server_credentials
-from gateway.models import ModelRepository
+from gateway.models import MODELS_TOPIC, ModelRepository
 from gateway.monitor import MetricsServer, Monitor
 from gateway.policy import (
     PolicyStore,
@@ -56,7 +56,7 @@ from gateway.server._limits import Limits, WorkerPool
 from gateway.server._reads import BoundedReads
 from gateway.server._services import GuardedHealth, GuardedReflection
 from gateway.server._supervisor import Supervisor, supervise
-from gateway.server._wiring import model_pipeline
+from gateway.server._wiring import model_pipeline, open_coordinator
 
 __all__ = ["RECEIPT_INDEX", "RECEIPT_LEAF", "Gateway", "Guard", "Supervisor", "supervise"]
 
@@ -126,7 +126,11 @@ class Gateway:
         self.models = ModelRepository(
             config.models.repository, session_options=options, verify=verify, scan=scan,
             decrypt=decrypt, on_event=self._model_event)
-        for entry in self.models.load_all():
+        # The models' desired state first (what LoadModel/UnloadModel decided, on any
+        # replica), then every other version on disk.
+        self.coordinator = open_coordinator(config.state, self.instance_id)
+        self.coordinator.subscribe(MODELS_TOPIC, self.models.apply_change)
+        for entry in self.models.load_all(skip_known=True):
             log.info("model %s/%s: %s %s", entry.name, entry.version, entry.state, entry.reason)
         pool = WorkerPool(config.server.workers)
         self.guard = Guard(verifier=self.verifier, policy=self.policy, models=self.models,
@@ -151,7 +155,7 @@ class Gateway:
                                         ready=self.ready,
                                         max_response_bytes=config.server.max_message_bytes),
                       server)
-        AdminServicer(self.guard).add_to_server(server)
+        AdminServicer(self.guard, self.coordinator).add_to_server(server)
         AuditServicer(self.audit, self.guard).add_to_server(server)
         self._add_explainer(server)
         self.health = GuardedHealth(self.guard)
@@ -295,6 +299,7 @@ class Gateway:
             if self._server is not None:
                 self._server.stop(grace).wait()
             self.policy.close()
+            self.coordinator.close()
             self.policy.clear_shadow()  # its final summary goes into the log before it closes
             self.monitor.flush()  # what was queued still gets scored ...
             self._record_alerts()  # ... and its alerts recorded, before the log closes

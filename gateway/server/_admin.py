@@ -4,10 +4,18 @@ Each RPC is a governed action like inference: authorized by policy (``model.load
 ``model.unload``, ``policy.load``, ``policy.read``; server-level ones on the object
 ``@gateway``) and audited. Models can only be loaded
 from the repository on disk, verified as at start-up; nothing is uploaded over the network.
+
+LoadModel and UnloadModel change the models' desired state through the coordinator
+(:mod:`gateway.state`): every replica applies the change to its own repository (each verifies
+its own copy of the files) before the reply leaves. The reply is OK only when every live
+replica applied it; otherwise FAILED_PRECONDITION naming each replica that did not and why.
+Either way the decision record lists every replica's answer (``replicas``) and so does the
+trailing metadata, one ``gateway-replica: <member>: ok|<why not>`` entry per replica.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import grpc
@@ -15,16 +23,33 @@ import grpc
 from gateway._proto.gateway.v1 import admin_pb2 as pb
 from gateway._proto.gateway.v1 import admin_pb2_grpc as pb_grpc
 from gateway.errors import ConfigError, InvalidRequest, ModelUnavailable
-from gateway.models import REFUSED, ModelEntry
+from gateway.models import (
+    LOAD,
+    LOADED,
+    MODELS_TOPIC,
+    UNLOAD,
+    UNLOADED,
+    ModelEntry,
+    model_change,
+    model_key,
+)
 from gateway.policy import PolicyError
-from gateway.server._guard import Guard
+from gateway.server._guard import Call, Guard
+from gateway.state import Applied, Coordinator
+
+#: Trailing metadata key of each replica's answer to a model load or unload.
+REPLICA_KEY = "gateway-replica"
+#: Longest a load or unload waits for the replicas' answers (less if the caller's deadline
+#: is nearer): verifying a large model's files takes time.
+APPLY_TIMEOUT = 120.0
 
 
 class AdminServicer(pb_grpc.ModelAdminServicer, pb_grpc.PolicyAdminServicer):
     """Model load/unload/list and policy reload/read, all through the guard."""
 
-    def __init__(self, guard: Guard) -> None:
+    def __init__(self, guard: Guard, coordinator: Coordinator) -> None:
         self._guard = guard
+        self._coordinator = coordinator
 
     def add_to_server(self, server: grpc.Server) -> None:
         pb_grpc.add_ModelAdminServicer_to_server(self, server)
@@ -35,18 +60,50 @@ class AdminServicer(pb_grpc.ModelAdminServicer, pb_grpc.PolicyAdminServicer):
     def LoadModel(self, request: pb.LoadModelRequest,
                   context: grpc.ServicerContext) -> pb.ModelStatus:
         with self._guard.call(context, rpc="LoadModel", action="model.load",
-                              model=request.name, version=request.version, must_exist=False):
-            entry = self._guard.models.load(request.name, _version(request.version))
-            if entry.state == REFUSED:  # audited as model_refused, with the full detail
+                              model=request.name, version=request.version,
+                              must_exist=False) as call:
+            entry = self._everywhere(call, context, LOAD, request.name, request.version)
+            if entry.state != LOADED:  # only if a later change overtook this one
                 raise ModelUnavailable(f"model '{entry.name}' version {entry.version} is "
-                                       f"refused: {entry.reason}")
+                                       f"{entry.state.lower()} after this load: a later "
+                                       f"change overtook it ({entry.reason})")
             return _status(entry)
 
     def UnloadModel(self, request: pb.UnloadModelRequest,
                     context: grpc.ServicerContext) -> pb.ModelStatus:
         with self._guard.call(context, rpc="UnloadModel", action="model.unload",
-                              model=request.name, version=request.version):
-            return _status(self._guard.models.unload(request.name, _version(request.version)))
+                              model=request.name, version=request.version) as call:
+            entry = self._everywhere(call, context, UNLOAD, request.name, request.version)
+            if entry.state != UNLOADED:  # only if a later change overtook this one
+                raise ModelUnavailable(f"model '{entry.name}' version {entry.version} is "
+                                       f"{entry.state.lower()} after this unload: a later "
+                                       "change overtook it")
+            return _status(entry)
+
+    def _everywhere(self, call: Call, context: grpc.ServicerContext, op: str, name: str,
+                    version: str) -> ModelEntry:
+        """Apply a load or unload on every replica; this replica's entry after it. Each
+        refusal is also audited by the replica that refused (``model_refused``, full
+        detail); the caller reads the caller-safe reason."""
+        identity = call.identity.id if call.identity is not None else ""
+        change = model_change(op, name, _version(version), by=identity)
+        remaining = context.time_remaining()
+        timeout = APPLY_TIMEOUT if remaining is None else \
+            max(0.0, min(APPLY_TIMEOUT, remaining - 0.5))
+        answers = self._coordinator.apply_everywhere(MODELS_TOPIC, model_key(name, version),
+                                                     change, timeout)
+        call.fields["replicas"] = [{"member": a.member, "ok": a.ok, "detail": a.detail}
+                                   for a in answers]
+        call.trailers.extend((REPLICA_KEY, _metadata(f"{a.member}: {a.detail or 'ok'}"))
+                             for a in answers)
+        failed = [a for a in answers if not a.ok]
+        if failed:
+            raise ModelUnavailable(_not_everywhere(op, name, version, failed, len(answers)))
+        entry = self._guard.models.entry(name, version)
+        if entry is None:  # this replica did not answer as a member (it always is one)
+            raise ModelUnavailable(f"model '{name}' version {version}: this replica did not "
+                                   f"apply the {op}")
+        return entry
 
     def ListModels(self, request: pb.ListModelsRequest,
                    context: grpc.ServicerContext) -> pb.ListModelsResponse:
@@ -124,6 +181,19 @@ def _version(version: str) -> str:
     if not version:
         raise InvalidRequest("a model version is required for load and unload")
     return version
+
+
+def _not_everywhere(op: str, name: str, version: str, failed: list[Applied],
+                    replicas: int) -> str:
+    done = "loaded" if op == LOAD else "unloaded"
+    reasons = "; ".join(f"{a.member}: {a.detail}" for a in failed)
+    return (f"model '{name}' version {version} not {done} by {len(failed)} of {replicas} "
+            f"replica(s): {reasons}")
+
+
+def _metadata(text: str) -> str:
+    """``text`` as an ASCII metadata value (gRPC refuses others), clipped."""
+    return re.sub(r"[^\x20-\x7e]", "?", text)[:1024]
 
 
 def _status(entry: ModelEntry) -> pb.ModelStatus:

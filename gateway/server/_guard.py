@@ -134,7 +134,7 @@ class Call:
     __slots__ = ("_attributes", "_context", "_guard", "_holding", "_must_exist",
                  "_request_attributes", "_stream_kind", "_strings", "_summarise", "_t0",
                  "action", "decision", "entry", "fields", "identity", "model_name",
-                 "request_id", "rpc", "stream", "timings", "version")
+                 "request_id", "rpc", "stream", "timings", "trailers", "version")
 
     def __init__(self, guard: Guard, context: grpc.ServicerContext, rpc: str,
                  action: str | None, model: str, version: str, request_id: str,
@@ -154,6 +154,8 @@ class Call:
         self.timings: dict[str, int] = {}
         #: Extra audit fields a handler adds (payload digest, cost, ...).
         self.fields: dict[str, object] = {}
+        #: Extra trailing metadata a handler adds, sent after the receipt's (and with errors).
+        self.trailers: list[tuple[str, str]] = []
         self._request_attributes = request_attributes
         self._must_exist = must_exist
         self._stream_kind = stream
@@ -288,7 +290,7 @@ class Call:
         cert = identity.cert_sha256 if identity is not None else \
             guard.verifier.presented_sha256(self._context)
         key = identity.id if identity is not None else (cert or "")
-        if guard.limits.refusal_allowed(key):
+        if guard.limits.refusal_allowed(key, self._context):
             self._finish(error, "deny", reason)
         self._release()
         guard.limits.count(None if identity is None else identity.id, cert, self.rpc, reason,
@@ -415,6 +417,7 @@ class Call:
         self._context.set_trailing_metadata((
             (RECEIPT_INDEX, str(receipt.index)),
             (RECEIPT_LEAF, receipt.leaf_hash.hex()),
+            *self.trailers,
         ))
         self._observe(decision, status)
         if error is not None:

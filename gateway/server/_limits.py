@@ -4,10 +4,11 @@ The gRPC server runs every call on one of ``[server] workers`` threads. Three li
 any one identity (or certificate) from taking them all, each answered RESOURCE_EXHAUSTED:
 
 - **unary calls in progress** per identity (``max_calls_per_identity``), enforced while the
-  server is backed up (``workers`` calls or more wait for a worker; :class:`WorkerPool`
-  counts them): an identity may use idle workers, and a busy client is served at full
-  concurrency, but a flood queued ahead of other callers is cut back to its share and
-  answered at once, so their calls reach a worker;
+  server is backed up (``workers`` calls or more wait for a worker, not counting those a
+  throttled connection has waiting; :meth:`WorkerPool.backlog`): an identity may use
+  idle workers, and a busy client is served at full concurrency, but a flood queued ahead
+  of other callers is cut back to its share and answered at once, so their calls reach a
+  worker;
 - **streams** (server reflection, health Watch) open at once, in all and per identity
   (``max_streams``, ``max_streams_per_identity``); ``max_streams`` is at most half the
   workers, so streams can never starve unary calls. A stream is ended (CANCELLED) when the
@@ -27,6 +28,11 @@ any one identity (or certificate) from taking them all, each answered RESOURCE_E
   before; beyond it the call is answered RESOURCE_EXHAUSTED, costs no durable write, and is
   counted into a summary record instead.
 
+**Scheduling** (:class:`WorkerPool`): the workers take the client connections' calls in
+turn, and a connection over its refusal rate is *throttled*: its calls wait and run one at
+a time with pauses, so that a flood of refused calls, which costs the interpreter about as
+much as a served one, cannot take the other callers' turns at it.
+
 **Summaries**, not one record per call, are how refused floods and health probes reach the
 audit log without the log itself being the denial-of-service vector: per (caller, RPC,
 reason, status) a counter, written as one ``call_summary`` record per
@@ -39,13 +45,14 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
@@ -64,27 +71,311 @@ _TICK_S = 0.1
 _READ_GRACE_S = 0.25
 #: The key summaries fold into when the table is full.
 OTHER = "(other)"
+#: The most of one worker's time a throttled connection keeps busy while others are served.
+THROTTLED_SHARE = 0.1
+_PAUSE = 1 / THROTTLED_SHARE - 1
+#: How long no other call must have run for a throttled connection to be served unpaused.
+_IDLE_S = 0.01
 
 
 class WorkerPool(ThreadPoolExecutor):
-    """The server's worker threads, counting the calls that wait for one."""
+    """The server's worker threads, shared among client connections rather than first come,
+    first served; connections over their refusal rate are *throttled*.
 
-    def __init__(self, workers: int) -> None:
-        super().__init__(max_workers=workers, thread_name_prefix="rpc")
-        self._count_lock = threading.Lock()
+    gRPC hands every call to ``submit`` as ``(context.run, <in-pool function>, rpc_event,
+    ...)``; the event's call names the connection (its peer address), read without a lock
+    or a copy of the certificate. Each connection has its own queue and free workers take
+    the connections' first calls in turn, so a flood queued on one connection does not
+    stand ahead of another connection's call.
+
+    One Python process executes one thread at a time: a flood that keeps workers busy
+    takes the other callers' turns at the interpreter however the queue is ordered, so its
+    calls must not start as fast as it sends them. A connection with a call refused beyond
+    its caller's refusal rate (:meth:`throttle`) stays throttled until it has had no
+    refused call for ``throttle_seconds``:
+
+    - its calls run one at a time, and after each the next waits ``_PAUSE`` times as long
+      as that call took, so it keeps at most ``THROTTLED_SHARE`` of one worker's time;
+    - but while no other connection's call has run for ``_IDLE_S`` it is served without
+      pausing: nobody waits for the worker, so a lone client is not slowed;
+    - at most ``hold`` calls (``4 * workers`` unless given; half of the server's
+      ``maximum_concurrent_rpcs``) wait on throttled connections in all; beyond that the
+      first call of the longest line is answered, without its handler or its request
+      message, by :attr:`overflow` (the serving layer's refusal: RESOURCE_EXHAUSTED,
+      recorded or counted like any refusal), so throttled clients cannot make the gateway
+      hold calls without bound (grpc counts them against ``maximum_concurrent_rpcs``).
+      A client with more calls in flight than that gets those refusals as fast as it
+      sends, and the pauses no longer bound what its calls cost (bench/README.md).
+
+    Otherwise nothing is refused here: calls wait, and the guard answers them as before.
+    Streamed responses (reflection, health Watch) are scheduled like any call but never
+    held or counted as busy: the stream limits bound them, and they last.
+
+    A ``ThreadPoolExecutor`` to grpc (which asks for one), with its own workers and queues.
+    """
+
+    def __init__(self, workers: int, *, hold: int = 0, throttle_seconds: float = 4.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(max_workers=workers)  # unused: submit and shutdown are replaced
+        self._max = workers
+        self._hold = hold or workers * 4
+        self.throttle_seconds = throttle_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        #: Connections with calls waiting, in the order they are served next.
+        self._queues: OrderedDict[bytes, deque[_Job]] = OrderedDict()
+        self._throttled: OrderedDict[bytes, _Throttle] = OrderedDict()
+        self._workers: list[threading.Thread] = []
+        #: Idle workers, each blocked on its own held lock until released (a call arrived).
+        self._sleeping: list[threading.Lock] = []
+        self._timer = math.inf  # when the idle worker watching the throttled pauses wakes
+        self._busy = 0  # calls running, not counting throttled ones and streams
+        self._quiet_since = clock()  # when _busy last fell to 0
+        self._shutdown = False
         #: Calls submitted and not yet started.
         self.waiting = 0
+        #: ``overflow(method, requests, context)``: run instead of the handler of a throttled
+        #: connection's call beyond the ``hold`` that may wait; it must end the call.
+        self.overflow: Callable[[str, Any, grpc.ServicerContext], Any] | None = None
+
+    # -- what grpc calls -------------------------------------------------------------------
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        with self._count_lock:
+        peer, counted = _connection(args)
+        future: Future[T] = Future()
+        job = _Job(future, fn, args, kwargs, peer, counted)
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new calls after shutdown")
+            queue = self._queues.get(peer)
+            if queue is None:
+                queue = self._queues[peer] = deque()
+            queue.append(job)
             self.waiting += 1
+            sleeper = self._sleeping.pop() if self._sleeping else None
+            if sleeper is None and len(self._workers) < self._max:
+                thread = threading.Thread(target=self._work, daemon=True,
+                                          name=f"rpc-{len(self._workers)}")
+                self._workers.append(thread)
+                thread.start()
+        if sleeper is not None:
+            sleeper.release()
+        return future
 
-        def run() -> T:
-            with self._count_lock:
-                self.waiting -= 1
-            return fn(*args, **kwargs)
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop once every submitted call has run (``cancel_futures``: drop those waiting)."""
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                for queue in self._queues.values():
+                    for job in queue:
+                        job.future.cancel()
+                self._queues.clear()
+                self.waiting = 0
+            self._throttled.clear()
+            sleeping, self._sleeping = self._sleeping, []
+            threads = list(self._workers)
+        for sleeper in sleeping:
+            sleeper.release()
+        if wait:
+            for thread in threads:
+                thread.join()
 
-        return super().submit(run)
+    # -- throttling ------------------------------------------------------------------------
+
+    def throttle(self, peer: bytes, *, extend_only: bool = False) -> None:
+        """Throttle ``peer``'s connection from now (``extend_only``: only if it already is)."""
+        until = self._clock() + self.throttle_seconds
+        with self._lock:
+            throttle = self._throttled.get(peer)
+            if throttle is not None:
+                throttle.until = until
+                self._throttled.move_to_end(peer)
+            elif not extend_only:
+                self._throttled[peer] = _Throttle(until)
+                if len(self._throttled) > MAX_KEYS:
+                    self._throttled.popitem(last=False)
+
+    def is_throttled(self, peer: bytes) -> bool:
+        return peer in self._throttled
+
+    def backlog(self) -> int:
+        """Calls waiting for a worker, not counting those throttling holds back."""
+        with self._lock:
+            return self.waiting - sum(
+                len(q) for p, q in self._queues.items()
+                if p in self._throttled and q[0].counted)
+
+    # -- the workers -----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        wake = threading.Lock()
+        wake.acquire()
+        job: _Job | None = None
+        while True:
+            with self._lock:
+                if job is not None:
+                    self._finished(job)
+                job, due = self._pick()
+                if job is None:
+                    if self._shutdown and not self._queues:
+                        return
+                    self._sleeping.append(wake)
+                    timeout = -1.0
+                    if due is not None and due < self._timer:
+                        self._timer = due  # this worker wakes for the next pause's end
+                        timeout = max(0.0, due - self._clock())
+            if job is None:
+                woken = wake.acquire(timeout=timeout)
+                if not woken or timeout >= 0:
+                    relay = None
+                    with self._lock:
+                        popped = wake not in self._sleeping
+                        if not popped:
+                            self._sleeping.remove(wake)
+                        if self._timer == due:
+                            self._timer = math.inf
+                            if woken and self._sleeping and self._queues:
+                                # Woken for a call while watching a pause: another idle
+                                # worker takes over the watch (this one may be long busy).
+                                relay = self._sleeping.pop()
+                    if relay is not None:
+                        relay.release()
+                    if not woken and popped:  # a caller took it as it timed out: its
+                        wake.acquire()  # release is on its way (a lock is released once)
+                continue
+            if job.overflow and self.overflow is not None:
+                job.args = _refusing(job.args, self.overflow)
+            if job.future.set_running_or_notify_cancel():
+                try:
+                    result = job.fn(*job.args, **job.kwargs)
+                except BaseException as err:  # the future carries it, as in ThreadPoolExecutor
+                    job.ended = self._clock() if job.low else 0.0
+                    job.future.set_exception(err)
+                else:
+                    job.ended = self._clock() if job.low else 0.0
+                    job.future.set_result(result)
+            elif job.low:
+                job.ended = job.started
+            job.fn = job.args = job.kwargs = None  # type: ignore[assignment]  # free them now
+
+    def _pick(self) -> tuple[_Job | None, float | None]:
+        """With the lock held: the next call to start; else when to look again (None: when
+        a call arrives or ends)."""
+        throttled = self._throttled
+        held: list[bytes] = []
+        waiting = 0  # calls throttling holds back
+        for peer, queue in self._queues.items():
+            if throttled and queue[0].counted and peer in throttled:
+                held.append(peer)
+                waiting += len(queue)
+                continue
+            return self._take(peer, queue), None
+        if not held:
+            return None, None
+        now = self._clock()
+        for peer in held:
+            if now >= throttled[peer].until:  # served as usual from now on
+                del throttled[peer]
+                return self._take(peer, self._queues[peer]), None
+        if waiting > self._hold:  # refuse, unread, the first call of the longest line
+            peer = max(held, key=lambda p: len(self._queues[p]))
+            return self._take(peer, self._queues[peer], overflow=True), None
+        due = None
+        for peer in held:
+            throttle = throttled[peer]
+            if throttle.running:
+                continue
+            start = throttle.next_start
+            if not self._busy:
+                start = min(start, self._quiet_since + _IDLE_S)
+            if now >= start:
+                throttle.running = True
+                return self._take(peer, self._queues[peer], now), None
+            due = start if due is None else min(due, start)
+        return None, due
+
+    def _take(self, peer: bytes, queue: deque[_Job], throttled_at: float = 0.0, *,
+              overflow: bool = False) -> _Job:
+        """With the lock held: start ``queue``'s first call (``throttled_at``: as a throttled
+        connection's, at that time; ``overflow``: to be refused at once)."""
+        job = queue.popleft()
+        if queue:
+            self._queues.move_to_end(peer)
+        else:
+            del self._queues[peer]
+        self.waiting -= 1
+        if throttled_at:
+            job.low, job.started = True, throttled_at
+        elif overflow:
+            job.overflow = True
+        elif job.counted:
+            self._busy += 1
+        return job
+
+    def _finished(self, job: _Job) -> None:
+        """With the lock held: ``job`` has run."""
+        if job.low:
+            throttle = self._throttled.get(job.peer)
+            if throttle is not None:
+                throttle.running = False
+                throttle.next_start = job.ended + (job.ended - job.started) * _PAUSE
+        elif job.counted and not job.overflow:
+            self._busy -= 1
+            if not self._busy:
+                self._quiet_since = self._clock()
+
+
+class _Job:
+    __slots__ = ("args", "counted", "ended", "fn", "future", "kwargs", "low", "overflow",
+                 "peer", "started")
+
+    def __init__(self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any], peer: bytes, counted: bool) -> None:
+        self.future = future
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.peer = peer
+        #: Held and counted as busy like any call (False: a streamed response).
+        self.counted = counted
+        #: Run as a throttled connection's call, from ``started`` to ``ended``.
+        self.low = False
+        self.started = self.ended = 0.0
+        #: Beyond what its throttled connection may have waiting: refused unread.
+        self.overflow = False
+
+
+class _Throttle:
+    __slots__ = ("next_start", "running", "until")
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+        self.next_start = 0.0
+        self.running = False
+
+
+def _refusing(args: tuple[Any, ...], overflow: Callable[[str, Any, grpc.ServicerContext], Any],
+              ) -> tuple[Any, ...]:
+    """grpc's arguments for one call with its behaviour replaced by ``overflow``:
+    ``(<in-pool function>, rpc_event, state, behaviour, request thunk, ...)``."""
+    method = args[1].call_details.method
+    name = method.decode("utf-8", "replace") if isinstance(method, bytes) else str(method)
+
+    def refuse(requests: Any, context: grpc.ServicerContext) -> Any:
+        return overflow(name, requests, context)
+
+    return (*args[:3], refuse, *args[4:])
+
+
+def _connection(args: tuple[Any, ...]) -> tuple[bytes, bool]:
+    """The connection (peer address) of a call grpc submits, and whether it is scheduled
+    as a call (False for streamed responses); ``(b"", True)`` for anything else."""
+    try:
+        peer = args[1].call.peer()
+    except (IndexError, AttributeError):
+        return b"", True
+    return peer, getattr(args[0], "__name__", "") != "_stream_response_in_pool"
 
 
 @dataclass
@@ -145,6 +436,8 @@ class Limits:
                  ) -> None:
         self.settings = settings
         self.pool = pool
+        if pool is not None:  # throttled until the connection's refusal bucket is full again
+            pool.throttle_seconds = settings.refusal_burst / settings.refusal_rate
         #: The client certificate of a call, as the key of its slow-request count.
         self.peer_key = peer_key
         self.clock = clock
@@ -173,7 +466,7 @@ class Limits:
         with self._lock:
             held = self._calls.get(key, 0)
             if held >= self.settings.max_calls_per_identity and (
-                    self.pool is None or self.pool.waiting >= self.settings.workers):
+                    self.pool is None or self.pool.backlog() >= self.settings.workers):
                 return False
             self._calls[key] = held + 1
             return True
@@ -334,8 +627,19 @@ class Limits:
 
     # -- refusals and summaries ------------------------------------------------------------
 
-    def refusal_allowed(self, key: str) -> bool:
-        """Take a token from ``key``'s refusal bucket; False when it is empty."""
+    def refusal_allowed(self, key: str, context: grpc.ServicerContext | None = None) -> bool:
+        """Take a token from ``key``'s refusal bucket; False when it is empty.
+
+        With the refused call's ``context``, its connection is throttled when the bucket
+        is empty (see :class:`WorkerPool`), and stays throttled while it is refused.
+        """
+        allowed = self._take_token(key)
+        pool = self.pool
+        if context is not None and pool is not None and (not allowed or pool._throttled):
+            pool.throttle(context.peer().encode(), extend_only=allowed)
+        return allowed
+
+    def _take_token(self, key: str) -> bool:
         s = self.settings
         now = self.clock()
         with self._lock:

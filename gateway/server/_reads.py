@@ -8,7 +8,8 @@ method to gRPC as a stream-unary one (the wire format is the same), so the wrapp
 once and takes the message itself, watched by :meth:`Limits.start_read`: a call whose
 message is late is bounded per client certificate and in all, and cancelled after
 ``request_timeout_seconds``. Refusals go through the guard like any other (audited,
-rate-limited).
+rate-limited), and so do the worker pool's (a throttled connection's calls beyond those it
+may have waiting, refused before their message is read).
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ class BoundedReads(grpc.ServerInterceptor):
         self._guard = guard
         # Method handlers are registered once; their wrapped twins are made once each.
         self._wrapped: dict[int, grpc.RpcMethodHandler[Any, Any]] = {}
+        if guard.limits.pool is not None:  # the pool's refusals, like every other, are ours
+            guard.limits.pool.overflow = self._overflow
+
+    def _overflow(self, method: str, requests: object, context: grpc.ServicerContext) -> None:
+        """Refuse, unread, a call of a throttled connection beyond those it may have
+        waiting (:class:`gateway.server._limits.WorkerPool`)."""
+        self._guard.refuse(context, method.rsplit("/", 1)[-1], QuotaExceeded(
+            "too many calls waiting from this connection while its refused calls are over "
+            "their rate; retry later"), "throttled")
 
     def intercept_service(
         self,
