@@ -16,7 +16,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gateway.config import GatewayConfig
 from gateway.errors import ConfigError, GatewayError
@@ -52,15 +52,6 @@ class RuntimePaths:
         return self.root / "metrics"
 
 
-def log_server_classes() -> tuple[Any, Any]:
-    """``(LogServer, RemoteAuditLog)``: the audit package's, or the stand-in until it lands."""
-    try:
-        from gateway.audit import LogServer, RemoteAuditLog
-    except ImportError:
-        from gateway.server._hostlog_standin import LogServer, RemoteAuditLog
-    return LogServer, RemoteAuditLog
-
-
 def run_hub(config: GatewayConfig, paths: RuntimePaths, instance_id: str,
             report: Callable[[dict[str, object]], None]) -> int:
     """Serve until SIGTERM or SIGINT (blocked by the caller: taken here with ``sigwait``).
@@ -68,10 +59,11 @@ def run_hub(config: GatewayConfig, paths: RuntimePaths, instance_id: str,
     ``report`` is called once: ``{"ok": True, "metrics": url}`` when serving, or
     ``{"ok": False, "error": text}`` when the log (or anything else) cannot be opened.
     """
-    log_server_cls, _ = log_server_classes()
+    from gateway.audit import LogServer
+
     # With [audit] backend = "postgresql" every worker writes to the database itself.
     log_server = None if config.audit.backend == "postgresql" else \
-        log_server_cls(config.audit, paths.audit_socket, instance_id=instance_id)
+        LogServer(config.audit, paths.audit_socket, instance_id=instance_id)
     metrics: MetricsServer | None = None
     try:
         if log_server is not None:

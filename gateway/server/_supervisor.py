@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 from gateway._atomic import private_dir, write_atomic
 from gateway.config import GatewayConfig
 from gateway.errors import ConfigError, GatewayError
-from gateway.server._hub import RuntimePaths, log_server_classes, run_hub
+from gateway.server._hub import RuntimePaths, run_hub
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -251,16 +251,16 @@ class Supervisor:
         return self._run_worker(name, report)
 
     def _run_worker(self, name: str, report: Callable[[dict[str, object]], None]) -> int:
+        from gateway.audit import RemoteAuditLog
         from gateway.server import Gateway
 
         instance = f"{self.instance_id}/{name}"
         host = self.config.server.listen.rpartition(":")[0]
         config = dataclasses.replace(self.config, server=dataclasses.replace(
             self.config.server, listen=f"{host}:{self.port}", instance_id=instance))
-        _, remote_cls = log_server_classes()
         try:
             # The hub's file log; a PostgreSQL log each worker writes itself (Gateway opens it).
-            audit = None if config.audit.backend == "postgresql" else remote_cls.connect(
+            audit = None if config.audit.backend == "postgresql" else RemoteAuditLog.connect(
                 self.paths.audit_socket, config.audit, instance_id=instance)
             gateway = Gateway.start(config, audit=audit, worker=True)
         except (GatewayError, OSError) as err:
