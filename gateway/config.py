@@ -33,6 +33,7 @@ from gateway.models.scan import ScanSettings
 from gateway.models.signing import SigningSettings
 from gateway.monitor import MonitorSettings
 from gateway.policy import PolicySettings
+from gateway.state import StateSettings
 
 __all__ = ["SECTIONS", "GatewayConfig", "ModelSettings", "PolicySettings", "ServerSettings",
            "TlsSettings", "load_config", "parse_section"]
@@ -126,6 +127,7 @@ class GatewayConfig:
     explain: ExplainSettings = field(default_factory=ExplainSettings)
     robustness: RobustnessSettings = field(default_factory=RobustnessSettings)
     client: ClientSettings = field(default_factory=ClientSettings)
+    state: StateSettings = field(default_factory=StateSettings)
     source: Path | None = None
 
 

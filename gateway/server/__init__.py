@@ -52,6 +52,7 @@ from gateway.server._limits import Limits, WorkerPool
 from gateway.server._reads import BoundedReads
 from gateway.server._services import GuardedHealth, GuardedReflection
 from gateway.server._wiring import model_pipeline
+from gateway.state import State, open_state
 
 __all__ = ["RECEIPT_INDEX", "RECEIPT_LEAF", "Gateway", "Guard"]
 
@@ -102,7 +103,9 @@ class Gateway:
             shadow_summary_interval=config.policy.shadow_summary_interval)
         self.verifier = IdentityVerifier(config.tls.trust_domains, config.tls.cn_issuers,
                                          trust_bundles=config.tls.trust_bundles)
-        self.monitor = _monitor(config)
+        # Quotas and explain budgets: this process's own, or shared (hub, PostgreSQL).
+        self.state = open_state(config.state, member=self.instance_id)
+        self.monitor = _monitor(config, self.state)
         self.audit.observe_commits(self.monitor.observe_audit_commit)
         self.monitor.metrics.registry.register(ShadowCollector(lambda: self.policy.shadow))
         self.monitor.metrics.registry.register(SourceCollector(self.policy))
@@ -186,7 +189,8 @@ class Gateway:
 
     def _add_explainer(self, server: grpc.Server) -> None:
         settings = self.config.explain
-        budgets = ExplainBudgets(settings.budget_evaluations, settings.budget_window_seconds)
+        budgets = ExplainBudgets(settings.budget_evaluations, settings.budget_window_seconds,
+                                 buckets=self.state.buckets)
         ExplainServicer(self.guard, budgets, settings).add_to_server(server)
 
     # -- state ------------------------------------------------------------------------------
@@ -280,6 +284,7 @@ class Gateway:
             self.policy.clear_shadow()  # its final summary goes into the log before it closes
             self.monitor.flush()  # what was queued still gets scored ...
             self._record_alerts()  # ... and its alerts recorded, before the log closes
+            self.state.close()
             self.monitor.stop_http()
             if self._metrics_server is not None:
                 self._metrics_server.stop()
@@ -301,8 +306,8 @@ def _loopback(listen: str) -> bool:
         return False
 
 
-def _monitor(config: GatewayConfig) -> Monitor:
-    return Monitor(config.monitor)
+def _monitor(config: GatewayConfig, state: State) -> Monitor:
+    return Monitor(config.monitor, buckets=state.buckets, usage_sink=state.usage)
 
 
 def client_hint(config: GatewayConfig, port: int) -> str:

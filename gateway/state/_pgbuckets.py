@@ -1,0 +1,107 @@
+"""The ``postgresql`` backend's buckets: one row per key, leased with one UPDATE ... RETURNING.
+
+Table ``gateway_bucket (key, tokens, at)``, created if absent. A lease refills the
+row from the time of its last update (``rate * (now() - at)``, capped at ``burst``), grants up
+to ``want`` whole tokens if at least ``need`` are there, and records the time, all in one
+statement on the row's latest version, so concurrent leases from many replicas never lose an
+update. ``at`` only moves forward (``GREATEST``), so a statement that waited for another's
+row lock never counts the same refill twice.
+
+The database unreachable: the lease raises :class:`~gateway.errors.StateUnavailable` (the quota
+check fails closed, UNAVAILABLE), after at most ``timeout`` seconds; for ``timeout`` seconds
+after a failure further leases fail at once instead of each waiting again; then the next one
+tries the database again, through a pool that replaces broken connections by itself.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+
+from gateway.db import open_pool, redact
+from gateway.errors import StateUnavailable
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS gateway_bucket (
+    key TEXT PRIMARY KEY,
+    tokens DOUBLE PRECISION NOT NULL,
+    at TIMESTAMPTZ NOT NULL)
+"""
+
+# One statement: lock the row, compute its level and the grant on the row's latest version
+# (FOR UPDATE re-reads a row another lease changed meanwhile), and write both.
+_LEASE = """
+WITH b AS (
+    SELECT key, LEAST(%(burst)s::float8, tokens + %(rate)s::float8
+                      * GREATEST(0, EXTRACT(EPOCH FROM now() - at))::float8) AS level
+    FROM gateway_bucket WHERE key = %(key)s FOR UPDATE),
+g AS (
+    SELECT key, level,
+           CASE WHEN level >= %(need)s THEN LEAST(%(want)s::float8, floor(level))
+                ELSE 0 END AS granted
+    FROM b)
+UPDATE gateway_bucket t SET tokens = g.level - g.granted, at = GREATEST(t.at, now())
+FROM g WHERE t.key = g.key
+RETURNING g.granted, t.tokens
+"""
+_CREATE = ("INSERT INTO gateway_bucket (key, tokens, at) VALUES (%(key)s, %(burst)s, now()) "
+           "ON CONFLICT (key) DO NOTHING")
+_RELEASE = """
+UPDATE gateway_bucket
+SET tokens = LEAST(%(burst)s::float8, tokens + %(n)s + %(rate)s::float8
+                   * GREATEST(0, EXTRACT(EPOCH FROM now() - at))::float8),
+    at = GREATEST(at, now())
+WHERE key = %(key)s
+"""
+
+
+class PgBucketStore:
+    """Shared buckets in PostgreSQL, as :class:`~gateway.state._lease.BucketStore`."""
+
+    def __init__(self, dsn: str, member: str, *, timeout: float) -> None:
+        self._dsn = dsn
+        self._timeout = timeout
+        self._pool = open_pool(dsn, name=f"gateway-state {member}", min_size=1, max_size=4,
+                               timeout=timeout)
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        self._ready = False
+
+    def _run(self, statement: str, params: dict[str, object]) -> tuple[float, float] | None:
+        if time.monotonic() < self._down_until:
+            raise StateUnavailable(f"PostgreSQL at {redact(self._dsn)} was unreachable moments "
+                                   f"ago; quotas cannot be checked, so the call is refused")
+        try:
+            with self._pool.connection() as conn:
+                if not conn.autocommit:  # one statement, one round trip: no COMMIT after it
+                    conn.autocommit = True
+                if not self._ready:
+                    with self._lock:
+                        conn.execute(SCHEMA)
+                        self._ready = True
+                row = conn.execute(statement, params).fetchone()
+                if row is None and statement is _LEASE:
+                    conn.execute(_CREATE, params)
+                    row = conn.execute(statement, params).fetchone()
+        except (psycopg.Error, OSError) as err:  # PoolTimeout is a psycopg.Error
+            self._down_until = time.monotonic() + self._timeout
+            raise StateUnavailable(f"PostgreSQL at {redact(self._dsn)} unreachable: "
+                                   f"{str(err).strip()}; quotas cannot be checked, so the "
+                                   f"call is refused") from None
+        return None if row is None else (float(row[0]), float(row[1]))
+
+    def lease(self, key: str, rate: float, burst: int, need: int,
+              want: int) -> tuple[int, float]:
+        row = self._run(_LEASE, {"key": key, "rate": rate, "burst": burst, "need": need,
+                                 "want": want})
+        if row is None:  # the row was dropped between insert and update: nothing granted
+            return 0, 0.0
+        return int(row[0]), row[1]
+
+    def release(self, key: str, rate: float, burst: int, n: int) -> None:
+        self._run(_RELEASE, {"key": key, "rate": rate, "burst": burst, "n": n})
+
+    def close(self) -> None:
+        self._pool.close()
