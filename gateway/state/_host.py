@@ -99,6 +99,7 @@ class StateServer:
     def start(self) -> None:
         """Bind the socket (replacing a stale one) and serve in background threads."""
         path = self.socket_path
+        self._stopping.clear()
         private_dir(path.parent)
         if self.state_file is not None and self.state_file.exists():
             self._desired = orjson.loads(self.state_file.read_bytes())
@@ -409,6 +410,7 @@ class HostCoordinator:
 
     def _read_loop(self) -> None:
         backoff = 0.05
+        reconnected = False
         while not self._closed.is_set():
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -422,8 +424,10 @@ class HostCoordinator:
             backoff = 0.05
             with self._wlock:
                 self._sock = sock
-            for topic in list(self._handlers):  # a new hub, or the same one: converge again
-                self._send_subscribe(topic)
+            if reconnected:  # a new hub, or the same one back: converge again
+                for topic in list(self._handlers):
+                    self._send_subscribe(topic)
+            reconnected = True  # the first time, subscribe() sends its own
             self._connected.set()
             try:
                 while True:
