@@ -4,7 +4,6 @@ coordinator, usage handed to the hub) and failing closed when the hub is gone.""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import stat
 import subprocess
@@ -116,7 +115,8 @@ from gateway.state import StateSettings, open_state
 sock, member, go, seconds = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
 state = open_state(StateSettings(backend="host", socket=sock, lease_tokens=4,
                                  lease_seconds=0.2), member=member)
-while not go.exists():
+give_up = time.monotonic() + 60
+while not go.exists() and time.monotonic() < give_up:
     time.sleep(0.001)
 admitted = refused = 0
 end = time.monotonic() + seconds

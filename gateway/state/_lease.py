@@ -8,6 +8,9 @@ on the other side only: while other members hold leased tokens they have not spe
 be refused that one exact bucket would have admitted. At most ``lease_tokens`` tokens (or the
 size of the last call, if larger) idle in each member, and an unspent lease goes back within
 ``lease_seconds``; so at most ``(members - 1) * lease_tokens`` early refusals per key at a time.
+A member the shared bucket refused refuses that key locally until the bucket could have
+refilled what it asked for (at most ``lease_seconds``), so a refused caller's flood costs no
+round trip per call; only tokens another member gives back meanwhile wait that long.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class LeasedBuckets:
         self._ttl = lease_seconds
         self._clock = clock
         self._lock = threading.Lock()
-        # key -> [tokens held, leased at, rate, burst]
+        # key -> [tokens held, leased at, rate, burst, no new lease before]
         self._held: dict[str, list[float]] = {}
         self._shared: dict[str, float] = {}  # key -> tokens the store had left, last we saw
         self._closed = threading.Event()
@@ -60,6 +63,8 @@ class LeasedBuckets:
                 if h[0] >= n:
                     h[0] -= n
                     return True
+                if self._clock() < h[4]:
+                    return False  # the shared bucket said no moments ago: no round trip
                 have = int(h[0])
             else:
                 have = 0  # a changed rule: what was held under the old one is dropped
@@ -72,10 +77,14 @@ class LeasedBuckets:
         with self._lock:
             h = self._held.get(key)
             if h is None or h[2] != rate or h[3] != burst:
-                h = self._held[key] = [0.0, 0.0, rate, burst]
+                h = self._held[key] = [0.0, 0.0, rate, burst, 0.0]
             h[0] += granted
+            now = self._clock()
             if granted:
-                h[1] = self._clock()
+                h[1] = now
+            else:  # refused: until the shared bucket could have refilled what we needed
+                refill = (need - left) / rate if rate > 0 else self._ttl
+                h[4] = now + min(self._ttl, max(0.0, refill))
             self._shared[key] = left
             if len(self._shared) > 100_000:
                 self._shared.clear()

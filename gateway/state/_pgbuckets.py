@@ -19,6 +19,7 @@ import threading
 import time
 
 import psycopg
+from psycopg_pool import PoolTimeout
 
 from gateway.db import open_pool, redact
 from gateway.errors import StateUnavailable
@@ -78,18 +79,25 @@ class PgBucketStore:
                 if not conn.autocommit:  # one statement, one round trip: no COMMIT after it
                     conn.autocommit = True
                 if not self._ready:
-                    with self._lock:
+                    # Concurrent CREATE TABLE IF NOT EXISTS can collide: one at a time.
+                    with self._lock, conn.transaction():
+                        conn.execute("SELECT pg_advisory_xact_lock(hashtext('gateway_bucket'))")
                         conn.execute(SCHEMA)
-                        self._ready = True
-                row = conn.execute(statement, params).fetchone()
+                    self._ready = True
+                cur = conn.execute(statement, params)
+                row = cur.fetchone() if cur.description else None
                 if row is None and statement is _LEASE:
                     conn.execute(_CREATE, params)
                     row = conn.execute(statement, params).fetchone()
-        except (psycopg.Error, OSError) as err:  # PoolTimeout is a psycopg.Error
+        except (psycopg.OperationalError, PoolTimeout, OSError) as err:
             self._down_until = time.monotonic() + self._timeout
             raise StateUnavailable(f"PostgreSQL at {redact(self._dsn)} unreachable: "
                                    f"{str(err).strip()}; quotas cannot be checked, so the "
                                    f"call is refused") from None
+        except psycopg.Error as err:
+            raise StateUnavailable(f"PostgreSQL at {redact(self._dsn)} refused the quota "
+                                   f"statement: {str(err).strip()}; the call is refused"
+                                   ) from None
         return None if row is None else (float(row[0]), float(row[1]))
 
     def lease(self, key: str, rate: float, burst: int, need: int,
