@@ -7,6 +7,10 @@ statement on the row's latest version, so concurrent leases from many replicas n
 update. ``at`` only moves forward (``GREATEST``), so a statement that waited for another's
 row lock never counts the same refill twice.
 
+Leases are committed without waiting for the WAL flush (``synchronous_commit = off`` on
+these connections): a bucket is not a record, and a database crash that loses the last
+leases only hands those tokens out again (at most one lease per member per key).
+
 The database unreachable: the lease raises :class:`~gateway.errors.StateUnavailable` (the quota
 check fails closed, UNAVAILABLE), after at most ``timeout`` seconds; for ``timeout`` seconds
 after a failure further leases fail at once instead of each waiting again; then the next one
@@ -76,8 +80,12 @@ class PgBucketStore:
                                    f"ago; quotas cannot be checked, so the call is refused")
         try:
             with self._pool.connection() as conn:
-                if not conn.autocommit:  # one statement, one round trip: no COMMIT after it
-                    conn.autocommit = True
+                if not conn.autocommit:  # a connection new to us: set it up once
+                    conn.autocommit = True  # one statement, one round trip: no COMMIT after
+                    # A bucket is not a record: a lease needs no WAL flush before it is
+                    # used. A database crash may lose the last moments' leases, which only
+                    # returns those tokens (at most one lease per member per key).
+                    conn.execute("SET synchronous_commit = off")
                 if not self._ready:
                     # Concurrent CREATE TABLE IF NOT EXISTS can collide: one at a time.
                     with self._lock, conn.transaction():
