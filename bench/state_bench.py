@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.monitor._quota import Quotas, QuotaRule
+from gateway.monitor._quota import QuotaRule, Quotas
 from gateway.state import Buckets, LeasedBuckets, StateSettings, local_state, open_state
 
 CALLS = 20_000

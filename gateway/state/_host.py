@@ -495,6 +495,7 @@ class HostUsageSink:
         self._thread: threading.Thread | None = None
         #: Requests dropped: queue full, or the hub unreachable when their batch was sent.
         self.dropped = 0
+        self._failing = False
 
     def submit(self, usage: Usage) -> bool:
         with self._lock:
@@ -522,7 +523,15 @@ class HostUsageSink:
             self._conn.request(header, blobs, reply=False)
         except StateUnavailable as err:
             self.dropped += len(batch)
-            log.warning("state: %d request(s) not scored: %s", len(batch), err)
+            if not self._failing:  # once per outage, not once per batch
+                log.warning("state: usage not handed to the hub, so not scored, until it is "
+                            "back (%d request(s) so far): %s", len(batch), err)
+            self._failing = True
+        else:
+            if self._failing:
+                log.warning("state: usage reaches the hub again (%d request(s) went unscored)",
+                            self.dropped)
+            self._failing = False
 
     def close(self) -> None:
         self._closed.set()

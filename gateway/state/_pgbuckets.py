@@ -68,8 +68,9 @@ class PgBucketStore:
     def __init__(self, dsn: str, member: str, *, timeout: float) -> None:
         self._dsn = dsn
         self._timeout = timeout
+        # No check per checkout (a round trip each): a broken connection is retried once.
         self._pool = open_pool(dsn, name=f"gateway-state {member}", min_size=1, max_size=4,
-                               timeout=timeout)
+                               timeout=timeout, check=False)
         self._down_until = 0.0
         self._lock = threading.Lock()
         self._ready = False
@@ -79,24 +80,13 @@ class PgBucketStore:
             raise StateUnavailable(f"PostgreSQL at {redact(self._dsn)} was unreachable moments "
                                    f"ago; quotas cannot be checked, so the call is refused")
         try:
-            with self._pool.connection() as conn:
-                if not conn.autocommit:  # a connection new to us: set it up once
-                    conn.autocommit = True  # one statement, one round trip: no COMMIT after
-                    # A bucket is not a record: a lease needs no WAL flush before it is
-                    # used. A database crash may lose the last moments' leases, which only
-                    # returns those tokens (at most one lease per member per key).
-                    conn.execute("SET synchronous_commit = off")
-                if not self._ready:
-                    # Concurrent CREATE TABLE IF NOT EXISTS can collide: one at a time.
-                    with self._lock, conn.transaction():
-                        conn.execute("SELECT pg_advisory_xact_lock(hashtext('gateway_bucket'))")
-                        conn.execute(SCHEMA)
-                    self._ready = True
-                cur = conn.execute(statement, params)
-                row = cur.fetchone() if cur.description else None
-                if row is None and statement is _LEASE:
-                    conn.execute(_CREATE, params)
-                    row = conn.execute(statement, params).fetchone()
+            try:
+                return self._once(statement, params)
+            except psycopg.OperationalError:
+                # A connection the server ended (a restart, pg_terminate_backend) fails its
+                # next statement; the pool drops it: once more on a fresh one. A lease that
+                # had committed before the connection broke is lost, which only refuses more.
+                return self._once(statement, params)
         except (psycopg.OperationalError, PoolTimeout, OSError) as err:
             self._down_until = time.monotonic() + self._timeout
             raise StateUnavailable(f"PostgreSQL at {redact(self._dsn)} unreachable: "
@@ -106,6 +96,26 @@ class PgBucketStore:
             raise StateUnavailable(f"PostgreSQL at {redact(self._dsn)} refused the quota "
                                    f"statement: {str(err).strip()}; the call is refused"
                                    ) from None
+
+    def _once(self, statement: str, params: dict[str, object]) -> tuple[float, float] | None:
+        with self._pool.connection() as conn:
+            if not conn.autocommit:  # a connection new to us: set it up once
+                conn.autocommit = True  # one statement, one round trip: no COMMIT after
+                # A bucket is not a record: a lease needs no WAL flush before it is
+                # used. A database crash may lose the last moments' leases, which only
+                # hands those tokens out again (at most one lease per member per key).
+                conn.execute("SET synchronous_commit = off")
+            if not self._ready:
+                # Concurrent CREATE TABLE IF NOT EXISTS can collide: one at a time.
+                with self._lock, conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(hashtext('gateway_bucket'))")
+                    conn.execute(SCHEMA)
+                self._ready = True
+            cur = conn.execute(statement, params)
+            row = cur.fetchone() if cur.description else None
+            if row is None and statement is _LEASE:
+                conn.execute(_CREATE, params)
+                row = conn.execute(statement, params).fetchone()
         return None if row is None else (float(row[0]), float(row[1]))
 
     def lease(self, key: str, rate: float, burst: int, need: int,
