@@ -388,3 +388,63 @@ def test_gateway_with_the_hub_gone_answers_unavailable_and_audits_it(tmp_path):
                  if r.get("kind") == "decision" and r.get("action") == "infer"]
     assert ("deny", "state-unavailable", "UNAVAILABLE") in decisions
     assert decisions.count(("allow", "policy", "OK")) == 2
+
+
+def test_a_hub_with_a_state_file_keeps_the_desired_state_across_its_restart(tmp_path):
+    sock, state_file = tmp_path / "run" / "state.sock", tmp_path / "run" / "desired.json"
+    server = StateServer(sock, state_file=state_file)
+    server.start()
+    member = _host(sock, "w0")
+    try:
+        member.coordinator.subscribe("models", lambda k, p: None)
+        assert member.coordinator.apply_everywhere("models", "m/1", {"op": "unload"}, 5.0) \
+            == [Applied("w0", True, "")]
+        assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
+    finally:
+        member.close()
+        server.stop()
+    restarted = StateServer(sock, state_file=state_file)
+    restarted.start()
+    late = _host(sock, "w1")
+    seen: list[tuple[str, dict]] = []
+    try:
+        late.coordinator.subscribe("models", lambda k, p: seen.append((k, dict(p))) or None)
+        assert seen == [("m/1", {"op": "unload"})]
+    finally:
+        late.close()
+        restarted.stop()
+
+
+_MEMBER = """
+import signal, sys
+from pathlib import Path
+from gateway.state import StateSettings, open_state
+state = open_state(StateSettings(backend="host", socket=Path(sys.argv[1])), member=sys.argv[2])
+state.coordinator.subscribe("policy", lambda k, p: print("applied", k, flush=True) or None)
+print("subscribed", flush=True)
+signal.sigwait({signal.SIGTERM})
+state.close()
+"""
+
+
+def test_a_member_process_that_stops_answering_is_named(hub):
+    sock, _ = hub
+    proc = subprocess.Popen([sys.executable, "-c", _MEMBER, str(sock), "w-proc"],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    here = _host(sock, "w-here")
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "subscribed"
+        here.coordinator.subscribe("policy", lambda k, p: None)
+        answers = here.coordinator.apply_everywhere("policy", "reload", {"n": 1}, 10.0)
+        assert answers == [Applied("w-here", True, ""), Applied("w-proc", True, "")]
+        assert proc.stdout.readline().strip() == "applied reload"
+        proc.send_signal(signal.SIGSTOP)  # alive, connected, silent
+        answers = here.coordinator.apply_everywhere("policy", "reload", {"n": 2}, 1.0)
+        assert answers[0] == Applied("w-here", True, "")
+        assert answers[1].member == "w-proc" and not answers[1].ok
+        assert "no answer within 1 s" in answers[1].detail
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+        here.close()

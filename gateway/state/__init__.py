@@ -33,7 +33,9 @@ from the shared bucket, so over any interval ``t`` all members together admit **
 burst + rate * t**, never more than one exact bucket. The approximation only ever refuses
 early: while other members hold unspent leased tokens, a call may be refused that one exact
 bucket would have admitted: **at most (members - 1) * lease_tokens** such tokens per key at a
-time, each back in the shared bucket within ``lease_seconds``.
+time, each back in the shared bucket within ``lease_seconds``. A member the shared bucket
+refused refuses that key locally until the bucket could have refilled what it asked for (at
+most ``lease_seconds``), so a refused caller's flood costs no round trip per call.
 
 **Failing closed.** When the hub or the database cannot answer, a quota or budget check
 raises :class:`~gateway.errors.StateUnavailable` (UNAVAILABLE) and the member drops the
