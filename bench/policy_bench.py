@@ -19,23 +19,10 @@ import time
 from pathlib import Path
 
 from gateway.policy import ACTIONS, PolicyStore
+from tests.test_policy_engine import RBAC_DENY_MODEL
 
-MODEL = """\
-[request_definition]
-r = sub, obj, act
-
-[policy_definition]
-p = sub, obj, act, eft
-
-[role_definition]
-g = _, _
-
-[policy_effect]
-e = some(where (p.eft == allow)) && !some(where (p.eft == deny))
-
-[matchers]
-m = g(r.sub, p.sub) && globMatch(r.obj, p.obj) && r.act == p.act
-"""
+# The RBAC-with-deny model the policy tests use, with glob object patterns.
+MODEL = RBAC_DENY_MODEL.format(obj="globMatch")
 
 SIZES = (100, 1_000, 10_000, 100_000)
 

@@ -19,14 +19,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
-#: Cross-package imports of private modules that exist today, each to be replaced by the owning
-#: package's public API (the architecture issue). A new one fails this test; so does a stale entry.
-KNOWN_PRIVATE_IMPORTS = {
-    ("gateway.cli._model_signing", "gateway.models.signing._bundle"),
-    ("gateway.models.robustness._worker", "gateway.models.scan._session"),
-}
-
-
 def _owner(module: str) -> str | None:
     """The package that owns ``module`` if it is private: the part before its first ``_name``."""
     parts = module.split(".")
@@ -51,9 +43,9 @@ def private_imports() -> set[tuple[str, str]]:
 
 
 def test_no_new_private_imports_across_packages():
-    found = private_imports()
-    assert found - KNOWN_PRIVATE_IMPORTS == set(), "import the owning package's public API instead"
-    assert KNOWN_PRIVATE_IMPORTS - found == set(), "fixed: remove these from KNOWN_PRIVATE_IMPORTS"
+    """A private module (``_name``) is used only inside the package that owns it; everything
+    else goes through the package's public API (its ``__init__``)."""
+    assert private_imports() == set(), "import the owning package's public API instead"
 
 
 def _lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -88,3 +88,46 @@ def test_policy_rule_denies_far_out_inputs_end_to_end(env):
     assert bounds["detail"]["component"] == "bounds" and bounds["detail"]["feature"] == 2
     joint = next(a for a in alerts if a["alert"] == "input")
     assert joint["detail"]["component"] == "joint"
+
+
+def test_anomaly_rules_hold_for_explain_on_input_and_baseline(tmp_path):
+    """Explain runs the model on data the caller chose (its input, and every point between it
+    and its baseline): an anomaly.* deny rule on explain decides on both, as on ModelInfer."""
+    from gateway._proto.gateway.v1 import explain_pb2, explain_pb2_grpc
+
+    env = make_demo_env(tmp_path / "env")
+    with open(env.policies / "policy.csv", "a") as f:
+        f.write("\np, role:explainers, *, explain, deny, "
+                "model.labels.sensitivity == 'high' && anomaly.input_alarm\n")
+
+    def tensor(row) -> explain_pb2.Tensor:
+        raw = np.asarray([row], dtype="<f4").tobytes()
+        return explain_pb2.Tensor(name="input", datatype="FP32", shape=[1, 4], raw=raw)
+
+    normal = demo_reference(rows=1, seed=11)[0]
+    far = [0.0, 0.0, 9.0, 0.0]
+    gw = start_gateway(env)
+    try:
+        with grpc.secure_channel(gw.target, channel_credentials(env, "admin")) as channel:
+            stub = explain_pb2_grpc.ExplainerStub(channel)
+
+            def explain(**kw) -> grpc.StatusCode:
+                try:
+                    stub.Explain(explain_pb2.ExplainRequest(model_name="demo-mlp", **kw),
+                                 timeout=60)
+                    return grpc.StatusCode.OK
+                except grpc.RpcError as err:
+                    return err.code()
+
+            assert explain(input=tensor(normal)) == grpc.StatusCode.OK
+            assert explain(input=tensor(far)) == grpc.StatusCode.PERMISSION_DENIED
+            assert explain(input=tensor(normal), baseline=tensor(far)) == \
+                grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        gw.stop()
+    records = [json.loads(line) for line in run_cli(
+        "audit", "entries", "--config", str(env.config)).stdout.splitlines()]
+    explains = [(r["decision"], r["reason"], r["status"]) for r in records
+                if r.get("rpc") == "Explain"]
+    assert explains == [("allow", "policy", "OK"), ("deny", "anomaly", "PERMISSION_DENIED"),
+                        ("deny", "anomaly", "PERMISSION_DENIED")]

@@ -216,3 +216,26 @@ def test_fmt_refuses_an_invalid_policy(tmp_path, capsys):
 def test_shipped_policy_is_canonically_formatted(capsys):
     code, out, _ = run(capsys, "fmt", DEMO, "--check")
     assert (code, out) == (0, "")
+
+
+def test_tools_read_model_metadata_as_strictly_as_the_server(tmp_path):
+    """`policy diff`/`explain` see a version's attributes only if the server would serve it:
+    one parser, so metadata the server refuses never yields attributes a tool evaluates."""
+    from gateway.errors import ModelUnavailable
+    from gateway.models import repository_attributes
+    from gateway.models._metadata import parse_metadata
+
+    root = tmp_path / "models"
+    bad = {"1": 'owner = 5\n', "2": '[labels]\nstage = 3\n', "3": "owner = \n"}
+    for version, text in {**bad, "4": 'owner = "team"\n[labels]\nstage = "prod"\n'}.items():
+        (root / "m" / version).mkdir(parents=True)
+        (root / "m" / version / "metadata.toml").write_text(text)
+    (root / "m" / "5").mkdir()  # no metadata: no owner, no labels
+    found = {version: attrs for _, version, attrs in repository_attributes(root)}
+    assert set(found) == {"4", "5"}
+    assert found["4"] == {"model.name": "m", "model.version": "4", "model.owner": "team",
+                          "model.labels.stage": "prod"}
+    assert found["5"]["model.owner"] == ""
+    for text in bad.values():
+        with pytest.raises(ModelUnavailable):
+            parse_metadata(text.encode())

@@ -189,9 +189,9 @@ def test_shadow_from_config_to_metrics_audit_and_report(shadow_gw):
     assert "gateway_policy_shadow_active 1.0" in metrics(gw)
 
 
-def test_set_shadow_rejects_a_bad_candidate_and_needs_policy_load(shadow_gw, tmp_path):
+def test_set_shadow_rejects_a_bad_candidate_and_needs_policy_load(shadow_gw):
     gw, _ = shadow_gw
-    bad = write_policy(tmp_path / "bad", "p, role:scorers, demo-mlp, infr, allow\n")
+    bad = write_policy(gw.env.policies.parent / "bad", "p, role:scorers, demo-mlp, infr, allow\n")
     proc = cli(gw, "policy", "shadow", str(bad), "--as", "admin", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "FAILED_PRECONDITION" in proc.stderr and "unknown action 'infr'" in proc.stderr
@@ -199,3 +199,26 @@ def test_set_shadow_rejects_a_bad_candidate_and_needs_policy_load(shadow_gw, tmp
     assert proc.returncode == 1 and "policy.load on @gateway" in proc.stderr
     proc = cli(gw, "policy", "shadow-report", "--as", "scorer", check=False)
     assert proc.returncode == 1 and "policy.read on @gateway" in proc.stderr
+
+
+def test_set_shadow_is_confined_to_the_shadow_root(shadow_gw, tmp_path):
+    """An admin's SetShadowPolicy cannot read, or learn anything about, paths outside
+    [policy] shadow_root (default: the directory holding the policy directory): a real policy
+    directory, a missing path, and a symbolic link out of the tree are refused alike."""
+    gw, _ = shadow_gw
+    outside = write_policy(tmp_path / "outside", "p, role:scorers, demo-mlp, infer, allow\n")
+    link = gw.env.policies.parent / "link-out"
+    link.symlink_to(outside)
+    before = len(audit_records(gw))
+    answers = set()
+    for target in (outside, tmp_path / "missing", gw.env.policies.parent / ".." / "x", link):
+        proc = cli(gw, "policy", "shadow", str(target), "--as", "admin", check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "PERMISSION_DENIED" in proc.stderr
+        answers.add(proc.stderr.split(" (audit receipt")[0])
+    assert len(answers) == 1  # nothing tells an existing directory from a missing path
+    denied = [r for r in audit_records(gw)[before:] if r.get("rpc") == "SetShadowPolicy"]
+    assert [(r["decision"], r["reason"], r["status"]) for r in denied] == \
+        [("deny", "shadow-root", "PERMISSION_DENIED")] * 4
+    report = json.loads(cli(gw, "policy", "shadow-report", "--as", "auditor", "--json").stdout)
+    assert report.get("directory") != str(outside)

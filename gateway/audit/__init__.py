@@ -21,15 +21,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.audit._log import AuditLog, AuditLogDamaged, Receipt
 from gateway.audit._merkle import ProofError
 from gateway.audit._note import parse_checkpoint
 from gateway.audit._sink import AuditSink
 
+if TYPE_CHECKING:
+    from gateway.audit._pgread import PgLogReader
+
 __all__ = ["RECORD_SCHEMA", "AuditLog", "AuditLogDamaged", "AuditSettings", "AuditSink",
-           "ProofError", "Receipt", "ensure_keys", "export_log", "generate_keys",
-           "parse_checkpoint", "signer_vkey", "verifier_key_path"]
+           "PgLogReader", "ProofError", "Receipt", "ensure_keys", "export_log",
+           "generate_keys", "open_log", "parse_checkpoint", "pg_log_reader", "signer_vkey",
+           "verifier_key_path"]
 
 #: The JSON Schema every record the gateway writes satisfies (tests check each kind).
 RECORD_SCHEMA = Path(__file__).with_name("record.schema.json")
@@ -67,12 +72,42 @@ class AuditSettings:
     #: log older than it (a rolled-back or replaced directory). Default (None):
     #: ``witness/checkpoint`` beside the keys directory, i.e. ``var/audit/witness/checkpoint``.
     witness: Path | None = None
+    #: Where the records live: "file" (``directory``, one process or one hub) or "postgresql"
+    #: (``dsn``: one log shared by every replica and worker; see "Running several replicas"
+    #: in the README). ``directory`` and the segment settings are then unused; the keys and
+    #: the witness copy stay files on each replica.
+    backend: str = "file"
+    #: PostgreSQL DSN for backend "postgresql"; empty: the environment variable GATEWAY_DSN.
+    dsn: str = ""
+    #: Backend "postgresql": how long the integrator's lease (the right to sign checkpoints)
+    #: lasts without renewal: a dead integrator is replaced about this long after it died.
+    lease_ms: int = 3000
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("file", "postgresql"):
+            from gateway.errors import ConfigError
+            raise ConfigError(f"[audit] backend must be \"file\" or \"postgresql\", "
+                              f"not {self.backend!r}")
+        if self.lease_ms < 100 or self.checkpoint_ms <= 0:
+            from gateway.errors import ConfigError
+            raise ConfigError("[audit] lease_ms must be at least 100 and checkpoint_ms "
+                              "positive")
 
     def witness_path(self) -> Path:
         """Where the witness copy is kept (``witness``, or its default beside the keys)."""
         if self.witness is not None:
             return self.witness
         return self.signing_key.parent.parent / "witness" / "checkpoint"
+
+
+def open_log(settings: AuditSettings, *, instance_id: str) -> AuditSink:
+    """Open the log ``settings.backend`` names: the file log, or the PostgreSQL log shared by
+    every replica (imported only then, so a file-log gateway never loads the driver)."""
+    if settings.backend == "postgresql":
+        from gateway.audit._pglog import PgAuditLog
+
+        return PgAuditLog.open(settings, instance_id=instance_id)
+    return AuditLog.open(settings, instance_id=instance_id)
 
 
 def ensure_keys(settings: AuditSettings) -> None:
@@ -116,7 +151,32 @@ def signer_vkey(settings: AuditSettings) -> str:
 
 
 def export_log(settings: AuditSettings, dest: Path) -> int:
-    """Back the log up to ``dest`` up to its latest signed checkpoint; return that size."""
+    """Back the log up to ``dest`` up to its latest signed checkpoint; return that size.
+
+    A PostgreSQL log is exported as a log directory exactly like a file log's, so auditors
+    verify both the same way (``gateway audit verify DIR``, :mod:`gateway.audit.offline`)."""
+    if settings.backend == "postgresql":
+        from gateway.audit._pgread import PgLogReader
+
+        with PgLogReader(settings.dsn) as reader:
+            return reader.export(dest, verifier_key_path(settings))
     from gateway.audit._export import export_log as export
 
     return export(settings.directory, dest, verifier_key_path(settings))
+
+
+def __getattr__(name: str) -> object:
+    # PgLogReader is imported on first use, so a file-log gateway never loads the driver.
+    if name == "PgLogReader":
+        from gateway.audit._pgread import PgLogReader
+
+        return PgLogReader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def pg_log_reader(dsn: str = "") -> PgLogReader:
+    """A read-only view of the PostgreSQL log at ``dsn`` (else $GATEWAY_DSN) for the CLI:
+    checkpoints, entries, proofs, verification and export (close it, or use ``with``)."""
+    from gateway.audit._pgread import PgLogReader
+
+    return PgLogReader(dsn)

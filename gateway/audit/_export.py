@@ -21,7 +21,8 @@ from gateway.audit._store import scan_segments as list_segments
 from gateway.audit._verify import history_lines
 
 
-def _write(path: Path, data: bytes) -> None:
+def write_new(path: Path, data: bytes) -> None:
+    """Write a new file (never replacing one) and make it durable."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(data)
@@ -47,15 +48,15 @@ def export_log(source: Path, dest: Path, vkey_file: Path | None = None) -> int:
                 break
             end = min(segments[n + 1][0], size) if n + 1 < len(segments) else size
             recs = reader.records(first, end)
-            _write(dest / SEGMENTS / path.name, b"".join(r + b"\n" for r in recs))
+            write_new(dest / SEGMENTS / path.name, b"".join(r + b"\n" for r in recs))
         history = [n for _line, n, _torn in history_lines(source)
                    if n is not None and checkpoint_size(n, None) is not None
                    and checkpoint_size(n) <= size]
-        _write(dest / CHECKPOINTS,
+        write_new(dest / CHECKPOINTS,
                b"".join(json.dumps(n, ensure_ascii=False).encode() + b"\n" for n in history))
-        _write(dest / CHECKPOINT, note.encode())
+        write_new(dest / CHECKPOINT, note.encode())
         if vkey_file is not None and vkey_file.exists():
-            _write(dest / "log.vkey", vkey_file.read_bytes())
+            write_new(dest / "log.vkey", vkey_file.read_bytes())
         fsync_dir(dest / SEGMENTS)
         fsync_dir(dest)
     except BaseException:

@@ -18,8 +18,10 @@ also commits its conversion to the filesystem journal. So the store writes zeros
 ahead of the records (:data:`ZERO_AHEAD`), and a commit's flush then carries data alone, at
 the price of one 1 MiB write every megabyte of records (figures in bench/README.md).
 
-Storage sits behind this small class so a PostgreSQL store for replicas can follow with the
-same methods: those of the :class:`Store` protocol below.
+Storage sits behind this small class (the :class:`Store` protocol below). The PostgreSQL log
+of several replicas (``_pglog``) is not a Store: there the index and the chain head must be
+assigned inside the database, under its lock, so it is a writer of its own over the same
+record, hash, checkpoint and proof code.
 """
 
 from __future__ import annotations

@@ -179,9 +179,15 @@ def read_entries(directory: str | Path, start: int = 0, end: int | None = None) 
     return LogReader(Path(directory)).records(start, end)
 
 
-def prove_inclusion(directory: str | Path, index: int, size: int | None = None) -> str:
-    """A tlog-proof that record ``index`` is in the signed checkpoint of ``size`` (latest)."""
-    reader = LogReader(Path(directory))
+def _reader(log: str | Path | LogReader) -> LogReader:
+    return log if isinstance(log, LogReader) else LogReader(Path(log))
+
+
+def prove_inclusion(directory: str | Path | LogReader, index: int,
+                    size: int | None = None) -> str:
+    """A tlog-proof that record ``index`` is in the signed checkpoint of ``size`` (latest).
+    ``directory`` is a log directory or export, or a reader of another store of the log."""
+    reader = _reader(directory)
     if size is None:
         size = checkpoint_size(reader.checkpoint())
     if not 0 <= index < size:
@@ -190,9 +196,9 @@ def prove_inclusion(directory: str | Path, index: int, size: int | None = None) 
     return format_proof(index, tree.inclusion_proof(index, size), note)
 
 
-def prove_consistency(directory: str | Path, first: int, second: int) -> str:
+def prove_consistency(directory: str | Path | LogReader, first: int, second: int) -> str:
     """A consistency proof between two sizes that signed checkpoints of the log name."""
-    reader = LogReader(Path(directory))
+    reader = _reader(directory)
     if not 0 < first <= second:
         raise Error(f"need 0 < old size <= new size, got {first} and {second}")
     reader.checkpoint(first)  # refuse a size no checkpoint signs

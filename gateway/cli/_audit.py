@@ -13,8 +13,12 @@
     gateway audit export DIR                  backup up to the latest checkpoint
 
 All read the log directory of ``--config FILE`` (default: the demo config) or ``--dir DIR``,
-whether the gateway is running or not. Reading and checking go through the auditor's API,
-:mod:`gateway.audit.offline`; keys and export through :mod:`gateway.audit`.
+whether the gateway is running or not; ``checkpoint``, ``entry``, ``entries``, ``prove``,
+``prove-consistency``, ``verify`` and ``export`` read the log in PostgreSQL instead with
+``--dsn DSN``, or when the config's ``[audit] backend`` is postgresql (``verify`` and
+``export`` write it out as a log directory first, so it is checked by the same code).
+Reading and checking go through the auditor's API, :mod:`gateway.audit.offline`; keys and
+export through :mod:`gateway.audit`.
 
 Exit statuses: 0 success; 1 something checked does not hold (a proof, a signature, damage in
 the log); 2 a usage or input error; 3 (``verify`` only) no damage, but the newest records are
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import functools
 import json
 import os
@@ -37,7 +42,7 @@ from gateway.audit import offline
 from gateway.errors import ConfigError, GatewayError
 
 if TYPE_CHECKING:
-    from gateway.audit import AuditSettings
+    from gateway.audit import AuditSettings, PgLogReader
 
 #: A verb's handler: the parsed arguments in, the exit code out.
 Handler = Callable[[argparse.Namespace], int]
@@ -72,6 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p = verbs.add_parser(name, help=help, description=help)
         p.add_argument("--config", type=Path, help="gateway config file (default: demo config)")
         p.add_argument("--dir", type=Path, help="log directory (overrides the config)")
+        if name in _PG_VERBS:
+            p.add_argument("--dsn", help="read the log in PostgreSQL at this DSN (default: "
+                           "the config's [audit] dsn when its backend is postgresql)")
         p.set_defaults(func=_tool(func))
         return p
 
@@ -127,6 +135,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     vkey_option(p, "the key beside the configured signing key")
     p = verb("export", _export, "copy the log up to its latest checkpoint to DIR (a backup)")
     p.add_argument("dest", type=Path)
+
+
+#: The verbs that read a PostgreSQL log as well as a directory (``--dsn``).
+_PG_VERBS = frozenset({"checkpoint", "entry", "entries", "prove", "prove-consistency",
+                       "verify", "export"})
+
+
+def _pg_dsn(args: argparse.Namespace) -> str | None:
+    """The DSN of the log to read: ``--dsn``, else the config's when its backend is
+    postgresql and no directory was named; None for a log directory."""
+    if getattr(args, "dsn", None):
+        return str(args.dsn)
+    if getattr(args, "log_dir", None) is not None or args.dir is not None:
+        return None
+    from gateway.config import load_config
+
+    settings = load_config(args.config).audit
+    if settings.backend != "postgresql":
+        return None
+    from gateway.db import resolve_dsn
+
+    return resolve_dsn(settings.dsn)
+
+
+def _pg_reader(args: argparse.Namespace) -> PgLogReader | None:
+    dsn = _pg_dsn(args)
+    if dsn is None:
+        return None
+    from gateway.audit import pg_log_reader
+
+    return pg_log_reader(dsn)
+
+
+def _reader(args: argparse.Namespace) -> offline.LogReader:
+    """The log to read: in PostgreSQL (``--dsn`` or the config), else a directory."""
+    return _pg_reader(args) or offline.LogReader(_log_dir(args))
 
 
 def _index(text: str) -> int:
@@ -197,17 +241,17 @@ def _vkey(args: argparse.Namespace) -> int:
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
-    _out(offline.LogReader(_log_dir(args)).checkpoint(args.size))
+    _out(_reader(args).checkpoint(args.size))
     return 0
 
 
 def _entry(args: argparse.Namespace) -> int:
-    _out(offline.LogReader(_log_dir(args)).entry(args.index))
+    _out(_reader(args).entry(args.index))
     return 0
 
 
 def _entries(args: argparse.Namespace) -> int:
-    records = offline.read_entries(_log_dir(args), args.start, args.end)
+    records = _reader(args).records(args.start, args.end)
     if args.json:
         for i, r in enumerate(records, start=args.start):
             line = {"index": i, "leaf_hash": offline.leaf_hash(r).hex(),
@@ -219,19 +263,45 @@ def _entries(args: argparse.Namespace) -> int:
 
 
 def _prove(args: argparse.Namespace) -> int:
-    _out(offline.prove_inclusion(_log_dir(args), args.index, args.size))
+    _out(offline.prove_inclusion(_reader(args), args.index, args.size))
     return 0
 
 
 def _prove_consistency(args: argparse.Namespace) -> int:
-    _out(offline.prove_consistency(_log_dir(args), args.first, args.second))
+    _out(offline.prove_consistency(_reader(args), args.first, args.second))
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
+    reader = _pg_reader(args)
+    if reader is None:
+        return _verify_dir(args, _settings(args))
+    from gateway.audit import verifier_key_path
+
+    # The log in PostgreSQL, every record (unsigned ones too), as a log directory verified
+    # by the same code as any other; the key: --vkey, else the configured one, else the
+    # key the log's head row names (the summary says which).
+    settings = _settings(args)
+    with reader, reader.snapshot() as tmp:
+        directory = Path(tmp) / "log"
+        if args.vkey is None and verifier_key_path(settings).exists():
+            (directory / offline.EXPORT_VKEY).write_bytes(
+                verifier_key_path(settings).read_bytes())
+            args.vkey = str(verifier_key_path(settings))
+        if args.witness is None and settings.backend == "postgresql" and \
+                settings.witness_path().exists():
+            args.witness = settings.witness_path()
+            print(f"gateway: checking freshness against the witness copy {args.witness}",
+                  file=sys.stderr)
+        args.log_dir = directory
+        return _verify_dir(args, dataclasses.replace(settings, directory=directory),
+                           origin=f"{reader.directory}")
+
+
+def _verify_dir(args: argparse.Namespace, settings: AuditSettings, *,
+                origin: str = "") -> int:
     from tqdm import tqdm
 
-    settings = _settings(args)
     directory = settings.directory
     if args.vkey is None and (directory / offline.EXPORT_VKEY).exists():
         verifier, source = None, ""  # an export: its own key, named in the report
@@ -262,7 +332,10 @@ def _verify(args: argparse.Namespace) -> int:
     if args.json:
         _out(json.dumps(report.to_dict(), indent=2) + "\n")
     else:
-        _out(report.summary() + "\n")
+        summary = report.summary()
+        if origin:
+            summary = summary.replace(str(directory), f"{origin} (as exported)")
+        _out(summary + "\n")
     return report.status
 
 
@@ -299,7 +372,11 @@ def _verify_consistency(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from gateway.audit import export_log
 
-    size = export_log(_settings(args), args.dest)
+    settings = _settings(args)
+    dsn = _pg_dsn(args)
+    if dsn is not None:
+        settings = dataclasses.replace(settings, backend="postgresql", dsn=dsn)
+    size = export_log(settings, args.dest)
     print(f"exported {size} records (up to the latest signed checkpoint) and the verifier key "
           f"({offline.EXPORT_VKEY}) to {args.dest}", file=sys.stderr)
     return 0

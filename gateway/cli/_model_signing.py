@@ -93,15 +93,14 @@ def _rule_of(err: GatewayError) -> dict[str, str]:
 
 
 def _sign(args: argparse.Namespace) -> int:
-    from gateway.models.signing import SignatureError, sign_model
-    from gateway.models.signing._bundle import BundleError, parse_bundle, parse_statement
+    from gateway.models.signing import SignatureError, sign_model, signed_statement
 
     def action() -> tuple[dict, str]:
         target = sign_model(args.model_dir, key=args.key, cert=args.cert, chain=args.chain,
                             progress=_progress(args), kek=_kek(args), subject=args.subject)
         try:
-            statement = parse_statement(parse_bundle(target.read_bytes()).payload)
-        except BundleError as err:  # pragma: no cover - we just wrote it
+            statement = signed_statement(target.read_bytes())
+        except SignatureError as err:  # pragma: no cover - we just wrote it
             raise SignatureError(f"{target}: wrote an unreadable signature: {err}") from err
         result = {"signature": str(target), "digest": statement.root,
                   "subject": statement.subject_name, "files": sorted(statement.resources)}

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway.cli._output import ERROR, FAILED, OK, emit_json, shown, warn
+from gateway.models import repository_attributes
 from gateway.policy import (
     ACTIONS,
     ATTRIBUTE_PREFIXES,
@@ -45,7 +46,6 @@ from gateway.policy import (
     lint,
     load_cases,
     load_revision,
-    repository_models,
     run_cases,
     write_atomically,
 )
@@ -305,7 +305,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _model_attributes(root: Path, model: str, version: str | None) -> dict[str, object]:
     """The model's attributes as the server computes them from the repository."""
-    versions = [(v, attrs) for name, v, attrs in repository_models(root) if name == model]
+    versions = [(v, attrs) for name, v, attrs in repository_attributes(root) if name == model]
     if not versions:
         warn(f"note: {shown(root)} has no model {model!r}; a gateway serving that repository "
              "denies every request for it (unknown models are denied like forbidden ones)")
@@ -333,7 +333,7 @@ def _version_key(version: str) -> tuple:
 def _diff(args: argparse.Namespace) -> int:
     old = compile_files(load_revision(args.old, args.path))
     new = compile_files(load_revision(args.new, args.path))
-    instances = repository_models(args.models)
+    instances = repository_attributes(args.models)
     changes = access_diff(old, new, subjects=set(args.subjects),
                           attributes=_attributes(args.attr), instances=instances)
     gone, added = conditional_changes(old, new)

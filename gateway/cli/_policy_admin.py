@@ -37,7 +37,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
                     "(policy.load)", _shadow, default_as="admin")
     p.add_argument("directory", nargs="?", default="",
                    help="candidate policy directory on the gateway's host (absolute, or "
-                   "relative to the gateway's working directory); default: its [policy] shadow")
+                   "relative to the gateway's working directory), under its [policy] shadow_root; "
+                   "default: its [policy] shadow")
     p.add_argument("--clear", action="store_true", help="stop shadow evaluation")
     p = client_verb(verbs, "shadow-report", "what the shadow policy would change on live "
                     "traffic: who would gain or lose which access (policy.read)",

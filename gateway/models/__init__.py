@@ -15,6 +15,7 @@ admission scanner in :mod:`gateway.models.scan`.
 
 from gateway.models._datatypes import NUMPY_DTYPES
 from gateway.models._files import FileData
+from gateway.models._metadata import repository_attributes
 from gateway.models._pipeline import runtime_from_dir
 from gateway.models._repository import (
     LOADED,
@@ -36,5 +37,6 @@ __all__ = [
     "ModelEntry",
     "ModelRepository",
     "TensorSpec",
+    "repository_attributes",
     "runtime_from_dir",
 ]

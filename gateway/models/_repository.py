@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +22,12 @@ from gateway.errors import GatewayError, InvalidRequest, ModelUnavailable
 from gateway.models._datatypes import NUMPY_DTYPES, ORT_TO_OIP
 from gateway.models._files import FileData
 from gateway.models._messages import ort_message, redact
+from gateway.models._metadata import METADATA_FILE, model_attributes, parse_metadata
 from gateway.models._pipeline import OpenedVersion, Verify, open_version
 from gateway.models._tensors import RuntimeModel
 
 log = logging.getLogger(__name__)
 
-METADATA_FILE = "metadata.toml"
 PROFILE_FILE = "profile.json"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -234,15 +233,15 @@ class ModelRepository:
         files = opened.files
         if self._scan is not None:
             self._scan(directory, files)
-        owner, labels = _parse_metadata(files.get(METADATA_FILE))
+        metadata = files.get(METADATA_FILE)
+        owner, labels = parse_metadata(None if metadata is None else bytes(metadata))
         # _open loads (open_version's load=True), so the runtime model is always there.
         assert opened.runtime is not None
         session = self._session(name, version, opened.runtime)
         inputs = _specs(session.get_inputs(), "input")
         outputs = _specs(session.get_outputs(), "output")
         extras = {k: bytes(v) for k, v in files.items() if k == PROFILE_FILE}
-        attributes = {"model.name": name, "model.version": version, "model.owner": owner,
-                      **{f"model.labels.{k}": v for k, v in labels.items()}}
+        attributes = model_attributes(name, version, owner, labels)
         return LoadedModel(name=name, version=version, digest=opened.digest,
                            signer=opened.signer, trust_rule=opened.rule, owner=owner,
                            labels=labels, inputs=inputs, outputs=outputs,
@@ -279,22 +278,6 @@ class ModelRepository:
     def entries(self) -> list[ModelEntry]:
         return [self._entries[k] for k in sorted(self._entries)]
 
-
-
-def _parse_metadata(data: FileData | None) -> tuple[str, dict[str, str]]:
-    if data is None:
-        return "", {}
-    try:
-        table = tomllib.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ModelUnavailable(f"{METADATA_FILE} is not valid TOML: {err}") from err
-    owner = table.get("owner", "")
-    labels = table.get("labels", {})
-    if not isinstance(owner, str) or not isinstance(labels, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-        raise ModelUnavailable(f"{METADATA_FILE}: owner must be a string and [labels] a table "
-                               "of strings")
-    return owner, dict(sorted(labels.items()))
 
 
 def _specs(args: list, kind: str) -> tuple[TensorSpec, ...]:

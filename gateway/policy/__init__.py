@@ -50,7 +50,6 @@ from gateway.policy._tools import (
     explain,
     format_directory,
     load_revision,
-    repository_models,
     write_atomically,
 )
 
@@ -91,7 +90,6 @@ __all__ = [
     "load_revision",
     "open_source",
     "parse_cases",
-    "repository_models",
-    "run_cases",
+        "run_cases",
     "write_atomically",
 ]

@@ -7,7 +7,6 @@ and model they name, with the model attributes the repository gives.
 from __future__ import annotations
 
 import subprocess
-import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,30 +67,6 @@ def load_revision(ref: str, path: str = "policies", cwd: Path | None = None) -> 
 def compile_files(files: dict[str, bytes]) -> Snapshot:
     """Compile policy file contents (no test cases: diff compares what is written)."""
     return Snapshot(parse_files(files))
-
-
-def repository_models(root: Path) -> list[tuple[str, str, dict[str, object]]]:
-    """(name, version, attributes) of each model version under a repository root
-    (``<root>/<name>/<version>/metadata.toml``: owner and labels), so diff evaluates
-    conditions on model labels as the server would."""
-    out: list[tuple[str, str, dict[str, object]]] = []
-    if not root.is_dir():
-        return out
-    for model in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for version in sorted(p for p in model.iterdir() if p.is_dir()):
-            attrs: dict[str, object] = {"model.name": model.name, "model.version": version.name}
-            try:
-                table = tomllib.loads((version / "metadata.toml").read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-                table = {}
-            # As the server does: model.owner is always set ("" when metadata names none).
-            attrs["model.owner"] = table["owner"] if isinstance(table.get("owner"), str) else ""
-            labels = table.get("labels")
-            if isinstance(labels, dict):
-                attrs.update({f"model.labels.{k}": v for k, v in labels.items()
-                              if isinstance(k, str) and isinstance(v, str)})
-            out.append((model.name, version.name, attrs))
-    return out
 
 
 def access_diff(old: Snapshot, new: Snapshot, *, models: Iterable[str] = frozenset(),

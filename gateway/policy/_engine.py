@@ -156,6 +156,9 @@ class Snapshot:
                 found = by_prefix.get(model[:length])
                 if found is None:
                     continue
+                # The same precedence as the exact rules above, written out again on purpose:
+                # this loop is the decision hot path, and a helper call per rule would cost
+                # more than the rule check itself.
                 for rule in found:
                     if not rule[3](model):
                         continue

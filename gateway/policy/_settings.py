@@ -24,6 +24,11 @@ class PolicySettings:
     #: the live policy, disagreements go to metrics and the audit log. Also set or cleared at
     #: run time with `gateway policy shadow` (PolicyAdmin.SetShadowPolicy).
     shadow: Path | None = None
+    #: The only directory tree a shadow policy may be loaded from at run time
+    #: (PolicyAdmin.SetShadowPolicy names a path on the gateway's host: anything outside this
+    #: tree is refused before the file system is looked at). Default: the directory that holds
+    #: ``directory``.
+    shadow_root: Path | None = None
     #: Seconds between audit summaries of shadow disagreements (only when there are new ones).
     shadow_summary_interval: float = 60.0
     #: Where the live policy comes from: "files" (``directory``, watched for changes) or
@@ -38,3 +43,7 @@ class PolicySettings:
         if self.source not in ("files", "postgresql"):
             raise ConfigError(f"[policy] source must be \"files\" or \"postgresql\", "
                               f"not {self.source!r}")
+
+    def shadow_root_path(self) -> Path:
+        """``shadow_root``, or the directory that holds the policy directory."""
+        return (self.shadow_root or Path(self.directory).absolute().parent).resolve()

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from prometheus_client.metrics_core import Metric
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, PermissionDenied
 from gateway.policy._cases import parse_cases, run_cases
 from gateway.policy._condition import Attributes
 from gateway.policy._engine import Decision, Snapshot
@@ -268,6 +268,8 @@ class PolicyStore:
         self._summarizer: threading.Thread | None = None
         #: The shadow directory of the configuration, set again by an empty admin request.
         self.configured_shadow: Path | None = None
+        #: The tree :meth:`shadow_directory` confines run-time shadow requests to (None: any).
+        self.shadow_root: Path | None = None
         self._reload_lock = threading.Lock()
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -284,6 +286,7 @@ class PolicyStore:
     def open(cls, source: Source, *,
              on_reload: Callable[[ReloadResult], None] | None = None,
              shadow: Path | None = None,
+             shadow_root: Path | None = None,
              on_shadow_summary: Callable[[ShadowSummary], object] | None = None,
              shadow_summary_interval: float = 60.0) -> PolicyStore:
         """Read, compile and test the policy of ``source``; PolicyError if it is not valid,
@@ -292,7 +295,8 @@ class PolicyStore:
 
         ``shadow``: a candidate policy directory to decide beside it from the start (see
         :meth:`load_shadow`); ``on_shadow_summary`` receives the aggregated disagreements for
-        the audit log (see :mod:`gateway.policy._shadow`).
+        the audit log (see :mod:`gateway.policy._shadow`); ``shadow_root``: the only tree
+        :meth:`shadow_directory` accepts run-time shadow directories from.
         """
         bundle = source.read()
         snapshot = compile_bundle(bundle, beside_traffic=True)
@@ -300,6 +304,7 @@ class PolicyStore:
                     shadow_summary_interval=shadow_summary_interval)
         store._seen = bundle.key
         store.configured_shadow = shadow
+        store.shadow_root = None if shadow_root is None else Path(shadow_root).resolve()
         if shadow is not None:
             store.load_shadow(shadow)
         return store
@@ -430,6 +435,25 @@ class PolicyStore:
         self.source.close()
 
     # --- shadow mode --------------------------------------------------------------------
+
+    def shadow_directory(self, requested: str) -> Path:
+        """The directory a run-time request names, if it lies under ``shadow_root``.
+
+        Checked on the resolved path (symbolic links followed) before anything is read, so a
+        caller with ``policy.load`` cannot use the request to probe the host's file system:
+        a path outside the tree is refused the same way whether it exists or not.
+
+        :raises PermissionDenied: the path is outside the tree.
+        """
+        path = Path(requested)
+        if self.shadow_root is None:
+            return path
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.shadow_root):
+            raise PermissionDenied(f"shadow policies are loaded only from under "
+                                   f"{self.shadow_root} ([policy] shadow_root)",
+                                   reason="shadow-root")
+        return resolved
 
     def load_shadow(self, directory: Path) -> str:
         """Decide every request also under the candidate policy in ``directory``.

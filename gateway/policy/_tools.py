@@ -13,11 +13,9 @@ from gateway.policy._diff import (
     compile_files,
     conditional_changes,
     load_revision,
-    repository_models,
 )
 from gateway.policy._explain import Explanation, explain
 from gateway.policy._fmt import format_directory, write_atomically
 
 __all__ = ["Change", "Explanation", "access_diff", "compile_files", "conditional_changes",
-           "explain", "format_directory", "load_revision", "repository_models",
-           "write_atomically"]
+           "explain", "format_directory", "load_revision",            "write_atomically"]

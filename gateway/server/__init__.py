@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from gateway._proto.gateway.v1 import admin_pb2, audit_pb2, explain_pb2
-from gateway.audit import AuditLog
+from gateway.audit import open_log
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.explain import ExplainBudgets
@@ -94,11 +94,12 @@ class Gateway:
 
         config = self.config
         # Audit first: nothing may be served, or even refused, unrecorded.
-        self.audit = AuditLog.open(config.audit, instance_id=self.instance_id)
+        self.audit = open_log(config.audit, instance_id=self.instance_id)
         source = open_source(config.policy.source, config.policy.directory, config.policy.dsn,
                              name=f"gateway-policy {self.instance_id}")
         self.policy = PolicyStore.open(
             source, on_reload=self._audit_reload, shadow=config.policy.shadow,
+            shadow_root=config.policy.shadow_root_path(),
             on_shadow_summary=lambda fields: self.audit.append("policy_shadow", fields),
             shadow_summary_interval=config.policy.shadow_summary_interval)
         self.verifier = IdentityVerifier(config.tls.trust_domains, config.tls.cn_issuers,

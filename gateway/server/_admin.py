@@ -91,7 +91,8 @@ class AdminServicer(pb_grpc.ModelAdminServicer, pb_grpc.PolicyAdminServicer):
                     active=False, live_digest=store.digest,
                     decisions=final["decisions"] if final else 0,
                     disagreements=final["disagreements"] if final else 0)
-            directory = request.directory or store.configured_shadow
+            directory = store.shadow_directory(request.directory) if request.directory \
+                else store.configured_shadow
             if not directory:
                 raise InvalidRequest("no shadow directory given and none configured "
                                      "([policy] shadow)")

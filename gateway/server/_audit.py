@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 
 from gateway._proto.gateway.v1 import audit_pb2, audit_pb2_grpc
-from gateway.audit import AuditLog, parse_checkpoint
+from gateway.audit import AuditSink, parse_checkpoint
 from gateway.errors import InvalidRequest, NotCheckpointed
 from gateway.server._guard import Guard
 
@@ -22,7 +22,7 @@ _ACTION = "audit.read"
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     """Read access to the transparency log, gated by the policy action ``audit.read``."""
 
-    def __init__(self, log: AuditLog, guard: Guard) -> None:
+    def __init__(self, log: AuditSink, guard: Guard) -> None:
         self._log = log
         self._guard = guard
 

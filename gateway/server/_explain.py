@@ -24,7 +24,8 @@ from gateway.explain import (
     profile_baseline,
 )
 from gateway.models import NUMPY_DTYPES, LoadedModel
-from gateway.server._guard import Call, Guard
+from gateway.monitor import InputProfile, verified_profile
+from gateway.server._guard import Call, Guard, monitor_key
 
 Baselines = Callable[[LoadedModel], "np.ndarray | None"]
 
@@ -40,8 +41,10 @@ class ExplainServicer(explain_pb2_grpc.ExplainerServicer):
         self._budgets = budgets or ExplainBudgets(self._settings.budget_evaluations,
                                                   self._settings.budget_window_seconds)
         self._baselines = baselines
-        # Default baselines by model digest: the profile is parsed once per verified model.
+        # Default baselines and anomaly profiles by model digest: parsed once per verified
+        # model.
         self._baseline_cache: dict[str, np.ndarray | None] = {}
+        self._profiles: dict[str, InputProfile | None] = {}
 
     def add_to_server(self, server: grpc.Server) -> None:
         explain_pb2_grpc.add_ExplainerServicer_to_server(self, server)
@@ -92,12 +95,16 @@ class ExplainServicer(explain_pb2_grpc.ExplainerServicer):
         if request.samples > self._settings.max_samples:
             raise InvalidRequest(f"samples {request.samples} is over the limit of "
                                  f"{self._settings.max_samples}")
+        # The caller chose both the input and the baseline (every evaluation lies between
+        # them): an anomaly.* rule decides on both, as it does on ModelInfer's batch.
+        rows = np.stack([x.reshape(-1), baseline.reshape(-1)])
+        profile = self._profile(model)
+        if not call.authorize_on_scores(model, profile, rows):
+            self._guard.monitor.score_later(monitor_key(model), profile, caller_of(call), rows)
         planned = planned_evaluations(method, m, request.samples)
         call.fields["explain"] = {"method": method, "features": m, "baseline": source,
                                   "output": output_name, "index": index}
-        identity = call.identity
-        assert identity is not None  # admitted: the guard authenticated the caller
-        caller = identity.id
+        caller = caller_of(call)
         self._budgets.reserve(caller, planned)
 
         def run(rows: np.ndarray) -> np.ndarray:
@@ -114,6 +121,11 @@ class ExplainServicer(explain_pb2_grpc.ExplainerServicer):
             model_name=model.name, model_version=str(model.version), method=method,
             attributions=result.attributions.tolist(), prediction=result.prediction,
             baseline_prediction=result.baseline_prediction, evaluations=result.evaluations)
+
+    def _profile(self, model: LoadedModel) -> InputProfile | None:
+        if model.digest not in self._profiles:
+            self._profiles[model.digest] = verified_profile(model.extras)
+        return self._profiles[model.digest]
 
     @staticmethod
     def _row_shape(spec: Any, tensor: explain_pb2.Tensor) -> tuple[int, ...]:
@@ -143,6 +155,12 @@ class ExplainServicer(explain_pb2_grpc.ExplainerServicer):
             raise InvalidRequest(f"output_index {request.output_index} is out of range for "
                                  f"output {name!r} with {per_row} values per row")
         return name, int(request.output_index)
+
+
+def caller_of(call: Call) -> str:
+    """The admitted caller's id (the guard authenticated it before the handler ran)."""
+    assert call.identity is not None
+    return call.identity.id
 
 
 def _decode(tensor: explain_pb2.Tensor, dtype: np.dtype, row_shape: tuple[int, ...],

@@ -25,11 +25,11 @@ import secrets
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Literal, NoReturn, TypeVar
 
 import grpc
 
-from gateway.audit import AuditLog
+from gateway.audit import AuditSink
 from gateway.config import ServerSettings
 from gateway.errors import (
     AuditUnavailable,
@@ -48,6 +48,11 @@ from gateway.models import LOADED, LoadedModel, ModelEntry, ModelRepository
 from gateway.monitor import Monitor
 from gateway.policy import GATEWAY_OBJECT, Decision, PolicyStore
 from gateway.server._limits import Limits, Stream
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from gateway.monitor import InputProfile
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +83,7 @@ class Guard:
     """Identity, policy and audit for every handler, wired once at server start."""
 
     def __init__(self, *, verifier: IdentityVerifier, policy: PolicyStore,
-                 models: ModelRepository, audit: AuditLog, monitor: Monitor,
+                 models: ModelRepository, audit: AuditSink, monitor: Monitor,
                  limits: Limits | None = None) -> None:
         self.verifier = verifier
         self.policy = policy
@@ -315,6 +320,23 @@ class Call:
         if not decision.allowed:
             raise PermissionDenied(self.denied_message(), reason="anomaly")
 
+    def authorize_on_scores(self, model: LoadedModel, profile: InputProfile | None,
+                            rows: np.ndarray) -> bool:
+        """When policy decides on ``anomaly.*`` attributes: score ``rows`` (every row the
+        caller chose: ModelInfer's batch, Explain's input and baseline) now and ask policy
+        again with the scores (:meth:`authorize_with`).
+
+        Returns whether the rows were scored here, so monitoring does not score them twice.
+        Every RPC that runs a model on caller data goes through this one check, so an
+        ``anomaly.*`` rule holds whichever RPC carries the data.
+        """
+        guard = self._guard
+        if not guard.policy.references("anomaly."):
+            return False
+        self.authorize_with(guard.monitor.score(monitor_key(model), profile,
+                                                self._caller().id, rows))
+        return True
+
     def denied_message(self) -> str:
         # One message for "forbidden" and "no such model": callers cannot tell them apart.
         # Server-level actions are decided on the object @gateway: name it, so the operator
@@ -464,6 +486,11 @@ class Call:
         }
         record.update(self.fields)
         return record
+
+
+def monitor_key(model: LoadedModel) -> str:
+    """The monitor's key for a model version; `gateway monitor` joins metrics on it."""
+    return f"{model.name}/{model.version}"
 
 
 class _Finished(Exception):

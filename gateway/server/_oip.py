@@ -29,7 +29,7 @@ from gateway.inference import (
 )
 from gateway.models import LoadedModel
 from gateway.monitor import InputProfile, verified_profile
-from gateway.server._guard import Call, Guard
+from gateway.server._guard import Call, Guard, monitor_key
 
 #: The only platform the gateway serves.
 PLATFORM = "onnxruntime_onnx"
@@ -140,16 +140,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         its inputs flattened and concatenated in the model's input order (its profile.json
         must be fitted on that layout), so ``anomaly.*`` rules apply to it too.
         """
-        monitor = self._guard.monitor
         rows = _feature_rows([feeds[spec.name] for spec in model.inputs])
         if rows is None:
             return None, False
-        if not self._guard.policy.references("anomaly."):
-            return rows, False
-        # The decision needs the scores: compute them now, then ask policy again.
-        call.authorize_with(monitor.score(_key(model), self._profile(model), _caller(call).id,
-                                          rows))
-        return rows, True
+        return rows, call.authorize_on_scores(model, self._profile(model), rows)
 
     def _monitor_later(self, call: Call, model: LoadedModel, rows: np.ndarray, scored: bool,
                        y: np.ndarray | None) -> None:
@@ -157,9 +151,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         monitor = self._guard.monitor
         if scored:
             if y is not None:
-                monitor.observe_output(_key(model), y, self._profile(model))
+                monitor.observe_output(monitor_key(model), y, self._profile(model))
         else:
-            monitor.score_later(_key(model), self._profile(model), _caller(call).id, rows, y)
+            monitor.score_later(monitor_key(model), self._profile(model), _caller(call).id, rows, y)
 
     def _batch_ties(self, model: LoadedModel) -> dict[str, str]:
         """Input name -> the ONNX name of its first dimension, for inputs that name it."""
@@ -210,9 +204,6 @@ def _caller(call: Call) -> Identity:
     return call.identity
 
 
-def _key(model: LoadedModel) -> str:
-    # The monitor's model key; `gateway monitor` joins request and anomaly metrics on it.
-    return f"{model.name}/{model.version}"
 
 
 def _run(model: LoadedModel, feeds: Mapping[str, np.ndarray],

@@ -198,6 +198,11 @@ def encrypt_file(path: Path, kek: bytes, *, keep: bool = False, progress: bool =
     finally:
         if bar is not None:
             bar.close()
+    return _replaced(path, target, keep)
+
+
+def _replaced(path: Path, target: Path, keep: bool) -> Path:
+    """Remove ``path`` (durably) now that ``target`` holds its content, unless ``keep``."""
     if not keep:
         path.unlink()
         fsync_dir(path.parent)
@@ -224,10 +229,7 @@ def decrypt_file(path: Path, kek: bytes, *, keep: bool = False, progress: bool =
     finally:
         if bar is not None:
             bar.close()
-    if not keep:
-        path.unlink()
-        fsync_dir(path.parent)
-    return target
+    return _replaced(path, target, keep)
 
 
 def rewrap_file(path: Path, old_kek: bytes, new_kek: bytes) -> None:

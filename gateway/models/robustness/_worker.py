@@ -144,7 +144,7 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import numpy as np
 
-    from gateway.models.scan._session import session_options
+    from gateway.models.scan import session_options
 
     opts = session_options(int(job["memory_limit"]), 1, 1)
     _emit(event="start", case="load")

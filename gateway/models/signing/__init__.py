@@ -61,18 +61,21 @@ from gateway.errors import ConfigError
 from gateway.models import _files, _pipeline
 from gateway.models._files import FileData
 from gateway.models.signing import _bundle, _manifest, _trust
+from gateway.models.signing._bundle import Statement
 from gateway.models.signing._errors import SignatureError
 
 __all__ = [
     "SIGNATURE_NAME",
     "SignatureError",
     "SigningSettings",
+    "Statement",
     "TrustRule",
     "VerifiedModel",
     "default_subject",
     "ensure_demo_signing_key",
     "read_model_files",
     "sign_model",
+    "signed_statement",
     "signed_subject",
     "verifier",
     "verify_files",
@@ -304,7 +307,15 @@ def _check_subject(rule: TrustRule, subject: str, name: str, version: str) -> No
 
 def signed_subject(bundle: bytes) -> str:
     """The subject a bundle names (not verified: for tools deciding whether to re-sign)."""
-    return _bundle.parse_statement(_bundle.parse_bundle(bundle).payload).subject_name
+    return signed_statement(bundle).subject_name
+
+
+def signed_statement(bundle: bytes) -> Statement:
+    """The manifest a bundle carries (not verified: for tools that describe a signature).
+
+    :raises SignatureError: the bundle or its statement cannot be parsed.
+    """
+    return _bundle.parse_statement(_bundle.parse_bundle(bundle).payload)
 
 
 def default_subject(model_dir: Path) -> str:
