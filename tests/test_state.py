@@ -448,3 +448,16 @@ def test_a_member_process_that_stops_answering_is_named(hub):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
         here.close()
+
+
+def test_usage_the_hub_never_got_is_counted_unscored(tmp_path):
+    state = _host(tmp_path / "none" / "state.sock", "w0", timeout_seconds=0.5)
+    monitor = Monitor(MonitorSettings(metrics_listen=""), usage_sink=state.usage)
+    try:
+        for _ in range(3):
+            monitor.score_later("m/1", None, "spiffe://d/alice", np.zeros((1, 2)))
+        monitor.flush()
+        assert monitor.metrics.registry.get_sample_value(
+            "gateway_unscored_requests_total") == 3
+    finally:
+        state.close()

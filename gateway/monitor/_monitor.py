@@ -48,6 +48,8 @@ class Monitor:
         rules, default = s.quota_rules()
         self._quotas = Quotas(rules, default, s.max_callers, clock, buckets)
         self._sink = usage_sink
+        if usage_sink is not None:  # rows the hub never got are unscored requests too
+            usage_sink.on_dropped(self.metrics.unscored.inc)
         # Profiles as the hub receives them: serialised once per profile object (worker
         # side), parsed once per digest (hub side).
         self._profile_bytes: dict[int, tuple[InputProfile, bytes, str]] = {}
@@ -121,8 +123,7 @@ class Monitor:
                 cached = (profile, raw, hashlib.sha256(raw).hexdigest())
                 self._profile_bytes[id(profile)] = cached
             blob, digest = cached[1], cached[2]
-        if not self._sink.submit(Usage(model_key, caller_id, x, y, blob, digest)):
-            self.metrics.unscored.inc()
+        self._sink.submit(Usage(model_key, caller_id, x, y, blob, digest))
 
     def score_usage(self, member: str, batch: list[Usage]) -> None:
         """The hub's side of :meth:`score_later`: queue a worker's batch for scoring here.

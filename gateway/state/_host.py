@@ -29,7 +29,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -496,11 +496,13 @@ class HostUsageSink:
         #: Requests dropped: queue full, or the hub unreachable when their batch was sent.
         self.dropped = 0
         self._failing = False
+        self._on_dropped: Callable[[int], None] = lambda n: None
 
     def submit(self, usage: Usage) -> bool:
         with self._lock:
             if len(self._queue) >= self._max:
                 self.dropped += 1
+                self._on_dropped(1)
                 return False
             self._queue.append(usage)
             if self._thread is None:
@@ -508,6 +510,9 @@ class HostUsageSink:
                                                 daemon=True)
                 self._thread.start()
         return True
+
+    def on_dropped(self, callback: Callable[[int], None]) -> None:
+        self._on_dropped = callback
 
     def _run(self) -> None:
         while not self._closed.wait(self._interval):
@@ -523,6 +528,7 @@ class HostUsageSink:
             self._conn.request(header, blobs, reply=False)
         except StateUnavailable as err:
             self.dropped += len(batch)
+            self._on_dropped(len(batch))
             if not self._failing:  # once per outage, not once per batch
                 log.warning("state: usage not handed to the hub, so not scored, until it is "
                             "back (%d request(s) so far): %s", len(batch), err)

@@ -37,3 +37,8 @@ class UsageSink(Protocol):
     def flush(self) -> None:
         """Send what is queued now (also at shutdown)."""
         ...
+
+    def on_dropped(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(n)`` whenever ``n`` requests are dropped unscored (queue full, or
+        the hub unreachable when their batch was sent), for the monitor's metric."""
+        ...
