@@ -69,7 +69,9 @@ def test_local_buckets_are_exact_refill_cap_give_back_and_rule_change():
     assert b.available("k", 2.0, 3) == pytest.approx(2.0)
     clock.now += 100
     assert b.available("k", 2.0, 3) == 3.0  # capped at the burst
-    assert b.take("k", 1.0, 5, n=5)  # a changed rule starts over, full
+    assert not b.take("k", 1.0, 5, n=4)  # a changed rule keeps the 3 tokens: no refill
+    assert b.take("k", 1.0, 5, n=3)
+    assert b.available("k", 1.0, 2) == 0.0
     assert b.lease("other", 0.0, 10, need=4, want=8) == (8, 2.0)
     assert b.lease("other", 0.0, 10, need=4, want=8) == (0, 2.0)  # fewer than needed: none
 
@@ -461,3 +463,18 @@ def test_usage_the_hub_never_got_is_counted_unscored(tmp_path):
             "gateway_unscored_requests_total") == 3
     finally:
         state.close()
+
+
+def test_members_configured_apart_never_refill_the_shared_bucket(hub):
+    """During a configuration rollout two workers may hold different rules for one caller;
+    alternating leases under the two rules must not reset the hub's bucket to full."""
+    sock, _ = hub
+    a = _host(sock, "a", lease_tokens=1)
+    b = _host(sock, "b", lease_tokens=1)
+    try:
+        admitted = sum(a.buckets.take("k", 0.0, 10) + b.buckets.take("k", 0.0, 20)
+                       for _ in range(100))
+        assert 10 <= admitted <= 20
+    finally:
+        a.close()
+        b.close()

@@ -13,9 +13,10 @@ from gateway.state._types import Applied, Handler
 class LocalBuckets:
     """Exact token buckets in this process (thread-safe); ``clock`` is injectable for tests.
 
-    A key's bucket starts full. When a key's rule (rate, burst) changes, its bucket starts
-    over, full, under the new rule. At most ``max_keys`` buckets are kept (least recently
-    used dropped first): a dropped key comes back with a full bucket.
+    A key's bucket starts full. When a key's rule (rate, burst) changes, the bucket keeps its
+    tokens (capped at the new burst): a configuration change, or members configured apart
+    during a rollout, never refill a bucket. At most ``max_keys`` buckets are kept (least
+    recently used dropped first): a dropped key comes back with a full bucket.
     """
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic,
@@ -29,14 +30,15 @@ class LocalBuckets:
     def _level(self, key: str, rate: float, burst: int, now: float) -> list[float]:
         """The key's bucket refilled to ``now`` (created full); call with the lock held."""
         b = self._buckets.get(key)
-        if b is None or b[2] != rate or b[3] != burst:
+        if b is None:
             b = self._buckets[key] = [float(burst), now, rate, float(burst)]
             if len(self._buckets) > self._max:
                 self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(key)
-            b[0] = min(b[3], b[0] + max(0.0, now - b[1]) * rate)
-            b[1] = now
+            return b
+        self._buckets.move_to_end(key)
+        # Refilled at the rate it had until now; then the rule of this call applies.
+        b[0] = min(float(burst), b[0] + max(0.0, now - b[1]) * b[2])
+        b[1], b[2], b[3] = now, rate, float(burst)
         return b
 
     def take(self, key: str, rate: float, burst: int, n: int = 1) -> bool:
