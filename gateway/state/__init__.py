@@ -46,7 +46,7 @@ state; workers keep what they applied.
 
 from __future__ import annotations
 
-from gateway.state._host import StateServer
+from gateway.state._hub import StateServer
 from gateway.state._lease import LeasedBuckets
 from gateway.state._local import LocalBuckets, LocalCoordinator
 from gateway.state._open import State, local_state, open_state
