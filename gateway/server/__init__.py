@@ -51,7 +51,8 @@ from gateway.server._guard import RECEIPT_INDEX, RECEIPT_LEAF, Guard
 from gateway.server._limits import Limits, WorkerPool
 from gateway.server._reads import BoundedReads
 from gateway.server._services import GuardedHealth, GuardedReflection
-from gateway.server._wiring import model_pipeline, open_coordinator
+from gateway.server._wiring import model_pipeline
+from gateway.state import State, open_state
 
 __all__ = ["RECEIPT_INDEX", "RECEIPT_LEAF", "Gateway", "Guard"]
 
@@ -103,7 +104,9 @@ class Gateway:
             shadow_summary_interval=config.policy.shadow_summary_interval)
         self.verifier = IdentityVerifier(config.tls.trust_domains, config.tls.cn_issuers,
                                          trust_bundles=config.tls.trust_bundles)
-        self.monitor = _monitor(config)
+        # Quotas and explain budgets: this process's own, or shared (hub, PostgreSQL).
+        self.state = open_state(config.state, member=self.instance_id)
+        self.monitor = _monitor(config, self.state)
         self.audit.observe_commits(self.monitor.observe_audit_commit)
         self.monitor.metrics.registry.register(ShadowCollector(lambda: self.policy.shadow))
         self.monitor.metrics.registry.register(SourceCollector(self.policy))
@@ -113,7 +116,7 @@ class Gateway:
             decrypt=decrypt, on_event=self._model_event)
         # The models' desired state first (what LoadModel/UnloadModel decided, on any
         # replica), then every other version on disk.
-        self.coordinator = open_coordinator(config.state, self.instance_id)
+        self.coordinator = self.state.coordinator
         self.coordinator.subscribe(MODELS_TOPIC, self.models.apply_change)
         for entry in self.models.load_all(skip_known=True):
             log.info("model %s/%s: %s %s", entry.name, entry.version, entry.state, entry.reason)
@@ -191,7 +194,8 @@ class Gateway:
 
     def _add_explainer(self, server: grpc.Server) -> None:
         settings = self.config.explain
-        budgets = ExplainBudgets(settings.budget_evaluations, settings.budget_window_seconds)
+        budgets = ExplainBudgets(settings.budget_evaluations, settings.budget_window_seconds,
+                                 buckets=self.state.buckets)
         ExplainServicer(self.guard, budgets, settings).add_to_server(server)
 
     # -- state ------------------------------------------------------------------------------
@@ -282,10 +286,10 @@ class Gateway:
             if self._server is not None:
                 self._server.stop(grace).wait()
             self.policy.close()
-            self.coordinator.close()
             self.policy.clear_shadow()  # its final summary goes into the log before it closes
             self.monitor.flush()  # what was queued still gets scored ...
             self._record_alerts()  # ... and its alerts recorded, before the log closes
+            self.state.close()
             self.monitor.stop_http()
             if self._metrics_server is not None:
                 self._metrics_server.stop()
@@ -307,8 +311,8 @@ def _loopback(listen: str) -> bool:
         return False
 
 
-def _monitor(config: GatewayConfig) -> Monitor:
-    return Monitor(config.monitor)
+def _monitor(config: GatewayConfig, state: State) -> Monitor:
+    return Monitor(config.monitor, buckets=state.buckets, usage_sink=state.usage)
 
 
 def client_hint(config: GatewayConfig, port: int) -> str:
