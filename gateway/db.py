@@ -80,16 +80,19 @@ def connect(dsn: str, *, name: str = "", autocommit: bool = True) -> psycopg.Con
 
 
 def open_pool(dsn: str, *, name: str = "", min_size: int = 1, max_size: int = 4,
-              timeout: float = CONNECT_TIMEOUT) -> ConnectionPool:
+              timeout: float = CONNECT_TIMEOUT, check: bool = True) -> ConnectionPool:
     """An opened connection pool that replaces broken connections by itself.
 
     ``check`` tests each connection as it leaves the pool, so a connection the server ended
     (a restart, ``pg_terminate_backend``) is replaced instead of failing the caller's first
-    statement. Opening does not wait for the database: a pool opened while it is down fills
-    up once it is back; :func:`check_reachable` is the explicit start-up check.
+    statement; it costs a round trip per checkout, so a caller whose statement may simply be
+    retried once on a fresh connection passes ``check=False`` (the pool still discards a
+    connection returned broken). Opening does not wait for the database: a pool opened while
+    it is down fills up once it is back; :func:`check_reachable` is the explicit start-up check.
     """
     pool = ConnectionPool(_params(dsn, name), min_size=min_size, max_size=max_size,
-                          timeout=timeout, check=ConnectionPool.check_connection,
+                          timeout=timeout,
+                          check=ConnectionPool.check_connection if check else None,
                           name=name or None, open=False)
     pool.open(wait=False)
     return pool

@@ -116,6 +116,13 @@ class PolicyUnavailable(GatewayError):
     status = _Status("UNAVAILABLE")
 
 
+class StateUnavailable(GatewayError):
+    """Shared state (the host's hub or the database) cannot answer: a quota or budget that
+    cannot be checked refuses the call, fail closed, never a silent allow."""
+
+    status = _Status("UNAVAILABLE")
+
+
 class StreamEnded(GatewayError):
     """A stream ended before its caller closed it: a time limit, or the caller cancelled."""
 

@@ -382,3 +382,110 @@ def test_workers_write_a_postgresql_log_themselves(pg_fresh_dsn, tmp_path):
               for (data,) in stored(pg_fresh_dsn, "SELECT data FROM gateway_audit_record")
               if json.loads(bytes(data)).get("request_id", "").startswith("pg-")}
     assert served == {"w1", "w2"}, served
+
+
+def test_a_callers_quota_holds_across_workers(tmp_path):
+    # 1 call/s after a burst of 10, for the scorer, however its calls spread over workers.
+    env = _env(tmp_path / "env", monitor={"metrics_listen": "127.0.0.1:0",
+                                          "quota_rate": 1.0, "quota_burst": 10})
+    gw = start_gateway(env)
+    try:
+        started = time.monotonic()
+        codes = [_call(gw, f"quota-{n}")[0] for n in range(40)]
+        elapsed = time.monotonic() - started
+    finally:
+        assert gw.stop() == 0, "".join(gw.stderr_lines)
+    admitted = codes.count(grpc.StatusCode.OK)
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    # Never more than one shared bucket admits (two buckets of their own would admit 20);
+    # leased batches may refuse early, at most (workers - 1) * lease_tokens = 8 tokens.
+    assert admitted <= 10 + 1.0 * elapsed, (admitted, elapsed)
+    assert admitted >= 10 - 8, admitted
+    records = [json.loads(r) for r in _records(env)]
+    refused_by = {r["instance"].rsplit("/", 1)[1] for r in records if r["kind"] == "decision"
+                  and str(r.get("request_id", "")).startswith("quota-")
+                  and r.get("status") == "RESOURCE_EXHAUSTED"}
+    assert refused_by == {"w1", "w2"}, refused_by
+
+
+def test_reload_policy_rpc_on_one_worker_applies_in_every_worker(tmp_path):
+    from gateway._proto.gateway.v1 import admin_pb2, admin_pb2_grpc
+
+    env = _env(tmp_path / "env", policy={"watch": False})
+    shutil.rmtree(env.policies / "tests")  # its cases expect the scorer allowed
+    gw = start_gateway(env)
+    try:
+        assert {_call(gw, f"pre-{n}")[0] for n in range(8)} == {grpc.StatusCode.OK}
+        policy = env.policies / "policy.csv"
+        policy.write_text(policy.read_text() + "\np, role:scorers, demo-mlp, infer, deny\n")
+        with grpc.secure_channel(gw.target, channel_credentials(env, "admin")) as channel:
+            reply = admin_pb2_grpc.PolicyAdminStub(channel).ReloadPolicy(
+                admin_pb2.ReloadPolicyRequest(), timeout=60)
+        assert reply.accepted and not reply.error, reply
+        # Applied everywhere before the reply: fresh connections, spread over both workers,
+        # are all denied at once.
+        codes = {_call(gw, f"post-{n}")[0] for n in range(16)}
+        assert codes == {grpc.StatusCode.PERMISSION_DENIED}, codes
+    finally:
+        assert gw.stop() == 0, "".join(gw.stderr_lines)
+    records = [json.loads(r) for r in _records(env)]
+    reloads = {r["instance"].rsplit("/", 1)[1] for r in records
+               if r["kind"] == "policy_reload" and r.get("trigger") == "admin RPC"
+               and r.get("accepted") and r.get("new_digest") == reply.new_digest}
+    assert reloads == {"w1", "w2"}, reloads
+
+
+def _ready_everywhere(gw: GatewayProcess, model: str, connections: int = 16) -> set[bool]:
+    """ModelReady of ``model`` as fresh connections (spread over the workers) see it."""
+    seen = set()
+    for _ in range(connections):
+        with grpc.secure_channel(gw.target, channel_credentials(gw.env, "scorer")) as channel:
+            seen.add(pb_grpc.GRPCInferenceServiceStub(channel).ModelReady(
+                pb.ModelReadyRequest(name=model, version="1"), timeout=30).ready)
+    return seen
+
+
+def _model_admin(gw: GatewayProcess, op: str, model: str, timeout: float = 60):
+    from gateway._proto.gateway.v1 import admin_pb2, admin_pb2_grpc
+
+    with grpc.secure_channel(gw.target, channel_credentials(gw.env, "admin")) as channel:
+        stub = admin_pb2_grpc.ModelAdminStub(channel)
+        request = (admin_pb2.LoadModelRequest if op == "load" else
+                   admin_pb2.UnloadModelRequest)(name=model, version="1")
+        method = stub.LoadModel if op == "load" else stub.UnloadModel
+        try:
+            status, call = method.with_call(request, timeout=timeout)
+        except grpc.RpcError as err:
+            return err.code(), err.details(), dict(err.trailing_metadata() or ()), \
+                [v for k, v in (err.trailing_metadata() or ()) if k == "gateway-replica"]
+        md = call.trailing_metadata()
+        return grpc.StatusCode.OK, status.state, dict(md), \
+            [v for k, v in md if k == "gateway-replica"]
+
+
+def test_load_and_unload_apply_in_every_worker_and_name_one_that_did_not(started):
+    env, gw = started
+    assert _ready_everywhere(gw, "demo-types") == {True}
+    code, state, _, replicas = _model_admin(gw, "unload", "demo-types")
+    assert (code, state) == (grpc.StatusCode.OK, "UNLOADED")
+    assert sorted(r.rsplit("/", 1)[1] for r in replicas) == ["w1: ok", "w2: ok"], replicas
+    # Applied in both workers before the reply: every connection sees it at once.
+    assert _ready_everywhere(gw, "demo-types") == {False}
+    code, state, _, replicas = _model_admin(gw, "load", "demo-types")
+    assert (code, state) == (grpc.StatusCode.OK, "LOADED")
+    assert _ready_everywhere(gw, "demo-types") == {True}
+    # A worker that cannot answer (stopped) is named; the change reaches it when it resumes.
+    w2 = _processes(env)["w2"]["pid"]
+    os.kill(w2, signal.SIGSTOP)
+    try:
+        while True:  # until the call reaches w1 (connections given to w2 wait: deadline)
+            code, details, _, replicas = _model_admin(gw, "unload", "demo-types", timeout=8)
+            if code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                break
+    finally:
+        os.kill(w2, signal.SIGCONT)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, details)
+    assert "w2" in details and "1 of 2" in details, details
+    assert any(r.split(":", 2)[-1].strip() != "ok" and "/w2" in r for r in replicas), replicas
+    _until(lambda: _ready_everywhere(gw, "demo-types") == {False},
+           "the stopped worker applied the unload once resumed")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 
 from gateway.errors import QuotaExceeded
+from gateway.state import Buckets, LocalBuckets
 
 
 class ExplainBudgets:
@@ -19,57 +19,39 @@ class ExplainBudgets:
     """
 
     def __init__(self, limit: int, window_seconds: float, *,
-                 clock: Callable[[], float] = time.monotonic, max_callers: int = 100_000) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_callers: int = 100_000,
+                 buckets: Buckets | None = None) -> None:
         if limit <= 0 or window_seconds <= 0:
             raise ValueError("budget limit and window must be positive")
         self.limit = limit
         self.window_seconds = window_seconds
         self._rate = limit / window_seconds
-        self._clock = clock
-        self._max_callers = max_callers
-        self._lock = threading.Lock()
-        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, at)
-
-    def _tokens(self, caller: str, now: float) -> float:
-        tokens, at = self._buckets.get(caller, (float(self.limit), now))
-        return min(float(self.limit), tokens + (now - at) * self._rate)
+        # This process's own buckets unless a shared state's are given (gateway.state).
+        self._buckets = buckets if buckets is not None else \
+            LocalBuckets(clock=clock, max_keys=max_callers)
 
     def remaining(self, caller: str) -> int:
-        with self._lock:
-            return int(self._tokens(caller, self._clock()))
+        return int(self._buckets.available(_key(caller), self._rate, self.limit))
 
     def reserve(self, caller: str, evaluations: int) -> None:
         """Take ``evaluations`` from the caller's budget or raise QuotaExceeded (taking none)."""
-        with self._lock:
-            now = self._clock()
-            tokens = self._tokens(caller, now)
-            if evaluations > tokens:
-                wait = (evaluations - tokens) / self._rate
-                raise QuotaExceeded(
-                    f"explain budget exhausted: this explanation needs {evaluations} model "
-                    f"evaluations and {int(tokens)} of {self.limit} per "
-                    f"{self.window_seconds:g} s are left"
-                    + (f" (enough in {wait:.0f} s)" if evaluations <= self.limit else
-                       "; it is larger than the whole budget, ask for fewer samples"))
-            self._buckets[caller] = (tokens - evaluations, now)
-            if len(self._buckets) > self._max_callers:
-                self._prune(now)
+        key = _key(caller)
+        if self._buckets.take(key, self._rate, self.limit, evaluations):
+            return
+        tokens = self._buckets.available(key, self._rate, self.limit)
+        wait = max(0.0, evaluations - tokens) / self._rate
+        raise QuotaExceeded(
+            f"explain budget exhausted: this explanation needs {evaluations} model "
+            f"evaluations and {int(tokens)} of {self.limit} per "
+            f"{self.window_seconds:g} s are left"
+            + (f" (enough in {wait:.0f} s)" if evaluations <= self.limit else
+               "; it is larger than the whole budget, ask for fewer samples"))
 
     def refund(self, caller: str, evaluations: int) -> None:
         """Give back evaluations reserved but not made."""
-        if evaluations <= 0:
-            return
-        with self._lock:
-            now = self._clock()
-            self._buckets[caller] = (min(float(self.limit),
-                                         self._tokens(caller, now) + evaluations), now)
+        if evaluations > 0:
+            self._buckets.give_back(_key(caller), self._rate, self.limit, evaluations)
 
-    def _prune(self, now: float) -> None:
-        # Full buckets carry no state: forget them first; then the oldest entries.
-        full = [c for c in self._buckets if self._tokens(c, now) >= self.limit]
-        for c in full:
-            del self._buckets[c]
-        excess = len(self._buckets) - self._max_callers
-        if excess > 0:
-            for c, _ in sorted(self._buckets.items(), key=lambda kv: kv[1][1])[:excess]:
-                del self._buckets[c]
+
+def _key(caller: str) -> str:
+    return f"explain:{caller}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -17,6 +18,7 @@ from gateway.monitor._profile import InputProfile, OutputProfile
 from gateway.monitor._quota import Quotas
 from gateway.monitor._settings import MonitorSettings
 from gateway.monitor._usage import UsageTracker
+from gateway.state import Buckets, Usage, UsageSink
 
 _NEUTRAL: dict[str, object] = {
     "anomaly.input_score": 0.0, "anomaly.input_threshold": math.inf,
@@ -35,12 +37,23 @@ class Monitor:
     """The gateway's monitor; one per server. ``clock`` (monotonic seconds) is injectable."""
 
     def __init__(self, settings: MonitorSettings | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *,
+                 buckets: Buckets | None = None, usage_sink: UsageSink | None = None) -> None:
+        """``buckets``: a shared state's (quotas across processes or replicas; default this
+        process's own). ``usage_sink``: hand background scoring to the host's hub instead of
+        this process's thread (see :meth:`score_later`)."""
         self.settings = s = settings or MonitorSettings()
         self.metrics = Metrics(s.max_callers)
         self._clock = clock
         rules, default = s.quota_rules()
-        self._quotas = Quotas(rules, default, s.max_callers, clock)
+        self._quotas = Quotas(rules, default, s.max_callers, clock, buckets)
+        self._sink = usage_sink
+        if usage_sink is not None:  # rows the hub never got are unscored requests too
+            usage_sink.on_dropped(self.metrics.unscored.inc)
+        # Profiles as the hub receives them: serialised once per profile object (worker
+        # side), parsed once per digest (hub side).
+        self._profile_bytes: dict[int, tuple[InputProfile, bytes, str]] = {}
+        self._parsed: dict[str, InputProfile] = {}
         self._usage = UsageTracker(
             input_fpr=s.input_fpr, extraction_fpr=s.extraction_fpr,
             probe_window=s.probe_window, sweep_window=s.sweep_window,
@@ -93,11 +106,47 @@ class Monitor:
         wait (see :mod:`gateway.monitor._background`). The queue is bounded
         (``max_backlog``); beyond it requests go unscored and are counted. ``y``, the
         request's predictions, feeds the output-drift windows in the same pass.
+
+        With a usage sink (worker processes of a host) the rows go to the hub in batches and
+        the hub's monitor scores them (:meth:`score_usage`), with every worker's traffic.
         """
-        self._background.submit(model_key, profile, caller_id, x, y)
+        if self._sink is None:
+            self._background.submit(model_key, profile, caller_id, x, y)
+            return
+        blob, digest = b"", ""
+        if profile is not None:
+            cached = self._profile_bytes.get(id(profile))
+            if cached is None or cached[0] is not profile:
+                if len(self._profile_bytes) > 256:
+                    self._profile_bytes.clear()
+                raw = profile.to_json()
+                cached = (profile, raw, hashlib.sha256(raw).hexdigest())
+                self._profile_bytes[id(profile)] = cached
+            blob, digest = cached[1], cached[2]
+        self._sink.submit(Usage(model_key, caller_id, x, y, blob, digest))
+
+    def score_usage(self, member: str, batch: list[Usage]) -> None:
+        """The hub's side of :meth:`score_later`: queue a worker's batch for scoring here.
+
+        Registered as the :class:`~gateway.state.StateServer`'s ``on_usage``; ``member`` is
+        the worker that sent it (the rows carry their caller).
+        """
+        for u in batch:
+            profile = None
+            if u.profile_digest:
+                profile = self._parsed.get(u.profile_digest)
+                if profile is None:
+                    if len(self._parsed) > 256:
+                        self._parsed.clear()
+                    profile = self._parsed[u.profile_digest] = InputProfile.from_json(
+                        u.profile)
+            self._background.submit(u.model, profile, u.caller, u.x, u.y)
 
     def flush(self) -> None:
-        """Score everything queued by :meth:`score_later` now (also at shutdown)."""
+        """Score (or hand to the hub) everything queued by :meth:`score_later` now (also at
+        shutdown)."""
+        if self._sink is not None:
+            self._sink.flush()
         self._background.flush()
 
     # ------------------------------------------------------------------ quotas

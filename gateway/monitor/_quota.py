@@ -2,18 +2,19 @@
 
 A caller's bucket comes from the most specific rule: its identity, else the most generous of
 its roles (``role:NAME``), else the default (``quota_rate``/``quota_burst``; rate 0 means no
-quota). Buckets live in an LRU of ``max_callers``: an evicted caller comes back with a full
+quota). Local buckets live in an LRU of ``max_callers``: an evicted caller comes back with a full
 bucket, which only matters if more authenticated identities than that are active at once.
+Shared buckets (:mod:`gateway.state`, backend ``host`` or ``postgresql``) hold a caller's
+quota across processes and replicas.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from gateway.errors import QuotaExceeded
+from gateway.state import Buckets, LocalBuckets
 
 
 @dataclass(frozen=True)
@@ -23,26 +24,21 @@ class QuotaRule:
     source: str  # the configuration key it came from, for messages
 
 
-class _Bucket:
-    __slots__ = ("last", "rule", "tokens")
-
-    def __init__(self, rule: QuotaRule, now: float) -> None:
-        self.rule = rule
-        self.tokens = float(rule.burst)
-        self.last = now
-
-
 class Quotas:
-    """Thread-safe token buckets keyed by caller; ``clock`` is injectable for tests."""
+    """Token buckets keyed by caller, kept in a :class:`~gateway.state.Buckets`.
+
+    By default the buckets are this process's own (exact; ``clock`` injectable for tests);
+    given the buckets of a shared state, a caller's quota holds across every worker process
+    or replica, within the bound :mod:`gateway.state` documents.
+    """
 
     def __init__(self, rules: dict[str, QuotaRule], default: QuotaRule | None,
-                 max_callers: int, clock: Callable[[], float]) -> None:
+                 max_callers: int, clock: Callable[[], float],
+                 buckets: Buckets | None = None) -> None:
         self._rules = rules
         self._default = default
-        self._max = max_callers
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._buckets = buckets if buckets is not None else \
+            LocalBuckets(clock=clock, max_keys=max_callers)
 
     @property
     def active(self) -> bool:
@@ -57,27 +53,16 @@ class Quotas:
         return self._default
 
     def admit(self, caller: str, roles: Iterable[str] = ()) -> None:
-        """Take one token from ``caller``'s bucket or raise :class:`QuotaExceeded`."""
+        """Take one token from ``caller``'s bucket or raise :class:`QuotaExceeded`
+        (:class:`~gateway.errors.StateUnavailable` when shared buckets cannot be reached)."""
         rule = self.rule_for(caller, roles)
         if rule is None:
             return
-        now = self._clock()
-        with self._lock:
-            bucket = self._buckets.get(caller)
-            if bucket is None or bucket.rule != rule:
-                bucket = _Bucket(rule, now)
-                self._buckets[caller] = bucket
-                if len(self._buckets) > self._max:
-                    self._buckets.popitem(last=False)
-            else:
-                self._buckets.move_to_end(caller)
-                elapsed = max(0.0, now - bucket.last)
-                bucket.tokens = min(float(rule.burst), bucket.tokens + elapsed * rule.rate)
-                bucket.last = now
-            if bucket.tokens >= 1.0:
-                bucket.tokens -= 1.0
-                return
-            wait = (1.0 - bucket.tokens) / rule.rate if rule.rate > 0 else float("inf")
+        key = f"quota:{caller}"
+        if self._buckets.take(key, rule.rate, rule.burst):
+            return
+        tokens = self._buckets.available(key, rule.rate, rule.burst)
+        wait = max(0.0, 1.0 - tokens) / rule.rate if rule.rate > 0 else float("inf")
         raise QuotaExceeded(
             f"quota exceeded for {caller}: {rule.rate:g} request(s)/s with a burst of "
             f"{rule.burst} (rule {rule.source}); retry in {wait:.2f} s")

@@ -22,11 +22,14 @@ whenever the audit log cannot make records durable, and back to SERVING when it 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
+import secrets
 import signal
 import socket
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
@@ -56,7 +59,8 @@ from gateway.server._limits import Limits, WorkerPool
 from gateway.server._reads import BoundedReads
 from gateway.server._services import GuardedHealth, GuardedReflection
 from gateway.server._supervisor import Supervisor, supervise
-from gateway.server._wiring import model_pipeline, open_coordinator
+from gateway.server._wiring import model_pipeline
+from gateway.state import State, open_state
 
 __all__ = ["RECEIPT_INDEX", "RECEIPT_LEAF", "Gateway", "Guard", "Supervisor", "supervise"]
 
@@ -65,6 +69,10 @@ log = logging.getLogger(__name__)
 _OIP_SERVICE = "inference.GRPCInferenceService"
 #: Health service name reporting whether the policy source (files or PostgreSQL) is readable.
 POLICY_SOURCE_SERVICE = "gateway.policy.source"
+#: Coordinator topic of policy reloads applied in every worker process.
+POLICY_TOPIC = "policy"
+#: Longest a ReloadPolicy waits for every worker (each compiles and tests the policy).
+_POLICY_APPLY_TIMEOUT_S = 30.0
 #: Seconds between health re-evaluations (state changes are also pushed immediately).
 _HEALTH_INTERVAL = 0.5
 
@@ -118,7 +126,10 @@ class Gateway:
             shadow_summary_interval=config.policy.shadow_summary_interval)
         self.verifier = IdentityVerifier(config.tls.trust_domains, config.tls.cn_issuers,
                                          trust_bundles=config.tls.trust_bundles)
-        self.monitor = _monitor(config)
+        # Quotas and explain budgets: this process's own, or shared (hub, PostgreSQL).
+        self.state = open_state(config.state, member=self.instance_id)
+        self.monitor = _monitor(config, self.state)
+        self._subscribe_policy()
         self.audit.observe_commits(self.monitor.observe_audit_commit)
         self.monitor.metrics.registry.register(ShadowCollector(lambda: self.policy.shadow))
         self.monitor.metrics.registry.register(SourceCollector(self.policy))
@@ -128,7 +139,7 @@ class Gateway:
             decrypt=decrypt, on_event=self._model_event)
         # The models' desired state first (what LoadModel/UnloadModel decided, on any
         # replica), then every other version on disk.
-        self.coordinator = open_coordinator(config.state, self.instance_id)
+        self.coordinator = self.state.coordinator
         self.coordinator.subscribe(MODELS_TOPIC, self.models.apply_change)
         for entry in self.models.load_all(skip_known=True):
             log.info("model %s/%s: %s %s", entry.name, entry.version, entry.state, entry.reason)
@@ -155,7 +166,8 @@ class Gateway:
                                         ready=self.ready,
                                         max_response_bytes=config.server.max_message_bytes),
                       server)
-        AdminServicer(self.guard, self.coordinator).add_to_server(server)
+        AdminServicer(self.guard, self.coordinator,
+                      reload_policy=self.reload_policy).add_to_server(server)
         AuditServicer(self.audit, self.guard).add_to_server(server)
         self._add_explainer(server)
         self.health = GuardedHealth(self.guard)
@@ -208,7 +220,8 @@ class Gateway:
 
     def _add_explainer(self, server: grpc.Server) -> None:
         settings = self.config.explain
-        budgets = ExplainBudgets(settings.budget_evaluations, settings.budget_window_seconds)
+        budgets = ExplainBudgets(settings.budget_evaluations, settings.budget_window_seconds,
+                                 buckets=self.state.buckets)
         ExplainServicer(self.guard, budgets, settings).add_to_server(server)
 
     # -- state ------------------------------------------------------------------------------
@@ -268,6 +281,49 @@ class Gateway:
             except Exception:  # keep re-verifying; one failed pass must not end the loop
                 log.exception("model re-verification pass failed")
 
+    # -- policy reloads in every worker ------------------------------------------------------
+
+    def _subscribe_policy(self) -> None:
+        """Worker processes reload the policy together: a ReloadPolicy answered by one worker
+        goes to every worker of the host through the coordinator (topic ``policy``)."""
+        self._policy_results: dict[str, ReloadResult] = {}
+        if self.state.backend == "host":
+            self.state.coordinator.subscribe(POLICY_TOPIC, self._apply_policy_reload)
+
+    def _apply_policy_reload(self, key: str, payload: Mapping[str, object]) -> str | None:
+        result = self.policy.reload(str(payload.get("trigger") or "coordinated"))
+        if result is None:
+            return None
+        nonce = payload.get("nonce")
+        if isinstance(nonce, str):
+            if len(self._policy_results) > 64:
+                self._policy_results.clear()
+            self._policy_results[nonce] = result
+        return None if result.accepted else (result.error or "rejected")
+
+    def reload_policy(self, trigger: str) -> ReloadResult:
+        """Reload the policy in this process, or, as a worker, in every worker of the host
+        before returning; the result is this worker's, its error naming any worker that did
+        not apply it."""
+        if self.state.backend != "host":
+            result = self.policy.reload(trigger)
+            assert result is not None  # only a watcher's if_changed reload returns None
+            return result
+        nonce = secrets.token_hex(8)
+        answers = self.state.coordinator.apply_everywhere(
+            POLICY_TOPIC, "reload", {"trigger": trigger, "nonce": nonce},
+            timeout=_POLICY_APPLY_TIMEOUT_S)
+        result = self._policy_results.pop(nonce, None)
+        if result is None:  # this worker's own answer did not arrive: reload here
+            result = self.policy.reload(trigger)
+            assert result is not None
+        missing = [f"{a.member}: {a.detail or 'no answer'}" for a in answers
+                   if not a.ok and a.member != self.instance_id]
+        if missing:
+            error = "; ".join(filter(None, [result.error, "not applied by " + ", ".join(missing)]))
+            result = dataclasses.replace(result, error=error)
+        return result
+
     def _audit_reload(self, result: ReloadResult) -> None:
         self.audit.append("policy_reload", {
             "accepted": result.accepted, "old_digest": result.old_digest,
@@ -299,10 +355,10 @@ class Gateway:
             if self._server is not None:
                 self._server.stop(grace).wait()
             self.policy.close()
-            self.coordinator.close()
             self.policy.clear_shadow()  # its final summary goes into the log before it closes
             self.monitor.flush()  # what was queued still gets scored ...
             self._record_alerts()  # ... and its alerts recorded, before the log closes
+            self.state.close()
             self.monitor.stop_http()
             if self._metrics_server is not None:
                 self._metrics_server.stop()
@@ -324,8 +380,8 @@ def _loopback(listen: str) -> bool:
         return False
 
 
-def _monitor(config: GatewayConfig) -> Monitor:
-    return Monitor(config.monitor)
+def _monitor(config: GatewayConfig, state: State) -> Monitor:
+    return Monitor(config.monitor, buckets=state.buckets, usage_sink=state.usage)
 
 
 def client_hint(config: GatewayConfig, port: int) -> str:

@@ -16,6 +16,7 @@ trailing metadata, one ``gateway-replica: <member>: ok|<why not>`` entry per rep
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -33,7 +34,7 @@ from gateway.models import (
     model_change,
     model_key,
 )
-from gateway.policy import PolicyError
+from gateway.policy import PolicyError, ReloadResult
 from gateway.server._guard import Call, Guard
 from gateway.state import Applied, Coordinator
 
@@ -47,9 +48,13 @@ APPLY_TIMEOUT = 120.0
 class AdminServicer(pb_grpc.ModelAdminServicer, pb_grpc.PolicyAdminServicer):
     """Model load/unload/list and policy reload/read, all through the guard."""
 
-    def __init__(self, guard: Guard, coordinator: Coordinator) -> None:
+    def __init__(self, guard: Guard, coordinator: Coordinator, *,
+                 reload_policy: Callable[[str], ReloadResult] | None = None) -> None:
+        """``reload_policy``: how ReloadPolicy reloads (a worker process: in every worker);
+        default: this process's policy store."""
         self._guard = guard
         self._coordinator = coordinator
+        self._reload_policy = reload_policy
 
     def add_to_server(self, server: grpc.Server) -> None:
         pb_grpc.add_ModelAdminServicer_to_server(self, server)
@@ -117,8 +122,12 @@ class AdminServicer(pb_grpc.ModelAdminServicer, pb_grpc.PolicyAdminServicer):
     def ReloadPolicy(self, request: pb.ReloadPolicyRequest,
                      context: grpc.ServicerContext) -> pb.ReloadPolicyResponse:
         with self._guard.call(context, rpc="ReloadPolicy", action="policy.load") as call:
-            result = self._guard.policy.reload("admin RPC")
-            assert result is not None  # only a watcher's if_changed reload returns None
+            if self._reload_policy is not None:
+                result = self._reload_policy("admin RPC")
+            else:
+                reloaded = self._guard.policy.reload("admin RPC")
+                assert reloaded is not None  # only a watcher's if_changed reload returns None
+                result = reloaded
             call.fields["policy_reload"] = {"accepted": result.accepted,
                                             "new_digest": result.new_digest}
             return pb.ReloadPolicyResponse(accepted=result.accepted,

@@ -39,6 +39,7 @@ from gateway.errors import (
     PermissionDenied,
     PolicyUnavailable,
     QuotaExceeded,
+    StateUnavailable,
     StreamEnded,
     Unauthenticated,
 )
@@ -210,6 +211,8 @@ class Call:
                 monitor.admit(identity.id, guard.policy.snapshot.roles_of(identity.id))
             except QuotaExceeded as err:
                 self._refuse(err, "quota")
+            except StateUnavailable as err:  # shared quotas unreachable: fail closed, audited
+                self._finish(err, "deny", "state-unavailable")
         if self.model_name:
             self.entry = guard.models.entry(self.model_name, self.version)
         self._attributes = self._base_attributes()

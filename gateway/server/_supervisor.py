@@ -145,6 +145,7 @@ class Supervisor:
             raise GatewayError(f"[server] runtime_dir {root} belongs to another user")
         os.chmod(root, 0o700)
         shutil.rmtree(self.paths.metrics, ignore_errors=True)
+        self.paths.desired_state.unlink(missing_ok=True)
         self.paths.metrics.mkdir(mode=0o700)
         # Read by prometheus-client in every process forked from here (see _child_metrics).
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.paths.metrics)
@@ -256,8 +257,12 @@ class Supervisor:
 
         instance = f"{self.instance_id}/{name}"
         host = self.config.server.listen.rpartition(":")[0]
-        config = dataclasses.replace(self.config, server=dataclasses.replace(
-            self.config.server, listen=f"{host}:{self.port}", instance_id=instance))
+        state = self.config.state
+        if state.backend == "local":  # PostgreSQL state stays PostgreSQL (replicas)
+            state = dataclasses.replace(state, backend="host", socket=self.paths.state_socket)
+        config = dataclasses.replace(
+            self.config, state=state, server=dataclasses.replace(
+                self.config.server, listen=f"{host}:{self.port}", instance_id=instance))
         try:
             # The hub's file log; a PostgreSQL log each worker writes itself (Gateway opens it).
             audit = None if config.audit.backend == "postgresql" else RemoteAuditLog.connect(

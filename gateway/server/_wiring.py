@@ -8,17 +8,15 @@ this is the one place that turns ``[models]``/``[signing]`` settings into the pi
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import onnxruntime as ort
 
 from gateway.config import GatewayConfig
-from gateway.errors import ConfigError, ModelUnavailable
+from gateway.errors import ModelUnavailable
 from gateway.models import FileData
-from gateway.state import Applied, Coordinator, Handler, StateSettings
 
 
 class ModelPipeline(NamedTuple):
@@ -64,47 +62,3 @@ def model_pipeline(config: GatewayConfig) -> ModelPipeline:
         return decrypt_bytes(blob, kek)
 
     return ModelPipeline(options, verify, scan, decrypt)
-
-
-def open_coordinator(settings: StateSettings, member: str) -> Coordinator:
-    """The coordinator ``[state] backend`` names: this process alone, or every replica
-    sharing the PostgreSQL database (``host``, the workers' hub, comes with the processes
-    of one host). The PostgreSQL one fails the start if the database cannot be reached."""
-    if settings.backend == "postgresql":
-        from gateway.db import resolve_dsn
-        from gateway.state import PgCoordinator
-
-        return PgCoordinator(resolve_dsn(settings.dsn), member)
-    if settings.backend == "local":
-        return _ThisProcess(member)
-    raise ConfigError(f"[state] backend {settings.backend!r} is not available in this build")
-
-
-class _ThisProcess:
-    """The coordinator of a gateway alone: the change is applied in the caller's thread."""
-
-    def __init__(self, member: str) -> None:
-        self.member = member
-        self._lock = threading.Lock()
-        self._handlers: dict[str, Handler] = {}
-        self._desired: dict[tuple[str, str], Mapping[str, object]] = {}
-
-    def subscribe(self, topic: str, handler: Handler) -> None:
-        with self._lock:
-            self._handlers[topic] = handler
-            for (t, key), payload in list(self._desired.items()):
-                if t == topic:
-                    handler(key, payload)
-
-    def apply_everywhere(self, topic: str, key: str, payload: Mapping[str, object],
-                         timeout: float) -> list[Applied]:
-        with self._lock:
-            self._desired[(topic, key)] = dict(payload)
-            handler = self._handlers.get(topic)
-            if handler is None:
-                return []
-            error = handler(key, payload)
-        return [Applied(self.member, error is None, error or "")]
-
-    def close(self) -> None:
-        pass

@@ -26,6 +26,11 @@ class Buckets(Protocol):
         """Return ``n`` tokens taken but not spent (a call refused after it was charged)."""
         ...
 
+    def available(self, key: str, rate: float, burst: int) -> float:
+        """Tokens ``key`` has now as this member knows it, for messages ("retry in ...",
+        "N left"); exact for local buckets, as of the last round trip for shared ones."""
+        ...
+
 
 @dataclass(frozen=True)
 class Applied:

@@ -1,0 +1,75 @@
+"""Opening the configured backend: :func:`open_state`."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.errors import ConfigError
+from gateway.state._host import HostCoordinator, HostUsageSink, host_buckets
+from gateway.state._local import LocalBuckets, LocalCoordinator
+from gateway.state._settings import StateSettings
+from gateway.state._types import Buckets, Coordinator
+from gateway.state._usage import UsageSink
+
+
+@dataclass
+class State:
+    """What one member (a worker process, a replica) shares with the others.
+
+    ``usage`` is where its monitor hands background scoring (None: score in-process).
+    """
+
+    backend: str
+    buckets: Buckets
+    coordinator: Coordinator
+    usage: UsageSink | None = None
+    _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def close(self) -> None:
+        """Flush queued usage, return unspent leases, close connections (idempotent)."""
+        closers, self._closers = self._closers, []
+        for close in closers:
+            close()
+
+
+def local_state(member: str = "local", *, clock: Callable[[], float] | None = None,
+                max_keys: int = 100_000) -> State:
+    """This process only: exact buckets, a coordinator whose one member is this process."""
+    buckets = LocalBuckets(max_keys=max_keys) if clock is None else \
+        LocalBuckets(clock=clock, max_keys=max_keys)
+    return State("local", buckets, LocalCoordinator(member))
+
+
+def open_state(settings: StateSettings, *, member: str) -> State:
+    """The state of ``settings.backend`` for ``member`` (its worker or replica id)."""
+    s = settings
+    if s.backend == "local":
+        return local_state(member)
+    if s.backend == "host":
+        hb = host_buckets(s.socket, member, timeout=s.timeout_seconds,
+                          lease_tokens=s.lease_tokens, lease_seconds=s.lease_seconds)
+        coordinator = HostCoordinator(s.socket, member, timeout=s.timeout_seconds)
+        sink = HostUsageSink(s.socket, member, timeout=s.timeout_seconds)
+        return State("host", hb, coordinator, sink,
+                     [sink.close, hb.close, coordinator.close])
+    return _postgresql(s, member)
+
+
+def _postgresql(s: StateSettings, member: str) -> State:
+    from gateway.db import resolve_dsn
+    from gateway.state._lease import LeasedBuckets
+    from gateway.state._pgbuckets import PgBucketStore
+
+    dsn = resolve_dsn(s.dsn)
+    if importlib.util.find_spec("gateway.state._pgcoord") is None:
+        raise ConfigError("[state] backend = \"postgresql\": the PostgreSQL coordinator "
+                          "(gateway.state._pgcoord) is not available in this build")
+    from gateway.state._pgcoord import PgCoordinator  # type: ignore[import-not-found,unused-ignore]
+
+    store = PgBucketStore(dsn, member, timeout=s.timeout_seconds)
+    buckets = LeasedBuckets(store, lease_tokens=s.lease_tokens, lease_seconds=s.lease_seconds)
+    coordinator: Coordinator = PgCoordinator(dsn, member)
+    return State("postgresql", buckets, coordinator, None,
+                 [buckets.close, store.close, coordinator.close])
