@@ -247,6 +247,9 @@ def test_sigkill_of_the_hub_fails_calls_closed_and_they_recover(started):
     env, gw = started
     receipts = {}
     load = _Load(gw)
+    # Each caller stops at its first failure: callers retrying in a tight loop would be a
+    # flood of refusals, answered RESOURCE_EXHAUSTED beyond [server] refusal_burst.
+    load.stop_at_failure = True
     load.wait_for(lambda: len(load.receipts) >= 20, "calls before the kill")
     # The hub cannot come back while its signing key is away: the outage lasts until the
     # test puts it back (the supervisor keeps retrying, with back-off).
