@@ -9,6 +9,8 @@ Every figure is a ratio of servers measured side by side in one run, in alternat
   system of the process and its descendants, read from /proc at the start and end of the
   measured window; bench/load.py) per call, gateway minus the plain server's, in µs and as
   vCPU per 1000 calls/s (µs per call / 1000), with the CPU ratio and the throughput ratio.
+  Beside them run the plain server with mutual TLS and the floor (below), so the added CPU
+  is split into mTLS, the durable record and the gateway's own work.
 * **p50 at concurrency 1**: the gateway against the floor (the plain server with mutual TLS
   and one durable audit record per call through the gateway's own AuditLog,
   bench/plain_server.py --audit).
@@ -164,18 +166,26 @@ def run() -> None:
         gateway = start_gateway(env)
         cert, key = env.client_files("scorer")
         tls = ["--ca", str(env.certs / "ca.pem"), "--cert", str(cert), "--key", str(key)]
-        procs = [_spawn_plain(str(env.models)),
+        procs = [_spawn_plain(str(env.models)), _spawn_plain(str(env.models), str(env.certs)),
                  _spawn_plain(str(env.models), str(env.certs), "--audit", str(floor_env.config))]
         try:
             plain = Server("plain", _address(procs[0]), procs[0].pid, [])
-            floor = Server("floor", _address(procs[1]), procs[1].pid, tls)
+            mtls = Server("mtls", _address(procs[1]), procs[1].pid, tls)
+            floor = Server("floor", _address(procs[2]), procs[2].pid, tls)
             gw = Server("gateway", gateway.target, gateway.proc.pid, tls)
             started = time.monotonic()
 
-            rows = alternate([plain, floor, gw], 16)
-            _table("demo-mlp, concurrency 16 (medians of alternating rounds)",
-                   [plain, floor, gw], rows)
-            print(added_cpu_line(rows[0], rows[2]))
+            rows = alternate([plain, mtls, floor, gw], 16)
+            _table("demo-mlp, concurrency 16 (medians of alternating rounds; mtls = plain with "
+                   "mutual TLS; floor = mtls + one durable audit record per call)",
+                   [plain, mtls, floor, gw], rows)
+            print(added_cpu_line(rows[0], rows[3]))
+            cpu = [row["server_cpu_us"] for row in rows]
+            print(f"where the added CPU goes: mutual TLS {cpu[1] - cpu[0]:.0f} µs, the durable "
+                  f"audit record {cpu[2] - cpu[1]:.0f} µs (together the floor, "
+                  f"{(cpu[2] - cpu[0]) / 1000:.3f} vCPU per 1000 calls/s), the gateway's own "
+                  f"work (identity, policy, quota, scoring, metrics, the full record, the "
+                  f"receipt) {cpu[3] - cpu[2]:.0f} µs")
 
             rows1 = alternate([plain, floor, gw], 1)
             _table("demo-mlp, concurrency 1", [plain, floor, gw], rows1)
