@@ -84,3 +84,47 @@ def test_rate_of_a_batch_equals_its_requests_one_by_one() -> None:
     assert ratio_batched == pytest.approx(ratio_one, rel=1e-12)
     assert ratio_batched > 3.0
     assert raised_batched and sum(raised_one) == 1  # raised once, as the burst crossed it
+
+
+def test_background_queue_loses_and_repeats_nothing_under_concurrent_submits() -> None:
+    """Submits take no lock: every queued request is scored exactly once, whether the
+    scoring thread or a concurrent flush takes it, and an idle scorer is woken."""
+    import threading
+
+    from gateway.monitor._background import BackgroundScorer
+    from gateway.monitor._metrics import Metrics
+
+    seen: list[int] = []
+    lock = threading.Lock()
+    done = threading.Event()
+    total = 8 * 500
+
+    def score(key: str, profile: object, caller: str, rows: np.ndarray, *,
+              requests: int = 1) -> None:
+        with lock:
+            seen.extend(int(v) for v in rows[:, 0])
+            if len(seen) >= total:
+                done.set()
+
+    scorer = BackgroundScorer(score, lambda *a: None, Metrics(), max_backlog=10**6,
+                              interval_s=0.001)
+
+    def submitter(t: int) -> None:
+        for i in range(500):
+            scorer.submit("m/1", None, f"caller-{t}", np.array([[t * 500 + i]], float))
+            if i % 100 == 0:
+                scorer.flush()  # a flush racing the scoring thread's own
+
+    threads = [threading.Thread(target=submitter, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert done.wait(30), f"only {len(seen)} of {total} requests were scored"
+    assert sorted(seen) == list(range(total))
+    # Idle again, a new request still wakes the scoring thread.
+    done.clear()
+    total += 1
+    scorer.submit("m/1", None, "late", np.array([[float(total - 1)]]))
+    assert done.wait(30)
+    assert sorted(seen) == list(range(total))
