@@ -8,7 +8,7 @@ import dataclasses
 import time
 
 from gateway.server import Guard
-from tests.test_guard import _context, guard, world  # noqa: F401  (fixtures)
+from tests.unit.test_guard import _context, guard, world  # noqa: F401  (fixtures)
 
 
 def _attributes(gw: Guard, context, model: str = "demo-mlp") -> dict[str, object]:
