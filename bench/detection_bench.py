@@ -14,7 +14,7 @@ catches few. A caller sending them is caught over a window instead: the share of
 monitor's per-caller probe detector (too many input alarms in its window) flags is printed.
 The scoring cost per call beside the gateway's own total is printed last.
 
-``tests/test_monitor_power.py`` asserts these figures; both use the helpers below.
+``tests/unit/test_monitor_power.py`` asserts these figures; both use the helpers below.
 """
 
 from __future__ import annotations

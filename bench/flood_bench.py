@@ -1,7 +1,7 @@
 """One identity flooding, another served (issue 16): the scorer's ModelInfer p50 alone and
 under a flood from the admin, side by side in one run, with the server's CPU time.
 
-The flood is the one of ``tests/test_gateway_surface.py`` (200 reflection streams held
+The flood is the one of ``tests/e2e/test_gateway_surface.py`` (200 reflection streams held
 open, 16 threads of denied ModelInfer calls on one channel), but from its own process, so
 the victim's client does not share an interpreter with the flooder's 16 threads. Each
 round measures, on one fresh gateway:

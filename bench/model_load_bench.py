@@ -78,7 +78,7 @@ def run() -> None:
     from gateway.models._tensors import runtime_model
     from gateway.models.scan import ScanSettings, session_options
     from gateway.models.signing import SigningSettings, TrustRule, sign_model, verifier
-    from tests.test_signing_fixtures import write_key
+    from tests.support.signing import write_key
 
     limit = ScanSettings().session_memory_bytes
 

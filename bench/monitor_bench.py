@@ -5,7 +5,7 @@ inference plus the monitor's hot-path calls (admit, score, observe_output, obser
 with anomaly scoring on and off, single-threaded and with 16 threads. This measures the
 library only; the end-to-end gateway comparison over gRPC is the lead's.
 Quality: detection and false-positive rates of the input score at calibrated FPRs on fresh
-synthetic data (see tests/test_monitor_detection.py for the asserted targets).
+synthetic data (see tests/unit/test_monitor_detection.py for the asserted targets).
 """
 
 from __future__ import annotations

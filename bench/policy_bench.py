@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from gateway.policy import ACTIONS, PolicyStore
-from tests.test_policy_engine import RBAC_DENY_MODEL
+from tests.unit.test_policy_engine import RBAC_DENY_MODEL
 
 # The RBAC-with-deny model the policy tests use, with glob object patterns.
 MODEL = RBAC_DENY_MODEL.format(obj="globMatch")

@@ -63,7 +63,7 @@ def run() -> None:
         verify_files,
         verify_model,
     )
-    from tests.test_signing_fixtures import write_key, write_model
+    from tests.support.signing import write_key, write_model
 
     with tempfile.TemporaryDirectory(prefix="signing-bench-") as tmp:
         root = Path(tmp)

@@ -47,7 +47,6 @@ records may be in the log, but nobody was answered for them.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import os
 import secrets
@@ -60,7 +59,7 @@ import psycopg
 
 from gateway._atomic import write_atomic
 from gateway.audit import _canonical, _keys
-from gateway.audit._log import RESERVED, Receipt
+from gateway.audit._log import RESERVED, PayloadDigest, Receipt
 from gateway.audit._merkle import Tree, leaf_hash
 from gateway.audit._note import Checkpoint, NoteError, open_checkpoint, parse_vkey
 from gateway.audit._pgschema import CHUNK, SCHEMA, SCHEMA_LOCK
@@ -143,7 +142,7 @@ class PgAuditLog:
         self._signer = signer
         self._origin = signer.name
         self._vkey = parse_vkey(signer.vkey)
-        self._payload_key = payload_key
+        self._payload_digest = PayloadDigest(payload_key)
         self._instance = instance_id
         # Unique per process: the lease names its holder by it.
         self._me = f"{instance_id} pid {os.getpid()} {secrets.token_hex(4)}"
@@ -301,10 +300,7 @@ class PgAuditLog:
 
     def payload_digest(self, *chunks: bytes) -> str:
         """Keyed HMAC-SHA256 of the request payload, hex (the same key on every replica)."""
-        mac = hmac.new(self._payload_key, digestmod=_sha256)
-        for c in chunks:
-            mac.update(c)
-        return mac.hexdigest()
+        return self._payload_digest(chunks)
 
     def _connection(self, i: int) -> psycopg.Connection:
         conn = self._conns[i]

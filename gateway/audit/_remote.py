@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from gateway.audit import _canonical, _frames, _keys
 from gateway.audit._canonical import EncodingError
 from gateway.audit._frames import FrameError
-from gateway.audit._log import RESERVED, Receipt, payload_digest
+from gateway.audit._log import RESERVED, PayloadDigest, Receipt
 from gateway.audit._merkle import ProofError
 from gateway.errors import AuditDataError, AuditUnavailable
 
@@ -132,7 +132,7 @@ class RemoteAuditLog:
                  window_us: int = 0) -> None:
         self._path = str(socket_path)
         self._instance = instance_id
-        self._payload_key = payload_key
+        self._payload_digest = PayloadDigest(payload_key)
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()   # one frame on the wire at a time
         self._sock: socket.socket | None = None
@@ -291,7 +291,7 @@ class RemoteAuditLog:
 
     def payload_digest(self, *chunks: bytes) -> str:
         """Keyed HMAC-SHA256 of the request payload (computed here, with the worker's key)."""
-        return payload_digest(self._payload_key, chunks)
+        return self._payload_digest(chunks)
 
     def observe_commits(self, callback: Callable[[float, int], None]) -> None:
         """Call ``callback(seconds, records)`` for each reply: the hub's commit time and how

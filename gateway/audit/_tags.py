@@ -48,7 +48,18 @@ class CommitTag:
 
 
 def _mac(key: bytes, origin: str, body: str) -> str:
-    return hmac.new(key, f"{origin}\n{body}".encode(), hashlib.sha256).hexdigest()
+    keyed = _keyed.get(key)
+    if keyed is None:  # one key per log: the key schedule once, a copy per tag
+        if len(_keyed) >= 8:
+            _keyed.clear()
+        keyed = _keyed[key] = hmac.new(key, digestmod=hashlib.sha256)
+    mac = keyed.copy()
+    mac.update(f"{origin}\n{body}".encode())
+    return mac.hexdigest()
+
+
+#: Keyed HMAC-SHA256 states by key, copied for each tag (a commit writes one).
+_keyed: dict[bytes, hmac.HMAC] = {}
 
 
 def seal(key: bytes, origin: str, tag: CommitTag) -> bytes:

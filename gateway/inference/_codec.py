@@ -8,6 +8,7 @@ can be exercised with any wire-compatible message class. Every error is an
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,8 @@ _SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size",
                          "shared_memory_offset")
 
 _OIP_BY_DTYPE = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
+#: Native byte order is little-endian (OIP's): native dtypes are looked up as they are.
+_LITTLE = sys.byteorder == "little"
 
 
 #: The typed contents fields that hold numbers (bytes_contents holds byte strings).
@@ -164,7 +167,9 @@ def encode_outputs(response: ModelInferResponse, results: dict[str, np.ndarray],
     decodes), little-endian and row-major."""
     for name in order:
         array = np.ascontiguousarray(results[name])
-        datatype = _OIP_BY_DTYPE.get(array.dtype.newbyteorder("<"))
+        dtype = array.dtype
+        datatype = _OIP_BY_DTYPE.get(dtype) if dtype.byteorder in "=<|" and _LITTLE \
+            else _OIP_BY_DTYPE.get(dtype.newbyteorder("<"))
         if datatype is None:
             raise InvalidRequest(f"output '{name}' has dtype {array.dtype}, which OIP cannot carry")
         out = response.outputs.add()

@@ -39,27 +39,38 @@ class BackgroundScorer:
         self._interval = interval_s
         self._backlog: deque[Item] = deque()
         self._ready = threading.Condition(threading.Lock())
+        self._idle = False  # the worker waits for work (set and cleared under _ready)
         self._worker: threading.Thread | None = None
 
     def submit(self, model_key: str, profile: InputProfile | None, caller_id: str,
                x: np.ndarray, y: np.ndarray | None = None) -> None:
-        """Queue one request's rows (and predictions) for the next pass."""
-        with self._ready:
-            if len(self._backlog) >= self._max_backlog:
-                self._metrics.unscored.inc()
-                return
-            self._backlog.append((model_key, profile, caller_id, x, y))
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._run, name="monitor-scoring",
-                                                daemon=True)
-                self._worker.start()
-            self._ready.notify()
+        """Queue one request's rows (and predictions) for the next pass.
+
+        Without a lock on the request path: deque appends and pops are atomic, and the
+        worker is woken (under the lock) only when it waits for work, about once per pass
+        rather than once per request. The backlog bound is approximate by at most the
+        number of RPC threads submitting at the same moment.
+        """
+        if len(self._backlog) >= self._max_backlog:
+            self._metrics.unscored.inc()
+            return
+        self._backlog.append((model_key, profile, caller_id, x, y))
+        if self._worker is None or self._idle:
+            with self._ready:
+                if self._worker is None:
+                    self._worker = threading.Thread(target=self._run, name="monitor-scoring",
+                                                    daemon=True)
+                    self._worker.start()
+                self._ready.notify()
 
     def _run(self) -> None:
         while True:
             with self._ready:
+                # A submit that appends after this check sees _idle set, so it notifies.
+                self._idle = True
                 while not self._backlog:
                     self._ready.wait()
+                self._idle = False
             # Let requests accumulate: one pass over many rows costs about what one row does,
             # and the RPC threads are interrupted once per interval, not once per request.
             time.sleep(self._interval)
@@ -67,9 +78,12 @@ class BackgroundScorer:
 
     def flush(self) -> None:
         """Score everything queued now (also at shutdown)."""
-        with self._ready:
-            items = list(self._backlog)
-            self._backlog.clear()
+        backlog, items = self._backlog, []
+        try:
+            for _ in range(len(backlog)):
+                items.append(backlog.popleft())  # atomic: submitters never wait on a lock
+        except IndexError:  # another flush (shutdown, a test) took the rest meanwhile
+            pass
         # The requests of one caller to one model are scored as one batch: the detectors
         # (all per caller) see the same rows in the same order, with a fraction of the numpy
         # calls (each of which may hand the GIL to the RPC threads and back), also when

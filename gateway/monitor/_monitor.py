@@ -177,9 +177,7 @@ class Monitor:
         attrs = dict(_NEUTRAL)
         mx = self.metrics
         mx.caller(caller_id)
-        for _ in range(requests - 1):
-            self._usage.rate(caller_id)
-        ratio, rate_raised = self._usage.rate(caller_id)
+        ratio, rate_raised = self._usage.rate(caller_id, requests)
         attrs["anomaly.rate_ratio"] = ratio
         mx.child(mx.caller_rate_ratio, caller_id).set(ratio)
         if rate_raised:

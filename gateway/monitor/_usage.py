@@ -107,8 +107,9 @@ class UsageTracker:
 
     # --------------------------------------------------------------- rate
 
-    def rate(self, caller: str) -> tuple[float, bool]:
-        """Record one request; return (rate ratio, whether it just crossed the alarm ratio)."""
+    def rate(self, caller: str, requests: int = 1) -> tuple[float, bool]:
+        """Record ``requests`` requests arriving now (a batch scored together counts each);
+        return (rate ratio, whether it just crossed the alarm ratio)."""
         now = self._clock()
         with self._lock:
             r = self._rates.get(caller)
@@ -120,8 +121,8 @@ class UsageTracker:
                 self._rates.move_to_end(caller)
             dt = max(0.0, now - r.last)
             before = self._ratio(r, now) if r.short > 0 else 0.0
-            r.short = r.short * math.exp(-dt / self._short) + 1.0
-            r.long = r.long * math.exp(-dt / self._long) + 1.0
+            r.short = r.short * math.exp(-dt / self._short) + requests
+            r.long = r.long * math.exp(-dt / self._long) + requests
             r.last = now
             ratio = self._ratio(r, now)
         return ratio, ratio >= self._rate_alarm > before
@@ -168,27 +169,55 @@ class UsageTracker:
             return any(st.alarms.values()), raised
 
     def _prada(self, st: _Stream, v: np.ndarray) -> None:
+        """Each row's distance to the nearest of the ``memory`` rows before it (earlier rows
+        of the same batch included), for the whole batch in a few numpy calls: one call per
+        row cost the background scoring thread most of its time, and each numpy call may
+        hand the GIL to the RPC threads and back."""
         profile = st.profile
         full = len(st.memory)
-        for row in v:
-            # Distances count only once the memory is full, as in the calibration.
-            if st.mem_n == full:
-                diff = st.memory - row
-                dist = math.sqrt(float((diff * diff).sum(axis=1).min()))
-                if dist >= _REPEAT:  # an exact repeat is not exploration
-                    st.distances[st.dist_n] = dist
-                    st.dist_n += 1
-                    if st.dist_n == profile.usage_window:
-                        d = st.distances
-                        # Identical distances (one fixed step) are as non-normal as it gets.
-                        degenerate = d.std() <= 1e-9 * d.mean()
-                        st.last_w = 0.0 if degenerate else float(shapiro_w(d))
-                        threshold = profile.prada_threshold(self._extraction_fpr)
-                        st.alarms["prada"] = st.last_w < threshold
-                        st.dist_n = 0
-            st.memory[st.mem_pos] = row
-            st.mem_pos = (st.mem_pos + 1) % full
-            st.mem_n = min(st.mem_n + 1, full)
+        n = len(v)
+        if n == 0:
+            return
+        # The memory in arrival order, oldest first, then this batch.
+        if st.mem_n < full:
+            past = st.memory[:st.mem_n]
+        elif st.mem_pos:
+            past = np.concatenate([st.memory[st.mem_pos:], st.memory[:st.mem_pos]])
+        else:
+            past = st.memory
+        m = len(past)
+        seq = np.concatenate([past, v])
+        position = np.arange(m, m + n)  # of each new row in seq
+        # Distances count only once the memory is full, as in the calibration.
+        counted = position >= full
+        if counted.any():
+            rows, at = v[counted], position[counted]
+            diff = rows[:, None, :] - seq[None, :, :]
+            d2 = (diff * diff).sum(axis=2)
+            j = np.arange(len(seq))
+            d2[(j[None, :] < (at - full)[:, None]) | (j[None, :] >= at[:, None])] = np.inf
+            dist = np.sqrt(d2.min(axis=1))
+            self._window(st, profile, dist[dist >= _REPEAT])  # an exact repeat is not exploration
+        tail = seq[-full:]
+        st.memory[:len(tail)] = tail
+        st.mem_n = len(tail)
+        st.mem_pos = st.mem_n % full
+
+    def _window(self, st: _Stream, profile: InputProfile, distances: np.ndarray) -> None:
+        """Add distances to the current window; test each window that fills (Shapiro-Wilk)."""
+        size = profile.usage_window
+        while len(distances):
+            take = distances[:size - st.dist_n]
+            st.distances[st.dist_n:st.dist_n + len(take)] = take
+            st.dist_n += len(take)
+            distances = distances[len(take):]
+            if st.dist_n == size:
+                d = st.distances
+                # Identical distances (one fixed step) are as non-normal as it gets.
+                degenerate = d.std() <= 1e-9 * d.mean()
+                st.last_w = 0.0 if degenerate else float(shapiro_w(d))
+                st.alarms["prada"] = st.last_w < profile.prada_threshold(self._extraction_fpr)
+                st.dist_n = 0
 
     def _probe(self, st: _Stream, row_alarms: np.ndarray) -> None:
         ring = st.probes

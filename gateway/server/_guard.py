@@ -76,6 +76,8 @@ UNKNOWN_MODEL = "(unknown)"
 # a thread hand-off on a busy server; ids need uniqueness, not unpredictability.
 _ID_PREFIX = secrets.token_hex(8)
 _id_counter = itertools.count(1)
+#: (caller, model) pairs whose merged attributes the guard keeps (then it starts afresh).
+_MAX_ATTRIBUTE_PAIRS = 4096
 Message = TypeVar("Message")
 
 
@@ -91,6 +93,9 @@ class Guard:
         self.audit = audit
         self.monitor = monitor
         self.limits = limits if limits is not None else Limits(ServerSettings())
+        # (id(identity), id(model)) -> (identity, model, their merged attributes)
+        self._attributes: dict[tuple[int, int], tuple[Identity, LoadedModel,
+                                                      dict[str, object]]] = {}
 
     def call(self, context: grpc.ServicerContext, *, rpc: str, action: str | None,
              model: str = "", version: str = "", request_id: str = "",
@@ -119,6 +124,22 @@ class Guard:
         except Unauthenticated:
             pass  # refused for ``error``; the record names the certificate, not an identity
         call._refuse(error, reason)
+
+    def caller_and_model(self, identity: Identity, model: LoadedModel) -> dict[str, object]:
+        """A fresh copy of the caller's and the model's ABAC attributes together.
+
+        Both are fixed for as long as their objects live (the verifier keeps one Identity per
+        certificate, the repository one LoadedModel per load), so the merge is done once per
+        pair and copied per call instead of rebuilt from both.
+        """
+        key = (id(identity), id(model))
+        cached = self._attributes.get(key)
+        if cached is None or cached[0] is not identity or cached[1] is not model:
+            merged = {**identity.attributes(), **model.attributes}
+            if len(self._attributes) >= _MAX_ATTRIBUTE_PAIRS:
+                self._attributes.clear()
+            cached = self._attributes[key] = (identity, model, merged)
+        return dict(cached[2])
 
     def write_summaries(self, *, everything: bool = False) -> None:
         """Append the ``call_summary`` records that are due (the health loop calls this)."""
@@ -347,16 +368,19 @@ class Call:
         return f"permission denied: {self.action}{target}"
 
     def _base_attributes(self) -> dict[str, object]:
-        attributes: dict[str, object] = dict(self._caller().attributes())
+        identity = self._caller()
         entry = self.entry
-        if entry is not None and entry.model is not None:
-            attributes.update(entry.model.attributes)
-        elif self.model_name:
-            attributes["model.name"] = self.model_name
-            attributes["model.version"] = self.version
-        now = time.time()
-        attributes["request.time"] = int(now)
-        attributes["request.hour"] = time.gmtime(now).tm_hour
+        model = entry.model if entry is not None else None
+        if model is not None:
+            attributes = self._guard.caller_and_model(identity, model)
+        else:
+            attributes = dict(identity.attributes())
+            if self.model_name:
+                attributes["model.name"] = self.model_name
+                attributes["model.version"] = self.version
+        now = int(time.time())
+        attributes["request.time"] = now
+        attributes["request.hour"] = now // 3600 % 24  # UTC, as gmtime: POSIX days are 86400 s
         attributes.update(self._request_attributes)
         return attributes
 

@@ -175,12 +175,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _payload(self, request: pb.ModelInferRequest) -> dict[str, object]:
         """Keyed digest and size of the input bytes as sent (never the tensors themselves)."""
-        if request.raw_input_contents:
-            chunks = list(request.raw_input_contents)
-        else:
-            chunks = [t.contents.SerializeToString(deterministic=True) for t in request.inputs]
+        raw = request.raw_input_contents
+        if raw:
+            return {"hmac": self._guard.audit.payload_digest(*raw), "size": sum(map(len, raw))}
+        chunks = [t.contents.SerializeToString(deterministic=True) for t in request.inputs]
         return {"hmac": self._guard.audit.payload_digest(*chunks),
-                "size": sum(len(c) for c in chunks)}
+                "size": sum(map(len, chunks))}
 
 
 def _feature_rows(arrays: list[np.ndarray]) -> np.ndarray | None:

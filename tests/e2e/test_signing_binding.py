@@ -22,8 +22,8 @@ from gateway.models.signing import (
     verify_files,
 )
 from tests.conftest import channel_credentials, triton_client
-from tests.test_gateway_audit import _records
-from tests.test_signing_fixtures import write_key, write_model
+from tests.e2e.test_gateway_audit import _records
+from tests.support.signing import write_key, write_model
 
 
 def _verify(directory: Path, rule: TrustRule, name: str, version: str):

@@ -25,7 +25,7 @@ from gateway.monitor import Monitor
 from gateway.policy import PolicyStore
 from gateway.server import RECEIPT_INDEX, RECEIPT_LEAF, Guard
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 #: The shipped policy, plus: scorers may read the metadata of any model except demo-types.
 #: So "metadata on demo-types" is denied by policy while "metadata on a model that does not

@@ -88,7 +88,11 @@ def _rechain(records: list[bytes], start: int) -> list[bytes]:
 def test_clean_log_verifies_and_says_freshness_was_not_checked(logdir, capsysbinary):
     tmp, s = logdir
     code, rep = _verify_json(capsysbinary, tmp)
-    assert code == 0 and rep["ok"] and rep["records"] == 40 and rep["checkpoints"] >= 5
+    # Every checkpoint the log published is verified (how many there are depends on how the
+    # writer thread's signing interleaved with the appends: at least the first and the last).
+    signed = _signed_sizes(s)
+    assert code == 0 and rep["ok"] and rep["records"] == 40
+    assert rep["checkpoints"] == len(signed) >= 2 and signed[-1] == 40
     assert (rep["covered"], rep["not_covered"], rep["findings"]) == (40, 0, [])
     # An explicit directory is not checked against the configured log's witness copy.
     code, rep = _verify_json(capsysbinary, tmp, "--dir", str(s.directory))

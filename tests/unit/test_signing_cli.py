@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from tests.test_signing_fixtures import write_key, write_model, write_pki
+from tests.support.signing import write_key, write_model, write_pki
 
 
 def run_json(capsys, *argv: str | Path) -> tuple[int, dict]:

@@ -29,7 +29,7 @@ from gateway.models.signing import (
     sign_model,
     verify_files,
 )
-from tests.test_signing_fixtures import write_key, write_model
+from tests.support.signing import write_key, write_model
 
 CHUNK = 1024  # smallest allowed chunk size, so multi-chunk cases stay tiny
 SEALED = CHUNK + _stream.TAG_LEN

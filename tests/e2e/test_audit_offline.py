@@ -26,9 +26,9 @@ from gateway.config import load_config
 from gateway.devenv import make_demo_env, start_gateway
 from gateway.identity import pki
 from tests.conftest import channel_credentials
-from tests.test_gateway_audit import _infer_request
+from tests.e2e.test_gateway_audit import _infer_request
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The shared public vectors sit beside the repository (../shared), as in CI.
 _VECTOR_FILE = next((p for p in (REPO.parent / "shared", Path("/work/shared"))
                      if (p / "testdata").is_dir()), Path("/work/shared")) \

@@ -10,7 +10,7 @@ import pytest
 from gateway.cli import main
 from gateway.devenv import REPO
 from gateway.policy import compile_directory
-from tests.test_policy_engine import DEMO, write_policy
+from tests.unit.test_policy_engine import DEMO, write_policy
 
 
 @pytest.fixture(autouse=True)

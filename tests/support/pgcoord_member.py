@@ -1,6 +1,6 @@
-"""A PgCoordinator member in a process of its own, for tests/test_state_pgcoord.py.
+"""A PgCoordinator member in a process of its own, for tests/e2e/test_state_pgcoord.py.
 
-    python -m tests.pgcoord_member DSN MEMBER LOG
+    python -m tests.support.pgcoord_member DSN MEMBER LOG
 
 Subscribes to topic ``models``; its handler appends ``{"key": ..., "payload": ...}`` to LOG
 (one JSON line each, flushed and fsync'd before it answers) and answers the error

@@ -32,7 +32,7 @@ from gateway.models.signing import (
     verify_files,
     verify_model,
 )
-from tests.test_signing_fixtures import write_key, write_model, write_pki
+from tests.support.signing import write_key, write_model, write_pki
 
 NOW = dt.datetime.now(dt.UTC)
 

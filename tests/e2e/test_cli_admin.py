@@ -20,7 +20,7 @@ from gateway.devenv import REPO, make_demo_env, run_cli, start_gateway
 from gateway.models.demo import types_model
 from gateway.policy import compile_directory
 from tests.conftest import channel_credentials, triton_client
-from tests.test_readme_commands import readme_block
+from tests.e2e.test_readme_commands import readme_block
 
 
 @pytest.fixture(scope="module")

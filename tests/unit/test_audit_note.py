@@ -20,7 +20,7 @@ from gateway.audit._note import (
 )
 
 # The shared public vectors sit beside the repository (../shared), as in CI.
-_VECTOR_FILE = next((p for p in (Path(__file__).resolve().parents[2] / "shared",
+_VECTOR_FILE = next((p for p in (Path(__file__).resolve().parents[3] / "shared",
                                  Path("/work/shared")) if (p / "testdata").is_dir()),
                     Path("/work/shared")) / "testdata" / "tlog_vectors.json"
 VECTORS = json.loads(_VECTOR_FILE.read_text())

@@ -17,7 +17,7 @@ from gateway._proto.gateway.v1 import audit_pb2, audit_pb2_grpc
 from gateway.devenv import REPO, make_demo_env, run_cli, start_gateway
 from gateway.policy import PolicyError, PolicyStore, ShadowCollector
 from tests.conftest import assert_records_match_schema, channel_credentials
-from tests.test_policy_engine import write_policy
+from tests.unit.test_policy_engine import write_policy
 
 SCORER = "spiffe://demo.local/svc/scorer"
 

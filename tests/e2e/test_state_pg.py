@@ -23,7 +23,7 @@ from gateway.errors import ConfigError, StateUnavailable
 from gateway.state import LeasedBuckets, StateSettings, open_state
 from gateway.state._pgbuckets import PgBucketStore
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _buckets(dsn: str, member: str, **kw) -> tuple[PgBucketStore, LeasedBuckets]:

@@ -28,7 +28,7 @@ from gateway.state import (
     open_state,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Clock:

@@ -1,7 +1,7 @@
 """The attack, failing: signed models whose tensors point outside the verified files.
 
 Every tensor kind ONNX can carry x every way a location can leave the model directory
-(tests/hostile_models.py). Each is refused by `gateway model scan`, by `gateway model
+(tests/support/hostile_models.py). Each is refused by `gateway model scan`, by `gateway model
 verify`, at start-up and by ModelAdmin.LoadModel; none makes inference return bytes that
 were not signed; the one ``dummy`` variant per kind (a signed file at the very path the
 location names) is served with the dummy's bytes, not the real file's.
@@ -28,9 +28,9 @@ from gateway.models import LOADED, REFUSED, ModelRepository, _files
 from gateway.models.scan import scan_model
 from gateway.models.signing import sign_model, verifier
 from tests.conftest import channel_credentials, triton_client
-from tests.hostile_models import OFFSET, SECRET, SIZE, build_corpus
-from tests.test_gateway_audit import _records
-from tests.test_signing_fixtures import write_key
+from tests.e2e.test_gateway_audit import _records
+from tests.support.hostile_models import OFFSET, SECRET, SIZE, build_corpus
+from tests.support.signing import write_key
 
 
 @pytest.fixture(scope="module")

@@ -364,7 +364,7 @@ def test_ctrl_c_reaches_the_supervisor_alone_and_drains(started):
 
 
 def test_workers_write_a_postgresql_log_themselves(pg_fresh_dsn, tmp_path):
-    from tests.test_audit_pg import check_receipts, stored
+    from tests.e2e.test_audit_pg import check_receipts, stored
 
     env = _env(tmp_path / "env", audit={"backend": "postgresql", "dsn": pg_fresh_dsn,
                                         "checkpoint_ms": 200})

@@ -14,7 +14,7 @@ import casbin
 import pytest
 
 from gateway.policy import ACTIONS, DEFAULT_DENY, compile_directory
-from tests.test_policy_engine import RBAC_DENY_MODEL, write_policy
+from tests.unit.test_policy_engine import RBAC_DENY_MODEL, write_policy
 
 USERS = [f"spiffe://t.local/svc/u{i}" for i in range(12)] + ["cn:legacy"]
 ROLES = [f"role:r{i}" for i in range(8)]
@@ -119,6 +119,6 @@ def test_divergence_casbin_silently_drops_mistyped_rule_types(tmp_path):
 
 def test_shipped_demo_policy_model_is_readable_by_casbin():
     # The shipped files stay in casbin's format (a security team's existing tools read them).
-    root = Path(__file__).resolve().parent.parent / "policies"
+    root = Path(__file__).resolve().parents[2] / "policies"
     model = casbin.Enforcer(str(root / "model.conf"), str(root / "policy.csv")).get_model()
     assert len(model["p"]["p"].policy) == len(compile_directory(root).source.rules)

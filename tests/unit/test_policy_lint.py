@@ -12,8 +12,8 @@ import yaml
 from gateway.policy import PolicyError, compile_directory, load_cases
 from gateway.policy._condition import parse_condition
 from gateway.policy._lint import implies, lint
-from tests.test_policy_cli import _in_repository, run  # noqa: F401 - fixture
-from tests.test_policy_engine import DEMO, write_policy
+from tests.e2e.test_policy_cli import _in_repository, run  # noqa: F401 - fixture
+from tests.unit.test_policy_engine import DEMO, write_policy
 
 SCORER = "spiffe://demo.local/svc/scorer"
 

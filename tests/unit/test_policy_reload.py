@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.policy import PolicyError, PolicyStore, ReloadResult
-from tests.test_policy_engine import write_policy
+from tests.unit.test_policy_engine import write_policy
 
 CASES_A = """\
 cases:

@@ -47,7 +47,7 @@ e = some(where (p.eft == allow)) && !some(where (p.eft == deny))
 m = g(r.sub, p.sub) && globMatch(r.obj, p.obj) && r.act == p.act && eval(p.cond)
 """
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "policies"
 SCORER = "spiffe://demo.local/svc/scorer"
 INTRUDER = "spiffe://demo.local/svc/intruder"

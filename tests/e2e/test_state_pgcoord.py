@@ -1,7 +1,7 @@
 """The PostgreSQL coordinator: members in processes of their own, a real PostgreSQL, and the
 models' desired state across two real gateway replicas.
 
-Members run ``tests/pgcoord_member.py`` (a handler that records what it applied in a file);
+Members run ``tests/support/pgcoord_member.py`` (a handler that records what it applied in a file);
 waits are bounded polls of an effect (a file's lines, a ModelReady answer), never sleeps.
 """
 
@@ -26,7 +26,7 @@ from gateway.db import DatabaseUnavailable
 from gateway.devenv import REPO, DemoEnv, make_replicas, start_gateway
 from gateway.state import Applied, PgCoordinator
 from tests.conftest import channel_credentials, triton_client
-from tests.test_policy_postgres import Cuttable as _Cuttable
+from tests.e2e.test_policy_postgres import Cuttable as _Cuttable
 
 #: Bound on every wait (generous: the machine is shared).
 WAIT = 30.0
@@ -61,7 +61,7 @@ class Member:
         self.name = name
         self.log = root / f"{name}.jsonl"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.pgcoord_member", dsn, name, str(self.log)],
+            [sys.executable, "-m", "tests.support.pgcoord_member", dsn, name, str(self.log)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # "ready" once subscribed (EOF if it failed)
