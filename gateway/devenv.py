@@ -11,9 +11,11 @@ audit log, and the gateway running as a separate process reached over mutual TLS
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -162,13 +164,21 @@ class GatewayProcess:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> int:
+        """SIGTERM, then the exit status. A gateway still running 30 s later is asked for
+        every thread's stack (SIGUSR1, see ``gateway serve``), which is printed for the
+        failing test's report, and killed."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGUSR1)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=5)  # time to write the stacks; it does not exit
                 self.proc.kill()
                 self.proc.wait()
+                print("gateway did not stop within 30 s of SIGTERM; its stderr:\n"
+                      + "".join(self.stderr_lines))
         return self.proc.returncode
 
 

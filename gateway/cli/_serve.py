@@ -8,7 +8,9 @@ ready are the same either way.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -34,6 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # `kill -USR1 PID` writes every thread's stack to stderr: what a stuck gateway is doing.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     config = load_config(args.config)
     if config.server.processes > 1:
         def ready(supervisor: Supervisor) -> None:
