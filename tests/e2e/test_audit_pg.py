@@ -14,9 +14,7 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -33,20 +31,8 @@ from gateway.audit._note import parse_checkpoint
 from gateway.devenv import make_replicas, run_cli, start_gateway
 from gateway.errors import AuditUnavailable
 from tests.conftest import channel_credentials, schema_dsn
-
-WAIT = 30.0
-
-
-def wait_for(what: str, probe, timeout: float = WAIT):
-    """Poll ``probe`` until it returns something true; fail naming ``what`` after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
+from tests.support.relay import PgRelay
+from tests.support.waiting import wait_for
 
 
 def pg_settings(demo_env, dsn: str, tmp_path: Path, name: str = "w", **changes) -> AuditSettings:
@@ -200,77 +186,10 @@ def test_integrator_is_fenced_and_replaced(demo_env, pg_fresh_dsn, tmp_path):
     assert report.ok, report.summary()
 
 
-class Proxy:
-    """A TCP forwarder to PostgreSQL that can be cut and restored: the database as a
-    replica sees it when the network or the server goes away, without touching the server
-    other tests share."""
-
-    def __init__(self, port: int) -> None:
-        self.target = ("127.0.0.1", port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.up = threading.Event()
-        self.up.set()
-        self.sockets: list[socket.socket] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self.up.is_set():
-                client.close()
-                continue
-            try:
-                server = socket.create_connection(self.target)
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.sockets += [client, server]
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self) -> None:
-        self.up.clear()
-        with self.lock:
-            for s in self.sockets:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            self.sockets.clear()
-
-    def restore(self) -> None:
-        self.up.set()
-
-    def close(self) -> None:
-        self.cut()
-        self.listener.close()
-
-
 def test_database_unreachable_fails_closed_and_recovers(demo_env, pg_fresh_dsn, tmp_path):
-    from psycopg import conninfo
 
-    params = conninfo.conninfo_to_dict(pg_fresh_dsn)
-    proxy = Proxy(int(params.get("port", 5432)))
-    dsn = conninfo.make_conninfo(pg_fresh_dsn, host="127.0.0.1", port=str(proxy.port))
+    proxy = PgRelay(pg_fresh_dsn)
+    dsn = proxy.dsn
     log = open_log(pg_settings(demo_env, dsn, tmp_path, lease_ms=600, checkpoint_ms=200),
                    instance_id="u")
     try:
@@ -533,12 +452,11 @@ def health(gw) -> int:
 
 def test_gateway_not_serving_while_database_unreachable(pg_fresh_dsn, tmp_path):
     from grpc_health.v1 import health_pb2
-    from psycopg import conninfo
 
     serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
                             health_pb2.HealthCheckResponse.NOT_SERVING)
-    proxy = Proxy(int(conninfo.conninfo_to_dict(pg_fresh_dsn).get("port", 5432)))
-    dsn = conninfo.make_conninfo(pg_fresh_dsn, host="127.0.0.1", port=str(proxy.port))
+    proxy = PgRelay(pg_fresh_dsn)
+    dsn = proxy.dsn
     env = make_replicas(tmp_path / "gw", 1, audit={"backend": "postgresql", "dsn": dsn,
                                                    "lease_ms": 600, "checkpoint_ms": 200})[0]
     gw = start_gateway(env)

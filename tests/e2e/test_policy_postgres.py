@@ -7,14 +7,11 @@ Waits are bounded polls of an observable effect (GetPolicy, a decision, an audit
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,9 +27,10 @@ from gateway.policy import MODEL_FILE, POLICY_FILE
 from gateway.policy._source import digest_files
 from gateway.policy.postgres import merge_rows, rule_rows
 from tests.conftest import channel_credentials, schema_dsn, triton_client
+from tests.support.relay import PgRelay
+from tests.support.waiting import wait_for
 
 #: Bound on every wait for a replica to change policy (the target is 2 s; CI is slower).
-WAIT = 30.0
 
 #: A rule the shipped policy lacks, and a case for it: auditors may read demo-mlp metadata.
 EXTRA_RULE = "p, role:auditors, demo-mlp, metadata, allow\n"
@@ -42,18 +40,6 @@ EXTRA_CASE = """  - name: auditors read demo-mlp metadata (pushed)
     action: metadata
     expect: allow
 """
-
-
-def wait_for(what: str, probe, timeout: float = WAIT):
-    """Poll ``probe`` until it returns something true; fail naming ``what`` after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def policy_dir(root: Path, *, rule: str = "", case: str = "") -> Path:
@@ -364,61 +350,6 @@ def test_rule_rows_refuses_what_casbin_rule_cannot_hold():
         rule_rows(b"p, 1, 2, 3, 4, 5, 6, 7\n")
 
 
-class Cuttable:
-    """A TCP forwarder to the PostgreSQL server that a test can cut (every connection reset,
-    new ones refused) and restore on the same port: the database lost and back, as the
-    gateway sees it, without stopping a server other tests share."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
-        self.port = 0
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
-        self.restore()
-
-    def restore(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen()
-        self.port = listener.getsockname()[1]
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return  # cut
-            server = socket.create_connection(self.upstream)
-            with self._lock:
-                self._conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        self._listener.close()
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for s in conns:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-
 def _health(gw, service: str) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -438,14 +369,12 @@ def _source_up(gw) -> str:
 
 def test_database_lost_while_running_keeps_the_policy_and_comes_back(pg_fresh_dsn, tmp_path):
     from grpc_health.v1 import health_pb2
-    from psycopg import conninfo
 
     serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
                             health_pb2.HealthCheckResponse.NOT_SERVING)
     push(REPO / "policies", pg_fresh_dsn)
-    params = conninfo.conninfo_to_dict(pg_fresh_dsn)
-    proxy = Cuttable(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
-    through = conninfo.make_conninfo(pg_fresh_dsn, host="127.0.0.1", port=str(proxy.port))
+    proxy = PgRelay(pg_fresh_dsn)
+    through = proxy.dsn
     env = make_demo_env(tmp_path / "gw", policy={"source": "postgresql", "dsn": through,
                                                  "watch_interval": 0.5},
                         models={"reverify_interval": 0.0})

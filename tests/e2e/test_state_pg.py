@@ -4,10 +4,8 @@ Needs the test server (tests/conftest.py ``pg_*`` fixtures; never skipped under 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -17,11 +15,11 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
-from psycopg import conninfo
 
 from gateway.errors import ConfigError, StateUnavailable
 from gateway.state import LeasedBuckets, StateSettings, open_state
 from gateway.state._pgbuckets import PgBucketStore
+from tests.support.relay import PgRelay
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,76 +103,20 @@ def test_two_processes_share_one_quota_in_postgresql_within_the_bound(pg_fresh_d
     assert all(r["admitted"] > 0 for r in results)
 
 
-class _Proxy:
-    """A TCP relay in front of PostgreSQL: stopping it is the database becoming unreachable
-    (new connections refused, open ones cut), starting it again is the database back."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
-        self.port = 0
-        self._listener: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(16)
-        self.port = listener.getsockname()[1]
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.upstream)
-            with self._lock:
-                self._conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_RDWR)
-
-    def stop(self) -> None:
-        if self._listener is not None:
-            with contextlib.suppress(OSError):  # wakes the accepting thread
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-            self._listener = None
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for c in conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-            c.close()
-
-
 def test_database_unreachable_fails_closed_then_recovers_by_itself(pg_fresh_dsn):
-    params = conninfo.conninfo_to_dict(pg_fresh_dsn)
-    proxy = _Proxy(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
-    proxy.start()
-    dsn = conninfo.make_conninfo(pg_fresh_dsn, host="127.0.0.1", port=str(proxy.port))
+    proxy = PgRelay(pg_fresh_dsn)
+    dsn = proxy.dsn
     store, buckets = _buckets(dsn, "down", lease_tokens=1, timeout=1.0)
     try:
         assert buckets.take("k", 100.0, 100)
-        proxy.stop()
+        proxy.cut()
         with pytest.raises(StateUnavailable) as err:  # the next lease needs the database
             buckets.take("k", 100.0, 100)
         assert err.value.status == grpc.StatusCode.UNAVAILABLE
         assert "unreachable" in str(err.value)
         with pytest.raises(StateUnavailable):  # still down: still closed
             buckets.take("k", 100.0, 100)
-        proxy.start()
+        proxy.restore()
         end = time.monotonic() + 30  # back by itself once the database is: no restart
         while True:
             try:
@@ -186,7 +128,7 @@ def test_database_unreachable_fails_closed_then_recovers_by_itself(pg_fresh_dsn)
     finally:
         buckets.close()
         store.close()
-        proxy.stop()
+        proxy.cut()
 
 
 def test_terminated_backends_never_admit_wrongly_and_service_continues(pg_fresh_dsn):

@@ -7,51 +7,25 @@ waits are bounded polls of an effect (a file's lines, a ModelReady answer), neve
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import psycopg
 import pytest
-from psycopg import conninfo
 
 from gateway.db import DatabaseUnavailable
 from gateway.devenv import REPO, DemoEnv, make_replicas, start_gateway
 from gateway.state import Applied, PgCoordinator
 from tests.conftest import channel_credentials, triton_client
-from tests.e2e.test_policy_postgres import Cuttable as _Cuttable
+from tests.support.relay import PgRelay
+from tests.support.waiting import WAIT, wait_for
 
 #: Bound on every wait (generous: the machine is shared).
-WAIT = 30.0
-
-
-def wait_for(what: str, probe, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-class Cuttable(_Cuttable):
-    """The policy tests' cuttable forwarder, whose cut also wakes its blocked accept():
-    closing a socket does not, so one more connection would get through."""
-
-    def cut(self) -> None:
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-        super().cut()
 
 
 class Member:
@@ -208,9 +182,8 @@ def test_a_handler_that_raises_is_answered_not_fatal(pg_fresh_dsn, caller):
 
 def test_database_unreachable_fails_closed_and_members_resync_when_it_is_back(
         members, pg_fresh_dsn, caller):
-    params = conninfo.conninfo_to_dict(pg_fresh_dsn)
-    proxy = Cuttable(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
-    through = conninfo.make_conninfo(pg_fresh_dsn, host="127.0.0.1", port=str(proxy.port))
+    proxy = PgRelay(pg_fresh_dsn)
+    through = proxy.dsn
     try:
         a = members("a", through)
         cut_caller = PgCoordinator(through, "cut-caller")
@@ -397,15 +370,13 @@ def test_a_replica_does_not_start_without_its_state_database(tmp_path):
         start_gateway(env)
 
 
-
 def test_state_database_lost_fails_model_changes_closed_and_keeps_serving(pg_fresh_dsn,
                                                                          tmp_path):
     from gateway._proto.gateway.v1 import admin_pb2 as pb
     from gateway.devenv import make_demo_env
 
-    params = conninfo.conninfo_to_dict(pg_fresh_dsn)
-    proxy = Cuttable(str(params.get("host", "127.0.0.1")), int(params.get("port", 5432)))
-    through = conninfo.make_conninfo(pg_fresh_dsn, host="127.0.0.1", port=str(proxy.port))
+    proxy = PgRelay(pg_fresh_dsn)
+    through = proxy.dsn
     env = make_demo_env(tmp_path / "gw", state={"backend": "postgresql", "dsn": through},
                         models={"reverify_interval": 0.0})
     gw = start_gateway(env)
