@@ -19,7 +19,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from gateway.audit._keys import load_signer
 from gateway.audit._store import list_segments, split_records
 from gateway.devenv import REPO, run_cli
 from gateway.errors import AuditDataError, AuditUnavailable
+from tests.support.waiting import wait_for
 
 DEADLINE = 60.0
 
@@ -87,13 +87,8 @@ def _verify_cli(s: AuditSettings, tmp_path: Path) -> None:
 
 
 def _wait_for(condition, what: str, deadline: float = DEADLINE) -> None:
-    """Poll ``condition`` (cheap, local) until true; fail naming ``what`` after ``deadline``."""
-    end = time.monotonic() + deadline
-    event = threading.Event()
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        event.wait(0.01)
+    """The shared wait (tests/support/waiting.py), in this file's argument order."""
+    wait_for(what, condition, deadline)
 
 
 # -- real worker processes ------------------------------------------------------------------

@@ -25,6 +25,7 @@ from gateway.audit._store import list_segments, split_records
 from gateway.audit._verify import verify_log
 from gateway.errors import AuditUnavailable, GatewayError
 from tests.conftest import assert_records_match_schema
+from tests.support.waiting import wait_for
 
 DECISION = {
     "caller": {"id": "spiffe://demo.local/svc/scorer", "cert_sha256": "ab" * 32,
@@ -747,12 +748,8 @@ def test_tags_cost_one_small_write_in_two_fixed_slots(settings, tag_mode):
 # -- checkpoints on time, and the witness copy against rollback -----------------------------
 
 def _wait_for(predicate, what: str, timeout: float = 15) -> None:
-    """Poll ``predicate`` (a file or a property) until true; fail after ``timeout`` s."""
-    import time
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.01)
+    """The shared wait (tests/support/waiting.py), in this file's argument order."""
+    wait_for(what, predicate, timeout)
 
 
 def _signed_size(path: Path) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from pathlib import Path
 
 import grpc
@@ -20,6 +19,7 @@ from gateway.audit._store import list_segments, read_data, split_records
 from gateway.devenv import DemoEnv, make_demo_env, run_cli, start_gateway
 from gateway.identity import pki
 from tests.conftest import channel_credentials
+from tests.support.waiting import wait_for
 
 
 def _infer_request(request_id: str, rows: int = 1) -> pb.ModelInferRequest:
@@ -207,11 +207,8 @@ def _signed_size(path: Path) -> int:
 
 
 def _wait_for(predicate, what: str, timeout: float = 20) -> None:
-    """Poll a file-backed ``predicate`` until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.02)
+    """The shared wait (tests/support/waiting.py), in this file's argument order."""
+    wait_for(what, predicate, timeout)
 
 
 def _disk_records(env: DemoEnv) -> list[bytes]:

@@ -30,6 +30,7 @@ from gateway.audit import offline
 from gateway.audit._store import list_segments, read_data, split_records
 from gateway.devenv import DemoEnv, GatewayProcess, make_demo_env, run_cli, start_gateway
 from tests.conftest import channel_credentials
+from tests.support.waiting import wait_for
 
 RECEIPT_INDEX = "gateway-audit-index"
 RECEIPT_LEAF = "gateway-audit-leaf-hash"
@@ -46,14 +47,8 @@ def _processes(env: DemoEnv) -> dict:
 
 
 def _until(predicate: Callable[[], object], what: str, timeout: float = 60) -> object:
-    """Poll ``predicate`` until it is truthy (a status to reach, with a deadline)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    """The shared wait (tests/support/waiting.py), in this file's argument order."""
+    return wait_for(what, predicate, timeout)
 
 
 def _request(request_id: str, rows: int = 1) -> pb.ModelInferRequest:
