@@ -44,6 +44,22 @@ class Receipt:
     leaf_hash: bytes
 
 
+def checked_fields(kind: str, fields: Mapping[str, object]) -> dict[str, object]:
+    """The caller's fields as a dict, once its ``kind`` is a non-empty string and no field uses
+    a key the log writes itself: the first step of every backend's ``append``.
+
+    :raises ValueError: a reserved key or a bad kind (a programming error, not the caller's).
+    """
+    if type(fields) is not dict:
+        fields = dict(fields)
+    if not RESERVED.isdisjoint(fields):
+        raise ValueError(f"audit fields may not use the reserved keys "
+                         f"{sorted(RESERVED.intersection(fields))}")
+    if type(kind) is not str or not kind:
+        raise ValueError("audit record kind must be a non-empty string")
+    return fields
+
+
 class PayloadDigest:
     """Keyed HMAC-SHA256 of a request's payload bytes, hex: every audit backend's digest.
 
@@ -247,15 +263,8 @@ class AuditLog:
 
     def append(self, kind: str, fields: Mapping[str, object]) -> Receipt:
         """Add a record; block until it is durable (``AuditUnavailable`` if it cannot be)."""
-        if type(fields) is not dict:
-            fields = dict(fields)
-        if RESERVED.isdisjoint(fields):
-            _canonical.check(fields, kind)
-        else:
-            raise ValueError(f"audit fields may not use the reserved keys "
-                             f"{sorted(RESERVED.intersection(fields))}")
-        if type(kind) is not str or not kind:
-            raise ValueError("audit record kind must be a non-empty string")
+        fields = checked_fields(kind, fields)
+        _canonical.check(fields, kind)
         if self._publish_error is not None:
             # Fail closed while checkpoints cannot be published, but try again first, as a
             # failed record write is tried again by the next commit.

@@ -59,7 +59,7 @@ import psycopg
 
 from gateway._atomic import write_atomic
 from gateway.audit import _canonical, _keys
-from gateway.audit._log import RESERVED, PayloadDigest, Receipt
+from gateway.audit._log import PayloadDigest, Receipt, checked_fields
 from gateway.audit._merkle import Tree, leaf_hash
 from gateway.audit._note import Checkpoint, NoteError, open_checkpoint, parse_vkey
 from gateway.audit._pgschema import CHUNK, SCHEMA, SCHEMA_LOCK
@@ -271,12 +271,7 @@ class PgAuditLog:
 
     def append(self, kind: str, fields: Mapping[str, object]) -> Receipt:
         """Add a record; block until it is durable in PostgreSQL (AuditUnavailable if not)."""
-        fields = dict(fields)
-        if not RESERVED.isdisjoint(fields):
-            raise ValueError(f"audit fields may not use the reserved keys "
-                             f"{sorted(RESERVED.intersection(fields))}")
-        if type(kind) is not str or not kind:
-            raise ValueError("audit record kind must be a non-empty string")
+        fields = checked_fields(kind, fields)
         _canonical.check(fields, kind)
         if self._damage is not None:
             raise AuditLogDamaged(self._damage)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from gateway.audit import _canonical, _frames, _keys
 from gateway.audit._canonical import EncodingError
 from gateway.audit._frames import FrameError
-from gateway.audit._log import RESERVED, PayloadDigest, Receipt
+from gateway.audit._log import PayloadDigest, Receipt, checked_fields
 from gateway.audit._merkle import ProofError
 from gateway.errors import AuditDataError, AuditUnavailable
 
@@ -180,13 +180,7 @@ class RemoteAuditLog:
     def append(self, kind: str, fields: Mapping[str, object]) -> Receipt:
         """Hand a record to the hub; return its receipt once durable (AuditUnavailable if
         the hub cannot make it durable, is gone, or does not answer in time)."""
-        if type(fields) is not dict:
-            fields = dict(fields)
-        if not RESERVED.isdisjoint(fields):
-            raise ValueError(f"audit fields may not use the reserved keys "
-                             f"{sorted(RESERVED.intersection(fields))}")
-        if type(kind) is not str or not kind:
-            raise ValueError("audit record kind must be a non-empty string")
+        fields = checked_fields(kind, fields)
         try:
             raw = _encode_fields(fields)
         except TypeError as err:  # orjson.JSONEncodeError
