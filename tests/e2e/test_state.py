@@ -27,6 +27,7 @@ from gateway.state import (
     local_state,
     open_state,
 )
+from tests.support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,12 +41,8 @@ class Clock:
 
 
 def _wait(predicate, what: str, deadline: float = 20.0) -> None:
-    """Wait for a condition with a deadline (polling a condition, not sleeping as sync)."""
-    end = time.monotonic() + deadline
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+    """The shared wait (tests/support/waiting.py), in this file's argument order."""
+    wait_for(what, predicate, deadline)
 
 
 def _host(sock: Path, member: str, **kw) -> object:
