@@ -33,12 +33,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import secrets
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 import psycopg
+from psycopg import conninfo
 
 from gateway.db import DatabaseUnavailable, connect, redact
 from gateway.state._host import encode_usage
@@ -81,6 +85,13 @@ _RELEASE = ("UPDATE gateway_usage_lease SET expires = '-infinity' "
             "WHERE holder = %s AND epoch = %s")
 
 
+def _bounded(dsn: str, timeout: float) -> str:
+    """``dsn`` whose connection attempts give up after ``timeout`` (unless it says otherwise)."""
+    params = conninfo.conninfo_to_dict(dsn)
+    params.setdefault("connect_timeout", max(1, round(timeout)))
+    return conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
+
+
 def _create(conn: psycopg.Connection) -> None:
     # Concurrent CREATE TABLE IF NOT EXISTS can collide: one at a time.
     with conn.transaction():
@@ -110,6 +121,7 @@ class PgUsageSink:
         #: Requests written to the table.
         self.written = 0
         self._failing = False
+        self._down_until = 0.0
         self._on_dropped: Callable[[int], None] = lambda n: None
 
     def submit(self, usage: Usage) -> bool:
@@ -142,11 +154,15 @@ class PgUsageSink:
             header, blobs = encode_usage(batch)
             header["_b"] = [len(b) for b in blobs]
             try:
+                if time.monotonic() < self._down_until:  # no connection attempt per batch
+                    raise DatabaseUnavailable("unreachable moments ago")
                 conn = self._connection()
                 with conn.transaction():
                     conn.execute(_ORDER_LOCK.format("_shared"))
                     conn.execute(_INSERT, (self._member, orjson.dumps(header), b"".join(blobs)))
             except (psycopg.Error, DatabaseUnavailable, OSError) as err:
+                if not self._failing or time.monotonic() >= self._down_until:
+                    self._down_until = time.monotonic() + self._timeout
                 self._broken()
                 self.dropped += len(batch)
                 self._on_dropped(len(batch))
@@ -164,7 +180,8 @@ class PgUsageSink:
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            conn = connect(self._dsn, name=f"gateway-usage {self._member}")
+            conn = connect(_bounded(self._dsn, self._timeout),
+                           name=f"gateway-usage {self._member}")
             try:
                 conn.execute(f"SET statement_timeout = {int(self._timeout * 1000)}")
                 # Usage is not a record: losing the last moments' rows to a database crash
@@ -198,6 +215,8 @@ class PgUsageScorer:
                  tick_s: float = 0.1, timeout: float = 2.0, max_batches: int = 256) -> None:
         self._dsn = dsn
         self.member = member
+        #: Unique per process: the lease names its holder by it.
+        self.me = f"{member} pid {os.getpid()} {secrets.token_hex(4)}"
         self._handler = handler
         self._lease_s = lease_s
         self._tick = min(tick_s, lease_s / 3)
@@ -242,16 +261,16 @@ class PgUsageScorer:
         """Take or renew the lease; as its holder consume and hand over what follows the
         cursor. True when more batches are waiting (the next tick should not wait)."""
         conn = self._connection()
-        row = conn.execute(_TAKE_LEASE, {"me": self.member, "ttl": self._lease_s}).fetchone()
+        row = conn.execute(_TAKE_LEASE, {"me": self.me, "ttl": self._lease_s}).fetchone()
         epoch = int(row[0]) if row is not None else None
         if epoch != self.epoch:
             if epoch is not None:
-                log.warning("usage scorer: %s (lease epoch %d)", self.member, epoch)
+                log.warning("usage scorer: %s (lease epoch %d)", self.me, epoch)
             self.epoch = epoch
         if epoch is None:
             return False
         with conn.transaction():
-            held = conn.execute(_HELD, (self.member, epoch)).fetchone()
+            held = conn.execute(_HELD, (self.me, epoch)).fetchone()
             if held is None:  # fenced: another replica took over since we renewed
                 self.epoch = None
                 return False
@@ -296,7 +315,8 @@ class PgUsageScorer:
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            conn = connect(self._dsn, name=f"gateway-usage-scorer {self.member}")
+            conn = connect(_bounded(self._dsn, self._timeout),
+                           name=f"gateway-usage-scorer {self.member}")
             try:
                 conn.execute(f"SET statement_timeout = {int(self._timeout * 1000)}")
                 _create(conn)
@@ -319,6 +339,6 @@ class PgUsageScorer:
             self._thread.join()
         if self._conn is not None and self.epoch is not None:
             with contextlib.suppress(psycopg.Error, OSError):
-                self._conn.execute(_RELEASE, (self.member, self.epoch))
+                self._conn.execute(_RELEASE, (self.me, self.epoch))
         self.epoch = None
         self._broken()

@@ -213,7 +213,7 @@ def test_replicas_monitors_share_one_extraction_window(pg_fresh_dsn):
 
     try:
         states[0].score_usage(handler(0))
-        wait_for("r0 holds the usage lease", lambda: _holder(pg_fresh_dsn) == "r0")
+        wait_for("r0 holds the usage lease", lambda: _holder(pg_fresh_dsn).startswith("r0 pid "))
         states[1].score_usage(handler(1))
         x = rng.normal(size=(2, 3))
         y = np.array([[0.2, 0.8], [0.6, 0.4]], dtype=np.float32)
