@@ -6,15 +6,22 @@ Needs the test server (tests/conftest.py ``pg_*`` fixtures; never skipped under 
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 from collections import Counter
 
+import grpc
 import numpy as np
 import psycopg
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from gateway._proto.gateway.v1 import audit_pb2, audit_pb2_grpc
+from gateway.devenv import make_replicas, start_gateway
 from gateway.monitor import InputProfile, Monitor, MonitorSettings
 from gateway.state import StateSettings, Usage, open_state
 from gateway.state._pgusage import PgUsageScorer, PgUsageSink
+from tests.conftest import channel_credentials
 from tests.support.relay import PgRelay
 from tests.support.waiting import wait_for
 
@@ -244,3 +251,57 @@ def _holder(dsn: str) -> str:
         except psycopg.errors.UndefinedTable:
             return ""
         return str(row[0]) if row else ""
+
+
+# --- two real gateway replicas ---------------------------------------------------------------
+
+def _audit_records(gw) -> list[dict]:
+    with grpc.secure_channel(gw.target, channel_credentials(gw.env, "auditor")) as channel:
+        stub = audit_pb2_grpc.AuditServiceStub(channel)
+        size = stub.GetCheckpoint(audit_pb2.GetCheckpointRequest()).size
+        entries = stub.GetEntries(audit_pb2.GetEntriesRequest(start=0, end=size + 10_000))
+    return [json.loads(e) for e in entries.entries]
+
+
+def _infer(gw, x: list[list[float]]) -> grpc.StatusCode:
+    request = pb.ModelInferRequest(model_name="demo-mlp", raw_input_contents=[
+        np.asarray(x, dtype=np.float32).tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=list(np.shape(x)))
+    with grpc.secure_channel(gw.target, channel_credentials(gw.env, "scorer")) as channel:
+        try:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            return err.code()
+
+
+def _bounds_alerts(gw) -> list[dict]:
+    return [r for r in _audit_records(gw)
+            if r.get("kind") == "anomaly" and r.get("alert") == "bounds"]
+
+
+def test_a_far_out_row_served_by_one_replica_is_alerted_by_the_scoring_one(pg_fresh_dsn,
+                                                                          tmp_path):
+    """Two gateways with ``[state] backend = "postgresql"`` (each with its own audit log):
+    a far-out row served by the replica that does not hold the usage lease is scored by the
+    one that does, whose audit log records the alert; the serving replica's does not. The
+    holder stopped, the other takes over and alerts on what it serves itself."""
+    envs = make_replicas(tmp_path / "gw", state={"backend": "postgresql", "dsn": pg_fresh_dsn})
+    gateways = [start_gateway(e) for e in envs]
+    try:
+        holder_id = wait_for("a replica holds the usage lease", lambda: _holder(pg_fresh_dsn))
+        ids = [e.config.read_text().split('instance_id = "')[1].split('"')[0] for e in envs]
+        h = [holder_id.startswith(f"{i} pid ") for i in ids].index(True)
+        holder, other = gateways[h], gateways[1 - h]
+        assert _infer(other, [[0.0, 0.0, 9.0, 0.0]]) == grpc.StatusCode.OK  # served
+        alerts = wait_for("the holder's bounds alert", lambda: _bounds_alerts(holder))
+        assert alerts[0]["caller"] == "spiffe://demo.local/svc/scorer"
+        assert _bounds_alerts(other) == []
+        holder.stop()  # gives the lease up
+        wait_for("the other replica takes the lease over",
+                 lambda: _holder(pg_fresh_dsn).startswith(f"{ids[1 - h]} pid "))
+        assert _infer(other, [[0.0, -12.0, 0.0, 0.0]]) == grpc.StatusCode.OK
+        wait_for("the new holder's own bounds alert", lambda: _bounds_alerts(other))
+    finally:
+        for gw in gateways:
+            gw.stop()
