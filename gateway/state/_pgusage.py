@@ -239,23 +239,25 @@ class PgUsageScorer:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            more = False
+            pause = self._tick
             try:
-                more = self.tick()
+                if self.tick():
+                    pause = 0.0  # more batches wait: no pause
                 if self._failing:
                     log.warning("usage scorer: PostgreSQL reachable again")
                 self._failing = False
             except (psycopg.Error, DatabaseUnavailable, OSError) as err:
                 self._broken()
                 self.epoch = None
+                pause = max(self._tick, min(self._timeout, self._lease_s / 3))  # no busy retry
                 if not self._failing:
                     log.warning("usage scorer: PostgreSQL at %s unreachable: %s",
                                 redact(self._dsn), str(err).strip())
                 self._failing = True
             except Exception:  # the loop must outlive any one failure
                 log.exception("usage scorer: tick failed")
-            if not more:
-                self._stop.wait(self._tick)
+            if pause:
+                self._stop.wait(pause)
 
     def tick(self) -> bool:
         """Take or renew the lease; as its holder consume and hand over what follows the

@@ -186,6 +186,30 @@ def test_database_cut_counts_unscored_never_blocks_and_recovers(pg_fresh_dsn):
         relay.close()
 
 
+def test_the_scorer_survives_a_database_cut_and_resumes_at_the_cursor(pg_fresh_dsn):
+    """The scorer's connection cut: nothing is consumed meanwhile (rows wait in the table);
+    restored, it resumes by itself and scores each row once."""
+    relay = PgRelay(pg_fresh_dsn)
+    sink = PgUsageSink(pg_fresh_dsn, "r0", timeout=5.0)
+    got = _Recorder()
+    scorer = PgUsageScorer(relay.dsn, "s", got, lease_s=3.0, timeout=1.0)
+    scorer.start()
+    try:
+        _submit(sink, range(0, 10))
+        wait_for("the first rows scored", lambda: len(got.tags()) == 10)
+        relay.cut()
+        wait_for("the scorer sees the cut", lambda: scorer.epoch is None)
+        _submit(sink, range(10, 30))
+        assert _pending(pg_fresh_dsn) >= 1 and len(got.tags()) == 10
+        relay.restore()
+        wait_for("the rest scored after the cut", lambda: len(got.tags()) == 30)
+        assert sorted(got.tags()) == list(map(float, range(30)))
+    finally:
+        scorer.close()
+        sink.close()
+        relay.close()
+
+
 def test_a_full_queue_drops_and_counts_without_waiting(pg_fresh_dsn):
     sink = PgUsageSink(pg_fresh_dsn, "r0", timeout=5.0, max_backlog=3, interval_s=3600)
     dropped: list[int] = []
