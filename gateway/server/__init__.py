@@ -129,6 +129,8 @@ class Gateway:
         # Quotas and explain budgets: this process's own, or shared (hub, PostgreSQL).
         self.state = open_state(config.state, member=self.instance_id)
         self.monitor = _monitor(config, self.state)
+        # Replicas (postgresql): the one holding the usage lease scores every replica's rows.
+        self.state.score_usage(self.monitor.score_usage)
         self._subscribe_policy()
         self.audit.observe_commits(self.monitor.observe_audit_commit)
         self.monitor.metrics.registry.register(ShadowCollector(lambda: self.policy.shadow))

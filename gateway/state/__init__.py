@@ -23,8 +23,10 @@ detection is scored. Three backends behind one API (``[state] backend``):
     a caller's traffic across every worker and scoring leaves the workers' GIL.
 ``postgresql``
     Replicas sharing one database (``dsn``): buckets are rows leased with one
-    ``UPDATE ... RETURNING``; the coordinator is PostgreSQL's (``PgCoordinator``). Usage
-    windows stay per host (each host's hub, or each process, scores its own traffic).
+    ``UPDATE ... RETURNING``; the coordinator is PostgreSQL's (``PgCoordinator``). Members
+    insert their usage batches into a table; the one member holding the usage lease
+    (``State.score_usage``) scores them all, in insertion order, each at most once
+    (:mod:`._pgusage`).
 
 **The bound of leased buckets** (host and postgresql). A member takes ``lease_tokens`` tokens
 of a shared bucket at once (more if one call needs more) and spends them without a round

@@ -11,7 +11,7 @@ from gateway.state._host import HostCoordinator, HostUsageSink, host_buckets
 from gateway.state._local import LocalBuckets, LocalCoordinator
 from gateway.state._settings import StateSettings
 from gateway.state._types import Buckets, Coordinator
-from gateway.state._usage import UsageSink
+from gateway.state._usage import UsageHandler, UsageSink
 
 
 @dataclass
@@ -26,6 +26,18 @@ class State:
     coordinator: Coordinator
     usage: UsageSink | None = None
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    #: Starts this member's candidacy for scoring every member's usage (postgresql);
+    #: returns what stops it.
+    _scorer: Callable[[UsageHandler], Callable[[], None]] | None = field(default=None,
+                                                                         repr=False)
+
+    def score_usage(self, handler: UsageHandler) -> None:
+        """Stand for scoring the usage every member hands to ``usage``: with ``postgresql``
+        the replica holding the usage lease hands each batch to ``handler`` (its monitor's
+        ``score_usage``). No-op for the other backends (the hub scores, or the process)."""
+        if self._scorer is not None:
+            self._closers.insert(0, self._scorer(handler))
+            self._scorer = None
 
     def close(self) -> None:
         """Flush queued usage, return unspent leases, close connections (idempotent)."""
@@ -61,6 +73,7 @@ def _postgresql(s: StateSettings, member: str) -> State:
     from gateway.db import resolve_dsn
     from gateway.state._lease import LeasedBuckets
     from gateway.state._pgbuckets import PgBucketStore
+    from gateway.state._pgusage import PgUsageScorer, PgUsageSink
 
     dsn = resolve_dsn(s.dsn)
     if importlib.util.find_spec("gateway.state._pgcoord") is None:
@@ -71,5 +84,12 @@ def _postgresql(s: StateSettings, member: str) -> State:
     store = PgBucketStore(dsn, member, timeout=s.timeout_seconds)
     buckets = LeasedBuckets(store, lease_tokens=s.lease_tokens, lease_seconds=s.lease_seconds)
     coordinator: Coordinator = PgCoordinator(dsn, member)
-    return State("postgresql", buckets, coordinator, None,
-                 [buckets.close, store.close, coordinator.close])
+    sink = PgUsageSink(dsn, member, timeout=s.timeout_seconds)
+
+    def scorer(handler: UsageHandler) -> Callable[[], None]:
+        candidate = PgUsageScorer(dsn, member, handler, timeout=s.timeout_seconds)
+        candidate.start()
+        return candidate.close
+
+    return State("postgresql", buckets, coordinator, sink,
+                 [sink.close, buckets.close, store.close, coordinator.close], scorer)

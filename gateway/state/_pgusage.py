@@ -1,0 +1,346 @@
+"""The ``postgresql`` backend's usage windows: every replica's background-scoring rows, scored
+by one replica at a time, so extraction detection sees a caller's traffic across replicas.
+
+**Replicas** (:class:`PgUsageSink`) queue a request's rows in memory (bounded) and insert
+them off the request path, one row of ``gateway_usage`` per batch (every ``interval_s``): the
+same encoding as the hub's socket (:func:`~gateway.state._host.encode_usage`: a JSON header,
+each distinct profile once, arrays as raw bytes with dtype and shape; never pickle). A
+request that cannot be queued (queue full) or whose batch cannot be written (the database
+unreachable) is dropped and counted, as the host sink does (``gateway_unscored_requests_total``);
+the sink never blocks a call and writes again once the database is back.
+
+**The scorer** (:class:`PgUsageScorer`) is the holder of the lease row
+``gateway_usage_lease``, taken as the audit log's integrator takes its own: every replica
+tries to take it when it has expired, its holder renews it every tick, and each change of
+holder bumps ``epoch``. The row also keeps the cursor: the id (bigserial, insertion order) of
+the last batch consumed. A tick locks the lease row, checks that this replica still holds it
+at its epoch, reads the batches after the cursor, moves the cursor and deletes them, all in
+one transaction; only after it commits does it hand them to its monitor
+(``Monitor.score_usage``). So a takeover resumes at the cursor, and no batch is scored twice
+(a scorer that dies between the commit and the hand-over loses at most that tick's batches).
+
+Ids are taken in insertion order but commits can finish out of order; so an insert holds a
+shared advisory lock and a scorer's read an exclusive one: when the scorer reads, every batch
+with a smaller id has committed or rolled back, and none can appear behind the cursor.
+
+**Bound on delay**: a row is scored at most ``interval_s`` (sink) + ``tick_s`` (scorer) after
+its request while the database and a scorer are up; after a scorer dies, at most
+``lease_s`` more (the lease expiring). The table holds what no scorer consumed yet (all
+replicas down but their sinks' last inserts): the next scorer starts with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import conninfo
+
+from gateway.db import DatabaseUnavailable, connect, redact
+from gateway.state._host import encode_usage
+from gateway.state._hub import _array
+from gateway.state._usage import Usage, UsageHandler
+
+log = logging.getLogger("gateway.state")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS gateway_usage (
+    id BIGSERIAL PRIMARY KEY,
+    member TEXT NOT NULL,
+    header BYTEA NOT NULL,
+    data BYTEA NOT NULL);
+CREATE TABLE IF NOT EXISTS gateway_usage_lease (
+    one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+    holder TEXT NOT NULL DEFAULT '',
+    epoch BIGINT NOT NULL DEFAULT 0,
+    expires TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
+    consumed BIGINT NOT NULL DEFAULT 0);
+INSERT INTO gateway_usage_lease (one) VALUES (TRUE) ON CONFLICT DO NOTHING
+"""
+#: Inserts hold it shared, the scorer's read exclusive (module doc).
+_ORDER_LOCK = "SELECT pg_advisory_xact_lock{}(hashtext('gateway_usage'))"
+_INSERT = "INSERT INTO gateway_usage (member, header, data) VALUES (%s, %s, %s)"
+_TAKE_LEASE = """
+UPDATE gateway_usage_lease
+   SET epoch = CASE WHEN holder = %(me)s AND expires > now() THEN epoch ELSE epoch + 1 END,
+       holder = %(me)s,
+       expires = now() + make_interval(secs => %(ttl)s)
+ WHERE holder = %(me)s OR expires <= now()
+RETURNING epoch"""
+_HELD = ("SELECT consumed FROM gateway_usage_lease WHERE holder = %s AND epoch = %s "
+         "AND expires > now() FOR UPDATE")
+_READ = ("SELECT id, member, header, data FROM gateway_usage WHERE id > %s ORDER BY id "
+         "LIMIT %s")
+_CONSUME = ("UPDATE gateway_usage_lease SET consumed = %s;"
+            "DELETE FROM gateway_usage WHERE id <= %s")
+_RELEASE = ("UPDATE gateway_usage_lease SET expires = '-infinity' "
+            "WHERE holder = %s AND epoch = %s")
+
+
+def _bounded(dsn: str, timeout: float) -> str:
+    """``dsn`` whose connection attempts give up after ``timeout`` (unless it says otherwise)."""
+    params = conninfo.conninfo_to_dict(dsn)
+    params.setdefault("connect_timeout", max(1, round(timeout)))
+    return conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
+
+
+def _create(conn: psycopg.Connection) -> None:
+    # Concurrent CREATE TABLE IF NOT EXISTS can collide: one at a time.
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('gateway_usage_schema'))")
+        for statement in SCHEMA.split(";"):
+            conn.execute(statement)
+
+
+class PgUsageSink:
+    """A replica's side: :class:`~gateway.state.UsageSink` into ``gateway_usage``."""
+
+    def __init__(self, dsn: str, member: str, *, timeout: float, max_backlog: int = 4096,
+                 interval_s: float = 0.05) -> None:
+        self._dsn = dsn
+        self._member = member
+        self._timeout = timeout
+        self._max = max_backlog
+        self._interval = interval_s
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._queue: list[Usage] = []
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: psycopg.Connection | None = None
+        #: Requests dropped: queue full, or the database unreachable when their batch was sent.
+        self.dropped = 0
+        #: Requests written to the table.
+        self.written = 0
+        self._failing = False
+        self._down_until = 0.0
+        self._on_dropped: Callable[[int], None] = lambda n: None
+
+    def submit(self, usage: Usage) -> bool:
+        with self._lock:
+            if len(self._queue) >= self._max or self._closed.is_set():
+                self.dropped += 1
+                self._on_dropped(1)
+                return False
+            self._queue.append(usage)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="state-pgusage",
+                                                daemon=True)
+                self._thread.start()
+        return True
+
+    def on_dropped(self, callback: Callable[[int], None]) -> None:
+        self._on_dropped = callback
+
+    def _run(self) -> None:
+        while not self._closed.wait(self._interval):
+            self.flush()
+
+    def flush(self) -> None:
+        """Insert what is queued now as one batch (dropped and counted if it cannot be)."""
+        with self._flush_lock:
+            with self._lock:
+                batch, self._queue = self._queue, []
+            if not batch:
+                return
+            header, blobs = encode_usage(batch)
+            header["_b"] = [len(b) for b in blobs]
+            try:
+                if time.monotonic() < self._down_until:  # no connection attempt per batch
+                    raise DatabaseUnavailable("unreachable moments ago")
+                conn = self._connection()
+                with conn.transaction():
+                    conn.execute(_ORDER_LOCK.format("_shared"))
+                    conn.execute(_INSERT, (self._member, orjson.dumps(header), b"".join(blobs)))
+            except (psycopg.Error, DatabaseUnavailable, OSError) as err:
+                if not self._failing or time.monotonic() >= self._down_until:
+                    self._down_until = time.monotonic() + self._timeout
+                self._broken()
+                self.dropped += len(batch)
+                self._on_dropped(len(batch))
+                if not self._failing:  # once per outage, not once per batch
+                    log.warning("state: usage not written to PostgreSQL at %s, so not scored, "
+                                "until it is back (%d request(s) so far): %s", redact(self._dsn),
+                                len(batch), str(err).strip())
+                self._failing = True
+                return
+            self.written += len(batch)
+            if self._failing:
+                log.warning("state: usage reaches PostgreSQL again (%d request(s) went "
+                            "unscored)", self.dropped)
+            self._failing = False
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            conn = connect(_bounded(self._dsn, self._timeout),
+                           name=f"gateway-usage {self._member}")
+            try:
+                conn.execute(f"SET statement_timeout = {int(self._timeout * 1000)}")
+                # Usage is not a record: losing the last moments' rows to a database crash
+                # only leaves them unscored.
+                conn.execute("SET synchronous_commit = off")
+                _create(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _broken(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.flush()
+        self._broken()
+
+
+class PgUsageScorer:
+    """One replica's candidacy for scoring every replica's usage (module doc)."""
+
+    def __init__(self, dsn: str, member: str, handler: UsageHandler, *, lease_s: float = 5.0,
+                 tick_s: float = 0.1, timeout: float = 2.0, max_batches: int = 256) -> None:
+        self._dsn = dsn
+        self.member = member
+        #: Unique per process: the lease names its holder by it.
+        self.me = f"{member} pid {os.getpid()} {secrets.token_hex(4)}"
+        self._handler = handler
+        self._lease_s = lease_s
+        self._tick = min(tick_s, lease_s / 3)
+        self._timeout = timeout
+        self._max_batches = max_batches
+        self._conn: psycopg.Connection | None = None
+        self._profiles: dict[str, bytes] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: The lease epoch while this replica is the scorer, else None.
+        self.epoch: int | None = None
+        #: Batches (rows of the table) consumed and handed over by this replica.
+        self.batches = 0
+        self._failing = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="state-pgusage-scorer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            pause = self._tick
+            try:
+                if self.tick():
+                    pause = 0.0  # more batches wait: no pause
+                if self._failing:
+                    log.warning("usage scorer: PostgreSQL reachable again")
+                self._failing = False
+            except (psycopg.Error, DatabaseUnavailable, OSError) as err:
+                self._broken()
+                self.epoch = None
+                pause = max(self._tick, min(self._timeout, self._lease_s / 3))  # no busy retry
+                if not self._failing:
+                    log.warning("usage scorer: PostgreSQL at %s unreachable: %s",
+                                redact(self._dsn), str(err).strip())
+                self._failing = True
+            except Exception:  # the loop must outlive any one failure
+                log.exception("usage scorer: tick failed")
+            if pause:
+                self._stop.wait(pause)
+
+    def tick(self) -> bool:
+        """Take or renew the lease; as its holder consume and hand over what follows the
+        cursor. True when more batches are waiting (the next tick should not wait)."""
+        conn = self._connection()
+        row = conn.execute(_TAKE_LEASE, {"me": self.me, "ttl": self._lease_s}).fetchone()
+        epoch = int(row[0]) if row is not None else None
+        if epoch != self.epoch:
+            if epoch is not None:
+                log.warning("usage scorer: %s (lease epoch %d)", self.me, epoch)
+            self.epoch = epoch
+        if epoch is None:
+            return False
+        with conn.transaction():
+            held = conn.execute(_HELD, (self.me, epoch)).fetchone()
+            if held is None:  # fenced: another replica took over since we renewed
+                self.epoch = None
+                return False
+            conn.execute(_ORDER_LOCK.format(""))
+            rows = conn.execute(_READ, (int(held[0]), self._max_batches)).fetchall()
+            if rows:
+                last = int(rows[-1][0])
+                for statement in _CONSUME.split(";"):
+                    conn.execute(statement, (last,))
+        for _id, member, header, data in rows:
+            try:
+                batch = self._decode(bytes(header), bytes(data))
+            except (ValueError, TypeError, KeyError, IndexError) as err:
+                log.warning("usage scorer: batch %d from %s refused: %r", _id, member, err)
+                continue
+            self.batches += 1
+            try:
+                self._handler(str(member), batch)
+            except Exception:
+                log.exception("usage scorer: usage handler failed")
+        return len(rows) >= self._max_batches
+
+    def _decode(self, header_bytes: bytes, data: bytes) -> list[Usage]:
+        h: dict[str, Any] = orjson.loads(header_bytes)
+        blobs, at, view = [], 0, memoryview(data)
+        for size in h["_b"]:
+            blobs.append(view[at:at + int(size)])
+            at += int(size)
+        if at != len(data):
+            raise ValueError("usage batch attachments do not match their lengths")
+        for digest, index in h.get("profiles", {}).items():
+            if len(self._profiles) >= 256:
+                self._profiles.clear()
+            self._profiles[str(digest)] = bytes(blobs[int(index)])
+        batch = []
+        for model, caller, digest, xdt, xshape, xi, ydt, yshape, yi in h["items"]:
+            batch.append(Usage(str(model), str(caller), _array(blobs[xi], xdt, xshape),
+                               None if yi < 0 else _array(blobs[yi], ydt, yshape),
+                               self._profiles.get(digest, b"") if digest else b"",
+                               str(digest or "")))
+        return batch
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            conn = connect(_bounded(self._dsn, self._timeout),
+                           name=f"gateway-usage-scorer {self.member}")
+            try:
+                conn.execute(f"SET statement_timeout = {int(self._timeout * 1000)}")
+                _create(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _broken(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        """Stop; give the lease up so another replica takes over at its next tick."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._conn is not None and self.epoch is not None:
+            with contextlib.suppress(psycopg.Error, OSError):
+                self._conn.execute(_RELEASE, (self.me, self.epoch))
+        self.epoch = None
+        self._broken()
