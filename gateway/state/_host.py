@@ -22,7 +22,7 @@ import logging
 import queue
 import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from gateway.errors import StateUnavailable
 from gateway.state._lease import LeasedBuckets
 from gateway.state._local import _apply
 from gateway.state._types import Applied, Handler
-from gateway.state._usage import Usage
+from gateway.state._usage import BatchingSink, Usage
 from gateway.state._wire import WireError, recv, send
 
 log = logging.getLogger("gateway.state")
@@ -248,68 +248,25 @@ class HostCoordinator:
                     self._sock.shutdown(socket.SHUT_RDWR)
 
 
-class HostUsageSink:
+class HostUsageSink(BatchingSink):
     """Hands a worker's background-scoring rows to the hub in batches (one frame per
     ``interval_s``), instead of scoring them on the worker's own thread."""
 
+    target = "the hub"
+    failures = (StateUnavailable,)
+
     def __init__(self, path: Path, member: str, *, timeout: float, max_backlog: int = 4096,
                  interval_s: float = 0.05) -> None:
+        super().__init__(max_backlog=max_backlog, interval_s=interval_s,
+                         thread_name="state-usage")
         self._conn = _Conn(path, member, timeout, "usage")
-        self._max = max_backlog
-        self._interval = interval_s
-        self._lock = threading.Lock()
-        self._queue: list[Usage] = []
-        self._closed = threading.Event()
-        self._thread: threading.Thread | None = None
-        #: Requests dropped: queue full, or the hub unreachable when their batch was sent.
-        self.dropped = 0
-        self._failing = False
-        self._on_dropped: Callable[[int], None] = lambda n: None
 
-    def submit(self, usage: Usage) -> bool:
-        with self._lock:
-            if len(self._queue) >= self._max:
-                self.dropped += 1
-                self._on_dropped(1)
-                return False
-            self._queue.append(usage)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="state-usage",
-                                                daemon=True)
-                self._thread.start()
-        return True
-
-    def on_dropped(self, callback: Callable[[int], None]) -> None:
-        self._on_dropped = callback
-
-    def _run(self) -> None:
-        while not self._closed.wait(self._interval):
-            self.flush()
-
-    def flush(self) -> None:
-        with self._lock:
-            batch, self._queue = self._queue, []
-        if not batch:
-            return
+    def _send(self, batch: list[Usage]) -> None:
         header, blobs = encode_usage(batch)
-        try:
-            self._conn.request(header, blobs, reply=False)
-        except StateUnavailable as err:
-            self.dropped += len(batch)
-            self._on_dropped(len(batch))
-            if not self._failing:  # once per outage, not once per batch
-                log.warning("state: usage not handed to the hub, so not scored, until it is "
-                            "back (%d request(s) so far): %s", len(batch), err)
-            self._failing = True
-        else:
-            if self._failing:
-                log.warning("state: usage reaches the hub again (%d request(s) went unscored)",
-                            self.dropped)
-            self._failing = False
+        self._conn.request(header, blobs, reply=False)
 
     def close(self) -> None:
-        self._closed.set()
-        self.flush()
+        super().close()
         self._conn.close()
 
 

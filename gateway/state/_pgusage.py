@@ -37,7 +37,6 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -47,7 +46,7 @@ from psycopg import conninfo
 from gateway.db import DatabaseUnavailable, connect, redact
 from gateway.state._host import encode_usage
 from gateway.state._hub import _array
-from gateway.state._usage import Usage, UsageHandler
+from gateway.state._usage import BatchingSink, Usage, UsageHandler
 
 log = logging.getLogger("gateway.state")
 
@@ -100,112 +99,79 @@ def _create(conn: psycopg.Connection) -> None:
             conn.execute(statement)
 
 
-class PgUsageSink:
-    """A replica's side: :class:`~gateway.state.UsageSink` into ``gateway_usage``."""
+class _Link:
+    """One connection to the usage tables: opened on first use (bounded by ``timeout``, the
+    tables created if absent), dropped when broken so the next use opens a fresh one."""
 
-    def __init__(self, dsn: str, member: str, *, timeout: float, max_backlog: int = 4096,
-                 interval_s: float = 0.05) -> None:
-        self._dsn = dsn
-        self._member = member
+    def __init__(self, dsn: str, name: str, timeout: float, *, synchronous: bool) -> None:
+        self.dsn = dsn
+        self._name = name
         self._timeout = timeout
-        self._max = max_backlog
-        self._interval = interval_s
-        self._lock = threading.Lock()
-        self._flush_lock = threading.Lock()
-        self._queue: list[Usage] = []
-        self._closed = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._conn: psycopg.Connection | None = None
-        #: Requests dropped: queue full, or the database unreachable when their batch was sent.
-        self.dropped = 0
-        #: Requests written to the table.
-        self.written = 0
-        self._failing = False
-        self._down_until = 0.0
-        self._on_dropped: Callable[[int], None] = lambda n: None
+        self._synchronous = synchronous
+        #: The open connection, if any.
+        self.current: psycopg.Connection | None = None
 
-    def submit(self, usage: Usage) -> bool:
-        with self._lock:
-            if len(self._queue) >= self._max or self._closed.is_set():
-                self.dropped += 1
-                self._on_dropped(1)
-                return False
-            self._queue.append(usage)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="state-pgusage",
-                                                daemon=True)
-                self._thread.start()
-        return True
-
-    def on_dropped(self, callback: Callable[[int], None]) -> None:
-        self._on_dropped = callback
-
-    def _run(self) -> None:
-        while not self._closed.wait(self._interval):
-            self.flush()
-
-    def flush(self) -> None:
-        """Insert what is queued now as one batch (dropped and counted if it cannot be)."""
-        with self._flush_lock:
-            with self._lock:
-                batch, self._queue = self._queue, []
-            if not batch:
-                return
-            header, blobs = encode_usage(batch)
-            header["_b"] = [len(b) for b in blobs]
-            try:
-                if time.monotonic() < self._down_until:  # no connection attempt per batch
-                    raise DatabaseUnavailable("unreachable moments ago")
-                conn = self._connection()
-                with conn.transaction():
-                    conn.execute(_ORDER_LOCK.format("_shared"))
-                    conn.execute(_INSERT, (self._member, orjson.dumps(header), b"".join(blobs)))
-            except (psycopg.Error, DatabaseUnavailable, OSError) as err:
-                if not self._failing or time.monotonic() >= self._down_until:
-                    self._down_until = time.monotonic() + self._timeout
-                self._broken()
-                self.dropped += len(batch)
-                self._on_dropped(len(batch))
-                if not self._failing:  # once per outage, not once per batch
-                    log.warning("state: usage not written to PostgreSQL at %s, so not scored, "
-                                "until it is back (%d request(s) so far): %s", redact(self._dsn),
-                                len(batch), str(err).strip())
-                self._failing = True
-                return
-            self.written += len(batch)
-            if self._failing:
-                log.warning("state: usage reaches PostgreSQL again (%d request(s) went "
-                            "unscored)", self.dropped)
-            self._failing = False
-
-    def _connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed:
-            conn = connect(_bounded(self._dsn, self._timeout),
-                           name=f"gateway-usage {self._member}")
+    def get(self) -> psycopg.Connection:
+        if self.current is None or self.current.closed:
+            conn = connect(_bounded(self.dsn, self._timeout), name=self._name)
             try:
                 conn.execute(f"SET statement_timeout = {int(self._timeout * 1000)}")
-                # Usage is not a record: losing the last moments' rows to a database crash
-                # only leaves them unscored.
-                conn.execute("SET synchronous_commit = off")
+                if not self._synchronous:
+                    # Usage is not a record: losing the last moments' rows to a database
+                    # crash only leaves them unscored.
+                    conn.execute("SET synchronous_commit = off")
                 _create(conn)
             except BaseException:
                 conn.close()
                 raise
-            self._conn = conn
-        return self._conn
+            self.current = conn
+        return self.current
 
-    def _broken(self) -> None:
-        if self._conn is not None:
+    def broken(self) -> None:
+        if self.current is not None:
             with contextlib.suppress(Exception):
-                self._conn.close()
-            self._conn = None
+                self.current.close()
+            self.current = None
+
+
+class PgUsageSink(BatchingSink):
+    """A replica's side: :class:`~gateway.state.UsageSink` into ``gateway_usage``."""
+
+    target = "PostgreSQL"
+    failures = (psycopg.Error, DatabaseUnavailable, OSError)
+
+    def __init__(self, dsn: str, member: str, *, timeout: float, max_backlog: int = 4096,
+                 interval_s: float = 0.05) -> None:
+        super().__init__(max_backlog=max_backlog, interval_s=interval_s,
+                         thread_name="state-pgusage")
+        self._member = member
+        self._timeout = timeout
+        self._link = _Link(dsn, f"gateway-usage {member}", timeout, synchronous=False)
+        self.target = f"PostgreSQL at {redact(dsn)}"
+        #: Requests written to the table.
+        self.written = 0
+        self._down_until = 0.0
+
+    def _send(self, batch: list[Usage]) -> None:
+        header, blobs = encode_usage(batch)
+        header["_b"] = [len(b) for b in blobs]
+        try:
+            if time.monotonic() < self._down_until:  # no connection attempt per batch
+                raise DatabaseUnavailable("unreachable moments ago")
+            conn = self._link.get()
+            with conn.transaction():
+                conn.execute(_ORDER_LOCK.format("_shared"))
+                conn.execute(_INSERT, (self._member, orjson.dumps(header), b"".join(blobs)))
+        except self.failures:
+            if not self._failing or time.monotonic() >= self._down_until:
+                self._down_until = time.monotonic() + self._timeout
+            self._link.broken()
+            raise
+        self.written += len(batch)
 
     def close(self) -> None:
-        self._closed.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.flush()
-        self._broken()
+        super().close()
+        self._link.broken()
 
 
 class PgUsageScorer:
@@ -213,7 +179,6 @@ class PgUsageScorer:
 
     def __init__(self, dsn: str, member: str, handler: UsageHandler, *, lease_s: float = 5.0,
                  tick_s: float = 0.1, timeout: float = 2.0, max_batches: int = 256) -> None:
-        self._dsn = dsn
         self.member = member
         #: Unique per process: the lease names its holder by it.
         self.me = f"{member} pid {os.getpid()} {secrets.token_hex(4)}"
@@ -222,7 +187,7 @@ class PgUsageScorer:
         self._tick = min(tick_s, lease_s / 3)
         self._timeout = timeout
         self._max_batches = max_batches
-        self._conn: psycopg.Connection | None = None
+        self._link = _Link(dsn, f"gateway-usage-scorer {member}", timeout, synchronous=True)
         self._profiles: dict[str, bytes] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -247,12 +212,12 @@ class PgUsageScorer:
                     log.warning("usage scorer: PostgreSQL reachable again")
                 self._failing = False
             except (psycopg.Error, DatabaseUnavailable, OSError) as err:
-                self._broken()
+                self._link.broken()
                 self.epoch = None
                 pause = max(self._tick, min(self._timeout, self._lease_s / 3))  # no busy retry
                 if not self._failing:
                     log.warning("usage scorer: PostgreSQL at %s unreachable: %s",
-                                redact(self._dsn), str(err).strip())
+                                redact(self._link.dsn), str(err).strip())
                 self._failing = True
             except Exception:  # the loop must outlive any one failure
                 log.exception("usage scorer: tick failed")
@@ -262,7 +227,7 @@ class PgUsageScorer:
     def tick(self) -> bool:
         """Take or renew the lease; as its holder consume and hand over what follows the
         cursor. True when more batches are waiting (the next tick should not wait)."""
-        conn = self._connection()
+        conn = self._link.get()
         row = conn.execute(_TAKE_LEASE, {"me": self.me, "ttl": self._lease_s}).fetchone()
         epoch = int(row[0]) if row is not None else None
         if epoch != self.epoch:
@@ -315,32 +280,14 @@ class PgUsageScorer:
                                str(digest or "")))
         return batch
 
-    def _connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed:
-            conn = connect(_bounded(self._dsn, self._timeout),
-                           name=f"gateway-usage-scorer {self.member}")
-            try:
-                conn.execute(f"SET statement_timeout = {int(self._timeout * 1000)}")
-                _create(conn)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        return self._conn
-
-    def _broken(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-            self._conn = None
-
     def close(self) -> None:
         """Stop; give the lease up so another replica takes over at its next tick."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self._conn is not None and self.epoch is not None:
+        conn = self._link.current
+        if conn is not None and self.epoch is not None:
             with contextlib.suppress(psycopg.Error, OSError):
-                self._conn.execute(_RELEASE, (self.me, self.epoch))
+                conn.execute(_RELEASE, (self.me, self.epoch))
         self.epoch = None
-        self._broken()
+        self._link.broken()

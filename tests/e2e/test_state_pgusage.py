@@ -114,7 +114,7 @@ def test_a_new_scorer_resumes_at_the_cursor_after_close_and_after_death(pg_fresh
         b._stop.set()
         assert b._thread is not None
         b._thread.join()
-        b._broken()
+        b._link.broken()  # its connection gone, as with a dead process
         _submit(sink, range(80, 100))
         c.start()
         wait_for("C scored the last 20", lambda: len(got["C"].tags()) == 20)
