@@ -16,40 +16,25 @@ database test); without one the benchmark says so and skips.
 
 from __future__ import annotations
 
-import os
-import secrets
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench._pg import scratch_schema
+
 ROUNDS = 20
-DEFAULT_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 MODEL, VERSION = "demo-types", "1"
 
 
 def run() -> None:
     """Print the figures (called by `make bench`)."""
-    import psycopg
-    from psycopg import conninfo, sql
-
-    server = os.environ.get("GATEWAY_TEST_DSN", DEFAULT_DSN)
-    try:
-        psycopg.connect(server, connect_timeout=5).close()
-    except psycopg.Error as err:
-        print(f"model propagation: skipped, no PostgreSQL at {server!r}: {err}")
-        return
-    schema = f"gwbench_{os.getpid()}_{secrets.token_hex(4)}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    dsn = conninfo.make_conninfo(server, options=f"-csearch_path={schema}")
-    try:
+    with scratch_schema("model propagation") as dsn:
+        if dsn is None:
+            return
         with tempfile.TemporaryDirectory(prefix="model-propagation-") as tmp:
             _measure(Path(tmp), dsn)
-    finally:
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
 def _measure(root: Path, dsn: str) -> None:

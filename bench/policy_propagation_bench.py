@@ -16,8 +16,6 @@ database test); without one the benchmark says so and skips.
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -26,9 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench._pg import scratch_schema
+
 ROUNDS = 10
 TARGET_S = 2.0
-DEFAULT_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 EXTRA = ("p, role:auditors, demo-mlp, metadata, allow\n",
          "  - caller: spiffe://demo.local/team/audit/auditor\n    model: demo-mlp\n"
          "    action: metadata\n    expect: allow\n")
@@ -36,25 +35,11 @@ EXTRA = ("p, role:auditors, demo-mlp, metadata, allow\n",
 
 def run() -> None:
     """Print the figures (called by `make bench`)."""
-    import psycopg
-    from psycopg import conninfo, sql
-
-    server = os.environ.get("GATEWAY_TEST_DSN", DEFAULT_DSN)
-    try:
-        psycopg.connect(server, connect_timeout=5).close()
-    except psycopg.Error as err:
-        print(f"policy propagation: skipped, no PostgreSQL at {server!r}: {err}")
-        return
-    schema = f"gwbench_{os.getpid()}_{secrets.token_hex(4)}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    dsn = conninfo.make_conninfo(server, options=f"-csearch_path={schema}")
-    try:
+    with scratch_schema("policy propagation") as dsn:
+        if dsn is None:
+            return
         with tempfile.TemporaryDirectory(prefix="policy-propagation-") as tmp:
             _measure(Path(tmp), dsn)
-    finally:
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
 def _policies(root: Path) -> list[Path]:

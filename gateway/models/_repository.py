@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 PROFILE_FILE = "profile.json"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VERSION = re.compile(r"^[0-9]{1,9}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+_VERSION = re.compile(r"[0-9]{1,9}\Z")
 
 LOADED, UNLOADED, REFUSED = "LOADED", "UNLOADED", "REFUSED"
 

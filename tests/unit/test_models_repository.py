@@ -111,3 +111,18 @@ def test_demo_signatures_made_before_subject_binding_are_dropped_for_re_signing(
     assert build_demo_repository(repo) == []  # nothing rebuilt...
     assert not (old / "model.sig").exists()  # ...but the stale signature goes
     assert (bound / "model.sig").exists()
+
+
+def test_model_names_and_versions_are_matched_whole():
+    """A trailing newline (which `$` would let through) or any other extra is refused: names
+    and versions become paths, and LoadModel/UnloadModel and replicated changes name them."""
+    import pytest
+
+    from gateway.errors import ModelUnavailable
+    from gateway.models._repository import check_name
+
+    check_name("demo-mlp", "1")
+    for name, version in (("demo-mlp\n", "1"), ("demo-mlp", "1\n"), ("../x", "1"),
+                          ("demo-mlp", "1/../2"), ("", "1")):
+        with pytest.raises(ModelUnavailable):
+            check_name(name, version)
