@@ -42,6 +42,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +67,8 @@ _COLUMNS = ("ptype", "v0", "v1", "v2", "v3", "v4", "v5")
 #: Largest file a publication stores (policy.csv of 100k rules is ~5 MB).
 _MAX_FILE = 64 * 1024 * 1024
 #: Longest wait between reconnection attempts, seconds.
+#: Longest a watcher waits for a notification before it looks at its stop flag again.
+_STOP_SLICE = 0.5
 _MAX_BACKOFF = 5.0
 
 Row = tuple[str | None, ...]
@@ -333,6 +336,7 @@ class PostgresSource:
         source down and is re-opened with backoff; the installed policy stays live."""
         backoff = 0.1
         listener: psycopg.Connection | None = None
+        next_poll = time.monotonic() + interval
         while not stop.is_set():
             try:
                 if listener is None:
@@ -343,10 +347,16 @@ class PostgresSource:
                     backoff = 0.1
                     trigger = "postgresql listen"  # whatever changed while not listening
                 else:
-                    notified = any(True for _ in listener.notifies(timeout=interval,
+                    # Waits in short slices, so `stop` is seen promptly (close() joins this
+                    # thread) however long the polling backstop's interval is.
+                    wait = max(0.0, min(next_poll - time.monotonic(), _STOP_SLICE))
+                    notified = any(True for _ in listener.notifies(timeout=wait,
                                                                    stop_after=1))
                     trigger = "postgresql notify" if notified else "postgresql poll"
                     if not notified:
+                        if time.monotonic() < next_poll:
+                            continue
+                        next_poll = time.monotonic() + interval
                         seq = listener.execute("SELECT seq FROM gateway_policy_change")
                         if _first(seq) == self._seq:
                             continue

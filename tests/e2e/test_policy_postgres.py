@@ -28,7 +28,7 @@ from gateway.policy._source import digest_files
 from gateway.policy.postgres import merge_rows, rule_rows
 from tests.conftest import channel_credentials, schema_dsn, triton_client
 from tests.support.relay import PgRelay
-from tests.support.waiting import wait_for
+from tests.support.waiting import WAIT, wait_for
 
 #: Bound on every wait for a replica to change policy (the target is 2 s; CI is slower).
 
@@ -437,3 +437,24 @@ def test_policy_source_setting_is_checked(tmp_path):
         load_config(config)
     config.write_text('[policy]\nsource = "postgresql"\ndsn = "host=db"\n')
     assert load_config(config).policy.dsn == "host=db"
+
+
+def test_closing_a_watching_source_does_not_wait_out_its_polling_interval(pg_fresh_dsn):
+    """close() joins the watcher: with an hour-long polling backstop it must still return
+    promptly (a gateway stopping on SIGTERM waited here for the whole interval)."""
+    import threading
+
+    from gateway.policy import PolicyStore, open_source
+
+    push(REPO / "policies", pg_fresh_dsn)
+    store = PolicyStore.open(open_source("postgresql", REPO / "policies", pg_fresh_dsn))
+    store.start_watching(3600.0)
+    with psycopg.connect(pg_fresh_dsn, autocommit=True) as conn:
+        wait_for("the watcher to wait for notifications", lambda: conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %' "
+            "AND state = 'idle' AND application_name LIKE '%listen'").fetchone()[0])
+    time.sleep(0.5)  # lets it reach the wait; too short only makes the test weaker, never flaky
+    closer = threading.Thread(target=store.close, daemon=True)
+    closer.start()
+    closer.join(WAIT)  # a bound on the wait, not a timing assertion
+    assert not closer.is_alive(), "close() is still waiting for the watcher"
