@@ -12,6 +12,13 @@ refused instead of followed; hard-linked files (which could alias a file outside
 FIFOs, sockets and devices are refused; names must be plain relative POSIX names; the total
 size is bounded.
 
+Loading (``stage`` given), a plaintext file of at least ``STAGE_MIN_BYTES`` is not read into
+a buffer but copied by the kernel (``sendfile``) from the descriptor opened here into a
+private staging directory (:mod:`gateway.models._staging`), and hashed from a read-only
+mapping of that copy while the copy proceeds. Its bytes in :class:`ModelDir` are a view of
+that mapping: the copy is the file's verified bytes from then on, and ONNX Runtime maps it
+(not the original, which anyone able to write the model directory could change).
+
 What is left out, as ``model_signing`` leaves it out by default: the signature file and the
 top-level git paths ``.git``, ``.gitattributes``, ``.github``, ``.gitignore``. They are never
 opened, so they can never be loaded; a signature records them in its ignore paths.
@@ -22,6 +29,8 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import hashlib
+import logging
+import mmap
 import os
 import queue
 import stat
@@ -31,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.errors import ModelUnavailable
+from gateway.models._staging import STAGE_MIN_BYTES, Staging
 
 #: The OMS signature bundle: signs the directory, so it is not part of the signed file set.
 SIGNATURE_FILE = "model.sig"
@@ -49,6 +59,7 @@ _PIPELINE = 64 << 20
 _BATCH = 64
 #: A file's bytes: ``bytes``, or a read-only memoryview for large files (no copy).
 FileData = bytes | memoryview
+log = logging.getLogger(__name__)
 _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -81,11 +92,15 @@ class ModelDir:
     directory: str = field(default="")
     #: Stored name -> size in bytes (also of files whose bytes were not kept).
     sizes: dict[str, int] = field(default_factory=dict)
+    #: Stored name -> its name in the staging directory, for the files staged (their bytes
+    #: in ``files`` are a read-only view of the staged copy).
+    staged: dict[str, str] = field(default_factory=dict)
 
 
 def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
                    on_bytes: Callable[[int], object] | None = None,
-                   keep_only: frozenset[str] | None = None) -> ModelDir:
+                   keep_only: frozenset[str] | None = None,
+                   stage: Staging | None = None) -> ModelDir:
     """Read every file of ``directory`` into memory once, hashing each as it is read.
 
     Files are read in parallel (reading and hashing release the GIL); a large file is read
@@ -93,9 +108,11 @@ def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
     :class:`ModelFilesError` naming the offending file. ``on_bytes`` is called with the
     size of each piece read (a progress bar). With ``keep_only`` the bytes of other plaintext
     files are hashed and dropped (signing and ``model verify`` need their digests and sizes
-    only); the checks are the same.
+    only); the checks are the same. With ``stage``, large plaintext files are staged there
+    (see the module docstring); the caller removes the staging directory.
     """
     found: dict[str, tuple[FileData | None, str]] = {}
+    staged: dict[str, str] = {}
     sizes: dict[str, int] = {}
     ignored: list[str] = []
     batch: list[tuple[int, int, str]] = []
@@ -132,10 +149,11 @@ def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
                         raise ModelFilesError("file-too-large", f"the model's files exceed the "
                                               f"{max_bytes}-byte limit", directory)
                     if len(batch) >= _BATCH:
-                        _read_batch(batch, found, directory, on_bytes, keep_only)
+                        _read_batch(batch, found, directory, on_bytes, keep_only, stage,
+                                    staged)
             finally:
                 os.close(dir_fd)
-        _read_batch(batch, found, directory, on_bytes, keep_only)
+        _read_batch(batch, found, directory, on_bytes, keep_only, stage, staged)
     finally:
         for fd, _, _ in batch:
             os.close(fd)
@@ -146,13 +164,14 @@ def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
     files = {rel: data for rel in digests if (data := found[rel][0]) is not None}
     sizes.pop(SIGNATURE_FILE, None)
     return ModelDir(files, digests, None if signature is None else bytes(signature),
-                    tuple(ignored), str(directory), sizes)
+                    tuple(ignored), str(directory), sizes, staged)
 
 
 def _read_batch(batch: list[tuple[int, int, str]],
                 found: dict[str, tuple[FileData | None, str]], directory: Path,
                 on_bytes: Callable[[int], object] | None,
-                keep_only: frozenset[str] | None) -> None:
+                keep_only: frozenset[str] | None, stage: Staging | None,
+                staged: dict[str, str]) -> None:
     """Read and hash the opened files of ``batch`` in parallel, closing each; empties it."""
     if on_bytes is not None:
         lock = threading.Lock()
@@ -164,6 +183,13 @@ def _read_batch(batch: list[tuple[int, int, str]],
 
     def one(fd: int, size: int, rel: str) -> tuple[str, tuple[FileData | None, str]]:
         try:
+            if stage is not None and keep_only is None and size >= STAGE_MIN_BYTES \
+                    and not rel.endswith(ENCRYPTED_SUFFIX) and rel != SIGNATURE_FILE:
+                # Encrypted files are decrypted in memory: their plaintext is never staged.
+                done = _stage_hashing(fd, size, rel, directory, on_bytes, stage)
+                if done is not None:
+                    staged[rel] = done[2]
+                    return rel, done[:2]
             if keep_only is None or rel in keep_only or rel.endswith(ENCRYPTED_SUFFIX) \
                     or rel == SIGNATURE_FILE:
                 return rel, _read_hashing(fd, size, rel, directory, on_bytes)
@@ -230,7 +256,7 @@ def _read_hashing(fd: int, size: int, rel: str, directory: Path,
     else:
         buf = bytearray(size)
         view = memoryview(buf)
-        pieces = _ReadAhead(fd, view)
+        pieces = _ReadAhead(lambda pos: os.readv(fd, [view[pos:pos + _CHUNK]]), size)
     got = 0
     for pos, n in pieces:
         h.update(view[pos:pos + n])
@@ -241,6 +267,52 @@ def _read_hashing(fd: int, size: int, rel: str, directory: Path,
         raise ModelFilesError("unreadable-file", f"{rel} changed size while being read",
                               directory)
     return (data if size <= _PIPELINE else view.toreadonly()), h.hexdigest()
+
+
+def _stage_hashing(fd: int, size: int, rel: str, directory: Path,
+                   on_bytes: Callable[[int], object] | None, stage: Staging
+                   ) -> tuple[FileData, str, str] | None:
+    """Copy the file into ``stage`` and hash the copy: (view of the copy, SHA-256, its name).
+
+    A helper thread copies with ``sendfile`` (in the kernel, from the descriptor opened by
+    the reader) while this one hashes the part already copied, through a read-only mapping
+    of the copy: what is hashed is what ONNX Runtime will map. None when the file cannot be
+    staged (no space, a file system without ``sendfile``): the caller reads it into memory.
+    """
+    try:
+        out, name = stage.create()
+    except OSError as err:
+        log.warning("%s: cannot stage %s (%s); reading it into memory", directory, rel, err)
+        return None
+    view: memoryview | None = None
+    try:
+        os.ftruncate(out, size)
+        mapping = mmap.mmap(out, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        view = memoryview(mapping)
+
+        def copy(pos: int) -> int:
+            return os.sendfile(out, fd, pos, min(_CHUNK, size - pos))
+
+        h = hashlib.sha256()
+        got = 0
+        for pos, n in _ReadAhead(copy, size):
+            h.update(view[pos:pos + n])
+            got += n
+            if on_bytes is not None:
+                on_bytes(n)
+        if got != size or os.pread(fd, 1, size):
+            raise ModelFilesError("unreadable-file", f"{rel} changed size while being read",
+                                  directory)
+        return view.toreadonly(), h.hexdigest(), name
+    except OSError as err:
+        log.warning("%s: cannot stage %s (%s); reading it into memory", directory, rel, err)
+        if view is not None:
+            view.release()
+        stage.discard(name)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return None
+    finally:
+        os.close(out)
 
 
 def _hash_only(fd: int, size: int, rel: str, directory: Path,
@@ -261,19 +333,20 @@ def _hash_only(fd: int, size: int, rel: str, directory: Path,
 
 
 class _ReadAhead:
-    """Iterate ``(offset, length)`` of pieces of ``fd`` read into ``view`` by a helper thread."""
+    """Iterate ``(offset, length)`` of the pieces of a file a helper thread reads in order
+    (``step(offset)`` reads the next piece and returns its length, 0 at the end)."""
 
-    def __init__(self, fd: int, view: memoryview) -> None:
-        self._fd, self._view = fd, view
+    def __init__(self, step: Callable[[int], int], size: int) -> None:
+        self._step, self._size = step, size
         self._ready: queue.SimpleQueue[tuple[int, int] | OSError | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._read, name="model-read", daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
-        pos, size = 0, len(self._view)
+        pos, size = 0, self._size
         try:
             while pos < size:
-                n = os.readv(self._fd, [self._view[pos:pos + _CHUNK]])
+                n = self._step(pos)
                 if n == 0:
                     break
                 self._ready.put((pos, n))

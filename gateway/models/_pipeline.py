@@ -5,6 +5,11 @@ both call :func:`open_version`, so they read with the one reader, verify the sam
 resolve external data with the one walker: they cannot reach different verdicts on a model.
 The order is fixed: read once -> decrypt in memory -> verify the signature -> resolve every
 external-data reference against the verified bytes.
+
+Loading, large files are staged (:mod:`gateway.models._staging`): copied by the reader into a
+private directory and hashed there, and ONNX Runtime maps that copy. The session is built
+only after the signature verified every digest, the copy included: nothing ONNX Runtime
+parses was unverified.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from gateway.errors import ModelUnavailable
 from gateway.models import _files
 from gateway.models._files import FileData
+from gateway.models._staging import Staging
 from gateway.models._tensors import (
     RuntimeModel,
     checked_external_data,
@@ -47,14 +53,17 @@ def open_version(directory: Path, name: str, version: str, *, verify: Verify | N
                  decrypt: Callable[[FileData], bytes] | None,
                  max_bytes: int = _files.DEFAULT_MAX_BYTES,
                  on_bytes: Callable[[int], object] | None = None,
-                 load: bool = True) -> OpenedVersion:
+                 load: bool = True, stage: Staging | None = None) -> OpenedVersion:
     """Read, decrypt, verify and resolve one version; raises ModelUnavailable (or a subclass).
 
     ``load=False`` (``gateway model verify``) makes the same checks with the same reader and
     walker, but keeps only ``model.onnx`` in memory: nothing is built from the weights.
+    With ``stage`` (loading), large files are staged there; the runtime model names the
+    staged copies until the caller closes ``stage`` (after building the session).
     """
     model = _files.read_model_dir(directory, max_bytes=max_bytes, on_bytes=on_bytes,
-                                  keep_only=None if load else frozenset({MODEL_FILE}))
+                                  keep_only=None if load else frozenset({MODEL_FILE}),
+                                  stage=stage if load else None)
     files, digests, sizes = _files.plaintext(model, decrypt)
     if MODEL_FILE not in files:
         raise ModelUnavailable(f"no {MODEL_FILE} in the model directory",
@@ -65,7 +74,9 @@ def open_version(directory: Path, name: str, version: str, *, verify: Verify | N
     if not load:
         checked_external_data(parse_model(files[MODEL_FILE]), sizes)
         return OpenedVersion(files, digest, signer, rule, None)
-    return OpenedVersion(files, digest, signer, rule, runtime_model(files[MODEL_FILE], files))
+    return OpenedVersion(files, digest, signer, rule, runtime_model(
+        files[MODEL_FILE], files, staged=model.staged,
+        folder=None if stage is None else stage.folder))
 
 
 def runtime_from_dir(directory: Path) -> RuntimeModel:
