@@ -205,3 +205,23 @@ def test_staging_off_or_impossible_loads_from_memory(tmp_path, stage_files):
     assert entry.state == LOADED and entry.model is not None
     assert entry.model.runtime is not None and len(entry.model.runtime.initializers) == 1
     assert np.allclose(entry.model.run({"x": X}, [])["y"], X @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_no_room_to_stage_falls_back_to_memory_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    version = tmp_path / "models" / "big" / "1"
+    w = _write_model(version)
+    (tmp_path / "stage").mkdir()
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_files.os, "sendfile", full)
+    repo = ModelRepository(tmp_path / "models", session_options=_options, verify=None,
+                           staging_root=tmp_path / "stage")
+    entry = repo.load("big", "1")
+    assert entry.state == LOADED and entry.model is not None and entry.model.runtime is not None
+    assert len(entry.model.runtime.initializers) == 1  # read into memory instead
+    assert np.allclose(entry.model.run({"x": X}, [])["y"], X @ w, rtol=1e-4, atol=1e-4)
+    assert list((tmp_path / "stage").iterdir()) == []
