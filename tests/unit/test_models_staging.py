@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from gateway.models import LOADED, REFUSED, ModelRepository, _files
 from gateway.models import _staging as staging
 from gateway.models.signing import SigningSettings, TrustRule, sign_model, verifier
-from tests.support.signing import write_key
+from tests.support.signing import LARGE_MODEL_SHAPE, write_key, write_large_model
 
-ROWS = 4
-COLS = staging.STAGE_MIN_BYTES // (4 * ROWS) + 1024  # just above the staging threshold
+ROWS, COLS = LARGE_MODEL_SHAPE
+assert ROWS * COLS * 4 > staging.STAGE_MIN_BYTES  # the weights are staged
 
 
 def _options() -> ort.SessionOptions:
@@ -30,35 +30,9 @@ def _options() -> ort.SessionOptions:
     return options
 
 
-def _write_model(directory: Path, *, extra: TensorProto | None = None) -> np.ndarray:
-    """``y = x @ w`` with ``w`` (over 16 MiB) in ``weights.bin`` at offset 64; returns w."""
-    directory.mkdir(parents=True)
-    w = np.random.default_rng(7).normal(size=(ROWS, COLS)).astype(np.float32)
-    (directory / "weights.bin").write_bytes(b"\1" * 64 + w.tobytes())
-    t = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=list(w.shape),
-                    data_location=TensorProto.EXTERNAL)
-    for key, value in (("location", "weights.bin"), ("offset", "64"),
-                       ("length", str(w.nbytes))):
-        t.external_data.add(key=key, value=value)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
-    inits = [t]
-    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, COLS])]
-    if extra is not None:
-        inits.append(extra)
-        nodes.append(helper.make_node("Identity", [extra.name], ["leak"]))
-        outputs.append(helper.make_tensor_value_info("leak", extra.data_type, list(extra.dims)))
-    graph = helper.make_graph(nodes, "staged",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ROWS])],
-                              outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    (directory / "model.onnx").write_bytes(model.SerializeToString())
-    return w
-
-
 def _signed(tmp_path: Path, scan=None) -> tuple[Path, np.ndarray, ModelRepository, list[str]]:
     version = tmp_path / "models" / "big" / "1"
-    w = _write_model(version)
+    w = write_large_model(version)
     key, pub = write_key(tmp_path, "k")
     sign_model(version, key=key)
     (tmp_path / "stage").mkdir()
@@ -104,7 +78,7 @@ def test_a_large_weight_file_is_staged_privately_served_as_plain_ort_and_then_re
 
 def test_the_reader_hashes_the_staged_copy_and_returns_a_read_only_view_of_it(tmp_path):
     version = tmp_path / "v"
-    _write_model(version)
+    write_large_model(version)
     raw = (version / "weights.bin").read_bytes()
     with staging.Staging(tmp_path) as stage:
         read = _files.read_model_dir(version, stage=stage)
@@ -150,7 +124,7 @@ def test_a_hostile_reference_beside_a_staged_file_is_refused_and_nothing_is_left
     leak = TensorProto(name="leak", data_type=TensorProto.UINT8, dims=[16],
                        data_location=TensorProto.EXTERNAL)
     leak.external_data.add(key="location", value=str(secret))
-    _write_model(tmp_path / "models" / "big" / "1", extra=leak)
+    write_large_model(tmp_path / "models" / "big" / "1", extra=leak)
     (tmp_path / "stage").mkdir()
     repo = ModelRepository(tmp_path / "models", session_options=_options, verify=None,
                            staging_root=tmp_path / "stage")
@@ -197,7 +171,7 @@ def test_staging_is_used_only_when_onnx_runtime_honours_the_folder_option(monkey
 @pytest.mark.parametrize("stage_files", [False, True])
 def test_staging_off_or_impossible_loads_from_memory(tmp_path, stage_files):
     version = tmp_path / "models" / "big" / "1"
-    w = _write_model(version)
+    w = write_large_model(version)
     root = tmp_path / "stage" if stage_files else None  # True: a root that does not exist
     repo = ModelRepository(tmp_path / "models", session_options=_options, verify=None,
                            staging_root=root)
@@ -211,7 +185,7 @@ def test_no_room_to_stage_falls_back_to_memory_and_leaves_nothing(tmp_path, monk
     import errno
 
     version = tmp_path / "models" / "big" / "1"
-    w = _write_model(version)
+    w = write_large_model(version)
     (tmp_path / "stage").mkdir()
 
     def full(*args):
