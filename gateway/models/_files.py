@@ -59,6 +59,8 @@ _PIPELINE = 64 << 20
 _BATCH = 64
 #: A file's bytes: ``bytes``, or a read-only memoryview for large files (no copy).
 FileData = bytes | memoryview
+#: A file's SHA-256 (hex), or the future one of a staged file still being hashed.
+_Digest = str | concurrent.futures.Future[str]
 log = logging.getLogger(__name__)
 _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -95,12 +97,16 @@ class ModelDir:
     #: Stored name -> its name in the staging directory, for the files staged (their bytes
     #: in ``files`` are a read-only view of the staged copy).
     staged: dict[str, str] = field(default_factory=dict)
+    #: Stored name -> the SHA-256 of a staged file still being hashed (read with
+    #: ``defer_staged_hashes``); such a name is in ``files`` and ``sizes``, not ``digests``.
+    pending: dict[str, concurrent.futures.Future[str]] = field(default_factory=dict)
 
 
 def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
                    on_bytes: Callable[[int], object] | None = None,
                    keep_only: frozenset[str] | None = None,
-                   stage: Staging | None = None) -> ModelDir:
+                   stage: Staging | None = None,
+                   defer_staged_hashes: bool = False) -> ModelDir:
     """Read every file of ``directory`` into memory once, hashing each as it is read.
 
     Files are read in parallel (reading and hashing release the GIL); a large file is read
@@ -109,9 +115,11 @@ def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
     size of each piece read (a progress bar). With ``keep_only`` the bytes of other plaintext
     files are hashed and dropped (signing and ``model verify`` need their digests and sizes
     only); the checks are the same. With ``stage``, large plaintext files are staged there
-    (see the module docstring); the caller removes the staging directory.
+    (see the module docstring); the caller removes the staging directory. With
+    ``defer_staged_hashes`` this returns once they are copied: their digests, still being
+    computed, are in ``pending`` instead of ``digests``.
     """
-    found: dict[str, tuple[FileData | None, str]] = {}
+    found: dict[str, tuple[FileData | None, _Digest]] = {}
     staged: dict[str, str] = {}
     sizes: dict[str, int] = {}
     ignored: list[str] = []
@@ -160,15 +168,24 @@ def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
         for fd, _ in pending:
             os.close(fd)
     signature = found.pop(SIGNATURE_FILE, (None, ""))[0]
-    digests = {rel: found[rel][1] for rel in sorted(found)}
-    files = {rel: data for rel in digests if (data := found[rel][0]) is not None}
+    digests: dict[str, str] = {}
+    hashing: dict[str, concurrent.futures.Future[str]] = {}
+    for rel in sorted(found):
+        digest = found[rel][1]
+        if isinstance(digest, str):
+            digests[rel] = digest
+        elif defer_staged_hashes:
+            hashing[rel] = digest
+        else:
+            digests[rel] = digest.result()
+    files = {rel: data for rel in sorted(found) if (data := found[rel][0]) is not None}
     sizes.pop(SIGNATURE_FILE, None)
     return ModelDir(files, digests, None if signature is None else bytes(signature),
-                    tuple(ignored), str(directory), sizes, staged)
+                    tuple(ignored), str(directory), sizes, staged, hashing)
 
 
 def _read_batch(batch: list[tuple[int, int, str]],
-                found: dict[str, tuple[FileData | None, str]], directory: Path,
+                found: dict[str, tuple[FileData | None, _Digest]], directory: Path,
                 on_bytes: Callable[[int], object] | None,
                 keep_only: frozenset[str] | None, stage: Staging | None,
                 staged: dict[str, str]) -> None:
@@ -181,12 +198,12 @@ def _read_batch(batch: list[tuple[int, int, str]],
             with lock:
                 report(n)
 
-    def one(fd: int, size: int, rel: str) -> tuple[str, tuple[FileData | None, str]]:
+    def one(fd: int, size: int, rel: str) -> tuple[str, tuple[FileData | None, _Digest]]:
         try:
             if stage is not None and keep_only is None and size >= STAGE_MIN_BYTES \
                     and not rel.endswith(ENCRYPTED_SUFFIX) and rel != SIGNATURE_FILE:
                 # Encrypted files are decrypted in memory: their plaintext is never staged.
-                done = _stage_hashing(fd, size, rel, directory, on_bytes, stage)
+                done = _stage(fd, size, rel, directory, on_bytes, stage)
                 if done is not None:
                     staged[rel] = done[2]
                     return rel, done[:2]
@@ -269,14 +286,15 @@ def _read_hashing(fd: int, size: int, rel: str, directory: Path,
     return (data if size <= _PIPELINE else view.toreadonly()), h.hexdigest()
 
 
-def _stage_hashing(fd: int, size: int, rel: str, directory: Path,
-                   on_bytes: Callable[[int], object] | None, stage: Staging
-                   ) -> tuple[FileData, str, str] | None:
-    """Copy the file into ``stage`` and hash the copy: (view of the copy, SHA-256, its name).
+def _stage(fd: int, size: int, rel: str, directory: Path,
+           on_bytes: Callable[[int], object] | None, stage: Staging
+           ) -> tuple[FileData, concurrent.futures.Future[str], str] | None:
+    """Copy the file into ``stage``: (read-only view of the copy, its SHA-256 to come, name).
 
-    A helper thread copies with ``sendfile`` (in the kernel, from the descriptor opened by
-    the reader) while this one hashes the part already copied, through a read-only mapping
-    of the copy: what is hashed is what ONNX Runtime will map. None when the file cannot be
+    This thread copies with ``sendfile`` (in the kernel, from the descriptor opened by the
+    reader) and returns when the copy is complete; a helper thread hashes each piece already
+    copied through a read-only mapping of the copy (what is hashed is what ONNX Runtime will
+    map) and resolves the future, possibly after this returns. None when the file cannot be
     staged (no space, a file system without ``sendfile``): the caller reads it into memory.
     """
     try:
@@ -284,35 +302,50 @@ def _stage_hashing(fd: int, size: int, rel: str, directory: Path,
     except OSError as err:
         log.warning("%s: cannot stage %s (%s); reading it into memory", directory, rel, err)
         return None
-    view: memoryview | None = None
+    copied: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+    digest: concurrent.futures.Future[str] = concurrent.futures.Future()
+    hasher: threading.Thread | None = None
     try:
         os.ftruncate(out, size)
-        mapping = mmap.mmap(out, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        view = memoryview(mapping)
-
-        def copy(pos: int) -> int:
-            return os.sendfile(out, fd, pos, min(_CHUNK, size - pos))
-
-        h = hashlib.sha256()
-        got = 0
-        for pos, n in _ReadAhead(copy, size):
-            h.update(view[pos:pos + n])
-            got += n
-            if on_bytes is not None:
-                on_bytes(n)
-        if got != size or os.pread(fd, 1, size):
+        view = memoryview(mmap.mmap(out, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ))
+        hasher = threading.Thread(target=_hash_pieces, args=(view, copied, digest, on_bytes),
+                                  name="model-hash", daemon=True)
+        hasher.start()
+        pos = 0
+        while pos < size and (n := os.sendfile(out, fd, pos, min(_CHUNK, size - pos))):
+            copied.put((pos, n))
+            pos += n
+        copied.put(None)
+        if pos != size or os.pread(fd, 1, size):
             raise ModelFilesError("unreadable-file", f"{rel} changed size while being read",
                                   directory)
-        return view.toreadonly(), h.hexdigest(), name
+        return view.toreadonly(), digest, name
     except OSError as err:
         log.warning("%s: cannot stage %s (%s); reading it into memory", directory, rel, err)
-        if view is not None:
-            view.release()
+        copied.put(None)
+        if hasher is not None:
+            hasher.join()
         stage.discard(name)
         os.lseek(fd, 0, os.SEEK_SET)
         return None
     finally:
         os.close(out)
+
+
+def _hash_pieces(view: memoryview, pieces: queue.SimpleQueue[tuple[int, int] | None],
+                 digest: concurrent.futures.Future[str],
+                 on_bytes: Callable[[int], object] | None) -> None:
+    """Hash the ``(offset, length)`` pieces of ``view`` as they come; None ends them."""
+    h = hashlib.sha256()
+    try:
+        while (piece := pieces.get()) is not None:
+            pos, n = piece
+            h.update(view[pos:pos + n])
+            if on_bytes is not None:
+                on_bytes(n)
+        digest.set_result(h.hexdigest())
+    except BaseException as err:  # handed to whoever waits for the digest
+        digest.set_exception(err)
 
 
 def _hash_only(fd: int, size: int, rel: str, directory: Path,
@@ -375,9 +408,11 @@ def plaintext(model: ModelDir, decrypt: Callable[[FileData], bytes] | None
     files: dict[str, FileData] = {}
     digests: dict[str, str] = {}
     sizes: dict[str, int] = {}
-    for rel, digest in model.digests.items():
+    for rel in sorted(model.sizes):  # digests lacks the staged files still being hashed
         if not rel.endswith(ENCRYPTED_SUFFIX):
-            digests[rel], sizes[rel] = digest, model.sizes[rel]
+            sizes[rel] = model.sizes[rel]
+            if rel in model.digests:
+                digests[rel] = model.digests[rel]
             if rel in model.files:
                 files[rel] = model.files[rel]
             continue
@@ -386,7 +421,7 @@ def plaintext(model: ModelDir, decrypt: Callable[[FileData], bytes] | None
             raise ModelUnavailable(f"{rel} is encrypted: a key-encryption key is needed "
                                    "([signing] kek_file or kek_env, or --kek-file)")
         name = rel[: -len(ENCRYPTED_SUFFIX)]
-        if name in model.digests:
+        if name in model.sizes:
             raise ModelUnavailable(f"both {rel} and {name} are present")
         files[name] = decrypt(data)
         digests[name] = hashlib.sha256(files[name]).hexdigest()
@@ -394,9 +429,10 @@ def plaintext(model: ModelDir, decrypt: Callable[[FileData], bytes] | None
     return files, digests, sizes
 
 
-def files_digest(files: Mapping[str, FileData]) -> str:
-    """A digest naming an unsigned file set (served only with require_signature = false)."""
+def files_digest(digests: Mapping[str, str]) -> str:
+    """A digest naming an unsigned file set (served only with require_signature = false),
+    from the files' SHA-256 (name -> hex)."""
     h = hashlib.sha256()
-    for rel in sorted(files):
-        h.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
+    for rel in sorted(digests):
+        h.update(rel.encode() + b"\0" + bytes.fromhex(digests[rel]))
     return h.hexdigest()

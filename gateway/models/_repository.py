@@ -286,13 +286,22 @@ class ModelRepository:
         with open_staging(self._staging_root) as stage:
             opened = self._open(name, version, directory, stage=stage)
             files = opened.files
-            if self._scan is not None:
-                self._scan(directory, files)
-            metadata = files.get(METADATA_FILE)
-            owner, labels = parse_metadata(None if metadata is None else bytes(metadata))
-            # _open loads (open_version's load=True), so the runtime model is always there.
-            assert opened.runtime is not None
-            session = self._session(name, version, opened.runtime)
+            try:
+                if self._scan is not None:
+                    self._scan(directory, files)
+                metadata = files.get(METADATA_FILE)
+                owner, labels = parse_metadata(None if metadata is None else bytes(metadata))
+                # _open loads (open_version's load=True), so the runtime model is there.
+                assert opened.runtime is not None
+                session = self._session(name, version, opened.runtime)
+            except GatewayError:
+                # Staged files may still be being hashed: a digest mismatch is the reason
+                # (as it is when every digest is checked first), else this error.
+                opened.complete()
+                raise
+        # Every digest verified (the staged files' too) before the session is served; on a
+        # mismatch this raises, and the session built meanwhile is dropped unused.
+        opened = opened.complete()
         inputs = _specs(session.get_inputs(), "input")
         outputs = _specs(session.get_outputs(), "output")
         extras = {k: bytes(v) for k, v in files.items() if k == PROFILE_FILE}

@@ -199,3 +199,72 @@ def test_no_room_to_stage_falls_back_to_memory_and_leaves_nothing(tmp_path, monk
     assert len(entry.model.runtime.initializers) == 1  # read into memory instead
     assert np.allclose(entry.model.run({"x": X}, [])["y"], X @ w, rtol=1e-4, atol=1e-4)
     assert list((tmp_path / "stage").iterdir()) == []
+
+
+def _reason_without_staging(tmp_path: Path, scan=None) -> tuple[str, list[str]]:
+    """The refusal of the same directory loaded with every digest checked first."""
+    pub = tmp_path / "k.pub"
+    events: list[str] = []
+    repo = ModelRepository(
+        tmp_path / "models", session_options=_options,
+        verify=verifier(SigningSettings(trust=(TrustRule(name="t", pubkey=pub),))),
+        scan=scan, on_event=lambda kind, fields: events.append(kind))
+    entry = repo.load("big", "1")
+    assert entry.state == REFUSED
+    return entry.reason, events
+
+
+def test_a_staged_digest_mismatch_refuses_with_the_serial_reason_even_if_the_scan_refuses(
+        tmp_path, monkeypatch):
+    from gateway.errors import ModelUnavailable
+    from gateway.models._tensors import RuntimeModel
+
+    def refuse(directory: Path, files: dict[str, _files.FileData]) -> None:
+        raise ModelUnavailable("the scanner refuses this model")
+
+    version, _, repo, events = _signed(tmp_path)
+    with open(version / "weights.bin", "r+b") as f:  # changed after signing
+        f.seek(4 << 20)
+        f.write(b"\xff" * 8)
+    built = []
+    real = RuntimeModel.session
+    monkeypatch.setattr(RuntimeModel, "session", lambda self, o: built.append(1) or real(self, o))
+    staged = repo.load("big", "1")
+    assert built == [1]  # the session was built while the copy was hashed, then dropped
+    assert staged.state == REFUSED and repo.get("big", "1") is None
+    assert "files changed since signing: weights.bin" in staged.reason
+    assert (staged.reason, events) == _reason_without_staging(tmp_path)
+    repo._scan = refuse  # the mismatch is still the reason, as when digests come first
+    assert repo.load("big", "1").reason == _reason_without_staging(tmp_path, refuse)[0]
+    assert list((tmp_path / "stage").iterdir()) == []
+
+
+def test_onnx_runtime_never_sees_a_graph_that_does_not_verify(tmp_path, monkeypatch):
+    from gateway.models._tensors import RuntimeModel
+
+    version, _, repo, _ = _signed(tmp_path)
+    with open(version / "model.onnx", "ab") as f:  # the graph changed after signing
+        f.write(b"\x00")
+    monkeypatch.setattr(RuntimeModel, "session", lambda *a: pytest.fail("session built"))
+    entry = repo.load("big", "1")
+    assert entry.state == REFUSED and "model.onnx" in entry.reason
+    assert list((tmp_path / "stage").iterdir()) == []
+
+
+def test_a_pending_file_the_signature_does_not_cover_is_refused_before_hashing(tmp_path):
+    from gateway.models.signing import SignatureError, verify_files
+
+    version, _, _, _ = _signed(tmp_path)
+    settings = SigningSettings(trust=(TrustRule(name="t", pubkey=tmp_path / "k.pub"),))
+    read = _files.read_model_dir(version)
+    files = dict(read.files)
+    digests = {k: v for k, v in read.digests.items() if k != "weights.bin"}
+    bundle = read.signature
+    assert bundle is not None
+    verify_files("big", files, bundle, settings, version="1", digests=digests,
+                 pending=frozenset({"weights.bin"}))  # the rest verifies
+    with pytest.raises(SignatureError, match=r"unsigned files present.*extra\.bin"):
+        verify_files("big", files, bundle, settings, version="1", digests=digests,
+                     pending=frozenset({"weights.bin", "extra.bin"}))
+    with pytest.raises(SignatureError, match=r"signed files missing: weights\.bin"):
+        verify_files("big", files, bundle, settings, version="1", digests=digests)
