@@ -339,13 +339,17 @@ def _hash_pieces(view: memoryview, pieces: queue.SimpleQueue[tuple[int, int] | N
     h = hashlib.sha256()
     try:
         while (piece := pieces.get()) is not None:
+            if digest.cancelled():  # the load was refused: the digest is not needed
+                return
             pos, n = piece
             h.update(view[pos:pos + n])
             if on_bytes is not None:
                 on_bytes(n)
-        digest.set_result(h.hexdigest())
+        if digest.set_running_or_notify_cancel():
+            digest.set_result(h.hexdigest())
     except BaseException as err:  # handed to whoever waits for the digest
-        digest.set_exception(err)
+        if digest.set_running_or_notify_cancel():
+            digest.set_exception(err)
 
 
 def _hash_only(fd: int, size: int, rel: str, directory: Path,

@@ -103,10 +103,15 @@ def open_version(directory: Path, name: str, version: str, *, verify: Verify | N
                                   keep_only=None if load else frozenset({MODEL_FILE}),
                                   stage=stage if load else None,
                                   defer_staged_hashes=load and stage is not None)
-    files, digests, sizes = _files.plaintext(model, decrypt)
-    if MODEL_FILE not in files:
-        raise ModelUnavailable(f"no {MODEL_FILE} in the model directory",
-                               detail=f"{directory}: no {MODEL_FILE}")
+    try:
+        files, digests, sizes = _files.plaintext(model, decrypt)
+        if MODEL_FILE not in files:
+            raise ModelUnavailable(f"no {MODEL_FILE} in the model directory",
+                                   detail=f"{directory}: no {MODEL_FILE}")
+    except BaseException:
+        for hashed in model.pending.values():
+            hashed.cancel()  # refused before any digest matters: stop hashing
+        raise
 
     def check(pending: frozenset[str] = frozenset()) -> tuple[str, str, str]:
         verified = None
@@ -120,22 +125,27 @@ def open_version(directory: Path, name: str, version: str, *, verify: Verify | N
         return ("" if pending else _files.files_digest({rel: digests[rel] for rel in files}),
                 "unverified", "")
 
-    finish = None
-    if model.pending:
-        digest, signer, rule = check(frozenset(model.pending))
+    def finish() -> tuple[str, str, str]:
+        for rel, hashed in model.pending.items():
+            digests[rel] = hashed.result()
+        return check()
 
-        def finish() -> tuple[str, str, str]:
-            for rel, hashed in model.pending.items():
-                digests[rel] = hashed.result()
-            return check()
-    else:
+    if not model.pending:
         digest, signer, rule = check()
-    if not load:
-        checked_external_data(parse_model(files[MODEL_FILE]), sizes)
-        return OpenedVersion(files, digest, signer, rule, None)
-    return OpenedVersion(files, digest, signer, rule, runtime_model(
-        files[MODEL_FILE], files, staged=model.staged,
-        folder=None if stage is None else stage.folder), finish)
+        if not load:
+            checked_external_data(parse_model(files[MODEL_FILE]), sizes)
+            return OpenedVersion(files, digest, signer, rule, None)
+        return OpenedVersion(files, digest, signer, rule, runtime_model(
+            files[MODEL_FILE], files, staged=model.staged,
+            folder=None if stage is None else stage.folder))
+    try:
+        digest, signer, rule = check(frozenset(model.pending))
+        runtime = runtime_model(files[MODEL_FILE], files, staged=model.staged,
+                                folder=None if stage is None else stage.folder)
+    except ModelUnavailable:
+        finish()  # a wrong staged digest is the reason, as when every digest is known first
+        raise
+    return OpenedVersion(files, digest, signer, rule, runtime, finish)
 
 
 def runtime_from_dir(directory: Path) -> RuntimeModel:

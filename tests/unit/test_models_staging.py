@@ -249,6 +249,11 @@ def test_onnx_runtime_never_sees_a_graph_that_does_not_verify(tmp_path, monkeypa
     entry = repo.load("big", "1")
     assert entry.state == REFUSED and "model.onnx" in entry.reason
     assert list((tmp_path / "stage").iterdir()) == []
+    with open(version / "weights.bin", "r+b") as f:  # the weights too: both are named, as
+        f.write(b"\xff" * 8)                         # when every digest is checked first
+    entry = repo.load("big", "1")
+    assert "files changed since signing: model.onnx, weights.bin" in entry.reason
+    assert entry.reason == _reason_without_staging(tmp_path)[0]
 
 
 def test_a_pending_file_the_signature_does_not_cover_is_refused_before_hashing(tmp_path):
