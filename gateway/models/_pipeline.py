@@ -122,8 +122,7 @@ def open_version(directory: Path, name: str, version: str, *, verify: Verify | N
         if verified is not None:
             return verified
         # Unsigned: named by every file's digest, known once none is pending (complete()).
-        return ("" if pending else _files.files_digest({rel: digests[rel] for rel in files}),
-                "unverified", "")
+        return ("" if pending else _files.files_digest(digests)), "unverified", ""
 
     def finish() -> tuple[str, str, str]:
         for rel, hashed in model.pending.items():

@@ -260,7 +260,8 @@ class ModelRepository:
         for entry in [e for e in self._entries.values() if e.state == LOADED]:
             directory = self._root / entry.name / entry.version
             try:
-                opened = self._open(entry.name, entry.version, directory)
+                # Every check of a load, the bytes not kept (nothing is built from them).
+                opened = self._open(entry.name, entry.version, directory, load=False)
             except GatewayError as err:
                 changed.append(self._refuse(entry.name, entry.version,
                                             f"re-verification failed: {err}",
