@@ -14,7 +14,8 @@ after it was hashed. So the one reader copies each large file into a directory o
   swap it, and it is never written again once hashed;
 - its names are ours (``f0``, ``f1``, ...), never a name from the model;
 - the files are unlinked and the directory removed as soon as the session exists, and on
-  every failure path (ONNX Runtime's mapping keeps the pages; nothing is left on disk).
+  every failure path (what ONNX Runtime may still map stays readable to it until the
+  session ends; nothing is left on disk).
   Directories left by a process that died are removed at the next start
   (:func:`remove_stale`).
 """
