@@ -62,6 +62,9 @@ FileData = bytes | memoryview
 #: A file's SHA-256 (hex), or the future one of a staged file still being hashed.
 _Digest = str | concurrent.futures.Future[str]
 log = logging.getLogger(__name__)
+#: Hashes the staged files, each following its copy (bounded: a model may have many).
+_HASHERS = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1),
+                                                 thread_name_prefix="model-hash")
 _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -292,7 +295,7 @@ def _stage(fd: int, size: int, rel: str, directory: Path,
     """Copy the file into ``stage``: (read-only view of the copy, its SHA-256 to come, name).
 
     This thread copies with ``sendfile`` (in the kernel, from the descriptor opened by the
-    reader) and returns when the copy is complete; a helper thread hashes each piece already
+    reader) and returns when the copy is complete; a pool thread hashes each piece already
     copied through a read-only mapping of the copy (what is hashed is what ONNX Runtime will
     map) and resolves the future, possibly after this returns. None when the file cannot be
     staged (no space, a file system without ``sendfile``): the caller reads it into memory.
@@ -304,27 +307,26 @@ def _stage(fd: int, size: int, rel: str, directory: Path,
         return None
     copied: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
     digest: concurrent.futures.Future[str] = concurrent.futures.Future()
-    hasher: threading.Thread | None = None
+    hasher: concurrent.futures.Future[None] | None = None
     try:
         os.ftruncate(out, size)
         view = memoryview(mmap.mmap(out, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ))
-        hasher = threading.Thread(target=_hash_pieces, args=(view, copied, digest, on_bytes),
-                                  name="model-hash", daemon=True)
-        hasher.start()
+        hasher = _HASHERS.submit(_hash_pieces, view, copied, digest, on_bytes)
         pos = 0
-        while pos < size and (n := os.sendfile(out, fd, pos, min(_CHUNK, size - pos))):
-            copied.put((pos, n))
-            pos += n
-        copied.put(None)
+        try:
+            while pos < size and (n := os.sendfile(out, fd, pos, min(_CHUNK, size - pos))):
+                copied.put((pos, n))
+                pos += n
+        finally:
+            copied.put(None)  # the hasher ends, however the copy did
         if pos != size or os.pread(fd, 1, size):
             raise ModelFilesError("unreadable-file", f"{rel} changed size while being read",
                                   directory)
         return view.toreadonly(), digest, name
     except OSError as err:
         log.warning("%s: cannot stage %s (%s); reading it into memory", directory, rel, err)
-        copied.put(None)
         if hasher is not None:
-            hasher.join()
+            hasher.result()
         stage.discard(name)
         os.lseek(fd, 0, os.SEEK_SET)
         return None

@@ -273,3 +273,17 @@ def test_a_pending_file_the_signature_does_not_cover_is_refused_before_hashing(t
                      pending=frozenset({"weights.bin", "extra.bin"}))
     with pytest.raises(SignatureError, match=r"signed files missing: weights\.bin"):
         verify_files("big", files, bundle, settings, version="1", digests=digests)
+
+
+def test_more_staged_files_than_hashing_threads_are_all_hashed_right(tmp_path):
+    version = tmp_path / "v"
+    (version / "sub").mkdir(parents=True)
+    names = [f"w{i}.bin" for i in range(4)] + ["sub/w.bin"]  # more than the hashing pool
+    for i, name in enumerate(names):
+        (version / name).write_bytes(bytes([i]) * (staging.STAGE_MIN_BYTES + i))
+    with staging.Staging(tmp_path) as stage:
+        read = _files.read_model_dir(version, stage=stage, defer_staged_hashes=True)
+        assert sorted(read.staged) == sorted(names) and read.digests == {}
+        got = {name: future.result() for name, future in read.pending.items()}
+    assert got == {name: hashlib.sha256((version / name).read_bytes()).hexdigest()
+                   for name in names}
