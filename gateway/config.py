@@ -118,6 +118,12 @@ class ModelSettings:
     #: Seconds between re-verifications of every loaded model's files (0 disables);
     #: a model that no longer verifies is taken out of service.
     reverify_interval: float = 60.0
+    #: Large model files (16 MiB and more) are copied into a private directory made under
+    #: this one (best a tmpfs) and hashed there, and ONNX Runtime maps that copy: faster than
+    #: handing it the bytes from memory (gateway/models/README.md). ``stage_files = false``,
+    #: or a directory that cannot be written, loads every file from memory.
+    staging_dir: Path = Path("/dev/shm")  # noqa: S108 - a private mkdtemp is made under it
+    stage_files: bool = True
 
 
 @dataclass(frozen=True)

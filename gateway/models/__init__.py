@@ -20,7 +20,7 @@ a change with :meth:`ModelRepository.apply_change`, verifying its own copy of th
 from gateway.models._datatypes import NUMPY_DTYPES
 from gateway.models._files import FileData
 from gateway.models._metadata import repository_attributes
-from gateway.models._pipeline import runtime_from_dir
+from gateway.models._pipeline import Verify, runtime_from_dir
 from gateway.models._repository import (
     LOAD,
     LOADED,
@@ -49,6 +49,7 @@ __all__ = [
     "ModelEntry",
     "ModelRepository",
     "TensorSpec",
+    "Verify",
     "model_change",
     "model_key",
     "repository_attributes",

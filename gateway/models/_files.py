@@ -12,6 +12,13 @@ refused instead of followed; hard-linked files (which could alias a file outside
 FIFOs, sockets and devices are refused; names must be plain relative POSIX names; the total
 size is bounded.
 
+Loading (``stage`` given), a plaintext file of at least ``STAGE_MIN_BYTES`` is not read into
+a buffer but copied by the kernel (``sendfile``) from the descriptor opened here into a
+private staging directory (:mod:`gateway.models._staging`), and hashed from a read-only
+mapping of that copy while the copy proceeds. Its bytes in :class:`ModelDir` are a view of
+that mapping: the copy is the file's verified bytes from then on, and ONNX Runtime maps it
+(not the original, which anyone able to write the model directory could change).
+
 What is left out, as ``model_signing`` leaves it out by default: the signature file and the
 top-level git paths ``.git``, ``.gitattributes``, ``.github``, ``.gitignore``. They are never
 opened, so they can never be loaded; a signature records them in its ignore paths.
@@ -22,6 +29,8 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import hashlib
+import logging
+import mmap
 import os
 import queue
 import stat
@@ -31,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.errors import ModelUnavailable
+from gateway.models._staging import STAGE_MIN_BYTES, Staging
 
 #: The OMS signature bundle: signs the directory, so it is not part of the signed file set.
 SIGNATURE_FILE = "model.sig"
@@ -49,6 +59,12 @@ _PIPELINE = 64 << 20
 _BATCH = 64
 #: A file's bytes: ``bytes``, or a read-only memoryview for large files (no copy).
 FileData = bytes | memoryview
+#: A file's SHA-256 (hex), or the future one of a staged file still being hashed.
+_Digest = str | concurrent.futures.Future[str]
+log = logging.getLogger(__name__)
+#: Hashes the staged files, each following its copy (bounded: a model may have many).
+_HASHERS = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1),
+                                                 thread_name_prefix="model-hash")
 _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -81,11 +97,19 @@ class ModelDir:
     directory: str = field(default="")
     #: Stored name -> size in bytes (also of files whose bytes were not kept).
     sizes: dict[str, int] = field(default_factory=dict)
+    #: Stored name -> its name in the staging directory, for the files staged (their bytes
+    #: in ``files`` are a read-only view of the staged copy).
+    staged: dict[str, str] = field(default_factory=dict)
+    #: Stored name -> the SHA-256 of a staged file still being hashed (read with
+    #: ``defer_staged_hashes``); such a name is in ``files`` and ``sizes``, not ``digests``.
+    pending: dict[str, concurrent.futures.Future[str]] = field(default_factory=dict)
 
 
 def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
                    on_bytes: Callable[[int], object] | None = None,
-                   keep_only: frozenset[str] | None = None) -> ModelDir:
+                   keep_only: frozenset[str] | None = None,
+                   stage: Staging | None = None,
+                   defer_staged_hashes: bool = False) -> ModelDir:
     """Read every file of ``directory`` into memory once, hashing each as it is read.
 
     Files are read in parallel (reading and hashing release the GIL); a large file is read
@@ -93,9 +117,13 @@ def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
     :class:`ModelFilesError` naming the offending file. ``on_bytes`` is called with the
     size of each piece read (a progress bar). With ``keep_only`` the bytes of other plaintext
     files are hashed and dropped (signing and ``model verify`` need their digests and sizes
-    only); the checks are the same.
+    only); the checks are the same. With ``stage``, large plaintext files are staged there
+    (see the module docstring); the caller removes the staging directory. With
+    ``defer_staged_hashes`` this returns once they are copied: their digests, still being
+    computed, are in ``pending`` instead of ``digests``.
     """
-    found: dict[str, tuple[FileData | None, str]] = {}
+    found: dict[str, tuple[FileData | None, _Digest]] = {}
+    staged: dict[str, str] = {}
     sizes: dict[str, int] = {}
     ignored: list[str] = []
     batch: list[tuple[int, int, str]] = []
@@ -132,27 +160,38 @@ def read_model_dir(directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
                         raise ModelFilesError("file-too-large", f"the model's files exceed the "
                                               f"{max_bytes}-byte limit", directory)
                     if len(batch) >= _BATCH:
-                        _read_batch(batch, found, directory, on_bytes, keep_only)
+                        _read_batch(batch, found, directory, on_bytes, keep_only, stage,
+                                    staged)
             finally:
                 os.close(dir_fd)
-        _read_batch(batch, found, directory, on_bytes, keep_only)
+        _read_batch(batch, found, directory, on_bytes, keep_only, stage, staged)
     finally:
         for fd, _, _ in batch:
             os.close(fd)
         for fd, _ in pending:
             os.close(fd)
     signature = found.pop(SIGNATURE_FILE, (None, ""))[0]
-    digests = {rel: found[rel][1] for rel in sorted(found)}
-    files = {rel: data for rel in digests if (data := found[rel][0]) is not None}
+    digests: dict[str, str] = {}
+    hashing: dict[str, concurrent.futures.Future[str]] = {}
+    for rel in sorted(found):
+        digest = found[rel][1]
+        if isinstance(digest, str):
+            digests[rel] = digest
+        elif defer_staged_hashes:
+            hashing[rel] = digest
+        else:
+            digests[rel] = digest.result()
+    files = {rel: data for rel in sorted(found) if (data := found[rel][0]) is not None}
     sizes.pop(SIGNATURE_FILE, None)
     return ModelDir(files, digests, None if signature is None else bytes(signature),
-                    tuple(ignored), str(directory), sizes)
+                    tuple(ignored), str(directory), sizes, staged, hashing)
 
 
 def _read_batch(batch: list[tuple[int, int, str]],
-                found: dict[str, tuple[FileData | None, str]], directory: Path,
+                found: dict[str, tuple[FileData | None, _Digest]], directory: Path,
                 on_bytes: Callable[[int], object] | None,
-                keep_only: frozenset[str] | None) -> None:
+                keep_only: frozenset[str] | None, stage: Staging | None,
+                staged: dict[str, str]) -> None:
     """Read and hash the opened files of ``batch`` in parallel, closing each; empties it."""
     if on_bytes is not None:
         lock = threading.Lock()
@@ -162,8 +201,15 @@ def _read_batch(batch: list[tuple[int, int, str]],
             with lock:
                 report(n)
 
-    def one(fd: int, size: int, rel: str) -> tuple[str, tuple[FileData | None, str]]:
+    def one(fd: int, size: int, rel: str) -> tuple[str, tuple[FileData | None, _Digest]]:
         try:
+            if stage is not None and keep_only is None and size >= STAGE_MIN_BYTES \
+                    and not rel.endswith(ENCRYPTED_SUFFIX) and rel != SIGNATURE_FILE:
+                # Encrypted files are decrypted in memory: their plaintext is never staged.
+                done = _stage(fd, size, rel, directory, on_bytes, stage)
+                if done is not None:
+                    staged[rel] = done[2]
+                    return rel, done[:2]
             if keep_only is None or rel in keep_only or rel.endswith(ENCRYPTED_SUFFIX) \
                     or rel == SIGNATURE_FILE:
                 return rel, _read_hashing(fd, size, rel, directory, on_bytes)
@@ -230,7 +276,7 @@ def _read_hashing(fd: int, size: int, rel: str, directory: Path,
     else:
         buf = bytearray(size)
         view = memoryview(buf)
-        pieces = _ReadAhead(fd, view)
+        pieces = _ReadAhead(lambda pos: os.readv(fd, [view[pos:pos + _CHUNK]]), size)
     got = 0
     for pos, n in pieces:
         h.update(view[pos:pos + n])
@@ -241,6 +287,71 @@ def _read_hashing(fd: int, size: int, rel: str, directory: Path,
         raise ModelFilesError("unreadable-file", f"{rel} changed size while being read",
                               directory)
     return (data if size <= _PIPELINE else view.toreadonly()), h.hexdigest()
+
+
+def _stage(fd: int, size: int, rel: str, directory: Path,
+           on_bytes: Callable[[int], object] | None, stage: Staging
+           ) -> tuple[FileData, concurrent.futures.Future[str], str] | None:
+    """Copy the file into ``stage``: (read-only view of the copy, its SHA-256 to come, name).
+
+    This thread copies with ``sendfile`` (in the kernel, from the descriptor opened by the
+    reader) and returns when the copy is complete; a pool thread hashes each piece already
+    copied through a read-only mapping of the copy (what is hashed is what ONNX Runtime will
+    map) and resolves the future, possibly after this returns. None when the file cannot be
+    staged (no space, a file system without ``sendfile``): the caller reads it into memory.
+    """
+    try:
+        out, name = stage.create()
+    except OSError as err:
+        log.warning("%s: cannot stage %s (%s); reading it into memory", directory, rel, err)
+        return None
+    copied: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+    digest: concurrent.futures.Future[str] = concurrent.futures.Future()
+    hasher: concurrent.futures.Future[None] | None = None
+    try:
+        os.ftruncate(out, size)
+        view = memoryview(mmap.mmap(out, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ))
+        hasher = _HASHERS.submit(_hash_pieces, view, copied, digest, on_bytes)
+        pos = 0
+        try:
+            while pos < size and (n := os.sendfile(out, fd, pos, min(_CHUNK, size - pos))):
+                copied.put((pos, n))
+                pos += n
+        finally:
+            copied.put(None)  # the hasher ends, however the copy did
+        if pos != size or os.pread(fd, 1, size):
+            raise ModelFilesError("unreadable-file", f"{rel} changed size while being read",
+                                  directory)
+        return view.toreadonly(), digest, name
+    except OSError as err:
+        log.warning("%s: cannot stage %s (%s); reading it into memory", directory, rel, err)
+        if hasher is not None:
+            hasher.result()
+        stage.discard(name)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return None
+    finally:
+        os.close(out)
+
+
+def _hash_pieces(view: memoryview, pieces: queue.SimpleQueue[tuple[int, int] | None],
+                 digest: concurrent.futures.Future[str],
+                 on_bytes: Callable[[int], object] | None) -> None:
+    """Hash the ``(offset, length)`` pieces of ``view`` as they come; None ends them."""
+    h = hashlib.sha256()
+    try:
+        while (piece := pieces.get()) is not None:
+            if digest.cancelled():  # the load was refused: the digest is not needed
+                return
+            pos, n = piece
+            h.update(view[pos:pos + n])
+            if on_bytes is not None:
+                on_bytes(n)
+        if digest.set_running_or_notify_cancel():
+            digest.set_result(h.hexdigest())
+    except BaseException as err:  # handed to whoever waits for the digest
+        if digest.set_running_or_notify_cancel():
+            digest.set_exception(err)
 
 
 def _hash_only(fd: int, size: int, rel: str, directory: Path,
@@ -261,19 +372,20 @@ def _hash_only(fd: int, size: int, rel: str, directory: Path,
 
 
 class _ReadAhead:
-    """Iterate ``(offset, length)`` of pieces of ``fd`` read into ``view`` by a helper thread."""
+    """Iterate ``(offset, length)`` of the pieces of a file a helper thread reads in order
+    (``step(offset)`` reads the next piece and returns its length, 0 at the end)."""
 
-    def __init__(self, fd: int, view: memoryview) -> None:
-        self._fd, self._view = fd, view
+    def __init__(self, step: Callable[[int], int], size: int) -> None:
+        self._step, self._size = step, size
         self._ready: queue.SimpleQueue[tuple[int, int] | OSError | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._read, name="model-read", daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
-        pos, size = 0, len(self._view)
+        pos, size = 0, self._size
         try:
             while pos < size:
-                n = os.readv(self._fd, [self._view[pos:pos + _CHUNK]])
+                n = self._step(pos)
                 if n == 0:
                     break
                 self._ready.put((pos, n))
@@ -302,9 +414,11 @@ def plaintext(model: ModelDir, decrypt: Callable[[FileData], bytes] | None
     files: dict[str, FileData] = {}
     digests: dict[str, str] = {}
     sizes: dict[str, int] = {}
-    for rel, digest in model.digests.items():
+    for rel in sorted(model.sizes):  # digests lacks the staged files still being hashed
         if not rel.endswith(ENCRYPTED_SUFFIX):
-            digests[rel], sizes[rel] = digest, model.sizes[rel]
+            sizes[rel] = model.sizes[rel]
+            if rel in model.digests:
+                digests[rel] = model.digests[rel]
             if rel in model.files:
                 files[rel] = model.files[rel]
             continue
@@ -313,7 +427,7 @@ def plaintext(model: ModelDir, decrypt: Callable[[FileData], bytes] | None
             raise ModelUnavailable(f"{rel} is encrypted: a key-encryption key is needed "
                                    "([signing] kek_file or kek_env, or --kek-file)")
         name = rel[: -len(ENCRYPTED_SUFFIX)]
-        if name in model.digests:
+        if name in model.sizes:
             raise ModelUnavailable(f"both {rel} and {name} are present")
         files[name] = decrypt(data)
         digests[name] = hashlib.sha256(files[name]).hexdigest()
@@ -321,9 +435,10 @@ def plaintext(model: ModelDir, decrypt: Callable[[FileData], bytes] | None
     return files, digests, sizes
 
 
-def files_digest(files: Mapping[str, FileData]) -> str:
-    """A digest naming an unsigned file set (served only with require_signature = false)."""
+def files_digest(digests: Mapping[str, str]) -> str:
+    """A digest naming an unsigned file set (served only with require_signature = false),
+    from the files' SHA-256 (name -> hex)."""
     h = hashlib.sha256()
-    for rel in sorted(files):
-        h.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
+    for rel in sorted(digests):
+        h.update(rel.encode() + b"\0" + bytes.fromhex(digests[rel]))
     return h.hexdigest()

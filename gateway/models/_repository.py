@@ -24,6 +24,7 @@ from gateway.models._files import FileData
 from gateway.models._messages import ort_message, redact
 from gateway.models._metadata import METADATA_FILE, model_attributes, parse_metadata
 from gateway.models._pipeline import OpenedVersion, Verify, open_version
+from gateway.models._staging import Staging, open_staging, remove_stale
 from gateway.models._tensors import RuntimeModel
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,11 @@ class ModelRepository:
         decrypt: Callable[[FileData], bytes] | None = None,
         on_event: EventSink | None = None,
         max_model_bytes: int = 2 * 1024**3,
+        staging_root: Path | None = None,
     ) -> None:
+        """``staging_root``: where large files are staged for ONNX Runtime to map
+        (:mod:`gateway.models._staging`; None: every file is loaded from memory). Staging
+        directories of dead processes there are removed now."""
         self._root = root
         self._session_options = session_options
         self._verify = verify
@@ -152,6 +157,8 @@ class ModelRepository:
         self._decrypt = decrypt
         self._on_event = on_event or (lambda kind, fields: None)
         self._max_bytes = max_model_bytes
+        self._staging_root = staging_root
+        remove_stale(self._staging_root)
         self._entries: dict[tuple[str, str], ModelEntry] = {}
         self._latest: dict[str, ModelEntry] = {}
         self._write_lock = threading.Lock()
@@ -253,7 +260,8 @@ class ModelRepository:
         for entry in [e for e in self._entries.values() if e.state == LOADED]:
             directory = self._root / entry.name / entry.version
             try:
-                opened = self._open(entry.name, entry.version, directory)
+                # Every check of a load, the bytes not kept (nothing is built from them).
+                opened = self._open(entry.name, entry.version, directory, load=False)
             except GatewayError as err:
                 changed.append(self._refuse(entry.name, entry.version,
                                             f"re-verification failed: {err}",
@@ -263,25 +271,38 @@ class ModelRepository:
                 changed.append(self.load(entry.name, entry.version))
         return changed
 
-    def _open(self, name: str, version: str, directory: Path) -> OpenedVersion:
+    def _open(self, name: str, version: str, directory: Path, *, load: bool = True,
+              stage: Staging | None = None) -> OpenedVersion:
         if (self._root / name).is_symlink():
             # The reader refuses links inside the version directory; the model directory
             # above it must not lead out of the repository either.
             raise ModelUnavailable(f"the directory of model {name!r} is a symbolic link; "
                                    "refused", detail=f"{self._root / name} is a symbolic link")
         return open_version(directory, name, version, verify=self._verify,
-                            decrypt=self._decrypt, max_bytes=self._max_bytes)
+                            decrypt=self._decrypt, max_bytes=self._max_bytes, load=load,
+                            stage=stage)
 
     def _build(self, name: str, version: str, directory: Path) -> LoadedModel:
-        opened = self._open(name, version, directory)
-        files = opened.files
-        if self._scan is not None:
-            self._scan(directory, files)
-        metadata = files.get(METADATA_FILE)
-        owner, labels = parse_metadata(None if metadata is None else bytes(metadata))
-        # _open loads (open_version's load=True), so the runtime model is always there.
-        assert opened.runtime is not None
-        session = self._session(name, version, opened.runtime)
+        # The staged copies live until the session exists, on every path out of here.
+        with open_staging(self._staging_root) as stage:
+            opened = self._open(name, version, directory, stage=stage)
+            files = opened.files
+            try:
+                if self._scan is not None:
+                    self._scan(directory, files)
+                metadata = files.get(METADATA_FILE)
+                owner, labels = parse_metadata(None if metadata is None else bytes(metadata))
+                # _open loads (open_version's load=True), so the runtime model is there.
+                assert opened.runtime is not None
+                session = self._session(name, version, opened.runtime)
+            except GatewayError:
+                # Staged files may still be being hashed: a digest mismatch is the reason
+                # (as it is when every digest is checked first), else this error.
+                opened.complete()
+                raise
+        # Every digest verified (the staged files' too) before the session is served; on a
+        # mismatch this raises, and the session built meanwhile is dropped unused.
+        opened = opened.complete()
         inputs = _specs(session.get_inputs(), "input")
         outputs = _specs(session.get_outputs(), "output")
         extras = {k: bytes(v) for k, v in files.items() if k == PROFILE_FILE}

@@ -10,11 +10,14 @@ their attribute defaults) and training info. A check that misses one of them let
 Runtime read any file the gateway can read and serve it as the model's output, so this module
 is the only place that enumerates them; the admission scanner and the loader both use it.
 
-:func:`runtime_model` is what makes ONNX Runtime never open a path for a model: every
-external tensor must name a file of the verified in-memory set, tensors other than main-graph
-initializers get their bytes inlined from that set, and main-graph initializers are handed to
-ONNX Runtime from memory as arrays over those bytes (``add_external_initializers``, replaced
-by name before anything is read), so nothing is left for ONNX Runtime to resolve on disk.
+:func:`runtime_model` is what makes ONNX Runtime never open a path of the model: every
+external tensor must name a file of the verified set, tensors other than main-graph
+initializers get their bytes inlined from that set, and main-graph initializers are either
+handed to ONNX Runtime from memory as arrays over those bytes (``add_external_initializers``,
+replaced by name before anything is read) or, when their file was staged by the reader,
+pointed at the staged copy: a name of ours (``f0``) in the private staging directory, which
+ONNX Runtime is told to read external data from (``FOLDER_KEY``) and maps itself. Nothing is
+left for ONNX Runtime to resolve anywhere else.
 """
 
 from __future__ import annotations
@@ -292,14 +295,17 @@ def checked_external_data(model: ModelProto, sizes: Mapping[str, int]) -> list[E
 
 @dataclass(frozen=True)
 class RuntimeModel:
-    """What ONNX Runtime gets: model bytes, and main-graph initializers as arrays.
+    """What ONNX Runtime gets: model bytes, main-graph initializers as arrays, and the
+    staging directory the other main-graph initializers name files of.
 
-    Each array is a view of the verified in-memory bytes (no copy); ONNX Runtime uses it in
-    place (``SessionOptions.add_external_initializers``), so it must outlive the session.
+    Each array is a view of the verified in-memory bytes (no copy), handed over with
+    ``SessionOptions.add_external_initializers``; keep this object alive as long as the
+    session. ``folder`` exists only until the session is built (the reader's staging).
     """
 
     model: bytes
     initializers: tuple[tuple[str, np.ndarray], ...]
+    folder: str | None = None
 
     def session(self, options: ort.SessionOptions) -> ort.InferenceSession:
         """An ONNX Runtime session over these bytes (ORT's own exceptions propagate).
@@ -308,6 +314,10 @@ class RuntimeModel:
         """
         import onnxruntime as ort
 
+        from gateway.models._staging import FOLDER_KEY
+
+        if self.folder is not None:
+            options.add_session_config_entry(FOLDER_KEY, self.folder)
         if self.initializers:
             options.add_external_initializers(
                 [name for name, _ in self.initializers],
@@ -326,26 +336,41 @@ _NUMPY_TYPES = frozenset({
     TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64})
 
 
-def runtime_model(model_bytes: FileData, files: Mapping[str, FileData]) -> RuntimeModel:
-    """The model as ONNX Runtime may load it: no external reference it could resolve on disk.
+def runtime_model(model_bytes: FileData, files: Mapping[str, FileData], *,
+                  staged: Mapping[str, str] | None = None,
+                  folder: str | None = None) -> RuntimeModel:
+    """The model as ONNX Runtime may load it: no external reference it could resolve on disk
+    outside ``folder``.
 
-    Every tensor's external data must be a valid slice of a file in ``files`` (the verified,
-    in-memory bytes), else the first :class:`ExternalDataError` is raised. Main-graph
-    initializers become arrays over those bytes; every other external tensor is inlined.
+    Every tensor's external data must be a valid slice of a file in ``files`` (the verified
+    bytes), else the first :class:`ExternalDataError` is raised. Main-graph initializers in a
+    file of ``staged`` (verified name -> name of its staged copy in ``folder``) name that
+    copy; other main-graph initializers become arrays over the bytes; every other external
+    tensor is inlined.
     """
     model = parse_model(model_bytes)
     refs = checked_external_data(model, {name: len(data) for name, data in files.items()})
+    staged = staged if folder is not None and staged else {}
     arrays: list[tuple[str, np.ndarray]] = []
+    seen: set[str] = set()
     for ref in refs:
         t = ref.site.tensor
         data = memoryview(files[ref.location])[ref.offset:ref.offset + ref.length]
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)) \
             if t.data_type in _NUMPY_TYPES else None
         if ref.site.main_initializer and dtype is not None:
-            if any(name == t.name for name, _ in arrays):
+            if t.name in seen:
                 # ONNX Runtime replaces by name: a second one would be left to its location.
                 raise ExternalDataError("external-data-malformed", f"{ref.site.kind} "
                                         f"({ref.site.where}): two initializers of that name")
+            seen.add(t.name)
+            if ref.location in staged:
+                # ONNX Runtime reads these bytes of our staged copy, already hashed.
+                del t.external_data[:]
+                for key, value in (("location", staged[ref.location]),
+                                   ("offset", str(ref.offset)), ("length", str(ref.length))):
+                    t.external_data.add(key=key, value=value)
+                continue
             array = np.frombuffer(data, dtype=dtype).reshape(list(t.dims))
             if ref.offset % dtype.alignment:
                 array = array.copy()  # ONNX Runtime's kernels expect aligned data
@@ -356,10 +381,13 @@ def runtime_model(model_bytes: FileData, files: Mapping[str, FileData]) -> Runti
             inline(t, data)
     # The guarantee, checked on what is handed over rather than assumed from the loop above.
     named = {name for name, _ in arrays}
+    ours = set(staged.values())
     for site in tensors(model):
-        if (is_external(site.tensor) or len(site.tensor.external_data)) and not (
-                site.main_initializer and site.tensor.name in named):
+        t = site.tensor
+        where = {e.key: e.value for e in t.external_data}.get("location")
+        if (is_external(t) or len(t.external_data)) and not (site.main_initializer and (
+                (t.name in named and where == IN_MEMORY) or where in ours)):
             raise ExternalDataError("external-data-outside",  # pragma: no cover - invariant
                                     f"{site.kind} ({site.where}) still refers to a file")
     serialized = model.SerializeToString() if refs else bytes(model_bytes)
-    return RuntimeModel(serialized, tuple(arrays))
+    return RuntimeModel(serialized, tuple(arrays), folder if ours else None)

@@ -138,7 +138,8 @@ class Gateway:
         options, verify, scan, decrypt = model_pipeline(config)
         self.models = ModelRepository(
             config.models.repository, session_options=options, verify=verify, scan=scan,
-            decrypt=decrypt, on_event=self._model_event)
+            decrypt=decrypt, on_event=self._model_event,
+            staging_root=config.models.staging_dir if config.models.stage_files else None)
         # The models' desired state first (what LoadModel/UnloadModel decided, on any
         # replica), then every other version on disk.
         self.coordinator = self.state.coordinator

@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from gateway.config import GatewayConfig
 from gateway.errors import ModelUnavailable
-from gateway.models import FileData
+from gateway.models import FileData, Verify
 
 
 class ModelPipeline(NamedTuple):
@@ -26,8 +26,7 @@ class ModelPipeline(NamedTuple):
     session_options: Callable[[], ort.SessionOptions]
     #: (name, version, files, digests, model.sig bytes or None) -> (digest, signer, rule), or
     #: None if unsigned and allowed to be.
-    verify: Callable[[str, str, dict[str, FileData], dict[str, str], bytes | None],
-                     tuple[str, str, str] | None]
+    verify: Verify
     #: (version directory, files): raises ModelUnavailable if the admission scan refuses.
     scan: Callable[[Path, dict[str, FileData]], None]
     #: An encrypted model file's bytes -> the plain ONNX bytes.

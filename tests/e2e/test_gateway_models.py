@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import grpc
@@ -105,3 +107,32 @@ def test_swapping_the_file_during_loads_never_serves_unverified_bytes(tmp_path):
     assert set(states) <= {"LOADED", "REFUSED"}
     if "LOADED" not in states:
         pytest.fail("no load saw the signed bytes; the swap test proved nothing")
+
+
+def test_a_large_model_is_staged_served_and_its_staging_directory_removed(tmp_path):
+    """``[models] staging_dir``: the weights of a signed large model are copied there, mapped
+    by ONNX Runtime and removed once loaded; the gateway serves the signed weights."""
+    from tests.support.signing import write_large_model
+
+    stage = tmp_path / "stage"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (stage / f"gw-stage-{dead}-crashed").mkdir(parents=True)  # left by a dead gateway
+    env = make_demo_env(tmp_path / "gw", models={"staging_dir": str(stage)})
+    version = env.models / "demo-types" / "2"
+    w = write_large_model(version)
+    (version / "metadata.toml").write_bytes(
+        (env.models / "demo-types" / "1" / "metadata.toml").read_bytes())
+    run_cli("model", "sign", str(version), "--key",
+            str(env.certs / "signing" / "demo-signer.key"))
+    gw = start_gateway(env)
+    try:
+        assert list(stage.iterdir()) == []  # the stale one removed; loaded: nothing left
+        x = np.array([[1.0, -2.0, 0.5, 3.0]], np.float32)
+        inp = tc.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        got = triton_client(gw, "scorer").infer("demo-types", [inp],
+                                                model_version="2").as_numpy("y")
+        assert np.allclose(got, x @ w, rtol=1e-4, atol=1e-4)
+    finally:
+        gw.stop()

@@ -90,3 +90,34 @@ def write_model(directory: Path, external: bool = False) -> Path:
         onnx.save_model(model, str(directory / "model.onnx"))
     (directory / "metadata.toml").write_text('owner = "team-a"\nlabels = ["demo"]\n')
     return directory
+
+
+#: ``write_large_model``'s weight shape: just over the 16 MiB from which files are staged.
+LARGE_MODEL_SHAPE = (4, (16 << 20) // 16 + 1024)
+
+
+def write_large_model(directory: Path, *, extra: TensorProto | None = None) -> np.ndarray:
+    """``y = x @ w`` with ``w`` (over 16 MiB) in ``weights.bin`` at offset 64; returns w."""
+    directory.mkdir(parents=True)
+    w = np.random.default_rng(7).normal(size=LARGE_MODEL_SHAPE).astype(np.float32)
+    (directory / "weights.bin").write_bytes(b"\1" * 64 + w.tobytes())
+    t = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=list(w.shape),
+                    data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", "weights.bin"), ("offset", "64"),
+                       ("length", str(w.nbytes))):
+        t.external_data.add(key=key, value=value)
+    rows, cols = LARGE_MODEL_SHAPE
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    inits = [t]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])]
+    if extra is not None:
+        inits.append(extra)
+        nodes.append(helper.make_node("Identity", [extra.name], ["leak"]))
+        outputs.append(helper.make_tensor_value_info("leak", extra.data_type, list(extra.dims)))
+    graph = helper.make_graph(nodes, "staged",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (directory / "model.onnx").write_bytes(model.SerializeToString())
+    return w

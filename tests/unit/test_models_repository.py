@@ -126,3 +126,18 @@ def test_model_names_and_versions_are_matched_whole():
                           ("demo-mlp", "1/../2"), ("", "1")):
         with pytest.raises(ModelUnavailable):
             check_name(name, version)
+
+
+def test_reverify_of_an_unsigned_model_reloads_it_only_when_its_files_changed(tmp_path):
+    """Re-verification reads without keeping the bytes; the unsigned digest it computes
+    must be the load's, or every interval would reload every unsigned model."""
+    repo = tmp_path / "models"
+    build_demo_repository(repo)
+    models = ModelRepository(repo, session_options=_options, verify=None)
+    assert {e.state for e in models.load_all()} == {LOADED}
+    assert models.reverify() == []
+    with open(repo / "demo-types" / "1" / "metadata.toml", "a") as f:
+        f.write("# changed\n")
+    changed = models.reverify()
+    assert [(e.name, e.state) for e in changed] == [("demo-types", LOADED)]
+    assert models.reverify() == []

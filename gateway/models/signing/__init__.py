@@ -178,20 +178,23 @@ class VerifiedModel:
 def verify_files(model_name: str, files: Mapping[str, FileData], bundle: bytes,
                  settings: SigningSettings, *, version: str = "",
                  digests: Mapping[str, str] | None = None,
-                 now: datetime | None = None) -> VerifiedModel:
+                 now: datetime | None = None,
+                 pending: frozenset[str] = frozenset()) -> VerifiedModel:
     """Verify ``bundle`` (model.sig bytes) over ``files`` (relative POSIX name -> plaintext).
 
     ``files`` must hold every file of the version directory except ``model.sig`` and the
     ignored git paths (as :func:`gateway.models._files.read_model_dir` returns them); one
     not in the signed manifest is refused, never ignored. ``digests`` are the files'
-    SHA-256 if already computed while reading. Raises :class:`SignatureError`.
+    SHA-256 if already computed while reading. ``pending`` names files present whose digest
+    is not known yet: everything else is verified, and their digests are taken as signed, so
+    the caller must verify again once they are known (see :func:`verifier`). Raises
+    :class:`SignatureError`.
     """
     if digests is None:
         digests = _manifest.digests_of_bytes(files)
-    else:
-        for name in digests:
-            _manifest.check_name(name, "file name")
-    return _verify(model_name, version, dict(digests), bundle, settings, now)
+    for name in (*digests, *pending):
+        _manifest.check_name(name, "file name")
+    return _verify(model_name, version, dict(digests), bundle, settings, now, pending)
 
 
 def verifier(settings: SigningSettings, *, now: datetime | None = None) -> _pipeline.Verify:
@@ -201,21 +204,26 @@ def verifier(settings: SigningSettings, *, now: datetime | None = None) -> _pipe
     served unverified (the step returns None); a present signature must always verify.
     The step remembers the versions its ``no_rollback`` rules admitted, per model name, so
     a version lower than one already admitted (and not admitted itself) is refused.
+
+    Called with ``pending`` (staged files still being hashed, :mod:`gateway.models._pipeline`)
+    it checks everything but those digests and neither checks nor records rollback: the
+    pipeline calls it again, without ``pending``, over every digest, and that call decides.
     """
     rules = {rule.name: rule for rule in settings.trust}
     admitted: dict[str, set[int]] = {}
     lock = threading.Lock()
 
     def verify(name: str, version: str, files: dict[str, FileData], digests: dict[str, str],
-               bundle: bytes | None) -> tuple[str, str, str] | None:
+               bundle: bytes | None, *, pending: frozenset[str] = frozenset()
+               ) -> tuple[str, str, str] | None:
         if bundle is None:
             if settings.require_signature:
                 raise SignatureError(f"model {name!r} is unsigned (no {SIGNATURE_NAME}); "
                                      "refused")
             return None
         verified = verify_files(name, files, bundle, settings, version=version,
-                                digests=digests, now=now)
-        if rules[verified.rule].no_rollback and version.isdigit():
+                                digests=digests, now=now, pending=pending)
+        if rules[verified.rule].no_rollback and version.isdigit() and not pending:
             with lock:
                 seen = admitted.setdefault(name, set())
                 if seen and int(version) not in seen and int(version) < max(seen):
@@ -246,8 +254,10 @@ def verify_model(model_dir: Path, settings: SigningSettings, *, model_name: str 
     result: list[VerifiedModel] = []
 
     def verify(name: str, version: str, files: dict[str, FileData], digests: dict[str, str],
-               bundle: bytes | None) -> tuple[str, str, str] | None:
-        verified = check(name, version, files, digests, bundle)
+               bundle: bytes | None, *, pending: frozenset[str] = frozenset()
+               ) -> tuple[str, str, str] | None:
+        # load=False below: nothing is staged, so nothing is ever pending here.
+        verified = check(name, version, files, digests, bundle, pending=pending)
         # require_signature is set: an unsigned model raised instead of returning None.
         assert verified is not None
         digest, signer, rule = verified
@@ -262,7 +272,8 @@ def verify_model(model_dir: Path, settings: SigningSettings, *, model_name: str 
 
 
 def _verify(model_name: str, version: str, digests: dict[str, str], blob: bytes,
-            settings: SigningSettings, now: datetime | None) -> VerifiedModel:
+            settings: SigningSettings, now: datetime | None,
+            pending: frozenset[str] = frozenset()) -> VerifiedModel:
     now = now or datetime.now(UTC)
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
@@ -280,6 +291,8 @@ def _verify(model_name: str, version: str, digests: dict[str, str], blob: bytes,
         statement = _bundle.parse_statement(bundle.payload)
     except _bundle.BundleError as err:
         raise SignatureError(f"{where}: signed manifest refused: {err}", admitted.rule) from err
+    for name in pending:  # present, digest not known yet: taken as signed (see verify_files)
+        digests[name] = statement.resources.get(name, "")
     problems = _manifest.differences(statement.resources, digests, statement.ignore_paths)
     if problems:
         raise SignatureError(f"{where} does not match its signature: " + "; ".join(problems),
