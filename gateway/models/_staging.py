@@ -30,6 +30,7 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 from pathlib import Path
 from types import TracebackType
 
@@ -53,13 +54,15 @@ class Staging:
         self._dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                                | os.O_CLOEXEC)
         self._names: list[str] = []
+        self._lock = threading.Lock()  # the reader stages several files at once
 
     def create(self) -> tuple[int, str]:
         """A new empty file of ours: (read-write descriptor, its name in :attr:`folder`)."""
-        name = f"f{len(self._names)}"
+        with self._lock:
+            name = f"f{len(self._names)}"
+            self._names.append(name)
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=self._dir_fd)
-        self._names.append(name)
         return fd, name
 
     def discard(self, name: str) -> None:
