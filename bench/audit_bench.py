@@ -288,8 +288,8 @@ def compare_packages(old: str, rounds: int = 3, n: int = 1_000_000) -> None:
                 for name, env in (("before", {"PYTHONPATH": old}), ("after", {})):
                     out = subprocess.run(
                         [sys.executable, "-c", script, str(s.directory), str(vkey), str(jobs)],
-                        env={**os.environ, **env}, check=True, capture_output=True,
-                        text=True).stdout.split()
+                        env={**os.environ, **env}, cwd=tmp,  # not this checkout's gateway/
+                        check=True, capture_output=True, text=True).stdout.split()
                     records, wall, cpu = int(out[0]), float(out[1]), float(out[2])
                     assert (name == "before") == out[3].startswith(old), out[3]
                     print(f"  round {r} {name:6s} {jobs} process(es) {records / wall:10,.0f} "
