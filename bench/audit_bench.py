@@ -297,6 +297,63 @@ def compare_packages(old: str, rounds: int = 3, n: int = 1_000_000) -> None:
                           f"(load {os.getloadavg()[0]:.1f})", flush=True)
 
 
+def compare_scans(old: str, rounds: int = 3, n: int = 1_000_000) -> None:
+    """Before/after of a verify worker, segment by segment, in one process: the ``gateway``
+    package unpacked at ``old`` (``git archive REV gateway | tar -x -C /tmp/before``) is loaded
+    as ``gateway_before`` beside this one, and each full segment of an ``n``-record log is
+    scanned by both, in alternating order; CPU time (user + system) per record, and the ratio
+    after/before of each pair (the load moves between pairs far more than within one)."""
+    import gc
+    import importlib
+    import re
+    import shutil
+    import statistics
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # The old package under another name, so both load in one process.
+        shutil.copytree(Path(old) / "gateway", Path(tmp) / "gateway_before")
+        pattern = re.compile(r"\b(from|import) gateway\b")
+        for path in (Path(tmp) / "gateway_before").rglob("*.py"):
+            path.write_text(pattern.sub(r"\1 gateway_before", path.read_text()))
+        sys.path.insert(0, tmp)
+        try:
+            before = importlib.import_module("gateway_before.audit._verify")
+        finally:
+            sys.path.remove(tmp)
+        from gateway.audit import _verify
+        from gateway.audit._store import scan_segments
+
+        s = _synthetic_log(Path(tmp), n)
+        full = scan_segments(s.directory)[0][:-1]  # the last segment is not full
+        cpu: dict[str, list[float]] = {"before": [], "after": []}
+        loads = []
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for r in range(rounds):
+                for k, (first, path) in enumerate(full):
+                    pair = [("before", before), ("after", _verify)]
+                    for name, module in pair if (r + k) % 2 else pair[::-1]:
+                        use0 = resource.getrusage(resource.RUSAGE_SELF)
+                        count = module._scan(str(path), first, False, ()).count
+                        use1 = resource.getrusage(resource.RUSAGE_SELF)
+                        cpu[name].append((use1.ru_utime - use0.ru_utime + use1.ru_stime
+                                          - use0.ru_stime) / count * 1e6)
+                    loads.append(os.getloadavg()[0])
+        finally:
+            if enabled:
+                gc.enable()
+        print(f"  {len(cpu['after'])} segment pairs, load {min(loads):.1f}-{max(loads):.1f}")
+        for name, values in cpu.items():
+            values.sort()
+            print(f"  {name:6s} us CPU a record: min {values[0]:.2f}, quartile "
+                  f"{values[len(values) // 4]:.2f}, median {statistics.median(values):.2f}")
+        ratios = sorted(a / b for a, b in zip(cpu["after"], cpu["before"], strict=True))
+        print(f"  after/before per pair: median {statistics.median(ratios):.3f} (quartiles "
+              f"{ratios[len(ratios) // 4]:.3f}, {ratios[3 * len(ratios) // 4]:.3f})")
+
+
 def compare_verifiers(old: str, rounds: int = 2, n: int = 1_000_000) -> None:
     """Before/after: the ``_verify.py`` at ``old`` (e.g. ``git show REV:gateway/audit/_verify.py
     > /tmp/old_verify.py``) and the current one, alternated on one ``n``-record log, with CPU
