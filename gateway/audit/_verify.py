@@ -48,8 +48,8 @@ GENESIS_PREV = "0" * 64
 #: Exit statuses of ``gateway audit verify`` (2 is a usage or input error, from the CLI).
 OK, DAMAGED, NOT_COVERED = 0, 1, 3
 _MAX_FINDINGS = 100
-#: Bytes of a segment read and checked at a time inside a worker: about a core's L2 cache, so
-#: a block's records are still cached when they are hashed (bounds memory, not results).
+#: Bytes of a segment read and checked at a time inside a worker (bounds its memory, not its
+#: results; see read_segment for why not the whole segment).
 _CHUNK = 1 << 20
 #: Records parsed and written back per call in the canonical check (see _check_batch).
 _GROUP = 16
@@ -356,8 +356,8 @@ def _scan(path: str, start: int, last: bool, cuts: tuple[int, ...]) -> _Part:
 def _scan_once(path: str, start: int, last: bool, cuts: tuple[int, ...], *,
                strict: bool) -> _Part:
     """One pass over a segment, a block at a time (:func:`read_segment`): each block's records
-    are parsed, hashed and linked while the block is still in the core's cache. ``strict``:
-    raise :class:`SegmentDamaged` instead of reporting it."""
+    are parsed, hashed and linked, then only their leaf hashes are kept. ``strict``: raise
+    :class:`SegmentDamaged` instead of reporting it."""
     findings: list[tuple[str, int, str]] = []
     tail = Tail()
     leaves: list[bytes] = []
