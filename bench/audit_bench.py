@@ -25,11 +25,12 @@ import time
 from pathlib import Path
 
 from gateway.audit import AuditLog, AuditSettings, ensure_keys, offline
-from gateway.audit._canonical import check, dumps, encode, encode_checked, loads
+from gateway.audit._canonical import check, encode, encode_checked
 from gateway.audit._keys import load_signer
 from gateway.audit._merkle import Levels, Tree, leaf_hash
 from gateway.audit._note import Checkpoint
 from gateway.audit._store import FileStore
+from gateway.audit._verify import _check_batch
 
 DECISION = {
     "caller": {"id": "spiffe://demo.local/svc/scorer", "cert_sha256": "ab" * 32,
@@ -184,13 +185,13 @@ def verify_figures(root: Path, n: int) -> None:
                      (_cpu_seconds() - cpu0) / report.records * 1e6))
     sha1 = _rate(lambda: list(map(leaf_hash, sample)), len(sample))
     sha = (sha0 + sha1) / 2
-    json_rate = _rate(lambda: [dumps(loads(r)) == r for r in sample], len(sample))
+    json_rate = _rate(lambda: _check_batch(sample, 0, []), len(sample))
     leaves = list(map(leaf_hash, sample))
     tree_rate = _rate(lambda: Levels(0, leaves), len(sample))
     print(f"  SHA-256 leaf hashes, 1 core  {sha:10,.0f} /s   1.00x   (before {sha0:,.0f}, "
           f"after {sha1:,.0f})")
     print(f"  canonical JSON check, 1 core {json_rate:10,.0f} /s {json_rate / sha:6.2f}x   "
-          "(parse + re-encode + compare)")
+          "(parse, write back in groups, compare)")
     print(f"  tree over leaf hashes, 1 core{tree_rate:10,.0f} /s {tree_rate / sha:6.2f}x")
     for jobs, rate, cpu_us in runs:
         print(f"  verify, {jobs} process{'es' if jobs > 1 else '  '}        {rate:10,.0f} "
@@ -205,46 +206,160 @@ def verify_figures(root: Path, n: int) -> None:
 def verify_steps(n: int = 80_000) -> None:
     """CPU time per record of each step of a verify worker, over the first (full) segment of
     an ``n``-record log (``python -c "import bench.audit_bench as b; b.verify_steps()"``; gc
-    off, as in the workers). Best of three per step: the machine is shared."""
+    off, as in the workers). Each step is measured as the worker runs it, block by block (its
+    records in the cache), cumulatively: a line's figure less the one above is that step's
+    cost. Best of five per step: the machine is shared."""
     import gc
 
-    from gateway.audit._segment import parse_segment
-    from gateway.audit._verify import _BATCH, _check_batch, _scan, _suspects
+    from gateway.audit._merkle import leaf_hashes
+    from gateway.audit._segment import Tail, read_segment
+    from gateway.audit._verify import _CHUNK, _check_batch, _scan, _suspects
+
+    def upto(step: int) -> int:
+        count, leaves = 0, []
+        for block, records in read_segment(str(path), Tail(), last=False, chunk=_CHUNK):
+            count += len(records)
+            if step >= 1:
+                suspects = _suspects(block, records)
+            if step >= 2:
+                _check_batch(records, 0, suspects)
+            if step >= 3:
+                hashes = leaf_hashes(records)
+                leaves += hashes
+            if step >= 4:
+                list(map(bytes.hex, hashes))
+        if step >= 5:
+            Levels(0, leaves)
+        return count
 
     with tempfile.TemporaryDirectory() as tmp:
         s = _synthetic_log(Path(tmp), n)
         path = min((s.directory / "segments").iterdir())
-        data = path.read_bytes()
-        records = parse_segment(data, last=False).records
-        n = len(records)
-        leaves = list(map(leaf_hash, records))
-        batches = [records[b:b + _BATCH] for b in range(0, n, _BATCH)]
         steps = {
-            "read the segment": path.read_bytes,
-            "split it into records (the segment rule)": lambda: parse_segment(data, last=False),
-            "float and non-ASCII scan (one pass)": lambda: _suspects(data, records),
-            "canonical check: parse, re-encode, compare": lambda: [
-                _check_batch(batch, 0, []) for batch in batches],
-            "SHA-256 leaf hashes": lambda: list(map(leaf_hash, records)),
-            "hex of the leaves (prev links)": lambda: list(map(bytes.hex, leaves)),
-            "the tree over the leaves": lambda: Levels(0, leaves),
-            "the whole worker (_scan)": lambda: _scan(str(path), 0, False, ()),
+            "read in blocks, split into records": lambda: upto(0),
+            "+ float and non-ASCII scan": lambda: upto(1),
+            "+ canonical check (parse, write back, compare)": lambda: upto(2),
+            "+ SHA-256 leaf hashes": lambda: upto(3),
+            "+ hex of the leaves (prev links)": lambda: upto(4),
+            "+ the tree over the leaves": lambda: upto(5),
+            "the whole worker (_scan)": lambda: _scan(str(path), 0, False, ()).count,
         }
         enabled = gc.isenabled()
         gc.disable()
         try:
-            for label, fn in steps.items():
-                best = min(_cpu(fn) for _ in range(3))
-                print(f"  {label:45s} {best / n * 1e6:5.2f} us a record")
+            best = dict.fromkeys(steps, float("inf"))
+            for _ in range(5):
+                for label, fn in steps.items():
+                    started = time.process_time()
+                    count = fn()
+                    best[label] = min(best[label], (time.process_time() - started) / count)
+            for label, seconds in best.items():
+                print(f"  {label:48s} {seconds * 1e6:5.2f} us a record")
+            print(f"  ({count:,} records, load {os.getloadavg()[0]:.1f})")
         finally:
             if enabled:
                 gc.enable()
 
 
+def compare_packages(old: str, rounds: int = 3, n: int = 1_000_000) -> None:
+    """Before/after of the whole verifier: the ``gateway`` package unpacked at ``old`` (e.g.
+    ``git archive REV gateway | tar -x -C /tmp/before``) and this one, each verifying the same
+    ``n``-record log in a fresh process, alternated, one and two worker processes; CPU time per
+    record is user + system of the verifying process and its workers."""
+    import subprocess
+    import sys
+
+    script = ("import os, resource, sys, time; from pathlib import Path; "
+              "from gateway.audit import offline; "
+              "vkey = offline.parse_verifier(Path(sys.argv[2]).read_text()); "
+              "started = time.perf_counter(); "
+              "report = offline.verify_log(Path(sys.argv[1]), vkey, jobs=int(sys.argv[3])); "
+              "wall = time.perf_counter() - started; assert report.ok, report.summary(); "
+              "use = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, "
+              "resource.RUSAGE_CHILDREN)]; "
+              "cpu = sum(u.ru_utime + u.ru_stime for u in use); "
+              "print(report.records, wall, cpu, offline.__file__)")
+    with tempfile.TemporaryDirectory() as tmp:
+        s = _synthetic_log(Path(tmp), n)
+        vkey = Path(tmp) / "log.vkey"
+        vkey.write_text(load_signer(s.signing_key).vkey)
+        for r in range(rounds):
+            for jobs in (1, 2):
+                for name, env in (("before", {"PYTHONPATH": old}), ("after", {})):
+                    out = subprocess.run(
+                        [sys.executable, "-c", script, str(s.directory), str(vkey), str(jobs)],
+                        env={**os.environ, **env}, cwd=tmp,  # not this checkout's gateway/
+                        check=True, capture_output=True, text=True).stdout.split()
+                    records, wall, cpu = int(out[0]), float(out[1]), float(out[2])
+                    assert (name == "before") == out[3].startswith(old), out[3]
+                    print(f"  round {r} {name:6s} {jobs} process(es) {records / wall:10,.0f} "
+                          f"records/s {cpu / records * 1e6:5.2f} us CPU a record "
+                          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+
+
+def compare_scans(old: str, rounds: int = 3, n: int = 1_000_000) -> None:
+    """Before/after of a verify worker, segment by segment, in one process: the ``gateway``
+    package unpacked at ``old`` (``git archive REV gateway | tar -x -C /tmp/before``) is loaded
+    as ``gateway_before`` beside this one, and each full segment of an ``n``-record log is
+    scanned by both, in alternating order; CPU time (user + system) per record, and the ratio
+    after/before of each pair (the load moves between pairs far more than within one)."""
+    import gc
+    import importlib
+    import re
+    import shutil
+    import statistics
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # The old package under another name, so both load in one process.
+        shutil.copytree(Path(old) / "gateway", Path(tmp) / "gateway_before")
+        pattern = re.compile(r"\b(from|import) gateway\b")
+        for path in (Path(tmp) / "gateway_before").rglob("*.py"):
+            path.write_text(pattern.sub(r"\1 gateway_before", path.read_text()))
+        sys.path.insert(0, tmp)
+        try:
+            before = importlib.import_module("gateway_before.audit._verify")
+        finally:
+            sys.path.remove(tmp)
+        from gateway.audit import _verify
+        from gateway.audit._store import scan_segments
+
+        s = _synthetic_log(Path(tmp), n)
+        full = scan_segments(s.directory)[0][:-1]  # the last segment is not full
+        cpu: dict[str, list[float]] = {"before": [], "after": []}
+        loads = []
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for r in range(rounds):
+                for k, (first, path) in enumerate(full):
+                    pair = [("before", before), ("after", _verify)]
+                    for name, module in pair if (r + k) % 2 else pair[::-1]:
+                        use0 = resource.getrusage(resource.RUSAGE_SELF)
+                        count = module._scan(str(path), first, False, ()).count
+                        use1 = resource.getrusage(resource.RUSAGE_SELF)
+                        cpu[name].append((use1.ru_utime - use0.ru_utime + use1.ru_stime
+                                          - use0.ru_stime) / count * 1e6)
+                    loads.append(os.getloadavg()[0])
+        finally:
+            if enabled:
+                gc.enable()
+        print(f"  {len(cpu['after'])} segment pairs, load {min(loads):.1f}-{max(loads):.1f}")
+        for name, values in cpu.items():
+            values.sort()
+            print(f"  {name:6s} us CPU a record: min {values[0]:.2f}, quartile "
+                  f"{values[len(values) // 4]:.2f}, median {statistics.median(values):.2f}")
+        ratios = sorted(a / b for a, b in zip(cpu["after"], cpu["before"], strict=True))
+        print(f"  after/before per pair: median {statistics.median(ratios):.3f} (quartiles "
+              f"{ratios[len(ratios) // 4]:.3f}, {ratios[3 * len(ratios) // 4]:.3f})")
+
+
 def compare_verifiers(old: str, rounds: int = 2, n: int = 1_000_000) -> None:
     """Before/after: the ``_verify.py`` at ``old`` (e.g. ``git show REV:gateway/audit/_verify.py
     > /tmp/old_verify.py``) and the current one, alternated on one ``n``-record log, with CPU
-    time per record (user + system of this process and its finished workers)."""
+    time per record (user + system of this process and its finished workers). The old module
+    runs on today's other modules (segment reader, canonical scan, tree); for a change that
+    spans them, :func:`compare_packages`."""
     import importlib.util
     import sys
 

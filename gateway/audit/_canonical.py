@@ -42,10 +42,13 @@ _MAX_INT = 2**53 - 1
 _MAX_DEPTH = 16
 # Where a float may sit in bytes that orjson itself wrote: every float it writes holds a digit
 # then '.' then a digit ("1.5", "1.0") or a digit then "e+"/"e-" and a digit ("1e+16", "1e-7").
-# Each regex starts with one literal byte, which the engine scans for in C; '+' is rare enough
-# to test for first, and "e-" is found from its '-' (the 'e' of hex digests would slow a scan
-# led by 'e'). The digit before a hit is checked in Python, on the rare hits only.
-_DOT, _PLUS, _MINUS = re.compile(rb"\.\d"), re.compile(rb"e\+\d"), re.compile(rb"-\d")
+# Each regex starts with one literal byte, which the engine scans for in C ('+' is rare enough
+# to test for first, and "e-" is found from its '-': the 'e' of hex digests would slow a scan led
+# by 'e'); the lookbehinds, checked only at those bytes, keep the dashes of UUIDs and the dots
+# of host names from becoming hits to filter in Python (bench/README.md).
+_DOT = re.compile(rb"\.(?<=\d\.)\d")
+_PLUS = re.compile(rb"\+(?<=\de\+)\d")
+_MINUS = re.compile(rb"-(?<=\de-)\d")
 
 
 def float_positions(data: bytes) -> list[int]:
@@ -56,8 +59,8 @@ def float_positions(data: bytes) -> list[int]:
     hits = [m.start() for m in _DOT.finditer(data)]
     if b"+" in data:
         hits += [m.start() for m in _PLUS.finditer(data)]
-    hits += [m.start() - 1 for m in _MINUS.finditer(data) if data[m.start() - 1] == 101]  # 'e'
-    return [h for h in hits if h > 0 and 48 <= data[h - 1] <= 57]
+    hits += [m.start() for m in _MINUS.finditer(data)]
+    return hits
 
 
 def may_hold_float(data: bytes) -> bool:

@@ -31,6 +31,21 @@ def node_hash(left: bytes, right: bytes) -> bytes:
     return _sha256(b"\x01" + left + right).digest()
 
 
+def leaf_hashes(entries: list[bytes]) -> list[bytes]:
+    """``leaf_hash`` of each entry: the same rule, without a Python call per entry (the
+    verifier hashes a million records)."""
+    sha256, prefix = _sha256, b"\x00"
+    return [sha256(prefix + e).digest() for e in entries]
+
+
+def _parents(nodes: list[bytes]) -> list[bytes]:
+    """``node_hash`` of each pair (nodes[0], nodes[1]), (nodes[2], nodes[3]), ...: the same
+    rule, without a Python call per node."""
+    sha256, prefix = _sha256, b"\x01"
+    return [sha256(prefix + left + right).digest()
+            for left, right in zip(nodes[0::2], nodes[1::2], strict=True)]
+
+
 def _split(n: int) -> int:
     """The largest power of two strictly smaller than ``n`` (n > 1): RFC 9162's k."""
     return 1 << ((n - 1).bit_length() - 1)
@@ -182,9 +197,10 @@ class CompactRange:
 class Levels:
     """Every complete aligned subtree hash over the leaves ``[start, start + len(leaves))``.
 
-    Built level by level (one ``map`` of :func:`node_hash` per level, the fastest way to hash a
-    range in Python), so that a verifier working on one piece of a log can hand back the
-    piece's aligned subtrees (:meth:`decompose`) and the main process stitches pieces exactly.
+    Built level by level (one comprehension of :func:`node_hash`'s rule per level, the fastest
+    way to hash a range in Python), so that a verifier working on one piece of a log can hand
+    back the piece's aligned subtrees (:meth:`decompose`) and the main process stitches pieces
+    exactly.
     """
 
     def __init__(self, start: int, leaves: list[bytes]) -> None:
@@ -199,7 +215,7 @@ class Levels:
             pairs = nodes[first - lo:]
             if len(pairs) & 1:
                 pairs = pairs[:-1]
-            lo, nodes = first >> 1, list(map(node_hash, pairs[0::2], pairs[1::2]))
+            lo, nodes = first >> 1, _parents(pairs)
 
     def decompose(self, end: int | None = None) -> list[tuple[int, bytes]]:
         """The maximal aligned perfect subtrees covering ``[start, end)``, left to right."""

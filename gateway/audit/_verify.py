@@ -25,19 +25,20 @@ from __future__ import annotations
 import gc
 import os
 import time
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import accumulate, pairwise, repeat
 from multiprocessing import get_context
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 from gateway.audit import _canonical
-from gateway.audit._merkle import EMPTY_ROOT, CompactRange, Levels, leaf_hash
+from gateway.audit._merkle import EMPTY_ROOT, CompactRange, Levels, leaf_hashes
 from gateway.audit._note import NoteError, Verifier, open_checkpoint, parse_checkpoint
-from gateway.audit._segment import SegmentDamaged, parse_segment
+from gateway.audit._segment import SegmentDamaged, Tail, read_segment
 from gateway.audit._store import CHECKPOINT, CHECKPOINTS, SEGMENTS
 from gateway.audit._store import scan_segments as list_segments
 
@@ -47,8 +48,12 @@ GENESIS_PREV = "0" * 64
 #: Exit statuses of ``gateway audit verify`` (2 is a usage or input error, from the CLI).
 OK, DAMAGED, NOT_COVERED = 0, 1, 3
 _MAX_FINDINGS = 100
-#: Records parsed at a time inside a worker (bounds its memory, not its results).
-_BATCH = 4096
+#: Bytes of a segment read and checked at a time inside a worker (bounds its memory, not its
+#: results; see read_segment for why not the whole segment).
+_CHUNK = 1 << 20
+#: Records parsed and written back per call in the canonical check (see _check_batch).
+_GROUP = 16
+_V, _SEQ, _PREV = itemgetter("v"), itemgetter("seq"), itemgetter("prev")
 
 
 @dataclass(frozen=True)
@@ -268,22 +273,34 @@ def _check_batch(records: list[bytes], start: int, suspects: list[int]) -> tuple
     ``suspects`` are the batch positions of records whose bytes may hide a float or a non-ASCII
     key even when they equal their re-encoding (:func:`_suspects`): those are also walked.
 
-    Fast path: one comprehension that parses, re-encodes, compares and keeps only v, seq and
-    prev (each parsed record is freed at once: holding a batch of them alive costs more, in
-    cache misses; bench/README.md). Any exception or mismatch sends the batch to the walk that
-    names what is wrong, record by record, with :func:`_canonical.decode_canonical` (the one
-    rule).
+    Fast path, a group of :data:`_GROUP` records at a time: each record is parsed on its own,
+    and the group's parsed records are written back in one call, ``[A0,A1,...]``, and compared
+    with ``R0,R1,...`` joined from the records. Equal joins mean every Ai equals its Ri: both
+    are whole JSON texts (Ri parsed alone, Ai is orjson's output), so were one shorter, the
+    other would be a whole JSON value followed by a comma, which is not JSON. One call per group
+    instead of one per record, and only a group's parsed records alive at a time (holding more
+    costs more in cache misses; bench/README.md). Any exception or mismatch sends the batch to
+    the walk that names what is wrong, record by record, with
+    :func:`_canonical.decode_canonical` (the one rule).
     """
     loads, dumps = _canonical.loads, _canonical.dumps
     try:
-        rows = [(dumps(o := loads(r)) == r, o["v"], o["seq"], o["prev"]) for r in records]
-        same, versions, seqs, prevs = zip(*rows, strict=True) if rows else ((), (), (), ())
+        versions: list[Any] = []
+        seqs: list[Any] = []
+        prevs: list[Any] = []
+        for g in range(0, len(records), _GROUP):
+            group = records[g:g + _GROUP]
+            parsed = list(map(loads, group))
+            if dumps(parsed)[1:-1] != b",".join(group):   # (a list's output: "[" ... "]")
+                raise ValueError("not canonical")
+            versions += map(_V, parsed)
+            seqs += map(_SEQ, parsed)
+            prevs += map(_PREV, parsed)
         # (a bool is an int equal to 1 or 0: check the type too)
-        if False not in same and set(versions) <= {SCHEMA_VERSION} and \
-                set(map(type, versions)) <= {int}:
+        if set(versions) <= {SCHEMA_VERSION} and set(map(type, versions)) <= {int}:
             for k in suspects:
                 _canonical.check(loads(records[k]))
-            return list(seqs), list(prevs), []
+            return seqs, prevs, []
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         pass  # _canonical.EncodingError is a ValueError
     walked_seqs: list[Any] = []
@@ -325,49 +342,45 @@ def _suspects(data: bytes, records: list[bytes]) -> list[int]:
 
 def _scan(path: str, start: int, last: bool, cuts: tuple[int, ...]) -> _Part:
     """Check one segment whose first record is ``start`` (runs in a worker process)."""
-    findings: list[tuple[str, int, str]] = []
-    name = f"segment {Path(path).name}"
-    try:
+    if last:
         try:
-            data = Path(path).read_bytes()
-            seg = parse_segment(data, last=last, name=name, first=start)
+            return _scan_once(path, start, True, cuts, strict=True)
         except SegmentDamaged:
-            if not last:
-                raise
             # A live gateway may have been writing the last segment while it was read (a
             # later page seen before an earlier one): read it once more before calling it
             # damage. Damage on disk is there both times.
-            data = Path(path).read_bytes()
-            seg = parse_segment(data, last=last, name=name, first=start)
-        records, torn = seg.records, seg.torn
-    except SegmentDamaged as err:
-        findings.append(("damaged", start + err.records, str(err)))
-        records = data[:err.offset].split(b"\n")[:err.records]
-        torn = 0
-    suspects = _suspects(data, records)
-    del data
+            pass
+    return _scan_once(path, start, last, cuts, strict=False)
+
+
+def _scan_once(path: str, start: int, last: bool, cuts: tuple[int, ...], *,
+               strict: bool) -> _Part:
+    """One pass over a segment, a block at a time (:func:`read_segment`): each block's records
+    are parsed, hashed and linked, then only their leaf hashes are kept. ``strict``: raise
+    :class:`SegmentDamaged` instead of reporting it."""
+    findings: list[tuple[str, int, str]] = []
+    tail = Tail()
     leaves: list[bytes] = []
     runs: list[tuple[int, int, int]] = []
     breaks: list[int] = []
     first_prev: object = None
     prev_leaf: str | None = None
-    for b in range(0, len(records), _BATCH):
-        batch = records[b:b + _BATCH]
-        here = suspects[bisect_left(suspects, b):bisect_left(suspects, b + _BATCH)]
-        seqs, prevs, bad = _check_batch(batch, start + b, [k - b for k in here])
+    b = start   # index of the block's first record
+    for block, records in read_segment(path, tail, last=last, name=f"segment {Path(path).name}",
+                                       first=start, chunk=_CHUNK):
+        seqs, prevs, bad = _check_batch(records, b, _suspects(block, records))
         findings.extend(bad)
-        damaged = {i - start - b for _kind, i, _msg in bad}
-        hashes = list(map(leaf_hash, batch))
+        damaged = {i - b for _kind, i, _msg in bad}
+        hashes = leaf_hashes(records)
         hexes = list(map(bytes.hex, hashes))
-        if b == 0:
-            first_prev = prevs[0] if prevs else None
+        if b == start:
+            first_prev = prevs[0]
         elif prevs[0] != prev_leaf and 0 not in damaged:
-            breaks.append(start + b)
+            breaks.append(b)
         # (a bool is an int equal to 1 or 0: check the type too)
-        if seqs != list(range(start + b, start + b + len(batch))) or \
-                set(map(type, seqs)) != {int}:
+        if seqs != list(range(b, b + len(records))) or set(map(type, seqs)) != {int}:
             for k, seq in enumerate(seqs):
-                i = start + b + k
+                i = b + k
                 d = seq - i if type(seq) is int else None
                 if d is None:
                     findings.append(("edited", i, f"record {i} has no integer seq"))
@@ -377,14 +390,19 @@ def _scan(path: str, start: int, last: bool, cuts: tuple[int, ...]) -> _Part:
                     else:
                         runs.append((i, i, d))
         if prevs[1:] != hexes[:-1]:
-            breaks.extend(start + b + k for k in range(1, len(batch))
+            breaks.extend(b + k for k in range(1, len(records))
                           if prevs[k] != hexes[k - 1] and k not in damaged)
-        prev_leaf = hexes[-1] if hexes else prev_leaf
+        prev_leaf = hexes[-1]
         leaves.extend(hashes)
+        b += len(records)
+    if tail.damage is not None:
+        if strict:
+            raise tail.damage
+        findings.append(("damaged", start + tail.damage.records, str(tail.damage)))
     levels = Levels(start, leaves)
     end = start + len(leaves)
     snapshots = {c: levels.decompose(c) for c in cuts if start < c <= end}
-    return _Part(start, len(leaves), torn, findings, runs, breaks, first_prev,
+    return _Part(start, len(leaves), tail.torn, findings, runs, breaks, first_prev,
                  prev_leaf or "", levels.decompose(), snapshots)
 
 

@@ -134,3 +134,31 @@ def test_truncate_rolls_back():
     for i in range(13):
         u.append(leaf_hash(b"%d" % i))
     assert t.root() == u.root()
+
+
+def test_levels_pieces_join_to_the_reference_roots():
+    """Leaves from a random start, cut at every end: the aligned subtrees ``Levels`` hands back
+    join (CompactRange, as ``verify``'s main process does) into the root of that size (the
+    published roots, then ``Tree``'s over 300 leaves); ``leaf_hashes`` is ``leaf_hash`` of
+    each entry."""
+    import random
+
+    from gateway.audit._merkle import Levels, leaf_hashes
+
+    rnd = random.Random(9162)
+    many = [rnd.randbytes(rnd.randrange(40)) for _ in range(300)]
+    tree = Tree()
+    tree.extend(map(leaf_hash, many))
+    for entries, roots, rounds in ((LEAVES, REF["roots_by_size"], 8),
+                                   (many, [tree.root(n).hex() for n in range(301)], 12)):
+        leaves = leaf_hashes(entries)
+        assert leaves == [leaf_hash(x) for x in entries]
+        n = len(leaves)
+        for start in [0, *(rnd.randrange(n) for _ in range(rounds))]:
+            levels = Levels(start, leaves[start:])
+            for end in range(start, n + 1):
+                head = CompactRange()
+                for leaf in leaves[:start]:
+                    head.append(leaf)
+                head.extend(levels.decompose(end))
+                assert (head.size, head.root().hex()) == (end, roots[end])

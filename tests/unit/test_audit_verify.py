@@ -349,9 +349,13 @@ def test_export_is_verified_with_its_own_key(logdir, capsysbinary, tmp_path):
     assert code == 1
 
 
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_segments_are_checked_apart_and_joined_exactly(logdir, jobs):
-    """Small segments, checked by separate workers, stitched into one tree."""
+@pytest.mark.parametrize(("jobs", "chunk"), [(1, None), (2, None), (1, 97), (2, 300)])
+def test_segments_are_checked_apart_and_joined_exactly(logdir, monkeypatch, jobs, chunk):
+    """Small segments, checked by separate workers, stitched into one tree (and each segment
+    read in blocks smaller than a record, or holding a few)."""
+    from gateway.audit import _verify
+    if chunk is not None:
+        monkeypatch.setattr(_verify, "_CHUNK", chunk)
     _tmp, s = logdir
     s = replace(s, segment_bytes=1500, checkpoint_records=5)
     with AuditLog.open(s, instance_id="t") as log:
@@ -436,6 +440,7 @@ def _mutations(data: bytes) -> list[bytes]:
             data.replace(b'"v":1', b'"v":1E0', 1), data.replace(b"{", b'{"a":1,', 1),
             data.replace(b'"prev"', b'"pre\\u0076"', 1), data.replace(b'"seq"', b'"Seq"', 1),
             data[:-1], data + b" ", b"[" + data + b"]", b'"' + data.hex().encode() + b'"',
+            data + b"," + data, b"1", b"[]", data[:len(data) // 2],
             data.replace(b"\\u00e9", "\u00e9".encode(), 1), data.replace(b"\xc3", b"\xff", 1),
             data.replace(b'"k"', b'"\\ud800"', 1), data.replace(b"0,", b"9007199254740993,", 1)]
 
@@ -517,7 +522,7 @@ def test_suspect_records_are_walked_in_every_batch(tmp_path, monkeypatch):
     """A segment scanned in small batches: each record with a float or a non-ASCII key is
     named once, at its own index, and dotted strings alone are no damage."""
     from gateway.audit import _verify
-    monkeypatch.setattr(_verify, "_BATCH", 7)
+    monkeypatch.setattr(_verify, "_CHUNK", 256)
     extra = {5: {"ip": "127.0.0.1"}, 6: {"x": 1.5}, 7: {"x": 1.0}, 13: {"\u00e9": 1},
              14: {"v1": "1e-3"}, 20: {"x": 1e16}, 27: {"a": [2.5e-5]}, 29: {"ip": "10.0.0.1"}}
     records, prev = [], "0" * 64
