@@ -143,7 +143,10 @@ class AuditLog:
         # Serialises signing: checkpoints are published in size order, never two at once.
         self._cp_lock = threading.Lock()
         self._lock = threading.Lock()
+        # The writer thread waits on _wake (work, the checkpoint timer, close); a committer
+        # gathering announced records on _gathered, so an arriving record wakes only it.
         self._wake = threading.Condition(self._lock)
+        self._gathered = threading.Condition(self._lock)
         self._pending: list[bytes] = []
         self._pending_hashes: list[bytes] = []
         self._batch = _Batch()
@@ -280,7 +283,7 @@ class AuditLog:
             if self._expected > 0:
                 self._expected -= 1
             if self._gathering and self._expected == 0:
-                self._wake.notify_all()
+                self._gathered.notify()
             batch = self._batch
             lead = self._committer is None
             if lead:
@@ -370,7 +373,7 @@ class AuditLog:
                     # commit: forget them; the next announcements start afresh.
                     self._expected = 0
                     break
-                self._wake.wait(remaining)
+                self._gathered.wait(remaining)
         finally:
             self._gathering = False
 
@@ -599,6 +602,7 @@ class AuditLog:
         with self._lock:
             self._closing = True
             self._wake.notify()
+            self._gathered.notify()
         self._writer.join()
         self._closed = True
         if self._healthy:
