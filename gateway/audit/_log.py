@@ -84,21 +84,13 @@ class _Batch:
     A bare lock, held from creation until the commit ends, is the cheapest way to park many
     threads in CPython: each waiter acquires and at once releases it, so waking is a chain of
     C-level lock hand-offs instead of a Python ``Condition.notify_all`` loop.
-
-    The batch's first caller is its *deputy*: it waits on a lock of its own, released
-    either to make it commit the batch (the committer before it hands over: its thread is
-    woken once, to commit its own record, instead of waking the writer thread and then it)
-    or when the batch has finished without it.
     """
 
-    __slots__ = ("_lock", "deputy", "done", "error", "handed", "records", "seconds", "then")
+    __slots__ = ("_lock", "error", "records", "seconds", "then")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
-        self.deputy: threading.Lock | None = None
-        self.handed = False  # the deputy was released to commit (under the log's lock)
-        self.done = False
         self.error: BaseException | None = None
         #: The commit that carried this batch: its records and how long it took (for a
         #: remote appender's ``observe_commits``); set before the batch finishes.
@@ -113,10 +105,7 @@ class _Batch:
 
     def finish(self, error: BaseException | None = None) -> None:
         self.error = error
-        self.done = True
         self._lock.release()
-        if self.deputy is not None and not self.handed:
-            self.deputy.release()  # it was not needed: the batch is done
         for callback in self.then:
             try:
                 callback(self)
@@ -133,9 +122,8 @@ class AuditLog:
 
     ``append`` returns only once the record is on disk. Group commit: when the log is idle the
     appending thread writes its record itself (no thread hand-off); records that arrive while a
-    commit is on disk queue up, and the first of their callers (else the writer thread)
-    commits all of them with the next single write. The writer thread also publishes the
-    signed checkpoints.
+    commit is on disk queue up, and the writer thread commits all of them with the next single
+    write. The writer thread also publishes the signed checkpoints.
     """
 
     def __init__(self, settings: AuditSettings, store: Store, signer: Signer,
@@ -298,15 +286,8 @@ class AuditLog:
                 self._gathered.notify()
             batch = self._batch
             lead = self._committer is None
-            deputy = None
             if lead:
                 self._committer = _CALLER
-            elif batch.deputy is None:
-                deputy = batch.deputy = threading.Lock()
-                deputy.acquire()
-        if deputy is not None:
-            deputy.acquire()  # handed this batch to commit, or it is done
-            lead = not batch.done
         if lead:
             self._lead()
         batch.wait()
@@ -407,31 +388,21 @@ class AuditLog:
     def _lead(self) -> None:
         """Commit what is pending in the caller's own thread (no hand-off when the log is idle).
 
-        Records that arrive meanwhile are handed to the next batch's deputy (its first
-        caller, see :class:`_Batch`), or to the writer thread if it has none, so that no
-        caller keeps committing other callers' records before its own response can leave.
+        Records that arrive meanwhile are left to the writer thread, so that no caller keeps
+        committing other callers' records before its own response can leave.
         """
         with self._lock:
             self._gather()
             records, hashes, batch = self._take()
         self._commit(records, hashes, batch)
-        deputy = None
         with self._lock:
             if self._pending:
-                nxt = self._batch
-                if nxt.deputy is not None and not self._closing:
-                    self._committer = _CALLER
-                    nxt.handed = True
-                    deputy = nxt.deputy
-                else:
-                    self._committer = _WRITER
-                    self._wake.notify()
+                self._committer = _WRITER
+                self._wake.notify()
             else:
                 self._committer = None
                 if self._closing:
                     self._wake.notify()  # close() waits for the writer to sign and stop
-        if deputy is not None:
-            deputy.release()
 
     def _take(self) -> tuple[list[bytes], list[bytes], _Batch]:
         taken = self._pending, self._pending_hashes, self._batch

@@ -25,7 +25,7 @@ from gateway.audit._store import list_segments, split_records
 from gateway.audit._verify import verify_log
 from gateway.errors import AuditUnavailable, GatewayError
 from tests.conftest import assert_records_match_schema
-from tests.support.waiting import WAIT, wait_for
+from tests.support.waiting import wait_for
 
 DECISION = {
     "caller": {"id": "spiffe://demo.local/svc/scorer", "cert_sha256": "ab" * 32,
@@ -802,49 +802,6 @@ def test_a_busy_log_signs_once_per_interval_not_back_to_back(settings):
         # ... and the timer still fires under load: everything gets signed.
         _wait_for(lambda: _signed_size(settings.witness_path()) >= log.size,
                   "a checkpoint covering every record")
-    assert verify_log(settings.directory, _verifier(settings)).ok
-
-
-def test_records_queued_behind_a_commit_are_committed_by_their_first_caller(settings):
-    """Group commit without the writer thread: the records that queue while a commit is on
-    disk are committed together by the thread of the first of them (woken once, to commit
-    its own record), each durable before its caller returns."""
-    with AuditLog.open(settings, instance_id="t") as log:
-        committers: list[tuple[str, int]] = []
-        log.observe_commits(lambda _s, n: committers.append((threading.current_thread().name,
-                                                             n)))
-        store, write = log._store, log._store.append
-        on_disk, go = threading.Event(), threading.Event()
-
-        def slow_first_write(records, tag=None):
-            if not go.is_set():
-                on_disk.set()
-                go.wait(WAIT)
-            write(records, tag)
-
-        store.append = slow_first_write
-        receipts: dict[str, int] = {}
-
-        def caller(name: str) -> None:
-            receipts[name] = log.append("decision", {"caller": name}).index
-
-        first = threading.Thread(target=caller, args=("first",), name="first")
-        first.start()
-        assert on_disk.wait(WAIT)
-        queued = [threading.Thread(target=caller, args=(f"q{i}",), name=f"q{i}")
-                  for i in range(6)]
-        for t in queued:
-            t.start()
-        _wait_for(lambda: len(log._pending) == 6, "six records queued behind the commit")
-        go.set()
-        for t in [first, *queued]:
-            t.join(WAIT)
-        assert len(receipts) == 7
-        assert committers[0] == ("first", 1)
-        deputy, records = committers[1]
-        assert records == 6 and deputy.startswith("q")  # one commit, by one of them
-        assert "audit-writer" not in {name for name, _ in committers}
-        assert log.size == max(receipts.values()) + 1
     assert verify_log(settings.directory, _verifier(settings)).ok
 
 
