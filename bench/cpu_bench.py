@@ -14,6 +14,11 @@ Every figure is a ratio of servers measured side by side in one run, in alternat
 * **p50 at concurrency 1**: the gateway against the floor (the plain server with mutual TLS
   and one durable audit record per call through the gateway's own AuditLog,
   bench/plain_server.py --audit).
+* **Fewer handler threads**: the gateway again with ``[server] workers`` =
+  :data:`FEW_WORKERS` instead of 16 (fewer threads than callers: a worker that finishes
+  takes the next queued call without sleeping, and fewer threads contend for the GIL),
+  beside the plain server with as many (``--workers``), so the pool sizes compare like with
+  like. Measured here, not the default: the fairness limits are scaled to ``workers``.
 * **A realistic model**: ``bench-mlp``, a deep MLP built at set-up like the demo models
   (onnx.helper, seeded weights, signed, profiled on N(0, 1) reference data so it is scored)
   whose one call takes about 1-2 ms of inference here; gateway against plain, throughput at
@@ -53,6 +58,8 @@ TARGET_ADDED_VCPU = 0.25
 TARGET_FLOOR_P50 = 1.10
 TARGET_REAL_THROUGHPUT = 0.90
 TARGET_REAL_P50 = 1.15
+#: Handler threads of the second gateway and plain server (the default is 16).
+FEW_WORKERS = 6
 
 
 def deep_mlp(features: int = BENCH_FEATURES, hidden: tuple[int, ...] = BENCH_HIDDEN,
@@ -164,21 +171,32 @@ def run() -> None:
         add_bench_model(env)
         floor_env = make_demo_env(Path(tmp) / "floor")  # the floor's own log (one writer)
         gateway = start_gateway(env)
+        few_env = make_demo_env(Path(tmp) / "few", server={
+            "listen": "127.0.0.1:0", "processes": 1, "workers": FEW_WORKERS,
+            "max_streams": FEW_WORKERS // 2})
+        few = start_gateway(few_env)
         cert, key = env.client_files("scorer")
         tls = ["--ca", str(env.certs / "ca.pem"), "--cert", str(cert), "--key", str(key)]
         procs = [_spawn_plain(str(env.models)), _spawn_plain(str(env.models), str(env.certs)),
-                 _spawn_plain(str(env.models), str(env.certs), "--audit", str(floor_env.config))]
+                 _spawn_plain(str(env.models), str(env.certs), "--audit", str(floor_env.config)),
+                 _spawn_plain(str(env.models), "--workers", str(FEW_WORKERS))]
         try:
             plain = Server("plain", _address(procs[0]), procs[0].pid, [])
             mtls = Server("mtls", _address(procs[1]), procs[1].pid, tls)
             floor = Server("floor", _address(procs[2]), procs[2].pid, tls)
             gw = Server("gateway", gateway.target, gateway.proc.pid, tls)
+            few_cert, few_key = few_env.client_files("scorer")
+            few_tls = ["--ca", str(few_env.certs / "ca.pem"), "--cert", str(few_cert),
+                       "--key", str(few_key)]
+            plain_few = Server(f"plain w{FEW_WORKERS}", _address(procs[3]), procs[3].pid, [])
+            gw_few = Server(f"gw w{FEW_WORKERS}", few.target, few.proc.pid, few_tls)
             started = time.monotonic()
 
-            rows = alternate([plain, mtls, floor, gw], 16)
+            rows = alternate([plain, mtls, floor, gw, plain_few, gw_few], 16)
             _table("demo-mlp, concurrency 16 (medians of alternating rounds; mtls = plain with "
-                   "mutual TLS; floor = mtls + one durable audit record per call)",
-                   [plain, mtls, floor, gw], rows)
+                   "mutual TLS; floor = mtls + one durable audit record per call; "
+                   f"w{FEW_WORKERS} = {FEW_WORKERS} handler threads instead of 16)",
+                   [plain, mtls, floor, gw, plain_few, gw_few], rows)
             print(added_cpu_line(rows[0], rows[3]))
             cpu = [row["server_cpu_us"] for row in rows]
             print(f"where the added CPU goes: mutual TLS {cpu[1] - cpu[0]:.0f} µs, the durable "
@@ -186,6 +204,8 @@ def run() -> None:
                   f"{(cpu[2] - cpu[0]) / 1000:.3f} vCPU per 1000 calls/s), the gateway's own "
                   f"work (identity, policy, quota, scoring, metrics, the full record, the "
                   f"receipt) {cpu[3] - cpu[2]:.0f} µs")
+            print(f"with {FEW_WORKERS} handler threads (gateway and plain alike): "
+                  + added_cpu_line(rows[4], rows[5]))
 
             rows1 = alternate([plain, floor, gw], 1)
             _table("demo-mlp, concurrency 1", [plain, floor, gw], rows1)
@@ -213,3 +233,4 @@ def run() -> None:
                 proc.terminate()
                 proc.wait()
             gateway.stop()
+            few.stop()

@@ -174,6 +174,8 @@ if __name__ == "__main__":
     parser.add_argument("--audit", metavar="CONFIG")
     parser.add_argument("--aio", action="store_true")
     parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=16,
+                        help="handler threads (the gateway's [server] workers)")
     args = parser.parse_args()
     if args.audit and not args.certs:
         parser.error("--audit is the floor of the gateway: it needs CERTS_DIR (mutual TLS)")
@@ -182,4 +184,4 @@ if __name__ == "__main__":
     elif args.aio:
         asyncio.run(_serve_aio(args.repository))
     else:
-        main(args.repository, args.certs, args.audit)
+        main(args.repository, args.certs, args.audit, workers=args.workers)

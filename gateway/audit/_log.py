@@ -143,7 +143,10 @@ class AuditLog:
         # Serialises signing: checkpoints are published in size order, never two at once.
         self._cp_lock = threading.Lock()
         self._lock = threading.Lock()
+        # The writer thread waits on _wake (work, the checkpoint timer, close); a committer
+        # gathering announced records on _gathered, so an arriving record wakes only it.
         self._wake = threading.Condition(self._lock)
+        self._gathered = threading.Condition(self._lock)
         self._pending: list[bytes] = []
         self._pending_hashes: list[bytes] = []
         self._batch = _Batch()
@@ -280,7 +283,7 @@ class AuditLog:
             if self._expected > 0:
                 self._expected -= 1
             if self._gathering and self._expected == 0:
-                self._wake.notify_all()
+                self._gathered.notify()
             batch = self._batch
             lead = self._committer is None
             if lead:
@@ -370,7 +373,7 @@ class AuditLog:
                     # commit: forget them; the next announcements start afresh.
                     self._expected = 0
                     break
-                self._wake.wait(remaining)
+                self._gathered.wait(remaining)
         finally:
             self._gathering = False
 
@@ -435,14 +438,23 @@ class AuditLog:
                         self._gather()
                         records, hashes, batch = self._take()
                     self._commit(records, hashes, batch)
-            if self._durable > self._cp_size and (
-                    self._durable - self._cp_size >= every
-                    or time.monotonic() - self._unsigned_since >= interval or closing):
+                    if self._checkpoint_due(every, interval):
+                        # Under steady load records may be pending after every commit: the
+                        # checkpoint cannot wait for a quiet moment (early is harmless, late
+                        # is not).
+                        self._checkpoint()
+            if self._checkpoint_due(every, interval) or (
+                    closing and self._durable > self._cp_size):
                 self._checkpoint()
             if closing:
                 with self._lock:
                     if not self._pending and self._committer is None:
                         return
+
+    def _checkpoint_due(self, every: int, interval: float) -> bool:
+        unsigned = self._durable - self._cp_size
+        return unsigned > 0 and (unsigned >= every
+                                 or time.monotonic() - self._unsigned_since >= interval)
 
     def observe_commits(self, callback: Callable[[float, int], None]) -> None:
         """Call ``callback(seconds, records)`` after every durable commit (for metrics)."""
@@ -501,6 +513,7 @@ class AuditLog:
     def _checkpoint(self) -> None:
         """Sign the durable records; publish in the log directory, then the witness copy."""
         with self._cp_lock:
+            started = time.monotonic()
             size = self._durable
             if self._cp_note is not None and size == self._cp_size and not self._publish_error:
                 return
@@ -518,7 +531,15 @@ class AuditLog:
                 self._unsigned_since = time.monotonic()  # the writer retries one interval on
                 return
             self._publish_error = None
-            self._cp_size, self._cp_note, self._cp_time = size, note, time.monotonic()
+            with self._tree_lock:  # as _commit's first_unsigned test: one or the other
+                self._cp_size, self._cp_note, self._cp_time = size, note, time.monotonic()
+                if self._durable > size:
+                    # Records committed while this one was signed and published: none
+                    # became durable before ``started``, so their checkpoint is due an
+                    # interval after it. (Left alone, the timer still ran from the
+                    # previous interval: under steady load the writer signed back to back,
+                    # four syncs and two renames each, not once per interval.)
+                    self._unsigned_since = started
 
     def fresh_checkpoint(self) -> str | None:
         """A signed checkpoint covering every record durable now (signing one if needed).
@@ -581,6 +602,7 @@ class AuditLog:
         with self._lock:
             self._closing = True
             self._wake.notify()
+            self._gathered.notify()
         self._writer.join()
         self._closed = True
         if self._healthy:

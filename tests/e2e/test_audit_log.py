@@ -772,6 +772,39 @@ def test_an_idle_log_signs_each_record_within_the_interval(settings):
                 (settings.directory / "checkpoint").read_bytes()
 
 
+def test_a_busy_log_signs_once_per_interval_not_back_to_back(settings):
+    """Records committed while a checkpoint is being signed start the next interval then:
+    under steady load the log signs once per interval (each checkpoint is four syncs and two
+    renames), not one checkpoint after another as it did when their timer was left stale."""
+    import time
+    interval = 0.1
+    settings = replace(settings, checkpoint_ms=int(interval * 1000), checkpoint_records=10**6)
+    history = settings.directory / "checkpoints.jsonl"
+    with AuditLog.open(settings, instance_id="t") as log:
+        before = len(history.read_bytes().splitlines())
+        started = time.monotonic()
+
+        def caller(n: int) -> None:  # steady load for several intervals
+            i = 0
+            while time.monotonic() - started < 5 * interval:
+                log.append("decision", {"caller": n, "i": i})
+                i += 1
+
+        threads = [threading.Thread(target=caller, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        signed = len(history.read_bytes().splitlines()) - before
+        elapsed = time.monotonic() - started
+        # Each interval checkpoint starts at least one interval after the one before it.
+        assert signed <= elapsed / interval + 1, (signed, elapsed)
+        # ... and the timer still fires under load: everything gets signed.
+        _wait_for(lambda: _signed_size(settings.witness_path()) >= log.size,
+                  "a checkpoint covering every record")
+    assert verify_log(settings.directory, _verifier(settings)).ok
+
+
 def test_a_rolled_back_log_is_refused_at_open(settings, tmp_path):
     import shutil
     _closed_log(settings, n=5)
