@@ -514,7 +514,11 @@ def test_a_flood_of_distinct_names_leaves_memory_and_metrics_flat(defaults):
         huge = _probe(stub, [f"{i}" + "H" * (1 << 20) for i in range(40)])
         grown, after = _rss_bytes(defaults) - rss, _metrics_text(defaults)
     assert set(codes) == {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED}
-    assert set(huge) == {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    # Each huge name is refused, as too long or, once the identity's refusal bucket is empty,
+    # as over its rate: how many refills the 3,000 probes leave depends on how fast they went
+    # (test_over_long_strings_are_invalid_argument holds the INVALID_ARGUMENT itself).
+    assert len(huge) == 40
+    assert set(huge) <= {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert "probe-" not in after and "HHHH" not in after
     assert len(after) - len(metrics) < 4096, "probed names became metric series"
     # 40 MB of names arrived; before the limits, 40 such names kept 170 MiB.
