@@ -31,6 +31,7 @@ from gateway._proto.gateway.v1 import audit_pb2, audit_pb2_grpc
 from gateway.devenv import make_demo_env, start_gateway
 from gateway.identity import pki
 from tests.conftest import assert_records_match_schema, channel_credentials
+from tests.support.waiting import wait_for
 
 WAIT = 30.0  # bound on every wait; a test that reaches it has failed
 
@@ -378,8 +379,22 @@ def test_a_throttled_connection_beyond_the_calls_held_is_refused_unread(two_work
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in first
         before = _metrics_text(two_workers)
         calls = [denied.ModelInfer.future(_infer_request(), timeout=WAIT) for _ in range(100)]
-        served = pb_grpc.GRPCInferenceServiceStub(other).ModelInfer(_infer_request(),
-                                                                   timeout=WAIT)
+        other_stub = pb_grpc.GRPCInferenceServiceStub(other)
+
+        def serve_other() -> pb.ModelInferResponse | None:
+            try:
+                return other_stub.ModelInfer(_infer_request(), timeout=WAIT)
+            except grpc.RpcError as err:
+                # gRPC's own limit of calls in flight (maximum_concurrent_rpcs) is one for all
+                # callers and refuses before any handler runs: while the 100 are in flight the
+                # other caller's call may meet it (a known limit: gateway/server/_limits.py); the
+                # gateway's own limits must never refuse it.
+                if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and \
+                        "Concurrent RPC limit exceeded" in (err.details() or ""):
+                    return None
+                raise
+
+        served = wait_for("the other caller to be served", serve_other)
         answers = [c.exception() for c in calls]
         after = _metrics_text(two_workers)
     assert served.model_name == "demo-mlp"
