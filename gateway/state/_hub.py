@@ -234,20 +234,26 @@ class StateServer:
     def _usage(self, member: str, h: dict[str, Any], blobs: list[memoryview]) -> None:
         if self.on_usage is None:
             return
-        for digest, index in h.get("profiles", {}).items():
-            if len(self._profiles) >= _PROFILES:
-                self._profiles.clear()
-            self._profiles[str(digest)] = bytes(blobs[int(index)])
-        batch = []
-        for model, caller, digest, xdt, xshape, xi, ydt, yshape, yi in h["items"]:
-            batch.append(Usage(str(model), str(caller), _array(blobs[xi], xdt, xshape),
-                               None if yi < 0 else _array(blobs[yi], ydt, yshape),
-                               self._profiles.get(digest, b"") if digest else b"",
-                               str(digest or "")))
+        batch = usage_batch(h, blobs, self._profiles)
         try:
             self.on_usage(member, batch)
         except Exception:  # scoring must not take the hub's connection down
             log.exception("state hub: usage handler failed")
+
+
+def usage_batch(h: dict[str, Any], blobs: Sequence[memoryview],
+                profiles: dict[str, bytes]) -> list[Usage]:
+    """The usage rows of one sent batch (header ``h``, its attachments ``blobs``), for the
+    hub's socket and the PostgreSQL table alike. A batch names each profile once, by digest:
+    ``profiles`` keeps those already seen (at most ``_PROFILES``) for the batches after it."""
+    for digest, index in h.get("profiles", {}).items():
+        if len(profiles) >= _PROFILES:
+            profiles.clear()
+        profiles[str(digest)] = bytes(blobs[int(index)])
+    return [Usage(str(model), str(caller), _array(blobs[xi], xdt, xshape),
+                  None if yi < 0 else _array(blobs[yi], ydt, yshape),
+                  profiles.get(digest, b"") if digest else b"", str(digest or ""))
+            for model, caller, digest, xdt, xshape, xi, ydt, yshape, yi in h["items"]]
 
 
 def _array(blob: memoryview, dtype: str, shape: Sequence[int]) -> np.ndarray:

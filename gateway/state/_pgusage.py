@@ -45,7 +45,7 @@ from psycopg import conninfo
 
 from gateway.db import DatabaseUnavailable, connect, redact
 from gateway.state._host import encode_usage
-from gateway.state._hub import _array
+from gateway.state._hub import usage_batch
 from gateway.state._usage import BatchingSink, Usage, UsageHandler
 
 log = logging.getLogger("gateway.state")
@@ -268,17 +268,7 @@ class PgUsageScorer:
             at += int(size)
         if at != len(data):
             raise ValueError("usage batch attachments do not match their lengths")
-        for digest, index in h.get("profiles", {}).items():
-            if len(self._profiles) >= 256:
-                self._profiles.clear()
-            self._profiles[str(digest)] = bytes(blobs[int(index)])
-        batch = []
-        for model, caller, digest, xdt, xshape, xi, ydt, yshape, yi in h["items"]:
-            batch.append(Usage(str(model), str(caller), _array(blobs[xi], xdt, xshape),
-                               None if yi < 0 else _array(blobs[yi], ydt, yshape),
-                               self._profiles.get(digest, b"") if digest else b"",
-                               str(digest or "")))
-        return batch
+        return usage_batch(h, blobs, self._profiles)
 
     def close(self) -> None:
         """Stop; give the lease up so another replica takes over at its next tick."""
