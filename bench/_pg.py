@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from collections.abc import Iterator
+
+from tests.support.postgres import schema_dsn
 
 #: The server: $GATEWAY_TEST_DSN, else the tests' default.
 DEFAULT_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
@@ -16,7 +17,6 @@ def scratch_schema(what: str) -> Iterator[str | None]:
     """Yield the DSN of a fresh schema, dropped afterwards; None (after saying why ``what``
     is skipped) when no server answers."""
     import psycopg
-    from psycopg import conninfo, sql
 
     server = os.environ.get("GATEWAY_TEST_DSN", DEFAULT_DSN)
     try:
@@ -25,11 +25,8 @@ def scratch_schema(what: str) -> Iterator[str | None]:
         print(f"{what}: skipped, no PostgreSQL at {server!r}: {err}")
         yield None
         return
-    schema = f"gwbench_{os.getpid()}_{secrets.token_hex(4)}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    schemas = schema_dsn(server, "bench", prefix="gwbench")
     try:
-        yield conninfo.make_conninfo(server, options=f"-csearch_path={schema}")
+        yield next(schemas)
     finally:
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+        next(schemas, None)  # drops the schema

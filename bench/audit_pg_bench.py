@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from bench.audit_bench import DECISION
+from tests.support.postgres import schema_dsn
 
 ROUNDS = 3
 SECONDS = 3.0
@@ -113,20 +114,6 @@ def _file(root: Path, threads: int) -> tuple[float, float]:
     return count / SECONDS, statistics.median(latencies) * 1e3
 
 
-def _schema(server: str):
-    import psycopg
-    from psycopg import conninfo, sql
-
-    name = f"gwbench_{os.getpid()}_{secrets.token_hex(4)}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    try:
-        yield conninfo.make_conninfo(server, options=f"-csearch_path={name}")
-    finally:
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
-
-
 def _records(root: Path, server: str) -> None:
     print("\ndurable records/s, 16 callers; b = file log (1 process x 16 threads), "
           "c = PostgreSQL log (2 processes x 8 threads, one log)")
@@ -135,7 +122,7 @@ def _records(root: Path, server: str) -> None:
     _settings(root)  # the keys, made once before the writing processes read them
     rows = []
     for n in range(ROUNDS):
-        schemas = _schema(server)
+        schemas = schema_dsn(server, "audit", prefix="gwbench")
         dsn = next(schemas)
         try:
             b, b_ms = _file(root, 16)
@@ -156,7 +143,7 @@ def _gateways(root: Path, server: str) -> None:
     from bench.gateway_bench import _section
     from gateway.devenv import make_demo_env, start_gateway
 
-    schemas = _schema(server)
+    schemas = schema_dsn(server, "audit", prefix="gwbench")
     dsn = next(schemas)
     try:
         file_env = make_demo_env(root / "gw-file")

@@ -8,12 +8,12 @@ the gateway out of one process: both define the ``inference`` proto package.)
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import pytest
 
 from gateway.devenv import DemoEnv, GatewayProcess, make_demo_env, start_gateway
+from tests.support.postgres import schema_dsn
 
 #: Small limits so that the limit tests need only small messages.
 TEST_MAX_ELEMENTS = 4096
@@ -104,21 +104,6 @@ def pg_server() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return dsn
-
-
-def schema_dsn(server: str, label: str):
-    """Create a fresh schema, yield a DSN whose search_path is that schema, drop it after."""
-    import psycopg
-    from psycopg import conninfo, sql
-
-    schema = f"gwtest_{label}_{os.getpid()}_{secrets.token_hex(4)}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    try:
-        yield conninfo.make_conninfo(server, options=f"-csearch_path={schema}")
-    finally:
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
 @pytest.fixture(scope="session")
