@@ -160,11 +160,6 @@ class AuditLog:
         # waiting for them (see _gather): under load, one commit then carries many records.
         self._expected = 0
         self._gathering = False
-        # Records the last commit carried, and whether calls are announced at all (then a
-        # commit also waits, within the window, until about as many have queued: see _gather).
-        self._recent = 1
-        self._announcing = False
-        self._want = 0
         self._window = settings.group_commit_window_us / 1e6
         self._on_commit: Callable[[float, int], None] | None = None
         self._closing = False
@@ -287,7 +282,7 @@ class AuditLog:
             leaf = self._queue(kind, fields, self._instance, time.time_ns() // 1_000_000)
             if self._expected > 0:
                 self._expected -= 1
-            if self._gathering and self._expected == 0 and len(self._pending) >= self._want:
+            if self._gathering and self._expected == 0:
                 self._gathered.notify()
             batch = self._batch
             lead = self._committer is None
@@ -346,8 +341,6 @@ class AuditLog:
             first = self._size
             leaves = [self._queue(kind, fields, instance, time_ms) for kind, fields in records]
             self._batch.then.append(functools.partial(then, first, leaves))
-            if self._gathering and self._expected == 0 and len(self._pending) >= self._want:
-                self._gathered.notify()
             if self._committer is None:
                 self._committer = _WRITER
                 self._wake.notify()
@@ -365,33 +358,19 @@ class AuditLog:
         """
         with self._lock:
             self._expected += 1
-            self._announcing = True
 
     def _gather(self) -> None:
-        """With the lock held: wait briefly for announced records to join this commit.
-
-        It waits (at most ``group_commit_window_us``) for every call announced so far and,
-        when calls are announced at all, until as many records are queued as the last commit
-        carried. Why the second: under steady load a commit wakes its callers together, and
-        their next calls reach the log one by one; the first of them finds the log idle and
-        would commit alone (a whole write, flush and hand-off for one record) while the rest
-        queue behind it for the next commit. Waiting for about as many as last time makes
-        that one commit. A lone caller's last commit carried one record: it never waits.
-        """
-        want = self._recent if self._announcing else 0
-        if self._window <= 0 or (self._expected == 0 and len(self._pending) >= want):
+        """With the lock held: wait briefly for announced records to join this commit."""
+        if self._window <= 0 or self._expected == 0:
             return
         deadline = time.monotonic() + self._window
         self._gathering = True
-        self._want = want
         try:
-            while ((self._expected > 0 or len(self._pending) < want)
-                   and not self._closing):
+            while self._expected > 0 and not self._closing:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     # Calls announced but never appending (or slow) must not delay every
-                    # commit: forget them; the next announcements start afresh. (And fewer
-                    # records than last time: the next commit waits for as many as this.)
+                    # commit: forget them; the next announcements start afresh.
                     self._expected = 0
                     break
                 self._gathered.wait(remaining)
@@ -513,7 +492,6 @@ class AuditLog:
             first_unsigned = self._durable == self._cp_size
             self._durable += len(records)
         self._durable_prev = hashes[-1].hex()
-        self._recent = len(records)
         self._healthy = True
         batch.records, batch.seconds = len(records), time.perf_counter() - started
         batch.finish()
