@@ -37,8 +37,9 @@ def _table(title: str, servers: list[Server], rows: list[dict]) -> None:
     print(title)
     mtls = rows[0]["server_cpu_us"]
     for server, row in zip(servers, rows, strict=True):
+        cpu = row["server_cpu_us"]
         print(f"  {server.name:12s} {row['throughput']:7.0f} calls/s  "
-              f"{row['server_cpu_us']:6.0f} µs CPU a call (record {row['server_cpu_us'] - mtls:5.0f})"
+              f"{cpu:6.0f} µs CPU a call (record {cpu - mtls:5.0f})"
               f"  p50 {row['p50_us']:6.0f} µs  {row['server_switches']:5.1f} switches a call  "
               f"load {row['load']:.1f}", flush=True)
 
