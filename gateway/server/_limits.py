@@ -23,8 +23,9 @@ bounds against ``threads`` are checked by :class:`ServerSettings`:
   message missing after a grace period makes the call *slow*, and at most
   ``max_pending_requests_per_certificate`` slow calls of one client certificate, and
   ``ServerSettings.slow_reads`` in all (half the threads streams leave: streams and slow
-  reads together never hold every thread), may go on waiting, for at most ``request_timeout_seconds``;
-  the others are cancelled (CANCELLED, recorded with reason ``request-timeout``);
+  reads together never hold every thread), may go on waiting, for at most
+  ``request_timeout_seconds``; the others are cancelled (CANCELLED, recorded with reason
+  ``request-timeout``);
 - **refused calls** (unauthenticated, denied, over a limit, malformed) per identity or, for a
   certificate that is not an identity, per certificate: a token bucket of ``refusal_rate``
   a second and ``refusal_burst`` at once. Within it each refusal is an audit record as
@@ -512,8 +513,8 @@ class Limits:
         Nearly always the message is there already and :meth:`PendingRead.release` follows
         at once. One still missing after ``_READ_GRACE_S`` is *slow*: it may stay only if its
         client certificate has fewer than ``max_pending_requests_per_certificate`` slow
-        calls and the server fewer than ``ServerSettings.slow_reads``; otherwise, and in any case after
-        ``request_timeout_seconds``, the watchdog cancels it. A certificate with a call
+        calls and the server fewer than ``ServerSettings.slow_reads``; otherwise, and in any
+        case after ``request_timeout_seconds``, the watchdog cancels it. A certificate with a call
         cancelled for being over its count is *stalling* for ``request_timeout_seconds``:
         its new calls get None (to be refused at once), so it cannot keep every worker
         waiting through grace periods either.
