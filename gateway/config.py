@@ -55,10 +55,11 @@ class ServerSettings:
     so a configuration where streams, slow reads or one identity could hold every thread
     is refused at start, not discovered under attack:
 
-    - streams hold a thread for their lifetime: ``max_streams`` <= ``threads`` // 2;
+    - a stream (server reflection) holds a thread for its lifetime: ``max_streams`` <=
+      ``threads`` // 2;
     - calls still waiting for their request message hold one each: at most
       :attr:`slow_reads` in all, half of what streams leave, so streams and slow reads
-      together always leave at least one thread (and by default half) to unary calls;
+      together always leave unary calls at least a quarter of the threads, and one;
     - one identity, while the server is backed up, runs at most ``max_calls_per_identity``
       unary calls: <= ``threads`` // 2, its share, the rest for the other callers.
     """
@@ -94,7 +95,8 @@ class ServerSettings:
     #: idle thread. At most half the threads.
     max_calls_per_identity: int = 3
     #: Streams (server reflection, health Watch) open at once, over all identities and per
-    #: identity (RESOURCE_EXHAUSTED beyond). At most half the threads: a stream holds one.
+    #: identity (RESOURCE_EXHAUSTED beyond). At most half the threads: a reflection stream
+    #: holds one for its lifetime (a health Watch holds none: grpc answers it without one).
     max_streams: int = 2
     max_streams_per_identity: int = 2
     #: A stream with no message from the caller for this long, or open this long, is ended.
