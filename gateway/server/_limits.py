@@ -83,8 +83,9 @@ _IDLE_S = 0.01
 
 
 class WorkerPool(ThreadPoolExecutor):
-    """The server's worker threads, shared among client connections rather than first come,
-    first served; connections over their refusal rate are *throttled*.
+    """The server's handler threads (``[server] threads``), shared among client connections
+    rather than first come, first served; connections over their refusal rate are
+    *throttled*.
 
     gRPC hands every call to ``submit`` as ``(context.run, <in-pool function>, rpc_event,
     ...)``; the event's call names the connection (its peer address), read without a lock
