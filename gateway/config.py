@@ -62,6 +62,9 @@ class ServerSettings:
       together always leave unary calls at least a quarter of the threads, and one;
     - one identity, while the server is backed up, runs at most ``max_calls_per_identity``
       unary calls: <= ``threads`` // 2, its share, the rest for the other callers.
+
+    A stream slot is taken only once policy allowed the stream (reflection needs
+    ``reflect``), so a caller without that grant holds threads only through slow reads.
     """
 
     #: host:port of the mTLS gRPC listener. There is no plaintext listener.
