@@ -14,11 +14,12 @@ Every figure is a ratio of servers measured side by side in one run, in alternat
 * **p50 at concurrency 1**: the gateway against the floor (the plain server with mutual TLS
   and one durable audit record per call through the gateway's own AuditLog,
   bench/plain_server.py --audit).
-* **Fewer handler threads**: the gateway again with ``[server] workers`` =
-  :data:`FEW_WORKERS` instead of 16 (fewer threads than callers: a worker that finishes
-  takes the next queued call without sleeping, and fewer threads contend for the GIL),
-  beside the plain server with as many (``--workers``), so the pool sizes compare like with
-  like. Measured here, not the default: the fairness limits are scaled to ``workers``.
+* **The default handler threads against the former 16**: the gateway runs
+  ``[server] threads`` (the default, fewer than the 16 callers: a thread that finishes takes
+  the next queued call without sleeping, and fewer threads contend for the GIL); beside it
+  the gateway with :data:`OLD_THREADS` threads (the former default, with the former limits)
+  and the plain server with as many threads as the default gateway (``--workers``), so
+  the pool sizes also compare like with like.
 * **A realistic model**: ``bench-mlp``, a deep MLP built at set-up like the demo models
   (onnx.helper, seeded weights, signed, profiled on N(0, 1) reference data so it is scored)
   whose one call takes about 1-2 ms of inference here; gateway against plain, throughput at
@@ -43,6 +44,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from gateway.config import ServerSettings
 from gateway.devenv import DemoEnv, make_demo_env, run_cli, start_gateway
 from gateway.models.demo import IR_VERSION, OPSET
 
@@ -58,8 +60,10 @@ TARGET_ADDED_VCPU = 0.25
 TARGET_FLOOR_P50 = 1.10
 TARGET_REAL_THROUGHPUT = 0.90
 TARGET_REAL_P50 = 1.15
-#: Handler threads of the second gateway and plain server (the default is 16).
-FEW_WORKERS = 6
+#: Handler threads of the default gateway, and of the gateway before they were split from
+#: ``workers`` (with the limits it had then: 8 calls per identity, 4 streams).
+THREADS = ServerSettings().threads
+OLD_THREADS = 16
 
 
 def deep_mlp(features: int = BENCH_FEATURES, hidden: tuple[int, ...] = BENCH_HIDDEN,
@@ -171,32 +175,32 @@ def run() -> None:
         add_bench_model(env)
         floor_env = make_demo_env(Path(tmp) / "floor")  # the floor's own log (one writer)
         gateway = start_gateway(env)
-        few_env = make_demo_env(Path(tmp) / "few", server={
-            "listen": "127.0.0.1:0", "processes": 1, "workers": FEW_WORKERS,
-            "max_streams": FEW_WORKERS // 2})
-        few = start_gateway(few_env)
+        old_env = make_demo_env(Path(tmp) / "old", server={
+            "threads": OLD_THREADS, "max_calls_per_identity": 8, "max_streams": 4})
+        old = start_gateway(old_env)
         cert, key = env.client_files("scorer")
         tls = ["--ca", str(env.certs / "ca.pem"), "--cert", str(cert), "--key", str(key)]
         procs = [_spawn_plain(str(env.models)), _spawn_plain(str(env.models), str(env.certs)),
                  _spawn_plain(str(env.models), str(env.certs), "--audit", str(floor_env.config)),
-                 _spawn_plain(str(env.models), "--workers", str(FEW_WORKERS))]
+                 _spawn_plain(str(env.models), "--workers", str(THREADS))]
         try:
             plain = Server("plain", _address(procs[0]), procs[0].pid, [])
             mtls = Server("mtls", _address(procs[1]), procs[1].pid, tls)
             floor = Server("floor", _address(procs[2]), procs[2].pid, tls)
             gw = Server("gateway", gateway.target, gateway.proc.pid, tls)
-            few_cert, few_key = few_env.client_files("scorer")
-            few_tls = ["--ca", str(few_env.certs / "ca.pem"), "--cert", str(few_cert),
-                       "--key", str(few_key)]
-            plain_few = Server(f"plain w{FEW_WORKERS}", _address(procs[3]), procs[3].pid, [])
-            gw_few = Server(f"gw w{FEW_WORKERS}", few.target, few.proc.pid, few_tls)
+            old_cert, old_key = old_env.client_files("scorer")
+            old_tls = ["--ca", str(old_env.certs / "ca.pem"), "--cert", str(old_cert),
+                       "--key", str(old_key)]
+            plain_t = Server(f"plain t{THREADS}", _address(procs[3]), procs[3].pid, [])
+            gw_old = Server(f"gw t{OLD_THREADS}", old.target, old.proc.pid, old_tls)
             started = time.monotonic()
 
-            rows = alternate([plain, mtls, floor, gw, plain_few, gw_few], 16)
-            _table("demo-mlp, concurrency 16 (medians of alternating rounds; mtls = plain with "
-                   "mutual TLS; floor = mtls + one durable audit record per call; "
-                   f"w{FEW_WORKERS} = {FEW_WORKERS} handler threads instead of 16)",
-                   [plain, mtls, floor, gw, plain_few, gw_few], rows)
+            sixteen = [plain, mtls, floor, gw, plain_t, gw_old]
+            rows = alternate(sixteen, 16)
+            _table("demo-mlp, concurrency 16 (medians of alternating rounds; plain, mtls and "
+                   f"floor run {OLD_THREADS} threads; mtls = plain with mutual TLS; floor = "
+                   f"mtls + one durable audit record per call; gateway = the defaults, "
+                   f"{THREADS} handler threads; t<N> = N handler threads)", sixteen, rows)
             print(added_cpu_line(rows[0], rows[3]))
             cpu = [row["server_cpu_us"] for row in rows]
             print(f"where the added CPU goes: mutual TLS {cpu[1] - cpu[0]:.0f} µs, the durable "
@@ -204,11 +208,19 @@ def run() -> None:
                   f"{(cpu[2] - cpu[0]) / 1000:.3f} vCPU per 1000 calls/s), the gateway's own "
                   f"work (identity, policy, quota, scoring, metrics, the full record, the "
                   f"receipt) {cpu[3] - cpu[2]:.0f} µs")
-            print(f"with {FEW_WORKERS} handler threads (gateway and plain alike): "
-                  + added_cpu_line(rows[4], rows[5]))
+            print(f"like with like, {THREADS} handler threads (gateway and plain alike): "
+                  + added_cpu_line(rows[4], rows[3]))
+            print(f"like with like, {OLD_THREADS} handler threads (gateway and plain alike): "
+                  + added_cpu_line(rows[0], rows[5]))
+            print(f"the default ({THREADS} threads) against the former {OLD_THREADS}: CPU per "
+                  f"call {rows[3]['server_cpu_us']:.0f} against {rows[5]['server_cpu_us']:.0f} "
+                  f"µs ({rows[3]['server_cpu_us'] / rows[5]['server_cpu_us']:.2f}x), "
+                  f"throughput {rows[3]['throughput'] / rows[5]['throughput']:.2f}x, p50 "
+                  f"{rows[3]['p50_us'] / rows[5]['p50_us']:.2f}x")
 
-            rows1 = alternate([plain, floor, gw], 1)
-            _table("demo-mlp, concurrency 1", [plain, floor, gw], rows1)
+            ones = [plain, floor, gw, gw_old]
+            rows1 = alternate(ones, 1)
+            _table("demo-mlp, concurrency 1", ones, rows1)
             print(f"p50 at concurrency 1: gateway {rows1[2]['p50_us']:.0f} µs vs the floor "
                   f"(plain + mTLS + one durable write) {rows1[1]['p50_us']:.0f} µs = "
                   f"{rows1[2]['p50_us'] / rows1[1]['p50_us']:.2f}x "
@@ -233,4 +245,4 @@ def run() -> None:
                 proc.terminate()
                 proc.wait()
             gateway.stop()
-            few.stop()
+            old.stop()

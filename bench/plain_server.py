@@ -175,7 +175,7 @@ if __name__ == "__main__":
     parser.add_argument("--aio", action="store_true")
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--workers", type=int, default=16,
-                        help="handler threads (the gateway's [server] workers)")
+                        help="handler threads (the gateway's [server] threads)")
     args = parser.parse_args()
     if args.audit and not args.certs:
         parser.error("--audit is the floor of the gateway: it needs CERTS_DIR (mutual TLS)")

@@ -47,11 +47,38 @@ Section = TypeVar("Section", bound="DataclassInstance")
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """The listener and request limits."""
+    """The listener and request limits.
+
+    Two numbers size a server process: ``threads``, the handler threads that run calls, and
+    ``workers``, the calls in flight it treats as ordinary load (the scale of its queues).
+    The limits that promise other callers a thread are checked against ``threads`` here,
+    so a configuration where streams, slow reads or one identity could hold every thread
+    is refused at start, not discovered under attack:
+
+    - a stream (server reflection) holds a thread for its lifetime: ``max_streams`` <=
+      ``threads`` // 2;
+    - calls still waiting for their request message hold one each: at most
+      :attr:`slow_reads` in all, half of what streams leave, so streams and slow reads
+      together always leave unary calls at least a quarter of the threads, and one;
+    - one identity, while the server is backed up, runs at most ``max_calls_per_identity``
+      unary calls: <= ``threads`` // 2, its share, the rest for the other callers.
+
+    A stream slot is taken only once policy allowed the stream (reflection needs
+    ``reflect``), so a caller without that grant holds threads only through slow reads.
+    """
 
     #: host:port of the mTLS gRPC listener. There is no plaintext listener.
     listen: str = "127.0.0.1:8443"
-    #: Worker threads serving RPCs (each in-flight call holds one).
+    #: Handler threads of each process (each running call holds one). Fewer threads than
+    #: callers cost less CPU per call: a thread that finishes takes the next queued call
+    #: without sleeping, and fewer threads contend for the interpreter (bench/README.md).
+    #: Not derived from the CPUs: one process runs Python on one core at a time, and
+    #: ``processes`` already grows with the CPUs.
+    threads: int = 6
+    #: Calls in flight each process treats as ordinary load: with this many or more waiting
+    #: for a thread it is *backed up* (``max_calls_per_identity`` applies); throttled
+    #: connections may have 4 x this many calls waiting, and gRPC refuses calls beyond
+    #: 8 x this many in flight (RESOURCE_EXHAUSTED). It sizes queues, not threads.
     workers: int = 16
     #: Largest request or response message, in bytes (RESOURCE_EXHAUSTED beyond).
     max_message_bytes: int = 64 * 1024 * 1024
@@ -66,20 +93,20 @@ class ServerSettings:
     processes: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     #: Worker processes' Unix sockets (audit log, shared state) and metrics files; mode 0700.
     runtime_dir: Path = Path("var/run")
-    #: Unary calls one identity may have in progress while the server is backed up
-    #: (``workers`` calls waiting for a worker; RESOURCE_EXHAUSTED beyond); otherwise it may
-    #: use every idle worker.
-    max_calls_per_identity: int = 8
+    #: Unary calls one identity may have running while the server is backed up (``workers``
+    #: calls waiting for a thread; RESOURCE_EXHAUSTED beyond); otherwise it may use every
+    #: idle thread. At most half the threads.
+    max_calls_per_identity: int = 3
     #: Streams (server reflection, health Watch) open at once, over all identities and per
-    #: identity (RESOURCE_EXHAUSTED beyond). Streams never take more than half the workers,
-    #: so unary calls always have the rest.
-    max_streams: int = 4
+    #: identity (RESOURCE_EXHAUSTED beyond). At most half the threads: a reflection stream
+    #: holds one for its lifetime (a health Watch holds none: grpc answers it without one).
+    max_streams: int = 2
     max_streams_per_identity: int = 2
     #: A stream with no message from the caller for this long, or open this long, is ended.
     stream_idle_seconds: float = 30.0
     stream_max_seconds: float = 300.0
     #: A unary call whose request message has not arrived this long after it opened is
-    #: ended; at most this many calls of one client certificate (and half the workers in
+    #: ended; at most this many calls of one client certificate (and :attr:`slow_reads` in
     #: all) may wait for their message at once (RESOURCE_EXHAUSTED beyond).
     request_timeout_seconds: float = 10.0
     max_pending_requests_per_certificate: int = 4
@@ -93,18 +120,28 @@ class ServerSettings:
     summary_interval_seconds: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("workers", "processes", "max_calls_per_identity", "max_streams",
-                     "max_streams_per_identity", "refusal_burst",
+        for name in ("threads", "workers", "processes", "max_calls_per_identity",
+                     "max_streams", "max_streams_per_identity", "refusal_burst",
                      "max_pending_requests_per_certificate"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"[server] {name} must be at least 1")
-        if self.max_streams > self.workers // 2:
-            raise ConfigError(f"[server] max_streams ({self.max_streams}) must be at most half "
-                              f"the workers ({self.workers}): unary calls need the rest")
+        for name, holder in (("max_streams", "streams hold one each"),
+                             ("max_calls_per_identity", "the other callers need the rest")):
+            if getattr(self, name) > self.threads // 2:
+                raise ConfigError(f"[server] {name} ({getattr(self, name)}) must be at most "
+                                  f"half the threads ({self.threads}): {holder}, and unary "
+                                  "calls must always find one")
         for name in ("stream_idle_seconds", "stream_max_seconds", "refusal_rate",
                      "summary_interval_seconds", "request_timeout_seconds"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"[server] {name} must be positive")
+
+    @property
+    def slow_reads(self) -> int:
+        """Calls that may wait for their request message past the grace period, in all:
+        half the threads that ``max_streams`` leaves (0 with a single one left: then no call
+        may wait), so streams and slow reads together never hold every thread."""
+        return (self.threads - self.max_streams) // 2
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ class Gateway:
         self.coordinator.subscribe(MODELS_TOPIC, self.models.apply_change)
         for entry in self.models.load_all(skip_known=True):
             log.info("model %s/%s: %s %s", entry.name, entry.version, entry.state, entry.reason)
-        pool = WorkerPool(config.server.workers)
+        pool = WorkerPool(config.server.threads, hold=4 * config.server.workers)
         self.guard = Guard(verifier=self.verifier, policy=self.policy, models=self.models,
                            audit=self.audit, monitor=self.monitor,
                            limits=Limits(config.server, pool,

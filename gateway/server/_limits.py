@@ -1,17 +1,19 @@
 """What keeps one caller from holding the server: concurrency, stream time and refusal limits.
 
-The gRPC server runs every call on one of ``[server] workers`` threads. Three limits keep
-any one identity (or certificate) from taking them all, each answered RESOURCE_EXHAUSTED:
+The gRPC server runs every call on one of ``[server] threads`` handler threads, usually
+fewer than its callers (``workers`` is the scale of its queues). Three limits keep any one
+identity (or certificate) from taking them all, each answered RESOURCE_EXHAUSTED; their
+bounds against ``threads`` are checked by :class:`ServerSettings`:
 
-- **unary calls in progress** per identity (``max_calls_per_identity``), enforced while the
-  server is backed up (``workers`` calls or more wait for a worker, not counting those a
-  throttled connection has waiting; :meth:`WorkerPool.backlog`): an identity may use
-  idle workers, and a busy client is served at full concurrency, but a flood queued ahead
-  of other callers is cut back to its share and answered at once, so their calls reach a
-  worker;
+- **unary calls in progress** per identity (``max_calls_per_identity``, at most half the
+  threads), enforced while the server is backed up (``workers`` calls or more wait for a
+  thread, not counting those a throttled connection has waiting;
+  :meth:`WorkerPool.backlog`): an identity may use idle threads, and a busy client is
+  served at full concurrency, but a flood queued ahead of other callers is cut back to
+  its share and answered at once, so their calls reach a thread;
 - **streams** (server reflection, health Watch) open at once, in all and per identity
   (``max_streams``, ``max_streams_per_identity``); ``max_streams`` is at most half the
-  workers, so streams can never starve unary calls. A stream is ended (CANCELLED) when the
+  threads, so streams can never starve unary calls. A stream is ended (CANCELLED) when the
   caller has sent nothing for ``stream_idle_seconds`` or it has been open for
   ``stream_max_seconds``: a watchdog thread cancels it, which wakes the worker it held;
 - **calls waiting for their request message**: gRPC's threaded server reads a unary call's
@@ -20,15 +22,17 @@ any one identity (or certificate) from taking them all, each answered RESOURCE_E
   therefore served as a stream (:mod:`gateway.server._reads`) and its wait watched: a
   message missing after a grace period makes the call *slow*, and at most
   ``max_pending_requests_per_certificate`` slow calls of one client certificate, and
-  half the workers in all, may go on waiting, for at most ``request_timeout_seconds``;
-  the others are cancelled (CANCELLED, recorded with reason ``request-timeout``);
+  ``ServerSettings.slow_reads`` in all (half the threads streams leave: streams and slow
+  reads together never hold every thread), may go on waiting, for at most
+  ``request_timeout_seconds``; the others are cancelled (CANCELLED, recorded with reason
+  ``request-timeout``);
 - **refused calls** (unauthenticated, denied, over a limit, malformed) per identity or, for a
   certificate that is not an identity, per certificate: a token bucket of ``refusal_rate``
   a second and ``refusal_burst`` at once. Within it each refusal is an audit record as
   before; beyond it the call is answered RESOURCE_EXHAUSTED, costs no durable write, and is
   counted into a summary record instead.
 
-**Scheduling** (:class:`WorkerPool`): the workers take the client connections' calls in
+**Scheduling** (:class:`WorkerPool`): the threads take the client connections' calls in
 turn, and a connection over its refusal rate is *throttled*: its calls wait and run one at
 a time with pauses, so that a flood of refused calls, which costs the interpreter about as
 much as a served one, cannot take the other callers' turns at it.
@@ -79,8 +83,9 @@ _IDLE_S = 0.01
 
 
 class WorkerPool(ThreadPoolExecutor):
-    """The server's worker threads, shared among client connections rather than first come,
-    first served; connections over their refusal rate are *throttled*.
+    """The server's handler threads (``[server] threads``), shared among client connections
+    rather than first come, first served; connections over their refusal rate are
+    *throttled*.
 
     gRPC hands every call to ``submit`` as ``(context.run, <in-pool function>, rpc_event,
     ...)``; the event's call names the connection (its peer address), read without a lock
@@ -98,7 +103,7 @@ class WorkerPool(ThreadPoolExecutor):
       as that call took, so it keeps at most ``THROTTLED_SHARE`` of one worker's time;
     - but while no other connection's call has run for ``_IDLE_S`` it is served without
       pausing: nobody waits for the worker, so a lone client is not slowed;
-    - at most ``hold`` calls (``4 * workers`` unless given; half of the server's
+    - at most ``hold`` calls (the server gives 4 x ``[server] workers``, half of its
       ``maximum_concurrent_rpcs``) wait on throttled connections in all; beyond that the
       first call of the longest line is answered, without its handler or its request
       message, by :attr:`overflow` (the serving layer's refusal: RESOURCE_EXHAUSTED,
@@ -465,7 +470,7 @@ class Limits:
 
     def enter_call(self, key: str) -> bool:
         """Take one of ``key``'s unary slots; False if it holds its share while the server is
-        backed up: at least ``workers`` calls wait for a worker (without a pool: whenever
+        backed up: at least ``workers`` calls wait for a thread (without a pool: whenever
         it holds its share)."""
         with self._lock:
             held = self._calls.get(key, 0)
@@ -509,8 +514,8 @@ class Limits:
         Nearly always the message is there already and :meth:`PendingRead.release` follows
         at once. One still missing after ``_READ_GRACE_S`` is *slow*: it may stay only if its
         client certificate has fewer than ``max_pending_requests_per_certificate`` slow
-        calls and the server fewer than half its workers; otherwise, and in any case after
-        ``request_timeout_seconds``, the watchdog cancels it. A certificate with a call
+        calls and the server fewer than ``ServerSettings.slow_reads``; otherwise, and in any
+        case after ``request_timeout_seconds``, the watchdog cancels it. A certificate with a call
         cancelled for being over its count is *stalling* for ``request_timeout_seconds``:
         its new calls get None (to be refused at once), so it cannot keep every worker
         waiting through grace periods either.
@@ -544,8 +549,7 @@ class Limits:
         except Exception:  # a call gone meanwhile: nothing to keep waiting
             return False
         held = self._reads.get(read.cert, 0)
-        if held >= s.max_pending_requests_per_certificate or \
-                self._reading >= max(1, s.workers // 2):
+        if held >= s.max_pending_requests_per_certificate or self._reading >= s.slow_reads:
             self._stalled[read.cert] = now + s.request_timeout_seconds
             self._stalled.move_to_end(read.cert)
             if len(self._stalled) > MAX_KEYS:

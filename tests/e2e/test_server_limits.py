@@ -2,16 +2,84 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import types
 from concurrent.futures import Future, wait
 
 import grpc
+import pytest
 
-from gateway.config import ServerSettings
+from gateway.config import ServerSettings, load_config
+from gateway.errors import ConfigError
 from gateway.server._limits import Limits, WorkerPool, _connection
 
 WAIT = 30.0  # bound on every wait; a test that reaches it has failed
+
+
+# --- what may hold a thread, against the threads there are ---------------------------------
+
+def test_the_defaults_run_fewer_threads_than_callers_and_leave_unary_calls_threads():
+    s = ServerSettings()
+    assert s.threads < s.workers  # fewer handler threads than the calls taken as ordinary
+    assert s.max_streams + s.slow_reads < s.threads
+    assert s.max_calls_per_identity <= s.threads // 2
+
+
+def test_streams_and_slow_reads_together_never_hold_every_thread():
+    for threads in range(2, 65):
+        for streams in range(1, threads // 2 + 1):
+            s = ServerSettings(threads=threads, max_streams=streams, max_calls_per_identity=1)
+            assert s.slow_reads >= 0
+            assert s.max_streams + s.slow_reads < threads, (threads, streams)
+
+
+@pytest.mark.parametrize(("server", "named"), [
+    ({"threads": 6, "max_streams": 4}, "max_streams (4) must be at most half the threads (6)"),
+    ({"threads": 8, "max_calls_per_identity": 5},
+     "max_calls_per_identity (5) must be at most half the threads (8)"),
+    ({"threads": 1, "max_streams": 1, "max_calls_per_identity": 1},
+     "max_streams (1) must be at most half the threads (1)"),
+    ({"threads": 0}, "threads must be at least 1"),
+])
+def test_settings_where_one_kind_of_call_could_hold_every_thread_are_refused(
+        tmp_path, server, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        ServerSettings(**server)
+    config = tmp_path / "gateway.toml"
+    config.write_text("[server]\n" + "".join(f"{k} = {v}\n" for k, v in server.items()))
+    with pytest.raises(ConfigError, match=r"\[server\] "):
+        load_config(config)
+
+
+class _Waiting:
+    """A unary call's context as the read watch sees it: its certificate, and ``cancel``."""
+
+    def __init__(self, cert: bytes) -> None:
+        self.cert = cert
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def test_slow_reads_beyond_the_servers_bound_are_cut_though_their_certificate_may_have_more():
+    settings = ServerSettings(threads=4, max_streams=2, max_calls_per_identity=2,
+                              max_pending_requests_per_certificate=4,
+                              request_timeout_seconds=300.0)
+    assert settings.slow_reads == 1
+    limits = Limits(settings, peer_key=lambda context: context.cert)
+    calls = [_Waiting(b"cert-a") for _ in range(3)]
+    reads = [limits.start_read(call) for call in calls]  # type: ignore[arg-type]
+    assert all(reads)
+    for call in calls[1:]:  # past the grace period: the first stays, the others are cut
+        assert call.cancelled.wait(WAIT)
+    assert not calls[0].cancelled.is_set()
+    assert reads[0] is not None and reads[0].slow
+    assert [r.ended for r in reads[1:] if r is not None] == ["pending", "pending"]
+    # Its certificate is now stalling: its next call is refused before it waits.
+    assert limits.start_read(_Waiting(b"cert-a")) is None  # type: ignore[arg-type]
+    reads[0].release()
 
 
 def test_limits_count_calls_and_streams_per_identity():
