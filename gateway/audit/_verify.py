@@ -436,7 +436,7 @@ def _pieces(path: Path, first: int, limit: int) -> list[tuple[int, int, int | No
                 b = window.find(b"\n", a)
                 try:
                     seq = _canonical.loads(window[a:b])["seq"] if a and b > 0 else None
-                except (ValueError, TypeError, KeyError):
+                except (ValueError, TypeError, KeyError, RecursionError):
                     seq = None
                 at = size * k // n + a
                 if type(seq) is int and found[-1][0] < seq < limit and at > found[-1][1]:

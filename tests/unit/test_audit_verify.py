@@ -553,6 +553,7 @@ _TAMPER = {
                                    *recs[26:]],
     "zero gap": lambda recs: _zero_record(recs, 12),
     "duplicated": lambda recs: [*recs[:30], recs[29], *recs[30:]],
+    "garbage lines": lambda recs: [b"garbage" if k % 4 == 2 else r for k, r in enumerate(recs)],
 }
 
 
