@@ -422,13 +422,10 @@ def _pieces(path: Path, first: int, limit: int) -> list[tuple[int, int, int | No
     guess only (the records are not checked yet), which :func:`verify_log` checks against the
     counts of the pieces before and rescans with the true index if it is wrong. Where no guess
     can be read, the piece runs on to the next cut."""
+    found = [(first, 0)]
     try:
         size = path.stat().st_size
-    except OSError:
-        size = 0
-    n = size // _PIECE
-    found = [(first, 0)]
-    if n > 1:
+        n = size // _PIECE
         with open(path, "rb", buffering=0) as f:
             for k in range(1, n):
                 window = os.pread(f.fileno(), 1 << 16, size * k // n)
@@ -441,6 +438,8 @@ def _pieces(path: Path, first: int, limit: int) -> list[tuple[int, int, int | No
                 at = size * k // n + a
                 if type(seq) is int and found[-1][0] < seq < limit and at > found[-1][1]:
                     found.append((seq, at))
+    except OSError:
+        del found[1:]   # (the worker reading the whole segment meets the error itself)
     ends: list[int | None] = [at for _seq, at in found[1:]]
     return [(seq, lo, hi) for (seq, lo), hi in zip(found, [*ends, None], strict=True)]
 
