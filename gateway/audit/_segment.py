@@ -84,7 +84,8 @@ class Tail:
 
 
 def read_segment(path: str, tail: Tail, *, last: bool, name: str = "segment", first: int = 0,
-                 chunk: int = 1 << 20) -> Iterator[tuple[bytes, list[bytes]]]:
+                 chunk: int = 1 << 20, start: int = 0,
+                 stop: int | None = None) -> Iterator[tuple[bytes, list[bytes]]]:
     """The rule of :func:`parse_segment`, applied a ``chunk`` of the file at a time: yields
     (block, records), the records being ``block``'s complete lines in order (the block may end
     in part of the next record, which the next block starts with), then sets ``tail``.
@@ -98,18 +99,30 @@ def read_segment(path: str, tail: Tail, *, last: bool, name: str = "segment", fi
     holds only complete records before its last newline (canonical JSON holds no raw newline
     or NUL, and every line before the segment's last newline is a record), and from the first
     block that holds a NUL (free space, or damage), or is the file's last, or has no newline,
-    :func:`parse_segment` itself decides, with offsets and indexes of the whole segment.
+    :func:`parse_segment` itself decides, with offsets and indexes of the whole segment. The
+    zeros that end the file (an open segment's preallocated free space, tens of MB) are read a
+    chunk at a time and compared with zeros, never joined or stripped byte by byte:
+    :func:`parse_segment` strips them first, so dropping them changes no verdict.
+
+    ``start`` and ``stop`` read one piece of the segment (so that workers can share a segment):
+    ``start`` is 0 or just after a newline, ``first`` the index of the record there, and
+    ``stop`` (None: the end of the file) just after a newline. A piece that stops before the
+    end of the file is judged as bytes that must be whole records (``last`` then does not
+    apply): the verdicts of the whole segment are the pieces' in order, up to the first piece
+    that finds damage (the records after damage are not records).
     """
-    at = 0          # offset of the next block in the segment
+    at = start      # offset of the next block in the segment
     count = 0       # complete records yielded
     with open(path, "rb", buffering=0) as f:
         fd = f.fileno()
         while True:
-            block = os.pread(fd, chunk, at)
+            want = chunk if stop is None else min(chunk, stop - at)
+            block = os.pread(fd, want, at)
             cut = block.rfind(b"\n") + 1
             if len(block) < chunk or not cut or b"\x00" in block:
-                f.seek(at + len(block))
-                rest = block + f.read() if len(block) == chunk else block
+                if len(block) == want and (stop is None or at + want < stop):
+                    block = _with_rest(fd, block, at + want, chunk, stop)
+                rest = block[:_data_end(block)]
                 break
             records = block.split(b"\n")
             records.pop()   # the start of the next record (or b"")
@@ -117,7 +130,8 @@ def read_segment(path: str, tail: Tail, *, last: bool, name: str = "segment", fi
             count += len(records)
             at += cut
     try:
-        seg = parse_segment(rest, last=last, name=name, first=first, at=at, before=count)
+        seg = parse_segment(rest, last=last and stop is None, name=name, first=first, at=at,
+                            before=count)
     except SegmentDamaged as err:
         good = rest[:err.offset - at].split(b"\n")[:err.records - count]
         if good:
@@ -127,3 +141,33 @@ def read_segment(path: str, tail: Tail, *, last: bool, name: str = "segment", fi
     if seg.records:
         yield rest, seg.records
     tail.torn = seg.torn
+
+
+def _with_rest(fd: int, block: bytes, at: int, chunk: int, stop: int | None) -> bytes:
+    """``block`` followed by the file from ``at`` to ``stop`` (None: its end), less the whole
+    chunks of zeros that end it (a zero chunk followed by data is kept: parse_segment names
+    that gap)."""
+    parts = [block]
+    zero = bytes(chunk)
+    zeros = 0       # zero bytes read since the last chunk holding data
+    while data := os.pread(fd, chunk if stop is None else min(chunk, stop - at), at):
+        at += len(data)
+        if data == (zero if len(data) == chunk else bytes(len(data))):
+            zeros += len(data)
+            continue
+        if zeros:
+            parts.append(bytes(zeros))
+            zeros = 0
+        parts.append(data)
+    return b"".join(parts) if len(parts) > 1 else block
+
+
+def _data_end(data: bytes, step: int = 4096) -> int:
+    """``len(data.rstrip(b"\\0"))``, comparing ``step`` bytes at a time with zeros first
+    (``bytes.rstrip`` with an argument tests each byte on its own: slow on a MiB of zeros)."""
+    end = len(data)
+    zero = bytes(step)
+    while end >= step and data[end - step:end] == zero:
+        end -= step
+    lo = max(end - step, 0)
+    return lo + len(data[lo:end].rstrip(b"\x00"))

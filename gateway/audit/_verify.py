@@ -15,9 +15,10 @@ record is covered and nothing is wrong; 1 damage; 3 no damage, but the newest re
 covered by a signed checkpoint yet (a live log between checkpoints, or records appended by
 someone without the key).
 
-Each segment is checked by a worker process; a worker returns the segment's aligned perfect
-subtrees (RFC 9162 2.1.1 splits every tree into them), so the main process joins the pieces
-into exactly the tree a single pass would build.
+Each piece of the log (a segment, or with several workers a few MiB of a complete segment,
+so that they finish together) is checked by a worker process; a worker returns the piece's
+aligned perfect subtrees (RFC 9162 2.1.1 splits every tree into them), so the main process
+joins the pieces into exactly the tree a single pass would build.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ _MAX_FINDINGS = 100
 #: Bytes of a segment read and checked at a time inside a worker (bounds its memory, not its
 #: results; see read_segment for why not the whole segment).
 _CHUNK = 1 << 20
+#: Bytes of a complete segment a worker task covers when several workers share the log: many
+#: pieces (LPT order) let the workers finish together, where whole segments left one worker
+#: idle for up to a segment at the end (bench/README.md).
+_PIECE = 8 << 20
 #: Records parsed and written back per call in the canonical check (see _check_batch).
 _GROUP = 16
 _V, _SEQ, _PREV = itemgetter("v"), itemgetter("seq"), itemgetter("prev")
@@ -264,6 +269,7 @@ class _Part:
     last_leaf: str                           # hex leaf hash of the last record
     subtrees: list[tuple[int, bytes]]
     snapshots: dict[int, list[tuple[int, bytes]]]   # size -> subtrees of [start, size)
+    damaged: bool = False                    # the piece's bytes end in damage (a zero gap)
 
 
 def _check_batch(records: list[bytes], start: int, suspects: list[int]) -> tuple[list, list, list]:
@@ -340,24 +346,27 @@ def _suspects(data: bytes, records: list[bytes]) -> list[int]:
     return sorted(out)
 
 
-def _scan(path: str, start: int, last: bool, cuts: tuple[int, ...]) -> _Part:
-    """Check one segment whose first record is ``start`` (runs in a worker process)."""
-    if last:
+def _scan(path: str, start: int, last: bool, cuts: tuple[int, ...], lo: int = 0,
+          hi: int | None = None) -> _Part:
+    """Check one segment whose first record is ``start``, or its piece of bytes ``[lo, hi)``
+    whose first record is ``start`` (runs in a worker process)."""
+    if last and hi is None:
         try:
-            return _scan_once(path, start, True, cuts, strict=True)
+            return _scan_once(path, start, True, cuts, strict=True, lo=lo)
         except SegmentDamaged:
             # A live gateway may have been writing the last segment while it was read (a
             # later page seen before an earlier one): read it once more before calling it
             # damage. Damage on disk is there both times.
             pass
-    return _scan_once(path, start, last, cuts, strict=False)
+    return _scan_once(path, start, last, cuts, strict=False, lo=lo, hi=hi)
 
 
 def _scan_once(path: str, start: int, last: bool, cuts: tuple[int, ...], *,
-               strict: bool) -> _Part:
-    """One pass over a segment, a block at a time (:func:`read_segment`): each block's records
-    are parsed, hashed and linked, then only their leaf hashes are kept. ``strict``: raise
-    :class:`SegmentDamaged` instead of reporting it."""
+               strict: bool, lo: int = 0, hi: int | None = None) -> _Part:
+    """One pass over a segment or its piece ``[lo, hi)``, a block at a time
+    (:func:`read_segment`): each block's records are parsed, hashed and linked, then only
+    their leaf hashes are kept. ``strict``: raise :class:`SegmentDamaged` instead of
+    reporting it."""
     findings: list[tuple[str, int, str]] = []
     tail = Tail()
     leaves: list[bytes] = []
@@ -367,7 +376,7 @@ def _scan_once(path: str, start: int, last: bool, cuts: tuple[int, ...], *,
     prev_leaf: str | None = None
     b = start   # index of the block's first record
     for block, records in read_segment(path, tail, last=last, name=f"segment {Path(path).name}",
-                                       first=start, chunk=_CHUNK):
+                                       first=start, chunk=_CHUNK, start=lo, stop=hi):
         seqs, prevs, bad = _check_batch(records, b, _suspects(block, records))
         findings.extend(bad)
         damaged = {i - b for _kind, i, _msg in bad}
@@ -403,10 +412,42 @@ def _scan_once(path: str, start: int, last: bool, cuts: tuple[int, ...], *,
     end = start + len(leaves)
     snapshots = {c: levels.decompose(c) for c in cuts if start < c <= end}
     return _Part(start, len(leaves), tail.torn, findings, runs, breaks, first_prev,
-                 prev_leaf or "", levels.decompose(), snapshots)
+                 prev_leaf or "", levels.decompose(), snapshots, tail.damage is not None)
 
 
-def _scan_task(task: tuple[str, int, bool, tuple[int, ...]]) -> _Part:
+def _pieces(path: Path, first: int, limit: int) -> list[tuple[int, int, int | None]]:
+    """(index of the first record, lo, hi) of pieces of about :data:`_PIECE` bytes of the
+    complete segment ``path`` whose records are ``first`` .. ``limit - 1``, each cut just after
+    a newline. The first index of each later piece is read from its first record's ``seq``: a
+    guess only (the records are not checked yet), which :func:`verify_log` checks against the
+    counts of the pieces before and rescans with the true index if it is wrong. Where no guess
+    can be read, the piece runs on to the next cut."""
+    found = [(first, 0)]
+    try:
+        size = path.stat().st_size
+        n = size // _PIECE
+        with open(path, "rb", buffering=0) as f:
+            for k in range(1, n):
+                window = os.pread(f.fileno(), 1 << 16, size * k // n)
+                a = window.find(b"\n") + 1
+                b = window.find(b"\n", a)
+                try:
+                    seq = _canonical.loads(window[a:b])["seq"] if a and b > 0 else None
+                except (ValueError, TypeError, KeyError, RecursionError):
+                    seq = None
+                at = size * k // n + a
+                if type(seq) is int and found[-1][0] < seq < limit and at > found[-1][1]:
+                    found.append((seq, at))
+    except OSError:
+        del found[1:]   # (the worker reading the whole segment meets the error itself)
+    ends: list[int | None] = [at for _seq, at in found[1:]]
+    return [(seq, lo, hi) for (seq, lo), hi in zip(found, [*ends, None], strict=True)]
+
+
+_Task = tuple[str, int, bool, tuple[int, ...], int, "int | None"]
+
+
+def _scan_task(task: _Task) -> _Part:
     # The scan makes no reference cycles (every parsed record is freed by its refcount), so
     # the cycle collector only costs time here (a measurable share of the scan).
     enabled = gc.isenabled()
@@ -481,34 +522,67 @@ def verify_log(directory: Path, verifier: Verifier, *, since: str | None = None,
         found.add("damaged", None, f"unexpected file {name} in the segment directory")
     report.segments = len(segments)
 
-    def tasks(starts: list[int]) -> list[tuple[str, int, bool, tuple[int, ...]]]:
-        return [(str(path), starts[n], n == len(segments) - 1,
-                 tuple(s for s in sizes if s > starts[n]))
-                for n, (_first, path) in enumerate(segments)]
-
     jobs = jobs or os.cpu_count() or 1
     pool = (ProcessPoolExecutor(min(jobs, len(segments)), mp_context=get_context("fork"))
             if jobs > 1 and len(segments) > 1 else None)
-    try:
+    # (segment number, first index, lo, hi) of each piece, in log order.
+    pieces: list[tuple[int, int, int, int | None]] = []
+    for n, (first, path) in enumerate(segments):
+        if pool is None or n == len(segments) - 1:
+            # (the last segment stays whole: a live gateway may be writing it)
+            pieces.append((n, first, 0, None))
+        else:
+            limit = segments[n + 1][0] if segments[n + 1][0] > first else first + (1 << 62)
+            pieces.extend((n, *piece) for piece in _pieces(path, first, limit))
+
+    def task(piece: tuple[int, int, int, int | None], start: int) -> _Task:
+        n, _first, lo, hi = piece
+        return (str(segments[n][1]), start, n == len(segments) - 1,
+                tuple(s for s in sizes if s > start), lo, hi)
+
+    def scan(which: list[int], starts: list[int], first: bool) -> list[_Part]:
+        """Scan the pieces ``which`` (the largest first, so the workers end together)."""
+        order = list(range(len(which)))
+        if pool is not None:
+            order.sort(key=lambda k: -_weight(pieces[which[k]], segments))
         run = pool.map if pool is not None else map
-        parts: list[_Part] = []
-        misnamed = None
-        starts = [first for first, _ in segments]
-        for part in run(_scan_task, tasks(starts)):
-            parts.append(part)
-            if progress is not None:
+        done: list[_Part | None] = [None] * len(which)
+        for k, part in zip(order, run(_scan_task, [task(pieces[which[k]], starts[which[k]])
+                                                   for k in order]), strict=True):
+            done[k] = part
+            if progress is not None and first:
                 progress(part.count)
+        return [part for part in done if part is not None]
+
+    try:
+        misnamed = None
+        guessed = [first for _n, first, _lo, _hi in pieces]
+        parts = scan(list(range(len(pieces))), guessed, True)
+        # A piece that ends in damage ends its segment: the records after a zero gap are not
+        # records (the rule of parse_segment, on the whole segment).
+        keep: list[int] = []
+        for i in range(len(parts)):
+            if not keep or pieces[keep[-1]][0] != pieces[i][0] or not parts[keep[-1]].damaged:
+                keep.append(i)
         actual = [0]
-        for part in parts:
-            actual.append(actual[-1] + part.count)
-        if segments and actual[:-1] != starts:
+        for i in keep:
+            actual.append(actual[-1] + parts[i].count)
+        wrong = [k for k, i in enumerate(keep) if guessed[i] != actual[k]]
+        heads = [k for k in wrong if pieces[keep[k]][2] == 0]   # a segment's first piece
+        if heads:
             # A segment was deleted, emptied or renamed: say so once, then re-check every
-            # segment at the index where its records really are.
-            n = next(n for n in range(len(starts)) if starts[n] != actual[n])
-            kind = "deleted" if starts[n] > actual[n] else "damaged"
-            misnamed = (kind, actual[n], f"segment {segments[n][1].name} starts at index "
-                        f"{starts[n]} but the segments before it hold {actual[n]} records")
-            parts = list(run(_scan_task, tasks(actual[:-1])))
+            # piece at the index where its records really are.
+            k = heads[0]
+            n = pieces[keep[k]][0]
+            kind = "deleted" if guessed[keep[k]] > actual[k] else "damaged"
+            misnamed = (kind, actual[k], f"segment {segments[n][1].name} starts at index "
+                        f"{guessed[keep[k]]} but the segments before it hold {actual[k]} "
+                        "records")
+        starts = dict(zip(keep, actual, strict=False))
+        again = dict(zip(wrong, scan([keep[k] for k in wrong], [starts.get(i, 0) for i in
+                                                                range(len(pieces))], False),
+                         strict=True))
+        parts = [again.get(k, parts[i]) for k, i in enumerate(keep)]
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -518,6 +592,17 @@ def verify_log(directory: Path, verifier: Verifier, *, since: str | None = None,
     report.seconds = time.perf_counter() - started
     report.findings.sort(key=lambda f: (f.index is None, f.index or 0))
     return report
+
+
+def _weight(piece: tuple[int, int, int, int | None], segments: list[tuple[int, Path]]) -> int:
+    """Bytes of a piece (a whole segment: its file's size), to hand the largest out first."""
+    n, _first, lo, hi = piece
+    if hi is not None:
+        return hi - lo
+    try:
+        return segments[n][1].stat().st_size - lo
+    except OSError:
+        return 0
 
 
 def _join(parts: list[_Part], signed: _Signed, sizes: list[int], found: _Findings) -> None:

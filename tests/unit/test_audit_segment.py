@@ -5,6 +5,7 @@ the log with): the same records, torn tail, and damage at the same byte and inde
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,55 @@ def test_an_empty_or_missing_segment(tmp_path):
     assert (tail.torn, tail.damage) == (0, None)
     with pytest.raises(FileNotFoundError):
         list(read_segment(str(tmp_path / "gone.log"), Tail(), last=True))
+
+
+@pytest.mark.parametrize("last", [True, False])
+def test_long_runs_of_zeros(tmp_path, last):
+    """An open segment's free space, many blocks of zeros (read a block at a time and compared
+    with zeros, never joined), ends the segment, or hides data after it: the same verdicts."""
+    recs = b"".join(b'{"seq":%d}\n' % i for i in range(50))
+    cases = [
+        recs + bytes(50_000),                                # free space
+        recs + bytes(50_000) + b"x",                         # a byte hidden after it
+        recs + bytes(20_000) + b'{"seq":50}\n' + bytes(30_000),   # a record hidden in it
+        recs + b'{"torn":' + bytes(9_000),                   # a torn record, then free space
+        recs + b'{"torn":' + bytes(9_000) + b"1" + bytes(5_000),
+        recs[:-1] + bytes(12_345),                           # the last newline zeroed
+        bytes(70_000),                                       # nothing but free space
+    ]
+    path = tmp_path / "seg.log"
+    for data in cases:
+        path.write_bytes(data)
+        want = _whole(data, last)
+        for chunk in (64, 1000, 4096, 5000, 1 << 20):
+            assert _blocks(path, last, chunk) == want, (data[-80:], chunk)
+
+
+def test_pieces_give_the_verdicts_of_the_whole_file(tmp_path):
+    """A segment read as pieces cut just after newlines (workers sharing a segment): the
+    pieces' records in order, up to the first piece that finds damage, and that damage, are
+    the whole file's."""
+    rnd = random.Random(15)
+    path = tmp_path / "seg.log"
+    for _ in range(300):
+        data = _segment(rnd)
+        last = rnd.random() < 0.5
+        path.write_bytes(data)
+        want = _whole(data, last)
+        ends = [i + 1 for i, byte in enumerate(data) if byte == 10]
+        cuts = sorted(rnd.sample(ends, min(len(ends), rnd.randrange(4))))
+        bounds = [0, *cuts, None]
+        records: list[bytes] = []
+        got: tuple = ()
+        for lo, hi in pairwise(bounds):
+            tail, prior = Tail(), len(records)
+            for _block, recs in read_segment(str(path), tail, last=last, name="seg",
+                                             first=100 + prior, start=lo, stop=hi,
+                                             chunk=rnd.choice([1, 7, 64, 1 << 20])):
+                records += recs
+            err = tail.damage
+            if err is not None:
+                got = (records, 0, str(err), err.offset, prior + err.records)
+                break
+            got = (records, tail.torn, None, None, 0)
+        assert got == want, (data, cuts)
