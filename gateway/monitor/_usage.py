@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from ._profile import InputProfile
 from ._shapiro import shapiro_w
@@ -172,7 +173,14 @@ class UsageTracker:
         """Each row's distance to the nearest of the ``memory`` rows before it (earlier rows
         of the same batch included), for the whole batch in a few numpy calls: one call per
         row cost the background scoring thread most of its time, and each numpy call may
-        hand the GIL to the RPC threads and back."""
+        hand the GIL to the RPC threads and back.
+
+        The rows before a row are a window of ``memory`` consecutive rows of the sequence
+        (memory in arrival order, then the batch), so the windows of a batch are read as one
+        strided view of it: only the distances that count are computed, not a batch-by-
+        sequence matrix masked afterwards, and the work grows with the batch, not with its
+        square.
+        """
         profile = st.profile
         full = len(st.memory)
         n = len(v)
@@ -187,16 +195,15 @@ class UsageTracker:
             past = st.memory
         m = len(past)
         seq = np.concatenate([past, v])
-        position = np.arange(m, m + n)  # of each new row in seq
-        # Distances count only once the memory is full, as in the calibration.
-        counted = position >= full
-        if counted.any():
-            rows, at = v[counted], position[counted]
-            diff = rows[:, None, :] - seq[None, :, :]
-            d2 = (diff * diff).sum(axis=2)
-            j = np.arange(len(seq))
-            d2[(j[None, :] < (at - full)[:, None]) | (j[None, :] >= at[:, None])] = np.inf
-            dist = np.sqrt(d2.min(axis=1))
+        # Distances count only once the memory is full, as in the calibration: the batch's
+        # rows from ``first`` on, each against the ``full`` rows just before it in seq.
+        first = max(0, full - m)
+        if first < n:
+            step, width = seq.strides
+            windows = as_strided(seq[m + first - full:], shape=(n - first, full, seq.shape[1]),
+                                 strides=(step, step, width), writeable=False)
+            diff = windows - v[first:, None, :]
+            dist = np.sqrt((diff * diff).sum(axis=2).min(axis=1))
             self._window(st, profile, dist[dist >= _REPEAT])  # an exact repeat is not exploration
         tail = seq[-full:]
         st.memory[:len(tail)] = tail
@@ -228,16 +235,19 @@ class UsageTracker:
         st.alarms["probe"] = st.probe_n >= self._probe_k
 
     def _sweep(self, st: _Stream, rows: np.ndarray) -> None:
+        # Counts as Python ints: the ring update below is per row, and numpy scalars there
+        # cost more than the counting itself.
+        changed: list[int]
         if st.prev is None:
-            changed = (rows[1:] != rows[:-1]).sum(axis=1)
+            changed = (rows[1:] != rows[:-1]).sum(axis=1).tolist()
         elif len(rows) == 1:
             changed = [int(np.count_nonzero(rows[0] != st.prev))]
         else:
             seq = np.concatenate([st.prev[None, :], rows])
-            changed = (seq[1:] != seq[:-1]).sum(axis=1)
+            changed = (seq[1:] != seq[:-1]).sum(axis=1).tolist()
         ring = st.sweeps
-        for c in list(changed):
-            single = bool(c == 1)
+        for c in changed:
+            single = c == 1
             st.sweep_n += single - ring[st.sweep_pos]
             ring[st.sweep_pos] = single
             st.sweep_pos = (st.sweep_pos + 1) % len(ring)
