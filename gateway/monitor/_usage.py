@@ -83,16 +83,34 @@ class _Stream:
         self.last_w = 1.0
 
 
-def _row_sums(squares: np.ndarray) -> np.ndarray:
-    """``squares.sum(axis=2)``, bit for bit. numpy adds fewer than 8 terms in order, so for
-    narrow rows the columns are added one by one instead: the same sums, without numpy's
-    cost per output of a reduction over a short last axis (the bulk of PRADA's time)."""
-    width = squares.shape[2]
-    if width >= 8 or width == 0:
-        return squares.sum(axis=2)
-    total = squares[..., 0].copy()
-    for j in range(1, width):
-        total += squares[..., j]
+def _window_d2(seq: np.ndarray, rows: np.ndarray, width: int) -> np.ndarray:
+    """Squared distances of ``rows[i]`` to ``seq[i:i + width]``, shape (len(rows), width).
+
+    The windows overlap, so they are read as strided views of ``seq``, never copied. Rows of
+    fewer than 8 features are done one feature at a time over contiguous columns, the sum
+    of squares added column by column: bit for bit numpy's sum over the last axis (fewer
+    than 8 terms are added in order), without its cost per output of a reduction over a
+    short axis, the bulk of PRADA's time. Wider rows use that sum (pairwise beyond 8).
+    """
+    k, d = rows.shape
+    if d >= 8 or d == 0:
+        step, item = seq.strides
+        windows = as_strided(seq, shape=(k, width, d), strides=(step, step, item),
+                             writeable=False)
+        diff = windows - rows[:, None, :]
+        diff *= diff
+        return diff.sum(axis=2)
+    columns = np.ascontiguousarray(seq.T)
+    item = columns.strides[1]
+    total = np.empty((k, width))
+    for j in range(d):
+        diff = as_strided(columns[j], shape=(k, width), strides=(item, item),
+                          writeable=False) - rows[:, j, None]
+        diff *= diff
+        if j:
+            total += diff
+        else:
+            total[...] = diff
     return total
 
 
@@ -212,12 +230,7 @@ class UsageTracker:
         # rows from ``first`` on, each against the ``full`` rows just before it in seq.
         first = max(0, full - m)
         if first < n:
-            step, width = seq.strides
-            windows = as_strided(seq[m + first - full:], shape=(n - first, full, seq.shape[1]),
-                                 strides=(step, step, width), writeable=False)
-            diff = windows - v[first:, None, :]
-            diff *= diff
-            dist = np.sqrt(_row_sums(diff).min(axis=1))
+            dist = np.sqrt(_window_d2(seq[m + first - full:], v[first:], full).min(axis=1))
             self._window(st, profile, dist[dist >= _REPEAT])  # an exact repeat is not exploration
         tail = seq[-full:]
         st.memory[:len(tail)] = tail
