@@ -23,6 +23,10 @@ log = logging.getLogger("gateway.monitor")
 #: One queued request: model key, profile, caller, input rows, predictions (or None).
 Item = tuple[str, InputProfile | None, str, np.ndarray, np.ndarray | None]
 Score = Callable[..., object]
+#: Passes in a row that find no work before the worker waits to be woken: until then it
+#: looks for work every interval by itself, so traffic with short gaps (calls finishing
+#: together at a group commit) never has a request wake it.
+IDLE_PASSES = 20
 ObserveOutput = Callable[[str, np.ndarray, InputProfile | None], None]
 
 
@@ -47,9 +51,11 @@ class BackgroundScorer:
         """Queue one request's rows (and predictions) for the next pass.
 
         Without a lock on the request path: deque appends and pops are atomic, and the
-        worker is woken (under the lock) only when it waits for work, about once per pass
-        rather than once per request. The backlog bound is approximate by at most the
-        number of RPC threads submitting at the same moment.
+        worker is woken (under the lock) only when it has gone idle, after
+        :data:`IDLE_PASSES` passes found nothing: under steady traffic no request wakes it
+        (each wake-up hands the GIL between threads), only the first after a quiet spell.
+        The backlog bound is approximate by at most the number of RPC threads submitting at
+        the same moment.
         """
         if len(self._backlog) >= self._max_backlog:
             self._metrics.unscored.inc()
@@ -64,20 +70,22 @@ class BackgroundScorer:
                 self._ready.notify()
 
     def _run(self) -> None:
+        quiet = 0  # passes in a row that found nothing to score
         while True:
-            with self._ready:
-                # A submit that appends after this check sees _idle set, so it notifies.
-                self._idle = True
-                while not self._backlog:
-                    self._ready.wait()
-                self._idle = False
+            if quiet >= IDLE_PASSES:
+                with self._ready:
+                    # A submit that appends after this check sees _idle set, so it notifies.
+                    self._idle = True
+                    while not self._backlog:
+                        self._ready.wait()
+                    self._idle = False
             # Let requests accumulate: one pass over many rows costs about what one row does,
             # and the RPC threads are interrupted once per interval, not once per request.
             time.sleep(self._interval)
-            self.flush()
+            quiet = 0 if self.flush() else quiet + 1
 
-    def flush(self) -> None:
-        """Score everything queued now (also at shutdown)."""
+    def flush(self) -> int:
+        """Score everything queued now (also at shutdown); returns how many requests."""
         backlog, items = self._backlog, []
         try:
             for _ in range(len(backlog)):
@@ -101,3 +109,4 @@ class BackgroundScorer:
                     self._observe_output(key, np.concatenate(outputs), profile)
             except Exception:  # a bad row must not stop monitoring
                 log.exception("background anomaly scoring failed")
+        return len(items)

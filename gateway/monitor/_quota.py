@@ -45,6 +45,8 @@ class Quotas:
         return bool(self._rules) or self._default is not None
 
     def rule_for(self, caller: str, roles: Iterable[str] = ()) -> QuotaRule | None:
+        if not self._rules:  # only a default (or none): no per-call role names to build
+            return self._default
         if caller in self._rules:
             return self._rules[caller]
         matches = [self._rules[f"role:{r}"] for r in roles if f"role:{r}" in self._rules]

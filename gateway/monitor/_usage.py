@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from ._profile import InputProfile
 from ._shapiro import shapiro_w
@@ -80,6 +81,37 @@ class _Stream:
         self.prev: np.ndarray | None = None
         self.alarms: dict[str, bool] = {"prada": False, "probe": False, "sweep": False}
         self.last_w = 1.0
+
+
+def _window_d2(seq: np.ndarray, rows: np.ndarray, width: int) -> np.ndarray:
+    """Squared distances of ``rows[i]`` to ``seq[i:i + width]``, shape (len(rows), width).
+
+    The windows overlap, so they are read as strided views of ``seq``, never copied. Rows of
+    fewer than 8 features are done one feature at a time over contiguous columns, the sum
+    of squares added column by column: bit for bit numpy's sum over the last axis (fewer
+    than 8 terms are added in order), without its cost per output of a reduction over a
+    short axis, the bulk of PRADA's time. Wider rows use that sum (pairwise beyond 8).
+    """
+    k, d = rows.shape
+    if d >= 8 or d == 0:
+        step, item = seq.strides
+        windows = as_strided(seq, shape=(k, width, d), strides=(step, step, item),
+                             writeable=False)
+        diff = windows - rows[:, None, :]
+        diff *= diff
+        return diff.sum(axis=2)
+    columns = np.ascontiguousarray(seq.T)
+    item = columns.strides[1]
+    total = np.empty((k, width))
+    for j in range(d):
+        diff = as_strided(columns[j], shape=(k, width), strides=(item, item),
+                          writeable=False) - rows[:, j, None]
+        diff *= diff
+        if j:
+            total += diff
+        else:
+            total[...] = diff
+    return total
 
 
 class UsageTracker:
@@ -172,7 +204,14 @@ class UsageTracker:
         """Each row's distance to the nearest of the ``memory`` rows before it (earlier rows
         of the same batch included), for the whole batch in a few numpy calls: one call per
         row cost the background scoring thread most of its time, and each numpy call may
-        hand the GIL to the RPC threads and back."""
+        hand the GIL to the RPC threads and back.
+
+        The rows before a row are a window of ``memory`` consecutive rows of the sequence
+        (memory in arrival order, then the batch), so the windows of a batch are read as one
+        strided view of it: only the distances that count are computed, not a batch-by-
+        sequence matrix masked afterwards, and the work grows with the batch, not with its
+        square.
+        """
         profile = st.profile
         full = len(st.memory)
         n = len(v)
@@ -187,16 +226,11 @@ class UsageTracker:
             past = st.memory
         m = len(past)
         seq = np.concatenate([past, v])
-        position = np.arange(m, m + n)  # of each new row in seq
-        # Distances count only once the memory is full, as in the calibration.
-        counted = position >= full
-        if counted.any():
-            rows, at = v[counted], position[counted]
-            diff = rows[:, None, :] - seq[None, :, :]
-            d2 = (diff * diff).sum(axis=2)
-            j = np.arange(len(seq))
-            d2[(j[None, :] < (at - full)[:, None]) | (j[None, :] >= at[:, None])] = np.inf
-            dist = np.sqrt(d2.min(axis=1))
+        # Distances count only once the memory is full, as in the calibration: the batch's
+        # rows from ``first`` on, each against the ``full`` rows just before it in seq.
+        first = max(0, full - m)
+        if first < n:
+            dist = np.sqrt(_window_d2(seq[m + first - full:], v[first:], full).min(axis=1))
             self._window(st, profile, dist[dist >= _REPEAT])  # an exact repeat is not exploration
         tail = seq[-full:]
         st.memory[:len(tail)] = tail
@@ -228,16 +262,19 @@ class UsageTracker:
         st.alarms["probe"] = st.probe_n >= self._probe_k
 
     def _sweep(self, st: _Stream, rows: np.ndarray) -> None:
+        # Counts as Python ints: the ring update below is per row, and numpy scalars there
+        # cost more than the counting itself.
+        changed: list[int]
         if st.prev is None:
-            changed = (rows[1:] != rows[:-1]).sum(axis=1)
+            changed = (rows[1:] != rows[:-1]).sum(axis=1).tolist()
         elif len(rows) == 1:
             changed = [int(np.count_nonzero(rows[0] != st.prev))]
         else:
             seq = np.concatenate([st.prev[None, :], rows])
-            changed = (seq[1:] != seq[:-1]).sum(axis=1)
+            changed = (seq[1:] != seq[:-1]).sum(axis=1).tolist()
         ring = st.sweeps
-        for c in list(changed):
-            single = bool(c == 1)
+        for c in changed:
+            single = c == 1
             st.sweep_n += single - ring[st.sweep_pos]
             ring[st.sweep_pos] = single
             st.sweep_pos = (st.sweep_pos + 1) % len(ring)

@@ -71,6 +71,33 @@ def test_prada_batched_equals_row_by_row(features: int) -> None:
     np.testing.assert_allclose(in_order(a), in_order(b), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("features", [4, 40])
+def test_prada_distances_are_those_to_the_nearest_prior_row(features: int) -> None:
+    """The batched distances (windows read as one strided view, narrow rows summed column
+    by column) are, bit for bit, each row's distance to the nearest of the ``memory`` rows
+    before it, computed here row by row the plain way; exact repeats are left out."""
+    rng = np.random.default_rng(features + 1)
+    profile = InputProfile.fit(rng.normal(size=(3000, features)), seed=0)
+    tracker = _tracker([0.0])
+    memory, window = profile.usage_memory, profile.usage_window
+    seen: list[np.ndarray] = []  # every row in the usage space, in arrival order
+    expected: list[float] = []
+    for rows in _stream(rng, features, 40):
+        scores, u, _ = profile.assess(rows)
+        tracker.observe("c", "m", profile, rows, u, scores > 3)
+        for v in profile.usage_space(u):
+            if len(seen) >= memory:
+                prior = np.array(seen[-memory:])
+                d = float(np.sqrt(((prior - v) * (prior - v)).sum(axis=1).min()))
+                if d >= 1e-4:
+                    expected.append(d)
+            seen.append(v)
+    st = tracker._streams[("c", "m")]
+    assert len(expected) > window  # some windows filled and were tested
+    assert 0 < st.dist_n == len(expected) % window  # the open window holds the latest
+    assert st.distances[:st.dist_n].tolist() == expected[-st.dist_n:]
+
+
 def test_rate_of_a_batch_equals_its_requests_one_by_one() -> None:
     clock = [0.0]
     one, batched = _tracker(clock), _tracker(clock)

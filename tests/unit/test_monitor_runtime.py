@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 
 from gateway.monitor import InputProfile, Monitor, MonitorSettings
 
@@ -31,6 +32,15 @@ def test_latency_degradation_against_baseline():
     for _ in range(200):
         m.observe_request("clf", "1", "infer", "deny", "PERMISSION_DENIED", {"total": 1e-6})
     assert not m.alerts()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 49, 50, 256, 257])
+def test_the_latency_windows_median_is_numpys(n: int) -> None:
+    """The window's median (by partition, without np.median's lazy import) is np.median's."""
+    from gateway.monitor._drift import _median
+
+    values = np.random.default_rng(n).gamma(4.0, 0.01, size=n)
+    assert _median(values) == float(np.median(values))
 
 
 def test_alert_queue_is_bounded_and_drops_are_counted():
