@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+_DEMO_INIT_LOCK = threading.Lock()
 
 
 @dataclass
@@ -74,7 +75,8 @@ def _demo_init(config: Path) -> None:
     Why not a subprocess like :func:`run_cli`: a test run makes a deployment per module or
     test, and a fresh interpreter's start and imports cost more CPU than the set-up itself.
     The command loads no generated gRPC code, so it cannot clash with a client's in this
-    process.
+    process. Its output is captured by swapping ``sys.stdout``, which is process-wide: one
+    set-up at a time (the lock).
     """
     import contextlib
     import io
@@ -82,7 +84,7 @@ def _demo_init(config: Path) -> None:
     from gateway.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with _DEMO_INIT_LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["demo", "init", "--config", str(config)])
     if code != 0:
         raise AssertionError(f"gateway demo init exited {code}:\n{out.getvalue()}\n"
