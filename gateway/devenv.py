@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+_DEMO_INIT_LOCK = threading.Lock()
 
 
 @dataclass
@@ -64,8 +65,30 @@ def make_demo_env(root: Path, **overrides: dict[str, object]) -> DemoEnv:
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)
     env.config.write_text(_render(sections))
-    run_cli("demo", "init", "--config", str(env.config))
+    _demo_init(env.config)
     return env
+
+
+def _demo_init(config: Path) -> None:
+    """``gateway demo init --config CONFIG``, the command itself, run in this process.
+
+    Why not a subprocess like :func:`run_cli`: a test run makes a deployment per module or
+    test, and a fresh interpreter's start and imports cost more CPU than the set-up itself.
+    The command loads no generated gRPC code, so it cannot clash with a client's in this
+    process. Its output is captured by swapping ``sys.stdout``, which is process-wide: one
+    set-up at a time (the lock).
+    """
+    import contextlib
+    import io
+
+    from gateway.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with _DEMO_INIT_LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["demo", "init", "--config", str(config)])
+    if code != 0:
+        raise AssertionError(f"gateway demo init exited {code}:\n{out.getvalue()}\n"
+                             f"{err.getvalue()}")
 
 
 def add_replica(env: DemoEnv, name: str) -> DemoEnv:

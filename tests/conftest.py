@@ -8,12 +8,29 @@ the gateway out of one process: both define the ``inference`` proto package.)
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from gateway.devenv import DemoEnv, GatewayProcess, make_demo_env, start_gateway
+from gateway.devenv import REPO, DemoEnv, GatewayProcess, make_demo_env, start_gateway
 from tests.support.postgres import schema_dsn
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Compile the gateway's modules to bytecode once, before any test starts a process.
+
+    Why: the suite starts hundreds of ``gateway`` processes (servers, CLI commands). Where
+    ``PYTHONDONTWRITEBYTECODE`` is set, none of them caches its bytecode, and each would
+    compile every module from source again; a cache written here is read by all of them
+    (reading one is allowed under that setting, and a stale one is never used: Python
+    checks it against the source).
+    """
+    if sys.dont_write_bytecode:
+        import compileall
+
+        compileall.compile_dir(REPO / "gateway", quiet=1)
+
 
 #: Small limits so that the limit tests need only small messages.
 TEST_MAX_ELEMENTS = 4096
