@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from gateway._atomic import write_atomic
 from gateway.audit import _canonical, _keys, _tags
+from gateway.audit._gather import Gathering
 from gateway.audit._merkle import Tree, leaf_hash
 from gateway.audit._note import Checkpoint, parse_vkey
 from gateway.audit._recovery import AuditLogDamaged as AuditLogDamaged  # re-exported
@@ -144,9 +145,8 @@ class AuditLog:
         self._cp_lock = threading.Lock()
         self._lock = threading.Lock()
         # The writer thread waits on _wake (work, the checkpoint timer, close); a committer
-        # gathering announced records on _gathered, so an arriving record wakes only it.
+        # gathering announced records waits in _gathering, so an arriving record wakes only it.
         self._wake = threading.Condition(self._lock)
-        self._gathered = threading.Condition(self._lock)
         self._pending: list[bytes] = []
         self._pending_hashes: list[bytes] = []
         self._batch = _Batch()
@@ -156,11 +156,9 @@ class AuditLog:
         self._durable_prev = GENESIS_PREV
         self._healthy = True
         self._committer: str | None = None   # who commits now: None, _CALLER or _WRITER
-        # Calls announced by the server that will append soon, and whether a committer is
-        # waiting for them (see _gather): under load, one commit then carries many records.
-        self._expected = 0
-        self._gathering = False
-        self._window = settings.group_commit_window_us / 1e6
+        # Calls announced by the server that will append soon (see announce): under load,
+        # one commit then carries many records.
+        self._gathering = Gathering(self._lock, settings.group_commit_window_us)
         self._on_commit: Callable[[float, int], None] | None = None
         self._closing = False
         self._closed = False
@@ -280,10 +278,7 @@ class AuditLog:
                 raise AuditUnavailable("audit log is closed")
             seq = self._size
             leaf = self._queue(kind, fields, self._instance, time.time_ns() // 1_000_000)
-            if self._expected > 0:
-                self._expected -= 1
-            if self._gathering and self._expected == 0:
-                self._gathered.notify()
+            self._gathering.arrive()
             batch = self._batch
             lead = self._committer is None
             if lead:
@@ -357,25 +352,11 @@ class AuditLog:
         one flush carry many records. Each :meth:`append` consumes one announcement.
         """
         with self._lock:
-            self._expected += 1
+            self._gathering.announce()
 
     def _gather(self) -> None:
         """With the lock held: wait briefly for announced records to join this commit."""
-        if self._window <= 0 or self._expected == 0:
-            return
-        deadline = time.monotonic() + self._window
-        self._gathering = True
-        try:
-            while self._expected > 0 and not self._closing:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    # Calls announced but never appending (or slow) must not delay every
-                    # commit: forget them; the next announcements start afresh.
-                    self._expected = 0
-                    break
-                self._gathered.wait(remaining)
-        finally:
-            self._gathering = False
+        self._gathering.wait(lambda: not self._closing)
 
     @property
     def healthy(self) -> bool:
@@ -602,7 +583,7 @@ class AuditLog:
         with self._lock:
             self._closing = True
             self._wake.notify()
-            self._gathered.notify()
+            self._gathering.interrupt()
         self._writer.join()
         self._closed = True
         if self._healthy:

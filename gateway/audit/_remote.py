@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from gateway.audit import _canonical, _frames, _keys
 from gateway.audit._canonical import EncodingError
 from gateway.audit._frames import FrameError
+from gateway.audit._gather import Gathering
 from gateway.audit._log import PayloadDigest, Receipt, checked_fields
 from gateway.audit._merkle import ProofError
 from gateway.errors import AuditDataError, AuditUnavailable
@@ -138,11 +139,8 @@ class RemoteAuditLog:
         self._sock: socket.socket | None = None
         self._queue: collections.deque[_Outgoing] = collections.deque()
         self._sending = False
-        # Calls announced that will append soon, and whether a sender waits for them.
-        self._expected = 0
-        self._gathering = False
-        self._gathered = threading.Condition(self._lock)
-        self._window = window_us / 1e6
+        # Calls announced that will append soon, and a sender waiting for them.
+        self._gathering = Gathering(self._lock, window_us)
         self._inflight: dict[int, _Waiter] = {}
         self._request = 0
         self._on_commit: Callable[[float, int], None] | None = None
@@ -201,10 +199,7 @@ class RemoteAuditLog:
             slot = len(out.items)
             out.items.append(rec)
             out.size += len(rec)
-            if self._expected > 0:
-                self._expected -= 1
-            if self._gathering and self._expected == 0:
-                self._gathered.notify()
+            self._gathering.arrive()
             lead = not self._sending
             if lead:
                 self._sending = True
@@ -263,25 +258,11 @@ class RemoteAuditLog:
         its record, so that under load one frame, one reply and one commit carry many
         records. The file log gathers its commits the same way."""
         with self._lock:
-            self._expected += 1
+            self._gathering.announce()
 
     def _gather(self) -> None:
         """With the lock held: wait briefly for announced calls' records to join the frame."""
-        if self._window <= 0 or self._expected == 0:
-            return
-        deadline = time.monotonic() + self._window
-        self._gathering = True
-        try:
-            while self._expected > 0 and self._sock is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    # Calls announced but not appending (yet) must not delay every frame:
-                    # forget them; the next announcements start afresh.
-                    self._expected = 0
-                    break
-                self._gathered.wait(remaining)
-        finally:
-            self._gathering = False
+        self._gathering.wait(lambda: self._sock is not None)
 
     def payload_digest(self, *chunks: bytes) -> str:
         """Keyed HMAC-SHA256 of the request payload (computed here, with the worker's key)."""
@@ -510,7 +491,7 @@ class RemoteAuditLog:
             waiting = [*self._inflight.values(), *self._queue]
             self._inflight.clear()
             self._queue.clear()
-            self._gathered.notify_all()  # a sender gathering records: nothing more will come
+            self._gathering.interrupt()  # a sender gathering records: nothing more will come
         for w in waiting:
             w.fail(f"audit log hub connection lost: {reason}")
         try:
