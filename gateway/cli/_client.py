@@ -20,12 +20,15 @@ import argparse
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import grpc
-from google.protobuf.message import Message
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import ConfigError, GatewayError
+
+if TYPE_CHECKING:
+    # Imported by the functions that connect: the verbs that only declare these options
+    # (and `gateway --help`) do not load grpc.
+    import grpc
+    from google.protobuf.message import Message
 
 
 def add_client_arguments(parser: argparse.ArgumentParser, *, default_as: str | None,
@@ -128,6 +131,8 @@ class RpcFailed(GatewayError):
     """A call the gateway refused or could not answer; exit code 1 for a denial, else 2."""
 
     def __init__(self, err: grpc.RpcError) -> None:
+        import grpc
+
         code = err.code() if hasattr(err, "code") else None
         details = err.details() if hasattr(err, "details") else str(err)
         name = code.name if code is not None else "UNKNOWN"
@@ -145,6 +150,8 @@ class RpcFailed(GatewayError):
 
     @property
     def exit_code(self) -> int:
+        import grpc
+
         return 1 if self.code == grpc.StatusCode.PERMISSION_DENIED else 2
 
     def diagnostics(self) -> str:

@@ -17,8 +17,6 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from gateway.errors import GatewayError
 
 _CLEAR = "\x1b[H\x1b[2J"
@@ -68,6 +66,8 @@ def fetch(url: str, timeout: float = 5.0) -> str:
 
 def summarise(text: str) -> str:
     """Render one snapshot of the exposition ``text`` as a table (what ``--once`` prints)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
         families = list(text_string_to_metric_families(text))
     except ValueError as err:
