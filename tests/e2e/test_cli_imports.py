@@ -42,8 +42,8 @@ with open(out, "w") as f:
 def probe(tmp_path: Path, *args: str) -> tuple[int, list[str], str]:
     """Exit code, heavy packages loaded, and stdout of ``gateway ARGS`` in a new process."""
     out = tmp_path / "probe.json"
-    done = subprocess.run([sys.executable, "-c", _PROBE, str(out), ",".join(HEAVY), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(out), ",".join(HEAVY), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.exists(), done.stderr
     result = json.loads(out.read_text())
     return result["code"], result["loaded"], done.stdout
