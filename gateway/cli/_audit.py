@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -310,8 +311,6 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _verify_dir(args: argparse.Namespace, settings: AuditSettings, *,
                 origin: str = "") -> int:
-    from tqdm import tqdm
-
     from gateway.audit import offline
 
     directory = settings.directory
@@ -337,10 +336,9 @@ def _verify_dir(args: argparse.Namespace, settings: AuditSettings, *,
         total = offline.checkpoint_size(offline.LogReader(directory).checkpoint())
     except offline.Error:
         pass
-    with tqdm(total=total, unit="rec", unit_scale=True, file=sys.stderr, disable=args.quiet,
-              desc="verify") as bar:
+    with _progress(total, quiet=args.quiet) as update:
         report = offline.verify_log(directory, verifier, since=since, witness=witness,
-                                    jobs=args.jobs, key_source=source, progress=bar.update)
+                                    jobs=args.jobs, key_source=source, progress=update)
     if args.json:
         _out(json.dumps(report.to_dict(), indent=2) + "\n")
     else:
@@ -349,6 +347,19 @@ def _verify_dir(args: argparse.Namespace, settings: AuditSettings, *,
             summary = summary.replace(str(directory), f"{origin} (as exported)")
         _out(summary + "\n")
     return report.status
+
+
+@contextlib.contextmanager
+def _progress(total: int | None, *, quiet: bool) -> Iterator[Callable[[int], object] | None]:
+    """A progress bar of records verified on stderr, or none with --quiet (then tqdm is
+    not imported: scripts and tests run this verb many times)."""
+    if quiet:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="rec", unit_scale=True, file=sys.stderr, desc="verify") as bar:
+        yield bar.update
 
 
 def _verify_proof(args: argparse.Namespace) -> int:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -56,6 +54,9 @@ def fetch(url: str, timeout: float = 5.0) -> str:
     """The exposition text at ``url`` (http/https only)."""
     if not url.startswith(("http://", "https://")):
         raise MonitorUnavailable(f"{url}: expected an http:// or https:// URL")
+    import urllib.error  # here, not at the top: `gateway --help` need not load http.client
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (scheme checked)
             return resp.read().decode("utf-8")
