@@ -66,14 +66,17 @@ def client_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name
 
 def connect(args: argparse.Namespace) -> tuple[grpc.Channel, str]:
     """The mTLS channel the arguments describe, and a label of who connects where."""
-    from gateway.client import channel
-    from gateway.config import load_config
+    from gateway.client import ClientSettings, channel
+    from gateway.config import ServerSettings, load_section
+    from gateway.identity import TlsSettings
 
-    config = load_config(args.config)
-    client = config.client
+    # The three sections a client reads, each on its own: a whole config would import
+    # every domain package (ONNX Runtime among them) to connect.
+    client = load_section(args.config, "client", ClientSettings)
+    listen = load_section(args.config, "server", ServerSettings).listen
     target = (args.target or os.environ.get("GATEWAY_TARGET") or client.target
-              or _local(config.server.listen))
-    ca = args.ca or client.ca or config.tls.ca
+              or _local(listen))
+    ca = args.ca or client.ca or load_section(args.config, "tls", TlsSettings).ca
     # Precedence: --cert/--key, an explicit --as, [client] cert/key, the verb's default --as.
     cert, key = args.cert, args.key
     identity = None

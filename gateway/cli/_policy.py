@@ -425,9 +425,10 @@ def _push(args: argparse.Namespace) -> int:
 
     dsn = args.dsn
     if not dsn and args.config:
-        from gateway.config import load_config
+        from gateway.config import load_section
+        from gateway.policy import PolicySettings
 
-        dsn = load_config(args.config).policy.dsn
+        dsn = load_section(args.config, "policy", PolicySettings).dsn
     dsn = resolve_dsn(dsn)
     if not args.directory.is_dir():
         raise PolicyError(f"{shown(args.directory)}: not a directory")
