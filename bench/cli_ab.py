@@ -1,6 +1,6 @@
 """CPU of one `gateway` command, another commit's CLI beside this checkout's.
 
-    python -m bench.cli_bench REV [ROUNDS]      # e.g. python -m bench.cli_bench 350a8ed 8
+    python -m bench.cli_ab REV [ROUNDS]      # e.g. python -m bench.cli_ab 350a8ed 8
 
 Runs ``--help``, ``audit verify`` on a small closed log (22 records, one worker) and
 ``policy test policies``, each as a new process (what a user and the e2e tests pay per
