@@ -16,10 +16,12 @@ built-in defaults), so a config behaves the same from wherever it is run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -168,10 +170,11 @@ class ModelSettings:
     stage_files: bool = True
 
 
-def section_classes() -> dict[str, type[DataclassInstance]]:
-    """Each TOML section and the settings class it is read into (the fields of GatewayConfig,
-    in order); imports every domain package's settings module, so only whole-config callers
-    use it."""
+@functools.cache
+def section_classes() -> Mapping[str, type[DataclassInstance]]:
+    """Each TOML section and the settings class it is read into: the fields of GatewayConfig,
+    in order. Imports every domain package's settings module, so only the callers that build
+    a whole configuration use it."""
     from gateway.audit import AuditSettings
     from gateway.client import ClientSettings
     from gateway.explain import ExplainSettings
@@ -183,11 +186,11 @@ def section_classes() -> dict[str, type[DataclassInstance]]:
     from gateway.policy import PolicySettings
     from gateway.state import StateSettings
 
-    return {"server": ServerSettings, "tls": TlsSettings, "models": ModelSettings,
-            "policy": PolicySettings, "audit": AuditSettings, "monitor": MonitorSettings,
-            "signing": SigningSettings, "scan": ScanSettings, "explain": ExplainSettings,
-            "robustness": RobustnessSettings, "client": ClientSettings,
-            "state": StateSettings}
+    classes = (AuditSettings, ClientSettings, ExplainSettings, TlsSettings, RobustnessSettings,
+               ScanSettings, SigningSettings, MonitorSettings, PolicySettings, StateSettings)
+    hints = typing.get_type_hints(GatewayConfig, localns={c.__name__: c for c in classes})
+    return types.MappingProxyType(
+        {name: hint for name, hint in hints.items() if name != "source"})
 
 
 def __getattr__(name: str) -> Any:
