@@ -16,32 +16,39 @@ built-in defaults), so a config behaves the same from wherever it is run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from gateway.audit import AuditSettings
-from gateway.client import ClientSettings
 from gateway.errors import ConfigError
-from gateway.explain import ExplainSettings
-from gateway.identity import TlsSettings
-from gateway.models.robustness import RobustnessSettings
-from gateway.models.scan import ScanSettings
-from gateway.models.signing import SigningSettings
-from gateway.monitor import MonitorSettings
-from gateway.policy import PolicySettings
-from gateway.state import StateSettings
 
-__all__ = ["SECTIONS", "GatewayConfig", "ModelSettings", "PolicySettings", "ServerSettings",
-           "TlsSettings", "load_config", "parse_section"]
+__all__ = ["GatewayConfig", "ModelSettings", "PolicySettings", "ServerSettings", "TlsSettings",
+           "load_config", "load_section", "parse_section", "section_classes"]
 
 
 if TYPE_CHECKING:
+    # The settings classes, for the annotations of GatewayConfig only: at run time they are
+    # imported when a whole configuration is built (section_classes), so a verb that reads
+    # one section (load_section) does not import every domain package and what they pull in
+    # (ONNX Runtime, numpy, grpc).
     from _typeshed import DataclassInstance
+
+    from gateway.audit import AuditSettings
+    from gateway.client import ClientSettings
+    from gateway.explain import ExplainSettings
+    from gateway.identity import TlsSettings
+    from gateway.models.robustness import RobustnessSettings
+    from gateway.models.scan import ScanSettings
+    from gateway.models.signing import SigningSettings
+    from gateway.monitor import MonitorSettings
+    from gateway.policy import PolicySettings
+    from gateway.state import StateSettings
 
 Section = TypeVar("Section", bound="DataclassInstance")
 
@@ -163,54 +170,108 @@ class ModelSettings:
     stage_files: bool = True
 
 
+@functools.cache
+def section_classes() -> Mapping[str, type[DataclassInstance]]:
+    """Each TOML section and the settings class it is read into: the fields of GatewayConfig,
+    in order. Imports every domain package's settings module, so only the callers that build
+    a whole configuration use it."""
+    from gateway.audit import AuditSettings
+    from gateway.client import ClientSettings
+    from gateway.explain import ExplainSettings
+    from gateway.identity import TlsSettings
+    from gateway.models.robustness import RobustnessSettings
+    from gateway.models.scan import ScanSettings
+    from gateway.models.signing import SigningSettings
+    from gateway.monitor import MonitorSettings
+    from gateway.policy import PolicySettings
+    from gateway.state import StateSettings
+
+    classes = (AuditSettings, ClientSettings, ExplainSettings, TlsSettings, RobustnessSettings,
+               ScanSettings, SigningSettings, MonitorSettings, PolicySettings, StateSettings)
+    hints = typing.get_type_hints(GatewayConfig, localns={c.__name__: c for c in classes})
+    return types.MappingProxyType(
+        {name: hint for name, hint in hints.items() if name != "source"})
+
+
+def __getattr__(name: str) -> Any:
+    """``PolicySettings`` and ``TlsSettings``, re-exported from their packages when asked."""
+    if name in ("PolicySettings", "TlsSettings"):
+        return section_classes()["policy" if name == "PolicySettings" else "tls"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _default(name: str) -> Any:
+    """The default factory of section ``name``: its class, imported when first called."""
+    return lambda: section_classes()[name]()
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """The whole configuration; ``source`` is the file it came from (None: defaults)."""
 
     server: ServerSettings = field(default_factory=ServerSettings)
-    tls: TlsSettings = field(default_factory=TlsSettings)
+    tls: TlsSettings = field(default_factory=_default("tls"))
     models: ModelSettings = field(default_factory=ModelSettings)
-    policy: PolicySettings = field(default_factory=PolicySettings)
-    audit: AuditSettings = field(default_factory=AuditSettings)
-    monitor: MonitorSettings = field(default_factory=MonitorSettings)
-    signing: SigningSettings = field(default_factory=SigningSettings)
-    scan: ScanSettings = field(default_factory=ScanSettings)
-    explain: ExplainSettings = field(default_factory=ExplainSettings)
-    robustness: RobustnessSettings = field(default_factory=RobustnessSettings)
-    client: ClientSettings = field(default_factory=ClientSettings)
-    state: StateSettings = field(default_factory=StateSettings)
+    policy: PolicySettings = field(default_factory=_default("policy"))
+    audit: AuditSettings = field(default_factory=_default("audit"))
+    monitor: MonitorSettings = field(default_factory=_default("monitor"))
+    signing: SigningSettings = field(default_factory=_default("signing"))
+    scan: ScanSettings = field(default_factory=_default("scan"))
+    explain: ExplainSettings = field(default_factory=_default("explain"))
+    robustness: RobustnessSettings = field(default_factory=_default("robustness"))
+    client: ClientSettings = field(default_factory=_default("client"))
+    state: StateSettings = field(default_factory=_default("state"))
     source: Path | None = None
 
 
-#: Each TOML section and the settings class it is read into: the fields of GatewayConfig.
-SECTIONS: dict[str, type[DataclassInstance]] = {
-    name: hint for name, hint in typing.get_type_hints(GatewayConfig).items() if name != "source"}
+#: The TOML sections, in the order of GatewayConfig's fields (names only: no import).
+SECTION_NAMES: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(GatewayConfig) if f.name != "source")
 
 
 def load_config(path: str | Path | None = None) -> GatewayConfig:
     """Read ``path`` (TOML) or, with None, return the demo defaults rooted at the working dir."""
-    if path is None:
-        table: dict[str, Any] = {}
-        base = Path.cwd()
-        source = None
-    else:
-        source = Path(path).resolve()
-        try:
-            table = tomllib.loads(source.read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise ConfigError(f"{path}: no such configuration file") from err
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML: {err}") from err
-        base = source.parent
-    unknown = sorted(set(table) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(SECTIONS)}")
+    table, base, source = _read(path)
     # One settings object per section, each of its own class (checked by parse_section).
     built: dict[str, Any] = {
         name: parse_section(cls, table.get(name, {}), base, f"{path}: [{name}]")
-        for name, cls in SECTIONS.items()}
+        for name, cls in section_classes().items()}
     return GatewayConfig(**built, source=source)
+
+
+def load_section(path: str | Path | None, name: str, cls: type[Section]) -> Section:
+    """Section ``name`` of ``path`` (or of the demo defaults), read into ``cls``, its class.
+
+    For the verbs that need one section (the auditor's tools read ``[audit]``): the file is
+    read and its section names checked as by :func:`load_config`, and this section's keys
+    and types; the other sections are checked by the verbs that use them (``serve`` checks
+    every one before it starts). ``cls`` comes from the caller, so only its package is
+    imported.
+    """
+    annotation = GatewayConfig.__annotations__.get(name)
+    if name not in SECTION_NAMES or annotation not in (cls.__name__, cls):
+        raise TypeError(f"[{name}] is not read into {cls.__name__}")
+    table, base, _ = _read(path)
+    return parse_section(cls, table.get(name, {}), base, f"{path}: [{name}]")
+
+
+def _read(path: str | Path | None) -> tuple[dict[str, Any], Path, Path | None]:
+    """The TOML table of ``path`` (empty for the defaults), the directory relative paths
+    resolve against, and the resolved file; ConfigError for an unknown section."""
+    if path is None:
+        return {}, Path.cwd(), None
+    source = Path(path).resolve()
+    try:
+        table = tomllib.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: no such configuration file") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    unknown = sorted(set(table) - set(SECTION_NAMES))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(SECTION_NAMES)}")
+    return table, source.parent, source
 
 
 def parse_section(cls: type[Section], table: dict[str, Any], base: Path, where: str) -> Section:

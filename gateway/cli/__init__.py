@@ -10,7 +10,10 @@
     gateway model sign|verify|encrypt|decrypt|rewrap|scan|test|profile|keygen|load|unload|list
     gateway monitor                        live terminal summary
 
-Each verb module exposes ``register(subparsers)``; its handler returns the exit code:
+Each verb module exposes ``register(subparsers)``, which only adds arguments: what a verb
+needs (grpc, ONNX Runtime, numpy, the audit log) is imported by its handler, so building the
+parser, ``--help`` and the offline verbs do not pay for the others'. Its handler returns the
+exit code:
 0 success, 1 a check failed or a request was denied, 2 bad usage or an error (one line on
 stderr, never a traceback unless --verbose). Results go to stdout, diagnostics to stderr.
 """
@@ -22,8 +25,6 @@ import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import grpc
 
 from gateway.cli._output import silence_stdout
 from gateway.errors import ConfigError, GatewayError
@@ -67,30 +68,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         if note:
             print(note, file=sys.stderr)
         return getattr(err, "exit_code", 2)
-    except grpc.RpcError as err:
-        from gateway.cli._client import RpcFailed
-
-        if args.verbose:
-            raise
-        failed = RpcFailed(err)
-        print(f"gateway: error: {failed.diagnostics()}", file=sys.stderr)
-        return failed.exit_code
     except BrokenPipeError:
         # `gateway ... | head`: the reader left; stop quietly, as Unix tools do.
         silence_stdout()
         return 141
     except KeyboardInterrupt:
         return 130
+    except Exception as err:
+        # A refused gRPC call; grpc is loaded only by the verbs that talk to a server, and
+        # an RpcError can only come from one of them.
+        grpc = sys.modules.get("grpc")
+        if grpc is None or not isinstance(err, grpc.RpcError) or args.verbose:
+            raise
+        from gateway.cli._client import RpcFailed
+
+        failed = RpcFailed(err)
+        print(f"gateway: error: {failed.diagnostics()}", file=sys.stderr)
+        return failed.exit_code
     return int(code or 0)
 
 
 def _path_note(args: argparse.Namespace, err: GatewayError) -> str:
     """How relative paths resolved, for a configuration error that names a path: the fix
     (e.g. creating a missing key) must write to the same place, with the same --config."""
-    from gateway.policy import PolicyError
-
+    # A PolicyError (a ConfigError too) names policy files, not config paths; one can only
+    # have been raised if its package was loaded.
+    policy = sys.modules.get("gateway.policy")
+    is_policy = policy is not None and isinstance(err, policy.PolicyError)
     text = str(err)
-    if (not isinstance(err, ConfigError) or isinstance(err, PolicyError) or "/" not in text
+    if (not isinstance(err, ConfigError) or is_policy or "/" not in text
             or "resolve" in text or not hasattr(args, "config")):
         return ""
     config = getattr(args, "config", None)

@@ -29,20 +29,22 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.audit import offline
 from gateway.errors import ConfigError, GatewayError
 
 if TYPE_CHECKING:
-    from gateway.audit import AuditSettings, PgLogReader
+    # The auditor's API is imported by each handler, not here: `gateway --help` and the
+    # other verb groups build this parser without loading the audit package.
+    from gateway.audit import AuditSettings, PgLogReader, offline
 
 #: A verb's handler: the parsed arguments in, the exit code out.
 Handler = Callable[[argparse.Namespace], int]
@@ -57,6 +59,7 @@ def _tool(func: Handler) -> Handler:
 
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
+        from gateway.audit import offline
         try:
             return func(args)
         except offline.VerificationError as err:
@@ -149,9 +152,7 @@ def _pg_dsn(args: argparse.Namespace) -> str | None:
         return str(args.dsn)
     if getattr(args, "log_dir", None) is not None or args.dir is not None:
         return None
-    from gateway.config import load_config
-
-    settings = load_config(args.config).audit
+    settings = _configured(args)
     if settings.backend != "postgresql":
         return None
     from gateway.db import resolve_dsn
@@ -170,6 +171,7 @@ def _pg_reader(args: argparse.Namespace) -> PgLogReader | None:
 
 def _reader(args: argparse.Namespace) -> offline.LogReader:
     """The log to read: in PostgreSQL (``--dsn`` or the config), else a directory."""
+    from gateway.audit import offline
     return _pg_reader(args) or offline.LogReader(_log_dir(args))
 
 
@@ -179,12 +181,17 @@ def _index(text: str) -> int:
     return int(text)
 
 
+def _configured(args: argparse.Namespace) -> AuditSettings:
+    """The ``[audit]`` section of ``--config`` (or the demo defaults): the only one these
+    verbs read, so they load only the audit package (load_section)."""
+    from gateway.audit import AuditSettings
+    from gateway.config import load_section
+
+    return load_section(args.config, "audit", AuditSettings)
+
+
 def _settings(args: argparse.Namespace) -> AuditSettings:
-    import dataclasses
-
-    from gateway.config import load_config
-
-    settings = load_config(args.config).audit
+    settings = _configured(args)
     directory = getattr(args, "log_dir", None) or args.dir
     if directory is not None:
         settings = dataclasses.replace(settings, directory=directory.resolve())
@@ -197,7 +204,7 @@ def _log_dir(args: argparse.Namespace) -> Path:
 
 def _load_vkey(value: str | None, settings: AuditSettings) -> tuple[offline.Verifier, str]:
     """The key of --vkey (a key or a file), else the configured one; and where it came from."""
-    from gateway.audit import verifier_key_path
+    from gateway.audit import offline, verifier_key_path
 
     if value is not None and not os.path.exists(value):
         try:
@@ -251,6 +258,7 @@ def _entry(args: argparse.Namespace) -> int:
 
 
 def _entries(args: argparse.Namespace) -> int:
+    from gateway.audit import offline
     records = _reader(args).records(args.start, args.end)
     if args.json:
         for i, r in enumerate(records, start=args.start):
@@ -263,16 +271,19 @@ def _entries(args: argparse.Namespace) -> int:
 
 
 def _prove(args: argparse.Namespace) -> int:
+    from gateway.audit import offline
     _out(offline.prove_inclusion(_reader(args), args.index, args.size))
     return 0
 
 
 def _prove_consistency(args: argparse.Namespace) -> int:
+    from gateway.audit import offline
     _out(offline.prove_consistency(_reader(args), args.first, args.second))
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from gateway.audit import offline
     reader = _pg_reader(args)
     if reader is None:
         return _verify_dir(args, _settings(args))
@@ -300,7 +311,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _verify_dir(args: argparse.Namespace, settings: AuditSettings, *,
                 origin: str = "") -> int:
-    from tqdm import tqdm
+    from gateway.audit import offline
 
     directory = settings.directory
     if args.vkey is None and (directory / offline.EXPORT_VKEY).exists():
@@ -325,10 +336,9 @@ def _verify_dir(args: argparse.Namespace, settings: AuditSettings, *,
         total = offline.checkpoint_size(offline.LogReader(directory).checkpoint())
     except offline.Error:
         pass
-    with tqdm(total=total, unit="rec", unit_scale=True, file=sys.stderr, disable=args.quiet,
-              desc="verify") as bar:
+    with _progress(total, quiet=args.quiet) as update:
         report = offline.verify_log(directory, verifier, since=since, witness=witness,
-                                    jobs=args.jobs, key_source=source, progress=bar.update)
+                                    jobs=args.jobs, key_source=source, progress=update)
     if args.json:
         _out(json.dumps(report.to_dict(), indent=2) + "\n")
     else:
@@ -339,7 +349,21 @@ def _verify_dir(args: argparse.Namespace, settings: AuditSettings, *,
     return report.status
 
 
+@contextlib.contextmanager
+def _progress(total: int | None, *, quiet: bool) -> Iterator[Callable[[int], object] | None]:
+    """A progress bar of records verified on stderr, or none with --quiet (then tqdm is
+    not imported: scripts and tests run this verb many times)."""
+    if quiet:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="rec", unit_scale=True, file=sys.stderr, desc="verify") as bar:
+        yield bar.update
+
+
 def _verify_proof(args: argparse.Namespace) -> int:
+    from gateway.audit import offline
     verifier, _ = _load_vkey(args.vkey, _settings(args))
     text = _read(args.proof, "proof")
     try:
@@ -360,6 +384,7 @@ def _verify_proof(args: argparse.Namespace) -> int:
 
 
 def _verify_consistency(args: argparse.Namespace) -> int:
+    from gateway.audit import offline
     verifier, _ = _load_vkey(args.vkey, _settings(args))
     old, new = offline.verify_consistency(_read(args.old, "checkpoint"),
                                           _read(args.new, "checkpoint"),
@@ -370,7 +395,7 @@ def _verify_consistency(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from gateway.audit import export_log
+    from gateway.audit import export_log, offline
 
     settings = _settings(args)
     dsn = _pg_dsn(args)

@@ -20,12 +20,15 @@ import argparse
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import grpc
-from google.protobuf.message import Message
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import ConfigError, GatewayError
+
+if TYPE_CHECKING:
+    # Imported by the functions that connect: the verbs that only declare these options
+    # (and `gateway --help`) do not load grpc.
+    import grpc
+    from google.protobuf.message import Message
 
 
 def add_client_arguments(parser: argparse.ArgumentParser, *, default_as: str | None,
@@ -63,14 +66,17 @@ def client_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser], name
 
 def connect(args: argparse.Namespace) -> tuple[grpc.Channel, str]:
     """The mTLS channel the arguments describe, and a label of who connects where."""
-    from gateway.client import channel
-    from gateway.config import load_config
+    from gateway.client import ClientSettings, channel
+    from gateway.config import ServerSettings, load_section
+    from gateway.identity import TlsSettings
 
-    config = load_config(args.config)
-    client = config.client
+    # The three sections a client reads, each on its own: a whole config would import
+    # every domain package (ONNX Runtime among them) to connect.
+    client = load_section(args.config, "client", ClientSettings)
+    listen = load_section(args.config, "server", ServerSettings).listen
     target = (args.target or os.environ.get("GATEWAY_TARGET") or client.target
-              or _local(config.server.listen))
-    ca = args.ca or client.ca or config.tls.ca
+              or _local(listen))
+    ca = args.ca or client.ca or load_section(args.config, "tls", TlsSettings).ca
     # Precedence: --cert/--key, an explicit --as, [client] cert/key, the verb's default --as.
     cert, key = args.cert, args.key
     identity = None
@@ -128,6 +134,8 @@ class RpcFailed(GatewayError):
     """A call the gateway refused or could not answer; exit code 1 for a denial, else 2."""
 
     def __init__(self, err: grpc.RpcError) -> None:
+        import grpc
+
         code = err.code() if hasattr(err, "code") else None
         details = err.details() if hasattr(err, "details") else str(err)
         name = code.name if code is not None else "UNKNOWN"
@@ -145,6 +153,8 @@ class RpcFailed(GatewayError):
 
     @property
     def exit_code(self) -> int:
+        import grpc
+
         return 1 if self.code == grpc.StatusCode.PERMISSION_DENIED else 2
 
     def diagnostics(self) -> str:

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from gateway.errors import GatewayError
-from gateway.monitor import PROFILE_FILE, InputProfile, ProfileError
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
-              "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-              "tensor(int32)": np.int32}
+if TYPE_CHECKING:
+    # numpy and the monitor package are imported by the functions that profile, not by
+    # register(): building the `gateway` parser must not load them.
+    import numpy as np
+
+    from gateway.monitor import InputProfile
+
 _CHUNK = 1024
 
 
@@ -47,6 +49,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def _parse_fprs(text: str) -> tuple[float, ...]:
+    from gateway.monitor import ProfileError
+
     try:
         fprs = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError as err:
@@ -57,6 +61,10 @@ def _parse_fprs(text: str) -> tuple[float, ...]:
 
 
 def _load_data(path: Path) -> np.ndarray:
+    import numpy as np
+
+    from gateway.monitor import ProfileError
+
     try:
         data = np.load(path, allow_pickle=False)
     except FileNotFoundError as err:
@@ -70,9 +78,15 @@ def _load_data(path: Path) -> np.ndarray:
 
 def _run_model(model: Path, data: np.ndarray) -> np.ndarray:
     """The model's first output on ``data`` (in chunks; one thread, as the gateway runs it)."""
+    import numpy as np
     import onnxruntime as ort
 
     from gateway.models import runtime_from_dir
+    from gateway.monitor import ProfileError
+
+    ort_types = {"tensor(float)": np.float32, "tensor(double)": np.float64,
+                 "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+                 "tensor(int32)": np.int32}
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -84,7 +98,7 @@ def _run_model(model: Path, data: np.ndarray) -> np.ndarray:
         raise ProfileError(f"{model}: ONNX Runtime cannot load it ({err}); "
                            "use --no-outputs to profile inputs only") from err
     (inp, *_) = session.get_inputs()
-    dtype = _ORT_TYPES.get(inp.type)
+    dtype = ort_types.get(inp.type)
     if dtype is None:
         raise ProfileError(f"{model}: input {inp.name!r} has type {inp.type}; "
                            "profiles cover numeric tensors only")
@@ -115,6 +129,8 @@ def write_profile(model_dir: Path, data: np.ndarray, *, fprs: tuple[float, ...] 
                   outputs: bool = True) -> InputProfile:
     """Fit ``model_dir``'s profile on ``data`` (running the model for the output reference
     unless ``outputs`` is false) and write ``model_dir/profile.json``. Sign afterwards."""
+    from gateway.monitor import PROFILE_FILE, InputProfile, ProfileError
+
     model = model_dir / "model.onnx"
     if not model_dir.is_dir():
         raise GatewayError(f"{model_dir}: not a directory")
@@ -131,6 +147,8 @@ def write_profile(model_dir: Path, data: np.ndarray, *, fprs: tuple[float, ...] 
 
 
 def _profile(args: argparse.Namespace) -> int:
+    from gateway.monitor import PROFILE_FILE
+
     model_dir: Path = args.model_dir
     profile = write_profile(model_dir, _load_data(args.data), fprs=_parse_fprs(args.fpr),
                             seed=args.seed, holdout=args.holdout,
@@ -167,6 +185,7 @@ def profile_demo_models(repository: Path, key: Path, *, force: bool = False) -> 
     """
     from gateway.models.demo import demo_reference
     from gateway.models.signing import sign_model
+    from gateway.monitor import PROFILE_FILE, InputProfile, ProfileError
 
     done = []
     for directory in sorted(repository.glob("demo-mlp/*")):

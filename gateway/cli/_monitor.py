@@ -12,12 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.errors import GatewayError
 
@@ -58,6 +54,9 @@ def fetch(url: str, timeout: float = 5.0) -> str:
     """The exposition text at ``url`` (http/https only)."""
     if not url.startswith(("http://", "https://")):
         raise MonitorUnavailable(f"{url}: expected an http:// or https:// URL")
+    import urllib.error  # here, not at the top: `gateway --help` need not load http.client
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (scheme checked)
             return resp.read().decode("utf-8")
@@ -68,6 +67,8 @@ def fetch(url: str, timeout: float = 5.0) -> str:
 
 def summarise(text: str) -> str:
     """Render one snapshot of the exposition ``text`` as a table (what ``--once`` prints)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
         families = list(text_string_to_metric_families(text))
     except ValueError as err:

@@ -23,35 +23,30 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.cli._output import ERROR, FAILED, OK, emit_json, shown, warn
-from gateway.models import repository_attributes
-from gateway.policy import (
-    ACTIONS,
-    ATTRIBUTE_PREFIXES,
-    MODEL_FILE,
-    POLICY_FILE,
-    PolicyError,
-    Problem,
-    Snapshot,
-    access_diff,
-    attribute_problem,
-    case_files,
-    compile_directory,
-    compile_files,
-    conditional_changes,
-    did_you_mean,
-    explain,
-    format_directory,
-    lint,
-    load_cases,
-    load_revision,
-    run_cases,
-    write_atomically,
-)
+
+if TYPE_CHECKING:
+    # The policy package is imported by the handlers: building the `gateway` parser (and
+    # `gateway --help`, and the other verb groups) does not load it.
+    from gateway.policy import PolicyError, Snapshot
 
 _INT = re.compile(r"-?[0-9]+\Z")
 _FLOAT = re.compile(r"-?[0-9]+\.[0-9]+\Z")
+
+
+class _ActionsHelp(argparse.HelpFormatter):
+    """Fills ``{actions}`` in a help text with the policy's actions when help is printed,
+    so that registering `policy explain` does not import the policy package."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if text is None or "{actions}" not in text:
+            return text
+        from gateway.policy import ACTIONS
+
+        return text.replace("{actions}", ", ".join(ACTIONS))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -79,14 +74,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=_test)
 
-    p = verbs.add_parser("explain", help="why a request is allowed or denied (exit 1: denied)")
+    p = verbs.add_parser("explain", help="why a request is allowed or denied (exit 1: denied)",
+                         formatter_class=_ActionsHelp)
     p.add_argument("directory", type=Path, help=directory_help)
     p.add_argument("--as", dest="subject", required=True, metavar="ID",
                    help="caller SPIFFE ID, cn:NAME or role")
     p.add_argument("--model", default="", help="model name ('' for gateway-level actions, "
                    "decided on the object @gateway)")
     p.add_argument("--version", default=None, help="model version (sets model.version)")
-    p.add_argument("--action", required=True, help="one of: " + ", ".join(ACTIONS))
+    p.add_argument("--action", required=True, help="one of: {actions}")
     p.add_argument("--models", type=Path, default=None, metavar="DIR",
                    help="model repository: take the model's owner and labels from "
                    "DIR/<model>/<version>/metadata.toml, as the server would")
@@ -143,6 +139,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def locator(directory: Path) -> Callable[[str], str]:
     """``policy.csv:N`` -> ``<directory>/policy.csv:N`` as shown from the working directory."""
+    from gateway.policy import MODEL_FILE, POLICY_FILE
+
     base = shown(directory)
 
     def where(text: str) -> str:
@@ -154,12 +152,16 @@ def locator(directory: Path) -> Callable[[str], str]:
 
 
 def _relocated(err: PolicyError, directory: Path) -> PolicyError:
+    from gateway.policy import PolicyError, Problem
+
     where = locator(directory)
     return PolicyError([Problem(where(p.file), p.line, p.message) for p in err.problems])
 
 
 def compile_here(directory: Path) -> Snapshot:
     """Compile ``directory`` without its cases; problems located from the working dir."""
+    from gateway.policy import PolicyError, compile_directory
+
     try:
         return compile_directory(directory, run_tests=False)
     except PolicyError as err:
@@ -167,6 +169,8 @@ def compile_here(directory: Path) -> Snapshot:
 
 
 def _attributes(pairs: list[str]) -> dict[str, object]:
+    from gateway.policy import ATTRIBUTE_PREFIXES, PolicyError, attribute_problem
+
     out: dict[str, object] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -196,6 +200,8 @@ def _problems_json(err: PolicyError) -> list[dict[str, object]]:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from gateway.policy import POLICY_FILE, PolicyError, case_files, lint, load_cases
+
     try:
         snapshot = compile_here(args.directory)
         files = [Path(shown(f)) for f in case_files(args.directory)]
@@ -237,6 +243,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _test(args: argparse.Namespace) -> int:
+    from gateway.policy import PolicyError, case_files, load_cases, run_cases
+
     snapshot = compile_here(args.directory)
     files = [Path(shown(f)) for f in args.cases or case_files(args.directory)]
     if not files:
@@ -283,6 +291,8 @@ def _test(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    from gateway.policy import ACTIONS, PolicyError, did_you_mean, explain
+
     if args.action not in ACTIONS:
         raise PolicyError(f"unknown action {args.action!r}{did_you_mean(args.action, ACTIONS)}; "
                           f"actions: {', '.join(ACTIONS)}")
@@ -305,6 +315,10 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _model_attributes(root: Path, model: str, version: str | None) -> dict[str, object]:
     """The model's attributes as the server computes them from the repository."""
+    # The model package (and ONNX Runtime with it) only for the verbs that read a repository.
+    from gateway.models import repository_attributes
+    from gateway.policy import PolicyError
+
     versions = [(v, attrs) for name, v, attrs in repository_attributes(root) if name == model]
     if not versions:
         warn(f"note: {shown(root)} has no model {model!r}; a gateway serving that repository "
@@ -331,6 +345,9 @@ def _version_key(version: str) -> tuple:
 
 
 def _diff(args: argparse.Namespace) -> int:
+    from gateway.models import repository_attributes
+    from gateway.policy import access_diff, compile_files, conditional_changes, load_revision
+
     old = compile_files(load_revision(args.old, args.path))
     new = compile_files(load_revision(args.new, args.path))
     instances = repository_attributes(args.models)
@@ -362,6 +379,8 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _fmt(args: argparse.Namespace) -> int:
+    from gateway.policy import PolicyError, format_directory, write_atomically
+
     try:
         formatted = format_directory(args.directory)
     except PolicyError as err:
@@ -393,14 +412,23 @@ def _push(args: argparse.Namespace) -> int:
     """Check and test exactly the bytes to publish, through the code a replica's reload
     runs (compile, the cases' own checks, the cases), then publish them in one transaction."""
     from gateway.db import redact, resolve_dsn
-    from gateway.policy import Bundle, compile_bundle, parse_cases
+    from gateway.policy import (
+        POLICY_FILE,
+        Bundle,
+        PolicyError,
+        compile_bundle,
+        lint,
+        parse_cases,
+        run_cases,
+    )
     from gateway.policy.postgres import bundle_of, directory_files, publish
 
     dsn = args.dsn
     if not dsn and args.config:
-        from gateway.config import load_config
+        from gateway.config import load_section
+        from gateway.policy import PolicySettings
 
-        dsn = load_config(args.config).policy.dsn
+        dsn = load_section(args.config, "policy", PolicySettings).dsn
     dsn = resolve_dsn(dsn)
     if not args.directory.is_dir():
         raise PolicyError(f"{shown(args.directory)}: not a directory")
