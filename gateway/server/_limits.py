@@ -363,8 +363,12 @@ class _Throttle:
 def _refusing(args: tuple[Any, ...], overflow: Callable[[str, Any, grpc.ServicerContext], Any],
               ) -> tuple[Any, ...]:
     """grpc's arguments for one call with its behaviour replaced by ``overflow``:
-    ``(<in-pool function>, rpc_event, state, behaviour, request thunk, ...)``."""
-    method = args[1].call_details.method
+    ``(<in-pool function>, rpc_event, state, behaviour, request thunk, ...)``.
+
+    The method is the call event's, but grpc leaves it empty for a registered method (every
+    method of ours): then the behaviour's ``method``, which the serving layer's wrapped
+    behaviours carry (:mod:`gateway.server._reads`)."""
+    method = args[1].call_details.method or getattr(args[3], "method", "")
     name = method.decode("utf-8", "replace") if isinstance(method, bytes) else str(method)
 
     def refuse(requests: Any, context: grpc.ServicerContext) -> Any:

@@ -69,9 +69,8 @@ class BoundedReads(grpc.ServerInterceptor):
         if not handler.response_streaming:
             unary = handler.unary_unary
             assert unary is not None  # a unary-unary handler has its behaviour
-            return grpc.stream_unary_rpc_method_handler(
-                lambda requests, context: unary(first(requests, context), context),
-                decode, encode)
+            return grpc.stream_unary_rpc_method_handler(_Unary(unary, first, method),
+                                                        decode, encode)
         behavior = handler.unary_stream
         assert behavior is not None  # a unary-stream handler has its behaviour
         if getattr(behavior, "experimental_non_blocking", False):
@@ -110,6 +109,23 @@ class BoundedReads(grpc.ServerInterceptor):
             return request
 
         return first
+
+
+class _Unary:
+    """A unary behaviour served from a request stream, naming its method: grpc leaves a
+    registered method's name out of the call, and the worker pool's refusals need it
+    (``gateway.server._limits._refusing``)."""
+
+    __slots__ = ("_behavior", "_first", "method")
+
+    def __init__(self, behavior: Callable[[Any, grpc.ServicerContext], Any], first: First[Any],
+                 method: str) -> None:
+        self._behavior = behavior
+        self._first = first
+        self.method = method
+
+    def __call__(self, requests: Iterator[object], context: grpc.ServicerContext) -> object:
+        return self._behavior(self._first(requests, context), context)
 
 
 class _NonBlocking:
