@@ -12,7 +12,8 @@ import pytest
 
 from gateway.config import ServerSettings, load_config
 from gateway.errors import ConfigError
-from gateway.server._limits import Limits, WorkerPool, _connection
+from gateway.server._limits import Limits, WorkerPool, _connection, _refusing
+from gateway.server._reads import _Unary
 
 WAIT = 30.0  # bound on every wait; a test that reaches it has failed
 
@@ -315,6 +316,34 @@ def test_the_pool_reads_the_connection_of_each_grpc_call():
         pool.shutdown()
     assert seen == [(peers[0].encode(), True), (peers[0].encode(), False)]
     assert peers[0].startswith("ipv4:127.0.0.1:")
+
+
+def test_a_pool_refusal_names_a_registered_method():
+    """grpc leaves a registered method's name (every gateway method is one) out of the call
+    event; a call the pool refuses unread is still recorded under its method, read off the
+    serving layer's wrapped behaviour. Checked on a real server and grpc's real arguments."""
+    names: list[str] = []
+
+    class Spy(WorkerPool):
+        def submit(self, fn, /, *args, **kwargs):
+            refuse = _refusing(args, lambda method, requests, context: names.append(method))
+            refuse[3](None, None)
+            return super().submit(fn, *args, **kwargs)
+
+    pool = Spy(2)
+    server = grpc.server(pool)
+    server.add_registered_method_handlers("t.T", {"U": grpc.stream_unary_rpc_method_handler(
+        _Unary(lambda request, context: request, lambda requests, context: next(requests),
+               "/t.T/U"))})
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert channel.unary_unary("/t.T/U")(b"x", timeout=WAIT) == b"x"
+    finally:
+        server.stop(None)
+        pool.shutdown()
+    assert names == ["/t.T/U"]
 
 
 def test_a_refusal_over_the_rate_throttles_its_connection_and_later_ones_extend_it():
