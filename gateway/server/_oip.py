@@ -46,8 +46,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._max_elements = max_tensor_elements
         self._max_response = max_response_bytes
         self._ready = ready
-        self._profiles: dict[tuple[str, str, str], InputProfile | None] = {}
-        self._ties: dict[tuple[str, str, str], dict[str, str]] = {}
+        #: Per model version (name, version, digest): what its calls read of it, made once.
+        self._facts: dict[tuple[str, str, str], _Facts] = {}
 
     # -- server-level: a valid certificate is enough -------------------------------------
 
@@ -101,16 +101,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             call.fields["payload"] = self._payload(request)
             model = call.model()
             feeds = decode_inputs(request, model, max_elements=self._max_elements)
-            ties = self._batch_ties(model)
-            if ties:
-                check_batch(feeds, ties)
+            facts = self._facts_of(model)
+            if facts.ties:
+                check_batch(feeds, facts.ties)
             outputs = requested_outputs(request, model)
-            rows, scored = self._score_now(call, model, feeds)
+            rows, scored = self._score_now(call, model, facts, feeds)
             t0 = time.perf_counter_ns()
             results = _run(model, feeds, outputs)
             call.timings["inference"] = (time.perf_counter_ns() - t0) // 1000
             if rows is not None:
-                self._monitor_later(call, model, rows, scored,
+                self._monitor_later(call, model, facts.profile(), rows, scored,
                                     results.get(model.outputs[0].name))
             response = pb.ModelInferResponse(model_name=model.name, model_version=model.version,
                                              id=call.request_id)
@@ -131,7 +131,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                    "fewer rows or outputs")
         return response
 
-    def _score_now(self, call: Call, model: LoadedModel,
+    def _score_now(self, call: Call, model: LoadedModel, facts: _Facts,
                    feeds: dict[str, np.ndarray]) -> tuple[np.ndarray | None, bool]:
         """Anomaly scores of the input, and policy again, when the policy decides on them.
 
@@ -143,35 +143,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         rows = _feature_rows([feeds[spec.name] for spec in model.inputs])
         if rows is None:
             return None, False
-        return rows, call.authorize_on_scores(model, self._profile(model), rows)
+        return rows, call.authorize_on_scores(model, facts.profile(), rows)
 
-    def _monitor_later(self, call: Call, model: LoadedModel, rows: np.ndarray, scored: bool,
-                       y: np.ndarray | None) -> None:
+    def _monitor_later(self, call: Call, model: LoadedModel, profile: InputProfile | None,
+                       rows: np.ndarray, scored: bool, y: np.ndarray | None) -> None:
         """Monitoring that no decision waits for runs on the monitor's thread, batched."""
         monitor = self._guard.monitor
         if scored:
             if y is not None:
-                monitor.observe_output(monitor_key(model), y, self._profile(model))
+                monitor.observe_output(monitor_key(model), y, profile)
         else:
-            monitor.score_later(monitor_key(model), self._profile(model), _caller(call).id, rows, y)
+            monitor.score_later(monitor_key(model), profile, _caller(call).id, rows, y)
 
-    def _batch_ties(self, model: LoadedModel) -> dict[str, str]:
-        """Input name -> the ONNX name of its first dimension, for inputs that name it."""
+    def _facts_of(self, model: LoadedModel) -> _Facts:
+        """The model version's batch ties and reference profile, worked out on its first call."""
         key = (model.name, model.version, model.digest)
-        ties = self._ties.get(key)
-        if ties is None:
-            named = {i.name: i.shape[0] for i in model.session.get_inputs()
-                     if i.shape and isinstance(i.shape[0], str) and i.shape[0]}
-            symbols = list(named.values())  # only a name two inputs share ties anything
-            ties = self._ties[key] = {n: d for n, d in named.items() if symbols.count(d) > 1}
-        return ties
-
-    def _profile(self, model: LoadedModel) -> InputProfile | None:
-        """The model's reference profile, parsed once from its verified bytes."""
-        key = (model.name, model.version, model.digest)
-        if key not in self._profiles:
-            self._profiles[key] = verified_profile(model.extras)
-        return self._profiles[key]
+        facts = self._facts.get(key)
+        if facts is None:
+            facts = self._facts[key] = _Facts(model)
+        return facts
 
     def _payload(self, request: pb.ModelInferRequest) -> dict[str, object]:
         """Keyed digest and size of the input bytes as sent (never the tensors themselves)."""
@@ -181,6 +171,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         chunks = [t.contents.SerializeToString(deterministic=True) for t in request.inputs]
         return {"hmac": self._guard.audit.payload_digest(*chunks),
                 "size": sum(map(len, chunks))}
+
+
+class _Facts:
+    """What the calls of one model version read of it besides its session, worked out once."""
+
+    __slots__ = ("_extras", "_parsed", "_profile", "ties")
+
+    def __init__(self, model: LoadedModel) -> None:
+        #: Input name -> the ONNX name of its first dimension, for inputs that share it.
+        self.ties = _batch_ties(model)
+        self._extras = model.extras
+        self._parsed = False
+        self._profile: InputProfile | None = None
+
+    def profile(self) -> InputProfile | None:
+        """The reference profile, parsed from the model's verified files on first use (a
+        malformed one fails the calls that score, as it always has, and only those)."""
+        if not self._parsed:
+            self._profile = verified_profile(self._extras)
+            self._parsed = True
+        return self._profile
+
+
+def _batch_ties(model: LoadedModel) -> dict[str, str]:
+    """Input name -> the ONNX name of its first dimension, for inputs that name it alike."""
+    named = {i.name: i.shape[0] for i in model.session.get_inputs()
+             if i.shape and isinstance(i.shape[0], str) and i.shape[0]}
+    symbols = list(named.values())  # only a name two inputs share ties anything
+    return {n: d for n, d in named.items() if symbols.count(d) > 1}
 
 
 def _feature_rows(arrays: list[np.ndarray]) -> np.ndarray | None:
