@@ -8,7 +8,7 @@ CPU time (``time.thread_time_ns``), so other processes on the machine move every
 1. **Session options**: ``bench-mlp`` (bench/cpu_bench.py) run alone under the plain
    server's session options, the gateway's (``gateway.models.scan.session_options``: the
    capped environment arena, initializers in it, no spinning), and the gateway's without
-   each of those entries in turn. Same model bytes, same input, one row.
+   each of those entries in turn, and without all three. Same model bytes, same input, one row.
 2. **Cold caches**: the plain and gateway ModelInfer handlers (bench/handler_cost.py's set-up:
    identity, policy, quota, scoring, the durable record) on ``demo-mlp``, whose inference
    is tiny, each call either straight after the previous one ("warm") or after reading a
@@ -20,6 +20,7 @@ CPU time (``time.thread_time_ns``), so other processes on the machine move every
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -111,7 +112,8 @@ def cold_cache_table() -> None:
     from gateway.server import Gateway
     from gateway.server._oip import InferenceServicer
 
-    env = make_demo_env(Path(tempfile.mkdtemp(prefix="gateway-mlp-cost-")) / "gw")
+    root = Path(tempfile.mkdtemp(prefix="gateway-mlp-cost-"))
+    env = make_demo_env(root / "gw")
     add_bench_model(env)
     config = load_config(env.config)
     gateway = Gateway.start(config)
@@ -138,7 +140,8 @@ def cold_cache_table() -> None:
         print(f"{name:>8} {label:>6} {statistics.median(values):7.0f}  "
               f"({' '.join(f'{v:.0f}' for v in values)})")
     sys.stdout.flush()
-    # A throw-away deployment: leave without signing a checkpoint over its log.
+    # A throw-away deployment: removed, and left without signing a checkpoint over its log.
+    shutil.rmtree(root, ignore_errors=True)
     os._exit(0)
 
 
