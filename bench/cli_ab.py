@@ -20,24 +20,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gateway.audit import AuditLog, AuditSettings, ensure_keys
-from gateway.config import load_section
+from tests.support.audit import small_log
 
 _REPO = Path(__file__).resolve().parent.parent
 
 
 def _small_log(root: Path) -> Path:
     """A closed log of 20 appended records, checkpoints every 8; its config file."""
-    config = root / "gw.toml"
-    config.write_text(
-        '[audit]\ndirectory = "log"\nsigning_key = "keys/log.skey"\n'
-        'payload_key = "keys/payload.key"\nname = "bench.local/audit"\ncheckpoint_records = 8\n')
-    settings = load_section(config, "audit", AuditSettings)
-    ensure_keys(settings)
-    with AuditLog.open(settings, instance_id="bench") as audit:
-        for i in range(20):
-            audit.append("decision", {"request_id": f"r{i:03d}", "decision": "allow"})
-    return config
+    return small_log(root, 20, name="bench.local/audit")[0]
 
 
 def _cpu(args: list[str], pythonpath: str | None, cwd: Path) -> float:

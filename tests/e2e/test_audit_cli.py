@@ -12,29 +12,19 @@ import shutil
 
 import pytest
 
-from gateway.audit import AuditLog, ensure_keys
 from gateway.audit._note import Signer
-from gateway.config import load_config
 from gateway.devenv import run_cli
+from tests.support.audit import signed_sizes, small_log
 
 
 @pytest.fixture(scope="module")
 def log(tmp_path_factory):
     """A closed log of 40 records, checkpoints every 8, its config, and its records."""
     root = tmp_path_factory.mktemp("cli")
-    config = root / "gw.toml"
-    config.write_text(
-        '[audit]\ndirectory = "log"\nsigning_key = "keys/log.skey"\n'
-        'payload_key = "keys/payload.key"\nname = "test.local/audit"\ncheckpoint_records = 8\n')
-    s = load_config(config).audit
-    ensure_keys(s)
-    with AuditLog.open(s, instance_id="t") as audit:
-        for i in range(38):
-            audit.append("decision", {"request_id": f"r{i:03d}", "decision": "allow"})
+    config, s = small_log(root, 38)
     records = b"".join(p.read_bytes().rstrip(b"\0")
                        for p in sorted((s.directory / "segments").iterdir())).split(b"\n")[:-1]
-    sizes = sorted(int(json.loads(line).split("\n")[1]) for line in
-                   (s.directory / "checkpoints.jsonl").read_text().splitlines())
+    sizes = signed_sizes(s)
     return {"root": root, "config": str(config), "dir": s.directory, "records": records,
             "sizes": sizes, "vkey": str(s.signing_key.with_suffix(".vkey"))}
 

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import AuditLog, AuditSettings, ensure_keys
-from gateway.config import load_section
+from tests.support.audit import signed_sizes, small_log
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("onnxruntime", "onnx", "numpy", "grpc")
@@ -53,18 +52,8 @@ def probe(tmp_path: Path, *args: str) -> tuple[int, list[str], str, str]:
 @pytest.fixture(scope="module")
 def log(tmp_path_factory):
     """A closed log of 20 records with checkpoints every 8, its config and signed sizes."""
-    root = tmp_path_factory.mktemp("imports")
-    config = root / "gw.toml"
-    config.write_text(
-        '[audit]\ndirectory = "log"\nsigning_key = "keys/log.skey"\n'
-        'payload_key = "keys/payload.key"\nname = "test.local/audit"\ncheckpoint_records = 8\n')
-    settings = load_section(config, "audit", AuditSettings)
-    ensure_keys(settings)
-    with AuditLog.open(settings, instance_id="t") as audit:
-        for i in range(20):
-            audit.append("decision", {"request_id": f"r{i:03d}", "decision": "allow"})
-    sizes = sorted(int(json.loads(line).split("\n")[1]) for line in
-                   (settings.directory / "checkpoints.jsonl").read_text().splitlines())
+    config, settings = small_log(tmp_path_factory.mktemp("imports"), 20)
+    sizes = signed_sizes(settings)
     return {"config": str(config), "sizes": [str(size) for size in sizes]}
 
 
