@@ -21,10 +21,16 @@ def small_log(root: Path, records: int, *, name: str = "test.local/audit",
         f"checkpoint_records = {checkpoint_records}\n")
     settings = load_section(config, "audit", AuditSettings)
     ensure_keys(settings)
+    append_decisions(settings, records)
+    return config, settings
+
+
+def append_decisions(settings: AuditSettings, records: int, prefix: str = "r") -> None:
+    """Open the log, append ``records`` allowed decisions (request ids ``<prefix>000`` on),
+    close it."""
     with AuditLog.open(settings, instance_id="t") as audit:
         for i in range(records):
-            audit.append("decision", {"request_id": f"r{i:03d}", "decision": "allow"})
-    return config, settings
+            audit.append("decision", {"request_id": f"{prefix}{i:03d}", "decision": "allow"})
 
 
 def signed_sizes(settings: AuditSettings) -> list[int]:

@@ -15,27 +15,20 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gateway.audit import AuditLog, AuditLogDamaged, AuditSettings, ensure_keys
+from gateway.audit import AuditLog, AuditLogDamaged, AuditSettings
 from gateway.audit._canonical import encode
 from gateway.audit._keys import load_signer, vkey_path
 from gateway.audit._note import Checkpoint, Signer, parse_vkey
 from gateway.audit._store import list_segments, split_records
 from gateway.audit._verify import verify_log
 from gateway.cli import main
+from tests.support.audit import append_decisions, signed_sizes, small_log
 
 
 @pytest.fixture
 def logdir(tmp_path: Path):
     """A closed log of 40 records with checkpoints every 8, and its config file."""
-    (tmp_path / "gw.toml").write_text(
-        '[audit]\ndirectory = "log"\nsigning_key = "keys/log.skey"\n'
-        'payload_key = "keys/payload.key"\nname = "test.local/audit"\ncheckpoint_records = 8\n')
-    from gateway.config import load_config
-    s = load_config(tmp_path / "gw.toml").audit
-    ensure_keys(s)
-    with AuditLog.open(s, instance_id="t") as log:
-        for i in range(38):
-            log.append("decision", {"request_id": f"r{i:03d}", "decision": "allow"})
+    _config, s = small_log(tmp_path, 38)
     return tmp_path, s
 
 
@@ -90,7 +83,7 @@ def test_clean_log_verifies_and_says_freshness_was_not_checked(logdir, capsysbin
     code, rep = _verify_json(capsysbinary, tmp)
     # Every checkpoint the log published is verified (how many there are depends on how the
     # writer thread's signing interleaved with the appends: at least the first and the last).
-    signed = _signed_sizes(s)
+    signed = signed_sizes(s)
     assert code == 0 and rep["ok"] and rep["records"] == 40
     assert rep["checkpoints"] == len(signed) >= 2 and signed[-1] == 40
     assert (rep["covered"], rep["not_covered"], rep["findings"]) == (40, 0, [])
@@ -117,7 +110,7 @@ def test_edit_of_the_last_record_is_caught_by_the_root(logdir, capsysbinary):
     recs[-1] = recs[-1].replace(b'"records":40', b'"records":41')  # no successor link
     _rewrite(seg, recs)
     code, rep = _verify_json(capsysbinary, tmp)
-    lo = _signed_sizes(s)[-2]  # the last checkpoint before the edited record still matches
+    lo = signed_sizes(s)[-2]  # the last checkpoint before the edited record still matches
     assert code == 1 and _kinds(rep) == ["edited"] and rep["first_bad_index"] == lo
     assert f"size 40 does not match records {lo}..39" in rep["findings"][0]["message"]
 
@@ -229,7 +222,7 @@ def test_rechained_rewrite_under_checkpoints_is_named_once(logdir, capsysbinary)
     recs[19] = recs[19].replace(b'"r018"', b'"x018"')
     _rewrite(seg, _rechain(recs, 19))
     code, rep = _verify_json(capsysbinary, tmp)
-    lo = max(n for n in _signed_sizes(s) if n <= 19)
+    lo = max(n for n in signed_sizes(s) if n <= 19)
     assert code == 1 and _kinds(rep) == ["edited"] and rep["first_bad_index"] == lo
 
 
@@ -294,7 +287,7 @@ def test_fork_is_detected(logdir, capsysbinary):
     assert code == 0 and rep["since"] == 40 and rep["freshness"].startswith("checked")
     # Two signed checkpoints of one size with different roots in the history: a fork.
     hist = s.directory / "checkpoints.jsonl"
-    size = _signed_sizes(s)[0]
+    size = signed_sizes(s)[0]
     other = load_signer(s.signing_key).sign(Checkpoint(s.name, size, bytes(32)).text())
     hist.write_text(hist.read_text() + json.dumps(other) + "\n")
     code, rep = _verify_json(capsysbinary, tmp)
@@ -317,11 +310,6 @@ def test_rollback_to_an_older_copy_fails_against_the_witness(logdir, capsysbinar
     assert rep["freshness"].startswith("FAILED")
     code, rep = _verify_json(capsysbinary, tmp, "--dir", str(old))  # the old copy alone
     assert code == 0 and rep["freshness"].startswith("NOT CHECKED")
-
-
-def _signed_sizes(s: AuditSettings) -> list[int]:
-    notes = map(json.loads, (s.directory / "checkpoints.jsonl").read_text().splitlines())
-    return sorted(int(n.split("\n")[1]) for n in notes)
 
 
 def test_wrong_vkey_fails(logdir, capsysbinary):
@@ -358,9 +346,7 @@ def test_segments_are_checked_apart_and_joined_exactly(logdir, monkeypatch, jobs
         monkeypatch.setattr(_verify, "_CHUNK", chunk)
     _tmp, s = logdir
     s = replace(s, segment_bytes=1500, checkpoint_records=5)
-    with AuditLog.open(s, instance_id="t") as log:
-        for i in range(30):
-            log.append("decision", {"request_id": f"s{i:03d}", "decision": "allow"})
+    append_decisions(s, 30, "s")
     vkey = parse_vkey(load_signer(s.signing_key).vkey)
     report = verify_log(s.directory, vkey, jobs=jobs)
     assert report.ok, report.summary()
@@ -564,9 +550,7 @@ def test_pieces_of_segments_give_the_verdicts_of_whole_segments(logdir, monkeypa
     from gateway.audit import _verify
     _tmp, s = logdir
     s = replace(s, segment_bytes=6000, checkpoint_records=7)
-    with AuditLog.open(s, instance_id="t") as log:
-        for i in range(150):
-            log.append("decision", {"request_id": f"p{i:03d}", "decision": "allow"})
+    append_decisions(s, 150, "p")
     vkey = parse_vkey(load_signer(s.signing_key).vkey)
     segments = list_segments(s.directory)
     assert len(segments) > 3
