@@ -17,6 +17,11 @@ from collections import OrderedDict
 
 import numpy as np
 
+# np.median imports numpy.ma on its first call: done here, at start, not by the first window
+# to close on a handler thread (an import holds the GIL and the import lock: a stall of
+# every request, measured).
+import numpy.ma
+
 from ._profile import OutputProfile
 
 _BASELINE_ALPHA = 0.1
@@ -82,7 +87,7 @@ class LatencyWatch:
             st[1] += 1
             if st[1] < self._window:
                 return None
-            median = _median(st[0])
+            median = float(np.median(st[0]))
             st[1] = 0
             if st[2] is None:
                 st[2] = median
@@ -92,14 +97,3 @@ class LatencyWatch:
                 st[2] = (1 - _BASELINE_ALPHA) * st[2] + _BASELINE_ALPHA * median
             return ratio
 
-
-def _median(values: np.ndarray) -> float:
-    """``np.median`` of finite values, by partition: what np.median computes, without its
-    NaN check, which imports ``numpy.ma`` on first use: on a handler thread, an import that
-    holds the GIL and the import lock for a long stall of every request (measured)."""
-    n = len(values)
-    k = n // 2
-    if n % 2:
-        return float(np.partition(values, k)[k])
-    low, high = np.partition(values, (k - 1, k))[k - 1:k + 1]
-    return float((low + high) / 2)

@@ -53,7 +53,7 @@ class BoundedReads(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Request, Response] | None:
         handler = continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
+        if handler is None:
             return handler
         wrapped = self._wrapped.get(id(handler))
         if wrapped is None:
@@ -63,23 +63,25 @@ class BoundedReads(grpc.ServerInterceptor):
 
     def _wrap(self, handler: grpc.RpcMethodHandler[Request, Response],
               method: str) -> grpc.RpcMethodHandler[Request, Response]:
-        """The stream-request twin of a unary-request ``handler``."""
-        first: First[Request] = self._first_message(method.rsplit("/", 1)[-1])
+        """The stream-request twin of a unary-request ``handler``, and for every handler a
+        behaviour that names its method (:class:`_Behaviour`)."""
         decode, encode = handler.request_deserializer, handler.response_serializer
+        if handler.request_streaming:  # (server reflection) only named
+            if handler.response_streaming:
+                assert handler.stream_stream is not None
+                return grpc.stream_stream_rpc_method_handler(
+                    _Behaviour(handler.stream_stream, method), decode, encode)
+            assert handler.stream_unary is not None
+            return grpc.stream_unary_rpc_method_handler(
+                _Behaviour(handler.stream_unary, method), decode, encode)
+        first: First[Request] = self._first_message(method.rsplit("/", 1)[-1])
         if not handler.response_streaming:
-            unary = handler.unary_unary
-            assert unary is not None  # a unary-unary handler has its behaviour
-            return grpc.stream_unary_rpc_method_handler(_Unary(unary, first, method),
-                                                        decode, encode)
-        behavior = handler.unary_stream
-        assert behavior is not None  # a unary-stream handler has its behaviour
-        if getattr(behavior, "experimental_non_blocking", False):
-            # Health Watch answers from other threads: keep it holding no worker.
-            return grpc.stream_stream_rpc_method_handler(_NonBlocking(behavior, first),
-                                                         decode, encode)
+            assert handler.unary_unary is not None  # a unary-unary handler has its behaviour
+            return grpc.stream_unary_rpc_method_handler(
+                _Behaviour(handler.unary_unary, method, first), decode, encode)
+        assert handler.unary_stream is not None  # a unary-stream handler has its behaviour
         return grpc.stream_stream_rpc_method_handler(
-            lambda requests, context: behavior(first(requests, context), context),
-            decode, encode)
+            _Behaviour(handler.unary_stream, method, first), decode, encode)
 
     def _first_message(self, rpc: str) -> First[Any]:
         """``first(requests, context)``: the call's one request, waited for under watch."""
@@ -111,36 +113,30 @@ class BoundedReads(grpc.ServerInterceptor):
         return first
 
 
-class _Unary:
-    """A unary behaviour served from a request stream, naming its method: grpc leaves a
-    registered method's name out of the call, and the worker pool's refusals need it
-    (``gateway.server._limits._refusing``)."""
+class _Behaviour:
+    """A method's behaviour as handed to gRPC: served from a request stream when ``first``
+    is given (the call's one message, taken under watch), and naming its ``method`` (gRPC
+    leaves a registered method's name out of the call, and the worker pool's refusals need
+    it: ``gateway.server._limits._refusing``).
 
-    __slots__ = ("_behavior", "_first", "method")
+    gRPC reads ``experimental_non_blocking`` and ``experimental_thread_pool`` off the
+    behaviour object itself (Health Watch answers from other threads and holds no worker),
+    so they are carried over.
+    """
 
-    def __init__(self, behavior: Callable[[Any, grpc.ServicerContext], Any], first: First[Any],
-                 method: str) -> None:
+    __slots__ = ("_behavior", "_first", "experimental_non_blocking",
+                 "experimental_thread_pool", "method")
+
+    def __init__(self, behavior: Callable[..., Any], method: str,
+                 first: First[Any] | None = None) -> None:
         self._behavior = behavior
         self._first = first
         self.method = method
-
-    def __call__(self, requests: Iterator[object], context: grpc.ServicerContext) -> object:
-        return self._behavior(self._first(requests, context), context)
-
-
-class _NonBlocking:
-    """A non-blocking unary-stream behaviour (Health Watch) served from a request stream.
-
-    gRPC reads ``experimental_non_blocking`` and ``experimental_thread_pool`` off the
-    behaviour object itself, so the wrapper carries them over.
-    """
-
-    def __init__(self, behavior: Callable[..., object], first: First[Any]) -> None:
-        self._behavior = behavior
-        self._first = first
-        self.experimental_non_blocking = True
+        self.experimental_non_blocking = getattr(behavior, "experimental_non_blocking", False)
         self.experimental_thread_pool = getattr(behavior, "experimental_thread_pool", None)
 
     def __call__(self, requests: Iterator[object], context: grpc.ServicerContext,
-                 send_response_callback: Callable[[object], None] | None = None) -> object:
-        return self._behavior(self._first(requests, context), context, send_response_callback)
+                 *callback: Callable[[object], None]) -> object:
+        # (a non-blocking behaviour gets gRPC's send_response_callback as a third argument)
+        request = requests if self._first is None else self._first(requests, context)
+        return self._behavior(request, context, *callback)

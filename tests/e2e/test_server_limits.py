@@ -13,7 +13,7 @@ import pytest
 from gateway.config import ServerSettings, load_config
 from gateway.errors import ConfigError
 from gateway.server._limits import Limits, WorkerPool, _connection, _refusing
-from gateway.server._reads import _Unary
+from gateway.server._reads import _Behaviour
 
 WAIT = 30.0  # bound on every wait; a test that reaches it has failed
 
@@ -321,7 +321,8 @@ def test_the_pool_reads_the_connection_of_each_grpc_call():
 def test_a_pool_refusal_names_a_registered_method():
     """grpc leaves a registered method's name (every gateway method is one) out of the call
     event; a call the pool refuses unread is still recorded under its method, read off the
-    serving layer's wrapped behaviour. Checked on a real server and grpc's real arguments."""
+    serving layer's wrapped behaviour, a unary call's or a request stream's alike. Checked on
+    a real server and grpc's real arguments."""
     names: list[str] = []
 
     class Spy(WorkerPool):
@@ -332,18 +333,22 @@ def test_a_pool_refusal_names_a_registered_method():
 
     pool = Spy(2)
     server = grpc.server(pool)
-    server.add_registered_method_handlers("t.T", {"U": grpc.stream_unary_rpc_method_handler(
-        _Unary(lambda request, context: request, lambda requests, context: next(requests),
-               "/t.T/U"))})
+    server.add_registered_method_handlers("t.T", {
+        "U": grpc.stream_unary_rpc_method_handler(_Behaviour(
+            lambda request, context: request, "/t.T/U", lambda requests, context: next(requests))),
+        # a request stream of its own (server reflection's kind): named, not read
+        "S": grpc.stream_stream_rpc_method_handler(_Behaviour(
+            lambda requests, context: requests, "/t.T/S"))})
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             assert channel.unary_unary("/t.T/U")(b"x", timeout=WAIT) == b"x"
+            assert list(channel.stream_stream("/t.T/S")(iter([b"y"]), timeout=WAIT)) == [b"y"]
     finally:
         server.stop(None)
         pool.shutdown()
-    assert names == ["/t.T/U"]
+    assert names == ["/t.T/U", "/t.T/S"]
 
 
 def test_a_refusal_over_the_rate_throttles_its_connection_and_later_ones_extend_it():
